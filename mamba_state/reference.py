@@ -1,0 +1,243 @@
+"""Pure-PyTorch references: the exact semantics every fast path must reproduce.
+
+* :func:`selective_scan_ref` — the sequential oracle of Mamba-1's selective scan with ``initial_state``,
+  ``return_last_state`` and per-step ``reset``. Any float dtype (float64 for tests), differentiable.
+* :func:`selective_scan_chunked` — the same function, parallel within chunks; the fast CPU path.
+* :func:`causal_conv1d_ref` — causal depthwise conv1d with a conv state in and out and resets, with the window
+  semantics of upstream's ``Mamba.step`` (the state holds the last ``d_conv`` inputs, oldest first).
+* :func:`selective_state_update_ref` — one decoding step (upstream ``selective_state_update``) with resets.
+
+Recurrence, per batch row ``b``, channel ``d``, state ``n`` and step ``t``::
+
+    dt      = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
+    x_t     = exp(dt_t * A[d, n]) * (0 if reset[b, t] else x_{t-1}) + dt_t * B_t[n] * u_t
+    y_t     = sum_n C_t[n] * x_t[n]  (+ D[d] * u_t)  (* silu(z_t))
+
+with ``x_{-1} = initial_state`` (zeros when absent). Arithmetic runs in float32 for half and float32 inputs,
+float64 when any input is float64; the output has ``u``'s dtype and the last state the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import StateError, StateShapeError
+from .scan_inputs import check_scan_inputs, compute_dtype
+
+__all__ = ["selective_scan_ref", "selective_scan_chunked", "causal_conv1d_ref", "selective_state_update_ref"]
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset):
+    """Validate, cast to the compute dtype and apply bias/softplus. Returns the tensors and shape info."""
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    return shape, ct, dt
+
+
+def _bc_at(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C as a tensor broadcastable to [batch, dim, seqlen, dstate] (no copy for groups)."""
+    if t.dim() == 2:  # [dim, dstate], constant over time
+        return t[None, :, None, :]
+    if t.dim() == 3:  # [batch, dstate, seqlen]
+        return t.transpose(1, 2)[:, None]
+    b, g, n, L = t.shape  # [batch, groups, dstate, seqlen] -> [batch, dim, seqlen, dstate]
+    return t.permute(0, 1, 3, 2)[:, :, None].expand(b, g, dim // g, L, n).reshape(b, dim, L, n)
+
+
+def _finish(y, u, D, z, ct, out_dtype):
+    if D is not None:
+        y = y + u.to(ct) * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None, reset=None):
+    """Sequential selective scan (the oracle). Shapes as in :mod:`mamba_state.scan_inputs`.
+
+    Returns ``out`` [batch, dim, seqlen] in ``u.dtype``, or ``(out, last_state)`` with ``last_state``
+    [batch, dim, dstate] in the compute dtype (float32, or float64 for float64 inputs).
+    """
+    shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
+    Bt = _bc_at(B.to(ct), shape.dim)
+    Ct = _bc_at(C.to(ct), shape.dim)
+    Af = A.to(ct)
+    du = dt * u.to(ct)
+    x = (initial_state.to(ct) if initial_state is not None
+         else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
+    ys = []
+    for t in range(shape.seqlen):
+        decayed = torch.exp(dt[:, :, t, None] * Af) * x
+        if reset is not None:
+            decayed = torch.where(reset[:, t, None, None], torch.zeros_like(decayed), decayed)
+        x = decayed + du[:, :, t, None] * Bt[:, :, min(t, Bt.shape[2] - 1)]
+        ys.append((x * Ct[:, :, min(t, Ct.shape[2] - 1)]).sum(-1))
+    out = _finish(torch.stack(ys, dim=2), u, D, z, ct, u.dtype)
+    return (out, x) if return_last_state else out
+
+
+def _default_chunk(seqlen: int) -> int:
+    # About sqrt(L) steps inside chunks plus L / chunk steps across them keeps the Python loop short.
+    return int(min(256, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen)))))))
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, initial_state=None, reset=None, chunk_size=None):
+    """Selective scan computed in chunks: same arguments, results and dtypes as :func:`selective_scan_ref`.
+
+    All chunks are scanned at once from a zero state (a loop of ``chunk_size`` vectorised steps), a short
+    loop over chunk boundaries carries the true state in, and a product of per-chunk decays (cumprod, so
+    only multiplications of numbers in (0, 1] for A <= 0: no overflow) fixes up every position.
+    Memory is O(batch * dim * seqlen * dstate); differentiable by autograd.
+    """
+    shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
+    b, d, L, n = shape.batch, shape.dim, shape.seqlen, shape.dstate
+    T = int(chunk_size) if chunk_size else _default_chunk(L)
+    if T < 1:
+        raise StateError(f"chunk_size: expected a positive int, found {chunk_size}")
+    K = -(-L // T)
+    pad = K * T - L
+    dA = torch.exp(dt[..., None] * A.to(ct)[:, None, :])  # [b, d, L, n]
+    if reset is not None:
+        dA = dA * (~reset)[:, None, :, None].to(ct)
+    dBu = (dt * u.to(ct))[..., None] * _bc_at(B.to(ct), d)  # [b, d, L, n]
+    if pad:  # padding steps keep the state: decay 1, input 0
+        dA = F.pad(dA, (0, 0, 0, pad), value=1.0)
+        dBu = F.pad(dBu, (0, 0, 0, pad), value=0.0)
+    dA = dA.view(b, d, K, T, n)
+    dBu = dBu.view(b, d, K, T, n)
+    # 1. every chunk from a zero state, all chunks at once
+    h = dBu[:, :, :, 0]
+    local = [h]
+    for t in range(1, T):
+        h = dA[:, :, :, t] * h + dBu[:, :, :, t]
+        local.append(h)
+    local_states = torch.stack(local, dim=3)  # [b, d, K, T, n]
+    decay = torch.cumprod(dA, dim=3)  # decay from each chunk's start to each position
+    # 2. the true state entering each chunk
+    carry = (initial_state.to(ct) if initial_state is not None
+             else torch.zeros(b, d, n, dtype=ct, device=u.device))
+    carries = []
+    for k in range(K):
+        carries.append(carry)
+        carry = decay[:, :, k, T - 1] * carry + local_states[:, :, k, T - 1]
+    entering = torch.stack(carries, dim=2)  # [b, d, K, n]
+    # 3. every position's state, then the readout
+    x = (local_states + decay * entering[:, :, :, None]).view(b, d, K * T, n)[:, :, :L]
+    y = (x * _bc_at(C.to(ct), d)).sum(-1)
+    out = _finish(y, u, D, z, ct, u.dtype)
+    return (out, carry) if return_last_state else out
+
+
+def causal_conv1d_ref(x, weight, bias=None, conv_state=None, reset=None, activation=None):
+    """Causal depthwise conv1d with a carried window.
+
+    Args:
+        x: [batch, channels, seqlen].
+        weight: [channels, width] (or nn.Conv1d's [channels, 1, width]).
+        bias: [channels] or None.
+        conv_state: [batch, channels, width], the last ``width`` inputs before ``x``, oldest first (zeros if None).
+        reset: bool [batch, seqlen]; True at t clears the window before t (row starts afresh at t).
+        activation: None or "silu".
+
+    Returns:
+        (out [batch, channels, seqlen] in x.dtype, new_conv_state [batch, channels, width] in conv_state's dtype
+        (x's when conv_state is None)): the last ``width`` inputs, with inputs from before a reset zeroed.
+    """
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise StateShapeError(
+            f"causal_conv1d: expected x [batch, channels, seqlen] and weight [channels, width], found x "
+            f"{list(x.shape)} and weight {list(weight.shape)}"
+        )
+    if activation not in (None, "silu", "swish"):
+        raise StateError(f"activation: expected None or 'silu', found {activation!r}")
+    bsz, ch, L = x.shape
+    W = weight.shape[1]
+    if conv_state is not None and list(conv_state.shape) != [bsz, ch, W]:
+        raise StateShapeError(f"conv_state: expected [batch, channels, width] = {[bsz, ch, W]}, found {list(conv_state.shape)}")
+    if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz, L]):
+        raise StateShapeError(f"reset: expected a bool tensor {[bsz, L]}, found {reset.dtype} {list(reset.shape)}")
+    ct = compute_dtype(x, weight, bias, conv_state)
+    state_dtype = conv_state.dtype if conv_state is not None else x.dtype
+    prev = (conv_state.to(ct) if conv_state is not None else torch.zeros(bsz, ch, W, dtype=ct, device=x.device))
+    full = torch.cat([prev, x.to(ct)], dim=-1)  # [b, ch, W + L]; position j < W is from the state
+    if reset is not None:
+        # segment of each position: inputs are visible only within their segment
+        seg_x = torch.cumsum(reset.long(), dim=1)
+        seg = torch.cat([torch.zeros(bsz, W, dtype=torch.long, device=x.device), seg_x], dim=1)  # [b, W + L]
+        windows = full[:, :, 1:].unfold(-1, W, 1)  # [b, ch, L, W]: inputs t-W+1 .. t
+        seg_win = seg[:, 1:].unfold(-1, W, 1)  # [b, L, W]
+        visible = (seg_win == seg_x[:, :, None]).to(ct)
+        out = (windows * visible[:, None] * weight.to(ct)[None, :, None, :]).sum(-1)
+        last = full[:, :, -W:] * (seg[:, -W:] == seg[:, -1:]).to(ct)[:, None, :]
+    else:
+        out = F.conv1d(full[:, :, 1:], weight.to(ct)[:, None, :], groups=ch)
+        last = full[:, :, -W:]
+    if bias is not None:
+        out = out + bias.to(ct)[None, :, None]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype), last.to(state_dtype)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               reset=None):
+    """One step of the scan, updating ``state`` in place (upstream ``selective_state_update`` semantics).
+
+    Mamba-1 form: state [batch, dim, dstate]; x, dt, z [batch, dim]; A [dim, dstate]; B, C [batch, dstate] or
+    [batch, ngroups, dstate]; D, dt_bias [dim]. Multi-head form: state [batch, nheads, headdim, dstate];
+    x, dt, z [batch, nheads, headdim]; A [nheads, headdim, dstate]; B, C [batch, ngroups, dstate];
+    D, dt_bias [nheads, headdim]. ``reset`` bool [batch] zeroes a row's state before the step.
+    Returns out in x.dtype, shaped like x.
+    """
+    multihead = state.dim() == 4
+    if not multihead:
+        state4, x4, dt4 = state[:, None], x[:, None], dt[:, None]
+        A4 = A[None]
+        D4 = D[None] if D is not None else None
+        z4 = z[:, None] if z is not None else None
+        bias4 = dt_bias[None] if dt_bias is not None else None
+    else:
+        state4, x4, dt4, A4, D4, z4, bias4 = state, x, dt, A, D, z, dt_bias
+    bsz, h, p, n = state4.shape
+    if list(x4.shape) != [bsz, h, p] or list(dt4.shape) != [bsz, h, p] or list(A4.shape) != [h, p, n]:
+        raise StateShapeError(
+            f"selective_state_update: expected x, dt {[bsz, h, p]} and A {[h, p, n]}, found x {list(x.shape)}, "
+            f"dt {list(dt.shape)}, A {list(A.shape)}"
+        )
+    ct = compute_dtype(state, x, dt, A, B, C)
+    dtf = dt4.to(ct)
+    if bias4 is not None:
+        dtf = dtf + bias4.to(ct)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+
+    def heads(t):  # [batch, n] or [batch, g, n] -> [batch, h, 1, n]
+        t = t.to(ct)
+        if t.dim() == 2:
+            return t[:, None, None, :]
+        g = t.shape[1]
+        return t[:, :, None, None, :].expand(bsz, g, h // g, 1, n).reshape(bsz, h, 1, n)
+
+    prev = state4.to(ct)
+    if reset is not None:
+        prev = torch.where(reset.view(-1, 1, 1, 1), torch.zeros_like(prev), prev)
+    new = torch.exp(dtf[..., None] * A4.to(ct)) * prev + (dtf * x4.to(ct))[..., None] * heads(B)
+    out = (new * heads(C)).sum(-1)
+    if D4 is not None:
+        out = out + x4.to(ct) * D4.to(ct)
+    if z4 is not None:
+        out = out * F.silu(z4.to(ct))
+    state4.copy_(new.to(state.dtype))
+    return out.to(x.dtype).reshape(x.shape)

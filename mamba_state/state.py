@@ -1,0 +1,469 @@
+"""State containers: the recurrent state of one Mamba layer and of a whole model.
+
+A Mamba layer carries two tensors between tokens (the same layout upstream ``mamba_ssm`` keeps in
+``InferenceParams.key_value_memory_dict[layer_idx]``):
+
+* Mamba-1: ``conv_state`` ``[B, d_inner, d_conv]`` (the last ``d_conv`` inputs of the causal conv, oldest first)
+  and ``ssm_state`` ``[B, d_inner, d_state]``.
+* Mamba-2: ``conv_state`` ``[B, d_inner + 2 * ngroups * d_state, d_conv]`` and ``ssm_state``
+  ``[B, nheads, headdim, d_state]``.
+
+Every operation validates its input first and either completes or raises a :mod:`mamba_state.errors` error
+without changing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping, Sequence, Union
+
+import torch
+
+from .errors import StateCompatibilityError, StateError, StateFormatError, StateShapeError
+
+__all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex"]
+
+BatchIndex = Union[int, slice, torch.Tensor, Sequence[int]]
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"{type(t).__name__}"
+
+
+def _check_mask(mask: Any, batch_size: int) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise StateError(f"reset mask: expected a bool tensor of shape [{batch_size}], found {_describe(mask)}")
+    if mask.dtype != torch.bool or mask.shape != (batch_size,):
+        raise StateError(f"reset mask: expected a bool tensor of shape [{batch_size}], found {_describe(mask)}")
+    return mask
+
+
+def _normalize_index(index: BatchIndex, batch_size: int) -> torch.Tensor | slice:
+    """Turn any supported batch index into a slice or a LongTensor of in-range row numbers (batch kept)."""
+    if isinstance(index, bool):
+        raise StateError(f"batch index: expected int, slice, LongTensor or bool mask, found bool {index}")
+    if isinstance(index, int):
+        if not -batch_size <= index < batch_size:
+            raise StateError(f"batch index: expected an int in [{-batch_size}, {batch_size}), found {index}")
+        index = index % batch_size
+        return slice(index, index + 1)
+    if isinstance(index, slice):
+        return index
+    if isinstance(index, (list, tuple)):
+        index = torch.as_tensor(index, dtype=torch.long)
+    if not isinstance(index, torch.Tensor):
+        raise StateError(f"batch index: expected int, slice, LongTensor or bool mask, found {type(index).__name__}")
+    if index.dtype == torch.bool:
+        if index.shape != (batch_size,):
+            raise StateError(f"batch mask: expected a bool tensor of shape [{batch_size}], found {_describe(index)}")
+        return index.nonzero().flatten().cpu()
+    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or index.dim() != 1:
+        raise StateError(f"batch index: expected a 1-D integer or bool tensor, found {_describe(index)}")
+    index = index.long().cpu()
+    if index.numel() and (index.min() < -batch_size or index.max() >= batch_size):
+        raise StateError(
+            f"batch index: expected rows in [{-batch_size}, {batch_size}), found {index.min().item()}..{index.max().item()}"
+        )
+    return index % batch_size
+
+
+def _split_sizes(sizes: int | Sequence[int], batch_size: int) -> list[int]:
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        if sizes <= 0:
+            raise StateError(f"split: expected a positive chunk size, found {sizes}")
+        return [min(sizes, batch_size - i) for i in range(0, batch_size, sizes)]
+    sizes = list(sizes)
+    if any((not isinstance(s, int)) or isinstance(s, bool) or s < 0 for s in sizes) or sum(sizes) != batch_size:
+        raise StateError(f"split: expected non-negative ints summing to the batch size {batch_size}, found {sizes}")
+    return sizes
+
+
+class MambaInferenceState:
+    """The recurrent state of one Mamba (or Mamba-2) layer.
+
+    Args:
+        conv_state: ``[B, C, d_conv]`` floating tensor, the last ``d_conv`` conv inputs per channel, oldest first
+            (``C = d_inner`` for Mamba-1, ``d_inner + 2 * ngroups * d_state`` for Mamba-2).
+        ssm_state: ``[B, d_inner, d_state]`` (Mamba-1) or ``[B, nheads, headdim, d_state]`` (Mamba-2).
+
+    Both tensors must share the batch size and the device. They are held as given (not copied).
+    """
+
+    __slots__ = ("conv_state", "ssm_state")
+
+    def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        self._validate(conv_state, ssm_state)
+        self.conv_state = conv_state
+        self.ssm_state = ssm_state
+
+    @staticmethod
+    def _validate(conv_state: Any, ssm_state: Any) -> None:
+        for name, t in (("conv_state", conv_state), ("ssm_state", ssm_state)):
+            if not isinstance(t, torch.Tensor):
+                raise StateError(f"{name}: expected a torch.Tensor, found {_describe(t)}")
+            if not t.is_floating_point():
+                raise StateError(f"{name}: expected a floating dtype, found {t.dtype}")
+        if conv_state.dim() != 3:
+            raise StateShapeError(
+                f"conv_state: expected rank 3 [batch, channels, d_conv], found shape {list(conv_state.shape)}"
+            )
+        if ssm_state.dim() not in (3, 4):
+            raise StateShapeError(
+                "ssm_state: expected rank 3 [batch, d_inner, d_state] (Mamba-1) or rank 4 "
+                f"[batch, nheads, headdim, d_state] (Mamba-2), found shape {list(ssm_state.shape)}"
+            )
+        if conv_state.shape[0] != ssm_state.shape[0]:
+            raise StateShapeError(
+                f"batch size: expected conv_state and ssm_state to agree, found {conv_state.shape[0]} "
+                f"(conv_state) and {ssm_state.shape[0]} (ssm_state)"
+            )
+        if conv_state.device != ssm_state.device:
+            raise StateError(
+                f"device: expected conv_state and ssm_state on one device, found {conv_state.device} "
+                f"and {ssm_state.device}"
+            )
+        if ssm_state.dim() == 3 and conv_state.shape[1] != ssm_state.shape[1]:
+            raise StateShapeError(
+                f"Mamba-1 channels: expected conv_state.shape[1] == ssm_state.shape[1] (d_inner), found "
+                f"{conv_state.shape[1]} and {ssm_state.shape[1]}"
+            )
+        if ssm_state.dim() == 4:
+            _, nheads, headdim, d_state = ssm_state.shape
+            extra = conv_state.shape[1] - nheads * headdim
+            if extra <= 0 or extra % (2 * d_state) != 0:
+                raise StateShapeError(
+                    "Mamba-2 channels: expected conv_state.shape[1] == nheads*headdim + 2*ngroups*d_state = "
+                    f"{nheads * headdim} + 2*ngroups*{d_state}, found {conv_state.shape[1]}"
+                )
+
+    # ------------------------------------------------------------------ description
+    @property
+    def kind(self) -> str:
+        """``"mamba1"`` or ``"mamba2"``, from the rank of ``ssm_state``."""
+        return "mamba1" if self.ssm_state.dim() == 3 else "mamba2"
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.ssm_state.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.ssm_state.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of ``ssm_state`` (``conv_state.dtype`` is usually the same; see ``conv_state.dtype``)."""
+        return self.ssm_state.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv_state.numel() * self.conv_state.element_size() + self.ssm_state.numel() * self.ssm_state.element_size()
+
+    def layout(self) -> dict[str, Any]:
+        """Batch-free description: kind and the non-batch shapes (JSON-serialisable)."""
+        return {
+            "kind": self.kind,
+            "conv_shape": list(self.conv_state.shape[1:]),
+            "ssm_shape": list(self.ssm_state.shape[1:]),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MambaInferenceState(kind={self.kind}, batch_size={self.batch_size}, conv_state={list(self.conv_state.shape)}"
+            f" {self.conv_state.dtype}, ssm_state={list(self.ssm_state.shape)} {self.ssm_state.dtype}, device={self.device})"
+        )
+
+    def __reduce__(self):
+        # Rebuilt by calling the class, which validates: works with torch.load(weights_only=True) once
+        # the class is an allowed global (registered in mamba_state/__init__.py).
+        return (MambaInferenceState, (self.conv_state, self.ssm_state))
+
+    # ------------------------------------------------------------------ copies and moves
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "MambaInferenceState":
+        """A new state on ``device`` with floating tensors cast to ``dtype`` (``None`` keeps each)."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise StateError(f"dtype: expected a floating torch.dtype, found {dtype!r}")
+        return MambaInferenceState(
+            self.conv_state.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            self.ssm_state.to(device=device, dtype=dtype, non_blocking=non_blocking),
+        )
+
+    def clone(self) -> "MambaInferenceState":
+        return MambaInferenceState(self.conv_state.clone(), self.ssm_state.clone())
+
+    def detach(self) -> "MambaInferenceState":
+        return MambaInferenceState(self.conv_state.detach(), self.ssm_state.detach())
+
+    def zero_(self) -> "MambaInferenceState":
+        self.conv_state.zero_()
+        self.ssm_state.zero_()
+        return self
+
+    def reset_(self, mask: torch.Tensor) -> "MambaInferenceState":
+        """Zero the rows where ``mask`` (bool ``[B]``) is True, in place, in both tensors; returns self."""
+        mask = _check_mask(mask, self.batch_size).to(self.device)
+        self.conv_state.masked_fill_(mask.view(-1, 1, 1), 0)
+        self.ssm_state.masked_fill_(mask.view((-1,) + (1,) * (self.ssm_state.dim() - 1)), 0)
+        return self
+
+    # ------------------------------------------------------------------ batch operations
+    def select(self, index: BatchIndex) -> "MambaInferenceState":
+        """A new state holding the chosen rows (always copies; an int keeps a batch dimension of 1)."""
+        idx = _normalize_index(index, self.batch_size)
+        if isinstance(idx, slice):
+            return MambaInferenceState(self.conv_state[idx].clone(), self.ssm_state[idx].clone())
+        idx = idx.to(self.device)
+        return MambaInferenceState(self.conv_state.index_select(0, idx), self.ssm_state.index_select(0, idx))
+
+    @staticmethod
+    def cat(states: Sequence["MambaInferenceState"]) -> "MambaInferenceState":
+        """Concatenate states of one layout, dtype and device along the batch."""
+        states = list(states)
+        if not states or not all(isinstance(s, MambaInferenceState) for s in states):
+            raise StateError(
+                f"cat: expected a non-empty sequence of MambaInferenceState, found {[type(s).__name__ for s in states]}"
+            )
+        first = states[0]
+        for i, s in enumerate(states[1:], start=1):
+            if s.layout() != first.layout():
+                raise StateCompatibilityError(f"cat: state {i} has layout {s.layout()}, expected {first.layout()}")
+            for name in ("conv_state", "ssm_state"):
+                a, b = getattr(first, name), getattr(s, name)
+                if a.dtype != b.dtype or a.device != b.device:
+                    raise StateCompatibilityError(
+                        f"cat: state {i} {name} is {b.dtype} on {b.device}, expected {a.dtype} on {a.device}"
+                    )
+        return MambaInferenceState(
+            torch.cat([s.conv_state for s in states]), torch.cat([s.ssm_state for s in states])
+        )
+
+    def split(self, sizes: int | Sequence[int]) -> list["MambaInferenceState"]:
+        """Split along the batch (an int is a chunk size, a list gives each part's size); parts are copies."""
+        out, start = [], 0
+        for size in _split_sizes(sizes, self.batch_size):
+            out.append(self.select(slice(start, start + size)))
+            start += size
+        return out
+
+    def allclose(self, other: "MambaInferenceState", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """True when ``other`` has the same layout and both tensors agree within tolerance (compared in float64)."""
+        if not isinstance(other, MambaInferenceState) or other.layout() != self.layout() or other.batch_size != self.batch_size:
+            return False
+        for a, b in ((self.conv_state, other.conv_state), (self.ssm_state, other.ssm_state)):
+            if not torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(), rtol=rtol, atol=atol):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`)."""
+        from .io import save_state
+
+        save_state(self, path, metadata=metadata)
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: torch.device | str | None = None) -> "MambaInferenceState":
+        """Read a state written by :meth:`save`; raises ``StateFormatError`` for anything else."""
+        from .io import load_state
+
+        state = load_state(path, device=device)
+        if not isinstance(state, MambaInferenceState):
+            raise StateFormatError(f"{os.fspath(path)}: expected a single-layer state, found a model state (use MambaModelState.load)")
+        return state
+
+
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise StateError(f"metadata: expected a dict with str keys, found {type(metadata).__name__}")
+    try:
+        json.dumps(dict(metadata))
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"metadata: expected JSON-serialisable values, found {exc}") from None
+    return dict(metadata)
+
+
+class MambaModelState:
+    """The states of every Mamba layer of a model, keyed by ``layer_idx``.
+
+    Args:
+        layers: ``{layer_idx: MambaInferenceState}`` (non-negative int keys), all with one batch size.
+        seqlen_offset: how many tokens the state has consumed (upstream's ``InferenceParams.seqlen_offset``).
+        metadata: JSON-serialisable user data kept with the state and in saved files.
+    """
+
+    __slots__ = ("_layers", "seqlen_offset", "metadata")
+
+    def __init__(self, layers: Mapping[int, MambaInferenceState], seqlen_offset: int = 0,
+                 metadata: Mapping[str, Any] | None = None):
+        if not isinstance(layers, Mapping) or not layers:
+            raise StateError(f"layers: expected a non-empty dict {{layer_idx: MambaInferenceState}}, found {layers!r:.80}")
+        checked: dict[int, MambaInferenceState] = {}
+        for idx in sorted(layers, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else 0)):
+            s = layers[idx]
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise StateError(f"layers: expected non-negative int layer indices, found {idx!r}")
+            if not isinstance(s, MambaInferenceState):
+                raise StateError(f"layers[{idx}]: expected a MambaInferenceState, found {type(s).__name__}")
+            checked[idx] = s
+        sizes = {i: s.batch_size for i, s in checked.items()}
+        if len(set(sizes.values())) != 1:
+            raise StateShapeError(f"batch size: expected every layer to agree, found {sizes}")
+        if not isinstance(seqlen_offset, int) or isinstance(seqlen_offset, bool) or seqlen_offset < 0:
+            raise StateError(f"seqlen_offset: expected a non-negative int, found {seqlen_offset!r}")
+        self._layers = checked
+        self.seqlen_offset = seqlen_offset
+        self.metadata = _check_metadata(metadata)
+
+    # ------------------------------------------------------------------ mapping interface
+    def __getitem__(self, layer_idx: int) -> MambaInferenceState:
+        try:
+            return self._layers[layer_idx]
+        except KeyError:
+            raise StateError(f"layer index: expected one of {self.layer_indices}, found {layer_idx!r}") from None
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __contains__(self, layer_idx: object) -> bool:
+        return layer_idx in self._layers
+
+    def items(self):
+        return self._layers.items()
+
+    @property
+    def layers(self) -> dict[int, MambaInferenceState]:
+        """A shallow copy of the layer mapping."""
+        return dict(self._layers)
+
+    @property
+    def layer_indices(self) -> list[int]:
+        return list(self._layers)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self._layers.values())).batch_size
+
+    @property
+    def device(self) -> torch.device:
+        devices = {s.device for s in self._layers.values()}
+        if len(devices) != 1:
+            raise StateError(f"device: expected all layers on one device, found {sorted(map(str, devices))}")
+        return devices.pop()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The SSM-state dtype shared by all layers (raises ``StateError`` if layers differ)."""
+        dtypes = {s.dtype for s in self._layers.values()}
+        if len(dtypes) != 1:
+            raise StateError(f"dtype: expected one dtype over layers, found {sorted(map(str, dtypes))}")
+        return dtypes.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._layers.values())
+
+    def layout(self) -> dict[int, dict[str, Any]]:
+        return {i: s.layout() for i, s in self._layers.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"MambaModelState(layers={len(self)}, batch_size={self.batch_size}, seqlen_offset={self.seqlen_offset}, "
+            f"nbytes={self.nbytes})"
+        )
+
+    def __reduce__(self):
+        return (MambaModelState, (dict(self._layers), self.seqlen_offset, dict(self.metadata)))
+
+    def _map(self, fn) -> "MambaModelState":
+        return MambaModelState({i: fn(s) for i, s in self._layers.items()}, self.seqlen_offset, dict(self.metadata))
+
+    # ------------------------------------------------------------------ copies and moves
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "MambaModelState":
+        return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking))
+
+    def clone(self) -> "MambaModelState":
+        return self._map(MambaInferenceState.clone)
+
+    def detach(self) -> "MambaModelState":
+        return self._map(MambaInferenceState.detach)
+
+    def zero_(self) -> "MambaModelState":
+        for s in self._layers.values():
+            s.zero_()
+        return self
+
+    def reset_(self, mask: torch.Tensor) -> "MambaModelState":
+        _check_mask(mask, self.batch_size)
+        for s in self._layers.values():
+            s.reset_(mask)
+        return self
+
+    # ------------------------------------------------------------------ batch operations
+    def select(self, index: BatchIndex) -> "MambaModelState":
+        _normalize_index(index, self.batch_size)  # validate once, before touching any layer
+        return self._map(lambda s: s.select(index))
+
+    @staticmethod
+    def cat(states: Sequence["MambaModelState"]) -> "MambaModelState":
+        """Concatenate along the batch. Layers must match; ``seqlen_offset`` is the largest (the SSM state carries
+        the history, so the offset is informational for Mamba layers); metadata is the first state's."""
+        states = list(states)
+        if not states or not all(isinstance(s, MambaModelState) for s in states):
+            raise StateError(
+                f"cat: expected a non-empty sequence of MambaModelState, found {[type(s).__name__ for s in states]}"
+            )
+        first = states[0]
+        for i, s in enumerate(states[1:], start=1):
+            if s.layer_indices != first.layer_indices:
+                raise StateCompatibilityError(
+                    f"cat: state {i} has layers {s.layer_indices}, expected {first.layer_indices}"
+                )
+        layers = {idx: MambaInferenceState.cat([s[idx] for s in states]) for idx in first.layer_indices}
+        return MambaModelState(layers, max(s.seqlen_offset for s in states), dict(first.metadata))
+
+    def split(self, sizes: int | Sequence[int]) -> list["MambaModelState"]:
+        sizes = _split_sizes(sizes, self.batch_size)
+        per_layer = {i: s.split(sizes) for i, s in self._layers.items()}
+        return [
+            MambaModelState({i: parts[k] for i, parts in per_layer.items()}, self.seqlen_offset, dict(self.metadata))
+            for k in range(len(sizes))
+        ]
+
+    def allclose(self, other: "MambaModelState", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        if not isinstance(other, MambaModelState) or other.layer_indices != self.layer_indices:
+            return False
+        return all(s.allclose(other[i], rtol=rtol, atol=atol) for i, s in self._layers.items())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, model: Any = None) -> None:
+        """Write atomically to a safetensors file; with ``model``, record its fingerprint for later checks."""
+        from .io import save_state
+
+        save_state(self, path, model=model)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, model: Any = None,
+             strict: bool = True) -> "MambaModelState":
+        """Read a model state. ``device=None`` restores the saved device when it exists here (else CPU).
+
+        With ``model`` (an upstream model or a wrapped one), the state must fit it: with ``strict`` the same
+        set of Mamba layers, otherwise a subset; shapes must match exactly. Raises ``StateFormatError`` for a
+        file that is not a valid model state and ``StateCompatibilityError`` for a mismatch.
+        """
+        from .io import load_state
+
+        state = load_state(path, device=device, model=model, strict=strict)
+        if not isinstance(state, MambaModelState):
+            raise StateFormatError(f"{os.fspath(path)}: expected a model state, found a single-layer state (use MambaInferenceState.load)")
+        return state

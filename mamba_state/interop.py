@@ -41,11 +41,6 @@ def _layer_info(layer: Any) -> tuple[int, dict[str, Any]]:
     return idx, layout
 
 
-def _upstream(layer: Any) -> Any:
-    """The upstream module behind an adapter (``.mixer``), or the layer itself."""
-    return getattr(layer, "mixer", layer)
-
-
 def _cached_pair(cache: dict, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     entry = cache.get(idx)
     if entry is None:
@@ -74,7 +69,7 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
 
 def _allocate(layer: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A zero cache as upstream's ``_get_states_from_cache`` makes it (devices, dtypes and strides)."""
-    mod = _upstream(layer)
+    mod = layer  # upstream layers and our adapters both expose conv1d / dt_proj / in_proj
     layout = layer_layout(layer)
     assert layout is not None
     channels, width = layout["conv_shape"]

@@ -17,6 +17,11 @@ import types
 
 import pytest
 import torch
+
+# Triton kernels run in Triton's interpreter on machines without a GPU. Set before anything imports triton
+# kernels (upstream's modules decorate theirs at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -1,0 +1,61 @@
+"""Choosing between the Triton kernels and the pure-PyTorch reference path.
+
+``backend`` arguments and the ``MAMBA_STATE_BACKEND`` environment variable take ``auto`` (default),
+``reference`` or ``triton``. ``auto`` runs Triton on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``)
+and the reference path otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .errors import StateError
+
+__all__ = ["BACKENDS", "requested_backend", "triton_usable", "resolve_backend"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: the argument, else ``$MAMBA_STATE_BACKEND``, else ``auto``."""
+    choice = backend if backend is not None else os.environ.get("MAMBA_STATE_BACKEND", "auto")
+    choice = str(choice).strip().lower()
+    if choice not in BACKENDS:
+        source = "backend" if backend is not None else "MAMBA_STATE_BACKEND"
+        raise StateError(f"{source}: expected one of {list(BACKENDS)}, found {choice!r}")
+    return choice
+
+
+def triton_usable(device: torch.device | str) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of ``device``, and why (or why not)."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "TRITON_INTERPRET=1: Triton runs in its (slow) interpreter"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return False, f"GPU compute capability {major}.x is below 7.0"
+        return True, f"CUDA device {torch.cuda.get_device_name(device)}"
+    return False, f"tensors on {device.type}: Triton needs a CUDA device"
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> tuple[str, str]:
+    """``("triton" | "reference", reason)`` for work on ``device``; raises if ``triton`` is forced but unusable."""
+    choice = requested_backend(backend)
+    ok, why = triton_usable(device)
+    if choice == "reference":
+        return "reference", "forced (backend='reference' or MAMBA_STATE_BACKEND=reference)"
+    if choice == "triton":
+        if not ok:
+            raise StateError(f"backend: expected Triton to be usable when forced, found: {why}")
+        return "triton", f"forced; {why}"
+    if ok and torch.device(device).type == "cuda":
+        return "triton", why
+    return "reference", f"auto: {why}" if not ok else "auto: CPU tensors use the PyTorch reference path"

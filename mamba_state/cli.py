@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Further subcommands: name -> (module with add_arguments(parser) and run(args) -> int, help).
-_COMMANDS: dict[str, tuple[str, str]] = {}
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "rl": ("mamba_state.rl.cli", "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

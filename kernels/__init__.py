@@ -1,0 +1,12 @@
+"""Triton kernels of the selective scan and their PyTorch wrappers (imported as ``mamba_state.kernels``).
+
+* :func:`selective_scan_fn` — drop-in superset of upstream's ``selective_scan_fn`` (initial state, final state,
+  per-step resets; differentiable in every input).
+* :func:`selective_state_update` — one decoding step, state updated in place.
+
+Importing this package registers the custom ops ``torch.ops.mamba_state.{scan_fwd, scan_bwd, state_update}``.
+"""
+
+from .selective_scan import selective_scan_fn, selective_state_update
+
+__all__ = ["selective_scan_fn", "selective_state_update"]

@@ -1,0 +1,383 @@
+"""Triton kernels of Mamba-1's selective scan: forward, backward and one decoding step.
+
+Layout (the wrappers in :mod:`mamba_state.kernels.ops` make every input contiguous in time):
+    u, delta, z, out:   [batch, dim, seqlen]
+    B, C:               [batch, ngroups, dstate, seqlen]
+    A:                  [dim, dstate] float32
+    initial_state:      [batch, dim, dstate] float32
+    reset:              uint8 [batch, seqlen] (bool viewed as bytes)
+    checkpoints:        [batch, dim, nchunks, dstate] float32: the state entering chunk c (before step c*CHUNK)
+
+One program owns one batch row and a block of ``BD`` channels; its state tile [BD, BN] lives in registers, in
+float32. Time advances in tiles of 8 steps: each input is read as one coalesced [rows, 8] tile and split into
+its 8 columns in registers (reshape + split), the 8 recurrence steps are unrolled, and the 8 outputs are joined
+back into one tile for a single store.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+TILE = 8  # time steps per tile; the split/join helpers below are written for 8
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with its default threshold of 20
+    return tl.where(x > 20.0, x, tl.where(x < -20.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _split8(x, R: tl.constexpr):
+    """[R, 8] -> its 8 columns, each [R], in order."""
+    e, o = tl.split(tl.reshape(x, (R, 4, 2)))
+    ee, eo = tl.split(tl.reshape(e, (R, 2, 2)))
+    oe, oo = tl.split(tl.reshape(o, (R, 2, 2)))
+    c0, c4 = tl.split(ee)
+    c2, c6 = tl.split(eo)
+    c1, c5 = tl.split(oe)
+    c3, c7 = tl.split(oo)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, R: tl.constexpr):
+    """8 columns [R] -> [R, 8] (inverse of _split8)."""
+    e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (R, 4))
+    o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (R, 4))
+    return tl.reshape(tl.join(e, o), (R, 8))
+
+
+@triton.jit
+def _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, bc_row, rst_row, bias, t0, L, mask_d, mask_n,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Inputs of steps t0 .. t0+7 as tiles; steps past L get dt = 0, B = C = 0, keep = 1 (no-ops)."""
+    offs_t = t0 + tl.arange(0, 8)
+    mt = offs_t < L
+    m2 = mask_d[:, None] & mt[None, :]
+    u = tl.load(u_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+    draw = tl.load(dt_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+    dt = draw
+    if HAS_BIAS:
+        dt = dt + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(m2, dt, 0.0)
+    mb = mask_n[:, None] & mt[None, :]
+    Bt = tl.load(B_ptr + bc_row + offs_t[None, :], mask=mb, other=0.0).to(tl.float32)
+    if HAS_RESET:
+        r = tl.load(reset_ptr + rst_row + offs_t[None, :], mask=mt[None, :], other=0)
+        keep = tl.where(r != 0, 0.0, 1.0)
+    else:
+        keep = tl.full((1, 8), 1.0, tl.float32)
+    return u, draw, dt, Bt, keep, m2
+
+
+@triton.jit
+def _fstep(x, A2, dt, dtu, Bc, keep, HAS_RESET: tl.constexpr):
+    """One step: x <- exp(dt*A) * keep * x + dt*u*B. Returns (new x, the decay used)."""
+    a = tl.exp2(dt[:, None] * A2)
+    if HAS_RESET:
+        a = a * keep[:, None]
+    return a * x + dtu[:, None] * Bc[None, :], a
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
+    out_ptr, last_ptr, ckpt_ptr,
+    dim, L, dstate, cpg, nchunks,
+    sBb, sBg, sBn, sCb, sCg, sCn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = (pid_d * BD) // cpg
+    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros((BD,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BD,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    if HAS_INIT:
+        x = tl.load(init_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        x = tl.zeros((BD, BN), tl.float32)
+    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    row = (pid_b * dim + offs_d[:, None]) * L
+    B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
+    C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
+    rst_row = pid_b * L
+    for t0 in range(0, L, 8):
+        if t0 % CHUNK == 0:
+            tl.store(ckpt_ptr + ck_off + (t0 // CHUNK) * dstate, x, mask=mask_dn)
+        u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row, bias,
+                                              t0, L, mask_d, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
+        offs_t = t0 + tl.arange(0, 8)
+        Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & (offs_t < L)[None, :],
+                     other=0.0).to(tl.float32)
+        dtu = dt * u
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
+        k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
+        x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
+        y0 = tl.sum(x * c0[None, :], 1)
+        x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
+        y1 = tl.sum(x * c1[None, :], 1)
+        x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
+        y2 = tl.sum(x * c2[None, :], 1)
+        x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
+        y3 = tl.sum(x * c3[None, :], 1)
+        x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
+        y4 = tl.sum(x * c4[None, :], 1)
+        x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
+        y5 = tl.sum(x * c5[None, :], 1)
+        x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
+        y6 = tl.sum(x * c6[None, :], 1)
+        x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
+        y7 = tl.sum(x * c7[None, :], 1)
+        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
+        if HAS_D:
+            y = y + Dv[:, None] * u
+        if HAS_Z:
+            zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y = y * zt * _sigmoid(zt)
+        tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + st_off, x, mask=mask_dn)
+
+
+@triton.jit
+def _bstep(h, x_prev, x_cur, a, dt, u, Bc, Cc, g, zc, A, Dv, gA, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """Reverse of one step. h enters as dL/dx_t from later steps only; leaves as dL/dx_{t-1}.
+
+    ``a`` is the decay used at this step (reset already folded in), ``g`` the gradient of the output.
+    Returns (h, gA, gC [BN], gB [BN], gu [BD], gdt [BD], gz [BD], gy [BD]).
+    """
+    y = tl.sum(x_cur * Cc[None, :], 1)
+    if HAS_D:
+        y = y + Dv * u
+    if HAS_Z:
+        sz = _sigmoid(zc)
+        gy = g * zc * sz
+        gz = g * y * sz * (1.0 + zc * (1.0 - sz))
+    else:
+        gy = g
+        gz = g
+    h = h + gy[:, None] * Cc[None, :]
+    gC = tl.sum(gy[:, None] * x_cur, 0)
+    gB = tl.sum(h * (dt * u)[:, None], 0)
+    hb = tl.sum(h * Bc[None, :], 1)
+    hx = h * (x_prev * a)
+    gA = gA + hx * dt[:, None]
+    gdt = tl.sum(hx * A, 1) + u * hb
+    gu = dt * hb
+    if HAS_D:
+        gu = gu + Dv * gy
+    h = h * a
+    return h, gA, gC, gB, gu, gdt, gz, gy
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr,
+    dim, L, dstate, cpg, nchunks,
+    sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
+    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr,
+):
+    """Reverse sweep over chunks. For each chunk: recompute the state at every 8-step tile boundary from the
+    chunk's checkpoint (written to a small per-program scratch), then walk the tiles backwards, recomputing the
+    8 states of a tile in registers and applying 8 reverse steps.
+
+    Writes du, ddelta, dz per element; dB, dC by atomic adds into float32 [batch, ngroups, dstate, seqlen];
+    per-batch partial sums dA [batch, dim, dstate], dD and ddelta_bias [batch, dim]; dinit [batch, dim, dstate].
+    """
+    SUB: tl.constexpr = CHUNK // 8
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = (pid_d * BD) // cpg
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.zeros((BD,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BD,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    scr_off = ((pid_b * dim + offs_d[:, None]) * SUB) * dstate + offs_n[None, :]
+    if HAS_GLAST:
+        h = tl.load(glast_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BD, BN), tl.float32)
+    gA = tl.zeros((BD, BN), tl.float32)
+    gD = tl.zeros((BD,), tl.float32)
+    gbias = tl.zeros((BD,), tl.float32)
+    row = (pid_b * dim + offs_d[:, None]) * L
+    B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
+    C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
+    dB_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
+    dC_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
+    rst_row = pid_b * L
+    for cc in range(0, nchunks):
+        c = nchunks - 1 - cc
+        cstart = c * CHUNK
+        ntiles = tl.minimum(SUB, (L - cstart + 7) // 8)
+        # pass 1: states at the tile boundaries of this chunk
+        x = tl.load(ckpt_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
+        for s in range(0, ntiles):
+            tl.store(scr_ptr + scr_off + s * dstate, x, mask=mask_dn)
+            u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row,
+                                                  bias, cstart + 8 * s, L, mask_d, mask_n,
+                                                  HAS_BIAS, SOFTPLUS, HAS_RESET)
+            dtu = dt * u
+            d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
+            x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
+            x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
+            x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
+            x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
+            x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
+            x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
+            x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
+            x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
+        tl.debug_barrier()
+        # pass 2: tiles backwards
+        for ss in range(0, ntiles):
+            s = ntiles - 1 - ss
+            t0 = cstart + 8 * s
+            x0 = tl.load(scr_ptr + scr_off + s * dstate, mask=mask_dn, other=0.0)
+            u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row,
+                                                  bias, t0, L, mask_d, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
+            offs_t = t0 + tl.arange(0, 8)
+            mt = offs_t < L
+            mb = mask_n[:, None] & mt[None, :]
+            Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mb, other=0.0).to(tl.float32)
+            g = tl.load(gout_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+            else:
+                zt = g
+            dtu = dt * u
+            d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u, BD)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _split8(g, BD)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _split8(zt, BD)
+            x1, a0 = _fstep(x0, A2, d0, v0, b0, k0, HAS_RESET)
+            x2, a1 = _fstep(x1, A2, d1, v1, b1, k1, HAS_RESET)
+            x3, a2 = _fstep(x2, A2, d2, v2, b2, k2, HAS_RESET)
+            x4, a3 = _fstep(x3, A2, d3, v3, b3, k3, HAS_RESET)
+            x5, a4 = _fstep(x4, A2, d4, v4, b4, k4, HAS_RESET)
+            x6, a5 = _fstep(x5, A2, d5, v5, b5, k5, HAS_RESET)
+            x7, a6 = _fstep(x6, A2, d6, v6, b6, k6, HAS_RESET)
+            x8, a7 = _fstep(x7, A2, d7, v7, b7, k7, HAS_RESET)
+            h, gA, gC7, gB7, gu7, gt7, gz7, gy7 = _bstep(h, x7, x8, a7, d7, u7, b7, c7, g7, z7, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC6, gB6, gu6, gt6, gz6, gy6 = _bstep(h, x6, x7, a6, d6, u6, b6, c6, g6, z6, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC5, gB5, gu5, gt5, gz5, gy5 = _bstep(h, x5, x6, a5, d5, u5, b5, c5, g5, z5, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC4, gB4, gu4, gt4, gz4, gy4 = _bstep(h, x4, x5, a4, d4, u4, b4, c4, g4, z4, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC3, gB3, gu3, gt3, gz3, gy3 = _bstep(h, x3, x4, a3, d3, u3, b3, c3, g3, z3, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC2, gB2, gu2, gt2, gz2, gy2 = _bstep(h, x2, x3, a2, d2, u2, b2, c2, g2, z2, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC1, gB1, gu1, gt1, gz1, gy1 = _bstep(h, x1, x2, a1, d1, u1, b1, c1, g1, z1, A, Dv, gA, HAS_D, HAS_Z)
+            h, gA, gC0, gB0, gu0, gt0, gz0, gy0 = _bstep(h, x0, x1, a0, d0, u0, b0, c0, g0, z0, A, Dv, gA, HAS_D, HAS_Z)
+            gu = _join8(gu0, gu1, gu2, gu3, gu4, gu5, gu6, gu7, BD)
+            gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD)
+            gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
+            gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
+            if HAS_D:
+                gy = _join8(gy0, gy1, gy2, gy3, gy4, gy5, gy6, gy7, BD)
+                gD += tl.sum(tl.where(m2, gy * u, 0.0), 1)
+            if HAS_Z:
+                gz = _join8(gz0, gz1, gz2, gz3, gz4, gz5, gz6, gz7, BD)
+                tl.store(dz_ptr + row + offs_t[None, :], gz.to(dz_ptr.dtype.element_ty), mask=m2)
+            if SOFTPLUS:
+                pre = draw
+                if HAS_BIAS:
+                    pre = pre + bias[:, None]
+                gdt = gdt * _sigmoid(pre)
+            gdt = tl.where(m2, gdt, 0.0)
+            if HAS_BIAS:
+                gbias += tl.sum(gdt, 1)
+            tl.store(du_ptr + row + offs_t[None, :], gu.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddt_ptr + row + offs_t[None, :], gdt.to(ddt_ptr.dtype.element_ty), mask=m2)
+            tl.atomic_add(dB_ptr + dB_row + offs_t[None, :], gBt, mask=mb)
+            tl.atomic_add(dC_ptr + dC_row + offs_t[None, :], gCt, mask=mb)
+        tl.debug_barrier()
+    tl.store(dinit_ptr + st_off, h, mask=mask_dn)
+    tl.store(dA_ptr + st_off, gA, mask=mask_dn)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * dim + offs_d, gD, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_b * dim + offs_d, gbias, mask=mask_d)
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, out_ptr,
+    dim, dstate, cpg, sBb, sBg, sCb, sCg,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    """One decoding step in place: state [batch, dim, dstate]; x, dt, z, out [batch, dim]; B, C [batch, g, dstate]."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = (pid_d * BD) // cpg
+    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    s = tl.load(state_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_RESET:
+        r = tl.load(reset_ptr + pid_b)
+        s = s * tl.where(r != 0, 0.0, 1.0)
+    x = tl.load(x_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt = dt + tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + pid_b * sBb + grp * sBg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pid_b * sCb + grp * sCg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    s = tl.exp(dt[:, None] * A) * s + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptr + st_off, s.to(state_ptr.dtype.element_ty), mask=mask_dn)
+    y = tl.sum(s * Cv[None, :], 1)
+    if HAS_D:
+        y = y + x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * zv * _sigmoid(zv)
+    tl.store(out_ptr + pid_b * dim + offs_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)

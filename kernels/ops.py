@@ -1,0 +1,252 @@
+"""PyTorch custom ops (namespace ``mamba_state``) around the Triton kernels, their fake implementations, and the
+autograd Function of the scan.
+
+Ops (all take B/C as [batch, ngroups, dstate, seqlen]; the public wrapper adds the group axis for 3-D B/C):
+
+* ``mamba_state::scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, reset?, delta_softplus, chunk)``
+  -> ``(out [batch, dim, seqlen] u.dtype, last_state [batch, dim, dstate] f32,
+  checkpoints [batch, dim, nchunks, dstate] f32)``
+* ``mamba_state::scan_bwd(u, delta, A, B, C, D?, z?, delta_bias?, reset?, checkpoints, dout, dlast?,
+  delta_softplus, chunk)`` -> ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; gradients of
+  absent optional inputs come back as empty tensors.
+* ``mamba_state::state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, reset?, dt_softplus)`` -> out; updates
+  ``state`` [batch, dim, dstate] in place (x, dt, z [batch, dim]; B, C [batch, ngroups, dstate]).
+
+What backward keeps: the inputs (no copies), the ``checkpoints`` (one fp32 state per chunk of ``chunk`` steps),
+and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per (batch, channel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["default_chunk", "block_sizes", "ScanFn"]
+
+
+def default_chunk(seqlen: int) -> int:
+    """Checkpoint interval (a power of two >= 8): about sqrt(8 * seqlen), which balances the checkpoints
+    (seqlen / chunk states) against the backward scratch (chunk / 8 states)."""
+    c = 2 ** round(math.log2(max(8.0, math.sqrt(8.0 * seqlen))))
+    return int(min(1024, max(8, c)))
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BD channels per program, BN padded dstate, num_warps). ``MAMBA_STATE_SCAN_BD`` overrides BD."""
+    bn = max(1, triton_next_pow2(dstate))
+    env = os.environ.get("MAMBA_STATE_SCAN_BWD_BD" if backward else "MAMBA_STATE_SCAN_BD")
+    target = int(env) if env else max(1, (64 if backward else 128) // bn)
+    bd = min(target, triton_next_pow2(dim))
+    if ngroups > 1:  # a program's channels must share one group
+        bd = min(bd, _pow2_divisor(dim // ngroups))
+    warps = int(os.environ.get("MAMBA_STATE_SCAN_WARPS", "0")) or max(1, min(8, (bd * bn) // 256))
+    return bd, bn, warps
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 2 ** (int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _nchunks(seqlen: int, chunk: int) -> int:
+    return -(-seqlen // chunk)
+
+
+def _dummy(t: Tensor) -> Tensor:
+    return t.new_empty(1)
+
+
+def _reset_bytes(reset: Optional[Tensor]) -> Optional[Tensor]:
+    return None if reset is None else reset.contiguous().view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- forward op
+
+@torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], initial_state: Optional[Tensor], reset: Optional[Tensor],
+             delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    from . import _triton_scan as K
+
+    batch, dim, L = u.shape
+    ngroups, dstate = B.shape[1], A.shape[1]
+    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    A = A.contiguous().float()
+    z = z.contiguous() if z is not None else None
+    nch = _nchunks(L, chunk)
+    out = torch.empty_like(u)
+    last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    ckpt = torch.empty(batch, dim, nch, dstate, device=u.device, dtype=torch.float32)
+    bd, bn, warps = block_sizes(dim, dstate, ngroups)
+    init = initial_state.contiguous().float() if initial_state is not None else None
+    rst = _reset_bytes(reset)
+    grid = (_cdiv(dim, bd), batch)
+    K._scan_fwd_kernel[grid](
+        u, delta, A, B, C,
+        D.contiguous().float() if D is not None else _dummy(A),
+        z if z is not None else _dummy(u),
+        delta_bias.contiguous().float() if delta_bias is not None else _dummy(A),
+        init if init is not None else _dummy(A),
+        rst if rst is not None else _dummy(A),
+        out, last, ckpt,
+        dim, L, dstate, dim // ngroups, nch,
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
+        HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn,
+        num_warps=warps,
+    )
+    return out, last, ckpt
+
+
+@scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk):
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    nch = (L + chunk - 1) // chunk
+    return (torch.empty_like(u), u.new_empty((batch, dim, dstate), dtype=torch.float32),
+            u.new_empty((batch, dim, nch, dstate), dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------- backward op
+
+@torch.library.custom_op("mamba_state::scan_bwd", mutates_args=())
+def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, dout: Tensor,
+             dlast: Optional[Tensor], delta_softplus: bool, chunk: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from . import _triton_scan as K
+
+    batch, dim, L = u.shape
+    ngroups, dstate = B.shape[1], A.shape[1]
+    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    Af = A.contiguous().float()
+    z = z.contiguous() if z is not None else None
+    dout = dout.contiguous()
+    nch = checkpoints.shape[2]
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True)
+    sub = chunk // 8
+    scratch = torch.empty(batch, dim, sub, dstate, device=u.device, dtype=torch.float32)
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dA_part = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    dB = torch.zeros(batch, ngroups, dstate, L, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(batch, ngroups, dstate, L, device=u.device, dtype=torch.float32)
+    dD_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dbias_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dinit = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    rst = _reset_bytes(reset)
+    grid = (_cdiv(dim, bd), batch)
+    K._scan_bwd_kernel[grid](
+        u, delta, Af, B, C,
+        D.contiguous().float() if D is not None else _dummy(Af),
+        z if z is not None else _dummy(u),
+        delta_bias.contiguous().float() if delta_bias is not None else _dummy(Af),
+        rst if rst is not None else _dummy(Af),
+        checkpoints.contiguous(), dout,
+        dlast.contiguous().float() if dlast is not None else _dummy(Af),
+        scratch,
+        du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit,
+        dim, L, dstate, dim // ngroups, nch,
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        dB.stride(0), dB.stride(1), dB.stride(2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GLAST=dlast is not None,
+        HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn,
+        num_warps=warps,
+    )
+    dA = dA_part.sum(0).to(A.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit
+
+
+@scan_bwd.register_fake
+def _scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, dout, dlast, delta_softplus, chunk):
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D) if D is not None else u.new_empty(0),
+            torch.empty_like(z) if z is not None else u.new_empty(0),
+            torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0),
+            u.new_empty((batch, dim, dstate), dtype=torch.float32))
+
+
+# -------------------------------------------------------------------------------------------- single step op
+
+@torch.library.custom_op("mamba_state::state_update", mutates_args=("state",))
+def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], dt_bias: Optional[Tensor], reset: Optional[Tensor],
+                 dt_softplus: bool) -> Tensor:
+    from . import _triton_scan as K
+
+    batch, dim, dstate = state.shape
+    ngroups = B.shape[1]
+    work = state if state.is_contiguous() else state.contiguous()
+    x, dt = x.contiguous(), dt.contiguous()
+    B, C = B.contiguous(), C.contiguous()
+    Af = A.contiguous().float()
+    out = torch.empty_like(x)
+    bd, bn, warps = block_sizes(dim, dstate, ngroups)
+    rst = _reset_bytes(reset)
+    K._state_update_kernel[(_cdiv(dim, bd), batch)](
+        work, x, dt, Af, B, C,
+        D.contiguous().float() if D is not None else _dummy(Af),
+        z.contiguous() if z is not None else _dummy(x),
+        dt_bias.contiguous().float() if dt_bias is not None else _dummy(Af),
+        rst if rst is not None else _dummy(Af),
+        out, dim, dstate, dim // ngroups, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_RESET=rst is not None,
+        SOFTPLUS=bool(dt_softplus), BD=bd, BN=bn, num_warps=warps,
+    )
+    if work is not state:
+        state.copy_(work)
+    return out
+
+
+@state_update.register_fake
+def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, reset, dt_softplus):
+    return torch.empty_like(x)
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+class ScanFn(torch.autograd.Function):
+    """Differentiable Triton scan over (u, delta, A, B, C, D, z, delta_bias, initial_state); B/C 4-D."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk):
+        out, last, ckpt = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, reset,
+                                                         delta_softplus, chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt)
+        ctx.delta_softplus = delta_softplus
+        ctx.chunk = chunk
+        ctx.has_init = initial_state is not None
+        ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.mark_non_differentiable(ckpt)
+        return out, last, ckpt
+
+    @staticmethod
+    def backward(ctx, dout, dlast, _dckpt):
+        u, delta, A, B, C, D, z, delta_bias, reset, ckpt = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.mamba_state.scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, reset, ckpt, dout, dlast, ctx.delta_softplus, ctx.chunk)
+        return (du, ddelta, dA, dB, dC,
+                dD if D is not None else None,
+                dz if z is not None else None,
+                dbias if delta_bias is not None else None,
+                dinit.to(ctx.init_dtype) if ctx.has_init else None,
+                None, None, None)
+

@@ -1,0 +1,123 @@
+"""Public entry points: :func:`selective_scan_fn` (a drop-in superset of upstream's) and
+:func:`selective_state_update` (one decoding step, in place).
+
+Both validate their inputs, then run the Triton kernels (CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``
+when ``backend='triton'`` is forced) or the pure-PyTorch reference path, chosen by
+:func:`mamba_state.backend.resolve_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mamba_state.backend import resolve_backend
+from mamba_state.errors import StateError, StateShapeError
+from mamba_state.reference import selective_scan_chunked, selective_state_update_ref
+from mamba_state.scan_inputs import check_scan_inputs
+
+from .ops import ScanFn, default_chunk
+
+__all__ = ["selective_scan_fn", "selective_state_update"]
+
+_HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                      z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                      return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                      reset: Optional[Tensor] = None, backend: Optional[str] = None, chunk_size: Optional[int] = None):
+    """Mamba-1 selective scan with initial state, final state and per-step resets.
+
+    Args:
+        u, delta: [batch, dim, seqlen], fp32/fp16/bf16.
+        A: [dim, dstate], real (fp32).
+        B, C: [batch, dstate, seqlen] or [batch, ngroups, dstate, seqlen] (dim divisible by ngroups), or
+            [dim, dstate] (constant over time; runs on the reference path).
+        D, delta_bias: [dim] or None. z: [batch, dim, seqlen] or None (output gated by silu(z)).
+        delta_softplus: apply softplus to delta + delta_bias.
+        return_last_state: also return the final state.
+        initial_state: [batch, dim, dstate] or None (zeros).
+        reset: bool [batch, seqlen] or None; True at t zeroes the state just before step t.
+        backend: None/'auto', 'reference' or 'triton' (see :mod:`mamba_state.backend`).
+        chunk_size: checkpoint interval of the Triton path (a multiple of 8; default about sqrt(8 * seqlen)).
+
+    Returns:
+        out [batch, dim, seqlen] in u.dtype, or (out, last_state [batch, dim, dstate] float32) when
+        ``return_last_state``. Differentiable in every tensor input, initial_state included.
+    """
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+    which, _why = resolve_backend(u.device, backend)
+    constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
+    if which == "reference" or constant_bc or u.dtype == torch.float64:
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state, reset)
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype not in _HALF_OR_FLOAT:
+            raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
+    if chunk < 8 or chunk % 8:
+        raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    out, last, _ = ScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
+                                bool(delta_softplus), chunk)
+    return (out, last) if return_last_state else out
+
+
+def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
+    if not isinstance(state, Tensor) or state.dim() not in (3, 4):
+        raise StateShapeError(f"state: expected [batch, dim, dstate] or [batch, nheads, headdim, dstate], found "
+                              f"{list(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
+    lead = list(state.shape[:-1])
+    bsz, n = state.shape[0], state.shape[-1]
+    for name, t in (("x", x), ("dt", dt), ("z", z)):
+        if t is not None and list(t.shape) != lead:
+            raise StateShapeError(f"{name}: expected {lead} (state's shape without dstate), found {list(t.shape)}")
+    if list(A.shape) != list(state.shape[1:]):
+        raise StateShapeError(f"A: expected {list(state.shape[1:])}, found {list(A.shape)}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None and list(t.shape) != lead[1:]:
+            raise StateShapeError(f"{name}: expected {lead[1:]}, found {list(t.shape)}")
+    heads = state.shape[1] if state.dim() == 4 else None
+    for name, t in (("B", B), ("C", C)):
+        ok = t.dim() in (2, 3) and t.shape[0] == bsz and t.shape[-1] == n
+        if ok and t.dim() == 3:
+            ok = (heads if heads is not None else state.shape[1]) % t.shape[1] == 0
+        if not ok:
+            raise StateShapeError(f"{name}: expected [batch, dstate] = {[bsz, n]} or [batch, ngroups, dstate] with "
+                                  f"ngroups dividing the heads/channels, found {list(t.shape)}")
+    if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz]):
+        raise StateShapeError(f"reset: expected a bool tensor [batch] = {[bsz]}, found {reset.dtype} {list(reset.shape)}")
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                           dt_softplus: bool = False, reset: Optional[Tensor] = None,
+                           backend: Optional[str] = None) -> Tensor:
+    """One decoding step, updating ``state`` in place (upstream ``selective_state_update`` semantics).
+
+    Mamba-1 form: state [batch, dim, dstate]; x, dt, z [batch, dim]; A [dim, dstate]; B, C [batch, dstate] or
+    [batch, ngroups, dstate]; D, dt_bias [dim]. Multi-head form: state [batch, nheads, headdim, dstate]; x, dt, z
+    [batch, nheads, headdim]; A [nheads, headdim, dstate]; B, C [batch, ngroups, dstate]; D, dt_bias
+    [nheads, headdim]. ``reset`` bool [batch] zeroes a row's state first. Returns out shaped like x, x.dtype.
+    The state keeps its dtype; arithmetic is float32.
+    """
+    _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset)
+    which, _why = resolve_backend(state.device, backend)
+    if which == "reference" or state.dtype == torch.float64 or x.dtype == torch.float64:
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, reset)
+    bsz, n = state.shape[0], state.shape[-1]
+    flat = state.reshape(bsz, -1, n) if state.is_contiguous() else None
+    work = flat if flat is not None else state.reshape(bsz, -1, n).contiguous()
+    B3 = B if B.dim() == 3 else B.unsqueeze(1)
+    C3 = C if C.dim() == 3 else C.unsqueeze(1)
+    out = torch.ops.mamba_state.state_update(
+        work, x.reshape(bsz, -1), dt.reshape(bsz, -1), A.reshape(-1, n), B3, C3,
+        D.reshape(-1) if D is not None else None, z.reshape(bsz, -1) if z is not None else None,
+        dt_bias.reshape(-1) if dt_bias is not None else None, reset, bool(dt_softplus))
+    if flat is None:
+        state.copy_(work.view_as(state))
+    return out.reshape(x.shape)

@@ -1,0 +1,416 @@
+"""``StatefulMamba2``: an upstream ``mamba_ssm.Mamba2`` layer with its recurrent state in and out.
+
+The adapter registers the upstream layer's own submodules and parameters under upstream's names (``in_proj``,
+``conv1d``, ``dt_bias``, ``A_log``, ``D``, ``norm``, ``out_proj``): ``state_dict()`` keys equal upstream's, nothing
+is copied, nothing of upstream is patched, and the upstream module itself is not registered as a child.
+
+Per token, as upstream computes it (``d_mlp = d_inner - d_ssm``)::
+
+    z0, x0, z, xBC, dt = split(in_proj(u), [d_mlp, d_mlp, d_ssm, d_ssm + 2*ngroups*d_state, nheads])
+    xBC = silu(causal depthwise conv(xBC))            # window of d_conv inputs, carried in conv_state
+    x, B, C = split(xBC, [d_ssm, ngroups*d_state, ngroups*d_state])
+    y = SSD(x, dt, A=-exp(A_log), B, C, D, dt_bias, softplus, dt_limit)   # carried in ssm_state
+    y = gated_rmsnorm(y, z) if rmsnorm else (y already gated by silu(z) in the scan)
+    out = out_proj(cat([silu(z0) * x0, y]) if d_mlp > 0 else y)
+
+Compute paths (``backend``, see :mod:`mamba_state.backend`): on CUDA upstream's Triton
+``mamba_chunk_scan_combined`` with ``initial_states``, ``return_final_states`` and resets passed as ``seq_idx``
+(segment ids, the initial state belonging to segment 0); elsewhere, or when mamba_ssm is absent, our pure-PyTorch
+:func:`mamba_state.ssd.ssd_scan_chunked`. The conv always runs through
+:func:`mamba_state.reference.causal_conv1d_ref` (state in and out, resets).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend import resolve_backend
+from ..errors import StateCompatibilityError, StateError, StateShapeError
+from ..reference import causal_conv1d_ref
+from ..ssd import ssd_scan_chunked
+from ..state import MambaInferenceState
+
+__all__ = ["StatefulMamba2", "GatedRMSNorm", "gated_rms_norm"]
+
+_NO_LIMIT = (0.0, float("inf"))
+
+
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = None, eps: float = 1e-5,
+                   group_size: int | None = None, norm_before_gate: bool = False,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Upstream's gated RMSNorm in PyTorch: ``norm(x * silu(z))`` or ``norm(x) * silu(z)``, per group.
+
+    ``x``, ``z``: ``[..., N]``; ``weight``, ``bias``: ``[N]``; groups of ``group_size`` channels (one group when
+    None). Computed in float32 (float64 for float64 inputs); returns ``x.dtype``.
+    """
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(ct)
+    gate = F.silu(z.to(ct)) if z is not None else None
+    if gate is not None and not norm_before_gate:
+        h = h * gate
+    N = h.shape[-1]
+    gs = N if group_size is None else int(group_size)
+    hg = h.view(*h.shape[:-1], N // gs, gs)
+    hg = hg * torch.rsqrt(hg.square().mean(dim=-1, keepdim=True) + eps)
+    out = hg.view(h.shape) * weight.to(ct)
+    if bias is not None:
+        out = out + bias.to(ct)
+    if gate is not None and norm_before_gate:
+        out = out * gate
+    return out.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Our mirror of upstream's ``RMSNormGated`` (same parameter ``weight``, initialised to ones; no bias)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_rms_norm(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate, self.bias)
+
+
+def _upstream_chunk_scan():
+    """Upstream's Triton ``mamba_chunk_scan_combined``, or None when mamba_ssm (or Triton) is missing."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or upstream failing on its compiled extension
+        return None
+    return mamba_chunk_scan_combined
+
+
+def _upstream_rmsnorm_fn():
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        return None
+    return rmsnorm_fn
+
+
+class StatefulMamba2(nn.Module):
+    """A Mamba-2 layer whose recurrent state is an explicit input and output.
+
+    Args:
+        upstream_mamba2_layer: a ``mamba_ssm.Mamba2`` (single process group; ``activation == "silu"``).
+        state_dtype: dtype of states made by :meth:`new_state` (float32 by default); a state passed in keeps its dtype.
+        backend: ``None`` / ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.backend`).
+
+    Shapes: ``x`` ``[B, L, d_model]``; ``conv_state`` ``[B, d_ssm + 2*ngroups*d_state, d_conv]`` (the last
+    ``d_conv`` conv inputs, oldest first); ``ssm_state`` ``[B, nheads, headdim, d_state]``.
+    """
+
+    def __init__(self, upstream_mamba2_layer: nn.Module, state_dtype: torch.dtype = torch.float32,
+                 backend: str | None = None):
+        super().__init__()
+        layer = upstream_mamba2_layer
+        self._check_upstream(layer)
+        self._setup(
+            d_model=int(layer.d_model), d_inner=int(layer.d_inner), d_ssm=int(layer.d_ssm),
+            d_state=int(layer.d_state), d_conv=int(layer.d_conv), headdim=int(layer.headdim),
+            nheads=int(layer.nheads), ngroups=int(layer.ngroups), rmsnorm=bool(layer.rmsnorm),
+            norm_before_gate=bool(layer.norm_before_gate), D_has_hdim=bool(layer.D_has_hdim),
+            dt_limit=tuple(layer.dt_limit), chunk_size=int(layer.chunk_size), layer_idx=layer.layer_idx,
+            state_dtype=state_dtype, backend=backend,
+        )
+        # Same objects under upstream's names, registered in upstream's order (parameters first).
+        self.dt_bias = layer.dt_bias
+        self.A_log = layer.A_log
+        self.D = layer.D
+        self.in_proj = layer.in_proj
+        self.conv1d = layer.conv1d
+        if self.rmsnorm:
+            self.norm = layer.norm
+        self.out_proj = layer.out_proj
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _check_upstream(layer: Any) -> None:
+        if not isinstance(layer, nn.Module):
+            raise StateCompatibilityError(f"layer: expected a mamba_ssm Mamba2 module, found {type(layer).__name__}")
+        needed = ["in_proj", "conv1d", "dt_bias", "A_log", "D", "out_proj", "d_model", "d_inner", "d_ssm",
+                  "d_state", "d_conv", "headdim", "nheads", "ngroups", "rmsnorm", "norm_before_gate",
+                  "D_has_hdim", "dt_limit", "chunk_size"]
+        missing = [a for a in needed if not hasattr(layer, a)]
+        if missing:
+            raise StateCompatibilityError(
+                f"layer: expected a mamba_ssm Mamba2 module, found {type(layer).__name__} without {missing}"
+            )
+        if getattr(layer, "rmsnorm", False) and not hasattr(layer, "norm"):
+            raise StateCompatibilityError("layer: expected a `norm` submodule (rmsnorm=True), found none")
+        if getattr(layer, "process_group", None) is not None:
+            raise StateCompatibilityError(
+                "layer: expected a Mamba2 without a process_group (tensor parallel layers are not supported), "
+                f"found process_group={layer.process_group!r}"
+            )
+        act = getattr(layer, "activation", "silu")
+        if act not in ("silu", "swish"):
+            raise StateCompatibilityError(f"layer.activation: expected 'silu', found {act!r}")
+
+    def _setup(self, *, d_model, d_inner, d_ssm, d_state, d_conv, headdim, nheads, ngroups, rmsnorm,
+               norm_before_gate, D_has_hdim, dt_limit, chunk_size, layer_idx, state_dtype, backend) -> None:
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise StateError(f"state_dtype: expected a floating torch.dtype, found {state_dtype!r}")
+        if backend is not None:
+            from ..backend import requested_backend
+
+            requested_backend(backend)  # validates the name now rather than at the first forward
+        self.d_model, self.d_inner, self.d_ssm = d_model, d_inner, d_ssm
+        self.d_state, self.d_conv, self.headdim = d_state, d_conv, headdim
+        self.nheads, self.ngroups = nheads, ngroups
+        self.rmsnorm, self.norm_before_gate, self.D_has_hdim = rmsnorm, norm_before_gate, D_has_hdim
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.chunk_size = chunk_size
+        self.layer_idx = layer_idx
+        self.state_dtype = state_dtype
+        self.backend = backend
+        self.activation = "silu"
+        self.d_mlp = d_inner - d_ssm
+        self.conv_channels = d_ssm + 2 * ngroups * d_state
+
+    @classmethod
+    def from_config(cls, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
+                    expand: int = 2, headdim: int = 64, d_ssm: int | None = None, ngroups: int = 1,
+                    A_init_range: tuple[float, float] = (1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
+                    norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                    dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = _NO_LIMIT, bias: bool = False,
+                    conv_bias: bool = True, chunk_size: int = 256, layer_idx: int | None = None, device=None,
+                    dtype=None, state_dtype: torch.dtype = torch.float32,
+                    backend: str | None = None) -> "StatefulMamba2":
+        """A fresh layer with upstream ``Mamba2``'s parameters: names, shapes, dtypes and initialisation.
+
+        Random draws happen in upstream's order, so under one seed the parameters equal upstream's.
+        Does not import mamba_ssm.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        fk = {"device": device, "dtype": dtype}
+        d_inner = expand * d_model
+        d_ssm_ = d_inner if d_ssm is None else int(d_ssm)
+        if d_ssm_ % headdim != 0 or not 0 < d_ssm_ <= d_inner:
+            raise StateError(f"d_ssm: expected a multiple of headdim={headdim} in (0, {d_inner}], found {d_ssm_}")
+        nheads = d_ssm_ // headdim
+        if ngroups < 1 or nheads % ngroups != 0:
+            raise StateError(f"ngroups: expected a divisor of nheads={nheads}, found {ngroups}")
+        if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
+            raise StateError(f"A_init_range: expected 0 < low <= high, found {A_init_range}")
+        self._setup(d_model=d_model, d_inner=d_inner, d_ssm=d_ssm_, d_state=d_state, d_conv=d_conv,
+                    headdim=headdim, nheads=nheads, ngroups=ngroups, rmsnorm=rmsnorm,
+                    norm_before_gate=norm_before_gate, D_has_hdim=D_has_hdim, dt_limit=dt_limit,
+                    chunk_size=chunk_size, layer_idx=layer_idx, state_dtype=state_dtype, backend=backend)
+        in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **fk)
+        conv_dim = self.conv_channels
+        conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                           bias=conv_bias, **fk)
+        if conv_init is not None:
+            nn.init.uniform_(conv1d.weight, -conv_init, conv_init)
+        # dt = exp(U(log dt_min, log dt_max)) floored, stored as softplus^{-1}(dt)
+        dt = torch.exp(torch.rand(nheads, **fk) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.empty(nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        D = nn.Parameter(torch.ones(d_ssm_ if D_has_hdim else nheads, device=device))  # fp32, as upstream
+        for p in (dt_bias, A_log, D):
+            p._no_weight_decay = True
+        self.dt_bias, self.A_log, self.D = dt_bias, A_log, D
+        self.in_proj = in_proj
+        self.conv1d = conv1d
+        if rmsnorm:
+            self.norm = GatedRMSNorm(d_ssm_, eps=1e-5, group_size=d_ssm_ // ngroups,
+                                     norm_before_gate=norm_before_gate, **fk)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **fk)
+        return self
+
+    # ------------------------------------------------------------------ description and states
+    def state_layout(self) -> dict[str, Any]:
+        return {"kind": "mamba2", "conv_shape": [self.conv_channels, self.d_conv],
+                "ssm_shape": [self.nheads, self.headdim, self.d_state]}
+
+    def new_state(self, batch_size: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> MambaInferenceState:
+        """A zero state: conv ``[B, conv_channels, d_conv]``, ssm ``[B, nheads, headdim, d_state]``
+        (``state_dtype`` and the parameters' device unless given)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise StateError(f"batch_size: expected a positive int, found {batch_size!r}")
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.state_dtype if dtype is None else dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise StateError(f"dtype: expected a floating torch.dtype, found {dtype!r}")
+        return MambaInferenceState(
+            torch.zeros(batch_size, self.conv_channels, self.d_conv, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype),
+        )
+
+    def resolved_backend(self, device: torch.device | str) -> tuple[str, str]:
+        """``("triton" | "reference", why)`` for inputs on ``device`` (Triton also needs mamba_ssm here)."""
+        name, why = resolve_backend(device, self.backend)
+        if name == "triton" and _upstream_chunk_scan() is None:
+            return "reference", "mamba_ssm's Triton SSD kernels are not importable: PyTorch reference path"
+        return name, why
+
+    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
+        if not isinstance(state, MambaInferenceState):
+            raise StateError(f"state: expected a MambaInferenceState or None, found {type(state).__name__}")
+        got, want = state.layout(), self.state_layout()
+        if got != want:
+            raise StateCompatibilityError(f"state layout: expected {want} (this layer), found {got}")
+        if state.batch_size != batch:
+            raise StateShapeError(f"state batch size: expected {batch} (the input's), found {state.batch_size}")
+        if state.device != device:
+            raise StateError(f"state device: expected {device} (the input's), found {state.device}")
+        return state
+
+    def _check_x(self, x: Any, what: str) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise StateError(f"{what}: expected a floating tensor, found {type(x).__name__}")
+
+    # ------------------------------------------------------------------ pieces shared by forward and step
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())  # [nheads]; float so half A_log cannot give -inf
+
+    def _D(self) -> torch.Tensor:
+        return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _split_in(self, zxbcdt: torch.Tensor):
+        g_n = self.ngroups * self.d_state
+        return torch.split(zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, self.d_ssm + 2 * g_n, self.nheads], dim=-1)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor,
+                use_triton: bool) -> torch.Tensor:
+        """``y`` ``[..., d_ssm]`` (already gated when not rmsnorm) -> out_proj output ``[..., d_model]``."""
+        if self.rmsnorm:
+            fn = _upstream_rmsnorm_fn() if use_triton and type(self.norm).__name__ != "GatedRMSNorm" else None
+            if fn is not None:
+                y = self.norm(y, z)
+            else:
+                y = gated_rms_norm(y, self.norm.weight, z, self.norm.eps, self.norm.group_size,
+                                   self.norm.norm_before_gate, getattr(self.norm, "bias", None))
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """Run ``x`` ``[B, L, d_model]`` from ``state`` (zeros when None); returns ``(y [B, L, d_model], new state)``.
+
+        ``reset``: bool ``[B, L]``; True at ``(b, t)`` clears row ``b``'s conv window and SSM state before token
+        ``t``. The new state has the input state's dtype (``state_dtype`` when no state is given).
+        """
+        self._check_x(x, "x")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
+        bsz, L, _ = x.shape
+        state = self.new_state(bsz, device=x.device) if state is None else self._check_state(state, bsz, x.device)
+        if reset is not None:
+            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [bsz, L]:
+                found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
+                raise StateShapeError(f"reset: expected a bool tensor of shape {[bsz, L]}, found {found}")
+            reset = reset.to(x.device)
+        if L == 0:
+            return x.new_zeros(bsz, 0, self.d_model), state
+        backend, _ = self.resolved_backend(x.device)
+        z0, x0, z, xBC, dt = self._split_in(self.in_proj(x))
+        xBC, conv_state = causal_conv1d_ref(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                            conv_state=state.conv_state, reset=reset, activation="silu")
+        xBC = xBC.transpose(1, 2)
+        g_n = self.ngroups * self.d_state
+        xs, B, C = torch.split(xBC, [self.d_ssm, g_n, g_n], dim=-1)
+        xs = xs.reshape(bsz, L, self.nheads, self.headdim)
+        B = B.reshape(bsz, L, self.ngroups, self.d_state)
+        C = C.reshape(bsz, L, self.ngroups, self.d_state)
+        zh = None if self.rmsnorm else z.reshape(bsz, L, self.nheads, self.headdim)
+        if backend == "triton":
+            y, ssm_state = self._scan_triton(xs, dt, B, C, zh, state.ssm_state, reset)
+        else:
+            y, ssm_state = ssd_scan_chunked(xs, dt, self._A(), B, C, D=self._D(), z=zh,
+                                            initial_state=state.ssm_state, reset=reset, dt_bias=self.dt_bias,
+                                            dt_softplus=True, dt_limit=self.dt_limit, return_final_state=True)
+        y = y.reshape(bsz, L, self.d_ssm)
+        out = self._output(y, z, z0, x0, backend == "triton")
+        new = MambaInferenceState(conv_state.to(state.conv_state.dtype), ssm_state.to(state.ssm_state.dtype))
+        return out, new
+
+    def _scan_triton(self, xs, dt, B, C, zh, ssm_state, reset):
+        """Upstream's fused SSD: resets become ``seq_idx`` segment ids (initial state = segment 0)."""
+        scan = _upstream_chunk_scan()
+        seq_idx = None if reset is None else torch.cumsum(reset, dim=1, dtype=torch.int32)
+        kwargs = {} if self.dt_limit == _NO_LIMIT else {"dt_limit": self.dt_limit}
+        y, final = scan(xs, dt, self._A(), B, C, self.chunk_size, D=self._D(), z=zh, dt_bias=self.dt_bias,
+                        initial_states=ssm_state.float(), seq_idx=seq_idx, dt_softplus=True,
+                        return_final_states=True, **kwargs)
+        return y, final
+
+    # ------------------------------------------------------------------ one token
+    def step(self, x_t: torch.Tensor, state: MambaInferenceState,
+             reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """One token: ``x_t`` ``[B, 1, d_model]`` or ``[B, d_model]`` -> ``(y_t`` shaped like ``x_t``, new state).
+
+        Pure function of its inputs (the given state is not modified; differentiable). ``reset``: optional bool
+        ``[B]``, clears those rows' state before the token.
+        """
+        self._check_x(x_t, "x_t")
+        squeeze = x_t.dim() == 3
+        if squeeze and (x_t.shape[1] != 1 or x_t.shape[2] != self.d_model) or (
+                not squeeze and (x_t.dim() != 2 or x_t.shape[-1] != self.d_model)):
+            raise StateShapeError(
+                f"x_t: expected [batch, 1, {self.d_model}] or [batch, {self.d_model}], found {list(x_t.shape)}"
+            )
+        u = x_t[:, 0] if squeeze else x_t
+        bsz = u.shape[0]
+        if state is None:
+            raise StateError("state: expected a MambaInferenceState for step(), found None (use new_state())")
+        self._check_state(state, bsz, u.device)
+        conv_prev, ssm_prev = state.conv_state, state.ssm_state
+        if reset is not None:
+            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [bsz]:
+                raise StateShapeError(f"reset: expected a bool tensor of shape [{bsz}], found {reset!r}")
+            keep = (~reset.to(u.device)).to(conv_prev.dtype)
+            conv_prev = conv_prev * keep[:, None, None]
+            ssm_prev = ssm_prev * keep[:, None, None, None]
+        backend, _ = self.resolved_backend(u.device)
+        z0, x0, z, xBC, dt = self._split_in(self.in_proj(u))
+        ct = torch.float64 if torch.float64 in (u.dtype, conv_prev.dtype, ssm_prev.dtype) else torch.float32
+        # conv: shift the window left by one and append this token's input
+        window = torch.cat([conv_prev[:, :, 1:], xBC[:, :, None].to(conv_prev.dtype)], dim=-1)
+        w = self.conv1d.weight[:, 0] if self.conv1d.weight.dim() == 3 else self.conv1d.weight
+        xc = (window.to(ct) * w.to(ct)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(ct)
+        xc = F.silu(xc)
+        g_n = self.ngroups * self.d_state
+        xs, B, C = torch.split(xc, [self.d_ssm, g_n, g_n], dim=-1)
+        xs = xs.view(bsz, self.nheads, self.headdim)
+        rep = self.nheads // self.ngroups
+        B = B.view(bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)  # [B, h, n]
+        C = C.view(bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)
+        dtv = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # [B, h]
+        if self.dt_limit != _NO_LIMIT:
+            dtv = dtv.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        dA = torch.exp(dtv * self._A().to(ct))
+        new_ssm = (dA[:, :, None, None] * ssm_prev.to(ct)
+                   + (dtv[:, :, None] * xs)[..., None] * B[:, :, None, :])  # [B, h, p, n]
+        y = (new_ssm * C[:, :, None, :]).sum(-1)
+        D = self._D().to(ct)
+        y = y + xs * (D[:, None] if D.dim() == 1 else D)
+        if not self.rmsnorm:
+            y = y * F.silu(z.to(ct).view(bsz, self.nheads, self.headdim))
+        y = y.reshape(bsz, self.d_ssm).to(u.dtype)
+        out = self._output(y, z, z0, x0, backend == "triton")
+        new = MambaInferenceState(window.to(state.conv_state.dtype), new_ssm.to(state.ssm_state.dtype))
+        return (out[:, None] if squeeze else out), new
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ssm={self.d_ssm}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"d_state={self.d_state}, ngroups={self.ngroups}, d_conv={self.d_conv}, layer_idx={self.layer_idx}")

@@ -277,7 +277,8 @@ class StatefulMamba2(nn.Module):
 
     # ------------------------------------------------------------------ pieces shared by forward and step
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())  # [nheads]; float so half A_log cannot give -inf
+        # [nheads]; at least float32 so a half A_log cannot give -inf (float64 stays float64)
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
     def _D(self) -> torch.Tensor:
         return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D

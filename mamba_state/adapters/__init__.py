@@ -1,0 +1,22 @@
+"""Stateful adapters around upstream Mamba layers and language models.
+
+* :class:`StatefulMamba` (``mamba.py``): one Mamba-1 layer, explicit state in and out.
+* :class:`StatefulMamba2` (``mamba2.py``): one Mamba-2 layer, same interface (imported lazily).
+* :class:`StatefulMambaLM` (``lm.py``): a whole ``MambaLMHeadModel``; ``from_pretrained`` / ``from_hf`` load
+  checkpoints without importing mamba_ssm (``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from .mamba import Mamba1Parameters, StatefulMamba
+from .lm import StatefulMambaLM
+
+__all__ = ["StatefulMamba", "StatefulMamba2", "StatefulMambaLM", "Mamba1Parameters"]
+
+
+def __getattr__(name: str):
+    if name == "StatefulMamba2":  # written in its own module; imported on first use
+        from .mamba2 import StatefulMamba2
+
+        return StatefulMamba2
+    raise AttributeError(f"module 'mamba_state.adapters' has no attribute {name!r}")

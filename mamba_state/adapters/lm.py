@@ -1,0 +1,262 @@
+"""``StatefulMambaLM``: a whole upstream ``MambaLMHeadModel`` with an explicit model state in and out.
+
+The wrapper registers the upstream model's own modules under upstream's names (``backbone.embedding``,
+``backbone.layers.N.norm``, ``backbone.layers.N.mixer.*``, ``backbone.layers.N.norm2`` / ``.mlp`` when
+``d_intermediate > 0``, ``backbone.norm_f``, ``lm_head``), so ``state_dict()`` keys and tensors are upstream's
+(tied embeddings stay tied). Mixers are wrapped in :class:`StatefulMamba` (or ``StatefulMamba2``). The upstream
+model itself is never registered, patched or changed.
+
+Block math, in plain PyTorch for both of upstream's variants (``fused_add_norm`` only fuses the same math into
+one Triton kernel)::
+
+    residual = hidden + residual            (hidden alone in the first block)
+    hidden   = mixer(norm(residual))        (residual kept in float32 when residual_in_fp32)
+    [residual = hidden + residual; hidden = mlp(norm2(residual))]     when the block has an MLP
+    logits   = lm_head(norm_f(hidden + residual))
+
+Models with attention layers (``attn_layer_idx``) are refused at wrap time: their KV cache grows with the
+sequence and is not part of a Mamba state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import StateCompatibilityError, StateError, StateShapeError
+from ..layers import is_attention_layer
+from ..state import MambaModelState
+from .mamba import StatefulMamba
+from .modules import norm_apply, normalize_config
+
+__all__ = ["StatefulMambaLM"]
+
+
+def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: str | None) -> nn.Module:
+    if is_attention_layer(mixer):
+        raise StateCompatibilityError(
+            f"layer {idx}: expected a Mamba or Mamba2 mixer, found an attention layer (MHA); models with "
+            "attention layers are not supported (their KV cache is not a Mamba state)"
+        )
+    if hasattr(mixer, "state_layout") and hasattr(mixer, "new_state"):  # already one of our adapters
+        return mixer
+    if hasattr(mixer, "nheads") or type(mixer).__name__ in ("Mamba2", "Mamba2Simple", "Mamba2Mixer"):
+        try:
+            from .mamba2 import StatefulMamba2
+        except ImportError as exc:
+            raise StateCompatibilityError(
+                f"layer {idx}: found a Mamba-2 mixer, which needs mamba_state.adapters.mamba2.StatefulMamba2 ({exc})"
+            ) from None
+        return StatefulMamba2(mixer, state_dtype=state_dtype, backend=backend)
+    return StatefulMamba(mixer, state_dtype=state_dtype, backend=backend,
+                         layer_idx=idx if getattr(mixer, "layer_idx", None) is None else None)
+
+
+class _Block(nn.Module):
+    """One residual block: shares ``norm``, ``mixer`` (wrapped), ``norm2`` and ``mlp`` with the upstream block."""
+
+    def __init__(self, block: Any, idx: int, residual_in_fp32: bool, fused_add_norm: bool,
+                 state_dtype: torch.dtype, backend: str | None):
+        super().__init__()
+        self.norm = block.norm
+        self.mixer = _wrap_mixer(block.mixer, idx, state_dtype, backend)
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None:
+            self.norm2 = block.norm2
+        self.mlp = mlp
+        self.residual_in_fp32 = residual_in_fp32
+        self.fused_add_norm = fused_add_norm
+
+    def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """``(norm(hidden + residual), hidden + residual)`` with upstream's dtypes for either variant."""
+        if self.fused_add_norm:  # upstream's kernel adds in float32 and normalises in float32
+            r = hidden.float() if residual is None else hidden.float() + residual.float()
+            out = norm_apply(norm, r).to(hidden.dtype)
+            return out, (r if self.residual_in_fp32 else r.to(hidden.dtype))
+        r = hidden if residual is None else hidden + residual
+        out = norm_apply(norm, r.to(norm.weight.dtype))
+        return out, (r.float() if self.residual_in_fp32 else r)
+
+    def forward(self, hidden, residual, state, reset, one_step: bool):
+        hidden, residual = self.add_norm(hidden, residual, self.norm)
+        if one_step:
+            hidden, state = self.mixer.step(hidden, state, reset=None if reset is None else reset[:, 0])
+        else:
+            hidden, state = self.mixer(hidden, state=state, reset=reset)
+        if self.mlp is not None:
+            hidden, residual = self.add_norm(hidden, residual, self.norm2)
+            hidden = self.mlp(hidden)
+        return hidden, residual, state
+
+
+class _Backbone(nn.Module):
+    def __init__(self, backbone: Any, cfg: dict, state_dtype: torch.dtype, backend: str | None):
+        super().__init__()
+        self.embedding = backbone.embedding
+        self.layers = nn.ModuleList(
+            _Block(b, i, cfg["residual_in_fp32"], cfg["fused_add_norm"], state_dtype, backend)
+            for i, b in enumerate(backbone.layers)
+        )
+        self.norm_f = backbone.norm_f
+
+
+class StatefulMambaLM(nn.Module):
+    """An upstream ``MambaLMHeadModel`` run with explicit state.
+
+    Args:
+        model: upstream ``MambaLMHeadModel`` (or :class:`~mamba_state.adapters.modules.MambaLMParameters`).
+        state_dtype: dtype of new states (float32 by default).
+        backend: ``None``/``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Raises ``StateCompatibilityError`` for models with attention layers or unknown mixers.
+    """
+
+    def __init__(self, model: Any, state_dtype: torch.dtype = torch.float32, backend: str | None = None):
+        super().__init__()
+        if not all(hasattr(model, a) for a in ("backbone", "lm_head", "config")):
+            raise StateCompatibilityError(
+                f"model: expected an upstream MambaLMHeadModel (backbone, lm_head, config), found {type(model).__name__}"
+            )
+        cfg = normalize_config(model.config)
+        if cfg["attn_layer_idx"]:
+            raise StateCompatibilityError(
+                f"model attn_layer_idx: expected no attention layers (their KV cache is not a Mamba state), found "
+                f"{cfg['attn_layer_idx']}"
+            )
+        self.config = cfg
+        self.backbone = _Backbone(model.backbone, cfg, state_dtype, backend)
+        self.lm_head = model.lm_head
+        self.state_dtype = state_dtype
+        idx = [int(layer.mixer.layer_idx) for layer in self.backbone.layers]
+        if len(set(idx)) != len(idx):
+            raise StateCompatibilityError(f"model: expected unique mixer layer_idx values, found {idx}")
+
+    # ------------------------------------------------------------------ construction and loading
+    @classmethod
+    def from_config(cls, config: Any, device: Any = None, dtype: torch.dtype | None = None,
+                    state_dtype: torch.dtype = torch.float32, backend: str | None = None) -> "StatefulMambaLM":
+        """A new model with upstream's parameters and initialisation for ``config`` (no mamba_ssm needed)."""
+        from .modules import MambaLMParameters
+
+        return cls(MambaLMParameters(config, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend),
+                   state_dtype=state_dtype, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None,
+                        state_dtype: torch.dtype = torch.float32, backend: str | None = None) -> "StatefulMambaLM":
+        """Load an upstream-format (or transformers-format Mamba) checkpoint directory; see
+        :func:`mamba_state.adapters.checkpoint.load_pretrained`."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, state_dtype: torch.dtype = torch.float32,
+                backend: str | None = None) -> "StatefulMambaLM":
+        """Adopt a transformers ``MambaForCausalLM`` (sharing its modules, exposing upstream's names)."""
+        from .checkpoint import adopt_hf
+
+        return adopt_hf(hf_model, state_dtype=state_dtype, backend=backend)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in upstream's format (readable by :meth:`from_pretrained`)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def layer_indices(self) -> list[int]:
+        return [int(layer.mixer.layer_idx) for layer in self.backbone.layers]
+
+    def state_layouts(self) -> dict[int, dict[str, Any]]:
+        return {int(layer.mixer.layer_idx): layer.mixer.state_layout() for layer in self.backbone.layers}
+
+    def new_state(self, batch_size: int, device: Any = None, dtype: torch.dtype | None = None) -> MambaModelState:
+        """A zero state for every layer (``seqlen_offset`` 0)."""
+        return MambaModelState({int(layer.mixer.layer_idx): layer.mixer.new_state(batch_size, device=device, dtype=dtype)
+                                for layer in self.backbone.layers}, seqlen_offset=0)
+
+    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaModelState:
+        if state is None:
+            return self.new_state(batch, device=device)
+        if not isinstance(state, MambaModelState):
+            raise StateError(f"state: expected a MambaModelState or None, found {type(state).__name__}")
+        if state.layer_indices != sorted(self.layer_indices):
+            raise StateCompatibilityError(
+                f"state layers: expected {sorted(self.layer_indices)} (the model's), found {state.layer_indices}"
+            )
+        return state  # per-layer layout, batch and device are checked by each mixer before any work
+
+    def _check_ids(self, input_ids: Any) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 or (
+                input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
+            found = (f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                     else type(input_ids).__name__)
+            raise StateShapeError(f"input_ids: expected an integer tensor [batch, seqlen >= 1], found {found}")
+
+    def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0):
+        batch, seqlen = input_ids.shape
+        state = self._check_state(state, batch, input_ids.device)
+        if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
+                                  or list(reset.shape) != [batch, seqlen]):
+            found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
+            raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
+        for layer in self.backbone.layers:  # validate every layer's state before computing anything
+            layer.mixer._check_state(state[int(layer.mixer.layer_idx)], batch, input_ids.device)
+        hidden = self.backbone.embedding(input_ids)
+        residual = None
+        new_layers = {}
+        for layer in self.backbone.layers:
+            idx = int(layer.mixer.layer_idx)
+            hidden, residual, new_layers[idx] = layer(hidden, residual, state[idx], reset, one_step)
+        first = self.backbone.layers[0]
+        hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        logits = self.lm_head(hidden)
+        new_state = MambaModelState(new_layers, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
+        return logits, new_state
+
+    def forward(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
+                reset: torch.Tensor | None = None, num_last_tokens: int = 0) -> tuple[torch.Tensor, MambaModelState]:
+        """Run a chunk of tokens from ``state`` (zeros when None); ``state`` is not modified.
+
+        Args:
+            input_ids: integer ``[B, L]``.
+            state: :class:`MambaModelState` with every layer of the model.
+            reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t`` (every layer).
+            num_last_tokens: when > 0, logits of the last ``num_last_tokens`` positions only.
+
+        Returns:
+            ``(logits [B, L, vocab], new_state)`` with ``new_state.seqlen_offset = state.seqlen_offset + L``.
+        """
+        self._check_ids(input_ids)
+        return self._run(input_ids, state, reset, one_step=False, num_last_tokens=num_last_tokens)
+
+    def step(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
+             reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaModelState]:
+        """One token per row through every layer's ``step`` (upstream's decoding math).
+
+        Args:
+            input_ids: integer ``[B]`` or ``[B, 1]``.
+            reset: optional bool ``[B]`` (rows that start afresh at this token).
+
+        Returns:
+            ``(logits, new_state)``: logits ``[B, vocab]`` for ``[B]`` input, ``[B, 1, vocab]`` for ``[B, 1]``.
+        """
+        squeeze = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1
+        ids = input_ids[:, None] if squeeze else input_ids
+        self._check_ids(ids)
+        if ids.shape[1] != 1:
+            raise StateShapeError(f"input_ids: expected one token per row ([batch] or [batch, 1]), found {list(ids.shape)}")
+        if reset is not None:
+            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [ids.shape[0]]:
+                raise StateShapeError(f"reset: expected a bool tensor [{ids.shape[0]}], found "
+                                      f"{reset.dtype if isinstance(reset, torch.Tensor) else type(reset).__name__}")
+            reset = reset[:, None]
+        logits, state = self._run(ids, state, reset, one_step=True)
+        return (logits[:, 0] if squeeze else logits), state

@@ -1,0 +1,308 @@
+"""``StatefulMamba``: an upstream Mamba-1 layer's parameters run through an explicit-state path.
+
+The adapter registers the *same* submodules and parameters as the upstream layer, under upstream's names
+(``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, ``A_log``, ``D``), so its ``state_dict()`` keys
+equal upstream's and ``load_state_dict`` works in both directions. Nothing is copied or patched and the upstream
+module itself is never registered (it stays exactly as it was).
+
+State (a :class:`~mamba_state.state.MambaInferenceState`, fp32 by default):
+
+* ``conv_state`` ``[B, d_inner, d_conv]``: the last ``d_conv`` conv *inputs*, oldest first, exactly as upstream's
+  ``Mamba.step`` keeps it (so states are interchangeable with upstream's ``InferenceParams`` caches);
+* ``ssm_state`` ``[B, d_inner, d_state]``.
+
+Math per chunk (as upstream's forward): ``x, z = in_proj(u)``; ``x = silu(causal_conv1d(x))`` continuing the
+window; ``dt, B, C = x_proj(x)``; ``dt = dt_proj.weight @ dt``; selective scan with ``A = -exp(A_log)``,
+``D``, gate ``z``, ``delta_bias = dt_proj.bias``, softplus, continuing the SSM state; ``out_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend import resolve_backend
+from ..errors import StateCompatibilityError, StateError, StateShapeError
+from ..reference import causal_conv1d_ref, selective_scan_chunked
+from ..state import MambaInferenceState
+
+__all__ = ["StatefulMamba", "Mamba1Parameters"]
+
+_SHARED_MODULES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
+_SHARED_PARAMS = ("A_log", "D")
+
+
+def _kernel_scan():
+    """``mamba_state.kernels.selective_scan_fn`` when the Triton kernel package provides it, else ``None``."""
+    try:
+        from mamba_state.kernels import selective_scan_fn  # type: ignore[attr-defined]
+    except Exception:  # not there yet, or triton missing
+        return None
+    return selective_scan_fn
+
+
+class Mamba1Parameters(nn.Module):
+    """The parameters of an upstream ``mamba_ssm.Mamba`` layer, built without importing mamba_ssm.
+
+    Same names, shapes, dtypes and initialisation as upstream (in the same order of random draws, so that with
+    one seed both give identical tensors). Used by :meth:`StatefulMamba.from_config`; not a runnable layer.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 layer_idx: int | None = None, device: Any = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise StateError(f"dt_init: expected 'random' or 'constant', found {dt_init!r}")
+        # dt bias: softplus(bias) log-uniform in [dt_min, dt_max]; stored as softplus's inverse
+        dt = torch.exp(torch.rand(self.d_inner, **fk) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # fp32 whatever dtype is, as upstream
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+
+class StatefulMamba(nn.Module):
+    """A Mamba-1 layer with explicit state in and out, sharing an upstream layer's parameters.
+
+    Args:
+        layer: an upstream ``mamba_ssm.Mamba`` (or anything with its submodules: transformers' ``MambaMixer``,
+            :class:`Mamba1Parameters`). Sizes are read from the parameter shapes.
+        state_dtype: dtype of new states (float32 by default). A state passed in keeps its own dtypes.
+        backend: ``None``/``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.backend`).
+        layer_idx: overrides ``layer.layer_idx``.
+    """
+
+    def __init__(self, layer: nn.Module, state_dtype: torch.dtype = torch.float32, backend: str | None = None,
+                 layer_idx: int | None = None):
+        super().__init__()
+        missing = [n for n in _SHARED_MODULES + _SHARED_PARAMS if not hasattr(layer, n)]
+        if missing:
+            raise StateCompatibilityError(
+                f"layer: expected a Mamba-1 layer with {list(_SHARED_MODULES + _SHARED_PARAMS)}, found "
+                f"{type(layer).__name__} without {missing}"
+            )
+        if hasattr(layer, "nheads") or not isinstance(layer.A_log, torch.Tensor) or layer.A_log.dim() != 2:
+            raise StateCompatibilityError(
+                f"layer: expected a Mamba-1 layer (A_log [d_inner, d_state]), found {type(layer).__name__}; "
+                "wrap Mamba-2 layers with StatefulMamba2"
+            )
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise StateError(f"state_dtype: expected a floating torch.dtype, found {state_dtype!r}")
+        for name in _SHARED_MODULES:  # the very same modules: parameters shared, names as upstream
+            setattr(self, name, getattr(layer, name))
+        for name in _SHARED_PARAMS:
+            setattr(self, name, getattr(layer, name))
+        act = getattr(layer, "activation", "silu")
+        if act not in ("silu", "swish"):
+            raise StateCompatibilityError(f"layer activation: expected 'silu', found {act!r}")
+        self.d_model = int(self.in_proj.in_features)
+        self.d_inner = int(self.in_proj.out_features) // 2
+        self.d_state = int(self.A_log.shape[1])
+        self.d_conv = int(self.conv1d.kernel_size[0])
+        self.dt_rank = int(self.dt_proj.in_features)
+        checks = {
+            "conv1d.weight": (list(self.conv1d.weight.shape), [self.d_inner, 1, self.d_conv]),
+            "x_proj.weight": (list(self.x_proj.weight.shape), [self.dt_rank + 2 * self.d_state, self.d_inner]),
+            "dt_proj.weight": (list(self.dt_proj.weight.shape), [self.d_inner, self.dt_rank]),
+            "A_log": (list(self.A_log.shape), [self.d_inner, self.d_state]),
+            "D": (list(self.D.shape), [self.d_inner]),
+            "out_proj.weight": (list(self.out_proj.weight.shape), [self.d_model, self.d_inner]),
+        }
+        for name, (found, expected) in checks.items():
+            if found != expected:
+                raise StateCompatibilityError(f"layer {name}: expected shape {expected}, found {found}")
+        if self.dt_proj.bias is None:
+            raise StateCompatibilityError("layer dt_proj: expected a bias (upstream's delta_bias), found none")
+        self.layer_idx = layer_idx if layer_idx is not None else getattr(layer, "layer_idx", None)
+        self.state_dtype = state_dtype
+        self.backend = backend
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                    dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                    dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                    layer_idx: int | None = None, device: Any = None, dtype: torch.dtype | None = None,
+                    state_dtype: torch.dtype = torch.float32, backend: str | None = None,
+                    use_fast_path: bool = True) -> "StatefulMamba":
+        """A new layer with upstream ``Mamba(...)``'s parameters, names and initialisation (no mamba_ssm needed).
+
+        ``use_fast_path`` is accepted (and ignored) so that upstream ``ssm_cfg`` dicts can be passed as they are.
+        """
+        params = Mamba1Parameters(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init, dt_scale,
+                                  dt_init_floor, conv_bias, bias, layer_idx, device, dtype)
+        return cls(params, state_dtype=state_dtype, backend=backend)
+
+    # ------------------------------------------------------------------ state description
+    def state_layout(self) -> dict[str, Any]:
+        return {"kind": "mamba1", "conv_shape": [self.d_inner, self.d_conv], "ssm_shape": [self.d_inner, self.d_state]}
+
+    def new_state(self, batch_size: int, device: Any = None, dtype: torch.dtype | None = None) -> MambaInferenceState:
+        """A zero state: conv ``[B, d_inner, d_conv]``, ssm ``[B, d_inner, d_state]`` (``state_dtype`` by default)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise StateError(f"batch_size: expected a positive int, found {batch_size!r}")
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.state_dtype if dtype is None else dtype
+        return MambaInferenceState(
+            torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
+        )
+
+    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
+        if state is None:
+            return self.new_state(batch, device=device)
+        if not isinstance(state, MambaInferenceState):
+            raise StateError(f"state: expected a MambaInferenceState or None, found {type(state).__name__}")
+        layout, expected = state.layout(), self.state_layout()
+        if layout != expected:
+            raise StateCompatibilityError(f"state of layer {self.layer_idx}: expected layout {expected}, found {layout}")
+        if state.batch_size != batch:
+            raise StateShapeError(f"state batch size: expected {batch} (the input's), found {state.batch_size}")
+        if state.device != device:
+            raise StateError(f"state device: expected {device} (the input's), found {state.device}")
+        return state
+
+    def _check_input(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+            found = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise StateShapeError(f"x: expected [batch, seqlen >= 1, d_model={self.d_model}], found {found}")
+
+    # ------------------------------------------------------------------ chunked forward
+    def _scan(self, *args, **kwargs):
+        device = args[0].device
+        name, _ = resolve_backend(device, self.backend)
+        if name == "triton":
+            fn = _kernel_scan()
+            if fn is not None:
+                return fn(*args, **kwargs)
+        return selective_scan_chunked(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
+                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """Run a chunk from ``state`` (zeros when None).
+
+        Args:
+            x: ``[B, L, d_model]`` in the parameters' dtype.
+            state: the state before ``x``; not modified.
+            reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t``.
+
+        Returns:
+            ``(y [B, L, d_model], new_state)``; the new state has the incoming state's dtypes.
+        """
+        self._check_input(x)
+        batch, seqlen, _ = x.shape
+        state = self._check_state(state, batch, x.device)
+        if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
+                                  or list(reset.shape) != [batch, seqlen]):
+            found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
+            raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
+        if reset is not None:
+            reset = reset.to(x.device)
+        xz = self.in_proj(x).transpose(1, 2)  # [B, 2*d_inner, L]
+        xs, z = xz.chunk(2, dim=1)
+        xs, conv_state = causal_conv1d_ref(xs, self.conv1d.weight, self.conv1d.bias, conv_state=state.conv_state,
+                                           reset=reset, activation="silu")
+        x_dbl = self.x_proj(xs.transpose(1, 2))  # [B, L, dt_rank + 2*d_state]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())
+        y, last = self._scan(
+            xs.contiguous(), dt.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=True, initial_state=state.ssm_state, reset=reset,
+        )
+        out = self.out_proj(y.transpose(1, 2))
+        return out, MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
+
+    # ------------------------------------------------------------------ one token
+    def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,
+             reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """One token, as upstream's ``Mamba.step`` (but returning a new state; ``state`` is not modified).
+
+        Args:
+            x_t: ``[B, 1, d_model]`` or ``[B, d_model]``.
+            state: the state before the token (zeros when None).
+            reset: optional bool ``[B]``: rows that start afresh at this token.
+
+        Returns:
+            ``(y_t, new_state)`` with ``y_t`` shaped like ``x_t``.
+        """
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() not in (2, 3) or x_t.shape[-1] != self.d_model or (
+                x_t.dim() == 3 and x_t.shape[1] != 1):
+            found = list(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise StateShapeError(f"x_t: expected [batch, 1, {self.d_model}] or [batch, {self.d_model}], found {found}")
+        squeeze = x_t.dim() == 2
+        u = x_t if squeeze else x_t[:, 0]
+        batch = u.shape[0]
+        state = self._check_state(state, batch, u.device)
+        conv_prev, ssm_prev = state.conv_state, state.ssm_state
+        if reset is not None:
+            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [batch]:
+                raise StateShapeError(f"reset: expected a bool tensor [{batch}], found "
+                                      f"{reset.dtype if isinstance(reset, torch.Tensor) else type(reset).__name__}")
+            keep = (~reset.to(u.device)).view(-1, 1, 1)
+            conv_prev, ssm_prev = conv_prev * keep, ssm_prev * keep
+        xz = self.in_proj(u)
+        xs, z = xz.chunk(2, dim=-1)  # [B, d_inner]
+        conv_state = torch.cat([conv_prev[:, :, 1:], xs.unsqueeze(-1).to(conv_prev.dtype)], dim=-1)
+        w = self.conv1d.weight[:, 0]
+        ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+        xc = (conv_state.to(ct) * w.to(ct)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(ct)
+        xc = F.silu(xc).to(u.dtype)
+        x_db = self.x_proj(xc)
+        dt, B, C = torch.split(x_db, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)
+        A = -torch.exp(self.A_log.float())
+        ssm = ssm_prev.clone()
+        y = _state_update(ssm, xc, dt, A, B, C, self.D, z, self.dt_proj.bias, self.backend)
+        out = self.out_proj(y)
+        return (out if squeeze else out.unsqueeze(1)), MambaInferenceState(conv_state, ssm)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
+
+
+def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
+    """One SSM step updating ``ssm`` in place: the Triton kernel on CUDA when available, else the reference."""
+    name, _ = resolve_backend(ssm.device, backend)
+    if name == "triton":
+        try:
+            from mamba_state.kernels import selective_state_update  # type: ignore[attr-defined]
+        except Exception:
+            selective_state_update = None
+        if selective_state_update is not None:
+            return selective_state_update(ssm, x, dt, A, B, C, D.float(), z=z, dt_bias=dt_bias.float(),
+                                          dt_softplus=True)
+    from ..reference import selective_state_update_ref
+
+    return selective_state_update_ref(ssm, x, dt, A, B, C, D.float(), z=z, dt_bias=dt_bias.float(), dt_softplus=True)

@@ -1,0 +1,362 @@
+"""Two-process Gloo tests of mamba_state.distributed.
+
+One group of two processes (spawned once per module) runs every transfer check in a fixed order and records
+each check's outcome per rank; the test functions below then assert on those outcomes. Each check compares the
+received state bit for bit with one the receiving rank rebuilds from the same seed (NaN, -0.0 and inf included,
+compared as integer bit patterns).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import tempfile
+import traceback
+import zlib
+from datetime import timedelta
+
+import pytest
+import torch
+
+from mamba_state import MambaInferenceState, MambaModelState, StateCompatibilityError, StateError, StateFormatError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+WORLD = 2
+
+
+# ---------------------------------------------------------------------------------------------- state factories
+def _fill(shape, dtype, gen):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    flat = t.view(-1)
+    if flat.numel() >= 3:  # values whose bits a lossy path would change
+        flat[0], flat[1], flat[2] = float("nan"), -0.0, float("inf")
+    return t
+
+
+def make_layer(kind: str, batch: int, dtype: torch.dtype, seed: int, conv_dtype=None) -> MambaInferenceState:
+    gen = torch.Generator().manual_seed(seed)
+    conv_dtype = conv_dtype or dtype
+    if kind == "mamba1":  # d_inner 6, d_conv 4, d_state 3
+        return MambaInferenceState(_fill((batch, 6, 4), conv_dtype, gen), _fill((batch, 6, 3), dtype, gen))
+    # Mamba-2: nheads 2, headdim 3, d_state 2, ngroups 1 -> conv channels 6 + 2*1*2
+    return MambaInferenceState(_fill((batch, 10, 4), conv_dtype, gen), _fill((batch, 2, 3, 2), dtype, gen))
+
+
+def make_model(batch: int, dtype: torch.dtype, seed: int) -> MambaModelState:
+    layers = {0: make_layer("mamba1", batch, dtype, seed),
+              3: make_layer("mamba2", batch, dtype, seed + 1),
+              7: make_layer("mamba1", batch, dtype, seed + 2, conv_dtype=torch.float32)}
+    return MambaModelState(layers, seqlen_offset=17 + seed % 5, metadata={"seed": seed, "note": "übertragen"})
+
+
+def make(container: str, batch: int, dtype: torch.dtype, seed: int):
+    if container == "model":
+        return make_model(batch, dtype, seed)
+    return make_layer(container, batch, dtype, seed)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = _INT_VIEW[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def assert_same_state(got, want) -> None:
+    assert type(got) is type(want), (type(got), type(want))
+    if isinstance(want, MambaModelState):
+        assert got.layer_indices == want.layer_indices
+        assert got.seqlen_offset == want.seqlen_offset and got.metadata == want.metadata
+        pairs = [(got[i], want[i]) for i in want.layer_indices]
+    else:
+        pairs = [(got, want)]
+    for g, w in pairs:
+        assert same_bits(g.conv_state, w.conv_state), "conv_state differs"
+        assert same_bits(g.ssm_state, w.ssm_state), "ssm_state differs"
+
+
+def expect_raise(cls, fn, match: str | None = None):
+    try:
+        fn()
+    except cls as exc:
+        if match is not None:
+            assert match in str(exc), f"{match!r} not in {str(exc)!r}"
+        return exc
+    raise AssertionError(f"expected {cls.__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+# Every check runs on both ranks, in this order; each returns normally or raises AssertionError.
+def check_p2p_round_trips(rank):
+    import mamba_state.distributed as msd
+
+    for k, dtype in enumerate(DTYPES):
+        for j, container in enumerate(("mamba1", "mamba2", "model")):
+            seed = 100 * k + 10 * j
+            for sender in (0, 1):
+                state = make(container, 2 + sender, dtype, seed + sender)
+                if rank == sender:
+                    msd.send_state(state, 1 - sender)
+                else:
+                    assert_same_state(msd.recv_state(sender), state)
+
+
+def check_p2p_noncontiguous_and_empty_metadata(rank):
+    import mamba_state.distributed as msd
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 3, 8, generator=gen)
+    state = MambaInferenceState(base[:, :, :4], base[:, :, 4:7])  # views with strides of the base
+    assert not state.ssm_state.is_contiguous()
+    model = MambaModelState({2: state}, seqlen_offset=0, metadata={})
+    if rank == 0:
+        msd.send_state(state, 1)
+        msd.send_state(model, 1)
+    else:
+        assert_same_state(msd.recv_state(0), state)
+        got = msd.recv_state(0, device="cpu")
+        assert_same_state(got, model)
+        assert got.device == torch.device("cpu")
+
+
+def check_broadcast(rank):
+    import mamba_state.distributed as msd
+
+    for src, container, dtype in ((0, "model", torch.bfloat16), (1, "mamba2", torch.float16),
+                                  (0, "mamba1", torch.float64)):
+        want = make(container, 3, dtype, 7 + src)
+        got = msd.broadcast_state(want if rank == src else None, src)
+        if rank == src:
+            assert got is want
+        assert_same_state(got, want)
+
+
+def check_all_gather_uneven(rank):
+    import mamba_state.distributed as msd
+
+    for container, dtype in (("model", torch.float32), ("mamba2", torch.bfloat16), ("mamba1", torch.float16)):
+        sizes = [3, 1]
+        parts = [make(container, sizes[r], dtype, 40 + r) for r in range(WORLD)]
+        got = msd.all_gather_states(parts[rank])
+        assert_same_state(got, type(parts[0]).cat(parts))
+        if container == "model":
+            assert got.seqlen_offset == max(p.seqlen_offset for p in parts)
+            assert got.metadata == parts[0].metadata
+
+
+def check_all_gather_incompatible(rank):
+    import mamba_state.distributed as msd
+
+    mine = make_layer("mamba1", 2, torch.float32 if rank == 0 else torch.float16, 3)
+    exc = expect_raise(StateCompatibilityError, lambda: msd.all_gather_states(mine), "group rank 1")
+    assert "float16" in str(exc) and "float32" in str(exc)
+    mine = make_model(1, torch.float32, 3) if rank == 0 else make_layer("mamba1", 1, torch.float32, 3)
+    expect_raise(StateCompatibilityError, lambda: msd.all_gather_states(mine), "expected a model state")
+    # a rank with something that is not a state: it raises its own error, the other names it
+    mine = make_layer("mamba1", 1, torch.float32, 3) if rank == 0 else "not a state"
+    expect_raise(StateError, lambda: msd.all_gather_states(mine), "rank 1" if rank == 0 else "found str")
+    # still in step afterwards
+    assert msd.all_gather_states(make_layer("mamba1", 1, torch.float32, rank)).batch_size == 2
+
+
+def check_scatter(rank):
+    import mamba_state.distributed as msd
+
+    assert msd.even_sizes(5, 2) == [3, 2] and msd.even_sizes(10, 4) == [3, 3, 2, 2] and msd.even_sizes(1, 3) == [1, 0, 0]
+    for src, container, dtype, sizes in ((0, "model", torch.bfloat16, None), (1, "mamba1", torch.float32, [1, 4]),
+                                         (0, "mamba2", torch.float64, [0, 5]), (1, "model", torch.float16, [5, 0])):
+        full = make(container, 5, dtype, 60 + src)
+        got = msd.scatter_state(full if rank == src else None, src, sizes=sizes if rank == src else [9, 9])
+        parts = full.split(sizes or msd.even_sizes(5, WORLD))
+        assert_same_state(got, parts[rank])
+
+
+def check_scatter_bad_sizes(rank):
+    import mamba_state.distributed as msd
+
+    full = make_layer("mamba1", 4, torch.float32, 1)
+    want = StateError
+    match = "sizes: expected 2 non-negative ints" if rank == 0 else "sending rank rejected its own state"
+    expect_raise(want, lambda: msd.scatter_state(full if rank == 0 else None, 0, sizes=[1, 2]), match)
+    expect_raise(StateError, lambda: msd.broadcast_state(None, 0), "MambaInferenceState or MambaModelState"
+                 if rank == 0 else "rejected its own state")
+    assert_same_state(msd.scatter_state(full if rank == 0 else None, 0), full.split([2, 2])[rank])
+
+
+def check_sender_rejects_own_state(rank):
+    import mamba_state.distributed as msd
+
+    if rank == 0:
+        expect_raise(StateError, lambda: msd.send_state({"not": "a state"}, 1), "found dict")
+        msd.send_state(make_layer("mamba1", 1, torch.float32, 0), 1)  # the pair is still in step
+    else:
+        expect_raise(StateError, lambda: msd.recv_state(0), "rejected its own state")
+        assert_same_state(msd.recv_state(0), make_layer("mamba1", 1, torch.float32, 0))
+
+
+def _preamble(op=1, status=0, header=b"", data_nbytes=0, magic=None, version=1, check_delta=0):
+    import mamba_state.distributed as msd
+
+    words = [msd.MAGIC if magic is None else magic, version, op, status, len(header), zlib.crc32(header),
+             data_nbytes]
+    return torch.tensor(words + [zlib.crc32(struct.pack("<7q", *words)) + check_delta], dtype=torch.int64)
+
+
+def check_bad_headers_p2p(rank):
+    """Rank 0 writes the protocol by hand with one fault each time; rank 1's recv_state must refuse it."""
+    import mamba_state.distributed as msd
+    from mamba_state._packing import state_spec
+
+    good = make_layer("mamba2", 2, torch.bfloat16, 9)
+    header = msd._encode_header(state_spec(good))
+    nbytes = state_spec(good).nbytes()
+    bad_json = b'{"format": "mamba-state-transfer", "format_version": 1, "container": "mod'
+    wrong_layout = header.replace(b'"conv_shape":[2,10,4]', b'"conv_shape":[2,11,4]')
+    assert wrong_layout != header
+    cases = [  # (preamble, header to send after an accepted preamble, expected code, expected message)
+        (_preamble(header=header, data_nbytes=nbytes, magic=0x1234), None, msd.BAD_MAGIC, "magic"),
+        (_preamble(header=header, data_nbytes=nbytes, check_delta=1), None, msd.BAD_PREAMBLE_CHECKSUM, "checksum"),
+        (_preamble(header=header, data_nbytes=nbytes, version=2), None, msd.BAD_VERSION, "format version"),
+        (_preamble(op=msd.OP_BROADCAST, header=header, data_nbytes=nbytes), None, msd.BAD_OPERATION, "broadcast"),
+        (_preamble(header=b"", data_nbytes=nbytes), None, msd.BAD_HEADER_SIZE, "header of 1.."),
+        (_preamble(header=header[:-1] + b" ", data_nbytes=nbytes), header, msd.BAD_HEADER_CHECKSUM,
+         "header: expected checksum"),
+        (_preamble(header=bad_json, data_nbytes=nbytes), bad_json, msd.BAD_HEADER, "JSON"),
+        (_preamble(header=wrong_layout, data_nbytes=nbytes), wrong_layout, msd.BAD_HEADER, "invalid state"),
+        (_preamble(header=header, data_nbytes=nbytes + 64), header, msd.BAD_HEADER, "disagrees with the preamble"),
+    ]
+    for pre, hdr, code, message in cases:
+        if rank == 0:
+            torch.distributed.send(pre, 1)
+            ack = torch.empty(2, dtype=torch.int64)
+            torch.distributed.recv(ack, 1)
+            if hdr is not None:
+                assert int(ack[0]) == msd.OK
+                torch.distributed.send(torch.frombuffer(bytearray(hdr), dtype=torch.uint8), 1)
+                torch.distributed.recv(ack, 1)
+            assert int(ack[0]) == code, (int(ack[0]), code)
+        else:
+            expect_raise(StateFormatError, lambda: msd.recv_state(0), message)
+    # the sender side: a hand-written receiver rejects the preamble, send_state must raise
+    if rank == 0:
+        expect_raise(StateFormatError, lambda: msd.send_state(good, 1), "header checksum mismatch")
+        msd.send_state(good, 1)
+    else:
+        torch.distributed.recv(torch.empty(8, dtype=torch.int64), 0)
+        torch.distributed.send(torch.tensor([msd.BAD_HEADER_CHECKSUM, 0]), 0)
+        assert_same_state(msd.recv_state(0), good)
+
+
+def check_bad_header_broadcast(rank):
+    import mamba_state.distributed as msd
+
+    if rank == 0:  # a corrupted preamble, then the agreement all-reduce by hand
+        torch.distributed.broadcast(_preamble(op=msd.OP_BROADCAST, header=b"{}", magic=0x99), 0)
+        status = torch.zeros(1, dtype=torch.int64)
+        torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+        assert int(status[0]) == msd.BAD_MAGIC
+    else:
+        expect_raise(StateFormatError, lambda: msd.broadcast_state(None, 0), "magic")
+    # the real thing, a rank whose header check fails: rank 1 is told to expect another operation
+    state = make_layer("mamba1", 1, torch.float32, 2)
+    if rank == 0:
+        expect_raise(StateFormatError, lambda: msd.broadcast_state(state, 0), "rejected it")
+    else:
+        expect_raise(StateFormatError, lambda: msd.scatter_state(None, 0), "expected operation scatter_state")
+
+
+def check_argument_errors(rank):
+    import mamba_state.distributed as msd
+
+    state = make_layer("mamba1", 1, torch.float32, 0)
+    expect_raise(StateError, lambda: msd.send_state(state, rank), "another rank")
+    expect_raise(StateError, lambda: msd.send_state(state, 5), "among the group's ranks")
+    expect_raise(StateError, lambda: msd.recv_state(True), "expected an int src")
+    expect_raise(StateError, lambda: msd.broadcast_state(state, -1), "among the group's ranks")
+    expect_raise(StateError, lambda: msd.recv_state(1 - rank, device="nowhere"), "device=")
+
+
+CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_broadcast,
+          check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
+          check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast, check_argument_errors]
+
+
+def _worker(rank: int, init_method: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                                         timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for check in CHECKS:
+            try:
+                check(rank)
+                results[check.__name__] = "ok"
+            except Exception:  # recorded per check; the test for that check fails with this text
+                results[check.__name__] = traceback.format_exc()
+            torch.distributed.barrier()  # keep the ranks in step between checks
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    ctx = torch.multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        procs = [ctx.Process(target=_worker, args=(r, init, out_dir)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=240)
+        hung = [p.pid for p in procs if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        per_rank = []
+        for r in range(WORLD):
+            path = os.path.join(out_dir, f"rank{r}.json")
+            per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
+    return {"hung": hung, "exitcodes": [p.exitcode for p in procs], "ranks": per_rank}
+
+
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+def test_transfer(outcomes, check):
+    assert not outcomes["hung"], f"worker processes hung: {outcomes['hung']}"
+    for r, res in enumerate(outcomes["ranks"]):
+        assert check in res, f"rank {r} never ran {check} (exit codes {outcomes['exitcodes']})"
+        assert res[check] == "ok", f"rank {r}:\n{res[check]}"
+
+
+# ---------------------------------------------------------------------------------------------- single process
+def test_header_round_trip_and_rejections():
+    """Header encoding alone (no process group): every field survives; bad fields are named."""
+    import mamba_state.distributed as msd
+    from mamba_state._packing import state_spec
+
+    state = make_model(3, torch.bfloat16, 1)
+    spec, doc = msd._decode_header(msd._encode_header(state_spec(state), {"sizes": [1, 2]}))
+    assert spec == state_spec(state) and doc["sizes"] == [1, 2]
+    with pytest.raises(msd._Rejected, match="floating torch dtype"):
+        msd._decode_header(msd._encode_header(state_spec(state)).replace(b'"bfloat16"', b'"int32"', 1))
+    with pytest.raises(msd._Rejected, match="idx above"):
+        msd._decode_header(msd._encode_header(state_spec(state)).replace(b'"idx":3', b'"idx":0', 1))
+
+
+def test_without_process_group():
+    import mamba_state.distributed as msd
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(StateError, match="init_process_group"):
+        msd.send_state(make_layer("mamba1", 1, torch.float32, 0), 1)

@@ -62,7 +62,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     view = _INT_VIEW[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a.cpu().contiguous().view(view), b.cpu().contiguous().view(view))
 
 
 def assert_same_state(got, want) -> None:
@@ -282,14 +282,22 @@ def check_argument_errors(rank):
 CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_broadcast,
           check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
           check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast, check_argument_errors]
+# the checks that use only library calls (the hand-written protocol above sends CPU tensors, which NCCL refuses)
+NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_broadcast,
+               check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
+               check_sender_rejects_own_state]
 
 
-def _worker(rank: int, init_method: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+def _worker(rank: int, init_method: str, out_dir: str, backend: str = "gloo") -> None:
+    checks = CHECKS
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        checks = NCCL_CHECKS
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD,
                                          timeout=timedelta(seconds=60))
     results = {}
     try:
-        for check in CHECKS:
+        for check in checks:
             try:
                 check(rank)
                 results[check.__name__] = "ok"
@@ -308,12 +316,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def outcomes():
+def _run_group(backend: str) -> dict:
     ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         init = f"tcp://127.0.0.1:{_free_port()}"
-        procs = [ctx.Process(target=_worker, args=(r, init, out_dir)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_worker, args=(r, init, out_dir, backend)) for r in range(WORLD)]
         for p in procs:
             p.start()
         for p in procs:
@@ -330,12 +337,35 @@ def outcomes():
     return {"hung": hung, "exitcodes": [p.exitcode for p in procs], "ranks": per_rank}
 
 
-@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
-def test_transfer(outcomes, check):
+def _assert_outcome(outcomes: dict, check: str) -> None:
     assert not outcomes["hung"], f"worker processes hung: {outcomes['hung']}"
     for r, res in enumerate(outcomes["ranks"]):
         assert check in res, f"rank {r} never ran {check} (exit codes {outcomes['exitcodes']})"
         assert res[check] == "ok", f"rank {r}:\n{res[check]}"
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    return _run_group("gloo")
+
+
+@pytest.fixture(scope="module")
+def nccl_outcomes():
+    if torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available():
+        pytest.skip("needs two CUDA GPUs and NCCL")
+    return _run_group("nccl")
+
+
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+def test_transfer(outcomes, check):
+    _assert_outcome(outcomes, check)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("check", [c.__name__ for c in NCCL_CHECKS])
+def test_transfer_nccl(nccl_outcomes, check):
+    """The same checks over NCCL between two GPUs (states arrive on each rank's current CUDA device)."""
+    _assert_outcome(nccl_outcomes, check)
 
 
 # ---------------------------------------------------------------------------------------------- single process

@@ -20,8 +20,9 @@ Wire protocol (format version 1). Every transfer sends, in order:
    the sending rank rejected its own state (the receivers then raise ``StateError`` instead of waiting);
 2. a *header*: UTF-8 JSON describing the layout (container kind, layer indices, full shapes and dtypes,
    ``seqlen_offset``, user metadata, for a scatter the per-rank batch sizes), checked by ``header_crc32``;
-3. the *data*: one ``uint8`` buffer with every tensor's bytes at 64-byte aligned offsets (see
-   :mod:`mamba_state._packing`).
+3. the *data*, as raw bytes: point to point, one message per tensor (conv then ssm, layer by layer), posted
+   together with ``batch_isend_irecv`` (no packing copy; NCCL groups them into one call); collectives, one
+   ``uint8`` buffer with every tensor at a 64-byte aligned offset (see :mod:`mamba_state._packing`).
 
 Receivers check the preamble and the header before any data moves, and the ranks agree on the outcome before
 the next step (point to point: the receiver answers with a 2-word acknowledgement; collectives: an all-reduce of
@@ -292,6 +293,22 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.cpu().numpy().tobytes()
 
 
+def _wire_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as a flat ``uint8`` tensor on ``device`` (no copy when it already is contiguous there): bytes
+    travel, whatever the dtype, and a received tensor is written through this view."""
+    t = t.detach()
+    if t.device != device or not t.is_contiguous():
+        t = t.to(device=device, memory_format=torch.contiguous_format)
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _exchange(ops: list) -> None:
+    """Run point-to-point ops together (NCCL: one grouped call; Gloo: all posted, then waited for)."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
 def _pack(spec: StateSpec, tensors: Sequence[torch.Tensor], device: torch.device, nbytes: int | None = None
           ) -> torch.Tensor:
     buf = torch.empty(spec.nbytes() if nbytes is None else nbytes, dtype=torch.uint8, device=device)
@@ -348,16 +365,33 @@ def send_state(state: MambaInferenceState | MambaModelState, dst: int, group: An
     dist.recv(ack, dst, group=group)
     if int(ack[0]) != OK:
         _peer_rejected(int(ack[0]), f"rank {dst}", where)
-    dist.send(_pack(spec, state_tensors(state), comm.device), dst, group=group)
+    _exchange([dist.P2POp(dist.isend, _wire_view(t, comm.device), dst, group=group)
+               for t in state_tensors(state) if t.numel()])
 
 
-def recv_state(src: int, device: torch.device | str | None = None, group: Any = None
-               ) -> MambaInferenceState | MambaModelState:
+def _check_out(out_spec: StateSpec, spec: StateSpec) -> None:
+    if out_spec.layout_key() != spec.layout_key():
+        raise _Rejected(INCOMPATIBLE, f"out: expected a state of the incoming layout, found "
+                                      f"{_layout_difference(spec, out_spec)} (the incoming one)")
+    if out_spec.batch_size != spec.batch_size:
+        raise _Rejected(INCOMPATIBLE, f"out: expected batch size {spec.batch_size} (incoming), found "
+                                      f"{out_spec.batch_size}")
+
+
+def recv_state(src: int, device: torch.device | str | None = None, group: Any = None,
+               out: MambaInferenceState | MambaModelState | None = None) -> MambaInferenceState | MambaModelState:
     """Receive a state sent by rank ``src`` with :func:`send_state`; no prior knowledge of it is needed.
 
     ``device``: where the result lands (default: the communication device: the current CUDA device under NCCL,
     the CPU under Gloo). Dtypes, shapes, layer indices, ``seqlen_offset`` and metadata are the sender's, bit for
-    bit. The result's tensors share one receive buffer when no device move was needed.
+    bit; every tensor is a fresh contiguous allocation.
+
+    ``out``: an existing state to receive into instead (``device`` is then ignored). The incoming layout must
+    match it exactly (container, layer indices, shapes with the batch, dtypes), else both ranks raise
+    ``StateCompatibilityError`` before any data moves. Tensors of ``out`` that are contiguous on the
+    communication device are written directly (no allocation: the cheapest way to receive states of one shape
+    again and again); others through a temporary. ``out``'s ``seqlen_offset`` and metadata are replaced by the
+    sender's. Returns ``out``.
 
     Raises ``StateFormatError`` for a bad preamble or header (the sender is told and raises too) and
     ``StateError`` when the sender rejected its own state. Waits up to the process group's timeout for the sender.
@@ -366,6 +400,13 @@ def recv_state(src: int, device: torch.device | str | None = None, group: Any = 
     comm = _comm(group, where)
     _check_peer(comm, src, "src", where, allow_self=False)
     device = _resolve_device(device, where)
+    out_error: StateError | None = None
+    out_spec = None
+    if out is not None:
+        try:
+            out_spec = _local_spec(out, f"{where}: out")
+        except StateError as exc:  # reported after the preamble, so that the sender hears of it too
+            out_error = exc
     pre = torch.empty(8, dtype=torch.int64, device=comm.device)
     dist.recv(pre, src, group=group)
     words = pre.tolist()
@@ -377,19 +418,37 @@ def recv_state(src: int, device: torch.device | str | None = None, group: Any = 
             ack[0] = rej.code
             dist.send(ack, src, group=group)
         _raise(rej, where)
+    if out_error is not None:
+        ack[0] = INCOMPATIBLE
+        dist.send(ack, src, group=group)
+        raise out_error
     dist.send(ack, src, group=group)
     header = torch.empty(words[4], dtype=torch.uint8, device=comm.device)
     dist.recv(header, src, group=group)
     try:
         spec, _ = _check_header_bytes(words, _to_bytes(header))
+        if out_spec is not None:
+            _check_out(out_spec, spec)
     except _Rejected as rej:
         ack[0] = rej.code
         dist.send(ack, src, group=group)
         _raise(rej, where)
     dist.send(ack, src, group=group)
-    buf = torch.empty(spec.nbytes(), dtype=torch.uint8, device=comm.device)
-    dist.recv(buf, src, group=group)
-    return _result(spec, buf, device)
+    if out is None:
+        tensors = [torch.empty(t.shape, dtype=t.dtype, device=comm.device) for t in spec.tensor_specs()]
+    else:
+        tensors = [t if t.device == comm.device and t.is_contiguous() else torch.empty_like(
+            t, device=comm.device, memory_format=torch.contiguous_format) for t in state_tensors(out)]
+    _exchange([dist.P2POp(dist.irecv, _wire_view(t, comm.device), src, group=group) for t in tensors if t.numel()])
+    if out is not None:
+        for dst, got in zip(state_tensors(out), tensors):
+            if dst is not got:
+                dst.copy_(got)
+        if isinstance(out, MambaModelState):
+            out.seqlen_offset, out.metadata = spec.seqlen_offset, dict(spec.metadata)
+        return out
+    state = build_state(spec, tensors)
+    return state if device is None or device == comm.device else state.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- collectives

@@ -122,6 +122,35 @@ def check_p2p_noncontiguous_and_empty_metadata(rank):
         assert got.device == torch.device("cpu")
 
 
+def check_recv_into_out(rank):
+    import mamba_state.distributed as msd
+
+    want = make_model(3, torch.bfloat16, 31)
+    if rank == 0:
+        msd.send_state(want, 1)
+        msd.send_state(want, 1)
+        expect_raise(StateCompatibilityError, lambda: msd.send_state(want, 1), "incompatible")
+        expect_raise(StateCompatibilityError, lambda: msd.send_state(want, 1), "incompatible")
+        msd.send_state(want.select(0), 1)
+        return
+    out = make_model(3, torch.bfloat16, 99)
+    out.seqlen_offset, out.metadata = 0, {"old": True}
+    ptrs = [t.data_ptr() for t in (out[0].conv_state, out[7].ssm_state)]
+    got = msd.recv_state(0, out=out)
+    assert got is out and [t.data_ptr() for t in (out[0].conv_state, out[7].ssm_state)] == ptrs  # written in place
+    assert_same_state(out, want)
+    # a non-contiguous destination is filled through a temporary
+    strided = make_model(3, torch.bfloat16, 98)
+    strided[0].ssm_state = strided[0].ssm_state.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided[0].ssm_state.is_contiguous()
+    assert_same_state(msd.recv_state(0, out=strided), want)
+    expect_raise(StateCompatibilityError, lambda: msd.recv_state(0, out=make_model(2, torch.bfloat16, 1)),
+                 "expected batch size 3")
+    expect_raise(StateError, lambda: msd.recv_state(0, out="nope"), "found str")
+    single = make_model(1, torch.bfloat16, 5)
+    assert_same_state(msd.recv_state(0, out=single), want.select(0))
+
+
 def check_broadcast(rank):
     import mamba_state.distributed as msd
 
@@ -279,17 +308,18 @@ def check_argument_errors(rank):
     expect_raise(StateError, lambda: msd.recv_state(1 - rank, device="nowhere"), "device=")
 
 
-CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_broadcast,
+CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
           check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
           check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast, check_argument_errors]
 # the checks that use only library calls (the hand-written protocol above sends CPU tensors, which NCCL refuses)
-NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_broadcast,
+NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
                check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
                check_sender_rejects_own_state]
 
 
 def _worker(rank: int, init_method: str, out_dir: str, backend: str = "gloo") -> None:
     checks = CHECKS
+    torch.set_num_threads(1)  # two ranks share the cores: oversubscribed OpenMP threads make copies crawl
     if backend == "nccl":
         torch.cuda.set_device(rank)
         checks = NCCL_CHECKS

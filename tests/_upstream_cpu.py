@@ -47,12 +47,12 @@ def upstream_layer_forward_ref(layer, x: torch.Tensor) -> torch.Tensor:
     """Upstream ``Mamba.forward`` from a zero state, composed on CPU from upstream's ``selective_scan_ref`` and a plain
     depthwise ``F.conv1d`` with the layer's own weights (``mamba_inner_ref`` needs causal-conv1d's CUDA build).
 
-    Computed in float64. x: ``[B, L, d_model]`` -> ``[B, L, d_model]`` float64.
+    Computed in float32 (upstream's reference computes in float32). x: ``[B, L, d_model]`` -> ``[B, L, d_model]``.
     """
     import torch.nn.functional as F
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
-    d = torch.float64
+    d = torch.float32
     L = x.shape[1]
     xz = (x.to(d) @ layer.in_proj.weight.to(d).t())
     if layer.in_proj.bias is not None:

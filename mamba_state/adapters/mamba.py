@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend import resolve_backend
+from ..backend import requested_backend, resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref, selective_scan_chunked
 from ..state import MambaInferenceState
@@ -202,6 +202,9 @@ class StatefulMamba(nn.Module):
             fn = _kernel_scan()
             if fn is not None:
                 return fn(*args, **kwargs)
+            if requested_backend(self.backend) == "triton":
+                raise StateError("backend: expected mamba_state.kernels.selective_scan_fn when 'triton' is forced, "
+                                 "found none (the Triton kernel package is not available)")
         return selective_scan_chunked(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
@@ -232,10 +235,11 @@ class StatefulMamba(nn.Module):
         x_dbl = self.x_proj(xs.transpose(1, 2))  # [B, L, dt_rank + 2*d_state]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias goes in as delta_bias
-        A = -torch.exp(self.A_log.float())
+        ct = _compute_dtype(x)
+        A = -torch.exp(self.A_log.to(ct))
         y, last = self._scan(
             xs.contiguous(), dt.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-            self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            self.D.to(ct), z=z.contiguous(), delta_bias=self.dt_proj.bias.to(ct), delta_softplus=True,
             return_last_state=True, initial_state=state.ssm_state, reset=reset,
         )
         out = self.out_proj(y.transpose(1, 2))
@@ -273,7 +277,7 @@ class StatefulMamba(nn.Module):
         xs, z = xz.chunk(2, dim=-1)  # [B, d_inner]
         conv_state = torch.cat([conv_prev[:, :, 1:], xs.unsqueeze(-1).to(conv_prev.dtype)], dim=-1)
         w = self.conv1d.weight[:, 0]
-        ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+        ct = _compute_dtype(u)
         xc = (conv_state.to(ct) * w.to(ct)).sum(-1)
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias.to(ct)
@@ -281,15 +285,20 @@ class StatefulMamba(nn.Module):
         x_db = self.x_proj(xc)
         dt, B, C = torch.split(x_db, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(ct))
         ssm = ssm_prev.clone()
-        y = _state_update(ssm, xc, dt, A, B, C, self.D, z, self.dt_proj.bias, self.backend)
+        y = _state_update(ssm, xc, dt, A, B, C, self.D.to(ct), z, self.dt_proj.bias.to(ct), self.backend)
         out = self.out_proj(y)
         return (out if squeeze else out.unsqueeze(1)), MambaInferenceState(conv_state, ssm)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
                 f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (exact tests), else float32 (upstream computes A, D and dt's bias in float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
@@ -301,8 +310,7 @@ def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
         except Exception:
             selective_state_update = None
         if selective_state_update is not None:
-            return selective_state_update(ssm, x, dt, A, B, C, D.float(), z=z, dt_bias=dt_bias.float(),
-                                          dt_softplus=True)
+            return selective_state_update(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
     from ..reference import selective_state_update_ref
 
-    return selective_state_update_ref(ssm, x, dt, A, B, C, D.float(), z=z, dt_bias=dt_bias.float(), dt_softplus=True)
+    return selective_state_update_ref(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)

@@ -1,0 +1,219 @@
+"""CPU tests of the Triton selective scan (run in Triton's interpreter: conftest sets TRITON_INTERPRET=1).
+
+Every check compares the Triton path (backend='triton', tiny shapes) with ``selective_scan_ref`` run in
+float64 on the same (possibly half-rounded) inputs; gradients come from torch.autograd on the float64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mamba_state.errors import StateError, StateShapeError
+from mamba_state.kernels import selective_scan_fn, selective_state_update
+from mamba_state.kernels.ops import default_chunk
+from mamba_state.reference import selective_scan_ref, selective_state_update_ref
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Output/gradient rounding of each dtype (arithmetic is float32 throughout): a few units of its epsilon.
+RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    rtol = RTOL[dtype]
+    scale = ref.abs().max().item()
+    err = (ours.double() - ref.double()).abs()
+    bound = rtol * ref.abs() + rtol * max(scale, 1e-6)
+    assert (err <= bound).all(), f"{what}: max excess {(err - bound).max().item():.3g} (scale {scale:.3g})"
+
+
+def _make(b, d, L, n, groups, dtype, seed, *, init, reset_kind, D, z, bias):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bc = (b, n, L) if groups == 0 else (b, groups, n, L)
+    inp = dict(u=r(b, d, L).to(dtype), delta=(0.5 * r(b, d, L)).to(dtype), A=-torch.exp(0.5 * r(d, n)),
+               B=r(*bc).to(dtype), C=r(*bc).to(dtype))
+    inp["D"] = r(d) if D else None
+    inp["z"] = r(b, d, L).to(dtype) if z else None
+    inp["delta_bias"] = 0.3 * r(d) if bias else None
+    inp["initial_state"] = r(b, d, n) if init else None
+    if reset_kind == "none":
+        inp["reset"] = None
+    elif reset_kind == "random":
+        inp["reset"] = torch.rand(b, L, generator=g) < 0.25
+    elif reset_kind == "first":
+        inp["reset"] = torch.zeros(b, L, dtype=torch.bool)
+        inp["reset"][:, 0] = True
+    else:  # "all"
+        inp["reset"] = torch.ones(b, L, dtype=torch.bool)
+    return {k: (v.to(DEV) if v is not None else None) for k, v in inp.items()}
+
+
+def _leaves(inp, dtype_of_ref=None):
+    out = {}
+    for k, v in inp.items():
+        if v is None or not v.is_floating_point():
+            out[k] = v
+        else:
+            v = v.detach().clone() if dtype_of_ref is None else v.detach().to(dtype_of_ref)
+            out[k] = v.requires_grad_()
+    return out
+
+
+@st.composite
+def scan_cases(draw):
+    b = draw(st.integers(1, 2))
+    n = draw(st.integers(1, 8))
+    L = draw(st.sampled_from([1, 2, 5, 8, 9, 13, 16, 23, 31, 37, 40]))
+    groups = draw(st.sampled_from([0, 1, 2, 3]))
+    d = draw(st.integers(1, 8)) if groups in (0, 1) else groups * draw(st.integers(1, 8 // groups))
+    return dict(
+        b=b, d=d, L=L, n=n, groups=groups, dtype=draw(st.sampled_from(list(DTYPES))), seed=draw(st.integers(0, 999)),
+        init=draw(st.booleans()), reset_kind=draw(st.sampled_from(["none", "random", "first", "all"])),
+        D=draw(st.booleans()), z=draw(st.booleans()), bias=draw(st.booleans()), softplus=draw(st.booleans()),
+        chunk=draw(st.sampled_from([None, 8, 16])), last=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=8)
+@given(case=scan_cases())
+def test_forward_and_gradients_match_float64_reference(case):
+    dtype = DTYPES[case["dtype"]]
+    inp = _make(case["b"], case["d"], case["L"], case["n"], case["groups"], dtype, case["seed"], init=case["init"],
+                reset_kind=case["reset_kind"], D=case["D"], z=case["z"], bias=case["bias"])
+    ours, ref = _leaves(inp), _leaves(inp, torch.float64)
+    kw = dict(delta_softplus=case["softplus"], return_last_state=True)
+    out, last = selective_scan_fn(**ours, **kw, backend="triton", chunk_size=case["chunk"])
+    rout, rlast = selective_scan_ref(**ref, **kw)
+    assert out.dtype == dtype and out.shape == rout.shape
+    assert last.dtype == torch.float32 and last.shape == rlast.shape
+    _close(out, rout, dtype, "out")
+    _close(last, rlast, torch.float32, "last_state")
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    gout = torch.randn(rout.shape, generator=g).to(dtype).to(DEV)
+    glast = torch.randn(rlast.shape, generator=g).to(DEV)
+    use_last = case["last"]
+    torch.autograd.backward([out, last] if use_last else [out], [gout, glast.float()] if use_last else [gout])
+    torch.autograd.backward([rout, rlast] if use_last else [rout],
+                            [gout.double(), glast.double()] if use_last else [gout.double()])
+    for k, v in ours.items():
+        if v is None or not v.is_floating_point():
+            continue
+        assert v.grad is not None and v.grad.dtype == v.dtype and v.grad.shape == v.shape, k
+        _close(v.grad, ref[k].grad, v.dtype if v.dtype != torch.float32 else torch.float32, f"grad {k}")
+
+
+def test_gradient_through_last_state_only_and_continuation():
+    inp = _make(2, 4, 19, 3, 0, torch.float32, 7, init=True, reset_kind="random", D=True, z=True, bias=True)
+    ours, ref = _leaves(inp), _leaves(inp, torch.float64)
+    _, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton", chunk_size=8)
+    _, rlast = selective_scan_ref(**ref, delta_softplus=True, return_last_state=True)
+    last.square().sum().backward()
+    rlast.square().sum().backward()
+    for k in ("u", "delta", "A", "B", "delta_bias", "initial_state"):
+        _close(ours[k].grad, ref[k].grad, torch.float32, f"grad {k}")
+    for k in ("C", "D", "z"):  # the last state does not depend on them
+        assert ours[k].grad is None or not ours[k].grad.any(), k
+    # continuation law: running [0, 11) then [11, 19) from the carried state equals one call
+    cut = 11
+    full, full_last = selective_scan_fn(**inp, delta_softplus=True, return_last_state=True, backend="triton")
+    first = {k: (v[..., :cut] if k in ("u", "delta", "z", "B", "C", "reset") else v) for k, v in inp.items()}
+    second = {k: (v[..., cut:] if k in ("u", "delta", "z", "B", "C", "reset") else v) for k, v in inp.items()}
+    o1, s1 = selective_scan_fn(**first, delta_softplus=True, return_last_state=True, backend="triton")
+    second["initial_state"] = s1
+    o2, s2 = selective_scan_fn(**second, delta_softplus=True, return_last_state=True, backend="triton")
+    torch.testing.assert_close(torch.cat([o1, o2], -1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s2, full_last, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_reference_and_constant_bc():
+    inp = _make(1, 3, 10, 4, 0, torch.float32, 3, init=True, reset_kind="random", D=True, z=False, bias=False)
+    ref = selective_scan_ref(**inp, return_last_state=True)
+    for backend in ("reference", None):
+        if DEV == "cpu":  # auto on CPU tensors: the PyTorch reference path
+            out = selective_scan_fn(**inp, return_last_state=True, backend=backend)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    const = dict(inp, B=torch.randn(3, 4, device=DEV), C=torch.randn(3, 4, device=DEV))
+    torch.testing.assert_close(selective_scan_fn(**const, backend="triton"), selective_scan_ref(**const),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_state_errors():
+    inp = _make(1, 4, 8, 2, 0, torch.float32, 0, init=False, reset_kind="none", D=False, z=False, bias=False)
+    with pytest.raises(StateShapeError, match="initial_state"):
+        selective_scan_fn(**dict(inp, initial_state=torch.zeros(1, 4, 3, device=DEV)), backend="triton")
+    with pytest.raises(StateShapeError, match="reset"):
+        selective_scan_fn(**dict(inp, reset=torch.zeros(1, 8, device=DEV)), backend="triton")
+    with pytest.raises(StateError, match="chunk_size"):
+        selective_scan_fn(**inp, backend="triton", chunk_size=12)
+    with pytest.raises(StateError, match="backend"):
+        selective_scan_fn(**inp, backend="cuda-please")
+
+
+def test_default_chunk_is_a_multiple_of_8():
+    for L in (1, 7, 40, 2048, 16384, 10**6):
+        c = default_chunk(L)
+        assert c % 8 == 0 and 8 <= c <= 1024
+
+
+@settings(max_examples=10)
+@given(multihead=st.booleans(), dtype=st.sampled_from(list(DTYPES)), state_dtype=st.sampled_from(["fp32", "bf16"]),
+       groups=st.sampled_from([0, 1, 2]), n=st.integers(1, 8), seed=st.integers(0, 999), opts=st.booleans())
+def test_state_update_matches_reference(multihead, dtype, state_dtype, groups, n, seed, opts):
+    dtype, sdtype = DTYPES[dtype], DTYPES[state_dtype]
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    b = 2
+    lead = (b, 4, 3) if multihead else (b, 6)
+    inner = lead[1:]
+    if multihead and groups == 0:
+        groups = 1  # the multi-head form takes [batch, ngroups, dstate]
+    if not multihead:
+        groups = 0  # the Mamba-1 form takes [batch, dstate] (as upstream and the reference do)
+    bc = (b, groups, n) if groups else (b, n)
+    args = dict(x=r(*lead).to(dtype), dt=r(*lead).to(dtype), A=-torch.exp(r(*inner, n)), B=r(*bc).to(dtype),
+                C=r(*bc).to(dtype), D=r(*inner) if opts else None, z=r(*lead).to(dtype) if opts else None,
+                dt_bias=r(*inner) if opts else None)
+    args = {k: (v.to(DEV) if v is not None else None) for k, v in args.items()}
+    reset = (torch.rand(b, generator=g) < 0.5).to(DEV) if opts else None
+    state = r(*lead, n).to(sdtype).to(DEV)
+    s_ours, s_ref = state.clone(), state.double()
+    out = selective_state_update(s_ours, **args, dt_softplus=opts, reset=reset, backend="triton")
+    rout = selective_state_update_ref(s_ref, **{k: (v.double() if v is not None else None) for k, v in args.items()},
+                                      dt_softplus=opts, reset=reset)
+    assert out.shape == args["x"].shape and out.dtype == dtype and s_ours.dtype == sdtype
+    _close(out, rout, dtype if sdtype == torch.float32 else torch.bfloat16, "step out")
+    _close(s_ours, s_ref, sdtype, "state")
+
+
+def test_fake_implementations_give_the_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, d, L, n, c = 2, 6, 13, 3, 8
+    inp = _make(b, d, L, n, 2, torch.bfloat16, 1, init=True, reset_kind="random", D=True, z=True, bias=True)
+    B4, C4 = inp["B"], inp["C"]
+    args = (inp["u"], inp["delta"], inp["A"], B4, C4, inp["D"], inp["z"], inp["delta_bias"], inp["initial_state"],
+            inp["reset"], True, c)
+    real = torch.ops.mamba_state.scan_fwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.mamba_state.scan_fwd(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for r_, f_ in zip(real, fake):
+        assert r_.shape == f_.shape and r_.dtype == f_.dtype
+    torch.library.opcheck(torch.ops.mamba_state.scan_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    bwd_args = (inp["u"], inp["delta"], inp["A"], B4, C4, inp["D"], inp["z"], inp["delta_bias"], inp["reset"], real[2],
+                torch.randn_like(real[0]), torch.randn_like(real[1]), True, c)
+    torch.library.opcheck(torch.ops.mamba_state.scan_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    state = torch.randn(b, d, n, device=DEV)
+    step_args = (state, inp["u"][..., 0], inp["delta"][..., 0], inp["A"], B4[..., 0], C4[..., 0], inp["D"],
+                 inp["z"][..., 0], inp["delta_bias"], inp["reset"][:, 0], True)
+    torch.library.opcheck(torch.ops.mamba_state.state_update.default, step_args,
+                          test_utils=("test_schema", "test_faketensor"))

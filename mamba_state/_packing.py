@@ -50,7 +50,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def with_batch(self, batch: int) -> "TensorSpec":
         return TensorSpec((batch,) + tuple(self.shape[1:]), self.dtype)

@@ -354,18 +354,18 @@ def send_state(state: MambaInferenceState | MambaModelState, dst: int, group: An
         spec = _local_spec(state, where)
         header = _encode_header(spec)
     except StateError:
-        dist.send(_int_tensor(_preamble_words(OP_P2P, SENDER_ABORT, b"", 0), comm.device), dst, group=group)
+        dist.send(_int_tensor(_preamble_words(OP_P2P, SENDER_ABORT, b"", 0), comm.device), dst, group=comm.group)
         raise
-    dist.send(_int_tensor(_preamble_words(OP_P2P, OK, header, spec.nbytes()), comm.device), dst, group=group)
+    dist.send(_int_tensor(_preamble_words(OP_P2P, OK, header, spec.nbytes()), comm.device), dst, group=comm.group)
     ack = torch.empty(2, dtype=torch.int64, device=comm.device)
-    dist.recv(ack, dst, group=group)
+    dist.recv(ack, dst, group=comm.group)
     if int(ack[0]) != OK:
         _peer_rejected(int(ack[0]), f"rank {dst}", where)
-    dist.send(_bytes_tensor(header, comm.device), dst, group=group)
-    dist.recv(ack, dst, group=group)
+    dist.send(_bytes_tensor(header, comm.device), dst, group=comm.group)
+    dist.recv(ack, dst, group=comm.group)
     if int(ack[0]) != OK:
         _peer_rejected(int(ack[0]), f"rank {dst}", where)
-    _exchange([dist.P2POp(dist.isend, _wire_view(t, comm.device), dst, group=group)
+    _exchange([dist.P2POp(dist.isend, _wire_view(t, comm.device), dst, group=comm.group)
                for t in state_tensors(state) if t.numel()])
 
 
@@ -408,7 +408,7 @@ def recv_state(src: int, device: torch.device | str | None = None, group: Any = 
         except StateError as exc:  # reported after the preamble, so that the sender hears of it too
             out_error = exc
     pre = torch.empty(8, dtype=torch.int64, device=comm.device)
-    dist.recv(pre, src, group=group)
+    dist.recv(pre, src, group=comm.group)
     words = pre.tolist()
     ack = torch.zeros(2, dtype=torch.int64, device=comm.device)
     try:
@@ -416,30 +416,30 @@ def recv_state(src: int, device: torch.device | str | None = None, group: Any = 
     except _Rejected as rej:
         if rej.code != SENDER_ABORT:  # an aborting sender waits for nothing
             ack[0] = rej.code
-            dist.send(ack, src, group=group)
+            dist.send(ack, src, group=comm.group)
         _raise(rej, where)
     if out_error is not None:
         ack[0] = INCOMPATIBLE
-        dist.send(ack, src, group=group)
+        dist.send(ack, src, group=comm.group)
         raise out_error
-    dist.send(ack, src, group=group)
+    dist.send(ack, src, group=comm.group)
     header = torch.empty(words[4], dtype=torch.uint8, device=comm.device)
-    dist.recv(header, src, group=group)
+    dist.recv(header, src, group=comm.group)
     try:
         spec, _ = _check_header_bytes(words, _to_bytes(header))
         if out_spec is not None:
             _check_out(out_spec, spec)
     except _Rejected as rej:
         ack[0] = rej.code
-        dist.send(ack, src, group=group)
+        dist.send(ack, src, group=comm.group)
         _raise(rej, where)
-    dist.send(ack, src, group=group)
+    dist.send(ack, src, group=comm.group)
     if out is None:
         tensors = [torch.empty(t.shape, dtype=t.dtype, device=comm.device) for t in spec.tensor_specs()]
     else:
         tensors = [t if t.device == comm.device and t.is_contiguous() else torch.empty_like(
             t, device=comm.device, memory_format=torch.contiguous_format) for t in state_tensors(out)]
-    _exchange([dist.P2POp(dist.irecv, _wire_view(t, comm.device), src, group=group) for t in tensors if t.numel()])
+    _exchange([dist.P2POp(dist.irecv, _wire_view(t, comm.device), src, group=comm.group) for t in tensors if t.numel()])
     if out is not None:
         for dst, got in zip(state_tensors(out), tensors):
             if dst is not got:

@@ -10,8 +10,9 @@ batch row, 26.2 MB per row; batch 1 and 8.
   allocates pays) and into a preallocated one (the floor). ``recv_state(out=...)`` receives into an existing
   state (no allocation).
 * Offload / restore (one process): ``offload_state(...).wait()`` and ``restore_state(...)`` (plus a
-  synchronisation), beside ``state.to("cpu")`` / ``state.to(device)``. On a CPU-only machine both sides are
-  CPU copies (no pinning) and say little about a GPU server.
+  synchronisation), beside ``state.to("cpu")`` / ``state.to(device)`` through pageable memory. On a CPU-only
+  machine both are plain CPU copies (no pinning), compared with ``state.clone()``, and say little about a GPU
+  server.
 
 Writes ``benchmarks/results/transfer_<label>.json`` and rewrites the "## State transfer" section of
 docs/benchmarks.md from every ``transfer_*.json`` present (so CPU and GPU figures stand side by side).
@@ -178,11 +179,14 @@ def bench_offload(batches: list[int], repeats: int) -> list[dict]:
         host = offload_state(state).wait()
         assert _bits_equal(host, state) and _bits_equal(restore_state(host, device), state)
         naive_host = state.to("cpu")
-        for name, fn in (("offload_state(...).wait()", lambda: offload_state(state).wait()),
-                         ("restore_state(host, device)", lambda: restore_state(host, device)),
-                         ('state.to("cpu")', lambda: state.to("cpu")),
-                         ("state.to(device) from pageable memory", lambda: naive_host.to(device).clone()
-                          if device.type == "cpu" else naive_host.to(device))):
+        cases = [("offload_state(...).wait()", lambda: offload_state(state).wait()),
+                 ("restore_state(host, device)", lambda: restore_state(host, device))]
+        if device.type == "cuda":
+            cases += [('state.to("cpu") (pageable, synchronous)', lambda: state.to("cpu")),
+                      ("pageable host state .to(device)", lambda: naive_host.to(device))]
+        else:  # .to("cpu") of a CPU state copies nothing; a clone is the plain-copy baseline
+            cases += [("state.clone()", lambda: state.clone())]
+        for name, fn in cases:
             rows.append({"what": name, "batch": batch, "bytes": state.nbytes, "device": str(device),
                          "seconds": _median(fn, repeats)})
         del state, host, naive_host

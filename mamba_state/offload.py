@@ -6,7 +6,8 @@ into pageable memory (so it is not asynchronous at all), gives no way to know wh
 and nothing stops the source from being overwritten before the copy has read it. Here:
 
 * :func:`offload_state` copies a CUDA state into **one pinned host buffer** (all tensors at 64-byte aligned
-  offsets of a single allocation, see :mod:`mamba_state._packing`), with ``non_blocking=True`` copies on a
+  offsets of a single allocation, see :mod:`mamba_state._packing`: one allocation instead of one per tensor,
+  since PyTorch's pinned-memory allocator rounds every block up to a power of two), with ``non_blocking=True`` copies on a
   **side stream** that first waits for the current stream (so the copy sees every write already enqueued
   there), records a CUDA **event** after the copies, marks the source tensors with ``record_stream`` and keeps
   references to them until the copy is known to be done. It returns an :class:`OffloadHandle`.
@@ -82,23 +83,36 @@ def _packed_buffer(state: MambaInferenceState | MambaModelState) -> torch.Tensor
     return torch.empty(0, dtype=torch.uint8, device=tensors[0].device).set_(storage, 0, (total,), (1,))
 
 
+def _will_pin(device: torch.device, pin_memory: bool | None) -> bool:
+    """Pin by default for a CUDA source; never without CUDA (page-locking goes through the CUDA driver)."""
+    if pin_memory is None:
+        pin_memory = device.type == "cuda"
+    return bool(pin_memory) and torch.cuda.is_available()
+
+
+def _host_nbytes(state: MambaInferenceState | MambaModelState, pinned: bool) -> int:
+    """Host bytes an offload of ``state`` holds: one padded buffer when pinned, the tensors' bytes otherwise."""
+    return state_spec(state).nbytes() if pinned else state.nbytes
+
+
 class OffloadHandle:
     """An offload in flight (or finished).
 
     Attributes:
         state: the host copy (same container, dtypes, shapes, layer indices, ``seqlen_offset`` and metadata;
-            tensors are views of one host buffer). Read it only once :meth:`ready` or :meth:`wait` says so.
+            when pinned, its tensors are views of one host buffer). Read it only once :meth:`ready` or
+            :meth:`wait` says so.
         event: the CUDA event recorded after the copies (``None`` for a CPU source).
         pinned: whether the host buffer is page-locked.
         source_device: where the state came from.
-        nbytes: size of the host buffer (tensor bytes plus alignment padding).
+        nbytes: host bytes held (pinned: the one buffer, tensor bytes plus alignment padding).
     """
 
     __slots__ = ("state", "event", "pinned", "source_device", "nbytes", "_sources", "_stream")
 
     def __init__(self, state, event, pinned: bool, source_device: torch.device, sources, stream, nbytes: int):
         self.state = state
-        self.nbytes = nbytes  # size of the host buffer (tensor bytes plus alignment padding)
+        self.nbytes = nbytes
         self.event = event
         self.pinned = pinned
         self.source_device = source_device
@@ -141,8 +155,9 @@ def offload_state(state: MambaInferenceState | MambaModelState, stream: Any = No
         state: a :class:`MambaInferenceState` or :class:`MambaModelState` on one device (any floating dtypes).
         stream: the CUDA stream for the copies (default: a side stream of the source device, shared by all
             offloads from that device). It is made to wait for the current stream first.
-        pin_memory: page-lock the host buffer (default: yes for a CUDA source when CUDA is available). Without
-            pinning, a CUDA copy is not asynchronous.
+        pin_memory: page-lock the host buffer (default: yes for a CUDA source; needs CUDA, silently off
+            without it). Without pinning the copies are plain synchronous ``.to("cpu")`` copies, one host tensor
+            each, and the handle is ready at once.
 
     The host copy holds the same bytes (bit exact). See the module docstring for when it may be read and when
     the source may be written.
@@ -151,17 +166,18 @@ def offload_state(state: MambaInferenceState | MambaModelState, stream: Any = No
     device = _state_device(state, where)
     if stream is not None and not isinstance(stream, torch.cuda.Stream):
         raise StateError(f"{where}: expected a torch.cuda.Stream for stream=, found {type(stream).__name__}")
-    if pin_memory is None:
-        pin_memory = device.type == "cuda"
-    pin_memory = bool(pin_memory) and torch.cuda.is_available()
+    pin_memory = _will_pin(device, pin_memory)
     spec = state_spec(state)
-    total = spec.nbytes()
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
-    host_state = build_state(spec, unpack(host, spec.tensor_specs()))
     tensors = [t.detach() for t in state_tensors(state)]
+    if not pin_memory:  # plain synchronous copies, one host tensor each (no large buffer to fault in)
+        host_state = build_state(spec, [t.to("cpu", copy=True) for t in tensors])
+        return OffloadHandle(host_state, None, False, device, None, None, _host_nbytes(host_state, False))
+    total = spec.nbytes()
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    host_state = build_state(spec, unpack(host, spec.tensor_specs()))
     if device.type != "cuda":
         pack_into(host, tensors)
-        return OffloadHandle(host_state, None, pin_memory, device, None, None, total)
+        return OffloadHandle(host_state, None, True, device, None, None, total)
 
     side = stream if stream is not None else _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))  # the copy must see writes already enqueued there
@@ -278,10 +294,10 @@ class HostStatePool:
         if key in self._parked and not replace:
             raise StateError(f"HostStatePool.park: expected a new key, found {key!r} already parked "
                              "(pass replace=True to overwrite)")
-        _state_device(state, "HostStatePool.park")
+        device = _state_device(state, "HostStatePool.park")
         if self.max_bytes is not None:
             held = self.nbytes - (self._parked[key].nbytes if key in self._parked else 0)
-            need = state_spec(state).nbytes()
+            need = _host_nbytes(state, _will_pin(device, self._pin))
             if held + need > self.max_bytes:
                 raise StateError(f"HostStatePool.park: expected at most max_bytes={self.max_bytes} parked, found "
                                  f"{held} held + {need} for {key!r}")

@@ -200,32 +200,34 @@ def write_markdown(rows, meta):
 
 
 def sweep(rates, bw):
-    """Block sizes of our kernel at the first shape, bf16 (forward, then forward+backward)."""
+    """Block sizes of our kernel (and sequence-parallel on/off) at the first and the long shape, bf16."""
     from mamba_state.kernels import selective_scan_fn
 
-    b, d, L = SHAPES[0]
-    inp = make_inputs(b, d, L, torch.bfloat16, False)
     impl = lambda **a: selective_scan_fn(delta_softplus=True, backend="triton", **a)  # noqa: E731
     out = []
-    for bd in (4, 8, 16):
-        for w in (1, 2):
-            if bd * DSTATE // (32 * w) < 1:
-                continue
-            os.environ["MAMBA_STATE_SCAN_BD"], os.environ["MAMBA_STATE_SCAN_WARPS"] = str(bd), str(w)
-            ms = bench(run_case(impl, inp, False))
-            out.append(dict(kind="fwd", BD=bd, warps=w, ms=ms))
-            print(f"sweep fwd BD={bd} warps={w}: {ms:.3f} ms", flush=True)
-    os.environ.pop("MAMBA_STATE_SCAN_BD")
+
+    def timed(kind, shape, **env):
+        for k, v in env.items():
+            os.environ[f"MAMBA_STATE_SCAN_{k}"] = str(v)
+        try:
+            inp = make_inputs(*shape, torch.bfloat16, False)
+            ms = bench(run_case(impl, inp, kind == "fwd+bwd"))
+        finally:
+            for k in env:
+                os.environ.pop(f"MAMBA_STATE_SCAN_{k}", None)
+        out.append(dict(kind=kind, shape=shape, ms=ms, **env))
+        print(f"sweep {kind} {shape} {env}: {ms:.3f} ms", flush=True)
+
+    for shape in (SHAPES[0], SHAPES[2]):
+        for bd, w in ((8, 1), (16, 1), (16, 2), (32, 2)):
+            timed("fwd", shape, BD=bd, WARPS=w, SEQPAR=0)
+        for bd in (4, 8, 16):
+            timed("fwd+bwd", shape, BWD_BD=bd, BWD_WARPS=1 if bd < 16 else 2, SEQPAR=0)
+    long = SHAPES[3]
+    for bd, w, sp in ((8, 1, 0), (2, 1, 0), (8, 1, 1), (4, 1, 1), (16, 1, 1)):
+        timed("fwd", long, BD=bd, WARPS=w, SEQPAR=sp)
     for bd in (2, 4, 8):
-        for w in (1,):
-            if bd * DSTATE // (32 * w) < 1:
-                continue
-            os.environ["MAMBA_STATE_SCAN_BWD_BD"], os.environ["MAMBA_STATE_SCAN_WARPS"] = str(bd), str(w)
-            ms = bench(run_case(impl, inp, True))
-            out.append(dict(kind="fwd+bwd", BD=bd, warps=w, ms=ms))
-            print(f"sweep fwd+bwd BD_bwd={bd} warps={w}: {ms:.3f} ms", flush=True)
-    os.environ.pop("MAMBA_STATE_SCAN_BWD_BD")
-    os.environ.pop("MAMBA_STATE_SCAN_WARPS")
+        timed("fwd+bwd", long, BWD_BD=bd, BWD_WARPS=1, SEQPAR=1)
     return out
 
 

@@ -9,8 +9,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -d .upstream ] && source .upstream/device_setup.sh > "$OUT/setup.log" 2>&1
 tail -n 2 "$OUT/setup.log"
 # the package as installed: kernels/ appears as mamba_state.kernels
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r mamba_state /tmp/pkg/ && ln -s "$PWD/kernels" /tmp/pkg/mamba_state/kernels
-export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+[ -e mamba_state/kernels ] || ln -s ../kernels mamba_state/kernels
+export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_kernel_gpu.py -q -p no:cacheprovider -rA 2>&1 | tail -n 60 | tee "$OUT/pytest.log"

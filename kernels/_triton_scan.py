@@ -92,13 +92,18 @@ def _fstep(x, A2, dt, dtu, Bc, keep, HAS_RESET: tl.constexpr):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
-    out_ptr, last_ptr, ckpt_ptr,
+    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr,
     dim, L, dstate, cpg, nchunks,
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr,
 ):
+    """MODE 0: the whole sequence in one program (grid [channel blocks, batch]); writes out, checkpoints, last.
+    MODE 1: chunk summaries (grid [channel blocks, batch, chunks]): the chunk run from a zero state, its end
+    state -> sum_ptr and the product of its decays -> prod_ptr (both [batch, dim, nchunks, dstate]).
+    MODE 2: outputs of each chunk from its checkpoint (grid as MODE 1), after _carry_kernel filled them.
+    """
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -115,53 +120,111 @@ def _scan_fwd_kernel(
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    if HAS_INIT:
-        x = tl.load(init_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        x = tl.zeros((BD, BN), tl.float32)
     ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    if MODE == 0:
+        t_lo = 0
+        t_hi = L
+        if HAS_INIT:
+            x = tl.load(init_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
+        else:
+            x = tl.zeros((BD, BN), tl.float32)
+    else:
+        c = tl.program_id(2)
+        t_lo = c * CHUNK
+        t_hi = tl.minimum(L, t_lo + CHUNK)
+        if MODE == 2:
+            x = tl.load(ckpt_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
+        else:
+            x = tl.zeros((BD, BN), tl.float32)
+    P = tl.full((BD, BN), 1.0, tl.float32)
     row = (pid_b * dim + offs_d[:, None]) * L
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
     C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
     rst_row = pid_b * L
-    for t0 in range(0, L, 8):
-        if t0 % CHUNK == 0:
-            tl.store(ckpt_ptr + ck_off + (t0 // CHUNK) * dstate, x, mask=mask_dn)
+    for t0 in range(t_lo, t_hi, 8):
+        if MODE == 0:
+            if t0 % CHUNK == 0:
+                tl.store(ckpt_ptr + ck_off + (t0 // CHUNK) * dstate, x, mask=mask_dn)
         u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row, bias,
                                               t0, L, mask_d, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
         offs_t = t0 + tl.arange(0, 8)
-        Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & (offs_t < L)[None, :],
-                     other=0.0).to(tl.float32)
         dtu = dt * u
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
         v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
         b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
         k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
-        x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
-        y0 = tl.sum(x * c0[None, :], 1)
-        x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
-        y1 = tl.sum(x * c1[None, :], 1)
-        x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
-        y2 = tl.sum(x * c2[None, :], 1)
-        x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
-        y3 = tl.sum(x * c3[None, :], 1)
-        x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
-        y4 = tl.sum(x * c4[None, :], 1)
-        x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
-        y5 = tl.sum(x * c5[None, :], 1)
-        x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
-        y6 = tl.sum(x * c6[None, :], 1)
-        x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
-        y7 = tl.sum(x * c7[None, :], 1)
-        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
-        if HAS_D:
-            y = y + Dv[:, None] * u
-        if HAS_Z:
-            zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
-            y = y * zt * _sigmoid(zt)
-        tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
-    tl.store(last_ptr + st_off, x, mask=mask_dn)
+        if MODE == 1:
+            x, a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
+            P = P * a
+            x, a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
+            P = P * a
+        else:
+            Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & (offs_t < L)[None, :],
+                         other=0.0).to(tl.float32)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
+            x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
+            y0 = tl.sum(x * c0[None, :], 1)
+            x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
+            y1 = tl.sum(x * c1[None, :], 1)
+            x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
+            y2 = tl.sum(x * c2[None, :], 1)
+            x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
+            y3 = tl.sum(x * c3[None, :], 1)
+            x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
+            y4 = tl.sum(x * c4[None, :], 1)
+            x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
+            y5 = tl.sum(x * c5[None, :], 1)
+            x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
+            y6 = tl.sum(x * c6[None, :], 1)
+            x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
+            y7 = tl.sum(x * c7[None, :], 1)
+            y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
+            if HAS_D:
+                y = y + Dv[:, None] * u
+            if HAS_Z:
+                zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+                y = y * zt * _sigmoid(zt)
+            tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    if MODE == 0:
+        tl.store(last_ptr + st_off, x, mask=mask_dn)
+    if MODE == 1:
+        tl.store(sum_ptr + ck_off + c * dstate, x, mask=mask_dn)
+        tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
+
+
+@triton.jit
+def _carry_kernel(init_ptr, sum_ptr, prod_ptr, ckpt_ptr, last_ptr, dim, dstate, nchunks,
+                  HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Short sequential pass over chunk boundaries: checkpoint[c] = state entering chunk c;
+    state leaving chunk c = prod[c] * checkpoint[c] + sum[c]. Grid: [cdiv(dim * dstate, BLOCK), batch]."""
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (channel, state) index
+    mask = offs < dim * dstate
+    ch = offs // dstate
+    n = offs % dstate
+    if HAS_INIT:
+        x = tl.load(init_ptr + pid_b * dim * dstate + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.zeros((BLOCK,), tl.float32)
+    base = ((pid_b * dim + ch) * nchunks) * dstate + n
+    for c in range(0, nchunks):
+        tl.store(ckpt_ptr + base + c * dstate, x, mask=mask)
+        s = tl.load(sum_ptr + base + c * dstate, mask=mask, other=0.0)
+        p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
+        x = p * x + s
+    tl.store(last_ptr + pid_b * dim * dstate + offs, x, mask=mask)
 
 
 @triton.jit

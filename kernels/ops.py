@@ -40,14 +40,16 @@ def _pow2_divisor(n: int) -> int:
 
 
 def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BD channels per program, BN padded dstate, num_warps). ``MAMBA_STATE_SCAN_BD`` overrides BD."""
+    """(BD channels per program, BN padded dstate, num_warps). ``MAMBA_STATE_SCAN_[BWD_]BD`` and
+    ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override them (for benchmarks' sweeps)."""
     bn = max(1, triton_next_pow2(dstate))
     env = os.environ.get("MAMBA_STATE_SCAN_BWD_BD" if backward else "MAMBA_STATE_SCAN_BD")
-    target = int(env) if env else max(1, (64 if backward else 128) // bn)
+    target = int(env) if env else max(1, 128 // bn)
     bd = min(target, triton_next_pow2(dim))
     if ngroups > 1:  # a program's channels must share one group
         bd = min(bd, _pow2_divisor(dim // ngroups))
-    warps = int(os.environ.get("MAMBA_STATE_SCAN_WARPS", "0")) or max(1, min(8, (bd * bn) // 256))
+    wenv = os.environ.get("MAMBA_STATE_SCAN_BWD_WARPS" if backward else "MAMBA_STATE_SCAN_WARPS", "0")
+    warps = int(wenv) or max(1, min(8, (bd * bn) // 256))
     return bd, bn, warps
 
 
@@ -61,6 +63,19 @@ def _cdiv(a: int, b: int) -> int:
 
 def _nchunks(seqlen: int, chunk: int) -> int:
     return -(-seqlen // chunk)
+
+
+def use_sequence_parallel(u: Tensor, batch: int, dim_blocks: int, nchunks: int) -> bool:
+    """Split the forward along the sequence when batch x channel blocks leave the GPU idle.
+
+    ``MAMBA_STATE_SCAN_SEQPAR=0/1`` forces the choice (tests use it under the interpreter)."""
+    env = os.environ.get("MAMBA_STATE_SCAN_SEQPAR")
+    if env in ("0", "1"):
+        return env == "1" and nchunks >= 2
+    if nchunks < 2 or not u.is_cuda:
+        return False
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+    return batch * dim_blocks < 2 * sms
 
 
 def _dummy(t: Tensor) -> Tensor:
@@ -91,21 +106,33 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     bd, bn, warps = block_sizes(dim, dstate, ngroups)
     init = initial_state.contiguous().float() if initial_state is not None else None
     rst = _reset_bytes(reset)
-    grid = (_cdiv(dim, bd), batch)
-    K._scan_fwd_kernel[grid](
+    seqpar = use_sequence_parallel(u, batch, _cdiv(dim, bd), nch)
+    summ = torch.empty_like(ckpt) if seqpar else _dummy(A)
+    prod = torch.empty_like(ckpt) if seqpar else _dummy(A)
+    common = (
         u, delta, A, B, C,
         D.contiguous().float() if D is not None else _dummy(A),
         z if z is not None else _dummy(u),
         delta_bias.contiguous().float() if delta_bias is not None else _dummy(A),
         init if init is not None else _dummy(A),
         rst if rst is not None else _dummy(A),
-        out, last, ckpt,
+        out, last, ckpt, summ, prod,
         dim, L, dstate, dim // ngroups, nch,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
-        HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn,
-        num_warps=warps,
     )
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_INIT=init is not None, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
+                 CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
+    if not seqpar:
+        K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
+    else:
+        # chunk summaries in parallel, a short pass over chunk boundaries, then every chunk's outputs
+        K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
+        block = 256
+        K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
+            init if init is not None else _dummy(A), summ, prod, ckpt, last, dim, dstate, nch,
+            HAS_INIT=init is not None, BLOCK=block, num_warps=4)
+        K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt
 
 

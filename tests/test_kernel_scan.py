@@ -80,7 +80,7 @@ def scan_cases(draw):
         b=b, d=d, L=L, n=n, groups=groups, dtype=draw(st.sampled_from(list(DTYPES))), seed=draw(st.integers(0, 999)),
         init=draw(st.booleans()), reset_kind=draw(st.sampled_from(["none", "random", "first", "all"])),
         D=draw(st.booleans()), z=draw(st.booleans()), bias=draw(st.booleans()), softplus=draw(st.booleans()),
-        chunk=draw(st.sampled_from([None, 8, 16])), last=draw(st.booleans()),
+        chunk=draw(st.sampled_from([None, 8, 16])), last=draw(st.booleans()), seqpar=draw(st.booleans()),
     )
 
 
@@ -92,7 +92,17 @@ def test_forward_and_gradients_match_float64_reference(case):
                 reset_kind=case["reset_kind"], D=case["D"], z=case["z"], bias=case["bias"])
     ours, ref = _leaves(inp), _leaves(inp, torch.float64)
     kw = dict(delta_softplus=case["softplus"], return_last_state=True)
-    out, last = selective_scan_fn(**ours, **kw, backend="triton", chunk_size=case["chunk"])
+    # both forward schedules: one program per channel block, or split along the sequence (chunk summaries,
+    # a pass over chunk boundaries, then outputs)
+    saved = os.environ.get("MAMBA_STATE_SCAN_SEQPAR")
+    os.environ["MAMBA_STATE_SCAN_SEQPAR"] = "1" if case["seqpar"] else "0"
+    try:
+        out, last = selective_scan_fn(**ours, **kw, backend="triton", chunk_size=case["chunk"])
+    finally:
+        if saved is None:
+            os.environ.pop("MAMBA_STATE_SCAN_SEQPAR")
+        else:
+            os.environ["MAMBA_STATE_SCAN_SEQPAR"] = saved
     rout, rlast = selective_scan_ref(**ref, **kw)
     assert out.dtype == dtype and out.shape == rout.shape
     assert last.dtype == torch.float32 and last.shape == rlast.shape

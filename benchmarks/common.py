@@ -1,0 +1,115 @@
+"""Shared helpers for the scripts in ``benchmarks/``.
+
+Every benchmark script measures the contenders side by side in one run, then
+
+* writes its raw numbers with :func:`write_json` (``benchmarks/results/<name>.json``), wrapped in the
+  :func:`environment` header (date, device, versions), and
+* replaces its own ``## <Section>`` of ``docs/benchmarks.md`` with :func:`replace_section`, leaving every other
+  section as it was (scripts of other benchmarks own those).
+
+Timing: :func:`median_time` runs a callable a few times after warm-up and returns the median in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["ROOT", "RESULTS_DIR", "BENCH_DOC", "environment", "environment_line", "median_time", "write_json",
+           "replace_section", "markdown_table"]
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+BENCH_DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
+    """Date (UTC), host, CPU/GPU and package versions: the header of every result file."""
+    cuda = torch.cuda.is_available()
+    packages = ["mamba-state", "torch", "triton", "mamba-ssm", *extra_packages]
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "versions": {p: _version(p) for p in packages},
+    }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One markdown line summarising :func:`environment` for a doc section."""
+    device = env["gpu"] or f"CPU ({env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads)"
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    return f"Measured {env['date_utc']} on {device}; Python {env['python']}, {versions}."
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_json(name: str, payload: dict[str, Any], env: dict[str, Any] | None = None) -> Path:
+    """Write ``{"environment": env, **payload}`` to ``benchmarks/results/<name>.json``; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    doc = {"environment": env if env is not None else environment(), **payload}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def replace_section(title: str, body: str, doc: Path = BENCH_DOC) -> None:
+    """Replace the section ``## <title>`` of ``doc`` with ``body`` (appended when absent).
+
+    A section runs from its heading to the next level-2 heading (``## ``) or the end of the file; other
+    sections, and the text before the first one, are kept byte for byte. The file is created with a
+    ``# Benchmarks`` title when missing.
+    """
+    heading = f"## {title}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n"
+    block = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block + "\n", text, count=1)
+        text = text.rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)

@@ -1,0 +1,52 @@
+"""PPO checkpoints on disk: one ``torch.save`` file written atomically, read back with ``weights_only=True``.
+
+A checkpoint holds :meth:`PPOTrainer.state_dict` (model, optimizer, trainer and environment generators, torch's
+global RNG, environment state, the carried recurrent state and the last observation) plus a JSON-like ``run``
+dict (the command-line options). Only tensors, numbers, strings, lists and dicts: loading executes no code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StateFormatError
+
+__all__ = ["save_checkpoint", "load_checkpoint"]
+
+
+def save_checkpoint(path: str | os.PathLike, trainer: Any, run: dict[str, Any] | None = None) -> Path:
+    """Write ``trainer.state_dict()`` and ``run`` to ``path`` (temporary file, then rename: all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"trainer": trainer.state_dict(), "run": dict(run or {})}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``{"trainer": ..., "run": ...}`` (tensors on CPU)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated file, pickle with code, not a torch file
+        raise StateFormatError(f"checkpoint {path}: expected a mamba-state PPO checkpoint, found an unreadable "
+                               f"file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or "trainer" not in payload or "run" not in payload:
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise StateFormatError(f"checkpoint {path}: expected keys ['run', 'trainer'], found {found}")
+    return payload

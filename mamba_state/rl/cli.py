@@ -1,0 +1,90 @@
+"""``mamba-state rl``: recurrent PPO on DelayedRecall (one run), or ``--scale`` for the horizon sweep.
+
+One run::
+
+    mamba-state rl --controller {mamba,gru} --horizon H --num-bits K --num-envs N --total-updates U \\
+        --seed S --device D --out DIR [--resume]
+
+Sweep (both controllers, every horizon, every seed; results JSON and plot under DIR)::
+
+    mamba-state rl --scale --horizons H1 H2 ... --seeds 0 1 --out DIR [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .train import DEFAULTS
+
+__all__ = ["add_arguments", "run", "options_from_args"]
+
+D = DEFAULTS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``rl`` options on ``parser``."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--controller", choices=["mamba", "gru"], default=D["controller"])
+    g.add_argument("--horizon", type=int, default=D["horizon"], help="distractor steps between bits and cue")
+    g.add_argument("--num-bits", type=int, default=D["num_bits"], help="bits to remember (2**K actions)")
+    g.add_argument("--num-envs", type=int, default=D["num_envs"])
+    g.add_argument("--total-updates", type=int, default=D["total_updates"])
+    g.add_argument("--seed", type=int, default=D["seed"])
+    g.add_argument("--device", default=D["device"], help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--out", default=D["out"], help="output folder (config, metrics, checkpoint, summary)")
+    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (exactly) if present")
+    g.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"], help="updates (0: only at the end)")
+    g.add_argument("--eval-envs", type=int, default=D["eval_envs"], help="greedy evaluation episodes at the end")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    g.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's)")
+    p = parser.add_argument_group("PPO")
+    p.add_argument("--rollout-len", type=int, default=D["rollout_len"], help="steps per rollout (default 2*(H+2))")
+    p.add_argument("--lr", type=float, default=D["lr"])
+    p.add_argument("--epochs", type=int, default=D["epochs"])
+    p.add_argument("--minibatches", type=int, default=D["minibatches"], help="minibatches over environments")
+    p.add_argument("--gamma", type=float, default=D["gamma"])
+    p.add_argument("--gae-lambda", type=float, default=D["gae_lambda"])
+    p.add_argument("--clip-coef", type=float, default=D["clip_coef"])
+    p.add_argument("--ent-coef", type=float, default=D["ent_coef"])
+    p.add_argument("--vf-coef", type=float, default=D["vf_coef"])
+    p.add_argument("--max-grad-norm", type=float, default=D["max_grad_norm"])
+    p.add_argument("--bptt", choices=["rollout", "episode"], default=D["bptt"],
+                   help="truncate backprop at the rollout start, or backprop through whole episodes")
+    m = parser.add_argument_group("model")
+    m.add_argument("--d-model", type=int, default=D["d_model"])
+    m.add_argument("--num-layers", type=int, default=D["num_layers"])
+    m.add_argument("--d-state", type=int, default=D["d_state"])
+    m.add_argument("--gru-hidden", type=int, default=D["gru_hidden"])
+    m.add_argument("--gru-layers", type=int, default=D["gru_layers"])
+    m.add_argument("--backend", choices=["auto", "reference", "triton"], default=D["backend"],
+                   help="Mamba scan backend (default: MAMBA_STATE_BACKEND or auto)")
+    e = parser.add_argument_group("environment")
+    e.add_argument("--noise-channels", type=int, default=D["noise_channels"])
+    e.add_argument("--noise-std", type=float, default=D["noise_std"])
+    e.add_argument("--distractor-bits", action="store_true", help="random +-1 on the bit channels between")
+    e.add_argument("--shaping", type=float, default=D["shaping"], help="partial credit per right bit (0: off)")
+    s = parser.add_argument_group("scale sweep")
+    s.add_argument("--scale", action="store_true", help="train both controllers across --horizons and --seeds")
+    s.add_argument("--horizons", type=int, nargs="+", default=[8, 16, 32])
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=["mamba", "gru"])
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The option dict of :func:`mamba_state.rl.train.train` from parsed arguments."""
+    return {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``mamba-state rl``; returns the exit status."""
+    opts = options_from_args(args)
+    if args.scale:
+        from .scale import run_scale
+
+        run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
+    else:
+        from .train import train
+
+        train(opts)
+    return 0

@@ -1,0 +1,164 @@
+"""One training run: build the environment, policy and trainer from options, train with a progress bar,
+checkpoint, evaluate, and write ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json``.
+
+Options are a plain dict (the CLI's arguments); :data:`DEFAULTS` lists every key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StateCompatibilityError, StateError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .envs import DelayedRecall
+from .policies import count_parameters, make_policy
+from .ppo import PPOConfig, PPOTrainer, evaluate
+
+__all__ = ["DEFAULTS", "train", "auto_rollout_len", "build"]
+
+DEFAULTS: dict[str, Any] = {
+    "controller": "mamba", "horizon": 1000, "num_bits": 1, "num_envs": 64, "total_updates": 100, "seed": 0,
+    "device": "auto", "out": "runs/rl", "rollout_len": None, "lr": 1e-3, "epochs": 4, "minibatches": 4,
+    "gamma": 0.99, "gae_lambda": 0.95, "clip_coef": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
+    "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
+    "backend": None, "noise_channels": 4, "noise_std": 1.0, "distractor_bits": False, "shaping": 0.0,
+    "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
+}
+
+# Options that change the run (a resumed run must agree on them).
+_IDENTITY = ("controller", "horizon", "num_bits", "num_envs", "seed", "rollout_len", "lr", "epochs", "minibatches",
+             "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "bptt", "d_model",
+             "num_layers", "d_state", "gru_hidden", "gru_layers", "noise_channels", "noise_std", "distractor_bits",
+             "shaping")
+
+
+def auto_rollout_len(horizon: int) -> int:
+    """Default rollout length: two episodes (``2 * (horizon + 2)``, at least 32), so that with truncated BPTT
+    every environment sees at least one whole episode, bits to cue, inside each rollout."""
+    return max(32, 2 * (horizon + 2))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StateError(f"device: expected an available device, found {device!r} without CUDA")
+    return dev
+
+
+def build(opts: dict[str, Any]) -> tuple[DelayedRecall, Any, PPOTrainer]:
+    """The environment, policy and trainer for ``opts`` (missing keys take :data:`DEFAULTS`)."""
+    o = {**DEFAULTS, **opts}
+    device = resolve_device(o["device"])
+    torch.manual_seed(int(o["seed"]))  # policy initialisation
+    env = DelayedRecall(o["num_envs"], o["horizon"], o["num_bits"], device=device, seed=int(o["seed"]) + 1,
+                        noise_channels=o["noise_channels"], noise_std=o["noise_std"],
+                        distractor_bits=o["distractor_bits"], shaping=o["shaping"])
+    if o["controller"] == "mamba":
+        kw = {"d_model": o["d_model"], "num_layers": o["num_layers"], "d_state": o["d_state"], "backend": o["backend"]}
+    else:
+        kw = {"hidden_size": o["gru_hidden"], "num_layers": o["gru_layers"]}
+    policy = make_policy(o["controller"], env.observation_size, env.num_actions, **kw).to(device)
+    cfg = PPOConfig(rollout_len=o["rollout_len"] or auto_rollout_len(o["horizon"]), gamma=o["gamma"],
+                    gae_lambda=o["gae_lambda"], clip_coef=o["clip_coef"], vf_coef=o["vf_coef"],
+                    ent_coef=o["ent_coef"], lr=o["lr"], epochs=o["epochs"], num_minibatches=o["minibatches"],
+                    max_grad_norm=o["max_grad_norm"], bptt=o["bptt"], seed=int(o["seed"]) + 2)
+    return env, policy, PPOTrainer(policy, env, cfg)
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
+    """Train one controller as ``opts`` says; returns the summary (also written to ``out/summary.json``)."""
+    o = {**DEFAULTS, **opts}
+    if o["threads"]:
+        torch.set_num_threads(int(o["threads"]))
+    out = Path(o["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    env, policy, trainer = build(o)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    run_id = {k: o[k] for k in _IDENTITY}
+    if o["resume"] and ckpt_path.exists():
+        payload = load_checkpoint(ckpt_path)
+        saved = {k: payload["run"].get(k) for k in _IDENTITY}
+        if saved != run_id:
+            diff = {k: (saved[k], run_id[k]) for k in _IDENTITY if saved[k] != run_id[k]}
+            raise StateCompatibilityError(f"resume {ckpt_path}: options differ from the checkpoint's "
+                                          f"(checkpoint, now): {diff}")
+        trainer.load_state_dict(payload["trainer"])
+        log(f"resumed from {ckpt_path} at update {trainer.updates}")
+        if metrics_path.exists():  # drop lines written after the checkpoint
+            keep = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["update"] <= trainer.updates]
+            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    else:
+        metrics_path.write_text("")
+    config = {**o, "device": str(env.device), "rollout_len": trainer.config.rollout_len,
+              "parameters": count_parameters(policy), "torch": torch.__version__}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    total = int(o["total_updates"])
+    bar = None
+    if o["progress"]:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=trainer.updates, desc=f"{o['controller']} H={o['horizon']}",
+                       unit="upd", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    sps: list[float] = []
+    t_start = time.perf_counter()
+    last: dict[str, Any] = {}
+    with metrics_path.open("a") as mf:
+        while trainer.updates < total:
+            last = trainer.train_update()
+            sps.append(last["steps_per_s"])
+            mf.write(json.dumps(_json_safe(last)) + "\n")
+            mf.flush()
+            post = {"success": _fmt(last["window_success_rate"], ".3f"),
+                    "return": _fmt(last["window_mean_return"], ".3f"), "steps/s": _fmt(last["steps_per_s"], ".0f")}
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(post)
+            elif o["progress"] and (trainer.updates % 10 == 0 or trainer.updates == total):
+                log(f"update {trainer.updates}/{total} " + " ".join(f"{k}={v}" for k, v in post.items()))
+            if o["checkpoint_every"] and (trainer.updates % int(o["checkpoint_every"]) == 0
+                                          or trainer.updates == total):
+                save_checkpoint(ckpt_path, trainer, run_id)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - t_start
+    ev = evaluate(policy, o["horizon"], o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
+                  noise_channels=o["noise_channels"], noise_std=o["noise_std"],
+                  distractor_bits=o["distractor_bits"], shaping=o["shaping"])
+    summary = {
+        "controller": o["controller"], "horizon": o["horizon"], "num_bits": o["num_bits"], "seed": o["seed"],
+        "num_envs": o["num_envs"], "rollout_len": trainer.config.rollout_len, "updates": trainer.updates,
+        "env_steps": trainer.env_steps, "parameters": count_parameters(policy), "device": str(env.device),
+        "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+        "eval_success_rate": ev["success_rate"], "eval_episodes": ev["episodes"],
+        "eval_steps_per_s": ev["steps_per_s"],
+        "train_success_rate_last": last.get("window_success_rate", math.nan),
+        "train_steps_per_s_median": sorted(sps)[len(sps) // 2] if sps else math.nan,
+        "train_seconds_this_session": train_seconds,
+        "chance": 1.0 / env.num_actions,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    summary = _json_safe(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"{o['controller']} H={o['horizon']} seed={o['seed']}: eval success {ev['success_rate']:.3f} "
+        f"(chance {summary['chance']:.3f}), train steps/s {_fmt(summary['train_steps_per_s_median'], '.0f')}")
+    return summary

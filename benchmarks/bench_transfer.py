@@ -210,7 +210,12 @@ def _section() -> str:
         doc = json.loads(path.read_text())
         title = ("Two GPUs, NCCL" if doc["backend"] == "nccl" else
                  "CPU only, Gloo over loopback TCP (two processes on one machine; not a GPU figure)")
-        parts.append(f"### {title}\n\n{environment_line(doc['environment'])}")
+        line = environment_line(doc["environment"])
+        load = doc.get("load_average")
+        if load:
+            line += (f" Load average (1 min) {load['before'][0]:.1f} before and {load['after'][0]:.1f} after the run on "
+                     f"{load['cpu_count']} cores: other jobs shared the machine, so treat these as rough figures.")
+        parts.append(f"### {title}\n\n{line}")
         rows = [[r["what"], r["batch"], f"{r['bytes'] / 1e6:.1f}", f"{r['one_way_s'] * 1e3:.1f}",
                  f"{r['bytes'] / r['one_way_s'] / 1e9:.2f}"] for r in doc["transfer"]]
         parts.append("Transfer between two ranks (one way = half the median round trip):\n\n" + markdown_table(
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or (torch.get_num_threads() if torch.cuda.is_available() else 1)
     torch.set_num_threads(threads)
     env = environment()
+    load_before = os.getloadavg()
     backend, transfer = bench_transfer(args.batches, args.repeats)
     for r in transfer:
         print(f"{backend:5s} {r['what']:48s} batch {r['batch']}: {r['one_way_s'] * 1e3:8.1f} ms one way "
@@ -243,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     offload = bench_offload(args.batches, args.repeats)
     for r in offload:
         print(f"{r['device']:6s} {r['what']:46s} batch {r['batch']}: {r['seconds'] * 1e3:8.1f} ms")
-    path = write_json(f"transfer_{_label(backend)}", {"backend": backend, "transfer": transfer, "offload": offload},
-                      env)
+    # other jobs on a shared machine move these numbers: record how busy it was
+    load = {"before": list(load_before), "after": list(os.getloadavg()), "cpu_count": os.cpu_count()}
+    path = write_json(f"transfer_{_label(backend)}", {"backend": backend, "repeats": args.repeats,
+                                                      "load_average": load, "transfer": transfer,
+                                                      "offload": offload}, env)
     replace_section(SECTION, _section())
     print(f"wrote {path} and the '## {SECTION}' section of docs/benchmarks.md")
 

@@ -215,6 +215,24 @@ def check_scatter_bad_sizes(rank):
     assert_same_state(msd.scatter_state(full if rank == 0 else None, 0), full.split([2, 2])[rank])
 
 
+def check_explicit_groups(rank):
+    import mamba_state.distributed as msd
+
+    both = torch.distributed.new_group([0, 1])
+    only0 = torch.distributed.new_group([0])  # every rank must call new_group, members or not
+    want = make_model(2, torch.float16, 77)
+    if rank == 0:
+        msd.send_state(want, 1, group=both)
+    else:
+        assert_same_state(msd.recv_state(0, group=both), want)
+    parts = [make_layer("mamba2", 1 + r, torch.bfloat16, r) for r in range(WORLD)]
+    assert_same_state(msd.all_gather_states(parts[rank], group=both), MambaInferenceState.cat(parts))
+    if rank == 1:
+        expect_raise(StateError, lambda: msd.all_gather_states(parts[rank], group=only0), "member of the group")
+    else:
+        assert_same_state(msd.all_gather_states(parts[0], group=only0), parts[0])  # a group of one
+
+
 def check_sender_rejects_own_state(rank):
     import mamba_state.distributed as msd
 
@@ -310,11 +328,12 @@ def check_argument_errors(rank):
 
 CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
           check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
-          check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast, check_argument_errors]
+          check_explicit_groups, check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast,
+          check_argument_errors]
 # the checks that use only library calls (the hand-written protocol above sends CPU tensors, which NCCL refuses)
-NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
-               check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
-               check_sender_rejects_own_state]
+NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out,
+               check_broadcast, check_all_gather_uneven, check_all_gather_incompatible, check_scatter,
+               check_scatter_bad_sizes, check_explicit_groups, check_sender_rejects_own_state]
 
 
 def _worker(rank: int, init_method: str, out_dir: str, backend: str = "gloo") -> None:

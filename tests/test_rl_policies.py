@@ -1,0 +1,147 @@
+"""MambaPolicy and GRUPolicy: one interface, step == sequence, per-environment resets isolate rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba_state.errors import StateError, StateShapeError
+from mamba_state.rl.envs import DelayedRecall
+from mamba_state.rl.policies import (GRUPolicy, MambaPolicy, clone_state, count_parameters, make_policy,
+                                     select_state)
+
+OBS, ACT = 7, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _small(controller: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if controller == "mamba":
+        return MambaPolicy(OBS, ACT, d_model=16, num_layers=2, d_state=4, backend="reference")
+    return GRUPolicy(OBS, ACT, hidden_size=24, num_layers=2, embed_size=16)
+
+
+def _randomize_heads(policy):
+    # The actor is initialised near zero; larger weights make logit comparisons meaningful.
+    with torch.no_grad():
+        policy.actor.weight.normal_(0, 0.5)
+        policy.critic.weight.normal_(0, 0.5)
+
+
+def _random_state(policy, n, gen):
+    return tuple(torch.randn(t.shape, generator=gen) for t in policy.initial_state(n))
+
+
+CONTROLLERS = ["mamba", "gru"]
+
+
+def test_parameter_counts_match_at_defaults():
+    env = DelayedRecall(2, 10, 1)
+    m = MambaPolicy(env.observation_size, env.num_actions)
+    g = GRUPolicy(env.observation_size, env.num_actions)
+    pm, pg = count_parameters(m), count_parameters(g)
+    assert abs(pg - pm) / pm <= 0.10, (pm, pg)
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_step_matches_sequence_with_resets(controller):
+    policy = _small(controller)
+    _randomize_heads(policy)
+    gen = torch.Generator().manual_seed(1)
+    n, t_len = 5, 11
+    obs = torch.randn(n, t_len, OBS, generator=gen)
+    reset = torch.rand(n, t_len, generator=gen) < 0.25
+    state = _random_state(policy, n, gen)
+    with torch.no_grad():
+        logits, values, final = policy.forward_sequence(obs, state, reset)
+        s = state
+        for t in range(t_len):
+            lt, vt, s = policy.step(obs[:, t], s, reset[:, t])
+            torch.testing.assert_close(lt, logits[:, t], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(vt, values[:, t], rtol=1e-4, atol=1e-5)
+    for a, b in zip(s, final):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # continuation: two chunks from the carried state equal one call
+    with torch.no_grad():
+        l1, _, mid = policy.forward_sequence(obs[:, :4], state, reset[:, :4])
+        l2, _, end = policy.forward_sequence(obs[:, 4:], mid, reset[:, 4:])
+    torch.testing.assert_close(torch.cat([l1, l2], 1), logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(end, final):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_reset_of_one_row_leaves_the_others_untouched(controller):
+    policy = _small(controller, seed=2)
+    _randomize_heads(policy)
+    gen = torch.Generator().manual_seed(3)
+    n, t_len, t_reset = 4, 9, 5
+    obs = torch.randn(n, t_len, OBS, generator=gen)
+    state = _random_state(policy, n, gen)
+    kept = clone_state(state)
+    none = torch.zeros(n, t_len, dtype=torch.bool)
+    one = none.clone()
+    one[1, t_reset] = True
+    with torch.no_grad():
+        l0, v0, s0 = policy.forward_sequence(obs, state, none)
+        l1, v1, s1 = policy.forward_sequence(obs, state, one)
+        # row 1 after its reset == a fresh sequence starting at t_reset
+        fresh, _, s_fresh = policy.forward_sequence(obs[1:2, t_reset:], policy.initial_state(1),
+                                                    torch.zeros(1, t_len - t_reset, dtype=torch.bool))
+        # step path: resetting row 2 only
+        mask = torch.tensor([False, False, True, False])
+        ls0, _, ss0 = policy.step(obs[:, 0], state, torch.zeros(n, dtype=torch.bool))
+        ls1, _, ss1 = policy.step(obs[:, 0], state, mask)
+        lf, _, _ = policy.step(obs[2:3, 0], policy.initial_state(1), torch.zeros(1, dtype=torch.bool))
+    others = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(l1[others], l0[others], rtol=0, atol=0)
+    torch.testing.assert_close(v1[others], v0[others], rtol=0, atol=0)
+    for a, b in zip(select_state(s1, others), select_state(s0, others)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(l1[1, :t_reset], l0[1, :t_reset], rtol=0, atol=0)
+    torch.testing.assert_close(l1[1:2, t_reset:], fresh, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(l1[1, t_reset:], l0[1, t_reset:], atol=1e-4)  # the reset did something
+    for a, b in zip(select_state(s1, torch.tensor([1])), s_fresh):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    keep_rows = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(ls1[keep_rows], ls0[keep_rows], rtol=0, atol=0)
+    torch.testing.assert_close(ls1[2:3], lf, rtol=1e-4, atol=1e-5)
+    for a, b in zip(select_state(ss1, keep_rows), select_state(ss0, keep_rows)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(state, kept):  # inputs never modified in place
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_gradients_reach_every_parameter(controller):
+    policy = _small(controller, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    obs = torch.randn(3, 6, OBS, generator=gen)
+    reset = torch.zeros(3, 6, dtype=torch.bool)
+    reset[0, 3] = True
+    logits, values, _ = policy(obs, policy.initial_state(3), reset)
+    (logits.square().sum() + values.square().sum()).backward()
+    missing = [n for n, p in policy.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_bad_inputs_raise():
+    policy = _small("gru")
+    state = policy.initial_state(2)
+    with pytest.raises(StateShapeError, match="obs"):
+        policy.step(torch.randn(2, OBS + 1), state, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(StateShapeError, match="reset"):
+        policy.forward_sequence(torch.randn(2, 3, OBS), state, torch.zeros(2, 3))
+    with pytest.raises(StateError, match="controller"):
+        make_policy("lstm", OBS, ACT)
+    mamba = _small("mamba")
+    with pytest.raises(StateError, match="MambaPolicy state"):
+        mamba.step(torch.randn(2, OBS), state, torch.zeros(2, dtype=torch.bool))

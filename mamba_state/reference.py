@@ -86,56 +86,100 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def _default_chunk(seqlen: int) -> int:
-    # About sqrt(L) steps inside chunks plus L / chunk steps across them keeps the Python loop short.
-    return int(min(256, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen)))))))
+    # Two loops of `chunk` vectorised steps plus one of seqlen / chunk steps: about sqrt(L) / 4 balanced the
+    # per-step dispatch cost against the work per step on CPU (measured by benchmarks/bench_reference.py).
+    return int(min(64, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen) / 4))))))
+
+
+def _groups(t: torch.Tensor) -> int:
+    return 0 if t.dim() == 2 else (1 if t.dim() == 3 else int(t.shape[1]))
+
+
+def _bc_steps(t: torch.Tensor, G: int, K: int, T: int, pad: int, ct: torch.dtype) -> torch.Tensor:
+    """B or C laid out per step: ``[T, batch, G, K, 1, dstate]`` (time-varying; a view when possible) or
+    ``[1, 1, G, 1, dim // G, dstate]`` (constant ``[dim, dstate]``)."""
+    t = t.to(ct)
+    if t.dim() == 2:
+        d, n = t.shape
+        return t.view(1, 1, G, 1, d // G, n)
+    if t.dim() == 3:
+        t = t[:, None]
+    b, g, n, _ = t.shape
+    if g != G:
+        t = t.repeat_interleave(G // g, dim=1)
+    if pad:
+        t = F.pad(t, (0, pad))
+    return t.view(b, G, n, K, T).permute(4, 0, 1, 3, 2).unsqueeze(4)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, initial_state=None, reset=None, chunk_size=None):
     """Selective scan computed in chunks: same arguments, results and dtypes as :func:`selective_scan_ref`.
 
-    All chunks are scanned at once from a zero state (a loop of ``chunk_size`` vectorised steps), a short
-    loop over chunk boundaries carries the true state in, and a product of per-chunk decays (cumprod, so
-    only multiplications of numbers in (0, 1] for A <= 0: no overflow) fixes up every position.
-    Memory is O(batch * dim * seqlen * dstate); differentiable by autograd.
+    The sequence is cut into ``K`` chunks of ``T = chunk_size`` steps (the last one padded with steps that
+    keep the state: decay 1, input 0), laid out as ``[T, batch, groups, K, dim // groups, dstate]`` so that
+    every step is one contiguous slice. Then
+
+    1. a loop of ``T`` vectorised steps scans all chunks at once from a zero state (end states only);
+    2. a loop over the ``K`` chunk boundaries carries the true state in, using each chunk's total decay
+       ``exp(A * sum(dt))`` (zero when the chunk holds a reset);
+    3. a second loop of ``T`` steps reruns every chunk from its true entering state and reads ``y`` out with
+       a batched matmul against ``C``.
+
+    Rerunning the chunks costs one fused multiply-add per element but stores no per-position states, and the
+    slices come from ``unbind`` so that autograd's backward does not allocate a full-size gradient per step.
+    Differentiable in every tensor input, ``initial_state`` included.
     """
     shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
     b, d, L, n = shape.batch, shape.dim, shape.seqlen, shape.dstate
-    T = int(chunk_size) if chunk_size else _default_chunk(L)
-    if T < 1:
-        raise StateError(f"chunk_size: expected a positive int, found {chunk_size}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise StateError(f"chunk_size: expected a positive int or None, found {chunk_size!r}")
+    T = min(int(chunk_size) if chunk_size is not None else _default_chunk(L), L)
     K = -(-L // T)
     pad = K * T - L
-    dA = torch.exp(dt[..., None] * A.to(ct)[:, None, :])  # [b, d, L, n]
+    G = math.lcm(max(1, _groups(B)), max(1, _groups(C)))  # every group of B and of C is a union of these
+    dg = d // G
+    Ag = A.to(ct).view(G, 1, dg, n)
+    du = dt * u.to(ct)
+    if pad:
+        dt, du = F.pad(dt, (0, pad)), F.pad(du, (0, pad))
+
+    def steps(x: torch.Tensor) -> torch.Tensor:  # [b, d, K*T] -> [T, b, G, K, dg, 1]
+        return x.view(b, G, dg, K, T).permute(4, 0, 1, 3, 2).unsqueeze(-1)
+
+    dA = (steps(dt) * Ag).exp_()  # [T, b, G, K, dg, n]
+    keep = None
     if reset is not None:
-        dA = dA * (~reset)[:, None, :, None].to(ct)
-    dBu = (dt * u.to(ct))[..., None] * _bc_at(B.to(ct), d)  # [b, d, L, n]
-    if pad:  # padding steps keep the state: decay 1, input 0
-        dA = F.pad(dA, (0, 0, 0, pad), value=1.0)
-        dBu = F.pad(dBu, (0, 0, 0, pad), value=0.0)
-    dA = dA.view(b, d, K, T, n)
-    dBu = dBu.view(b, d, K, T, n)
-    # 1. every chunk from a zero state, all chunks at once
-    h = dBu[:, :, :, 0]
-    local = [h]
+        keep = F.pad(~reset, (0, pad), value=True) if pad else ~reset
+        keep = keep.view(b, 1, K, T)
+        dA = dA * keep.permute(3, 0, 1, 2)[..., None, None].to(ct)
+    dBu = steps(du) * _bc_steps(B, G, K, T, pad, ct)
+    Cs = _bc_steps(C, G, K, T, pad, ct)
+    dA_t, dBu_t = dA.unbind(0), dBu.unbind(0)
+    # 1. every chunk's end state from a zero start, all chunks at once
+    h = dBu_t[0]
     for t in range(1, T):
-        h = dA[:, :, :, t] * h + dBu[:, :, :, t]
-        local.append(h)
-    local_states = torch.stack(local, dim=3)  # [b, d, K, T, n]
-    decay = torch.cumprod(dA, dim=3)  # decay from each chunk's start to each position
+        h = torch.addcmul(dBu_t[t], dA_t[t], h)
+    total = torch.exp(dt.view(b, G, dg, K, T).sum(-1).transpose(2, 3)[..., None] * Ag)  # [b, G, K, dg, n]
+    if keep is not None:
+        total = total * keep.all(-1)[..., None, None].to(ct)
     # 2. the true state entering each chunk
-    carry = (initial_state.to(ct) if initial_state is not None
-             else torch.zeros(b, d, n, dtype=ct, device=u.device))
-    carries = []
-    for k in range(K):
-        carries.append(carry)
-        carry = decay[:, :, k, T - 1] * carry + local_states[:, :, k, T - 1]
-    entering = torch.stack(carries, dim=2)  # [b, d, K, n]
-    # 3. every position's state, then the readout
-    x = (local_states + decay * entering[:, :, :, None]).view(b, d, K * T, n)[:, :, :L]
-    y = (x * _bc_at(C.to(ct), d)).sum(-1)
+    carry = (initial_state.to(ct).view(b, G, dg, n) if initial_state is not None
+             else torch.zeros(b, G, dg, n, dtype=ct, device=u.device))
+    entering = []
+    for h_k, p_k in zip(h.unbind(2), total.unbind(2)):
+        entering.append(carry)
+        carry = torch.addcmul(h_k, p_k, carry)
+    h = torch.stack(entering, dim=2)  # [b, G, K, dg, n]
+    # 3. rerun every chunk from its entering state, reading the output as we go
+    C_t = Cs.unbind(0) if C.dim() != 2 else None
+    ys = []
+    for t in range(T):
+        h = torch.addcmul(dBu_t[t], dA_t[t], h)
+        ys.append(torch.matmul(h, C_t[t].transpose(-1, -2)) if C_t is not None else (h * Cs[0]).sum(-1, keepdim=True))
+    y = torch.cat(ys, dim=-1).transpose(2, 3).reshape(b, d, K * T)[:, :, :L]  # [b, G, K, dg, T] -> [b, d, L]
     out = _finish(y, u, D, z, ct, u.dtype)
-    return (out, carry) if return_last_state else out
+    return (out, carry.reshape(b, d, n)) if return_last_state else out
 
 
 def causal_conv1d_ref(x, weight, bias=None, conv_state=None, reset=None, activation=None):

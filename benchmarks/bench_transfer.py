@@ -195,7 +195,9 @@ def bench_offload(batches: list[int], repeats: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- report
 def _label(backend: str) -> str:
-    return "nccl_2gpu" if backend == "nccl" else "cpu_gloo"
+    if backend == "nccl":
+        return "nccl_2gpu"
+    return "gloo_gpu_offload" if torch.cuda.is_available() else "cpu_gloo"
 
 
 def _section() -> str:
@@ -208,8 +210,13 @@ def _section() -> str:
         parts.append("**Two GPUs over NCCL: still to be measured** (run this script on a machine with two GPUs).")
     for path in found:
         doc = json.loads(path.read_text())
-        title = ("Two GPUs, NCCL" if doc["backend"] == "nccl" else
-                 "CPU only, Gloo over loopback TCP (two processes on one machine; not a GPU figure)")
+        on_gpu = bool(doc["offload"]) and doc["offload"][0]["device"].startswith("cuda")
+        if doc["backend"] == "nccl":
+            title = "Two GPUs, NCCL"
+        elif on_gpu:
+            title = "Gloo over loopback TCP (CPU tensors, one GPU present: offload measured on it)"
+        else:
+            title = "CPU only, Gloo over loopback TCP (two processes on one machine; not a GPU figure)"
         line = environment_line(doc["environment"])
         load = doc.get("load_average")
         if load:
@@ -220,7 +227,6 @@ def _section() -> str:
                  f"{r['bytes'] / r['one_way_s'] / 1e9:.2f}"] for r in doc["transfer"]]
         parts.append("Transfer between two ranks (one way = half the median round trip):\n\n" + markdown_table(
             ["what", "batch", "MB", "one way (ms)", "GB/s"], rows))
-        on_gpu = bool(doc["offload"]) and doc["offload"][0]["device"].startswith("cuda")
         where = "GPU <-> pinned host memory" if on_gpu else "CPU -> CPU copies (no GPU: no pinning)"
         rows = [[r["what"], r["batch"], f"{r['bytes'] / 1e6:.1f}", f"{r['seconds'] * 1e3:.1f}",
                  f"{r['bytes'] / r['seconds'] / 1e9:.2f}"] for r in doc["offload"]]

@@ -60,8 +60,6 @@ from .state import MambaInferenceState, MambaModelState
 __all__ = ["send_state", "recv_state", "broadcast_state", "all_gather_states", "scatter_state", "even_sizes",
            "MAGIC", "FORMAT_VERSION", "MAX_HEADER_BYTES"]
 
-State = "MambaInferenceState | MambaModelState"
-
 MAGIC = 0x4D414D4241535431  # b"MAMBAST1" read as a big-endian int64
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # user metadata travels in the header; this bounds what a receiver allocates

@@ -49,8 +49,6 @@ from .state import MambaInferenceState, MambaModelState
 
 __all__ = ["OffloadHandle", "offload_state", "restore_state", "HostStatePool"]
 
-AnyState = "MambaInferenceState | MambaModelState"
-
 _SIDE_STREAMS: dict[int, Any] = {}
 
 

@@ -19,6 +19,8 @@ from datetime import timedelta
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mamba_state import MambaInferenceState, MambaModelState, StateCompatibilityError, StateError, StateFormatError
 
@@ -315,6 +317,19 @@ def check_bad_header_broadcast(rank):
         expect_raise(StateFormatError, lambda: msd.scatter_state(None, 0), "expected operation scatter_state")
 
 
+def check_timeout(rank):
+    """A receiver whose peer never sends gives up after the group's timeout (Gloo: an exception, no hang)."""
+    import time
+
+    import mamba_state.distributed as msd
+
+    short = torch.distributed.new_group([0, 1], timeout=timedelta(seconds=2))
+    if rank == 1:
+        t0 = time.perf_counter()
+        expect_raise(RuntimeError, lambda: msd.recv_state(0, group=short))
+        assert 1.5 < time.perf_counter() - t0 < 30
+
+
 def check_argument_errors(rank):
     import mamba_state.distributed as msd
 
@@ -329,7 +344,7 @@ def check_argument_errors(rank):
 CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
           check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
           check_explicit_groups, check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast,
-          check_argument_errors]
+          check_timeout, check_argument_errors]
 # the checks that use only library calls (the hand-written protocol above sends CPU tensors, which NCCL refuses)
 NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out,
                check_broadcast, check_all_gather_uneven, check_all_gather_incompatible, check_scatter,
@@ -430,6 +445,40 @@ def test_header_round_trip_and_rejections():
         msd._decode_header(msd._encode_header(state_spec(state)).replace(b'"bfloat16"', b'"int32"', 1))
     with pytest.raises(msd._Rejected, match="idx above"):
         msd._decode_header(msd._encode_header(state_spec(state)).replace(b'"idx":3', b'"idx":0', 1))
+
+
+@given(layers=st.lists(st.tuples(st.sampled_from(["mamba1", "mamba2"]), st.sampled_from(DTYPES),
+                                 st.sampled_from(DTYPES)), min_size=1, max_size=4),
+       batch=st.integers(0, 3), container=st.sampled_from(["model", "layer"]), offset=st.integers(0, 10**6),
+       note=st.text(max_size=20), data=st.data())
+def test_header_properties(layers, batch, container, offset, note, data):
+    """Any layout round-trips through the header; any single corrupted byte of the preamble or the header is
+    refused (CRC-32 catches every single-byte error)."""
+    import mamba_state.distributed as msd
+    from mamba_state._packing import state_spec
+
+    built = {3 * k: MambaInferenceState(torch.empty((batch, 6, 4) if kind == "mamba1" else (batch, 10, 4), dtype=cd),
+                                        torch.empty((batch, 6, 3) if kind == "mamba1" else (batch, 2, 3, 2), dtype=sd))
+             for k, (kind, cd, sd) in enumerate(layers)}
+    state = (MambaModelState(built, seqlen_offset=offset, metadata={"note": note}) if container == "model"
+             else built[0])
+    spec = state_spec(state)
+    header = msd._encode_header(spec)
+    words = msd._preamble_words(msd.OP_P2P, msd.OK, header, spec.nbytes())
+    msd._check_preamble(words, msd.OP_P2P)
+    assert msd._check_header_bytes(words, header)[0] == spec
+    pos = data.draw(st.integers(0, len(header) - 1))
+    flip = data.draw(st.integers(1, 255))
+    bad = bytearray(header)
+    bad[pos] ^= flip
+    with pytest.raises(msd._Rejected) as info:
+        msd._check_header_bytes(words, bytes(bad))
+    assert info.value.code == msd.BAD_HEADER_CHECKSUM
+    raw = bytearray(struct.pack("<8q", *words))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] ^= flip
+    with pytest.raises(msd._Rejected):
+        msd._check_preamble(list(struct.unpack("<8q", bytes(raw))), msd.OP_P2P)
 
 
 def test_without_process_group():

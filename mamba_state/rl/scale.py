@@ -73,6 +73,12 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
     o = {**DEFAULTS, **opts}
     out = Path(o["out"])
     out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "scale_results.json"
+    # Runs already in the results file (earlier invocations) are kept unless this sweep redoes them.
+    earlier: dict[tuple, dict[str, Any]] = {}
+    if results_path.exists():
+        for r in json.loads(results_path.read_text()).get("runs", []):
+            earlier[(r["controller"], r["horizon"], r["seed"])] = r
     runs: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
     for h in horizons:
@@ -87,11 +93,13 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
                     summary = train({**o, "controller": ctrl, "horizon": int(h), "seed": int(seed),
                                      "out": str(run_dir)}, log=log)
                 runs.append(summary)
+                earlier.pop((ctrl, int(h), int(seed)), None)
+                every = sorted(list(earlier.values()) + runs, key=lambda r: (r["horizon"], r["controller"], r["seed"]))
                 results = {"task": "DelayedRecall", "num_bits": o["num_bits"], "device": runs[0]["device_name"],
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "options": {k: v for k, v in o.items() if k not in ("out",)},
-                           "runs": runs, "aggregate": _aggregate(runs)}
-                (out / "scale_results.json").write_text(json.dumps(results, indent=2))
+                           "runs": every, "aggregate": _aggregate(every)}
+                results_path.write_text(json.dumps(results, indent=2))
                 plot_results(results, out / "scale.png")
-    log(f"wrote {out / 'scale_results.json'} and {out / 'scale.png'}")
+    log(f"wrote {results_path} and {out / 'scale.png'}")
     return results

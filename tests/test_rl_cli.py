@@ -1,0 +1,76 @@
+"""``mamba-state rl``: a tiny run writes its files, --resume continues exactly, --scale writes JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mamba_state.cli import build_parser, main
+from mamba_state.errors import StateCompatibilityError
+from mamba_state.rl.checkpoint import load_checkpoint
+
+TINY = ["--horizon", "3", "--num-bits", "1", "--num-envs", "4", "--rollout-len", "8", "--epochs", "1",
+        "--minibatches", "2", "--device", "cpu", "--eval-envs", "8", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_parser_has_the_issue_options():
+    args = build_parser().parse_args(
+        ["rl", "--controller", "gru", "--horizon", "5", "--num-bits", "2", "--num-envs", "3", "--total-updates", "7",
+         "--seed", "4", "--device", "cpu", "--out", "x"])
+    assert (args.controller, args.horizon, args.num_bits, args.num_envs, args.total_updates, args.seed,
+            args.device, args.out, args.scale) == ("gru", 5, 2, 3, 7, 4, "cpu", "x", False)
+    args = build_parser().parse_args(["rl", "--scale", "--horizons", "10", "20", "--seeds", "0", "1"])
+    assert args.scale and args.horizons == [10, 20] and args.seeds == [0, 1]
+
+
+def test_run_and_exact_resume(tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["rl", "--controller", "gru", "--gru-hidden", "16", "--checkpoint-every", "2", *TINY]
+    assert main([*common, "--total-updates", "4", "--out", str(full)]) == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"):
+        assert (full / name).exists(), name
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["updates"] == 4 and summary["env_steps"] == 4 * 4 * 8 and summary["eval_episodes"] == 8
+    assert 0.0 <= summary["eval_success_rate"] <= 1.0 and summary["chance"] == 0.5
+    assert "eval success" in capsys.readouterr().out
+    # interrupted after 2 updates, then resumed to 4: the same parameters, bit for bit
+    assert main([*common, "--total-updates", "2", "--out", str(part)]) == 0
+    assert main([*common, "--total-updates", "4", "--out", str(part), "--resume"]) == 0
+    a = load_checkpoint(full / "checkpoint.pt")["trainer"]
+    b = load_checkpoint(part / "checkpoint.pt")["trainer"]
+    assert a["updates"] == b["updates"] == 4
+    for k, v in a["policy"].items():
+        assert torch.equal(v, b["policy"][k]), k
+    lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["update"] for m in lines] == [1, 2, 3, 4]
+    # resuming with different options is refused
+    with pytest.raises(StateCompatibilityError, match="horizon"):
+        main([*[x if x != "3" else "5" for x in common], "--total-updates", "6", "--out", str(part), "--resume"])
+
+
+def test_scale_writes_results_and_plot(tmp_path):
+    out = tmp_path / "scale"
+    assert main(["rl", "--scale", "--horizons", "2", "4", "--seeds", "0", "--total-updates", "1",
+                 "--d-model", "8", "--num-layers", "1", "--d-state", "4", "--gru-hidden", "8",
+                 "--backend", "reference", "--out", str(out), *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
+    results = json.loads((out / "scale_results.json").read_text())
+    runs = {(r["controller"], r["horizon"]) for r in results["runs"]}
+    assert runs == {("mamba", 2), ("mamba", 4), ("gru", 2), ("gru", 4)}
+    assert {(a["controller"], a["horizon"]) for a in results["aggregate"]} == runs
+    png = (out / "scale.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # --resume skips finished runs
+    assert main(["rl", "--scale", "--horizons", "2", "--seeds", "0", "--controllers", "gru", "--total-updates", "1",
+                 "--gru-hidden", "8", "--out", str(out), "--resume",
+                 *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
+    again = json.loads((out / "scale_results.json").read_text())
+    assert again["runs"] == results["runs"]  # earlier runs kept; the skipped one read back unchanged

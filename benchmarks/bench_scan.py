@@ -254,17 +254,19 @@ def main(argv=None):
         result["sweep"] = sweep(rates, bw)
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(TABLE_HEAD, flush=True)
-    rows = rows_for(shapes, (torch.bfloat16, torch.float32), (False, True), bw, rates, not args.no_chunked)
+    rows = []
     result["rows"] = rows
-    if not args.no_write:
-        tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_").lower()
-        out = ROOT / "benchmarks" / "results" / f"scan_{tag}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        write_markdown(rows, meta)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
-            Path(os.environ["OUT"], "benchmarks.md").write_text((ROOT / "docs" / "benchmarks.md").read_text())
+    for shape in shapes:  # write after every shape, so a run cut short still leaves its table
+        rows += rows_for([shape], (torch.bfloat16, torch.float32), (False, True), bw, rates, not args.no_chunked)
+        if not args.no_write:
+            tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_").lower()
+            out = ROOT / "benchmarks" / "results" / f"scan_{tag}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+            write_markdown(rows, meta)
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+                Path(os.environ["OUT"], "benchmarks.md").write_text((ROOT / "docs" / "benchmarks.md").read_text())
     return 0
 
 

@@ -39,17 +39,36 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BD channels per program, BN padded dstate, num_warps). ``MAMBA_STATE_SCAN_[BWD_]BD`` and
-    ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override them (for benchmarks' sweeps)."""
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, batch: int = 1,
+                device: torch.device = torch.device("cpu"), seqpar: bool = False) -> tuple[int, int, int]:
+    """(BD channels per program, BN padded dstate, num_warps), one warp per program.
+
+    Measured on an H100 (benchmarks/bench_scan.py --sweep, dstate 16): the forward is fastest with 8 channels
+    per program while batch x channel blocks fit one wave of resident programs (about 12 per SM), else 16; the
+    sequence-parallel forward with 16; the backward with 8, or 4 when the grid is small (long sequences, small
+    batch). ``MAMBA_STATE_SCAN_[BWD_]BD`` and ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override (for sweeps).
+    """
     bn = max(1, triton_next_pow2(dstate))
+    base = max(1, 128 // bn)
+    programs = batch * _cdiv(dim, base)
+    sms = _sm_count(device)
+    if backward:
+        target = base if programs >= 2 * sms else max(1, base // 2)
+    elif seqpar or programs > 12 * sms:
+        target = max(1, 256 // bn)
+    else:
+        target = base
     env = os.environ.get("MAMBA_STATE_SCAN_BWD_BD" if backward else "MAMBA_STATE_SCAN_BD")
-    target = int(env) if env else max(1, 128 // bn)
+    target = int(env) if env else target
     bd = min(target, triton_next_pow2(dim))
     if ngroups > 1:  # a program's channels must share one group
         bd = min(bd, _pow2_divisor(dim // ngroups))
     wenv = os.environ.get("MAMBA_STATE_SCAN_BWD_WARPS" if backward else "MAMBA_STATE_SCAN_WARPS", "0")
-    warps = int(wenv) or max(1, min(8, (bd * bn) // 256))
+    warps = int(wenv) or max(1, min(8, (bd * bn) // 512))
     return bd, bn, warps
 
 
@@ -103,10 +122,11 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     out = torch.empty_like(u)
     last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, nch, dstate, device=u.device, dtype=torch.float32)
-    bd, bn, warps = block_sizes(dim, dstate, ngroups)
+    bd0, _, _ = block_sizes(dim, dstate, ngroups, batch=batch, device=u.device)
+    seqpar = use_sequence_parallel(u, batch, _cdiv(dim, bd0), nch)
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=batch, device=u.device, seqpar=seqpar)
     init = initial_state.contiguous().float() if initial_state is not None else None
     rst = _reset_bytes(reset)
-    seqpar = use_sequence_parallel(u, batch, _cdiv(dim, bd), nch)
     summ = torch.empty_like(ckpt) if seqpar else _dummy(A)
     prod = torch.empty_like(ckpt) if seqpar else _dummy(A)
     common = (
@@ -161,7 +181,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     z = z.contiguous() if z is not None else None
     dout = dout.contiguous()
     nch = checkpoints.shape[2]
-    bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True)
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device)
     sub = chunk // 8
     scratch = torch.empty(batch, dim, sub, dstate, device=u.device, dtype=torch.float32)
     du = torch.empty_like(u)
@@ -224,7 +244,7 @@ def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     B, C = B.contiguous(), C.contiguous()
     Af = A.contiguous().float()
     out = torch.empty_like(x)
-    bd, bn, warps = block_sizes(dim, dstate, ngroups)
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=batch, device=state.device)
     rst = _reset_bytes(reset)
     K._state_update_kernel[(_cdiv(dim, bd), batch)](
         work, x, dt, Af, B, C,

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mamba_state.backend import resolve_backend
+from mamba_state.backend import requested_backend, resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.reference import selective_scan_chunked, selective_state_update_ref
 from mamba_state.scan_inputs import check_scan_inputs
@@ -23,6 +23,15 @@ from .ops import ScanFn, default_chunk
 __all__ = ["selective_scan_fn", "selective_state_update"]
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _which(device: torch.device, backend: Optional[str]) -> str:
+    """resolve_backend, except while torch.compile traces: it cannot trace the import probe inside, so there
+    CUDA tensors take Triton unless the reference path is asked for."""
+    if torch.compiler.is_compiling():
+        choice = requested_backend(backend)
+        return "triton" if choice == "triton" or (choice == "auto" and device.type == "cuda") else "reference"
+    return resolve_backend(device, backend)[0]
 
 
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -49,7 +58,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         ``return_last_state``. Differentiable in every tensor input, initial_state included.
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
-    which, _why = resolve_backend(u.device, backend)
+    which = _which(u.device, backend)
     constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
     if which == "reference" or constant_bc or u.dtype == torch.float64:
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
@@ -106,7 +115,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     The state keeps its dtype; arithmetic is float32.
     """
     _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset)
-    which, _why = resolve_backend(state.device, backend)
+    which = _which(state.device, backend)
     if which == "reference" or state.dtype == torch.float64 or x.dtype == torch.float64:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, reset)
     bsz, n = state.shape[0], state.shape[-1]

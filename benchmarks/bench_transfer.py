@@ -220,8 +220,8 @@ def _section() -> str:
         line = environment_line(doc["environment"])
         load = doc.get("load_average")
         if load:
-            line += (f" Load average (1 min) {load['before'][0]:.1f} before and {load['after'][0]:.1f} after the run on "
-                     f"{load['cpu_count']} cores: other jobs shared the machine, so treat these as rough figures.")
+            line += (f" Load average (1 min) {load['before'][0]:.1f} before and {load['after'][0]:.1f} after the run "
+                     f"on {load['cpu_count']} cores: other jobs shared the machine, so treat these as rough figures.")
         parts.append(f"### {title}\n\n{line}")
         rows = [[r["what"], r["batch"], f"{r['bytes'] / 1e6:.1f}", f"{r['one_way_s'] * 1e3:.1f}",
                  f"{r['bytes'] / r['one_way_s'] / 1e9:.2f}"] for r in doc["transfer"]]

@@ -184,8 +184,9 @@ def _decode_header(data: bytes) -> tuple[StateSpec, dict[str, Any]]:
         raise _Rejected(BAD_HEADER, f"header: expected container 'model' or 'layer', found {container!r}")
     entries = doc.get("layers")
     if not isinstance(entries, list) or not entries or (container == "layer" and len(entries) != 1):
-        raise _Rejected(BAD_HEADER, f"header: expected a non-empty list of layers ({'one' if container == 'layer' else 'any number'}"
-                                    f" for a {container} state), found {entries!r:.80}")
+        count = "one" if container == "layer" else "any number"
+        raise _Rejected(BAD_HEADER, f"header: expected a non-empty list of layers ({count} for a {container} "
+                                    f"state), found {entries!r:.80}")
     seqlen_offset, metadata = doc.get("seqlen_offset"), doc.get("metadata")
     if not _is_count(seqlen_offset):
         raise _Rejected(BAD_HEADER, f"header: expected a non-negative int seqlen_offset, found {seqlen_offset!r}")

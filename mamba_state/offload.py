@@ -1,13 +1,14 @@
 """Asynchronous device-to-host offload of states into pinned memory, the way back, and a pool of parked states.
 
 A server holding thousands of idle streams keeps their states on the host and brings one back when its stream
-resumes. ``state.to("cpu", non_blocking=True)`` alone is not enough for that: it copies on the current stream
-into pageable memory (so it is not asynchronous at all), gives no way to know when the host copy is complete,
-and nothing stops the source from being overwritten before the copy has read it. Here:
+resumes. ``state.to("cpu", non_blocking=True)`` alone is not enough for that: PyTorch does copy into pinned
+memory then, but on the current stream (in line with the model's own work), into one pinned block per tensor
+(each rounded up to a power of two by the pinned-memory allocator), and it returns host tensors that hold
+unspecified bytes until someone synchronises, with nothing that says when; nothing stops the source from being
+overwritten before the copy has read it either. Here:
 
 * :func:`offload_state` copies a CUDA state into **one pinned host buffer** (all tensors at 64-byte aligned
-  offsets of a single allocation, see :mod:`mamba_state._packing`: one allocation instead of one per tensor,
-  since PyTorch's pinned-memory allocator rounds every block up to a power of two), with ``non_blocking=True`` copies on a
+  offsets of a single allocation, see :mod:`mamba_state._packing`), with ``non_blocking=True`` copies on a
   **side stream** that first waits for the current stream (so the copy sees every write already enqueued
   there), records a CUDA **event** after the copies, marks the source tensors with ``record_stream`` and keeps
   references to them until the copy is known to be done. It returns an :class:`OffloadHandle`.

@@ -159,9 +159,13 @@ class DelayedRecall:
             found = f"{list(actions.shape)} {actions.dtype}" if isinstance(actions, torch.Tensor) else type(actions).__name__
             raise StateError(f"actions: expected an integer tensor of shape [{self.num_envs}], found {found}")
         actions = actions.to(self.device)
-        if actions.numel() and (actions.min() < 0 or actions.max() >= self.num_actions):
-            raise StateError(f"actions: expected values in [0, {self.num_actions}), found "
-                             f"{actions.min().item()}..{actions.max().item()}")
+        in_range = ((actions >= 0) & (actions < self.num_actions)).all()
+        if self.device.type == "cpu":
+            if not in_range:
+                raise StateError(f"actions: expected values in [0, {self.num_actions}), found "
+                                 f"{actions.min().item()}..{actions.max().item()}")
+        else:  # checked on the device without a host synchronisation (a device-side assert if violated)
+            torch._assert_async(in_range)
         at_cue = self.phase == self.horizon + 1
         correct = actions.long() == self.targets()
         reward = correct.float()

@@ -165,8 +165,10 @@ class PPOTrainer:
             prefix_obs, prefix_resets = self._prefix()
         init_state = clone_state(self.state)
         obs_buf, act_buf, logp_buf, val_buf, rew_buf, done_buf, reset_buf = ([] for _ in range(7))
-        successes = episodes = 0
-        return_sum = 0.0
+        # Counters stay on the device: no host synchronisation inside the loop.
+        successes = torch.zeros((), dtype=torch.long, device=self.device)
+        episodes = torch.zeros((), dtype=torch.long, device=self.device)
+        return_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         state, obs, reset_flags = self.state, self.obs, self.reset_flags
         was_training = policy.training
         policy.eval()
@@ -187,9 +189,9 @@ class PPOTrainer:
             rew_buf.append(reward.float())
             done_buf.append(done)
             reset_flags = done
-            successes += int(info["success"].sum())
-            episodes += int(done.sum())
-            return_sum += float(info["episode_return"].sum())
+            successes += info["success"].sum()
+            episodes += done.sum()
+            return_sum += info["episode_return"].sum()
         _, last_value, _ = policy.step(obs, state, reset_flags)  # bootstrap only: this state is discarded
         policy.train(was_training)
         self.state, self.obs, self.reset_flags = state, obs, reset_flags
@@ -200,7 +202,7 @@ class PPOTrainer:
                      prefix_obs=prefix_obs, prefix_resets=prefix_resets)
         ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.dones, ro.last_value, cfg.gamma,
                                                 cfg.gae_lambda)
-        ro.stats = {"successes": successes, "episodes": episodes, "return_sum": return_sum}
+        ro.stats = {"successes": int(successes), "episodes": int(episodes), "return_sum": float(return_sum)}
         return ro
 
     def _prefix(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:

@@ -7,7 +7,8 @@ File layout (format ``mamba-state``, version 1):
 * ``__metadata__`` (str -> str): ``format``, ``format_version``, ``container`` (``model`` or ``layer``),
   ``library_version``, ``seqlen_offset``, ``layers`` (JSON list of ``{idx, kind, conv_shape, conv_dtype,
   ssm_shape, ssm_dtype, device}``), ``user_metadata`` (JSON) and, when a model was given at save time,
-  ``model_fingerprint`` and ``model_layout``.
+  ``model_fingerprint`` and ``model_layout``; ``checksum``: ``sha256:<hex>`` of the canonical JSON of the rest of
+  the header followed by the tensor bytes, so that a flipped byte anywhere in the file is caught.
 
 Loading never unpickles: the header is parsed as JSON and every tensor is checked against it before a state is
 built; anything else raises :class:`~mamba_state.errors.StateFormatError`.
@@ -15,6 +16,7 @@ built; anything else raises :class:`~mamba_state.errors.StateFormatError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -73,12 +75,16 @@ def _serialize(state, model: Any = None, metadata: Mapping[str, Any] | None = No
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for prefix, idx, s in _layer_entries(state):
+        if s.device.type == "meta":
+            raise StateError(f"state: expected tensors with data to save, found {s.device} tensors (no data)")
         entry: dict[str, Any] = {"idx": idx, "kind": s.kind, "device": str(s.device)}
         for name in ("conv_state", "ssm_state"):
             t = getattr(s, name)
             entry[name.replace("_state", "_shape")] = list(t.shape)
             entry[name.replace("_state", "_dtype")] = _dtype_name(t.dtype)
-            tensors[prefix + name] = t.detach().to("cpu").contiguous()
+            # always a private copy: safetensors refuses tensors that share memory (one state under two layer
+            # indices, or states built as views of one buffer)
+            tensors[prefix + name] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         layers.append(entry)
     user = dict(state.metadata) if isinstance(state, MambaModelState) else dict(metadata or {})
     try:
@@ -100,7 +106,24 @@ def _serialize(state, model: Any = None, metadata: Mapping[str, Any] | None = No
             _check_against_layout(state, layout, strict=False, where="save")
         meta["model_layout"] = json.dumps({str(k): v for k, v in layout.items()})
         meta["model_fingerprint"] = layout_fingerprint(layout)
-    return st_save(tensors, metadata=meta)
+    return _with_checksum(st_save(tensors, metadata=meta))
+
+
+def _digest(header: Mapping[str, Any], data: bytes | memoryview) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    h.update(data)
+    return "sha256:" + h.hexdigest()
+
+
+def _with_checksum(raw: bytes) -> bytes:
+    """Re-emit safetensors bytes with ``checksum`` added to the metadata (the data section is unchanged)."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = memoryview(raw)[8 + n:]
+    header["__metadata__"]["checksum"] = _digest(header, data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -203,6 +226,14 @@ def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[s
         )
     if version < 1:
         raise StateFormatError(f"{where}: expected format_version >= 1, found {version}")
+    unchecked = {k: (dict(v) if k == "__metadata__" else v) for k, v in header.items()}
+    checksum = unchecked["__metadata__"].pop("checksum", None)
+    actual = _digest(unchecked, memoryview(data)[data_start:])
+    if checksum != actual:
+        raise StateFormatError(
+            f"{where}: expected checksum {checksum!r:.80}, found {actual} (the file is corrupted)"
+            if checksum is not None else f"{where}: expected a 'checksum' in the metadata, found none"
+        )
     container = meta.get("container")
     if container not in ("model", "layer"):
         raise StateFormatError(f"{where}: expected container 'model' or 'layer', found {container!r}")

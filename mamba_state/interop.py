@@ -55,6 +55,8 @@ def _cached_pair(cache: dict, idx: int) -> tuple[torch.Tensor, torch.Tensor] | N
 def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> None:
     if not isinstance(state, MambaInferenceState):
         raise StateError(f"layer {idx}: expected a MambaInferenceState, found {type(state).__name__}")
+    if state.device.type == "meta":  # caught here, not half way through writing the layers
+        raise StateError(f"layer {idx}: expected a state with data (any real device), found a {state.device} state")
     got = state.layout()
     for key in ("kind", "conv_shape", "ssm_shape"):
         if got[key] != layout[key]:

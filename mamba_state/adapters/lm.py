@@ -73,12 +73,13 @@ class _Block(nn.Module):
     def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         """``(norm(hidden + residual), hidden + residual)`` with upstream's dtypes for either variant."""
         if self.fused_add_norm:  # upstream's kernel adds in float32 and normalises in float32
-            r = hidden.float() if residual is None else hidden.float() + residual.float()
+            ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)
             out = norm_apply(norm, r).to(hidden.dtype)
             return out, (r if self.residual_in_fp32 else r.to(hidden.dtype))
         r = hidden if residual is None else hidden + residual
         out = norm_apply(norm, r.to(norm.weight.dtype))
-        return out, (r.float() if self.residual_in_fp32 else r)
+        return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
     def forward(self, hidden, residual, state, reset, one_step: bool):
         hidden, residual = self.add_norm(hidden, residual, self.norm)

@@ -247,11 +247,21 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     """
     multihead = state.dim() == 4
     if not multihead:
-        state4, x4, dt4 = state[:, None], x[:, None], dt[:, None]
-        A4 = A[None]
-        D4 = D[None] if D is not None else None
-        z4 = z[:, None] if z is not None else None
-        bias4 = dt_bias[None] if dt_bias is not None else None
+        # Channel groups of B/C (as in the scan) become heads: [batch, dim] -> [batch, G, dim // G].
+        G = math.lcm(*(t.shape[1] if t.dim() == 3 else 1 for t in (B, C)))
+        if state.dim() != 3 or state.shape[1] % G:
+            raise StateShapeError(
+                f"selective_state_update: expected state [batch, dim, dstate] with dim divisible by the {G} groups "
+                f"of B and C, found {list(state.shape)}")
+        B, C = (t.repeat_interleave(G // t.shape[1], dim=1) if t.dim() == 3 else t for t in (B, C))
+        bsz, dim = state.shape[:2]
+        heads_of = lambda t: t.view(*t.shape[:-1], G, dim // G) if t.dim() < 3 else t  # noqa: E731
+        state4 = state.view(bsz, G, dim // G, state.shape[2])
+        x4, dt4 = heads_of(x), heads_of(dt)
+        A4 = A.view(G, dim // G, A.shape[-1])
+        D4 = heads_of(D) if D is not None else None
+        z4 = heads_of(z) if z is not None else None
+        bias4 = heads_of(dt_bias) if dt_bias is not None else None
     else:
         state4, x4, dt4, A4, D4, z4, bias4 = state, x, dt, A, D, z, dt_bias
     bsz, h, p, n = state4.shape

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--profile", action="store_true", help="also print the CUDA kernel time of our prefill")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
@@ -68,11 +69,30 @@ def main() -> None:
             "ours_prefill_ms": cuda_time(lambda: ours(x)),
             "upstream_fused_prefill_ms": cuda_time(lambda: up(x)),
         }
+        # the same two calls with our PyTorch conv instead of the causal_conv1d package's
+        import mamba_state.adapters.mamba2 as m2
+
+        saved = m2._causal_conv1d_fn
+        m2._causal_conv1d_fn = lambda: None
+        try:
+            res["ours_continue_torch_conv_ms"] = cuda_time(ours_continue)
+            res["ours_prefill_torch_conv_ms"] = cuda_time(lambda: ours(x))
+        finally:
+            m2._causal_conv1d_fn = saved
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                ours(x)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     res["continue_ratio"] = res["ours_continue_ms"] / res["upstream_step_loop_ms"]
     res["prefill_ratio"] = res["ours_prefill_ms"] / res["upstream_fused_prefill_ms"]
     print(json.dumps(res))
     print("| what | ms |\n| --- | --- |")
-    for k in ("ours_continue_ms", "upstream_step_loop_ms", "ours_prefill_ms", "upstream_fused_prefill_ms"):
+    for k in ("ours_continue_ms", "upstream_step_loop_ms", "ours_prefill_ms", "upstream_fused_prefill_ms",
+              "ours_continue_torch_conv_ms", "ours_prefill_torch_conv_ms"):
         print(f"| {k} | {res[k]:.2f} |")
 
 

@@ -497,7 +497,10 @@ def test_gpu_agrees_with_upstream_fused_forward_and_step(upstream, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.upstream
-def test_gpu_triton_path_matches_reference_with_state_resets_and_gradients(upstream):
+@pytest.mark.parametrize("with_reset", [True, False])
+def test_gpu_triton_path_matches_reference_with_state_resets_and_gradients(upstream, with_reset):
+    """Values and gradients (initial state included); without resets the conv runs through causal_conv1d when
+    installed, with resets through our PyTorch conv."""
     torch.manual_seed(0)
     m = StatefulMamba2.from_config(128, d_state=32, headdim=32, ngroups=2, chunk_size=64, layer_idx=0,
                                    device="cuda")
@@ -520,7 +523,7 @@ def test_gpu_triton_path_matches_reference_with_state_resets_and_gradients(upstr
         xs = x.clone().requires_grad_(True)
         conv, ssm = conv0.clone().requires_grad_(True), ssm0.clone().requires_grad_(True)
         m.zero_grad()
-        y, s = m(xs, ms.MambaInferenceState(conv, ssm), reset)
+        y, s = m(xs, ms.MambaInferenceState(conv, ssm), reset if with_reset else None)
         (y.square().mean() + 1e-2 * s.ssm_state.square().sum()).backward()
         results[backend] = (y.detach(), s.ssm_state.detach(), s.conv_state.detach(), xs.grad, conv.grad, ssm.grad,
                             m.A_log.grad.clone(), m.in_proj.weight.grad.clone())
@@ -528,3 +531,26 @@ def test_gpu_triton_path_matches_reference_with_state_resets_and_gradients(upstr
     names = ["y", "ssm_state", "conv_state", "dx", "dconv0", "dssm0", "dA_log", "din_proj"]
     for name, a, r in zip(names, results["triton"], results["reference"]):
         assert _rel_err(a, r) < 5e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.upstream
+def test_gpu_continuation_in_short_chunks():
+    torch.manual_seed(0)
+    m = StatefulMamba2.from_config(128, d_state=32, headdim=32, ngroups=2, chunk_size=64, layer_idx=0,
+                                   device="cuda")
+    _perturb_small_(m, 4)
+    x = torch.randn(2, 90, 128, device="cuda")
+    with torch.no_grad():
+        y_all, s_all = m(x)
+        s, ys, a = m.new_state(2), [], 0
+        for size in (1, 2, 3, 1, 64, 19):  # chunks shorter than d_conv, one token, longer than a kernel chunk
+            y, s = m(x[:, a:a + size], s)
+            ys.append(y)
+            a += size
+        for t in range(a, 90):
+            y, s = m.step(x[:, t:t + 1], s)
+            ys.append(y)
+    assert _rel_err(torch.cat(ys, 1), y_all) < 2e-3
+    assert _rel_err(s.ssm_state, s_all.ssm_state) < 2e-3
+    assert _rel_err(s.conv_state, s_all.conv_state) < 1e-6

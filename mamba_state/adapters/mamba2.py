@@ -17,7 +17,8 @@ Compute paths (``backend``, see :mod:`mamba_state.backend`): on CUDA upstream's 
 ``mamba_chunk_scan_combined`` with ``initial_states``, ``return_final_states`` and resets passed as ``seq_idx``
 (segment ids, the initial state belonging to segment 0); elsewhere, or when mamba_ssm is absent, our pure-PyTorch
 :func:`mamba_state.ssd.ssd_scan_chunked`. The conv always runs through
-:func:`mamba_state.reference.causal_conv1d_ref` (state in and out, resets).
+:func:`mamba_state.reference.causal_conv1d_ref` (state in and out, resets), except on the Triton path without
+resets, where the ``causal_conv1d`` package's CUDA conv (with its ``initial_states``) serves when installed.
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ def _upstream_chunk_scan():
     except Exception:  # ImportError, or upstream failing on its compiled extension
         return None
     return mamba_chunk_scan_combined
+
+
+def _causal_conv1d_fn():
+    """The ``causal_conv1d`` package's CUDA conv (takes an initial window), or None when it is not installed."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
 
 
 def _upstream_rmsnorm_fn():
@@ -323,8 +333,7 @@ class StatefulMamba2(nn.Module):
             return x.new_zeros(bsz, 0, self.d_model), state
         backend, _ = self.resolved_backend(x.device)
         z0, x0, z, xBC, dt = self._split_in(self.in_proj(x))
-        xBC, conv_state = causal_conv1d_ref(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                            conv_state=state.conv_state, reset=reset, activation="silu")
+        xBC, conv_state = self._conv(xBC.transpose(1, 2), state.conv_state, reset, backend == "triton")
         xBC = xBC.transpose(1, 2)
         g_n = self.ngroups * self.d_state
         xs, B, C = torch.split(xBC, [self.d_ssm, g_n, g_n], dim=-1)
@@ -342,6 +351,34 @@ class StatefulMamba2(nn.Module):
         out = self._output(y, z, z0, x0, backend == "triton")
         new = MambaInferenceState(conv_state.to(state.conv_state.dtype), ssm_state.to(state.ssm_state.dtype))
         return out, new
+
+    def _conv(self, xt: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None, use_cuda_conv: bool):
+        """Causal depthwise conv + silu of ``xt`` ``[B, C, L]`` continuing ``conv_state`` ``[B, C, d_conv]``.
+
+        Returns ``(out [B, C, L] in xt.dtype, new window [B, C, d_conv] in conv_state.dtype)``. On CUDA without
+        resets, the ``causal_conv1d`` package (when installed) computes the output from the last ``d_conv - 1``
+        inputs of the window; the new window is a slice either way.
+        """
+        fn = _causal_conv1d_fn() if (use_cuda_conv and reset is None and xt.is_cuda and 2 <= self.d_conv <= 4
+                                     and self.conv_channels % 8 == 0
+                                     and xt.dtype in (torch.float32, torch.float16, torch.bfloat16)) else None
+        if fn is None:
+            return causal_conv1d_ref(xt, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                     activation="silu")
+        W = self.d_conv
+        if not (xt.stride(1) == 1 and xt.stride(2) % 8 == 0 and xt.stride(0) % 8 == 0
+                and xt.storage_offset() % 8 == 0):
+            xt = xt.transpose(1, 2).contiguous().transpose(1, 2)  # channel-last, aligned: its kernel's layout
+        # causal_conv1d wants its initial window channel-last in memory, in the input's dtype
+        init = conv_state[:, :, 1:].to(xt.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        out = fn(xt, self.conv1d.weight.view(self.conv_channels, W), self.conv1d.bias, initial_states=init,
+                 activation="silu")
+        L = xt.shape[-1]
+        if L >= W:
+            window = xt[:, :, L - W:].to(conv_state.dtype)
+        else:
+            window = torch.cat([conv_state[:, :, L:], xt.to(conv_state.dtype)], dim=-1)
+        return out, window
 
     def _scan_triton(self, xs, dt, B, C, zh, ssm_state, reset):
         """Upstream's fused SSD: resets become ``seq_idx`` segment ids (initial state = segment 0)."""

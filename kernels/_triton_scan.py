@@ -92,7 +92,7 @@ def _fstep(x, A2, dt, dtu, Bc, keep, HAS_RESET: tl.constexpr):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
-    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr,
+    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr,
     dim, L, dstate, cpg, nchunks,
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -194,6 +194,8 @@ def _scan_fwd_kernel(
             if HAS_D:
                 y = y + Dv[:, None] * u
             if HAS_Z:
+                # the backward needs the output before the gate (as upstream saves it)
+                tl.store(ypre_ptr + row + offs_t[None, :], y.to(ypre_ptr.dtype.element_ty), mask=m2)
                 zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
                 y = y * zt * _sigmoid(zt)
             tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
@@ -228,40 +230,45 @@ def _carry_kernel(init_ptr, sum_ptr, prod_ptr, ckpt_ptr, last_ptr, dim, dstate, 
 
 
 @triton.jit
-def _bstep(h, x_prev, x_cur, a, dt, u, Bc, Cc, g, zc, A, Dv, gA, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """Reverse of one step. h enters as dL/dx_t from later steps only; leaves as dL/dx_{t-1}.
+def _cols8(ptr, row1, t0, L, mask_n):
+    """The 8 columns ptr[row1 + t0 .. t0+7] as separate [BN] loads (zeros past L)."""
+    c0 = tl.load(ptr + row1 + t0, mask=mask_n & (t0 < L), other=0.0).to(tl.float32)
+    c1 = tl.load(ptr + row1 + t0 + 1, mask=mask_n & (t0 + 1 < L), other=0.0).to(tl.float32)
+    c2 = tl.load(ptr + row1 + t0 + 2, mask=mask_n & (t0 + 2 < L), other=0.0).to(tl.float32)
+    c3 = tl.load(ptr + row1 + t0 + 3, mask=mask_n & (t0 + 3 < L), other=0.0).to(tl.float32)
+    c4 = tl.load(ptr + row1 + t0 + 4, mask=mask_n & (t0 + 4 < L), other=0.0).to(tl.float32)
+    c5 = tl.load(ptr + row1 + t0 + 5, mask=mask_n & (t0 + 5 < L), other=0.0).to(tl.float32)
+    c6 = tl.load(ptr + row1 + t0 + 6, mask=mask_n & (t0 + 6 < L), other=0.0).to(tl.float32)
+    c7 = tl.load(ptr + row1 + t0 + 7, mask=mask_n & (t0 + 7 < L), other=0.0).to(tl.float32)
+    return c0, c1, c2, c3, c4, c5, c6, c7
 
-    ``a`` is the decay used at this step (reset already folded in), ``g`` the gradient of the output.
-    Returns (h, gA, gC [BN], gB [BN], gu [BD], gdt [BD], gz [BD], gy [BD]).
+
+@triton.jit
+def _bstep(h, x_prev, x_cur, A2, keep, dt, dtu, Bc, Cc, gy, A, gA, HAS_RESET: tl.constexpr):
+    """Reverse of one step. h enters as dL/dx_t from later steps only and leaves as dL/dx_{t-1}.
+
+    ``gy`` is the gradient reaching y_t = C_t . x_t (after the gate). The decay exp(dt*A) (times keep) is
+    recomputed here rather than kept from the forward recompute: fewer live registers.
+    Returns (h, gA, gC [BN], gB [BN], hb [BD] = sum_n h*B, gdt_state [BD] = sum_n h*x_prev*a*A).
     """
-    y = tl.sum(x_cur * Cc[None, :], 1)
-    if HAS_D:
-        y = y + Dv * u
-    if HAS_Z:
-        sz = _sigmoid(zc)
-        gy = g * zc * sz
-        gz = g * y * sz * (1.0 + zc * (1.0 - sz))
-    else:
-        gy = g
-        gz = g
+    a = tl.exp2(dt[:, None] * A2)
+    if HAS_RESET:
+        a = a * keep[:, None]
     h = h + gy[:, None] * Cc[None, :]
     gC = tl.sum(gy[:, None] * x_cur, 0)
-    gB = tl.sum(h * (dt * u)[:, None], 0)
+    gB = tl.sum(h * dtu[:, None], 0)
     hb = tl.sum(h * Bc[None, :], 1)
     hx = h * (x_prev * a)
     gA = gA + hx * dt[:, None]
-    gdt = tl.sum(hx * A, 1) + u * hb
-    gu = dt * hb
-    if HAS_D:
-        gu = gu + Dv * gy
+    gdt = tl.sum(hx * A, 1)
     h = h * a
-    return h, gA, gC, gB, gu, gdt, gz, gy
+    return h, gA, gC, gB, hb, gdt
 
 
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr,
+    ypre_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr,
     dim, L, dstate, cpg, nchunks,
     sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
@@ -305,6 +312,8 @@ def _scan_bwd_kernel(
     row = (pid_b * dim + offs_d[:, None]) * L
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
     C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
+    B_row1 = pid_b * sBb + grp * sBg + offs_n * sBn
+    C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
     dB_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
     dC_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
     rst_row = pid_b * L
@@ -343,47 +352,49 @@ def _scan_bwd_kernel(
             offs_t = t0 + tl.arange(0, 8)
             mt = offs_t < L
             mb = mask_n[:, None] & mt[None, :]
-            Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mb, other=0.0).to(tl.float32)
             g = tl.load(gout_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
                 zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+                yp = tl.load(ypre_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+                sz = _sigmoid(zt)
+                gz = g * yp * sz * (1.0 + zt * (1.0 - sz))
+                tl.store(dz_ptr + row + offs_t[None, :], gz.to(dz_ptr.dtype.element_ty), mask=m2)
+                gy = g * zt * sz
             else:
-                zt = g
+                gy = g
             dtu = dt * u
             d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
             v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
-            u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u, BD)
-            b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
-            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
+            # B_t, C_t as per-step vector loads (L1 hits): their layout then matches the state's, which keeps
+            # far fewer registers live than splitting [BN, 8] tiles
+            b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(B_ptr, B_row1, t0, L, mask_n)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(C_ptr, C_row1, t0, L, mask_n)
             k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _split8(g, BD)
-            z0, z1, z2, z3, z4, z5, z6, z7 = _split8(zt, BD)
-            x1, a0 = _fstep(x0, A2, d0, v0, b0, k0, HAS_RESET)
-            x2, a1 = _fstep(x1, A2, d1, v1, b1, k1, HAS_RESET)
-            x3, a2 = _fstep(x2, A2, d2, v2, b2, k2, HAS_RESET)
-            x4, a3 = _fstep(x3, A2, d3, v3, b3, k3, HAS_RESET)
-            x5, a4 = _fstep(x4, A2, d4, v4, b4, k4, HAS_RESET)
-            x6, a5 = _fstep(x5, A2, d5, v5, b5, k5, HAS_RESET)
-            x7, a6 = _fstep(x6, A2, d6, v6, b6, k6, HAS_RESET)
-            x8, a7 = _fstep(x7, A2, d7, v7, b7, k7, HAS_RESET)
-            h, gA, gC7, gB7, gu7, gt7, gz7, gy7 = _bstep(h, x7, x8, a7, d7, u7, b7, c7, g7, z7, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC6, gB6, gu6, gt6, gz6, gy6 = _bstep(h, x6, x7, a6, d6, u6, b6, c6, g6, z6, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC5, gB5, gu5, gt5, gz5, gy5 = _bstep(h, x5, x6, a5, d5, u5, b5, c5, g5, z5, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC4, gB4, gu4, gt4, gz4, gy4 = _bstep(h, x4, x5, a4, d4, u4, b4, c4, g4, z4, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC3, gB3, gu3, gt3, gz3, gy3 = _bstep(h, x3, x4, a3, d3, u3, b3, c3, g3, z3, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC2, gB2, gu2, gt2, gz2, gy2 = _bstep(h, x2, x3, a2, d2, u2, b2, c2, g2, z2, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC1, gB1, gu1, gt1, gz1, gy1 = _bstep(h, x1, x2, a1, d1, u1, b1, c1, g1, z1, A, Dv, gA, HAS_D, HAS_Z)
-            h, gA, gC0, gB0, gu0, gt0, gz0, gy0 = _bstep(h, x0, x1, a0, d0, u0, b0, c0, g0, z0, A, Dv, gA, HAS_D, HAS_Z)
-            gu = _join8(gu0, gu1, gu2, gu3, gu4, gu5, gu6, gu7, BD)
-            gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy, BD)
+            x1, _a = _fstep(x0, A2, d0, v0, b0, k0, HAS_RESET)
+            x2, _a = _fstep(x1, A2, d1, v1, b1, k1, HAS_RESET)
+            x3, _a = _fstep(x2, A2, d2, v2, b2, k2, HAS_RESET)
+            x4, _a = _fstep(x3, A2, d3, v3, b3, k3, HAS_RESET)
+            x5, _a = _fstep(x4, A2, d4, v4, b4, k4, HAS_RESET)
+            x6, _a = _fstep(x5, A2, d5, v5, b5, k5, HAS_RESET)
+            x7, _a = _fstep(x6, A2, d6, v6, b6, k6, HAS_RESET)
+            x8, _a = _fstep(x7, A2, d7, v7, b7, k7, HAS_RESET)
+            h, gA, gC7, gB7, hb7, gt7 = _bstep(h, x7, x8, A2, k7, d7, v7, b7, c7, g7, A, gA, HAS_RESET)
+            h, gA, gC6, gB6, hb6, gt6 = _bstep(h, x6, x7, A2, k6, d6, v6, b6, c6, g6, A, gA, HAS_RESET)
+            h, gA, gC5, gB5, hb5, gt5 = _bstep(h, x5, x6, A2, k5, d5, v5, b5, c5, g5, A, gA, HAS_RESET)
+            h, gA, gC4, gB4, hb4, gt4 = _bstep(h, x4, x5, A2, k4, d4, v4, b4, c4, g4, A, gA, HAS_RESET)
+            h, gA, gC3, gB3, hb3, gt3 = _bstep(h, x3, x4, A2, k3, d3, v3, b3, c3, g3, A, gA, HAS_RESET)
+            h, gA, gC2, gB2, hb2, gt2 = _bstep(h, x2, x3, A2, k2, d2, v2, b2, c2, g2, A, gA, HAS_RESET)
+            h, gA, gC1, gB1, hb1, gt1 = _bstep(h, x1, x2, A2, k1, d1, v1, b1, c1, g1, A, gA, HAS_RESET)
+            h, gA, gC0, gB0, hb0, gt0 = _bstep(h, x0, x1, A2, k0, d0, v0, b0, c0, g0, A, gA, HAS_RESET)
+            hb = _join8(hb0, hb1, hb2, hb3, hb4, hb5, hb6, hb7, BD)
+            gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) + u * hb
+            gu = dt * hb
             gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
             gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
             if HAS_D:
-                gy = _join8(gy0, gy1, gy2, gy3, gy4, gy5, gy6, gy7, BD)
+                gu = gu + Dv[:, None] * gy
                 gD += tl.sum(tl.where(m2, gy * u, 0.0), 1)
-            if HAS_Z:
-                gz = _join8(gz0, gz1, gz2, gz3, gz4, gz5, gz6, gz7, BD)
-                tl.store(dz_ptr + row + offs_t[None, :], gz.to(dz_ptr.dtype.element_ty), mask=m2)
             if SOFTPLUS:
                 pre = draw
                 if HAS_BIAS:

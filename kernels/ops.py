@@ -5,14 +5,16 @@ Ops (all take B/C as [batch, ngroups, dstate, seqlen]; the public wrapper adds t
 
 * ``mamba_state::scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, reset?, delta_softplus, chunk)``
   -> ``(out [batch, dim, seqlen] u.dtype, last_state [batch, dim, dstate] f32,
-  checkpoints [batch, dim, nchunks, dstate] f32)``
-* ``mamba_state::scan_bwd(u, delta, A, B, C, D?, z?, delta_bias?, reset?, checkpoints, dout, dlast?,
+  checkpoints [batch, dim, nchunks, dstate] f32, ypre)``; ``ypre`` is the output before the silu(z) gate
+  ([batch, dim, seqlen] u.dtype when z is given, else empty), kept for the backward as upstream does.
+* ``mamba_state::scan_bwd(u, delta, A, B, C, D?, z?, delta_bias?, reset?, checkpoints, ypre, dout, dlast?,
   delta_softplus, chunk)`` -> ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; gradients of
   absent optional inputs come back as empty tensors.
 * ``mamba_state::state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, reset?, dt_softplus)`` -> out; updates
   ``state`` [batch, dim, dstate] in place (x, dt, z [batch, dim]; B, C [batch, ngroups, dstate]).
 
 What backward keeps: the inputs (no copies), the ``checkpoints`` (one fp32 state per chunk of ``chunk`` steps),
+the pre-gate output ``ypre`` when z is given,
 and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per (batch, channel).
 """
 
@@ -48,7 +50,7 @@ def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, bat
     """(BD channels per program, BN padded dstate, num_warps), one warp per program.
 
     Measured on an H100 (benchmarks/bench_scan.py --sweep, dstate 16): the forward is fastest with 8 channels
-    per program while batch x channel blocks fit one wave of resident programs (about 12 per SM), else 16; the
+    per program up to about 16 programs per SM (batch x channel blocks), else 16; the
     sequence-parallel forward with 16; the backward with 8, or 4 when the grid is small (long sequences, small
     batch). ``MAMBA_STATE_SCAN_[BWD_]BD`` and ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override (for sweeps).
     """
@@ -58,7 +60,7 @@ def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, bat
     sms = _sm_count(device)
     if backward:
         target = base if programs >= 2 * sms else max(1, base // 2)
-    elif seqpar or programs > 12 * sms:
+    elif seqpar or programs > 16 * sms:
         target = max(1, 256 // bn)
     else:
         target = base
@@ -110,7 +112,7 @@ def _reset_bytes(reset: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], initial_state: Optional[Tensor], reset: Optional[Tensor],
-             delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+             delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from . import _triton_scan as K
 
     batch, dim, L = u.shape
@@ -127,6 +129,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=batch, device=u.device, seqpar=seqpar)
     init = initial_state.contiguous().float() if initial_state is not None else None
     rst = _reset_bytes(reset)
+    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
     summ = torch.empty_like(ckpt) if seqpar else _dummy(A)
     prod = torch.empty_like(ckpt) if seqpar else _dummy(A)
     common = (
@@ -136,7 +139,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         delta_bias.contiguous().float() if delta_bias is not None else _dummy(A),
         init if init is not None else _dummy(A),
         rst if rst is not None else _dummy(A),
-        out, last, ckpt, summ, prod,
+        out, last, ckpt, summ, prod, ypre if z is not None else _dummy(u),
         dim, L, dstate, dim // ngroups, nch,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
@@ -153,7 +156,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             init if init is not None else _dummy(A), summ, prod, ckpt, last, dim, dstate, nch,
             HAS_INIT=init is not None, BLOCK=block, num_warps=4)
         K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
-    return out, last, ckpt
+    return out, last, ckpt, ypre
 
 
 @scan_fwd.register_fake
@@ -162,14 +165,15 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, de
     dstate = A.shape[1]
     nch = (L + chunk - 1) // chunk
     return (torch.empty_like(u), u.new_empty((batch, dim, dstate), dtype=torch.float32),
-            u.new_empty((batch, dim, nch, dstate), dtype=torch.float32))
+            u.new_empty((batch, dim, nch, dstate), dtype=torch.float32),
+            torch.empty_like(u) if z is not None else u.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------------- backward op
 
 @torch.library.custom_op("mamba_state::scan_bwd", mutates_args=())
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, dout: Tensor,
+             delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, ypre: Tensor, dout: Tensor,
              dlast: Optional[Tensor], delta_softplus: bool, chunk: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from . import _triton_scan as K
@@ -203,7 +207,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         rst if rst is not None else _dummy(Af),
         checkpoints.contiguous(), dout,
         dlast.contiguous().float() if dlast is not None else _dummy(Af),
-        scratch,
+        scratch, ypre.contiguous() if z is not None else _dummy(u),
         du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit,
         dim, L, dstate, dim // ngroups, nch,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
@@ -219,7 +223,8 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
 
 @scan_bwd.register_fake
-def _scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, dout, dlast, delta_softplus, chunk):
+def _scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, ypre, dout, dlast, delta_softplus,
+                   chunk):
     batch, dim, L = u.shape
     dstate = A.shape[1]
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
@@ -273,23 +278,23 @@ class ScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk):
-        out, last, ckpt = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, reset,
-                                                         delta_softplus, chunk)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt)
+        out, last, ckpt, ypre = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                                               reset, delta_softplus, chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre)
         ctx.delta_softplus = delta_softplus
         ctx.chunk = chunk
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.mark_non_differentiable(ckpt)
-        return out, last, ckpt
+        ctx.mark_non_differentiable(ckpt, ypre)
+        return out, last, ckpt, ypre
 
     @staticmethod
-    def backward(ctx, dout, dlast, _dckpt):
-        u, delta, A, B, C, D, z, delta_bias, reset, ckpt = ctx.saved_tensors
+    def backward(ctx, dout, dlast, _dckpt, _dypre):
+        u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.mamba_state.scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, reset, ckpt, dout, dlast, ctx.delta_softplus, ctx.chunk)
+            u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre, dout, dlast, ctx.delta_softplus, ctx.chunk)
         return (du, ddelta, dA, dB, dC,
                 dD if D is not None else None,
                 dz if z is not None else None,

@@ -71,7 +71,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
-    out, last, _ = ScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
+    out, last, _, _ = ScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                 bool(delta_softplus), chunk)
     return (out, last) if return_last_state else out
 

@@ -219,8 +219,9 @@ def test_fake_implementations_give_the_real_shapes():
     for r_, f_ in zip(real, fake):
         assert r_.shape == f_.shape and r_.dtype == f_.dtype
     torch.library.opcheck(torch.ops.mamba_state.scan_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    assert real[3].shape == inp["u"].shape  # the pre-gate output, kept for the backward when z is given
     bwd_args = (inp["u"], inp["delta"], inp["A"], B4, C4, inp["D"], inp["z"], inp["delta_bias"], inp["reset"], real[2],
-                torch.randn_like(real[0]), torch.randn_like(real[1]), True, c)
+                real[3], torch.randn_like(real[0]), torch.randn_like(real[1]), True, c)
     torch.library.opcheck(torch.ops.mamba_state.scan_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
     state = torch.randn(b, d, n, device=DEV)
     step_args = (state, inp["u"][..., 0], inp["delta"][..., 0], inp["A"], B4[..., 0], C4[..., 0], inp["D"],

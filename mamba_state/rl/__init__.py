@@ -1,0 +1,17 @@
+"""Recurrent reinforcement learning on a long-horizon memory task (docs/rl.md).
+
+* :class:`~mamba_state.rl.envs.DelayedRecall`: a vectorised memory environment in torch on any device;
+* :class:`~mamba_state.rl.policies.MambaPolicy`, :class:`~mamba_state.rl.policies.GRUPolicy`: recurrent
+  actor-critics with per-environment state resets;
+* :class:`~mamba_state.rl.ppo.PPOTrainer`: recurrent PPO with GAE, exact checkpoints;
+* ``mamba-state rl`` (:mod:`mamba_state.rl.cli`): one run, or ``--scale`` across horizons.
+"""
+
+from __future__ import annotations
+
+from .envs import DelayedRecall
+from .policies import GRUPolicy, MambaPolicy, RecurrentPolicy, make_policy
+from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate
+
+__all__ = ["DelayedRecall", "MambaPolicy", "GRUPolicy", "RecurrentPolicy", "make_policy", "PPOConfig",
+           "PPOTrainer", "Rollout", "compute_gae", "evaluate"]

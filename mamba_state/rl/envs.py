@@ -156,7 +156,8 @@ class DelayedRecall:
             raise StateError("DelayedRecall.step: expected reset() to be called first, found no reset yet")
         if (not isinstance(actions, torch.Tensor) or actions.shape != (self.num_envs,)
                 or actions.dtype.is_floating_point or actions.dtype == torch.bool):
-            found = f"{list(actions.shape)} {actions.dtype}" if isinstance(actions, torch.Tensor) else type(actions).__name__
+            found = (f"{list(actions.shape)} {actions.dtype}" if isinstance(actions, torch.Tensor)
+                     else type(actions).__name__)
             raise StateError(f"actions: expected an integer tensor of shape [{self.num_envs}], found {found}")
         actions = actions.to(self.device)
         in_range = ((actions >= 0) & (actions < self.num_actions)).all()

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import StateCompatibilityError, StateError
 from .envs import DelayedRecall
@@ -347,8 +346,9 @@ class PPOTrainer:
         state = tuple(t.to(dev) for t in ckpt["state"])
         expected = self.policy.initial_state(self.env.num_envs, device=dev)
         if [t.shape for t in state] != [t.shape for t in expected]:
-            raise StateCompatibilityError(f"PPO checkpoint policy state: expected shapes "
-                                          f"{[list(t.shape) for t in expected]}, found {[list(t.shape) for t in state]}")
+            raise StateCompatibilityError(
+                f"PPO checkpoint policy state: expected shapes {[list(t.shape) for t in expected]}, "
+                f"found {[list(t.shape) for t in state]}")
         self.state = state
         self.updates = int(ckpt["updates"])
         self.env_steps = int(ckpt["env_steps"])

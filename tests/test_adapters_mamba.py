@@ -317,3 +317,29 @@ def test_gpu_matches_upstream_cuda_forward_and_step(upstream):
         ys = torch.cat([up(x2[:, t:t + 1], inference_params=ip) for t in range(8)], 1)
         y2, _ = ours(x2, s)
     torch.testing.assert_close(y2.float(), ys.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_path_matches_reference_and_continues(dtype):
+    torch.manual_seed(10)
+    layer = StatefulMamba.from_config(64, d_state=16, layer_idx=0, device="cuda", dtype=dtype)
+    ref = StatefulMamba(layer, backend="reference")  # the same parameters through the PyTorch path
+    x = torch.randn(3, 200, 64, device="cuda", dtype=dtype)
+    reset = torch.rand(3, 200, device="cuda") < 0.02
+    y, s = layer(x, reset=reset)
+    y_ref, s_ref = ref(x, reset=reset)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    assert s.allclose(s_ref, rtol=tol, atol=tol)
+    y1, s1 = layer(x[:, :3], reset=reset[:, :3])
+    y2, s2 = layer(x[:, 3:], s1, reset=reset[:, 3:])
+    torch.testing.assert_close(torch.cat([y1, y2], 1).float(), y.float(), rtol=tol, atol=tol)
+    assert s2.allclose(s, rtol=tol, atol=tol)
+    steps, st = [], s
+    x3 = torch.randn(3, 5, 64, device="cuda", dtype=dtype)
+    for t in range(5):
+        out, st = layer.step(x3[:, t], st)
+        steps.append(out)
+    y3, _ = layer(x3, s)
+    torch.testing.assert_close(torch.stack(steps, 1).float(), y3.float(), rtol=tol, atol=tol)

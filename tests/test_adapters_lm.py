@@ -253,3 +253,39 @@ def test_bad_inputs_and_states():
         StatefulMambaLM(torch.nn.Linear(2, 2))
     with pytest.raises(StateCompatibilityError, match="unknown"):
         StatefulMambaLM.from_config({**_cfg(*CONFIGS[0]), "n_layers": 2})
+
+
+@pytest.mark.gpu
+@pytest.mark.upstream
+def test_gpu_lm_matches_upstream_forward_and_interop(upstream):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.utils.generation import InferenceParams
+
+    torch.manual_seed(5)
+    cfg = MambaConfig(d_model=256, n_layer=4, vocab_size=1000, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
+                      residual_in_fp32=True)
+    up = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    lm = StatefulMambaLM(up)
+    ids = torch.randint(0, 1000, (4, 300), device="cuda")
+    with torch.no_grad():
+        ref = up(ids).logits.float()
+        logits, state = lm(ids)
+        tol = 0.05 * ref.abs().max().item()
+        assert (logits.float() - ref).abs().max().item() <= tol
+        # upstream's real prefill (CUDA forward with a cache) -> get_model_state -> the adapter continues
+        ip = InferenceParams(max_seqlen=400, max_batch_size=4)
+        up(ids[:, :200], inference_params=ip)
+        ip.seqlen_offset = 200
+        taken = ms.get_model_state(up, ip)
+        cont, _ = lm(ids[:, 200:], taken)
+        assert (cont.float() - ref[:, 200:]).abs().max().item() <= tol
+        # the adapter's state -> upstream's step() continues
+        _, s200 = lm(ids[:, :200])
+        ip2 = InferenceParams(max_seqlen=400, max_batch_size=4)
+        ms.set_model_state(up, s200, ip2)
+        outs = []
+        for t in range(200, 210):
+            outs.append(up(ids[:, t:t + 1], inference_params=ip2).logits.float())
+            ip2.seqlen_offset += 1
+        assert (torch.cat(outs, 1) - ref[:, 200:210]).abs().max().item() <= tol

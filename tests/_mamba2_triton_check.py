@@ -12,7 +12,8 @@ Checks, in float32 with tiny sizes:
    ``backend="reference"``.
 2. ours with ``backend="triton"`` (upstream kernel, initial state, resets as ``seq_idx``) == ours with
    ``backend="reference"`` from a random state with resets (row 0 at its first token, row 1 on a chunk boundary
-   and later, so row 1 carries its initial state across a chunk boundary before the reset).
+   and later, so row 1 carries its initial state across a chunk boundary before the reset); again for a layer
+   without the gated norm (z gating inside upstream's kernel), with ``D_has_hdim`` and ``d_ssm < d_inner``.
 Prints one JSON line of max abs differences and exits 1 when any exceeds its tolerance.
 """
 
@@ -79,6 +80,19 @@ def main() -> int:
         y_r, s_r = ref(x, state, reset)
         diffs["triton_vs_reference_reset_y"] = (y_t - y_r).abs().max().item()
         diffs["triton_vs_reference_reset_ssm"] = (s_t.ssm_state - s_r.ssm_state).abs().max().item()
+        # no norm (z gates inside upstream's kernel), D per channel, the gated-MLP part of in_proj
+        torch.manual_seed(1)
+        tri2 = StatefulMamba2.from_config(16, d_state=4, headdim=8, d_ssm=16, rmsnorm=False, D_has_hdim=True,
+                                          chunk_size=16, layer_idx=0, backend="triton")
+        with torch.no_grad():
+            for p in tri2.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        state2 = MambaInferenceState(torch.randn(b, tri2.conv_channels, tri2.d_conv), torch.randn(b, 2, 8, 4) * 0.5)
+        y_t, s_t = tri2(x, state2, reset)
+        tri2.backend = "reference"
+        y_r, s_r = tri2(x, state2, reset)
+        diffs["nonorm_hdimD_triton_vs_reference_y"] = (y_t - y_r).abs().max().item()
+        diffs["nonorm_hdimD_triton_vs_reference_ssm"] = (s_t.ssm_state - s_r.ssm_state).abs().max().item()
     print(json.dumps(diffs))
     return 0 if all(v < 2e-4 for v in diffs.values()) else 1
 

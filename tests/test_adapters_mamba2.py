@@ -115,6 +115,12 @@ def test_from_config_dtypes_follow_upstream():
         StatefulMamba2.from_config(16, headdim=5)
     with pytest.raises(StateError, match="ngroups"):
         StatefulMamba2.from_config(16, headdim=8, ngroups=3)
+    with pytest.raises(StateCompatibilityError, match="process_group"):
+        StatefulMamba2.from_config(16, headdim=8, process_group=object())
+    # an upstream ssm_cfg (JSON: lists, upstream-only switches) passes as is
+    m2 = StatefulMamba2.from_config(16, d_state=4, headdim=8, dt_limit=[0.0, float("inf")], A_init_range=[1, 16],
+                                    use_mem_eff_path=False, sequence_parallel=True)
+    assert m2.dt_limit == (0.0, float("inf"))
 
 
 @pytest.mark.upstream

@@ -194,14 +194,20 @@ class StatefulMamba2(nn.Module):
                     A_init_range: tuple[float, float] = (1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
                     norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
                     dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = _NO_LIMIT, bias: bool = False,
-                    conv_bias: bool = True, chunk_size: int = 256, layer_idx: int | None = None, device=None,
-                    dtype=None, state_dtype: torch.dtype = torch.float32,
+                    conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
+                    layer_idx: int | None = None, process_group: Any = None, sequence_parallel: bool = True,
+                    device=None, dtype=None, state_dtype: torch.dtype = torch.float32,
                     backend: str | None = None) -> "StatefulMamba2":
         """A fresh layer with upstream ``Mamba2``'s parameters: names, shapes, dtypes and initialisation.
 
         Random draws happen in upstream's order, so under one seed the parameters equal upstream's.
-        Does not import mamba_ssm.
+        Does not import mamba_ssm. ``use_mem_eff_path`` and ``sequence_parallel`` are accepted (so an upstream
+        ``ssm_cfg`` can be passed as is) and change nothing; ``process_group`` must be None.
         """
+        if process_group is not None:
+            raise StateCompatibilityError(
+                f"process_group: expected None (tensor parallel layers are not supported), found {process_group!r}"
+            )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         fk = {"device": device, "dtype": dtype}

@@ -255,8 +255,8 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
                 f"of B and C, found {list(state.shape)}")
         B, C = (t.repeat_interleave(G // t.shape[1], dim=1) if t.dim() == 3 else t for t in (B, C))
         bsz, dim = state.shape[:2]
-        heads_of = lambda t: t.view(*t.shape[:-1], G, dim // G) if t.dim() < 3 else t  # noqa: E731
-        state4 = state.view(bsz, G, dim // G, state.shape[2])
+        heads_of = lambda t: t.unflatten(-1, (G, dim // G))  # noqa: E731  (a view: writes reach `state`)
+        state4 = state.unflatten(1, (G, dim // G))
         x4, dt4 = heads_of(x), heads_of(dt)
         A4 = A.view(G, dim // G, A.shape[-1])
         D4 = heads_of(D) if D is not None else None

@@ -8,6 +8,7 @@ training throughput (environment steps per second) vs horizon.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -67,6 +68,13 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _try_plot(results: dict[str, Any], path: Path) -> bool:
+    if importlib.util.find_spec("matplotlib") is None:  # optional dependency: the JSON is still written
+        return False
+    plot_results(results, path)
+    return True
+
+
 def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequence[str] = ("mamba", "gru"),
               seeds: Sequence[int] = (0, 1), log=print) -> dict[str, Any]:
     """Train every (horizon, controller, seed); returns and writes the results (JSON and plot) under ``out``."""
@@ -100,6 +108,6 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
                            "options": {k: v for k, v in o.items() if k not in ("out",)},
                            "runs": every, "aggregate": _aggregate(every)}
                 results_path.write_text(json.dumps(results, indent=2))
-                plot_results(results, out / "scale.png")
-    log(f"wrote {results_path} and {out / 'scale.png'}")
+                plotted = _try_plot(results, out / "scale.png")
+    log(f"wrote {results_path}" + (f" and {out / 'scale.png'}" if plotted else " (no plot: matplotlib missing)"))
     return results

@@ -560,3 +560,43 @@ def test_gpu_continuation_in_short_chunks():
     assert _rel_err(torch.cat(ys, 1), y_all) < 2e-3
     assert _rel_err(s.ssm_state, s_all.ssm_state) < 2e-3
     assert _rel_err(s.conv_state, s_all.conv_state) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+def _hf_mixer(dtype):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    cfg = transformers.Mamba2Config(hidden_size=16, state_size=8, head_dim=4, num_heads=8, n_groups=2, expand=2,
+                                    conv_kernel=4, chunk_size=8, vocab_size=10, num_hidden_layers=1)
+    torch.manual_seed(0)
+    mix = Mamba2Mixer(cfg, layer_idx=0).to(dtype)
+    randomize_(mix, 1)
+    return mix
+
+
+def test_wraps_transformers_mamba2_mixer():
+    """transformers' Mamba2Mixer has upstream's parameter names under other attribute names: the adapter maps
+    them and shares the parameters (its forward is compared in test_agrees_with_transformers_mixer_forward)."""
+    mix = _hf_mixer(torch.float32)
+    m = StatefulMamba2(mix)
+    assert sorted(m.state_dict()) == sorted(mix.state_dict())
+    assert m.in_proj is mix.in_proj and m.norm is mix.norm and m.A_log is mix.A_log
+    assert (m.d_model, m.nheads, m.headdim, m.ngroups, m.d_state, m.d_conv) == (16, 8, 4, 2, 8, 4)
+    assert m.state_layout() == {"kind": "mamba2", "conv_shape": [64, 4], "ssm_shape": [8, 4, 8]}
+    x = rand_x(2, 13, 16, 70, torch.float32)
+    with torch.no_grad():
+        y, s = m(x)
+        y1, s1 = m(x[:, :6])
+        y2, s2 = m(x[:, 6:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-4, atol=1e-5)
+    assert s2.allclose(s, rtol=1e-4, atol=1e-5)
+
+
+def test_agrees_with_transformers_mixer_forward():
+    """transformers' own forward as the oracle, in a fresh process where it uses its PyTorch fallbacks."""
+    pytest.importorskip("transformers")
+    script = os.path.join(os.path.dirname(__file__), "_mamba2_hf_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

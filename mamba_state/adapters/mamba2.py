@@ -108,11 +108,42 @@ def _upstream_rmsnorm_fn():
     return rmsnorm_fn
 
 
+def _is_hf_mixer(layer: Any) -> bool:
+    """A transformers ``Mamba2Mixer`` (same parameter names as upstream, other attribute names)."""
+    return all(hasattr(layer, a) for a in ("num_heads", "head_dim", "n_groups", "ssm_state_size", "hidden_size",
+                                           "intermediate_size", "conv_kernel_size", "in_proj", "norm"))
+
+
+def _hf_config(layer: Any) -> dict[str, Any]:
+    """Our layer description of a transformers ``Mamba2Mixer``: gated norm after the gate (``norm(y * silu(z))``),
+    ``D`` per head, no gated-MLP part (its in_proj splits into z, xBC, dt only)."""
+    act = getattr(layer, "activation", "silu")
+    if act not in ("silu", "swish"):
+        raise StateCompatibilityError(f"layer.activation: expected 'silu', found {act!r}")
+    nheads, headdim, d_inner = int(layer.num_heads), int(layer.head_dim), int(layer.intermediate_size)
+    if nheads * headdim != d_inner:
+        raise StateCompatibilityError(
+            f"Mamba2Mixer: expected num_heads * head_dim == intermediate_size, found {nheads} * {headdim} != {d_inner}"
+        )
+    limit = tuple(getattr(layer, "time_step_limit", _NO_LIMIT))
+    return dict(d_model=int(layer.hidden_size), d_inner=d_inner, d_ssm=d_inner, d_state=int(layer.ssm_state_size),
+                d_conv=int(layer.conv_kernel_size), headdim=headdim, nheads=nheads, ngroups=int(layer.n_groups),
+                rmsnorm=True, norm_before_gate=False, D_has_hdim=False, dt_limit=limit,
+                chunk_size=int(layer.chunk_size), layer_idx=layer.layer_idx)
+
+
+def _norm_params(norm: nn.Module, d_ssm: int) -> tuple[float, int | None, bool]:
+    """(eps, group_size, norm_before_gate) of upstream's RMSNormGated, ours, or transformers' MambaRMSNormGated."""
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
+    return float(eps), getattr(norm, "group_size", None), bool(getattr(norm, "norm_before_gate", False))
+
+
 class StatefulMamba2(nn.Module):
     """A Mamba-2 layer whose recurrent state is an explicit input and output.
 
     Args:
-        upstream_mamba2_layer: a ``mamba_ssm.Mamba2`` (single process group; ``activation == "silu"``).
+        upstream_mamba2_layer: a ``mamba_ssm.Mamba2`` (single process group; ``activation == "silu"``), or a
+            transformers ``Mamba2Mixer`` (same parameter names; its attribute names are mapped).
         state_dtype: dtype of states made by :meth:`new_state` (float32 by default); a state passed in keeps its dtype.
         backend: ``None`` / ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.backend`).
 
@@ -124,15 +155,18 @@ class StatefulMamba2(nn.Module):
                  backend: str | None = None):
         super().__init__()
         layer = upstream_mamba2_layer
-        self._check_upstream(layer)
-        self._setup(
-            d_model=int(layer.d_model), d_inner=int(layer.d_inner), d_ssm=int(layer.d_ssm),
-            d_state=int(layer.d_state), d_conv=int(layer.d_conv), headdim=int(layer.headdim),
-            nheads=int(layer.nheads), ngroups=int(layer.ngroups), rmsnorm=bool(layer.rmsnorm),
-            norm_before_gate=bool(layer.norm_before_gate), D_has_hdim=bool(layer.D_has_hdim),
-            dt_limit=tuple(layer.dt_limit), chunk_size=int(layer.chunk_size), layer_idx=layer.layer_idx,
-            state_dtype=state_dtype, backend=backend,
-        )
+        if _is_hf_mixer(layer):
+            self._setup(**_hf_config(layer), state_dtype=state_dtype, backend=backend)
+        else:
+            self._check_upstream(layer)
+            self._setup(
+                d_model=int(layer.d_model), d_inner=int(layer.d_inner), d_ssm=int(layer.d_ssm),
+                d_state=int(layer.d_state), d_conv=int(layer.d_conv), headdim=int(layer.headdim),
+                nheads=int(layer.nheads), ngroups=int(layer.ngroups), rmsnorm=bool(layer.rmsnorm),
+                norm_before_gate=bool(layer.norm_before_gate), D_has_hdim=bool(layer.D_has_hdim),
+                dt_limit=tuple(layer.dt_limit), chunk_size=int(layer.chunk_size), layer_idx=layer.layer_idx,
+                state_dtype=state_dtype, backend=backend,
+            )
         # Same objects under upstream's names, registered in upstream's order (parameters first).
         self.dt_bias = layer.dt_bias
         self.A_log = layer.A_log
@@ -307,12 +341,13 @@ class StatefulMamba2(nn.Module):
                 use_triton: bool) -> torch.Tensor:
         """``y`` ``[..., d_ssm]`` (already gated when not rmsnorm) -> out_proj output ``[..., d_model]``."""
         if self.rmsnorm:
-            fn = _upstream_rmsnorm_fn() if use_triton and type(self.norm).__name__ != "GatedRMSNorm" else None
-            if fn is not None:
-                y = self.norm(y, z)
+            eps, group_size, before = _norm_params(self.norm, self.d_ssm)
+            bias = getattr(self.norm, "bias", None)
+            fn = _upstream_rmsnorm_fn() if use_triton and y.is_cuda else None
+            if fn is not None:  # upstream's fused Triton gated norm (same function as its RMSNormGated)
+                y = fn(y, self.norm.weight, bias, z=z, eps=eps, group_size=group_size, norm_before_gate=before)
             else:
-                y = gated_rms_norm(y, self.norm.weight, z, self.norm.eps, self.norm.group_size,
-                                   self.norm.norm_before_gate, getattr(self.norm, "bias", None))
+                y = gated_rms_norm(y, self.norm.weight, z, eps, group_size, before, bias)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)

@@ -134,8 +134,9 @@ def test_from_hf_matches_transformers_logits(monkeypatch):
     torch.testing.assert_close(out, ref[:, 4:], rtol=1e-4, atol=1e-5)
 
 
-def test_hf_checkpoint_directory_and_from_hf_agree(tmp_path):
-    hf = _hf_model(tie=False)
+@pytest.mark.parametrize("tie", [False, True])
+def test_hf_checkpoint_directory_and_from_hf_agree(tmp_path, tie):
+    hf = _hf_model(tie=tie)
     hf.save_pretrained(str(tmp_path))
     from_dir = StatefulMambaLM.from_pretrained(tmp_path)
     adopted = StatefulMambaLM.from_hf(hf)

@@ -53,8 +53,16 @@ def test_run_and_exact_resume(tmp_path, capsys):
     lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in lines] == [1, 2, 3, 4]
     # resuming with different options is refused
-    with pytest.raises(StateCompatibilityError, match="horizon"):
-        main([*[x if x != "3" else "5" for x in common], "--total-updates", "6", "--out", str(part), "--resume"])
+    capsys.readouterr()
+    assert main([*[x if x != "3" else "5" for x in common], "--total-updates", "6", "--out", str(part),
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "options differ from the checkpoint" in err and "horizon" in err
+    assert load_checkpoint(part / "checkpoint.pt")["trainer"]["updates"] == 4  # nothing was overwritten
+    with pytest.raises(StateCompatibilityError, match="horizon"):  # the library raises
+        from mamba_state.rl.train import train
+        train({"controller": "gru", "gru_hidden": 16, "horizon": 5, "num_envs": 4, "rollout_len": 8,
+               "device": "cpu", "out": str(part), "resume": True, "progress": False})
 
 
 def test_scale_writes_results_and_plot(tmp_path):

@@ -13,6 +13,7 @@ Sweep (both controllers, every horizon, every seed; results JSON and plot under 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .train import DEFAULTS
@@ -78,13 +79,19 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mamba-state rl``; returns the exit status."""
+    from ..errors import StateError
+
     opts = options_from_args(args)
-    if args.scale:
-        from .scale import run_scale
+    try:
+        if args.scale:
+            from .scale import run_scale
 
-        run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
-    else:
-        from .train import train
+            run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
+        else:
+            from .train import train
 
-        train(opts)
+            train(opts)
+    except StateError as exc:  # bad options or a mismatched checkpoint: a message, not a traceback
+        print(f"mamba-state rl: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -14,7 +15,8 @@ from mamba_state.reference import (causal_conv1d_ref, selective_scan_chunked, se
 from state_builders import bit_identical, model_bit_identical, rand_state
 
 F64 = torch.float64
-SCANS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked}
+SCANS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked,
+         "chunked-small-blocks": functools.partial(selective_scan_chunked, chunk_size=2, block_size=3)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 

@@ -76,22 +76,24 @@ CHUNK_CASES = [
 
 
 @pytest.mark.parametrize("case", CHUNK_CASES)
-@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 9, 20, None])
-def test_chunked_equals_ref_float64(case, chunk):
+@pytest.mark.parametrize("chunk,block", [(1, None), (2, 4), (3, None), (4, 1), (9, None), (20, 5), (None, None), (None, 2)])
+def test_chunked_equals_ref_float64(case, chunk, block):
     kw = scan_inputs(L=9, seed=chunk or 0, **case)
     out, last = selective_scan_ref(**kw, delta_softplus=True, return_last_state=True)
-    out_c, last_c = selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk_size=chunk)
+    out_c, last_c = selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk_size=chunk,
+                                           block_size=block)
     assert out_c.dtype == F64 and last_c.dtype == F64 and last_c.shape == (2, 4, 3)
     torch.testing.assert_close(out_c, out, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(last_c, last, rtol=1e-11, atol=1e-12)
 
 
-def test_chunked_long_sequence_default_chunk():
+def test_chunked_long_sequence_default_chunk_and_blocks():
     kw = scan_inputs(b=1, d=2, L=300, n=2, init=True, reset=0.01, seed=5)
     out, last = selective_scan_ref(**kw, return_last_state=True)
-    out_c, last_c = selective_scan_chunked(**kw, return_last_state=True)
-    torch.testing.assert_close(out_c, out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(last_c, last, rtol=1e-10, atol=1e-10)
+    for block in (None, 64, 100):
+        out_c, last_c = selective_scan_chunked(**kw, return_last_state=True, block_size=block)
+        torch.testing.assert_close(out_c, out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(last_c, last, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -127,7 +129,8 @@ def test_chunked_gradcheck():
 
     def f(*ts):
         args = dict(zip(names, ts), reset=kw["reset"])
-        out, last = selective_scan_chunked(**args, delta_softplus=True, return_last_state=True, chunk_size=2)
+        out, last = selective_scan_chunked(**args, delta_softplus=True, return_last_state=True, chunk_size=2,
+                                           block_size=3)
         return out, last
 
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-6)
@@ -171,6 +174,8 @@ def test_scan_bad_inputs():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(StateError, match="chunk_size"):
             selective_scan_chunked(**good, chunk_size=bad)
+        with pytest.raises(StateError, match="block_size"):
+            selective_scan_chunked(**good, block_size=bad)
 
 
 # ------------------------------------------------------------------ causal conv1d

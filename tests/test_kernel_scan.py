@@ -228,3 +228,18 @@ def test_fake_implementations_give_the_real_shapes():
                  inp["z"][..., 0], inp["delta_bias"], inp["reset"][:, 0], True)
     torch.library.opcheck(torch.ops.mamba_state.state_update.default, step_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("n", [1, 17, 256])
+def test_dstate_extremes(n):
+    inp = _make(1, 3, 9, n, 0, torch.float32, n, init=True, reset_kind="random", D=True, z=True, bias=True)
+    ours, ref = _leaves(inp), _leaves(inp, torch.float64)
+    out, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton")
+    rout, rlast = selective_scan_ref(**ref, delta_softplus=True, return_last_state=True)
+    _close(out, rout, torch.float32, "out")
+    _close(last, rlast, torch.float32, "last_state")
+    gout = torch.randn_like(rout)
+    torch.autograd.backward([out, last], [gout.float(), torch.ones_like(last)])
+    torch.autograd.backward([rout, rlast], [gout, torch.ones_like(rlast)])
+    for k in ("u", "delta", "A", "B", "C", "initial_state"):
+        _close(ours[k].grad, ref[k].grad, torch.float32, f"grad {k}")

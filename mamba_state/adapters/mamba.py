@@ -228,22 +228,49 @@ class StatefulMamba(nn.Module):
             raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
         if reset is not None:
             reset = reset.to(x.device)
-        xz = self.in_proj(x).transpose(1, 2)  # [B, 2*d_inner, L]
-        xs, z = xz.chunk(2, dim=1)
-        xs, conv_state = causal_conv1d_ref(xs, self.conv1d.weight, self.conv1d.bias, conv_state=state.conv_state,
-                                           reset=reset, activation="silu")
-        x_dbl = self.x_proj(xs.transpose(1, 2))  # [B, L, dt_rank + 2*d_state]
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias goes in as delta_bias
+        # Channel-major layout throughout ([B, channels, L], what the scan takes): batched matmuls against the
+        # transposed input write it directly, so no activation is transposed or copied between steps.
+        xt = x.transpose(1, 2)  # [B, d_model, L] (a view)
+        w_in = self.in_proj.weight
+        xs = torch.matmul(w_in[: self.d_inner], xt)  # [B, d_inner, L], contiguous
+        z = torch.matmul(w_in[self.d_inner:], xt)
+        if self.in_proj.bias is not None:
+            xs = xs + self.in_proj.bias[: self.d_inner, None]
+            z = z + self.in_proj.bias[self.d_inner:, None]
+        xs, conv_state = self._conv(xs, state.conv_state, reset)
+        x_dbl = torch.matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
         ct = _compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
         y, last = self._scan(
-            xs.contiguous(), dt.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-            self.D.to(ct), z=z.contiguous(), delta_bias=self.dt_proj.bias.to(ct), delta_softplus=True,
-            return_last_state=True, initial_state=state.ssm_state, reset=reset,
+            xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct), z=z, delta_bias=self.dt_proj.bias.to(ct),
+            delta_softplus=True, return_last_state=True, initial_state=state.ssm_state, reset=reset,
         )
-        out = self.out_proj(y.transpose(1, 2))
+        out = torch.matmul(self.out_proj.weight, y).transpose(1, 2)  # [B, L, d_model] (a view)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
         return out, MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
+
+    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None):
+        """silu(causal depthwise conv) continuing ``conv_state``; returns ``(out [B, d_inner, L], new conv_state)``.
+
+        With resets, the reference function (windows cleared per row). Without, one ``F.conv1d`` in the input's
+        dtype over the last ``d_conv - 1`` state inputs followed by the chunk (accumulation is float32 inside
+        PyTorch's kernels for half inputs, as in upstream's causal-conv1d).
+        """
+        if reset is not None:
+            return causal_conv1d_ref(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                     activation="silu")
+        W, L = self.d_conv, xs.shape[-1]
+        full = torch.cat([conv_state[:, :, 1:].to(xs.dtype), xs], dim=-1)  # [B, d_inner, W - 1 + L]
+        out = F.silu(F.conv1d(full, self.conv1d.weight.to(xs.dtype), None if self.conv1d.bias is None
+                              else self.conv1d.bias.to(xs.dtype), groups=self.d_inner))
+        if L >= W:
+            new = xs[:, :, L - W:]
+        else:  # the window keeps W - L older inputs from the state
+            new = torch.cat([conv_state[:, :, L:], xs.to(conv_state.dtype)], dim=-1)
+        return out, new.to(conv_state.dtype).contiguous()
 
     # ------------------------------------------------------------------ one token
     def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,

@@ -232,22 +232,22 @@ class StatefulMamba(nn.Module):
         # transposed input write it directly, so no activation is transposed or copied between steps.
         xt = x.transpose(1, 2)  # [B, d_model, L] (a view)
         w_in = self.in_proj.weight
-        xs = _proj(w_in[: self.d_inner], xt)  # [B, d_inner, L], contiguous
-        z = _proj(w_in[self.d_inner:], xt)
+        xs = torch.matmul(w_in[: self.d_inner], xt)  # [B, d_inner, L], contiguous
+        z = torch.matmul(w_in[self.d_inner:], xt)
         if self.in_proj.bias is not None:
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
         xs, conv_state = self._conv(xs, state.conv_state, reset)
-        x_dbl = _proj(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
+        x_dbl = torch.matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = _proj(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
+        dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
         ct = _compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
         y, last = self._scan(
             xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct), z=z, delta_bias=self.dt_proj.bias.to(ct),
             delta_softplus=True, return_last_state=True, initial_state=state.ssm_state, reset=reset,
         )
-        out = _proj(self.out_proj.weight, y).transpose(1, 2)  # [B, L, d_model] (a view)
+        out = torch.matmul(self.out_proj.weight, y).transpose(1, 2)  # [B, L, d_model] (a view)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
         return out, MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
@@ -321,12 +321,6 @@ class StatefulMamba(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
                 f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
-
-
-def _proj(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``weight [out, in] @ t [B, in, L] -> [B, out, L]`` as one strided-batched GEMM writing the channel-major
-    result directly (``torch.matmul`` would compute it token-major and copy it over)."""
-    return torch.bmm(weight.unsqueeze(0).expand(t.shape[0], -1, -1), t)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

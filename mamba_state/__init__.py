@@ -9,7 +9,7 @@ import torch as _torch
 
 from .errors import StateCompatibilityError, StateError, StateFormatError, StateShapeError
 from .state import MambaInferenceState, MambaModelState
-from .io import load_model_state, save_model_state
+from .io import StateFileNotFoundError, load_model_state, save_model_state
 from .interop import (
     get_inference_state,
     get_model_state,
@@ -18,6 +18,9 @@ from .interop import (
     zero_inference_state,
     zero_model_state,
 )
+
+from .adapters import StatefulMamba, StatefulMambaLM
+from .adapters.mamba2 import StatefulMamba2
 
 __version__ = "0.1.0.dev0"
 
@@ -30,6 +33,7 @@ __all__ = [
     "StateShapeError",
     "StateCompatibilityError",
     "StateFormatError",
+    "StateFileNotFoundError",
     "MambaInferenceState",
     "MambaModelState",
     "save_model_state",
@@ -40,4 +44,7 @@ __all__ = [
     "get_model_state",
     "set_model_state",
     "zero_model_state",
+    "StatefulMamba",
+    "StatefulMamba2",
+    "StatefulMambaLM",
 ]

@@ -7,6 +7,7 @@ and the reference path otherwise.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -29,10 +30,16 @@ def requested_backend(backend: str | None = None) -> str:
     return choice
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # cached: find_spec touches the file system, and torch.compile cannot trace it
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device | str) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors of ``device``, and why (or why not)."""
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True, "TRITON_INTERPRET=1: Triton runs in its (slow) interpreter"

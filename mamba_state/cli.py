@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in _COMMANDS.items():
         try:
             mod = importlib.import_module(module)
-        except ImportError:
-            continue
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):  # a missing dependency inside: show it
+                raise
+            continue  # the subcommand's module is not part of this install
         p = sub.add_parser(name, help=help_text)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)

@@ -29,6 +29,7 @@ from ..backend import requested_backend, resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref, selective_scan_chunked
 from ..state import MambaInferenceState
+from ._state_checks import check_layer_state
 
 __all__ = ["StatefulMamba", "Mamba1Parameters"]
 
@@ -178,16 +179,7 @@ class StatefulMamba(nn.Module):
     def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
         if state is None:
             return self.new_state(batch, device=device)
-        if not isinstance(state, MambaInferenceState):
-            raise StateError(f"state: expected a MambaInferenceState or None, found {type(state).__name__}")
-        layout, expected = state.layout(), self.state_layout()
-        if layout != expected:
-            raise StateCompatibilityError(f"state of layer {self.layer_idx}: expected layout {expected}, found {layout}")
-        if state.batch_size != batch:
-            raise StateShapeError(f"state batch size: expected {batch} (the input's), found {state.batch_size}")
-        if state.device != device:
-            raise StateError(f"state device: expected {device} (the input's), found {state.device}")
-        return state
+        return check_layer_state(state, self.state_layout(), self.layer_idx, batch, device)
 
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:

@@ -35,6 +35,7 @@ from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref
 from ..ssd import ssd_scan_chunked
 from ..state import MambaInferenceState
+from ._state_checks import check_layer_state
 
 __all__ = ["StatefulMamba2", "GatedRMSNorm", "gated_rms_norm"]
 
@@ -310,16 +311,7 @@ class StatefulMamba2(nn.Module):
         return name, why
 
     def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
-        if not isinstance(state, MambaInferenceState):
-            raise StateError(f"state: expected a MambaInferenceState or None, found {type(state).__name__}")
-        got, want = state.layout(), self.state_layout()
-        if got != want:
-            raise StateCompatibilityError(f"state layout: expected {want} (this layer), found {got}")
-        if state.batch_size != batch:
-            raise StateShapeError(f"state batch size: expected {batch} (the input's), found {state.batch_size}")
-        if state.device != device:
-            raise StateError(f"state device: expected {device} (the input's), found {state.device}")
-        return state
+        return check_layer_state(state, self.state_layout(), self.layer_idx, batch, device)
 
     def _check_x(self, x: Any, what: str) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, environment_line, markdown_table, replace_section, write_json  # noqa: E402
+from common import RESULTS_DIR, environment, environment_line, markdown_table, median_time, replace_section, write_json  # noqa: E402
 
 LAYERS, D_INNER, D_STATE, D_CONV = 64, 5120, 16, 4
 SECTION = "State transfer"
@@ -157,18 +157,6 @@ def bench_transfer(batches: list[int], repeats: int) -> tuple[str, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- offload
-def _median(fn, repeats: int) -> float:
-    fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_offload(batches: list[int], repeats: int) -> list[dict]:
     from mamba_state.offload import offload_state, restore_state
 
@@ -188,7 +176,7 @@ def bench_offload(batches: list[int], repeats: int) -> list[dict]:
             cases += [("state.clone()", lambda: state.clone())]
         for name, fn in cases:
             rows.append({"what": name, "batch": batch, "bytes": state.nbytes, "device": str(device),
-                         "seconds": _median(fn, repeats)})
+                         "seconds": median_time(fn, repeats)})
         del state, host, naive_host
     return rows
 

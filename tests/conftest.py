@@ -66,3 +66,12 @@ def pytest_collection_modifyitems(config, items):
 def upstream():
     """The upstream ``mamba_ssm`` package (importable thanks to the placeholder above)."""
     return importlib.import_module("mamba_ssm")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch CPU thread (small ops on a shared machine run faster without oversubscription)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

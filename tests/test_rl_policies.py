@@ -13,13 +13,8 @@ from mamba_state.rl.policies import (GRUPolicy, MambaPolicy, clone_state, count_
 OBS, ACT = 7, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small(controller: str, seed: int = 0):

@@ -12,13 +12,8 @@ from mamba_state.rl.policies import GRUPolicy, MambaPolicy
 from mamba_state.rl.ppo import PPOConfig, PPOTrainer, compute_gae, evaluate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _policy(controller: str, env: DelayedRecall, seed: int = 0, big_heads: bool = True):

@@ -261,3 +261,18 @@ class StatefulMambaLM(nn.Module):
             reset = reset[:, None]
         logits, state = self._run(ids, state, reset, one_step=True)
         return (logits[:, 0] if squeeze else logits), state
+
+    # ------------------------------------------------------------------ generation (mamba_state.generation)
+    def generate(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
+                 **sampling: Any) -> Any:
+        """Prefill ``input_ids`` in chunks from ``state``, then decode; see :func:`mamba_state.generation.generate`."""
+        from ..generation import generate
+
+        return generate(self, input_ids, state=state, max_new_tokens=max_new_tokens, **sampling)
+
+    def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
+               **sampling: Any) -> Any:
+        """Yield each new token ``[batch]`` as it is produced; see :func:`mamba_state.generation.stream`."""
+        from ..generation import stream
+
+        return stream(self, input_ids, state=state, max_new_tokens=max_new_tokens, **sampling)

@@ -16,7 +16,8 @@ from torch import Tensor
 from mamba_state.backend import requested_backend, resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.reference import selective_scan_chunked, selective_state_update_ref
-from mamba_state.scan_inputs import check_scan_inputs
+from mamba_state.scan_inputs import check_scan_inputs, compute_dtype
+from mamba_state.scan_positions import check_positions, run_segments
 
 from .ops import ScanFn, default_chunk
 
@@ -37,8 +38,9 @@ def _which(device: torch.device, backend: Optional[str]) -> str:
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False, initial_state: Optional[Tensor] = None,
-                      reset: Optional[Tensor] = None, backend: Optional[str] = None, chunk_size: Optional[int] = None):
-    """Mamba-1 selective scan with initial state, final state and per-step resets.
+                      reset: Optional[Tensor] = None, backend: Optional[str] = None, chunk_size: Optional[int] = None,
+                      return_states_at=None):
+    """Mamba-1 selective scan with initial state, final state, per-step resets and states at chosen positions.
 
     Args:
         u, delta: [batch, dim, seqlen], fp32/fp16/bf16.
@@ -52,12 +54,23 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         reset: bool [batch, seqlen] or None; True at t zeroes the state just before step t.
         backend: None/'auto', 'reference' or 'triton' (see :mod:`mamba_state.backend`).
         chunk_size: checkpoint interval of the Triton path (a multiple of 8; default about sqrt(8 * seqlen)).
+        return_states_at: None, or non-decreasing ints in [0, seqlen] (a list, range or 1-D integer tensor):
+            also return the state after ``p`` tokens for each ``p`` (0: the initial state; seqlen: the final
+            state; the state at ``p`` is taken before a reset at token ``p`` is applied). The sequence is scanned
+            in segments cut at these positions, each continuing from the previous one's final state: every
+            token is processed once (no replay) and gradients flow through the returned states.
 
     Returns:
         out [batch, dim, seqlen] in u.dtype, or (out, last_state [batch, dim, dstate] float32) when
-        ``return_last_state``. Differentiable in every tensor input, initial_state included.
+        ``return_last_state``. With ``return_states_at``, the states are appended as one more value:
+        ``(out, states)`` or ``(out, last_state, states)``, ``states`` [len(positions), batch, dim, dstate] in the
+        compute dtype (float32; float64 for float64 inputs). Differentiable in every tensor input, initial_state
+        included.
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+    if return_states_at is not None:
+        return _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state, reset, backend, chunk_size, return_states_at, shape)
     which = _which(u.device, backend)
     constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
     if which == "reference" or constant_bc or u.dtype == torch.float64:
@@ -74,6 +87,26 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     out, last, _, _ = ScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                 bool(delta_softplus), chunk)
     return (out, last) if return_last_state else out
+
+
+def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                       reset, backend, chunk_size, return_states_at, shape):
+    """:func:`selective_scan_fn` with ``return_states_at``: one scan per segment between positions."""
+    positions = check_positions(return_states_at, shape.seqlen)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    init = (initial_state if initial_state is not None
+            else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
+
+    def part(t, a, b):  # time slice of a time-varying input; constant B/C, D, bias and None pass through
+        return t[..., a:b] if t is not None and t.dim() >= 3 else t
+
+    def run(a, b, state):
+        return selective_scan_fn(part(u, a, b), part(delta, a, b), A, part(B, a, b), part(C, a, b), D,
+                                 part(z, a, b), delta_bias, delta_softplus, True, state,
+                                 None if reset is None else reset[:, a:b], backend, chunk_size)
+
+    out, last, states = run_segments(run, shape.seqlen, positions, init, time_dim=-1, state_dtype=ct)
+    return (out, last, states) if return_last_state else (out, states)
 
 
 def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):

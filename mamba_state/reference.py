@@ -86,8 +86,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def _default_chunk(seqlen: int) -> int:
-    # Two loops of `chunk` vectorised steps plus one of seqlen / chunk steps: about sqrt(L) / 4 balanced the
-    # per-step dispatch cost against the work per step on CPU (measured by benchmarks/bench_reference.py).
+    # Each chunk costs two vectorised steps in the forward and two in the backward, and the loop over chunk
+    # boundaries one small step per chunk: about sqrt(L) / 4 balanced the per-step dispatch cost against the
+    # work per step on CPU (measured by benchmarks/bench_reference.py).
     return int(min(64, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen) / 4))))))
 
 
@@ -95,91 +96,146 @@ def _groups(t: torch.Tensor) -> int:
     return 0 if t.dim() == 2 else (1 if t.dim() == 3 else int(t.shape[1]))
 
 
-def _bc_steps(t: torch.Tensor, G: int, K: int, T: int, pad: int, ct: torch.dtype) -> torch.Tensor:
-    """B or C laid out per step: ``[T, batch, G, K, 1, dstate]`` (time-varying; a view when possible) or
-    ``[1, 1, G, 1, dim // G, dstate]`` (constant ``[dim, dstate]``)."""
+def _bc_groups(t: torch.Tensor, G: int, ct: torch.dtype) -> torch.Tensor:
+    """B or C as ``[batch, G, dstate, seqlen]`` (time-varying) or ``[dim, dstate]`` (constant), in ``ct``."""
     t = t.to(ct)
-    if t.dim() == 2:
-        d, n = t.shape
-        return t.view(1, 1, G, 1, d // G, n)
     if t.dim() == 3:
         t = t[:, None]
-    b, g, n, _ = t.shape
-    if g != G:
-        t = t.repeat_interleave(G // g, dim=1)
-    if pad:
-        t = F.pad(t, (0, pad))
-    return t.view(b, G, n, K, T).permute(4, 0, 1, 3, 2).unsqueeze(4)
+    if t.dim() == 4 and t.shape[1] != G:
+        t = t.repeat_interleave(G // t.shape[1], dim=1)
+    return t
 
 
-def _chunked_block(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, reset=None, chunk_size=None):
-    """One block of :func:`selective_scan_chunked` (the whole sequence when it is short).
+# Inside a block every per-position tensor is laid out as [T, K, batch, G, dim // G, ...]: step t of every one of
+# the K chunks is one contiguous slice, and so is chunk k of a per-chunk tensor [K, batch, G, dim // G, dstate].
+def _to_steps(x: torch.Tensor, G: int, K: int, T: int) -> torch.Tensor:
+    """[batch, G * e, K * T] -> [T, K, batch, G, e], contiguous."""
+    b = x.shape[0]
+    return x.reshape(b, G, -1, K, T).permute(4, 3, 0, 1, 2).contiguous()
 
-    The sequence is cut into ``K`` chunks of ``T = chunk_size`` steps (the last one padded with steps that
-    keep the state: decay 1, input 0), laid out as ``[T, batch, groups, K, dim // groups, dstate]`` so that
-    every step is one contiguous slice. Then
 
-    1. a loop of ``T`` vectorised steps scans all chunks at once from a zero state (end states only);
-    2. a loop over the ``K`` chunk boundaries carries the true state in, using each chunk's total decay
-       ``exp(A * sum(dt))`` (zero when the chunk holds a reset);
-    3. a second loop of ``T`` steps reruns every chunk from its true entering state and reads ``y`` out with
-       a batched matmul against ``C``.
+def _from_steps(x: torch.Tensor, L: int) -> torch.Tensor:
+    """[T, K, batch, G, e] -> [batch, G * e, L] (drops the padding past ``L``)."""
+    T, K, b, G, e = x.shape
+    return x.permute(2, 3, 4, 1, 0).reshape(b, G * e, K * T)[..., :L]
 
-    Rerunning the chunks costs one fused multiply-add per element but stores no per-position states, and the
-    slices come from ``unbind`` so that autograd's backward does not allocate a full-size gradient per step.
-    Differentiable in every tensor input, ``initial_state`` included.
+
+class _ChunkedScan(torch.autograd.Function):
+    """The bare recurrence of one block, with a hand-written backward.
+
+    Inputs (all in the compute dtype): ``dt``, ``u`` [batch, dim, L]; ``A`` [dim, n]; ``B``, ``C`` [batch, G, n, L]
+    or [dim, n]; ``h0`` [batch, dim, n] or None; ``keep`` bool [batch, L] (False where the state resets) or None;
+    ``T`` the chunk length. Outputs ``y`` [batch, dim, L] (``sum_n C * x``, no D or z) and the last state
+    [batch, dim, n].
+
+    Forward: (1) all K chunks scanned at once from a zero state, ``T`` vectorised steps, keeping only their end
+    states; (2) a loop over the K chunk boundaries carries the true state in with each chunk's total decay; (3)
+    every chunk rerun from its entering state, writing all states into one buffer that gives ``y`` in one
+    batched matmul and is kept for the backward (with ``exp(dt * A)``).
+
+    Backward: the adjoint ``lam_t = C_t g_t + exp(dt_{t+1} A) lam_{t+1}`` runs the same three passes in reverse
+    (the gradient of the last state enters at the last chunk's end); every input gradient is then a handful of
+    whole-block products and reductions of ``lam`` with the saved states. Not twice differentiable.
     """
-    shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
-    b, d, L, n = shape.batch, shape.dim, shape.seqlen, shape.dstate
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise StateError(f"chunk_size: expected a positive int or None, found {chunk_size!r}")
-    T = min(int(chunk_size) if chunk_size is not None else _default_chunk(L), L)
-    K = -(-L // T)
-    pad = K * T - L
-    G = math.lcm(max(1, _groups(B)), max(1, _groups(C)))  # every group of B and of C is a union of these
-    dg = d // G
-    Ag = A.to(ct).view(G, 1, dg, n)
-    du = dt * u.to(ct)
-    if pad:
-        dt, du = F.pad(dt, (0, pad)), F.pad(du, (0, pad))
 
-    def steps(x: torch.Tensor) -> torch.Tensor:  # [b, d, K*T] -> [T, b, G, K, dg, 1]
-        return x.view(b, G, dg, K, T).permute(4, 0, 1, 3, 2).unsqueeze(-1)
+    @staticmethod
+    def forward(ctx, dt, u, A, B, C, h0, keep, T: int):
+        b, d, L = u.shape
+        n = A.shape[1]
+        G = next((t.shape[1] for t in (B, C) if t.dim() == 4), 1)
+        dg, K = d // G, -(-L // T)
+        pad = K * T - L
+        ct = dt.dtype
+        Ag = A.view(G, dg, n)
+        dt_s = _to_steps(F.pad(dt, (0, pad)), G, K, T)  # padded steps: decay 1, input 0 (the state is kept)
+        u_s = _to_steps(F.pad(u, (0, pad)), G, K, T)
+        dA = torch.exp(dt_s[..., None] * Ag)  # [T, K, b, G, dg, n]
+        keep_s = keep_k = None
+        if keep is not None:
+            keep_s = F.pad(keep, (0, pad), value=True).view(b, K, T).permute(2, 1, 0)  # [T, K, b]
+            keep_k = keep_s.all(0)[..., None, None, None].to(ct)
+            dA.mul_(keep_s[..., None, None, None].to(ct))
+        Bs = _to_steps(F.pad(B.reshape(b, G * n, L), (0, pad)), G, K, T) if B.dim() == 4 else None  # [T,K,b,G,n]
+        Cs = _to_steps(F.pad(C.reshape(b, G * n, L), (0, pad)), G, K, T) if C.dim() == 4 else None
+        dBu = (dt_s * u_s)[..., None] * (Bs[..., None, :] if Bs is not None else B.view(G, dg, n))
+        # 1. every chunk's end state from a zero start
+        h = dBu[0]
+        for t in range(1, T):
+            h = torch.addcmul(dBu[t], dA[t], h)
+        total = torch.exp(dt_s.sum(0)[..., None] * Ag)  # [K, b, G, dg, n]: a chunk's decay, 0 across a reset
+        if keep_k is not None:
+            total.mul_(keep_k)
+        # 2. the true state entering each chunk
+        carry = (h0.reshape(b, G, dg, n) if h0 is not None else torch.zeros(b, G, dg, n, dtype=ct, device=u.device))
+        hs = torch.empty((T + 1, K, b, G, dg, n), dtype=ct, device=u.device)
+        for k in range(K):
+            hs[0, k] = carry
+            carry = torch.addcmul(h[k], total[k], carry)
+        # 3. rerun every chunk from its entering state, keeping every state
+        for t in range(T):
+            torch.addcmul(dBu[t], dA[t], hs[t], out=hs[t + 1])
+        del dBu, h
+        if Cs is not None:
+            y = torch.matmul(hs[1:], Cs[..., None])[..., 0]
+        else:
+            y = (hs[1:] * C.view(G, dg, n)).sum(-1)
+        ctx.save_for_backward(dt_s, u_s, A, B, C, Bs, Cs, dA, hs, total)
+        ctx.dims = (b, d, L, n, G, K, T, h0 is not None)
+        return _from_steps(y, L), carry.reshape(b, d, n)
 
-    dA = (steps(dt) * Ag).exp_()  # [T, b, G, K, dg, n]
-    keep = None
-    if reset is not None:
-        keep = F.pad(~reset, (0, pad), value=True) if pad else ~reset
-        keep = keep.view(b, 1, K, T)
-        dA = dA * keep.permute(3, 0, 1, 2)[..., None, None].to(ct)
-    dBu = steps(du) * _bc_steps(B, G, K, T, pad, ct)
-    Cs = _bc_steps(C, G, K, T, pad, ct)
-    dA_t, dBu_t = dA.unbind(0), dBu.unbind(0)
-    # 1. every chunk's end state from a zero start, all chunks at once
-    h = dBu_t[0]
-    for t in range(1, T):
-        h = torch.addcmul(dBu_t[t], dA_t[t], h)
-    total = torch.exp(dt.view(b, G, dg, K, T).sum(-1).transpose(2, 3)[..., None] * Ag)  # [b, G, K, dg, n]
-    if keep is not None:
-        total = total * keep.all(-1)[..., None, None].to(ct)
-    # 2. the true state entering each chunk
-    carry = (initial_state.to(ct).view(b, G, dg, n) if initial_state is not None
-             else torch.zeros(b, G, dg, n, dtype=ct, device=u.device))
-    entering = []
-    for h_k, p_k in zip(h.unbind(2), total.unbind(2)):
-        entering.append(carry)
-        carry = torch.addcmul(h_k, p_k, carry)
-    h = torch.stack(entering, dim=2)  # [b, G, K, dg, n]
-    # 3. rerun every chunk from its entering state, reading the output as we go
-    C_t = Cs.unbind(0) if C.dim() != 2 else None
-    ys = []
-    for t in range(T):
-        h = torch.addcmul(dBu_t[t], dA_t[t], h)
-        ys.append(torch.matmul(h, C_t[t].transpose(-1, -2)) if C_t is not None else (h * Cs[0]).sum(-1, keepdim=True))
-    y = torch.cat(ys, dim=-1).transpose(2, 3).reshape(b, d, K * T)[:, :, :L]  # [b, G, K, dg, T] -> [b, d, L]
-    out = _finish(y, u, D, z, ct, u.dtype)
-    return (out, carry.reshape(b, d, n)) if return_last_state else out
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, glast):
+        dt_s, u_s, A, B, C, Bs, Cs, dA, hs, total = ctx.saved_tensors
+        b, d, L, n, G, K, T, has_h0 = ctx.dims
+        dg, pad = d // G, K * T - L
+        need = ctx.needs_input_grad
+        Ag = A.view(G, dg, n)
+        g_s = _to_steps(F.pad(gy, (0, pad)), G, K, T)  # [T, K, b, G, dg]
+        lam = g_s[..., None] * (Cs[..., None, :] if Cs is not None else C.view(G, dg, n))
+        # 1. every chunk's adjoint at its first step from a zero end, folded into the step before the chunk
+        mu = lam[T - 1]
+        for t in range(T - 2, -1, -1):
+            mu = torch.addcmul(lam[t], dA[t + 1], mu)
+        w = dA[0] * mu
+        # 2. the true adjoint entering each chunk from the right; what leaves chunk 0 is the gradient of h0
+        carry = glast.reshape(b, G, dg, n)
+        entering = [None] * K
+        for k in range(K - 1, -1, -1):
+            entering[k] = carry
+            carry = torch.addcmul(w[k], total[k], carry)
+        lam[T - 1] += torch.stack(entering)
+        # 3. the adjoint at every step
+        for t in range(T - 2, -1, -1):
+            lam[t].addcmul_(dA[t + 1], lam[t + 1])
+        del mu, w
+        g_dt = g_u = g_A = g_B = g_C = None
+        du_s = dt_s * u_s
+        # dL/d(dt * A) per element: lam_t * x_{t-1} * exp(dt_t A) (zero at resets, where dA is zero)
+        X = lam * hs[:-1]
+        X.mul_(dA)
+        if need[0] or need[1]:
+            LB = (torch.matmul(lam, Bs[..., None])[..., 0] if Bs is not None
+                  else (lam * B.view(G, dg, n)).sum(-1))  # dL/d(dt * u) [T, K, b, G, dg]
+            if need[0]:
+                g_dt = _from_steps(torch.addcmul((X * Ag).sum(-1), u_s, LB), L)
+            if need[1]:
+                g_u = _from_steps(dt_s * LB, L)
+        if need[2]:
+            g_A = X.mul_(dt_s[..., None]).sum((0, 1, 2)).reshape(d, n)
+        del X
+        if need[3]:
+            if Bs is not None:
+                g_B = _from_steps(torch.matmul(du_s[..., None, :], lam)[..., 0, :], L).reshape(b, G, n, L)
+            else:
+                g_B = (lam * du_s[..., None]).sum((0, 1, 2)).reshape(d, n)
+        if need[4]:
+            if Cs is not None:
+                g_C = _from_steps(torch.matmul(g_s[..., None, :], hs[1:])[..., 0, :], L).reshape(b, G, n, L)
+            else:
+                g_C = (hs[1:] * g_s[..., None]).sum((0, 1, 2)).reshape(d, n)
+        g_h0 = carry.reshape(b, d, n) if has_h0 and need[5] else None
+        return g_dt, g_u, g_A, g_B, g_C, g_h0, None, None
 
 
 _BLOCK_ELEMENTS = 1 << 20  # about 4 MB of float32 per [batch, dim, block, dstate] tensor
@@ -192,36 +248,44 @@ def _default_block(batch: int, dim: int, dstate: int) -> int:
     return int(min(2048, max(64, 2 ** round(math.log2(max(1.0, _BLOCK_ELEMENTS / per_token))))))
 
 
+def _check_size(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise StateError(f"{name}: expected a positive int or None, found {value!r}")
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, initial_state=None, reset=None, chunk_size=None, block_size=None):
     """Selective scan computed in chunks: same arguments, results and dtypes as :func:`selective_scan_ref`.
 
     The sequence is processed in blocks of ``block_size`` tokens (default: sized so that a ``[batch, dim, block,
     dstate]`` tensor is about 4 MB), each continuing from the previous block's last state; inside a block the
-    work is parallel over chunks of ``chunk_size`` steps (see :func:`_chunked_block`). Memory is
-    O(batch * dim * block * dstate) for the forward; autograd keeps every block's tensors for the backward.
-    Differentiable in every tensor input, ``initial_state`` included.
+    work is parallel over chunks of ``chunk_size`` steps (see :class:`_ChunkedScan`). Memory is
+    O(batch * dim * block * dstate) for the forward; for the backward every block keeps its states and decays
+    (two float tensors of [batch, dim, block, dstate]). Differentiable in every tensor input, ``initial_state``
+    included (once: the backward is hand-written and not itself differentiable).
     """
-    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise StateError(f"block_size: expected a positive int or None, found {block_size!r}")
-    Lb = block_size if block_size is not None else _default_block(shape.batch, shape.dim, shape.dstate)
+    shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
+    _check_size("chunk_size", chunk_size)
+    _check_size("block_size", block_size)
     L = shape.seqlen
-    if L <= Lb:
-        return _chunked_block(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                              initial_state, reset, chunk_size)
+    Lb = block_size if block_size is not None else _default_block(shape.batch, shape.dim, shape.dstate)
+    G = math.lcm(max(1, _groups(B)), max(1, _groups(C)))  # every group of B and of C is a union of these
+    Bg, Cg, Af, uf = _bc_groups(B, G, ct), _bc_groups(C, G, ct), A.to(ct), u.to(ct)
+    keep = ~reset if reset is not None else None
+    state = initial_state.to(ct) if initial_state is not None else None
 
     def part(t, s):  # time slice of a time-varying input; constant B/C and None pass through
         return t[..., s] if t is not None and t.dim() >= 3 else t
 
-    outs, state = [], initial_state
+    ys = []
     for start in range(0, L, Lb):
         s = slice(start, min(L, start + Lb))
-        out, state = _chunked_block(part(u, s), part(delta, s), A, part(B, s), part(C, s), D, part(z, s), delta_bias,
-                                    delta_softplus, True, state, reset[:, s] if reset is not None else None,
-                                    chunk_size)
-        outs.append(out)
-    out = torch.cat(outs, dim=-1)
+        n_steps = s.stop - s.start
+        T = min(chunk_size if chunk_size is not None else _default_chunk(n_steps), n_steps)
+        y, state = _ChunkedScan.apply(dt[..., s], uf[..., s], Af, part(Bg, s), part(Cg, s), state,
+                                      keep[:, s] if keep is not None else None, T)
+        ys.append(y)
+    out = _finish(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1), u, D, z, ct, u.dtype)
     return (out, state) if return_last_state else out
 
 

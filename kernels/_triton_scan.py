@@ -268,23 +268,35 @@ def _bstep(h, x_prev, x_cur, A2, keep, dt, dtu, Bc, Cc, gy, A, gA, HAS_RESET: tl
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
-    ypre_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr,
-    dim, L, dstate, cpg, nchunks,
+    ypre_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr, hin_ptr,
+    dim, L, dstate, cpg, nchunks, nbatch, nsplit,
     sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
-    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr,
 ):
     """Reverse sweep over chunks. For each chunk: recompute the state at every 8-step tile boundary from the
     chunk's checkpoint (written to a small per-program scratch), then walk the tiles backwards, recomputing the
     8 states of a tile in registers and applying 8 reverse steps.
 
+    MODE 0 (grid [channel blocks, batch]): one program walks all chunks from last to first, carrying the
+    adjoint h from the gradient of the last state (or zero); writes dinit [batch, dim, dstate].
+    MODE 1 (grid [channel blocks, batch, nsplit]): program g takes chunks g, g + nsplit, ... in any order,
+    each starting from the true adjoint entering it from the right, hin [batch, dim, nchunks, dstate]
+    (from _scan_bwd_local_kernel and _carry_bwd_kernel); no dinit (the carry pass gives it).
+
     Writes du, ddelta, dz per element; dB, dC by atomic adds into float32 [batch, ngroups, dstate, seqlen];
-    per-batch partial sums dA [batch, dim, dstate], dD and ddelta_bias [batch, dim]; dinit [batch, dim, dstate].
+    partial sums dA [parts, dim, dstate], dD and ddelta_bias [parts, dim] with parts = batch (MODE 0) or
+    nsplit * batch (MODE 1, part g * batch + b); the scratch has the same parts.
     """
     SUB: tl.constexpr = CHUNK // 8
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    if MODE == 0:
+        part = pid_b
+    else:
+        pid_g = tl.program_id(2)
+        part = pid_g.to(tl.int64) * nbatch + pid_b
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
     mask_d = offs_d < dim
@@ -301,7 +313,8 @@ def _scan_bwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
-    scr_off = ((pid_b * dim + offs_d[:, None]) * SUB) * dstate + offs_n[None, :]
+    part_off = (part * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    scr_off = ((part * dim + offs_d[:, None]) * SUB) * dstate + offs_n[None, :]
     if HAS_GLAST:
         h = tl.load(glast_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
     else:
@@ -317,8 +330,18 @@ def _scan_bwd_kernel(
     dB_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
     dC_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
     rst_row = pid_b * L
-    for cc in range(0, nchunks):
-        c = nchunks - 1 - cc
+    if MODE == 0:
+        c_lo = 0
+        c_step = 1
+    else:
+        c_lo = pid_g
+        c_step = nsplit
+    for cc in range(c_lo, nchunks, c_step):
+        if MODE == 0:
+            c = nchunks - 1 - cc
+        else:
+            c = cc
+            h = tl.load(hin_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
         cstart = c * CHUNK
         ntiles = tl.minimum(SUB, (L - cstart + 7) // 8)
         # pass 1: states at the tile boundaries of this chunk
@@ -408,12 +431,123 @@ def _scan_bwd_kernel(
             tl.atomic_add(dB_ptr + dB_row + offs_t[None, :], gBt, mask=mb)
             tl.atomic_add(dC_ptr + dC_row + offs_t[None, :], gCt, mask=mb)
         tl.debug_barrier()
-    tl.store(dinit_ptr + st_off, h, mask=mask_dn)
-    tl.store(dA_ptr + st_off, gA, mask=mask_dn)
+    if MODE == 0:
+        tl.store(dinit_ptr + st_off, h, mask=mask_dn)
+    tl.store(dA_ptr + part_off, gA, mask=mask_dn)
     if HAS_D:
-        tl.store(dD_ptr + pid_b * dim + offs_d, gD, mask=mask_d)
+        tl.store(dD_ptr + part * dim + offs_d, gD, mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_ptr + pid_b * dim + offs_d, gbias, mask=mask_d)
+        tl.store(dbias_ptr + part * dim + offs_d, gbias, mask=mask_d)
+
+
+@triton.jit
+def _lstep(h, P, A2, dt, keep, gy, Cc, HAS_RESET: tl.constexpr):
+    """Reverse of one step for the adjoint alone: h <- a_t * (h + gy_t C_t); P <- P * a_t."""
+    a = tl.exp2(dt[:, None] * A2)
+    if HAS_RESET:
+        a = a * keep[:, None]
+    h = (h + gy[:, None] * Cc[None, :]) * a
+    return h, P * a
+
+
+@triton.jit
+def _scan_bwd_local_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, gout_ptr, sum_ptr, prod_ptr,
+    dim, L, dstate, cpg, nchunks, sCb, sCg, sCn,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    """Phase 1 of the chunk-parallel backward, grid [channel blocks, batch, chunks].
+
+    The adjoint recurrence h_{t-1} = a_t (h_t + gy_t C_t) is linear in h, so the adjoint leaving chunk c to
+    the left is P_c * (adjoint entering from the right) + S_c. This kernel sweeps chunk c backwards from a
+    zero adjoint: S_c -> sum_ptr, P_c = prod of the chunk's decays (0 after a reset) -> prod_ptr, both
+    [batch, dim, nchunks, dstate] float32. It needs no states, only dt, reset, C and the output gradient.
+    """
+    SUB: tl.constexpr = CHUNK // 8
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = (pid_d * BD) // cpg
+    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros((BD,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    row = (pid_b * dim + offs_d[:, None]) * L
+    C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
+    rst_row = pid_b * L
+    cstart = c * CHUNK
+    ntiles = tl.minimum(SUB, (L - cstart + 7) // 8)
+    h = tl.zeros((BD, BN), tl.float32)
+    P = tl.full((BD, BN), 1.0, tl.float32)
+    for ss in range(0, ntiles):
+        t0 = cstart + 8 * (ntiles - 1 - ss)
+        offs_t = t0 + tl.arange(0, 8)
+        mt = offs_t < L
+        m2 = mask_d[:, None] & mt[None, :]
+        dt = tl.load(dt_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)  # steps past L: decay 1, no input
+        if HAS_RESET:
+            r = tl.load(reset_ptr + rst_row + offs_t[None, :], mask=mt[None, :], other=0)
+            keep = tl.where(r != 0, 0.0, 1.0)
+        else:
+            keep = tl.full((1, 8), 1.0, tl.float32)
+        g = tl.load(gout_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+            g = g * zt * _sigmoid(zt)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
+        g0, g1, g2, g3, g4, g5, g6, g7 = _split8(g, BD)
+        k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(C_ptr, C_row1, t0, L, mask_n)
+        h, P = _lstep(h, P, A2, d7, k7, g7, c7, HAS_RESET)
+        h, P = _lstep(h, P, A2, d6, k6, g6, c6, HAS_RESET)
+        h, P = _lstep(h, P, A2, d5, k5, g5, c5, HAS_RESET)
+        h, P = _lstep(h, P, A2, d4, k4, g4, c4, HAS_RESET)
+        h, P = _lstep(h, P, A2, d3, k3, g3, c3, HAS_RESET)
+        h, P = _lstep(h, P, A2, d2, k2, g2, c2, HAS_RESET)
+        h, P = _lstep(h, P, A2, d1, k1, g1, c1, HAS_RESET)
+        h, P = _lstep(h, P, A2, d0, k0, g0, c0, HAS_RESET)
+    tl.store(sum_ptr + ck_off + c * dstate, h, mask=mask_dn)
+    tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
+
+
+@triton.jit
+def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, dinit_ptr, dim, dstate, nchunks,
+                      HAS_GLAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 2 of the chunk-parallel backward: a short pass over chunk boundaries, right to left.
+
+    g starts as the gradient of the last state (or 0); for c = last .. 0: hin[c] = g (the true adjoint entering
+    chunk c from the right, written over sum[c] once read), then g = prod[c] * g + sum[c]. The final g is the
+    gradient of initial_state. Grid: [cdiv(dim * dstate, BLOCK), batch].
+    """
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (channel, state) index
+    mask = offs < dim * dstate
+    ch = offs // dstate
+    n = offs % dstate
+    if HAS_GLAST:
+        g = tl.load(glast_ptr + pid_b * dim * dstate + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK,), tl.float32)
+    base = ((pid_b * dim + ch) * nchunks) * dstate + n
+    for cc in range(0, nchunks):
+        c = nchunks - 1 - cc
+        s = tl.load(sum_ptr + base + c * dstate, mask=mask, other=0.0)
+        p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
+        tl.store(sum_ptr + base + c * dstate, g, mask=mask)
+        g = p * g + s
+    tl.store(dinit_ptr + pid_b * dim * dstate + offs, g, mask=mask)
 
 
 @triton.jit

@@ -15,7 +15,12 @@ Ops (all take B/C as [batch, ngroups, dstate, seqlen]; the public wrapper adds t
 
 What backward keeps: the inputs (no copies), the ``checkpoints`` (one fp32 state per chunk of ``chunk`` steps),
 the pre-gate output ``ypre`` when z is given,
-and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per (batch, channel).
+and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per (batch, channel) and program
+row (one row per batch row; ``backward_splits`` rows in the chunk-parallel backward, which also holds two
+[batch, dim, nchunks, dstate] fp32 buffers while it runs: the chunks' local adjoints and decay products).
+
+The backward has two schedules (``backward_mode``, ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto``): ``seq``, one program
+per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-parallel for small grids.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["default_chunk", "block_sizes", "ScanFn"]
+__all__ = ["default_chunk", "block_sizes", "backward_mode", "backward_splits", "ScanFn"]
 
 
 def default_chunk(seqlen: int) -> int:
@@ -52,14 +57,16 @@ def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, bat
     Measured on an H100 (benchmarks/bench_scan.py --sweep, dstate 16): the forward is fastest with 8 channels
     per program up to about 16 programs per SM (batch x channel blocks), else 16; the
     sequence-parallel forward with 16; the backward with 8, or 4 when the grid is small (long sequences, small
-    batch). ``MAMBA_STATE_SCAN_[BWD_]BD`` and ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override (for sweeps).
+    batch). The chunk-parallel backward (``seqpar`` with ``backward``) takes 4: its grid is large anyway, and
+    half the channels halves every [BD, dstate] tile the reverse step keeps live (the 8-channel backward spills).
+    ``MAMBA_STATE_SCAN_[BWD_]BD`` and ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override (for sweeps).
     """
     bn = max(1, triton_next_pow2(dstate))
     base = max(1, 128 // bn)
     programs = batch * _cdiv(dim, base)
     sms = _sm_count(device)
     if backward:
-        target = base if programs >= 2 * sms else max(1, base // 2)
+        target = base if programs >= 2 * sms and not seqpar else max(1, base // 2)
     elif seqpar or programs > 16 * sms:
         target = max(1, 256 // bn)
     else:
@@ -97,6 +104,42 @@ def use_sequence_parallel(u: Tensor, batch: int, dim_blocks: int, nchunks: int) 
         return False
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count
     return batch * dim_blocks < 2 * sms
+
+
+BWD_MODES = ("auto", "seq", "chunk")
+
+
+def backward_mode(u: Tensor, batch: int, dim: int, dstate: int, nchunks: int) -> str:
+    """'seq' (one program per (batch, channel block) walks every chunk right to left) or 'chunk' (chunk-parallel:
+    local adjoints per chunk, a short pass over chunk boundaries, then every chunk's gradients in parallel).
+
+    ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto`` forces the choice (auto when unset). Auto takes 'chunk' on CUDA when
+    there are at least 2 chunks and batch x channel blocks (8 channels a block for dstate 16) is below 4 programs
+    per SM: the sequential backward holds about 8 one-warp programs per SM (255 registers each), so such a grid
+    leaves at least half of them idle for the whole sequence.
+    """
+    env = os.environ.get("MAMBA_STATE_SCAN_BWD", "auto").strip().lower() or "auto"
+    if env not in BWD_MODES:
+        from mamba_state.errors import StateError
+
+        raise StateError(f"MAMBA_STATE_SCAN_BWD: expected one of {', '.join(BWD_MODES)}, found {env!r}")
+    if env != "auto":
+        return env
+    if nchunks < 2 or not u.is_cuda:
+        return "seq"
+    bn = max(1, triton_next_pow2(dstate))
+    programs = batch * _cdiv(dim, max(1, 128 // bn))
+    return "chunk" if programs < 4 * _sm_count(u.device) else "seq"
+
+
+def backward_splits(batch: int, dim_blocks: int, nchunks: int, device: torch.device) -> int:
+    """Programs per (batch, channel block) in the chunk-parallel backward's gradient pass; each takes every
+    ``splits``-th chunk. Enough for about 16 programs per SM, and never more than the chunks: the backward
+    scratch (chunk / 8 states per program) then stays bounded by the grid, not by seqlen.
+    ``MAMBA_STATE_SCAN_BWD_SPLIT`` overrides."""
+    env = os.environ.get("MAMBA_STATE_SCAN_BWD_SPLIT")
+    want = int(env) if env else _cdiv(16 * _sm_count(device), max(1, batch * dim_blocks))
+    return max(1, min(nchunks, want))
 
 
 def _dummy(t: Tensor) -> Tensor:
@@ -185,36 +228,56 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     z = z.contiguous() if z is not None else None
     dout = dout.contiguous()
     nch = checkpoints.shape[2]
-    bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device)
+    mode = backward_mode(u, batch, dim, dstate, nch)
+    chunked = mode == "chunk"
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device, seqpar=chunked)
+    dblocks = _cdiv(dim, bd)
+    splits = backward_splits(batch, dblocks, nch, u.device) if chunked else 1
+    parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
     sub = chunk // 8
-    scratch = torch.empty(batch, dim, sub, dstate, device=u.device, dtype=torch.float32)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    scratch = torch.empty(parts, dim, sub, dstate, **f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dA_part = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
-    dB = torch.zeros(batch, ngroups, dstate, L, device=u.device, dtype=torch.float32)
-    dC = torch.zeros(batch, ngroups, dstate, L, device=u.device, dtype=torch.float32)
-    dD_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
-    dbias_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
-    dinit = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    dA_part = torch.empty(parts, dim, dstate, **f32)
+    dB = torch.zeros(batch, ngroups, dstate, L, **f32)
+    dC = torch.zeros(batch, ngroups, dstate, L, **f32)
+    dD_part = torch.empty(parts, dim, **f32)
+    dbias_part = torch.empty(parts, dim, **f32)
+    dinit = torch.empty(batch, dim, dstate, **f32)
     rst = _reset_bytes(reset)
-    grid = (_cdiv(dim, bd), batch)
-    K._scan_bwd_kernel[grid](
-        u, delta, Af, B, C,
-        D.contiguous().float() if D is not None else _dummy(Af),
-        z if z is not None else _dummy(u),
-        delta_bias.contiguous().float() if delta_bias is not None else _dummy(Af),
-        rst if rst is not None else _dummy(Af),
-        checkpoints.contiguous(), dout,
-        dlast.contiguous().float() if dlast is not None else _dummy(Af),
-        scratch, ypre.contiguous() if z is not None else _dummy(u),
-        du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit,
-        dim, L, dstate, dim // ngroups, nch,
+    Dp = D.contiguous().float() if D is not None else _dummy(Af)
+    zp = z if z is not None else _dummy(u)
+    biasp = delta_bias.contiguous().float() if delta_bias is not None else _dummy(Af)
+    rstp = rst if rst is not None else _dummy(Af)
+    ypp = ypre.contiguous() if z is not None else _dummy(u)
+    glast = dlast.contiguous().float() if dlast is not None else _dummy(Af)
+    hin = _dummy(Af)
+    if chunked:
+        # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
+        # over chunk boundaries: hin[c] (in place of the local sums) and dinit; (3) below: gradients per chunk
+        hin = torch.empty(batch, dim, nch, dstate, **f32)
+        prod = torch.empty_like(hin)
+        K._scan_bwd_local_kernel[(dblocks, batch, nch)](
+            delta, Af, C, zp, biasp, rstp, dout, hin, prod,
+            dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
+            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
+        block = 256
+        K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
+            glast, hin, prod, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=4)
+        del prod
+    K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
+        u, delta, Af, B, C, Dp, zp, biasp, rstp,
+        checkpoints.contiguous(), dout, glast, scratch, ypp,
+        du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit, hin,
+        dim, L, dstate, dim // ngroups, nch, batch, splits,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         dB.stride(0), dB.stride(1), dB.stride(2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GLAST=dlast is not None,
-        HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn,
-        num_warps=warps,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_GLAST=dlast is not None and not chunked, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
+        CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
     )
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)

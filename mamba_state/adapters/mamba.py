@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..backend import requested_backend, resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref, selective_scan_chunked
+from ..scan_positions import check_positions, conv_windows_at, run_segments
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state
 
@@ -200,20 +201,26 @@ class StatefulMamba(nn.Module):
         return selective_scan_chunked(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
-                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+                reset: torch.Tensor | None = None, return_states_at: Any = None):
         """Run a chunk from ``state`` (zeros when None).
 
         Args:
             x: ``[B, L, d_model]`` in the parameters' dtype.
             state: the state before ``x``; not modified.
             reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t``.
+            return_states_at: None, or non-decreasing ints in ``[0, L]``: also return the state after ``p``
+                tokens of this chunk for each ``p`` (0: ``state`` itself; a reset at token ``p`` is not applied
+                yet). The scan runs in segments cut at these positions (no token is processed twice).
 
         Returns:
-            ``(y [B, L, d_model], new_state)``; the new state has the incoming state's dtypes.
+            ``(y [B, L, d_model], new_state)``; the new state has the incoming state's dtypes. With
+            ``return_states_at``: ``(y, new_state, states)``, ``states`` a list of :class:`MambaInferenceState`
+            (one per position, the incoming state's dtypes; differentiable).
         """
         self._check_input(x)
         batch, seqlen, _ = x.shape
         state = self._check_state(state, batch, x.device)
+        positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
                                   or list(reset.shape) != [batch, seqlen]):
             found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
@@ -229,20 +236,43 @@ class StatefulMamba(nn.Module):
         if self.in_proj.bias is not None:
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
+        conv_in = xs
         xs, conv_state = self._conv(xs, state.conv_state, reset)
         x_dbl = torch.matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
         ct = _compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
-        y, last = self._scan(
-            xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct), z=z, delta_bias=self.dt_proj.bias.to(ct),
-            delta_softplus=True, return_last_state=True, initial_state=state.ssm_state, reset=reset,
-        )
+        args = (xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct))
+        kwargs = dict(z=z, delta_bias=self.dt_proj.bias.to(ct), delta_softplus=True)
+        if positions is None:
+            y, last = self._scan(*args, **kwargs, return_last_state=True, initial_state=state.ssm_state, reset=reset)
+        else:
+            y, last, ssm_at = self._scan_segments(args, kwargs, state.ssm_state, reset, positions)
         out = torch.matmul(self.out_proj.weight, y).transpose(1, 2)  # [B, L, d_model] (a view)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
-        return out, MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
+        new = MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
+        if positions is None:
+            return out, new
+        conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
+        ssm_at = ssm_at.to(state.ssm_state.dtype)
+        return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
+
+    def _scan_segments(self, args, kwargs, initial_state, reset, positions):
+        """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
+        L = args[0].shape[-1]
+
+        def part(t, a, b):
+            return t[..., a:b] if t is not None and t.dim() == 3 else t
+
+        def run(a, b, h):
+            seg_args = [part(t, a, b) for t in args]
+            seg_kwargs = {k: part(v, a, b) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return self._scan(*seg_args, **seg_kwargs, return_last_state=True, initial_state=h,
+                              reset=None if reset is None else reset[:, a:b])
+
+        return run_segments(run, L, positions, initial_state, time_dim=-1)
 
     def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None):
         """silu(causal depthwise conv) continuing ``conv_state``; returns ``(out [B, d_inner, L], new conv_state)``.

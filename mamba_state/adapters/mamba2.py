@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..backend import resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref
+from ..scan_positions import check_positions, conv_windows_at, run_segments
 from ..ssd import ssd_scan_chunked
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state
@@ -346,11 +347,16 @@ class StatefulMamba2(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
-                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+                reset: torch.Tensor | None = None, return_states_at: Any = None):
         """Run ``x`` ``[B, L, d_model]`` from ``state`` (zeros when None); returns ``(y [B, L, d_model], new state)``.
 
         ``reset``: bool ``[B, L]``; True at ``(b, t)`` clears row ``b``'s conv window and SSM state before token
         ``t``. The new state has the input state's dtype (``state_dtype`` when no state is given).
+
+        ``return_states_at``: None, or non-decreasing ints in ``[0, L]``; then ``(y, new_state, states)`` with
+        ``states`` a list of :class:`MambaInferenceState`, the state after ``p`` tokens for each ``p`` (0: the
+        incoming state; a reset at token ``p`` not applied yet). The SSD scan runs in segments cut at these
+        positions, each continuing from the previous segment's final state (no token is processed twice).
         """
         self._check_x(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -362,11 +368,15 @@ class StatefulMamba2(nn.Module):
                 found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
                 raise StateShapeError(f"reset: expected a bool tensor of shape {[bsz, L]}, found {found}")
             reset = reset.to(x.device)
+        positions = None if return_states_at is None else check_positions(return_states_at, L)
         if L == 0:
+            if positions is not None:
+                return x.new_zeros(bsz, 0, self.d_model), state, [state for _ in positions]
             return x.new_zeros(bsz, 0, self.d_model), state
         backend, _ = self.resolved_backend(x.device)
         z0, x0, z, xBC, dt = self._split_in(self.in_proj(x))
-        xBC, conv_state = self._conv(xBC.transpose(1, 2), state.conv_state, reset, backend == "triton")
+        conv_in = xBC.transpose(1, 2)
+        xBC, conv_state = self._conv(conv_in, state.conv_state, reset, backend == "triton")
         xBC = xBC.transpose(1, 2)
         g_n = self.ngroups * self.d_state
         xs, B, C = torch.split(xBC, [self.d_ssm, g_n, g_n], dim=-1)
@@ -374,16 +384,27 @@ class StatefulMamba2(nn.Module):
         B = B.reshape(bsz, L, self.ngroups, self.d_state)
         C = C.reshape(bsz, L, self.ngroups, self.d_state)
         zh = None if self.rmsnorm else z.reshape(bsz, L, self.nheads, self.headdim)
-        if backend == "triton":
-            y, ssm_state = self._scan_triton(xs, dt, B, C, zh, state.ssm_state, reset)
+        def scan(a: int, b: int, h: torch.Tensor):  # tokens a:b from SSM state h
+            r = None if reset is None else reset[:, a:b]
+            zs = None if zh is None else zh[:, a:b]
+            if backend == "triton":
+                return self._scan_triton(xs[:, a:b], dt[:, a:b], B[:, a:b], C[:, a:b], zs, h, r)
+            return ssd_scan_chunked(xs[:, a:b], dt[:, a:b], self._A(), B[:, a:b], C[:, a:b], D=self._D(), z=zs,
+                                    initial_state=h, reset=r, dt_bias=self.dt_bias, dt_softplus=True,
+                                    dt_limit=self.dt_limit, return_final_state=True)
+
+        if positions is None:
+            y, ssm_state = scan(0, L, state.ssm_state)
         else:
-            y, ssm_state = ssd_scan_chunked(xs, dt, self._A(), B, C, D=self._D(), z=zh,
-                                            initial_state=state.ssm_state, reset=reset, dt_bias=self.dt_bias,
-                                            dt_softplus=True, dt_limit=self.dt_limit, return_final_state=True)
+            y, ssm_state, ssm_at = run_segments(scan, L, positions, state.ssm_state, time_dim=1)
         y = y.reshape(bsz, L, self.d_ssm)
         out = self._output(y, z, z0, x0, backend == "triton")
         new = MambaInferenceState(conv_state.to(state.conv_state.dtype), ssm_state.to(state.ssm_state.dtype))
-        return out, new
+        if positions is None:
+            return out, new
+        conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
+        ssm_at = ssm_at.to(state.ssm_state.dtype)
+        return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
 
     def _conv(self, xt: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None, use_cuda_conv: bool):
         """Causal depthwise conv + silu of ``xt`` ``[B, C, L]`` continuing ``conv_state`` ``[B, C, d_conv]``.

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..layers import is_attention_layer
+from ..scan_positions import check_positions
 from ..state import MambaModelState
 from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config
@@ -81,15 +82,21 @@ class _Block(nn.Module):
         out = norm_apply(norm, r.to(norm.weight.dtype))
         return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
-    def forward(self, hidden, residual, state, reset, one_step: bool):
+    def forward(self, hidden, residual, state, reset, one_step: bool, positions=None):
+        """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given."""
         hidden, residual = self.add_norm(hidden, residual, self.norm)
+        states_at = None
         if one_step:
             hidden, state = self.mixer.step(hidden, state, reset=None if reset is None else reset[:, 0])
+        elif positions is not None:
+            hidden, state, states_at = self.mixer(hidden, state=state, reset=reset, return_states_at=positions)
         else:
             hidden, state = self.mixer(hidden, state=state, reset=reset)
         if self.mlp is not None:
             hidden, residual = self.add_norm(hidden, residual, self.norm2)
             hidden = self.mlp(hidden)
+        if positions is not None:
+            return hidden, residual, state, states_at
         return hidden, residual, state
 
 
@@ -199,9 +206,10 @@ class StatefulMambaLM(nn.Module):
                      else type(input_ids).__name__)
             raise StateShapeError(f"input_ids: expected an integer tensor [batch, seqlen >= 1], found {found}")
 
-    def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0):
+    def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0, return_states_at=None):
         batch, seqlen = input_ids.shape
         state = self._check_state(state, batch, input_ids.device)
+        positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
                                   or list(reset.shape) != [batch, seqlen]):
             found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
@@ -211,19 +219,29 @@ class StatefulMambaLM(nn.Module):
         hidden = self.backbone.embedding(input_ids)
         residual = None
         new_layers = {}
+        layers_at: dict[int, list] = {}
         for layer in self.backbone.layers:
             idx = int(layer.mixer.layer_idx)
-            hidden, residual, new_layers[idx] = layer(hidden, residual, state[idx], reset, one_step)
+            if positions is None:
+                hidden, residual, new_layers[idx] = layer(hidden, residual, state[idx], reset, one_step)
+            else:
+                hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, state[idx], reset,
+                                                                          False, positions)
         first = self.backbone.layers[0]
         hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         logits = self.lm_head(hidden)
         new_state = MambaModelState(new_layers, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
-        return logits, new_state
+        if positions is None:
+            return logits, new_state
+        states_at = [MambaModelState({idx: layers_at[idx][i] for idx in layers_at},
+                                     seqlen_offset=state.seqlen_offset + p, metadata=dict(state.metadata))
+                     for i, p in enumerate(positions)]
+        return logits, new_state, states_at
 
     def forward(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
-                reset: torch.Tensor | None = None, num_last_tokens: int = 0) -> tuple[torch.Tensor, MambaModelState]:
+                reset: torch.Tensor | None = None, num_last_tokens: int = 0, return_states_at: Any = None):
         """Run a chunk of tokens from ``state`` (zeros when None); ``state`` is not modified.
 
         Args:
@@ -231,12 +249,19 @@ class StatefulMambaLM(nn.Module):
             state: :class:`MambaModelState` with every layer of the model.
             reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t`` (every layer).
             num_last_tokens: when > 0, logits of the last ``num_last_tokens`` positions only.
+            return_states_at: None, or non-decreasing ints in ``[0, L]``: also return the model state after
+                ``p`` tokens of this chunk for each ``p`` (0: ``state``; a reset at token ``p`` is not applied
+                yet), taken from segmented scans (no token is processed twice). For rollback (speculative
+                decoding) and prefix caching at arbitrary positions.
 
         Returns:
             ``(logits [B, L, vocab], new_state)`` with ``new_state.seqlen_offset = state.seqlen_offset + L``.
+            With ``return_states_at``: ``(logits, new_state, states)``, ``states`` a list of
+            :class:`MambaModelState` (one per position, ``seqlen_offset = state.seqlen_offset + p``).
         """
         self._check_ids(input_ids)
-        return self._run(input_ids, state, reset, one_step=False, num_last_tokens=num_last_tokens)
+        return self._run(input_ids, state, reset, one_step=False, num_last_tokens=num_last_tokens,
+                         return_states_at=return_states_at)
 
     def step(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaModelState]:

@@ -1,0 +1,519 @@
+"""Resumable, streaming, sampled decoding for :class:`~mamba_state.adapters.StatefulMambaLM`.
+
+How a call runs:
+
+1. **Prefill** (prompts of two or more tokens): ``input_ids`` go through the stateful chunked forward,
+   ``prefill_chunk_size`` tokens at a time, never token by token; only the last position's logits are computed.
+2. **Decode**: every later token, and a prompt of exactly one token, goes through one decode step
+   (``lm.step``: the single-step Triton kernel on CUDA). On CUDA the step runs as a CUDA graph captured once per
+   (model, batch size, state layout, parameter dtype, device) and replayed with static buffers; ``cuda_graph=False``
+   turns that off. CPU runs the step eagerly.
+
+**Resume law.** ``out.sequences`` is ``input_ids`` followed by the new tokens and ``out.state`` has consumed every
+token of ``out.sequences`` except the last one. Because a one-token input takes the very same decode step as the
+tokens inside the loop, ``generate(lm, out.sequences[:, -1:], state=out.state, ...)`` continues exactly where the
+call stopped: the tokens equal those of one longer call, bit for bit on the same device, for greedy decoding and
+for seeded sampling (the random draw of each token depends only on ``seed`` and the token's absolute position
+``state.seqlen_offset``, never on how the work was split into calls). With ``repetition_penalty != 1`` pass the
+earlier tokens as ``context_ids`` too (the state does not remember token ids).
+
+**Sampling** (the meaning of upstream ``mamba_ssm`` ``generate``'s arguments), applied in this order to float32
+logits restricted to the real vocabulary (``lm.config["vocab_size"]``; padding rows of the head are never drawn):
+repetition penalty (logits of tokens already seen are divided by the penalty when positive, multiplied when
+negative; seen = ``context_ids`` + ``input_ids`` + tokens generated so far), temperature, top-k (keep the k
+largest), top-p (keep the smallest set of most likely tokens whose probability reaches ``top_p``), min-p (drop
+tokens whose probability is below ``min_p`` times the largest). ``temperature=0`` means greedy decoding (argmax of
+the penalised logits). A token is drawn with the exponential-race form of categorical sampling,
+``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry: an exact draw from ``p`` that needs no
+cumulative sums and no host synchronisation.
+
+**Seeds.** ``seed=None`` draws from PyTorch's global generator of the device (not reproducible across calls).
+An int seeds a generator afresh for every token with a hash of ``(seed, position)``, and one ``[batch, vocab]``
+draw serves the whole batch. A sequence of ``batch`` ints gives each row its own stream, keyed by
+``(seed[row], position)``: a row's tokens then do not depend on the other rows, so a batch of n branches with
+seeds ``s_1..s_n`` equals n separate calls with those seeds (best-of-n without re-prefilling). Seeded results
+are reproducible on the same device type; CPU and CUDA draw different numbers.
+
+**End of sequence.** With ``eos_token_id`` (an int or several), a row that emits one is finished: its later
+tokens are ``pad_token_id`` (default: the first ``eos_token_id``) and decoding stops once every row is finished.
+Finished rows keep feeding their pad token to the model, so the returned state still satisfies the resume law
+literally; a resumed call treats every row as live again.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import StateError, StateShapeError
+from .state import MambaModelState
+
+__all__ = ["GenerationOutput", "TokenStream", "generate", "stream", "clear_graph_cache"]
+
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------- output object
+@dataclass
+class GenerationOutput:
+    """What :func:`generate` returns.
+
+    Attributes:
+        sequences: int64 ``[batch, len(input_ids) + n_new]``: ``input_ids`` then the new tokens.
+        state: the model state after every token of ``sequences`` except the last one.
+        scores: with ``output_scores=True``, a tuple of ``n_new`` float32 ``[batch, vocab]`` tensors: the processed
+            logits each token was chosen from (after penalty, temperature and filtering; filtered entries are
+            ``-inf``); else None.
+    """
+
+    sequences: torch.Tensor
+    state: MambaModelState
+    scores: tuple[torch.Tensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    vocab: int
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check_int_ids(name: str, t: Any, batch: int | None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex or (
+            t.dtype == torch.bool):
+        found = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise StateShapeError(f"{name}: expected an integer tensor [batch, seqlen], found {found}")
+    if batch is not None and t.shape[0] != batch:
+        raise StateShapeError(f"{name} batch size: expected {batch} (input_ids'), found {t.shape[0]}")
+
+
+def _eos_list(eos_token_id: Any) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+    if isinstance(ids, torch.Tensor):
+        ids = ids.flatten().tolist()
+    if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
+        raise StateError(f"eos_token_id: expected None, a non-negative int or a non-empty list of them, "
+                         f"found {eos_token_id!r}")
+    return list(ids)
+
+
+def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, temperature: Any, top_k: Any,
+                     top_p: Any, min_p: Any, repetition_penalty: Any, eos_token_id: Any, pad_token_id: Any,
+                     seed: Any, prefill_chunk_size: Any, context_ids: Any):
+    """Validate everything before any work; returns (sampling, eos list, pad id, seeds, state)."""
+    if not all(hasattr(lm, a) for a in ("step", "forward", "new_state", "config")):
+        raise StateError(f"lm: expected a StatefulMambaLM (step, forward, new_state, config), found {type(lm).__name__}")
+    lm._check_ids(input_ids)
+    batch = input_ids.shape[0]
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise StateError(f"max_new_tokens: expected an int >= 0, found {max_new_tokens!r}")
+    if not _is_real(temperature) or temperature < 0:
+        raise StateError(f"temperature: expected a finite number >= 0 (0 = greedy), found {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise StateError(f"top_k: expected an int >= 0 (0 = no limit), found {top_k!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise StateError(f"top_p: expected a number in (0, 1] (1 = no filter), found {top_p!r}")
+    if not _is_real(min_p) or not 0 <= min_p < 1:
+        raise StateError(f"min_p: expected a number in [0, 1) (0 = no filter), found {min_p!r}")
+    if not _is_real(repetition_penalty) or repetition_penalty <= 0:
+        raise StateError(f"repetition_penalty: expected a finite number > 0 (1 = none), found {repetition_penalty!r}")
+    eos = _eos_list(eos_token_id)
+    if pad_token_id is not None and (not _is_int(pad_token_id) or pad_token_id < 0):
+        raise StateError(f"pad_token_id: expected None or a non-negative int, found {pad_token_id!r}")
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    vocab = int(lm.config["vocab_size"])
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
+        if any(i >= vocab for i in ids):
+            raise StateError(f"{name}: expected ids below the vocabulary size {vocab}, found {ids}")
+    if seed is None:
+        seeds = None
+    elif _is_int(seed):
+        seeds = int(seed)
+    elif isinstance(seed, (list, tuple)) and all(_is_int(s) for s in seed):
+        if len(seed) != batch:
+            raise StateShapeError(f"seed: expected an int or one int per row ({batch}), found {len(seed)} ints")
+        seeds = [int(s) for s in seed]
+    else:
+        raise StateError(f"seed: expected None, an int or a list of {batch} ints, found {seed!r}")
+    if not _is_int(prefill_chunk_size) or prefill_chunk_size < 1:
+        raise StateError(f"prefill_chunk_size: expected an int >= 1, found {prefill_chunk_size!r}")
+    if context_ids is not None:
+        _check_int_ids("context_ids", context_ids, batch)
+        if context_ids.device != input_ids.device:
+            raise StateError(f"context_ids device: expected {input_ids.device} (input_ids'), found {context_ids.device}")
+    device = input_ids.device
+    if state is not None:
+        state = lm._check_state(state, batch, device)
+        if state.batch_size != batch:
+            raise StateShapeError(f"state batch size: expected {batch} (input_ids'), found {state.batch_size}")
+        for layer in lm.backbone.layers:  # layout, batch and device of every layer, before any work
+            layer.mixer._check_state(state[int(layer.mixer.layer_idx)], batch, device)
+    sampling = _Sampling(float(temperature), int(top_k), float(top_p), float(min_p), float(repetition_penalty), vocab)
+    return sampling, eos, pad, seeds, state
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, position: int) -> int:
+    """The generator seed for the token at absolute ``position`` of a stream sampled with ``seed`` (63 bits)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 1
+
+
+def _process(logits: torch.Tensor, cfg: _Sampling, seen: torch.Tensor | None) -> torch.Tensor:
+    """Float32 ``[B, vocab]`` processed logits from raw ``[B, >= vocab]`` logits (always a fresh tensor)."""
+    x = logits[:, :cfg.vocab].to(torch.float32, copy=True)
+    if seen is not None:
+        x = torch.where(seen, torch.where(x < 0, x * cfg.repetition_penalty, x / cfg.repetition_penalty), x)
+    if cfg.greedy:
+        return x
+    if cfg.temperature != 1.0:
+        x = x / cfg.temperature
+    if 0 < cfg.top_k < cfg.vocab:
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        srt, order = torch.sort(x, dim=-1)  # ascending: drop the unlikely tail whose mass is <= 1 - top_p
+        drop_sorted = srt.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
+        drop_sorted[:, -1] = False  # the most likely token always stays
+        x = x.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if cfg.min_p > 0:
+        p = x.softmax(-1)
+        x = x.masked_fill(p < cfg.min_p * p.amax(-1, keepdim=True), float("-inf"))
+    return x
+
+
+def _exp_noise(shape: tuple[int, int], device: torch.device, seeds: Any, position: int,
+               gen: torch.Generator | None) -> torch.Tensor:
+    """``Exp(1)`` noise ``[B, vocab]``, keyed by (seed, position) when seeded."""
+    if seeds is None:
+        return torch.empty(shape, device=device, dtype=torch.float32).exponential_()
+    if isinstance(seeds, int):
+        gen.manual_seed(step_seed(seeds, position))
+        return torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=gen)
+    rows = []
+    for s in seeds:
+        gen.manual_seed(step_seed(s, position))
+        rows.append(torch.empty((1, shape[1]), device=device, dtype=torch.float32).exponential_(generator=gen))
+    return torch.cat(rows)
+
+
+def _choose(x: torch.Tensor, cfg: _Sampling, seeds: Any, position: int, gen: torch.Generator | None) -> torch.Tensor:
+    """int64 ``[B]`` tokens from processed logits ``x`` for the tokens at absolute ``position``."""
+    if cfg.greedy:
+        return x.argmax(-1)
+    probs = x.softmax(-1)
+    noise = _exp_noise(tuple(x.shape), x.device, seeds, position, gen).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / noise).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+class _GraphStep:
+    """One decode step of ``lm`` captured as a CUDA graph for one batch size and state layout.
+
+    Static buffers: ``ids`` int64 ``[B]``, ``state`` (a :class:`MambaModelState` whose tensors never move) and
+    ``logits`` ``[B, vocab_padded]``. A replay reads ``ids`` and ``state``, writes ``logits`` and overwrites
+    ``state`` with the state after the token (the copy is part of the graph, so a replay needs no host work
+    beyond the launch).
+    """
+
+    def __init__(self, lm: Any, template: MambaModelState, warmups: int = 2):
+        batch = template.batch_size
+        device = template.device
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.state = MambaModelState({i: s.clone() for i, s in template.items()}, seqlen_offset=0)
+        self.busy = False
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile Triton kernels and settle the allocator outside the capture
+                for _ in range(warmups):
+                    lm.step(self.ids, self.state)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                logits, new = lm.step(self.ids, self.state)
+                for idx, layer in new.items():  # the next replay starts from the state after this token
+                    self.state[idx].conv_state.copy_(layer.conv_state)
+                    self.state[idx].ssm_state.copy_(layer.ssm_state)
+        self.logits = logits
+
+    def load(self, state: MambaModelState) -> None:
+        for idx, layer in state.items():
+            self.state[idx].conv_state.copy_(layer.conv_state)
+            self.state[idx].ssm_state.copy_(layer.ssm_state)
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+    def snapshot(self, seqlen_offset: int, metadata: dict) -> MambaModelState:
+        return MambaModelState({i: s.clone() for i, s in self.state.items()}, seqlen_offset=seqlen_offset,
+                               metadata=dict(metadata))
+
+
+# lm -> {key: _GraphStep | None}; None marks a key whose capture failed (eager from then on)
+_GRAPHS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _graph_key(lm: Any, state: MambaModelState) -> tuple:
+    p = next(lm.parameters())
+    layout = tuple((i, s.conv_state.dtype, s.ssm_state.dtype, tuple(s.conv_state.shape[1:]),
+                    tuple(s.ssm_state.shape[1:])) for i, s in state.items())
+    return (state.batch_size, str(state.device), p.dtype, str(p.device), layout)
+
+
+def clear_graph_cache(lm: Any = None) -> None:
+    """Drop the captured decode graphs of ``lm`` (all models when None), e.g. after changing its weights' dtype."""
+    with _GRAPHS_LOCK:
+        if lm is None:
+            _GRAPHS.clear()
+        else:
+            _GRAPHS.pop(lm, None)
+
+
+def _acquire_graph(lm: Any, state: MambaModelState) -> _GraphStep | None:
+    """The cached graph for this (lm, batch, layout), captured on first use; None when busy or not capturable."""
+    key = _graph_key(lm, state)
+    with _GRAPHS_LOCK:
+        graphs = _GRAPHS.setdefault(lm, {})
+        if key in graphs:
+            g = graphs[key]
+            if g is None or g.busy:  # another live stream owns the static buffers: run this one eagerly
+                return None
+            g.busy = True
+            return g
+    try:
+        g = _GraphStep(lm, state)
+    except Exception as exc:  # e.g. an op that cannot be captured: decode eagerly instead of failing
+        warnings.warn(f"mamba_state.generation: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                      "decoding eagerly", RuntimeWarning, stacklevel=3)
+        g = None
+    with _GRAPHS_LOCK:
+        _GRAPHS.setdefault(lm, {})[key] = g
+        if g is not None:
+            g.busy = True
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- the stream
+class TokenStream:
+    """An iterator over new tokens: each ``next()`` returns int64 ``[batch]`` (pad ids for finished rows).
+
+    While and after iterating, ``.state`` is the model state after every token of ``.sequences`` except the
+    last, ``.sequences`` is ``input_ids`` followed by the tokens yielded so far and ``.scores`` the processed
+    logits (with ``output_scores=True``). :meth:`close` (or exhausting the stream) releases a captured CUDA
+    graph for other calls.
+    """
+
+    def __init__(self, lm: Any, input_ids: torch.Tensor, state: MambaModelState | None, max_new_tokens: int,
+                 sampling: _Sampling, eos: list[int], pad: int | None, seeds: Any, output_scores: bool,
+                 prefill_chunk_size: int, cuda_graph: bool, context_ids: torch.Tensor | None):
+        self._lm = lm
+        self._input_ids = input_ids
+        self._tokens: list[torch.Tensor] = []
+        self._scores: list[torch.Tensor] | None = [] if output_scores else None
+        self._state = state if state is not None else lm.new_state(input_ids.shape[0], device=input_ids.device)
+        self._graph: _GraphStep | None = None
+        self._graph_offset = 0
+        self._use_graph = bool(cuda_graph) and input_ids.device.type == "cuda"
+        self._gen = _run(self, input_ids, max_new_tokens, sampling, eos, pad, seeds, prefill_chunk_size,
+                         context_ids)
+
+    # -- iteration
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                return next(self._gen)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop decoding; the state and sequences so far stay available."""
+        if self._graph is not None:
+            self._state = self._graph.snapshot(self._graph_offset, self._state.metadata)
+            self._graph.busy = False
+            self._graph = None
+        self._gen.close()
+
+    def __del__(self):
+        g = self.__dict__.get("_graph")
+        if g is not None:
+            g.busy = False
+
+    # -- results
+    @property
+    def state(self) -> MambaModelState:
+        if self._graph is not None:  # the live state sits in the graph's static buffers: hand out a copy
+            return self._graph.snapshot(self._graph_offset, self._state.metadata)
+        return self._state
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        if not self._tokens:
+            return self._input_ids.to(torch.long)
+        return torch.cat([self._input_ids.to(torch.long), torch.stack(self._tokens, 1)], 1)
+
+    @property
+    def scores(self) -> tuple[torch.Tensor, ...] | None:
+        return None if self._scores is None else tuple(self._scores)
+
+    # -- the decode step shared by one-token prompts and the loop
+    def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Feed ``tokens`` [B] to the model; returns (raw logits [B, vocab_padded], new seqlen_offset)."""
+        if self._use_graph and self._graph is None:
+            self._graph = _acquire_graph(self._lm, self._state)
+            self._use_graph = self._graph is not None
+            if self._graph is not None:
+                self._graph.load(self._state)
+                self._graph_offset = self._state.seqlen_offset
+        if self._graph is not None:
+            logits = self._graph.run(tokens)
+            self._graph_offset += 1
+            return logits, self._graph_offset
+        logits, self._state = self._lm.step(tokens, self._state)
+        return logits, self._state.seqlen_offset
+
+
+def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sampling, eos: list[int],
+         pad: int | None, seeds: Any, chunk: int, context_ids: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    lm = ts._lm
+    batch, seqlen = input_ids.shape
+    device = input_ids.device
+    ids = input_ids.to(torch.long)
+    if max_new_tokens == 0:  # consume all but the last token, so that the resume law holds here too
+        for a in range(0, seqlen - 1, chunk):
+            _, ts._state = lm(ids[:, a:min(a + chunk, seqlen - 1)], ts._state, num_last_tokens=1)
+        return
+    # logits for the first new token: chunked prefill for longer prompts, the decode step for one token
+    if seqlen == 1:
+        logits, position = ts._step(ids[:, 0])
+    else:
+        for a in range(0, seqlen, chunk):
+            logits, ts._state = lm(ids[:, a:a + chunk], ts._state, num_last_tokens=1)
+        logits, position = logits[:, -1], ts._state.seqlen_offset
+    seen = None
+    if cfg.repetition_penalty != 1.0:  # one spare column collects ids outside the vocabulary
+        seen = torch.zeros(batch, cfg.vocab + 1, dtype=torch.bool, device=device)
+        for t in (ids,) if context_ids is None else (context_ids.to(torch.long), ids):
+            seen.scatter_(1, torch.where((t >= 0) & (t < cfg.vocab), t, cfg.vocab), True)
+    gen = None
+    if seeds is not None:
+        gen = torch.Generator(device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for n in range(max_new_tokens):
+        x = _process(logits, cfg, None if seen is None else seen[:, :cfg.vocab])
+        tok = _choose(x, cfg, seeds, position, gen)
+        if eos_t is not None:
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            finished |= torch.isin(tok, eos_t)
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        ts._tokens.append(tok)
+        if ts._scores is not None:
+            ts._scores.append(x)
+        yield tok
+        if n == max_new_tokens - 1 or (eos_t is not None and bool(finished.all())):
+            return  # the state stays before the last token (resume law)
+        logits, position = ts._step(tok)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+           pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
+           prefill_chunk_size: int = 2048, cuda_graph: bool = True,
+           context_ids: torch.Tensor | None = None) -> TokenStream:
+    """Decode token by token, yielding each new token int64 ``[batch]`` as soon as it is chosen.
+
+    Arguments as :func:`generate`. Every argument is checked here, before any work. The returned
+    :class:`TokenStream` carries ``.state``, ``.sequences`` and ``.scores``; after the last token ``.state``
+    equals ``generate(...).state``.
+    """
+    sampling, eos, pad, seeds, state = _check_arguments(
+        lm, input_ids, state, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
+        pad_token_id, seed, prefill_chunk_size, context_ids)
+    return TokenStream(lm, input_ids, state, max_new_tokens, sampling, eos, pad, seeds, output_scores,
+                       prefill_chunk_size, cuda_graph, context_ids)
+
+
+def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
+             prefill_chunk_size: int = 2048, cuda_graph: bool = True,
+             context_ids: torch.Tensor | None = None) -> GenerationOutput:
+    """Prefill ``input_ids`` from ``state`` in chunks, then decode up to ``max_new_tokens`` tokens.
+
+    Args:
+        lm: a :class:`~mamba_state.adapters.StatefulMambaLM`.
+        input_ids: integer ``[batch, seqlen >= 1]``: the tokens ``state`` has not consumed yet.
+        state: :class:`MambaModelState` with ``batch`` rows on ``input_ids``' device (zeros when None); not modified.
+        max_new_tokens: int >= 0. With 0, ``input_ids[:, :-1]`` are consumed and nothing is generated.
+        temperature: >= 0; 0 selects greedy decoding (argmax).
+        top_k: keep the ``top_k`` most likely tokens (0: no limit).
+        top_p: nucleus filter in (0, 1] (1: off).
+        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1) (0: off).
+        repetition_penalty: > 0 (1: off), applied to tokens of ``context_ids``, ``input_ids`` and the new tokens.
+        eos_token_id: int or list of ints that finish a row; None: always ``max_new_tokens`` tokens.
+        pad_token_id: what finished rows emit (default: the first ``eos_token_id``).
+        seed: None (global RNG), an int, or one int per row; see the module docs for the resume guarantee.
+        output_scores: also return the processed logits of each step.
+        prefill_chunk_size: prompt tokens per stateful forward call.
+        cuda_graph: on CUDA, replay the decode step as a cached CUDA graph (False: eager).
+        context_ids: integer ``[batch, *]`` tokens consumed earlier, used only by ``repetition_penalty``.
+
+    Returns:
+        :class:`GenerationOutput` with ``sequences`` int64 ``[batch, seqlen + n_new]`` (``n_new <= max_new_tokens``,
+        fewer when every row finished early), ``state`` (after all of ``sequences`` but its last token) and
+        ``scores``.
+
+    Raises:
+        StateError (or its subclass StateShapeError) naming the expected and the found value, for any bad
+        argument, before any work.
+    """
+    ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, seed=seed, output_scores=output_scores,
+                prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids)
+    for _ in ts:
+        pass
+    ts.close()
+    return GenerationOutput(sequences=ts.sequences, state=ts.state, scores=ts.scores)

@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     payload = {"shapes": [list(s) for s in shapes], "repeats": repeats, "mambapy": pscan_note, "results": results}
     path = write_json("reference_cpu_quick" if args.quick else "reference_cpu", payload, env)
     table = markdown_table(
-        ["shape (batch x dim x seqlen x dstate)", "mode", "block / chunk", "chunked ms", "sequential ms", "mambapy pscan ms",
-         "pscan / chunked"], rows)
+        ["shape (batch x dim x seqlen x dstate)", "mode", "block / chunk", "chunked ms", "sequential ms",
+         "mambapy pscan ms", "pscan / chunked"], rows)
     print(table)
     print(f"wrote {path}")
     if not args.quick:

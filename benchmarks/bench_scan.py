@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(8, 1536, 2048), (8, 2048, 2048), (4, 5120, 2048), (1, 1536, 16384), (64, 256, 1024)]
@@ -172,21 +171,24 @@ def _f(x, nd=3):
 
 
 def _fmt_row(r):
-    return (f"| {r['batch']}x{r['dim']}x{r['seqlen']} | {r['dtype']} | {'yes' if r['initial_state_and_reset'] else 'no'}"
+    return (f"| {r['batch']}x{r['dim']}x{r['seqlen']} | {r['dtype']} "
+            f"| {'yes' if r['initial_state_and_reset'] else 'no'}"
             f" | {r['pass_']} | {_f(r['triton_ms'])} | {_f(r['upstream_ms'])} | {_f(r['ratio_to_upstream'], 2)}"
             f" | {_f(r['chunked_ms'], 2)} | {_f(r['triton_GBps'], 0)} | {_f(r['floor_ms'])}"
             f" ({'mem' if r['floor_mem_ms'] >= r['floor_compute_ms'] else 'exp+FMA'}) |")
 
 
 TABLE_HEAD = ("| batch x dim x seqlen | dtype | init+reset | pass | ours ms | upstream ms | ours/upstream | "
-              "chunked ms | ours GB/s | floor ms (bound) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "chunked ms | ours GB/s | floor ms (bound) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def write_markdown(rows, meta):
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     body = [HEADING, "",
-            f"Measured by `benchmarks/bench_scan.py` on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}); "
+            f"Measured by `benchmarks/bench_scan.py` on {meta['device']} (torch {meta['torch']}, "
+            f"triton {meta['triton']}); "
             f"dstate {DSTATE}; D, z, delta_bias and delta_softplus on (the Mamba layer's call); median of "
             f"`triton.testing.do_bench`. Copy bandwidth measured in the same run: {meta['bandwidth_GBps']:.0f} GB/s. "
             f"Floor = max(bytes that must move / bandwidth, exp / {meta['exp_rate_T']:.2f} T/s + FMA / "

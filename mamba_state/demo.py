@@ -225,13 +225,17 @@ def _fresh_process(model_dir: str, state: MambaModelState, lm, probes: torch.Ten
     if proc.returncode != 0:
         raise RuntimeError(f"the fresh process failed:\n{proc.stderr.strip()[-2000:]}")
     out = load_file(out_path)
-    return out["from_state"], out["from_zero"], os.path.getsize(state_path), json.loads(proc.stdout.strip().splitlines()[-1])
+    timings = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["from_state"], out["from_zero"], os.path.getsize(state_path), timings
 
 
 @torch.no_grad()
 def check_recall_in_fresh_process(lm, lang: RecallLanguage, model_dir: str, device: torch.device,
                                   gen: torch.Generator, tmp: str, log=print) -> tuple[bool, str]:
-    """State after the key:value part -> disk -> fresh process -> answers to queries (vs the live model, a zero state)."""
+    """State after the key:value part -> disk -> fresh process -> answers to queries.
+
+    The answers are compared with the live model's and with those from a zero state.
+    """
     n = 64
     context, queries, table = lang.sample(n, gen)
     _, state = lm(context.to(device))  # the state after the key:value part

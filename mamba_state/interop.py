@@ -25,7 +25,7 @@ def _cache_dict(inference_params: Any) -> dict:
     d = getattr(inference_params, "key_value_memory_dict", None)
     if not isinstance(d, dict):
         raise StateError(
-            f"inference_params: expected an object with a dict key_value_memory_dict (upstream InferenceParams), "
+            "inference_params: expected an object with a dict key_value_memory_dict (upstream InferenceParams), "
             f"found {type(inference_params).__name__}"
         )
     return d
@@ -37,7 +37,8 @@ def _layer_info(layer: Any) -> tuple[int, dict[str, Any]]:
         raise StateCompatibilityError(f"layer: expected a Mamba or Mamba2 layer, found {type(layer).__name__}")
     idx = getattr(layer, "layer_idx", None)
     if not isinstance(idx, int):
-        raise StateCompatibilityError(f"layer: expected an int layer_idx (upstream needs it for caching), found {idx!r}")
+        raise StateCompatibilityError(f"layer: expected an int layer_idx (upstream needs it for caching), found "
+                                      f"{idx!r}")
     return idx, layout
 
 
@@ -60,7 +61,8 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
     got = state.layout()
     for key in ("kind", "conv_shape", "ssm_shape"):
         if got[key] != layout[key]:
-            raise StateCompatibilityError(f"layer {idx} {key}: expected {layout[key]} (layer), found {got[key]} (state)")
+            raise StateCompatibilityError(f"layer {idx} {key}: expected {layout[key]} (layer), found {got[key]} "
+                                          "(state)")
     pair = _cached_pair(cache, idx)
     if pair is not None and pair[1].shape[0] != state.batch_size:
         raise StateShapeError(
@@ -136,7 +138,8 @@ def get_model_state(model: Any, inference_params: Any) -> MambaModelState | None
     if len(missing) == len(states):
         return None
     if missing:
-        raise StateCompatibilityError(f"inference cache: expected every Mamba layer cached, found layers {missing} missing")
+        raise StateCompatibilityError(f"inference cache: expected every Mamba layer cached, found layers {missing} "
+                                      "missing")
     return MambaModelState(states, seqlen_offset=int(getattr(inference_params, "seqlen_offset", 0)))  # type: ignore[arg-type]
 
 

@@ -203,7 +203,8 @@ def _meta_json(meta: Mapping[str, str], key: str, where: str) -> Any:
     except KeyError:
         raise StateFormatError(f"{where}: expected metadata key {key!r}, found keys {sorted(meta)}") from None
     except (TypeError, json.JSONDecodeError) as exc:
-        raise StateFormatError(f"{where}: expected JSON in metadata {key!r}, found {meta.get(key)!r:.60} ({exc})") from None
+        raise StateFormatError(f"{where}: expected JSON in metadata {key!r}, found {meta.get(key)!r:.60} "
+                               f"({exc})") from None
 
 
 def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -218,7 +219,8 @@ def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[s
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
-        raise StateFormatError(f"{where}: expected an integer format_version, found {meta.get('format_version')!r}") from None
+        raise StateFormatError(f"{where}: expected an integer format_version, found "
+                               f"{meta.get('format_version')!r}") from None
     if version > FORMAT_VERSION:
         raise StateFormatError(
             f"{where}: expected format_version <= {FORMAT_VERSION}, found {version} (written by mamba-state "
@@ -255,20 +257,22 @@ def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[s
             info = header.get(key)
             if not isinstance(info, dict):
                 raise StateFormatError(f"{where}: expected tensor {key!r}, found none")
-            st_dtype = _ST_DTYPES.get(info.get("dtype"))
+            st_dtype = _ST_DTYPES.get(str(info.get("dtype")))
             shape = info.get("shape")
             if st_dtype is None or st_dtype != entry.get(f"{name}_dtype"):
                 raise StateFormatError(
-                    f"{where}: tensor {key!r}: expected dtype {entry.get(f'{name}_dtype')!r}, found {info.get('dtype')!r}"
+                    f"{where}: tensor {key!r}: expected dtype {entry.get(f'{name}_dtype')!r}, found "
+                    f"{info.get('dtype')!r}"
                 )
-            if shape != entry.get(f"{name}_shape"):
-                raise StateFormatError(f"{where}: tensor {key!r}: expected shape {entry.get(f'{name}_shape')}, found {shape}")
+            if not isinstance(shape, list) or shape != entry.get(f"{name}_shape"):
+                raise StateFormatError(f"{where}: tensor {key!r}: expected shape {entry.get(f'{name}_shape')}, found "
+                                       f"{shape}")
             offsets = info.get("data_offsets")
             numel = 1
             for s in shape:
                 numel *= int(s)
-            if (not isinstance(offsets, list) or len(offsets) != 2 or offsets[1] - offsets[0] != numel * _ITEMSIZE[st_dtype]
-                    or offsets[0] < 0):
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or offsets[1] - offsets[0] != numel * _ITEMSIZE[st_dtype] or offsets[0] < 0):
                 raise StateFormatError(f"{where}: tensor {key!r}: data offsets {offsets} do not fit its shape {shape}")
             end = max(end, offsets[1])
     extra = set(header) - expected_names - {"__metadata__"}
@@ -308,7 +312,8 @@ def _check_against_layout(state: MambaModelState, layout: Mapping[int, Mapping[s
         got, exp = state[idx].layout(), dict(layout[idx])
         for key in ("kind", "conv_shape", "ssm_shape"):
             if got[key] != exp[key]:
-                raise StateCompatibilityError(f"{where}: layer {idx} {key}: expected {exp[key]} (model), found {got[key]} (state)")
+                raise StateCompatibilityError(f"{where}: layer {idx} {key}: expected {exp[key]} (model), found "
+                                              f"{got[key]} (state)")
 
 
 def load_state(path: str | os.PathLike, device: torch.device | str | None = None, model: Any = None,
@@ -344,20 +349,24 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
         if meta["container"] == "layer":
             state: MambaInferenceState | MambaModelState = built[None]
         else:
-            state = MambaModelState(built, seqlen_offset=seqlen_offset, metadata=user)
+            by_idx = {idx: s for idx, s in built.items() if idx is not None}
+            state = MambaModelState(by_idx, seqlen_offset=seqlen_offset, metadata=user)
     except StateFormatError:
         raise
     except (StateError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise StateFormatError(f"{where}: expected a consistent mamba-state file, found {type(exc).__name__}: {exc}") from None
+        raise StateFormatError(f"{where}: expected a consistent mamba-state file, found {type(exc).__name__}: "
+                               f"{exc}") from None
     if model is not None:
         if not isinstance(state, MambaModelState):
-            raise StateCompatibilityError(f"{where}: expected a model state to check against a model, found a single-layer state")
+            raise StateCompatibilityError(f"{where}: expected a model state to check against a model, found a "
+                                          "single-layer state")
         layout = model_layout(model)
         _check_against_layout(state, layout, strict=strict, where=where)
         fp = meta.get("model_fingerprint")
         if strict and fp is not None and fp != layout_fingerprint(layout):
             raise StateCompatibilityError(
-                f"{where}: expected model fingerprint {layout_fingerprint(layout)}, found {fp} (saved from another model layout)"
+                f"{where}: expected model fingerprint {layout_fingerprint(layout)}, found {fp} (saved from another "
+                "model layout)"
             )
     return state
 

@@ -37,14 +37,16 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 def _check_bc(name: str, t: torch.Tensor, batch: int, dim: int, seqlen: int, dstate: int) -> int:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise StateError(f"{name}: expected a floating tensor, found {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+        raise StateError(f"{name}: expected a floating tensor, found "
+                         f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
     if t.dim() == 2:
         if _shape(t) != [dim, dstate]:
             raise StateShapeError(f"{name}: expected [dim, dstate] = {[dim, dstate]}, found {_shape(t)}")
         return 0
     if t.dim() == 3:
         if _shape(t) != [batch, dstate, seqlen]:
-            raise StateShapeError(f"{name}: expected [batch, dstate, seqlen] = {[batch, dstate, seqlen]}, found {_shape(t)}")
+            raise StateShapeError(f"{name}: expected [batch, dstate, seqlen] = {[batch, dstate, seqlen]}, found "
+                                  f"{_shape(t)}")
         return 1
     if t.dim() == 4:
         g = t.shape[1]
@@ -61,7 +63,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     """Validate every argument of a selective scan; raise ``StateShapeError``/``StateError`` naming the problem."""
     for name, t in (("u", u), ("delta", delta), ("A", A)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise StateError(f"{name}: expected a floating tensor, found {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise StateError(f"{name}: expected a floating tensor, found "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
     if u.dim() != 3:
         raise StateShapeError(f"u: expected [batch, dim, seqlen], found {_shape(u)}")
     batch, dim, seqlen = u.shape
@@ -78,9 +81,11 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     gC = _check_bc("C", C, batch, dim, seqlen, dstate)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and (not isinstance(t, torch.Tensor) or _shape(t) != [dim]):
-            raise StateShapeError(f"{name}: expected [dim] = {[dim]}, found {_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise StateShapeError(f"{name}: expected [dim] = {[dim]}, found "
+                                  f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if z is not None and (not isinstance(z, torch.Tensor) or _shape(z) != [batch, dim, seqlen]):
-        raise StateShapeError(f"z: expected {[batch, dim, seqlen]} like u, found {_shape(z) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        raise StateShapeError(f"z: expected {[batch, dim, seqlen]} like u, found "
+                              f"{_shape(z) if isinstance(z, torch.Tensor) else type(z).__name__}")
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or _shape(initial_state) != [batch, dim, dstate]:
             raise StateShapeError(

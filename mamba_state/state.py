@@ -65,13 +65,16 @@ def _normalize_index(index: BatchIndex, batch_size: int) -> torch.Tensor | slice
     index = index.long().cpu()
     if index.numel() and (index.min() < -batch_size or index.max() >= batch_size):
         raise StateError(
-            f"batch index: expected rows in [{-batch_size}, {batch_size}), found {index.min().item()}..{index.max().item()}"
+            f"batch index: expected rows in [{-batch_size}, {batch_size}), found "
+            f"{index.min().item()}..{index.max().item()}"
         )
     return index % batch_size
 
 
 def _split_sizes(sizes: int | Sequence[int], batch_size: int) -> list[int]:
-    if isinstance(sizes, int) and not isinstance(sizes, bool):
+    if isinstance(sizes, bool):
+        raise StateError(f"split: expected an int or a list of ints, found {sizes!r}")
+    if isinstance(sizes, int):
         if sizes <= 0:
             raise StateError(f"split: expected a positive chunk size, found {sizes}")
         return [min(sizes, batch_size - i) for i in range(0, batch_size, sizes)]
@@ -127,7 +130,7 @@ class MambaInferenceState:
             )
         if ssm_state.dim() == 3 and conv_state.shape[1] != ssm_state.shape[1]:
             raise StateShapeError(
-                f"Mamba-1 channels: expected conv_state.shape[1] == ssm_state.shape[1] (d_inner), found "
+                "Mamba-1 channels: expected conv_state.shape[1] == ssm_state.shape[1] (d_inner), found "
                 f"{conv_state.shape[1]} and {ssm_state.shape[1]}"
             )
         if ssm_state.dim() == 4:
@@ -160,7 +163,8 @@ class MambaInferenceState:
 
     @property
     def nbytes(self) -> int:
-        return self.conv_state.numel() * self.conv_state.element_size() + self.ssm_state.numel() * self.ssm_state.element_size()
+        conv, ssm = self.conv_state, self.ssm_state
+        return conv.numel() * conv.element_size() + ssm.numel() * ssm.element_size()
 
     def layout(self) -> dict[str, Any]:
         """Batch-free description: kind and the non-batch shapes (JSON-serialisable)."""
@@ -172,8 +176,10 @@ class MambaInferenceState:
 
     def __repr__(self) -> str:
         return (
-            f"MambaInferenceState(kind={self.kind}, batch_size={self.batch_size}, conv_state={list(self.conv_state.shape)}"
-            f" {self.conv_state.dtype}, ssm_state={list(self.ssm_state.shape)} {self.ssm_state.dtype}, device={self.device})"
+            f"MambaInferenceState(kind={self.kind}, batch_size={self.batch_size}, "
+            f"conv_state={list(self.conv_state.shape)}"
+            f" {self.conv_state.dtype}, ssm_state={list(self.ssm_state.shape)} {self.ssm_state.dtype}, "
+            f"device={self.device})"
         )
 
     def __reduce__(self):
@@ -251,7 +257,9 @@ class MambaInferenceState:
 
     def allclose(self, other: "MambaInferenceState", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
         """True when ``other`` has the same layout and both tensors agree within tolerance (compared in float64)."""
-        if not isinstance(other, MambaInferenceState) or other.layout() != self.layout() or other.batch_size != self.batch_size:
+        if not isinstance(other, MambaInferenceState):
+            return False
+        if other.layout() != self.layout() or other.batch_size != self.batch_size:
             return False
         for a, b in ((self.conv_state, other.conv_state), (self.ssm_state, other.ssm_state)):
             if not torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(), rtol=rtol, atol=atol):
@@ -272,7 +280,8 @@ class MambaInferenceState:
 
         state = load_state(path, device=device)
         if not isinstance(state, MambaInferenceState):
-            raise StateFormatError(f"{os.fspath(path)}: expected a single-layer state, found a model state (use MambaModelState.load)")
+            raise StateFormatError(f"{os.fspath(path)}: expected a single-layer state, found a model state (use "
+                                   "MambaModelState.load)")
         return state
 
 
@@ -302,7 +311,8 @@ class MambaModelState:
     def __init__(self, layers: Mapping[int, MambaInferenceState], seqlen_offset: int = 0,
                  metadata: Mapping[str, Any] | None = None):
         if not isinstance(layers, Mapping) or not layers:
-            raise StateError(f"layers: expected a non-empty dict {{layer_idx: MambaInferenceState}}, found {layers!r:.80}")
+            raise StateError(f"layers: expected a non-empty dict {{layer_idx: MambaInferenceState}}, found "
+                             f"{layers!r:.80}")
         checked: dict[int, MambaInferenceState] = {}
         for idx in sorted(layers, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else 0)):
             s = layers[idx]
@@ -465,5 +475,6 @@ class MambaModelState:
 
         state = load_state(path, device=device, model=model, strict=strict)
         if not isinstance(state, MambaModelState):
-            raise StateFormatError(f"{os.fspath(path)}: expected a model state, found a single-layer state (use MambaInferenceState.load)")
+            raise StateFormatError(f"{os.fspath(path)}: expected a model state, found a single-layer state (use "
+                                   "MambaInferenceState.load)")
         return state

@@ -1,0 +1,129 @@
+"""``mamba-state trace``: trace a model over an input and write the state plots as PNGs.
+
+Examples::
+
+    mamba-state trace --out trace_out                      # a small random model, 128 random tokens
+    mamba-state trace --model ./mamba-130m --tokenizer ./mamba-130m --text "The cat sat" --out trace_out
+    mamba-state trace --model ./ckpt --tokens "5 17 2 9" --layer 3 --channels 0,1,2 --out trace_out
+
+Writes ``norms.png`` (conv and SSM state norms of every layer), and for the chosen layer
+``ssm_heatmap_layer{K}.png``, ``pca2d_layer{K}.png`` and ``pca3d_layer{K}.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .errors import StateError
+
+__all__ = ["add_arguments", "run"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``trace`` subcommand."""
+    src = parser.add_argument_group("model (a checkpoint directory, or a random model of the given size)")
+    src.add_argument("--model", help="checkpoint directory (upstream or transformers Mamba format)")
+    src.add_argument("--d-model", type=int, default=64, help="random model: width (default 64)")
+    src.add_argument("--n-layer", type=int, default=4, help="random model: layers (default 4)")
+    src.add_argument("--d-state", type=int, default=16, help="random model: SSM state size (default 16)")
+    src.add_argument("--vocab-size", type=int, default=256, help="random model: vocabulary (default 256)")
+    inp = parser.add_argument_group("input (one of --tokens, --text, --length)")
+    inp.add_argument("--tokens", help="token ids separated by spaces or commas")
+    inp.add_argument("--text", help="text, encoded with --tokenizer")
+    inp.add_argument("--tokenizer", help="tokenizer directory or name for --text (transformers AutoTokenizer)")
+    inp.add_argument("--length", type=int, default=128, help="random tokens of this length (default 128)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="trace_out", help="folder for the PNGs (default trace_out)")
+    out.add_argument("--layer", type=int, default=None, help="layer for the heatmap and PCA plots (default: first)")
+    out.add_argument("--channels", default=None, help="channels of the heatmap, e.g. 0,1,2,3 (default: first 4)")
+    out.add_argument("--stride", type=int, default=None, help="keep the state every STRIDE tokens (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random model and random tokens")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="parameter dtype (default: as saved)")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise StateError(f"{what}: expected integers separated by spaces or commas, found {text!r}") from None
+
+
+def _model(args: argparse.Namespace):
+    from .adapters.lm import StatefulMambaLM
+
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise StateError(f"--model: expected a checkpoint directory, found {args.model!r} (no such directory)")
+        return StatefulMambaLM.from_pretrained(args.model, device=args.device, dtype=dtype)
+    torch.manual_seed(args.seed)
+    cfg = dict(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size,
+               ssm_cfg={"d_state": args.d_state}, pad_vocab_size_multiple=8)
+    return StatefulMambaLM.from_config(cfg, device=args.device, dtype=dtype)
+
+
+def _input_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
+    given = [name for name in ("tokens", "text") if getattr(args, name)]
+    if len(given) > 1:
+        raise StateError("input: expected one of --tokens or --text, found both")
+    if args.tokens:
+        ids = _ints(args.tokens, "--tokens")
+    elif args.text:
+        if not args.tokenizer:
+            raise StateError("--text: expected --tokenizer too (a tokenizer directory or name), found none")
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(args.tokenizer)(args.text)["input_ids"]
+    else:
+        if args.length < 1:
+            raise StateError(f"--length: expected a positive int, found {args.length}")
+        gen = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, vocab, (args.length,), generator=gen).tolist()
+    if not ids or any(not 0 <= i < vocab for i in ids):
+        raise StateError(f"input: expected at least one token id in [0, {vocab}), found {ids[:16]}")
+    return torch.tensor([ids], dtype=torch.long, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trace, plot, write the PNGs; print their paths. Returns 0, or 2 with a message on bad input."""
+    from . import viz
+    from .trace import trace_model
+
+    try:
+        lm = _model(args)
+        vocab = int(lm.lm_head.weight.shape[0])
+        ids = _input_ids(args, vocab)
+        layers = lm.layer_indices
+        layer = layers[0] if args.layer is None else args.layer
+        if layer not in layers:
+            raise StateError(f"--layer: expected one of the model's layers {layers}, found {layer}")
+        channels = _ints(args.channels, "--channels") if args.channels else None
+        with torch.inference_mode():
+            mtrace = trace_model(lm, ids, stride=args.stride)
+        lt = mtrace.layers[layer]
+        os.makedirs(args.out, exist_ok=True)
+        paths = [
+            os.path.join(args.out, "norms.png"),
+            os.path.join(args.out, f"ssm_heatmap_layer{layer}.png"),
+            os.path.join(args.out, f"pca2d_layer{layer}.png"),
+            os.path.join(args.out, f"pca3d_layer{layer}.png"),
+        ]
+        viz.plot_state_norms(mtrace, path=paths[0])
+        viz.plot_ssm_heatmap(lt, channels=channels, path=paths[1])
+        viz.plot_state_pca(lt, 2, path=paths[2])
+        viz.plot_state_pca(lt, 3, path=paths[3])
+    except (StateError, OSError) as exc:
+        print(f"mamba-state trace: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"traced {ids.shape[1]} tokens through {len(layers)} layers "
+          f"({mtrace.nbytes / 2 ** 20:.1f} MiB of states and outputs)")
+    for p in paths:
+        print(p)
+    return 0

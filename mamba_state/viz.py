@@ -120,7 +120,8 @@ def _layer_traces(trace: Any) -> dict[Any, "LayerTrace"]:
         return dict(trace)
     if hasattr(trace, "ssm_states"):
         return {trace.layer_idx: trace}
-    raise StateError(f"trace: expected a LayerTrace, a ModelTrace or a dict of LayerTraces, found {type(trace).__name__}")
+    raise StateError(f"trace: expected a LayerTrace, a ModelTrace or a dict of LayerTraces, found "
+                     f"{type(trace).__name__}")
 
 
 def plot_state_norms(trace: "LayerTrace | ModelTrace | Mapping[int, LayerTrace]", batch: int = 0,

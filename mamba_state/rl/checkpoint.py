@@ -2,7 +2,9 @@
 
 A checkpoint holds :meth:`PPOTrainer.state_dict` (model, optimizer, trainer and environment generators, torch's
 global RNG, environment state, the carried recurrent state and the last observation) plus a JSON-like ``run``
-dict (the command-line options). Only tensors, numbers, strings, lists and dicts: loading executes no code.
+dict (the command-line options). Data-parallel runs write the trainer state in the world-size-independent form
+of :mod:`mamba_state.rl.shard` and add a ``world`` dict (world size, environments per rank, every rank's generator
+states). Only tensors, numbers, strings, lists and dicts: loading executes no code.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from ..errors import StateFormatError
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
 
-def save_checkpoint(path: str | os.PathLike, trainer: Any, run: dict[str, Any] | None = None) -> Path:
-    """Write ``trainer.state_dict()`` and ``run`` to ``path`` (temporary file, then rename: all or nothing)."""
+def save_checkpoint(path: str | os.PathLike, trainer: Any, run: dict[str, Any] | None = None,
+                    world: dict[str, Any] | None = None) -> Path:
+    """Write ``trainer.state_dict()`` (or ``trainer`` itself if it is already such a dict), ``run`` and, when
+    given, ``world`` to ``path`` (temporary file, then rename: all or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"trainer": trainer.state_dict(), "run": dict(run or {})}
+    state = trainer if isinstance(trainer, dict) else trainer.state_dict()
+    payload = {"trainer": state, "run": dict(run or {})}
+    if world is not None:
+        payload["world"] = world
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

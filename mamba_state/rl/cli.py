@@ -8,6 +8,10 @@ One run::
 Sweep (both controllers, every horizon, every seed; results JSON and plot under DIR)::
 
     mamba-state rl --scale --horizons H1 H2 ... --seeds 0 1 --out DIR [--resume]
+
+Data-parallel (DistributedDataParallel; ``--num-envs`` is the total over all processes)::
+
+    torchrun --standalone --nproc_per_node=W -m mamba_state.cli rl ... [--scale ...]
 """
 
 from __future__ import annotations
@@ -80,18 +84,23 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mamba-state rl``; returns the exit status."""
     from ..errors import StateError
+    from .ddp import distributed
 
     opts = options_from_args(args)
+    where = ""
     try:
-        if args.scale:
-            from .scale import run_scale
+        # Under torchrun: one process group for the whole command (a sweep trains many runs in it).
+        with distributed(opts.get("device")) as ctx:
+            where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""
+            if args.scale:
+                from .scale import run_scale
 
-            run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
-        else:
-            from .train import train
+                run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
+            else:
+                from .train import train
 
-            train(opts)
+                train(opts)
     except StateError as exc:  # bad options or a mismatched checkpoint: a message, not a traceback
-        print(f"mamba-state rl: error: {exc}", file=sys.stderr)
+        print(f"mamba-state rl: error{where}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -39,7 +39,7 @@ from ..errors import StateCompatibilityError, StateError
 from .envs import DelayedRecall
 from .policies import PolicyState, RecurrentPolicy, clone_state, select_state
 
-__all__ = ["PPOConfig", "Rollout", "PPOTrainer", "compute_gae", "evaluate"]
+__all__ = ["PPOConfig", "Rollout", "PPOTrainer", "compute_gae", "evaluate", "update_metrics"]
 
 
 @dataclass
@@ -147,7 +147,8 @@ class PPOTrainer:
         self.reset_flags = torch.ones(n, dtype=torch.bool, device=self.device)
         self.state = policy.initial_state(n, device=self.device)
         self.updates = 0
-        self.env_steps = 0
+        self.env_steps = 0  # over all environments (all ranks when data-parallel)
+        self.global_num_envs = n  # a data-parallel subclass sets the count over all ranks
         self.age = torch.zeros(n, dtype=torch.long, device=self.device)  # steps since the episode began
         self.history_len = 2 * getattr(env, "episode_length", self.config.rollout_len)
         self.history: collections.deque = collections.deque(maxlen=self.history_len)
@@ -194,7 +195,7 @@ class PPOTrainer:
         _, last_value, _ = policy.step(obs, state, reset_flags)  # bootstrap only: this state is discarded
         policy.train(was_training)
         self.state, self.obs, self.reset_flags = state, obs, reset_flags
-        self.env_steps += n * t_len
+        self.env_steps += self.global_num_envs * t_len
         stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
         ro = Rollout(stack(obs_buf), stack(act_buf), stack(logp_buf), stack(val_buf), stack(rew_buf),
                      stack(done_buf), stack(reset_buf), init_state, last_value.float(),
@@ -229,16 +230,30 @@ class PPOTrainer:
         else:
             p = 0
             state = select_state(ro.init_state, index)
-        logits, values, _ = self.policy.forward_sequence(obs, state, resets)
+        logits, values, _ = self._replay(obs, state, resets)
         logits, values = logits[:, p:], values[:, p:]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ro.actions[index][..., None]).squeeze(-1)
         return logits, values, logp
+
+    def _replay(self, obs: torch.Tensor, state: PolicyState, resets: torch.Tensor):
+        """``policy.forward_sequence``; the data-parallel subclass routes it through DistributedDataParallel."""
+        return self.policy.forward_sequence(obs, state, resets)
+
+    def _minibatch_count(self, n: int) -> int:
+        """Minibatches per epoch for ``n`` local environments (every rank must take the same number)."""
+        return min(self.config.num_minibatches, n)
+
+    def _reduce(self, stats: dict[str, float], losses: dict[str, float]
+                ) -> tuple[dict[str, float], dict[str, float]]:
+        """Combine one update's statistics over ranks (identity in one process)."""
+        return stats, losses
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """``epochs`` passes of minibatch SGD over the rollout; returns mean losses and diagnostics."""
         cfg = self.config
         n = ro.obs.shape[0]
-        mb_count = min(cfg.num_minibatches, n)
+        mb_count = self._minibatch_count(n)
+        loss_scale = float(getattr(self, "loss_scale", 1.0))
         sums: dict[str, float] = collections.defaultdict(float)
         steps = 0
         self.policy.train()
@@ -263,7 +278,7 @@ class PPOTrainer:
                 entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
                 loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if loss_scale == 1.0 else loss * loss_scale).backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
@@ -277,31 +292,17 @@ class PPOTrainer:
         return {k: v / steps for k, v in sums.items()}
 
     def train_update(self) -> dict[str, float]:
-        """Collect one rollout and train on it. Returns the update's metrics (see :meth:`_metrics`)."""
+        """Collect one rollout and train on it. Returns the update's metrics (see :func:`update_metrics`)."""
         t0 = time.perf_counter()
         ro = self.collect()
         t1 = time.perf_counter()
         losses = self.update(ro)
         t2 = time.perf_counter()
         self.updates += 1
-        s = ro.stats
-        self.window.append((s["successes"], s["episodes"], s["return_sum"]))
-        w_succ = sum(x[0] for x in self.window)
-        w_eps = sum(x[1] for x in self.window)
-        w_ret = sum(x[2] for x in self.window)
-        steps = ro.obs.shape[0] * ro.obs.shape[1]
-        return {
-            "update": self.updates,
-            "env_steps": self.env_steps,
-            "episodes": s["episodes"],
-            "success_rate": s["successes"] / s["episodes"] if s["episodes"] else math.nan,
-            "mean_return": s["return_sum"] / s["episodes"] if s["episodes"] else math.nan,
-            "window_success_rate": w_succ / w_eps if w_eps else math.nan,
-            "window_mean_return": w_ret / w_eps if w_eps else math.nan,
-            "collect_steps_per_s": steps / max(t1 - t0, 1e-9),
-            "steps_per_s": steps / max(t2 - t0, 1e-9),
-            **losses,
-        }
+        stats = {**ro.stats, "steps": ro.obs.shape[0] * ro.obs.shape[1], "collect_s": t1 - t0, "total_s": t2 - t0}
+        stats, losses = self._reduce(stats, losses)
+        self.window.append((stats["successes"], stats["episodes"], stats["return_sum"]))
+        return update_metrics(stats, self.window, losses, self.updates, self.env_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -357,6 +358,32 @@ class PPOTrainer:
             ((o.to(dev), r.to(dev)) for o, r in zip(ckpt["history_obs"], ckpt["history_resets"])),
             maxlen=self.history_len)
         self.window = collections.deque((tuple(x) for x in ckpt["window"]), maxlen=self.config.stats_window)
+
+
+def update_metrics(stats: dict[str, float], window: Any, losses: dict[str, float], updates: int,
+                   env_steps: int) -> dict[str, float]:
+    """The metrics of one update from its statistics (summed over ranks when data-parallel).
+
+    ``stats``: ``successes``, ``episodes`` (episodes that ended in the rollout), ``return_sum`` (their summed
+    returns), ``steps`` (environment steps), ``collect_s`` and ``total_s`` (seconds: collection, whole update).
+    ``window``: ``(successes, episodes, return_sum)`` of the last updates, this one included.
+    """
+    s = stats
+    w_succ = sum(x[0] for x in window)
+    w_eps = sum(x[1] for x in window)
+    w_ret = sum(x[2] for x in window)
+    return {
+        "update": updates,
+        "env_steps": env_steps,
+        "episodes": s["episodes"],
+        "success_rate": s["successes"] / s["episodes"] if s["episodes"] else math.nan,
+        "mean_return": s["return_sum"] / s["episodes"] if s["episodes"] else math.nan,
+        "window_success_rate": w_succ / w_eps if w_eps else math.nan,
+        "window_mean_return": w_ret / w_eps if w_eps else math.nan,
+        "collect_steps_per_s": s["steps"] / max(s["collect_s"], 1e-9),
+        "steps_per_s": s["steps"] / max(s["total_s"], 1e-9),
+        **losses,
+    }
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ Each run goes to ``out/<controller>_h<H>_s<seed>/`` (see :mod:`mamba_state.rl.tr
 ``summary.json``) are skipped when ``resume`` is set, so an interrupted sweep continues where it stopped.
 ``out/scale_results.json`` is rewritten after every run; ``out/scale.png`` plots success rate vs horizon and
 training throughput (environment steps per second) vs horizon.
+
+Under torchrun every run is data-parallel over all processes (:mod:`mamba_state.rl.ddp`); rank 0 alone logs and
+writes the results and the plot.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .ddp import DistContext, broadcast_object, distributed
 from .train import DEFAULTS, train
 
 __all__ = ["run_scale", "plot_results"]
@@ -79,9 +83,20 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
               seeds: Sequence[int] = (0, 1), log=print) -> dict[str, Any]:
     """Train every (horizon, controller, seed); returns and writes the results (JSON and plot) under ``out``."""
     o = {**DEFAULTS, **opts}
+    with distributed(o["device"]) as ctx:
+        if not ctx.is_main:
+            log = lambda *a, **k: None  # noqa: E731
+        return _sweep(o, horizons, controllers, seeds, log, ctx)
+
+
+def _sweep(o: dict[str, Any], horizons: Sequence[int], controllers: Sequence[str], seeds: Sequence[int], log,
+           ctx: DistContext) -> dict[str, Any]:
+    main = ctx.is_main
     out = Path(o["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     results_path = out / "scale_results.json"
+    plotted = False
     # Runs already in the results file (earlier invocations) are kept unless this sweep redoes them.
     earlier: dict[tuple, dict[str, Any]] = {}
     if results_path.exists():
@@ -94,8 +109,8 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
             for seed in seeds:
                 run_dir = out / f"{ctrl}_h{h}_s{seed}"
                 done = run_dir / "summary.json"
-                if o["resume"] and done.exists():
-                    summary = json.loads(done.read_text())
+                if broadcast_object(bool(o["resume"] and done.exists()), ctx):  # rank 0 decides for all
+                    summary = broadcast_object(json.loads(done.read_text()) if main else None, ctx)
                     log(f"skip {run_dir.name}: already finished")
                 else:
                     summary = train({**o, "controller": ctrl, "horizon": int(h), "seed": int(seed),
@@ -107,7 +122,8 @@ def run_scale(opts: dict[str, Any], horizons: Sequence[int], controllers: Sequen
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "options": {k: v for k, v in o.items() if k not in ("out",)},
                            "runs": every, "aggregate": _aggregate(every)}
-                results_path.write_text(json.dumps(results, indent=2))
-                plotted = _try_plot(results, out / "scale.png")
+                if main:
+                    results_path.write_text(json.dumps(results, indent=2))
+                    plotted = _try_plot(results, out / "scale.png")
     log(f"wrote {results_path}" + (f" and {out / 'scale.png'}" if plotted else " (no plot: matplotlib missing)"))
     return results

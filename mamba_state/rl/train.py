@@ -2,10 +2,15 @@
 checkpoint, evaluate, and write ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json``.
 
 Options are a plain dict (the CLI's arguments); :data:`DEFAULTS` lists every key.
+
+Under torchrun (``WORLD_SIZE > 1``) the same function trains data-parallel (:mod:`mamba_state.rl.ddp`): each
+rank runs its slice of the ``num_envs`` environments, metrics are reduced over the ranks, and only rank 0 shows
+progress and writes files. Every rank returns the same summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -16,6 +21,8 @@ import torch
 
 from ..errors import StateCompatibilityError, StateError
 from .checkpoint import load_checkpoint, save_checkpoint
+from .ddp import DistContext, DistributedPPOTrainer, broadcast_object, distributed, gather_trainer_state
+from .ddp import rank_seed, restore_trainer_state
 from .envs import DelayedRecall
 from .policies import count_parameters, make_policy
 from .ppo import PPOConfig, PPOTrainer, evaluate
@@ -53,12 +60,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def build(opts: dict[str, Any]) -> tuple[DelayedRecall, Any, PPOTrainer]:
-    """The environment, policy and trainer for ``opts`` (missing keys take :data:`DEFAULTS`)."""
+def build(opts: dict[str, Any], ctx: DistContext | None = None) -> tuple[DelayedRecall, Any, PPOTrainer]:
+    """The environment, policy and trainer for ``opts`` (missing keys take :data:`DEFAULTS`).
+
+    With a data-parallel ``ctx``: this rank's slice of the environments (:func:`~mamba_state.rl.shard.split_counts`)
+    with environment and sampling seeds derived from the seed and the rank (rank 0 keeps the one-process seeds),
+    the same initial policy on every rank, and a :class:`~mamba_state.rl.ddp.DistributedPPOTrainer`.
+    """
+    from .shard import split_counts
+
     o = {**DEFAULTS, **opts}
-    device = resolve_device(o["device"])
-    torch.manual_seed(int(o["seed"]))  # policy initialisation
-    env = DelayedRecall(o["num_envs"], o["horizon"], o["num_bits"], device=device, seed=int(o["seed"]) + 1,
+    ctx = ctx or DistContext()
+    device = ctx.device if ctx.enabled else resolve_device(o["device"])
+    num_envs = split_counts(int(o["num_envs"]), ctx.world_size)[ctx.rank] if ctx.enabled else o["num_envs"]
+    torch.manual_seed(int(o["seed"]))  # policy initialisation (the same on every rank)
+    env_seed = rank_seed(int(o["seed"]) + 1, ctx.rank, "env")
+    env = DelayedRecall(num_envs, o["horizon"], o["num_bits"], device=device, seed=env_seed,
                         noise_channels=o["noise_channels"], noise_std=o["noise_std"],
                         distractor_bits=o["distractor_bits"], shaping=o["shaping"])
     if o["controller"] == "mamba":
@@ -69,7 +86,10 @@ def build(opts: dict[str, Any]) -> tuple[DelayedRecall, Any, PPOTrainer]:
     cfg = PPOConfig(rollout_len=o["rollout_len"] or auto_rollout_len(o["horizon"]), gamma=o["gamma"],
                     gae_lambda=o["gae_lambda"], clip_coef=o["clip_coef"], vf_coef=o["vf_coef"],
                     ent_coef=o["ent_coef"], lr=o["lr"], epochs=o["epochs"], num_minibatches=o["minibatches"],
-                    max_grad_norm=o["max_grad_norm"], bptt=o["bptt"], seed=int(o["seed"]) + 2)
+                    max_grad_norm=o["max_grad_norm"], bptt=o["bptt"],
+                    seed=rank_seed(int(o["seed"]) + 2, ctx.rank, "trainer"))
+    if ctx.enabled:
+        return env, policy, DistributedPPOTrainer(policy, env, cfg, ctx, int(o["num_envs"]))
     return env, policy, PPOTrainer(policy, env, cfg)
 
 
@@ -82,52 +102,74 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
-    """Train one controller as ``opts`` says; returns the summary (also written to ``out/summary.json``)."""
+    """Train one controller as ``opts`` says; returns the summary (also written to ``out/summary.json``).
+
+    Data-parallel when launched by torchrun with ``WORLD_SIZE > 1`` (or inside an initialised process group).
+    """
     o = {**DEFAULTS, **opts}
+    with distributed(o["device"]) as ctx:
+        return _train(o, ctx, log)
+
+
+def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
+    main = ctx.is_main
+    if not main:  # one voice: rank 0 logs, shows progress and writes files
+        log = lambda *a, **k: None  # noqa: E731
     if o["threads"]:
         torch.set_num_threads(int(o["threads"]))
     out = Path(o["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    env, policy, trainer = build(o)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    env, policy, trainer = build(o, ctx)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     run_id = {k: o[k] for k in _IDENTITY}
-    if o["resume"] and ckpt_path.exists():
+    # Every rank reads the checkpoint (DIR must be visible to all ranks); rank 0 decides whether there is one.
+    resuming = broadcast_object(bool(o["resume"] and ckpt_path.exists()), ctx)
+    exact = True
+    if resuming:
         payload = load_checkpoint(ckpt_path)
         saved = {k: payload["run"].get(k) for k in _IDENTITY}
         if saved != run_id:
             diff = {k: (saved[k], run_id[k]) for k in _IDENTITY if saved[k] != run_id[k]}
             raise StateCompatibilityError(f"resume {ckpt_path}: options differ from the checkpoint's "
                                           f"(checkpoint, now): {diff}")
-        trainer.load_state_dict(payload["trainer"])
-        log(f"resumed from {ckpt_path} at update {trainer.updates}")
-        if metrics_path.exists():  # drop lines written after the checkpoint
+        exact = restore_trainer_state(trainer, payload, ctx, int(o["seed"]))
+        saved_world = (payload.get("world") or {}).get("world_size", 1)
+        log(f"resumed from {ckpt_path} at update {trainer.updates}"
+            + ("" if exact else f" (written by {saved_world} process(es), now {ctx.world_size}: same model, "
+                                f"optimizer and environments, new random streams)"))
+        if main and metrics_path.exists():  # drop lines written after the checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["update"] <= trainer.updates]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    else:
+    elif main:
         metrics_path.write_text("")
+    counts = getattr(trainer, "counts", [env.num_envs])
     config = {**o, "device": str(env.device), "rollout_len": trainer.config.rollout_len,
-              "parameters": count_parameters(policy), "torch": torch.__version__}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+              "parameters": count_parameters(policy), "torch": torch.__version__,
+              "world_size": ctx.world_size, "envs_per_rank": counts, "backend": ctx.backend}
+    if main:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
     total = int(o["total_updates"])
     bar = None
-    if o["progress"]:
+    if o["progress"] and main:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=trainer.updates, desc=f"{o['controller']} H={o['horizon']}",
-                       unit="upd", dynamic_ncols=True)
+            desc = f"{o['controller']} H={o['horizon']}" + (f" x{ctx.world_size}" if ctx.enabled else "")
+            bar = tqdm(total=total, initial=trainer.updates, desc=desc, unit="upd", dynamic_ncols=True)
         except ImportError:
             bar = None
     sps: list[float] = []
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
-    with metrics_path.open("a") as mf:
+    with (metrics_path.open("a") if main else contextlib.nullcontext()) as mf:
         while trainer.updates < total:
-            last = trainer.train_update()
+            last = trainer.train_update()  # metrics already reduced over the ranks
             sps.append(last["steps_per_s"])
-            mf.write(json.dumps(_json_safe(last)) + "\n")
-            mf.flush()
+            if main:
+                mf.write(json.dumps(_json_safe(last)) + "\n")
+                mf.flush()
             post = {"success": _fmt(last["window_success_rate"], ".3f"),
                     "return": _fmt(last["window_mean_return"], ".3f"), "steps/s": _fmt(last["steps_per_s"], ".0f")}
             if bar is not None:
@@ -137,10 +179,24 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
                 log(f"update {trainer.updates}/{total} " + " ".join(f"{k}={v}" for k, v in post.items()))
             if o["checkpoint_every"] and (trainer.updates % int(o["checkpoint_every"]) == 0
                                           or trainer.updates == total):
-                save_checkpoint(ckpt_path, trainer, run_id)
+                gathered = gather_trainer_state(trainer, ctx)  # a collective: every rank takes part
+                if main:
+                    save_checkpoint(ckpt_path, gathered[0], run_id, world=gathered[1])
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
+    summary = None
+    if main:  # the parameters are the same on every rank: one evaluation, the same as a single process's
+        summary = _summarise(o, env, policy, trainer, last, sps, train_seconds, ctx)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(f"{o['controller']} H={o['horizon']} seed={o['seed']}: eval success {summary['eval_success_rate']:.3f} "
+            f"(chance {summary['chance']:.3f}), train steps/s {_fmt(summary['train_steps_per_s_median'], '.0f')}"
+            + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
+    return broadcast_object(summary, ctx)
+
+
+def _summarise(o: dict[str, Any], env: DelayedRecall, policy: Any, trainer: PPOTrainer, last: dict[str, Any],
+               sps: list[float], train_seconds: float, ctx: DistContext) -> dict[str, Any]:
     ev = evaluate(policy, o["horizon"], o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
                   noise_channels=o["noise_channels"], noise_std=o["noise_std"],
                   distractor_bits=o["distractor_bits"], shaping=o["shaping"])
@@ -149,6 +205,7 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
         "num_envs": o["num_envs"], "rollout_len": trainer.config.rollout_len, "updates": trainer.updates,
         "env_steps": trainer.env_steps, "parameters": count_parameters(policy), "device": str(env.device),
         "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+        "world_size": ctx.world_size,
         "eval_success_rate": ev["success_rate"], "eval_episodes": ev["episodes"],
         "eval_steps_per_s": ev["steps_per_s"],
         "train_success_rate_last": last.get("window_success_rate", math.nan),
@@ -157,8 +214,4 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
         "chance": 1.0 / env.num_actions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    summary = _json_safe(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"{o['controller']} H={o['horizon']} seed={o['seed']}: eval success {ev['success_rate']:.3f} "
-        f"(chance {summary['chance']:.3f}), train steps/s {_fmt(summary['train_steps_per_s_median'], '.0f')}")
-    return summary
+    return _json_safe(summary)

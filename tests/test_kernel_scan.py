@@ -7,6 +7,7 @@ float64 on the same (possibly half-rounded) inputs; gradients come from torch.au
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.kernels import selective_scan_fn, selective_state_update
-from mamba_state.kernels.ops import default_chunk
+from mamba_state.kernels.ops import backward_mode, default_chunk
 from mamba_state.reference import selective_scan_ref, selective_state_update_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -58,6 +59,26 @@ def _make(b, d, L, n, groups, dtype, seed, *, init, reset_kind, D, z, bias):
     return {k: (v.to(DEV) if v is not None else None) for k, v in inp.items()}
 
 
+@contextmanager
+def _env(**kw):
+    """Set MAMBA_STATE_SCAN_<key> variables for the duration (None removes one), restoring them after."""
+    names = {f"MAMBA_STATE_SCAN_{k}": v for k, v in kw.items()}
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        for k, v in names.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _leaves(inp, dtype_of_ref=None):
     out = {}
     for k, v in inp.items():
@@ -81,6 +102,7 @@ def scan_cases(draw):
         init=draw(st.booleans()), reset_kind=draw(st.sampled_from(["none", "random", "first", "all"])),
         D=draw(st.booleans()), z=draw(st.booleans()), bias=draw(st.booleans()), softplus=draw(st.booleans()),
         chunk=draw(st.sampled_from([None, 8, 16])), last=draw(st.booleans()), seqpar=draw(st.booleans()),
+        bwd=draw(st.sampled_from(["seq", "chunk"])), split=draw(st.sampled_from([None, 1, 2])),
     )
 
 
@@ -93,16 +115,10 @@ def test_forward_and_gradients_match_float64_reference(case):
     ours, ref = _leaves(inp), _leaves(inp, torch.float64)
     kw = dict(delta_softplus=case["softplus"], return_last_state=True)
     # both forward schedules: one program per channel block, or split along the sequence (chunk summaries,
-    # a pass over chunk boundaries, then outputs)
-    saved = os.environ.get("MAMBA_STATE_SCAN_SEQPAR")
-    os.environ["MAMBA_STATE_SCAN_SEQPAR"] = "1" if case["seqpar"] else "0"
-    try:
+    # a pass over chunk boundaries, then outputs); both backward schedules likewise (sequential walk over the
+    # chunks, or chunk-parallel, with 1, 2 or the default number of programs per channel block)
+    with _env(SEQPAR="1" if case["seqpar"] else "0"):
         out, last = selective_scan_fn(**ours, **kw, backend="triton", chunk_size=case["chunk"])
-    finally:
-        if saved is None:
-            os.environ.pop("MAMBA_STATE_SCAN_SEQPAR")
-        else:
-            os.environ["MAMBA_STATE_SCAN_SEQPAR"] = saved
     rout, rlast = selective_scan_ref(**ref, **kw)
     assert out.dtype == dtype and out.shape == rout.shape
     assert last.dtype == torch.float32 and last.shape == rlast.shape
@@ -112,7 +128,8 @@ def test_forward_and_gradients_match_float64_reference(case):
     gout = torch.randn(rout.shape, generator=g).to(dtype).to(DEV)
     glast = torch.randn(rlast.shape, generator=g).to(DEV)
     use_last = case["last"]
-    torch.autograd.backward([out, last] if use_last else [out], [gout, glast.float()] if use_last else [gout])
+    with _env(BWD=case["bwd"], BWD_SPLIT=case["split"]):
+        torch.autograd.backward([out, last] if use_last else [out], [gout, glast.float()] if use_last else [gout])
     torch.autograd.backward([rout, rlast] if use_last else [rout],
                             [gout.double(), glast.double()] if use_last else [gout.double()])
     for k, v in ours.items():
@@ -243,3 +260,85 @@ def test_dstate_extremes(n):
     torch.autograd.backward([rout, rlast], [gout, torch.ones_like(rlast)])
     for k in ("u", "delta", "A", "B", "C", "initial_state"):
         _close(ours[k].grad, ref[k].grad, torch.float32, f"grad {k}")
+
+
+# ------------------------------------------------------------------------------ backward schedules, both forced
+
+def _resets(b, L, where, seed):
+    """bool [b, L]: True at the listed steps (those < L) in every row, plus a sparse random pattern."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(b, L, generator=g) < 0.1
+    for t in where:
+        if t < L:
+            r[:, t] = True
+    return r
+
+
+# (b, d, L, n, groups, chunk, resets at, init, D/z/bias, dtype): seqlen 1, primes, non-multiples of 8 and of the
+# chunk, exact multiples, resets at step 0 and on chunk boundaries (8, 16, 32), grouped B/C, dstate 1 and odd
+BWD_CASES = [
+    (1, 3, 1, 2, 0, 8, (), True, True, torch.float32),
+    (2, 4, 1, 3, 0, 8, (0,), True, True, torch.float32),
+    (2, 4, 13, 3, 2, 8, (0, 8), True, True, torch.float32),
+    (1, 5, 37, 4, 0, 16, (16, 32), True, False, torch.float32),
+    (2, 6, 40, 1, 3, 8, (8, 16, 24, 32), False, True, torch.float32),
+    (1, 4, 23, 5, 1, 8, (7, 9), True, True, torch.bfloat16),
+    (2, 4, 61, 3, 0, 16, (), True, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"b{c[0]}d{c[1]}L{c[2]}n{c[3]}g{c[4]}c{c[5]}{c[9]}"[:40])
+def test_both_backward_schedules_match_float64_reference(case):
+    b, d, L, n, groups, chunk, where, init, extras, dtype = case
+    inp = _make(b, d, L, n, groups, dtype, 11 * L + n, init=init, reset_kind="none", D=extras, z=extras,
+                bias=extras)
+    inp["reset"] = _resets(b, L, where, L).to(DEV) if where else None
+    ref = _leaves(inp, torch.float64)
+    rout, rlast = selective_scan_ref(**ref, delta_softplus=True, return_last_state=True)
+    g = torch.Generator().manual_seed(L)
+    gout = torch.randn(rout.shape, generator=g).to(dtype).to(DEV)
+    glast = torch.randn(rlast.shape, generator=g).to(DEV)
+    torch.autograd.backward([rout, rlast], [gout.double(), glast.double()])
+    grads = {}
+    # chunk-parallel with one program per channel block (every chunk in one program, in order), two (strided
+    # chunks) and the default; then the sequential walk
+    for mode, split in (("chunk", 1), ("chunk", 2), ("chunk", None), ("seq", None)):
+        ours = _leaves(inp)
+        out, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton",
+                                      chunk_size=chunk)
+        with _env(BWD=mode, BWD_SPLIT=split):
+            torch.autograd.backward([out, last], [gout, glast])
+        grads[(mode, split)] = {k: v.grad for k, v in ours.items() if v is not None and v.is_floating_point()}
+        for k, gr in grads[(mode, split)].items():
+            assert gr is not None and gr.dtype == inp[k].dtype and gr.shape == inp[k].shape, (mode, k)
+            _close(gr, ref[k].grad, gr.dtype, f"{mode}/{split} grad {k}")
+    # the schedules sum the same float32 terms in different orders: they agree to float32 rounding (before the
+    # final cast to the input dtype)
+    for key, gs in grads.items():
+        for k, gr in gs.items():
+            _close(gr, grads[("seq", None)][k], gr.dtype, f"{key} vs seq: grad {k}")
+
+
+def test_chunk_backward_gradient_of_initial_state_only_through_last_state():
+    # only last_state carries a gradient: the local adjoints are all zero and the carry pass alone moves the
+    # gradient of last_state back to initial_state through every chunk's decay product
+    inp = _make(2, 3, 29, 4, 0, torch.float32, 5, init=True, reset_kind="none", D=True, z=True, bias=True)
+    ours, ref = _leaves(inp), _leaves(inp, torch.float64)
+    _, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton", chunk_size=8)
+    _, rlast = selective_scan_ref(**ref, delta_softplus=True, return_last_state=True)
+    with _env(BWD="chunk", BWD_SPLIT=2):
+        last.sum().backward()
+    rlast.sum().backward()
+    for k in ("u", "delta", "A", "B", "delta_bias", "initial_state"):
+        _close(ours[k].grad, ref[k].grad, torch.float32, f"grad {k}")
+
+
+def test_backward_mode_choice_and_bad_value():
+    u = torch.zeros(1, 1, 1)
+    with _env(BWD=None):
+        assert backward_mode(u, 1, 1536, 16, 64) == "seq"  # auto: CPU tensors never take the chunk schedule
+    for mode in ("seq", "chunk"):
+        with _env(BWD=mode):
+            assert backward_mode(u, 8, 1536, 16, 1) == mode
+    with _env(BWD="parallel"), pytest.raises(StateError, match="MAMBA_STATE_SCAN_BWD.*seq.*chunk.*parallel"):
+        backward_mode(u, 1, 8, 16, 4)

@@ -1,0 +1,411 @@
+"""Generation (issue 5): sampling semantics, streaming, the resume law (in process and across processes),
+per-row EOS, branching, argument errors. Tiny random models on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from mamba_state import load_model_state, save_model_state
+from mamba_state.adapters import StatefulMambaLM
+from mamba_state.errors import StateError, StateShapeError
+from mamba_state.generation import GenerationOutput, _choose, _process, _Sampling, generate, step_seed, stream
+from mamba_state.state import MambaModelState
+
+VOCAB = 29  # padded to 32 in the head: sampling must never pick 29..31
+
+
+def _cfg(**over):
+    cfg = dict(d_model=16, n_layer=2, vocab_size=VOCAB, d_intermediate=0, ssm_cfg={"d_state": 4}, rms_norm=True,
+               fused_add_norm=True, residual_in_fp32=True, tie_embeddings=True, pad_vocab_size_multiple=8)
+    cfg.update(over)
+    return cfg
+
+
+def _lm(seed=0, dtype=torch.float32, **over):
+    torch.manual_seed(seed)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    lm = StatefulMambaLM.from_config(_cfg(**over), dtype=dtype, state_dtype=sdt).eval()
+    with torch.no_grad():  # norms and D away from 1 so that every parameter matters
+        for name, p in lm.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+    return lm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _lm()
+
+
+def _ids(batch, seqlen, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seqlen), generator=g)
+
+
+def _new(out, n_prompt):
+    return out.sequences[:, n_prompt:]
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+def test_greedy_matches_full_forward_argmax_float64():
+    """Independent reference: re-run the whole sequence through the chunked forward and take the argmax."""
+    lm = _lm(dtype=torch.float64)
+    ids = _ids(3, 6)
+    out = generate(lm, ids, max_new_tokens=8, temperature=0)
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = lm(seq)
+            seq = torch.cat([seq, logits[:, -1, :VOCAB].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
+    assert out.state.seqlen_offset == seq.shape[1] - 1
+    _, ref_state = lm(seq[:, :-1])
+    assert out.state.allclose(ref_state, rtol=1e-9, atol=1e-10)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(lm):
+    ids = _ids(4, 5)
+    greedy = generate(lm, ids, max_new_tokens=10, temperature=0)
+    for kw in (dict(top_k=1), dict(top_k=1, temperature=1.7, seed=3), dict(top_p=1e-6), dict(top_p=1e-6, seed=9),
+               dict(min_p=0.999999, temperature=0.5)):
+        out = generate(lm, ids, max_new_tokens=10, **kw)
+        assert torch.equal(out.sequences, greedy.sequences), kw
+        assert out.state.allclose(greedy.state, rtol=0, atol=0)
+
+
+def test_temperature_zero_is_greedy_and_sampling_differs(lm):
+    ids = _ids(2, 4)
+    g = generate(lm, ids, max_new_tokens=12, temperature=0, seed=1)
+    g2 = generate(lm, ids, max_new_tokens=12, temperature=0, seed=2)
+    assert torch.equal(g.sequences, g2.sequences)  # the seed plays no part in greedy decoding
+    s1 = generate(lm, ids, max_new_tokens=12, temperature=2.0, seed=1)
+    s2 = generate(lm, ids, max_new_tokens=12, temperature=2.0, seed=2)
+    assert not torch.equal(s1.sequences, s2.sequences)
+    assert not torch.equal(s1.sequences, g.sequences)
+
+
+def test_padded_vocab_never_sampled(lm):
+    out = generate(lm, _ids(8, 2), max_new_tokens=40, temperature=5.0, seed=0)
+    assert int(_new(out, 2).max()) < VOCAB
+    assert lm.lm_head.weight.shape[0] > VOCAB  # the head really is padded
+
+
+# ---------------------------------------------------------------------------------------------- sampling math
+def test_exponential_race_draws_from_the_softmax():
+    """argmax(p / Exp(1)) is a draw from p: frequencies over many rows within 5 sigma of p."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, dtype=torch.float64).repeat(40000, 1)
+    cfg = _Sampling(1.0, 0, 1.0, 0.0, 1.0, 6)
+    tok = _choose(_process(logits, cfg, None), cfg, 123, 7, torch.Generator())
+    freq = torch.bincount(tok, minlength=6).double() / tok.numel()
+    p = logits[0].softmax(-1)
+    sigma = (p * (1 - p) / tok.numel()).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+    # top_k=2 renormalises over the two largest
+    cfg2 = _Sampling(1.0, 2, 1.0, 0.0, 1.0, 6)
+    tok2 = _choose(_process(logits, cfg2, None), cfg2, 5, 7, torch.Generator())
+    top = logits[0].topk(2).indices
+    assert set(tok2.unique().tolist()) == set(top.tolist())
+    p2 = logits[0, top].softmax(-1)
+    f2 = (tok2 == top[0]).double().mean()
+    assert abs(f2 - p2[0]) <= 5 * (p2[0] * (1 - p2[0]) / tok2.numel()).sqrt()
+
+
+def _ref_filter(logits, temperature, top_k, top_p, min_p):
+    """Float64 reference of the filters, written from their definitions (sets of kept tokens)."""
+    x = logits.double() / temperature
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for b in range(x.shape[0]):
+        order = x[b].argsort(descending=True)
+        if top_k:
+            keep[b, order[top_k:]] = False
+        xb = x[b].masked_fill(~keep[b], float("-inf"))
+        p = xb.softmax(-1)
+        if top_p < 1:
+            mass, kept = 0.0, []
+            for i in xb.argsort(descending=True).tolist():  # smallest most-likely set reaching top_p
+                kept.append(i)
+                mass += float(p[i])
+                if mass >= top_p:
+                    break
+            mask = torch.zeros_like(keep[b])
+            mask[kept] = True
+            keep[b] &= mask
+        xb = x[b].masked_fill(~keep[b], float("-inf"))
+        if min_p:
+            p = xb.softmax(-1)
+            keep[b] &= p >= min_p * p.max()
+    return keep
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 5, 1.0, 0.0), (0.7, 0, 0.5, 0.0), (1.3, 8, 0.8, 0.0), (1.0, 0, 1.0, 0.2), (0.9, 6, 0.9, 0.1)])
+def test_filters_match_their_definitions(temperature, top_k, top_p, min_p):
+    torch.manual_seed(1)
+    logits = torch.randn(16, 40) * 2
+    x = _process(logits, _Sampling(temperature, top_k, top_p, min_p, 1.0, 40), None)
+    assert x.dtype == torch.float32
+    assert torch.equal(torch.isfinite(x), _ref_filter(logits, temperature, top_k, top_p, min_p))
+    fin = torch.isfinite(x)
+    torch.testing.assert_close(x[fin], (logits.double() / temperature)[fin].float())
+
+
+@pytest.mark.upstream
+def test_filters_agree_with_upstream(upstream):
+    from mamba_ssm.utils.generation import modify_logits_for_top_k_filtering, modify_logits_for_top_p_filtering
+
+    torch.manual_seed(2)
+    logits = torch.randn(8, 50)
+    for k in (1, 3, 17):
+        ref = logits.clone()
+        modify_logits_for_top_k_filtering(ref, k)
+        ours = _process(logits, _Sampling(1.0, k, 1.0, 0.0, 1.0, 50), None)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    for p in (0.1, 0.5, 0.95):
+        ref = logits.clone()
+        modify_logits_for_top_p_filtering(ref, p)
+        ours = _process(logits, _Sampling(1.0, 0, p, 0.0, 1.0, 50), None)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+
+
+def test_repetition_penalty_matches_upstream_formula():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 20)
+    prev = torch.randint(0, 20, (3, 7))
+    seen = torch.zeros(3, 20, dtype=torch.bool).scatter_(1, prev, True)
+    ours = _process(logits, _Sampling(0.0, 0, 1.0, 0.0, 1.8, 20), seen)
+    score = logits.gather(1, prev)  # upstream's definition (mamba_ssm.utils.generation)
+    ref = logits.clone().scatter_(1, prev, torch.where(score < 0, score * 1.8, score / 1.8))
+    assert torch.equal(ours, ref)
+
+
+def test_step_seed_depends_on_seed_and_position():
+    vals = {step_seed(s, p) for s in range(4) for p in range(50)}
+    assert len(vals) == 200 and all(0 <= v < 2 ** 63 for v in vals)
+
+
+# ---------------------------------------------------------------------------------------------- stream
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(seed=4, top_k=7), dict(seed=[1, 2, 3], top_p=0.8)])
+def test_stream_equals_generate(lm, kw):
+    ids = _ids(3, 5)
+    ref = generate(lm, ids, max_new_tokens=9, output_scores=True, **kw)
+    ts = lm.stream(ids, max_new_tokens=9, output_scores=True, **kw)
+    toks = []
+    for i, t in enumerate(ts):
+        assert t.shape == (3,) and t.dtype == torch.long
+        toks.append(t)
+        assert ts.state.seqlen_offset == 5 + i  # before the token just yielded
+    assert torch.equal(torch.stack(toks, 1), _new(ref, 5))
+    assert torch.equal(ts.sequences, ref.sequences)
+    assert ts.state.allclose(ref.state, rtol=0, atol=0) and ts.state.seqlen_offset == ref.state.seqlen_offset
+    assert all(torch.equal(a, b) for a, b in zip(ts.scores, ref.scores))
+
+
+def test_stream_closed_early_keeps_a_resumable_state(lm):
+    ids = _ids(2, 4)
+    ref = generate(lm, ids, max_new_tokens=10, temperature=0)
+    ts = stream(lm, ids, max_new_tokens=10, temperature=0)
+    for i, _ in zip(range(4), ts):
+        pass
+    ts.close()
+    assert torch.equal(ts.sequences, ref.sequences[:, :8])
+    rest = generate(lm, ts.sequences[:, -1:], state=ts.state, max_new_tokens=6, temperature=0)
+    assert torch.equal(torch.cat([ts.sequences, rest.sequences[:, 1:]], 1), ref.sequences)
+
+
+def test_lm_methods_delegate(lm):
+    ids = _ids(2, 3)
+    a = lm.generate(ids, max_new_tokens=5, seed=1)
+    b = generate(lm, ids, max_new_tokens=5, seed=1)
+    assert isinstance(a, GenerationOutput) and torch.equal(a.sequences, b.sequences)
+
+
+# ---------------------------------------------------------------------------------------------- resume law
+@given(n=st.integers(1, 9), kind=st.sampled_from(["greedy", "seeded", "row_seeds", "penalty"]))
+def test_resume_law_in_process(lm, n, kind):
+    kw = {"greedy": dict(temperature=0), "seeded": dict(seed=11, top_k=12, temperature=1.3),
+          "row_seeds": dict(seed=[5, 6], min_p=0.05), "penalty": dict(seed=2, repetition_penalty=1.6)}[kind]
+    ids = _ids(2, 6, seed=n)
+    total = 10
+    one = generate(lm, ids, max_new_tokens=total, **kw)
+    first = generate(lm, ids, max_new_tokens=n, **kw)
+    ctx = first.sequences[:, :-1] if kind == "penalty" else None
+    second = generate(lm, first.sequences[:, -1:], state=first.state, max_new_tokens=total - n, context_ids=ctx,
+                      **kw)
+    assert torch.equal(torch.cat([first.sequences, second.sequences[:, 1:]], 1), one.sequences)
+    assert second.state.allclose(one.state, rtol=0, atol=0)
+    assert second.state.seqlen_offset == one.state.seqlen_offset
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from mamba_state import load_model_state
+    from mamba_state.adapters import StatefulMambaLM
+    model_dir, state_dir, last, m = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    lm = StatefulMambaLM.from_pretrained(model_dir).eval()
+    res = {}
+    for name, kw in (("greedy", dict(temperature=0)), ("seeded", dict(seed=77, top_p=0.9, temperature=1.2))):
+        state = load_model_state(f"{state_dir}/{name}.safetensors")
+        out = lm.generate(torch.tensor(last[name]), state=state, max_new_tokens=m, **kw)
+        res[name] = out.sequences[:, 1:].tolist()
+    print(json.dumps(res))
+""")
+
+
+def test_resume_law_across_processes(lm, tmp_path):
+    """Generate N, save the state, load it in a fresh process, generate M more == N+M in one call."""
+    lm.save_pretrained(tmp_path / "model")
+    ids, n, m = _ids(2, 5), 4, 7
+    last, expect = {}, {}
+    for name, kw in (("greedy", dict(temperature=0)), ("seeded", dict(seed=77, top_p=0.9, temperature=1.2))):
+        one = generate(lm, ids, max_new_tokens=n + m, **kw)
+        first = generate(lm, ids, max_new_tokens=n, **kw)
+        save_model_state(first.state, tmp_path / f"{name}.safetensors")
+        assert load_model_state(tmp_path / f"{name}.safetensors").allclose(first.state, rtol=0, atol=0)
+        last[name] = first.sequences[:, -1:].tolist()
+        expect[name] = _new(one, 5 + n).tolist()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "model"), str(tmp_path), json.dumps(last),
+                           str(m)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expect
+
+
+# ---------------------------------------------------------------------------------------------- EOS
+def test_per_row_eos_padding_and_early_stop(lm):
+    ids = _ids(3, 4, seed=5)
+    free = _new(generate(lm, ids, max_new_tokens=16, temperature=0), 4)
+    # EOS ids: one token from rows 0 and 1 each, so that those rows finish at different steps
+    eos = sorted({int(free[0, 2]), int(free[1, 5])})
+    pad = next(t for t in range(VOCAB) if t not in eos)
+    first_hit = []
+    for r in range(3):
+        hits = [i for i in range(16) if int(free[r, i]) in eos]
+        first_hit.append(hits[0] if hits else None)
+    out = generate(lm, ids, max_new_tokens=16, temperature=0, eos_token_id=eos, pad_token_id=pad)
+    new = _new(out, 4)
+    done_all = all(h is not None for h in first_hit)
+    assert new.shape[1] == (max(first_hit) + 1 if done_all else 16)
+    for r, h in enumerate(first_hit):
+        stop = new.shape[1] if h is None else h + 1
+        assert torch.equal(new[r, :stop], free[r, :stop])
+        assert (new[r, stop:] == pad).all()
+    assert out.state.seqlen_offset == 4 + new.shape[1] - 1
+    # default pad id: the first EOS id
+    out2 = generate(lm, ids, max_new_tokens=16, temperature=0, eos_token_id=eos)
+    for r, h in enumerate(first_hit):
+        if h is not None:
+            assert (_new(out2, 4)[r, h + 1:] == eos[0]).all()
+
+
+def test_all_rows_eos_stops_at_once(lm):
+    ids = _ids(2, 3)
+    free = _new(generate(lm, ids, max_new_tokens=3, temperature=0), 3)
+    out = generate(lm, ids, max_new_tokens=20, temperature=0, eos_token_id=free[:, 0].tolist())
+    assert out.sequences.shape[1] == 4
+
+
+# ---------------------------------------------------------------------------------------------- branching
+def test_branching_equals_independent_calls(lm):
+    """Best-of-n: prefill once, expand the state n ways, one row-seeded batch == n separate calls."""
+    prompt, n = _ids(1, 8), 4
+    pre = generate(lm, prompt, max_new_tokens=0)
+    assert torch.equal(pre.sequences, prompt) and pre.state.seqlen_offset == 7
+    seeds = [10, 20, 30, 40]
+    branched = generate(lm, prompt[:, -1:].expand(n, 1), state=MambaModelState.cat([pre.state] * n),
+                        max_new_tokens=12, seed=seeds, top_k=10)
+    for i, s in enumerate(seeds):
+        alone = generate(lm, prompt[:, -1:], state=pre.state.clone(), max_new_tokens=12, seed=[s], top_k=10)
+        assert torch.equal(alone.sequences, branched.sequences[i:i + 1])
+        assert alone.state.allclose(branched.state.select(slice(i, i + 1)), rtol=1e-5, atol=1e-6)
+    assert len({tuple(r) for r in branched.sequences.tolist()}) > 1  # the branches really differ
+
+
+# ---------------------------------------------------------------------------------------------- misc semantics
+def test_scores_shape_and_content(lm):
+    out = generate(lm, _ids(3, 4), max_new_tokens=6, top_k=5, seed=0, output_scores=True)
+    assert len(out.scores) == 6
+    for s, tok in zip(out.scores, _new(out, 4).T):
+        assert s.shape == (3, VOCAB) and s.dtype == torch.float32
+        assert (torch.isfinite(s).sum(-1) == 5).all()
+        assert torch.isfinite(s.gather(1, tok[:, None])).all()  # chosen tokens survived the filter
+    assert generate(lm, _ids(3, 4), max_new_tokens=2, seed=0).scores is None
+
+
+def test_zero_new_tokens_and_chunk_size(lm):
+    ids = _ids(2, 9)
+    out = generate(lm, ids, max_new_tokens=0)
+    _, ref = lm(ids[:, :-1])
+    assert torch.equal(out.sequences, ids) and out.state.seqlen_offset == 8
+    assert out.state.allclose(ref, rtol=1e-5, atol=1e-6)
+    a = generate(lm, ids, max_new_tokens=6, temperature=0, prefill_chunk_size=2)
+    b = generate(lm, ids, max_new_tokens=6, temperature=0)
+    assert torch.equal(a.sequences, b.sequences) and a.state.allclose(b.state, rtol=1e-5, atol=1e-6)
+    one = generate(lm, ids[:, :1], max_new_tokens=0)  # one token, nothing to generate: nothing consumed
+    assert one.state.seqlen_offset == 0 and torch.equal(one.sequences, ids[:, :1])
+
+
+def test_input_state_is_not_modified(lm):
+    ids = _ids(2, 5)
+    _, state = lm(ids)
+    before = state.clone()
+    generate(lm, ids[:, -1:], state=state, max_new_tokens=5, seed=1)
+    assert state.allclose(before, rtol=0, atol=0) and state.seqlen_offset == before.seqlen_offset
+
+
+def test_mamba2_model_generates_and_resumes():
+    lm = _lm(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 4}, d_model=16)
+    ids = _ids(2, 6)
+    one = generate(lm, ids, max_new_tokens=6, temperature=0)
+    first = generate(lm, ids, max_new_tokens=2, temperature=0)
+    rest = generate(lm, first.sequences[:, -1:], state=first.state, max_new_tokens=4, temperature=0)
+    assert torch.equal(torch.cat([first.sequences, rest.sequences[:, 1:]], 1), one.sequences)
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kw,words", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(min_p=1.0), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(eos_token_id=-3), "eos_token_id"), (dict(eos_token_id=VOCAB), "eos_token_id"),
+    (dict(pad_token_id=-1), "pad_token_id"), (dict(seed="x"), "seed"), (dict(seed=[1, 2, 3]), "seed"),
+    (dict(prefill_chunk_size=0), "prefill_chunk_size"), (dict(context_ids=torch.zeros(3, 2, dtype=torch.long)),
+                                                           "context_ids"),
+])
+def test_bad_arguments_raise_before_any_work(lm, monkeypatch, kw, words):
+    def boom(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    kw = {"max_new_tokens": 3, **kw}
+    monkeypatch.setattr(lm, "step", boom)
+    monkeypatch.setattr(lm, "forward", boom)
+    with pytest.raises(StateError, match=words) as info:
+        generate(lm, _ids(2, 3), **kw)
+    assert "expected" in str(info.value) and "found" in str(info.value)
+    with pytest.raises(StateError, match=words):
+        stream(lm, _ids(2, 3), **kw)
+
+
+def test_bad_state_and_input(lm):
+    with pytest.raises(StateShapeError, match="batch size: expected 2.*found 3"):
+        generate(lm, _ids(2, 3), state=lm.new_state(3), max_new_tokens=2)
+    with pytest.raises(StateError, match="state"):
+        generate(lm, _ids(2, 3), state="nope", max_new_tokens=2)
+    with pytest.raises(StateShapeError, match="input_ids"):
+        generate(lm, torch.zeros(2, 3), max_new_tokens=2)
+    other = _lm(n_layer=3)
+    with pytest.raises(StateError, match="layers"):
+        generate(lm, _ids(1, 2), state=other.new_state(1), max_new_tokens=2)

@@ -13,6 +13,7 @@ SM clock the device reports.
     python benchmarks/bench_scan.py            # full table
     python benchmarks/bench_scan.py --quick    # first shape only
     python benchmarks/bench_scan.py --sweep    # block-size sweep first (backward BD 4 vs 8 applied to the table)
+    python benchmarks/bench_scan.py --bwd-mode chunk   # force a backward schedule (MAMBA_STATE_SCAN_BWD)
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def sweep(rates, bw):
     for shape in (SHAPES[0], SHAPES[2], SHAPES[4]):
         for bd in (4, 8):
             timed("fwd+bwd", shape, BWD_BD=bd, BWD_WARPS=1)
+    for shape in SHAPES[:4]:  # backward schedules: sequential walk vs chunk-parallel
+        for mode in ("seq", "chunk"):
+            timed("fwd+bwd", shape, BWD=mode)
     for shape in (SHAPES[1], SHAPES[4]):
         for bd in (8, 16):
             timed("fwd", shape, BD=bd, WARPS=1, SEQPAR=0)
@@ -235,7 +239,11 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="block-size sweep at the first shape")
     p.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked reference")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--bwd-mode", choices=("auto", "seq", "chunk"),
+                   help="backward schedule (sets MAMBA_STATE_SCAN_BWD; default: the library's choice)")
     args = p.parse_args(argv)
+    if args.bwd_mode:
+        os.environ["MAMBA_STATE_SCAN_BWD"] = args.bwd_mode
     if not torch.cuda.is_available():
         print("bench_scan: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -245,7 +253,8 @@ def main(argv=None):
     rates = chip_rates()
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
                 bandwidth_GBps=bw / 1e9, exp_rate_T=rates[0] / 1e12, fma_rate_T=rates[1] / 1e12,
-                sm_clock_GHz=rates[2] / 1e9, upstream=upstream_scan() is not None)
+                sm_clock_GHz=rates[2] / 1e9, upstream=upstream_scan() is not None,
+                bwd_mode=os.environ.get("MAMBA_STATE_SCAN_BWD", "auto"))
     print(json.dumps(meta), flush=True)
     result = dict(meta=meta)
     if args.sweep:

@@ -86,10 +86,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def _default_chunk(seqlen: int) -> int:
-    # Each chunk costs two vectorised steps in the forward and two in the backward, and the loop over chunk
-    # boundaries one small step per chunk: about sqrt(L) / 4 balanced the per-step dispatch cost against the
-    # work per step on CPU (measured by benchmarks/bench_reference.py).
-    return int(min(64, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen) / 4))))))
+    # Forward and backward each take two vectorised steps per position in a chunk plus one small step per chunk
+    # boundary: about sqrt(L) steps per chunk balanced the per-step dispatch cost against the work per step on
+    # CPU (benchmarks/bench_reference.py, 1x64x1024x16 to 1x64x16384x16 and 1x1536x512x16 in 64-token blocks).
+    return int(min(64, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(seqlen)))))))
 
 
 def _groups(t: torch.Tensor) -> int:
@@ -128,6 +128,9 @@ class _ChunkedScan(torch.autograd.Function):
     ``T`` the chunk length. Outputs ``y`` [batch, dim, L] (``sum_n C * x``, no D or z) and the last state
     [batch, dim, n].
 
+    States are held as [..., n, dim // G] so that the channel axis is the contiguous one: broadcasting ``dt`` and
+    ``B`` and reducing over ``n`` then run along long contiguous rows, and ``y = C . x`` is a row-times-matrix.
+
     Forward: (1) all K chunks scanned at once from a zero state, ``T`` vectorised steps, keeping only their end
     states; (2) a loop over the K chunk boundaries carries the true state in with each chunk's total decay; (3)
     every chunk rerun from its entering state, writing all states into one buffer that gives ``y`` in one
@@ -146,68 +149,78 @@ class _ChunkedScan(torch.autograd.Function):
         dg, K = d // G, -(-L // T)
         pad = K * T - L
         ct = dt.dtype
-        Ag = A.view(G, dg, n)
-        dt_s = _to_steps(F.pad(dt, (0, pad)), G, K, T)  # padded steps: decay 1, input 0 (the state is kept)
+        At = A.view(G, dg, n).transpose(1, 2).contiguous()  # [G, n, dg]
+        dt_s = _to_steps(F.pad(dt, (0, pad)), G, K, T)  # [T, K, b, G, dg]; padded steps: decay 1, input 0
         u_s = _to_steps(F.pad(u, (0, pad)), G, K, T)
-        dA = torch.exp(dt_s[..., None] * Ag)  # [T, K, b, G, dg, n]
-        keep_s = keep_k = None
+        dA = torch.mul(dt_s[..., None, :], At).exp_()  # [T, K, b, G, n, dg]
+        keep_k = None
         if keep is not None:
             keep_s = F.pad(keep, (0, pad), value=True).view(b, K, T).permute(2, 1, 0)  # [T, K, b]
             keep_k = keep_s.all(0)[..., None, None, None].to(ct)
             dA.mul_(keep_s[..., None, None, None].to(ct))
         Bs = _to_steps(F.pad(B.reshape(b, G * n, L), (0, pad)), G, K, T) if B.dim() == 4 else None  # [T,K,b,G,n]
         Cs = _to_steps(F.pad(C.reshape(b, G * n, L), (0, pad)), G, K, T) if C.dim() == 4 else None
-        dBu = (dt_s * u_s)[..., None] * (Bs[..., None, :] if Bs is not None else B.view(G, dg, n))
+        dBu = (dt_s * u_s)[..., None, :] * (Bs[..., None] if Bs is not None else B.view(G, dg, n).transpose(1, 2))
+        dA_t, dBu_t = dA.unbind(0), dBu.unbind(0)  # one call for all the step views, not one per step
         # 1. every chunk's end state from a zero start
-        h = dBu[0]
+        h = dBu_t[0]
         for t in range(1, T):
-            h = torch.addcmul(dBu[t], dA[t], h)
-        total = torch.exp(dt_s.sum(0)[..., None] * Ag)  # [K, b, G, dg, n]: a chunk's decay, 0 across a reset
+            h = torch.addcmul(dBu_t[t], dA_t[t], h)
+        total = torch.mul(dt_s.sum(0)[..., None, :], At).exp_()  # [K, b, G, n, dg]: 0 across a reset
         if keep_k is not None:
             total.mul_(keep_k)
         # 2. the true state entering each chunk
-        carry = (h0.reshape(b, G, dg, n) if h0 is not None else torch.zeros(b, G, dg, n, dtype=ct, device=u.device))
-        hs = torch.empty((T + 1, K, b, G, dg, n), dtype=ct, device=u.device)
-        for k in range(K):
-            hs[0, k] = carry
-            carry = torch.addcmul(h[k], total[k], carry)
+        carry = (h0.reshape(b, G, dg, n).transpose(2, 3) if h0 is not None
+                 else torch.zeros(b, G, n, dg, dtype=ct, device=u.device))
+        entering = []
+        for h_k, total_k in zip(h.unbind(0), total.unbind(0)):
+            entering.append(carry)
+            carry = torch.addcmul(h_k, total_k, carry)
+        hs = torch.empty((T + 1, K, b, G, n, dg), dtype=ct, device=u.device)
+        torch.stack(entering, out=hs[0])
         # 3. rerun every chunk from its entering state, keeping every state
+        hs_t = hs.unbind(0)
         for t in range(T):
-            torch.addcmul(dBu[t], dA[t], hs[t], out=hs[t + 1])
-        del dBu, h
+            torch.addcmul(dBu_t[t], dA_t[t], hs_t[t], out=hs_t[t + 1])
+        del dBu, dBu_t, h, entering
         if Cs is not None:
-            y = torch.matmul(hs[1:], Cs[..., None])[..., 0]
+            y = torch.matmul(Cs[..., None, :], hs[1:])[..., 0, :]
         else:
-            y = (hs[1:] * C.view(G, dg, n)).sum(-1)
-        ctx.save_for_backward(dt_s, u_s, A, B, C, Bs, Cs, dA, hs, total)
+            y = (hs[1:] * C.view(G, dg, n).transpose(1, 2)).sum(-2)
+        ctx.save_for_backward(dt_s, u_s, At, B, C, Bs, Cs, dA, hs, total)
         ctx.dims = (b, d, L, n, G, K, T, h0 is not None)
-        return _from_steps(y, L), carry.reshape(b, d, n)
+        return _from_steps(y, L), carry.transpose(2, 3).reshape(b, d, n)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, glast):
-        dt_s, u_s, A, B, C, Bs, Cs, dA, hs, total = ctx.saved_tensors
+        dt_s, u_s, At, B, C, Bs, Cs, dA, hs, total = ctx.saved_tensors
         b, d, L, n, G, K, T, has_h0 = ctx.dims
         dg, pad = d // G, K * T - L
         need = ctx.needs_input_grad
-        Ag = A.view(G, dg, n)
+
+        def per_channel(t):  # [G, n, dg] -> [dim, n]
+            return t.transpose(1, 2).reshape(d, n)
+
         g_s = _to_steps(F.pad(gy, (0, pad)), G, K, T)  # [T, K, b, G, dg]
-        lam = g_s[..., None] * (Cs[..., None, :] if Cs is not None else C.view(G, dg, n))
+        lam = g_s[..., None, :] * (Cs[..., None] if Cs is not None else C.view(G, dg, n).transpose(1, 2))
         # 1. every chunk's adjoint at its first step from a zero end, folded into the step before the chunk
-        mu = lam[T - 1]
+        dA_t, lam_t = dA.unbind(0), lam.unbind(0)
+        mu = lam_t[T - 1]
         for t in range(T - 2, -1, -1):
-            mu = torch.addcmul(lam[t], dA[t + 1], mu)
-        w = dA[0] * mu
+            mu = torch.addcmul(lam_t[t], dA_t[t + 1], mu)
+        w = dA_t[0] * mu
         # 2. the true adjoint entering each chunk from the right; what leaves chunk 0 is the gradient of h0
-        carry = glast.reshape(b, G, dg, n)
+        carry = glast.reshape(b, G, dg, n).transpose(2, 3)
         entering = [None] * K
+        w_k, total_k = w.unbind(0), total.unbind(0)
         for k in range(K - 1, -1, -1):
             entering[k] = carry
-            carry = torch.addcmul(w[k], total[k], carry)
-        lam[T - 1] += torch.stack(entering)
+            carry = torch.addcmul(w_k[k], total_k[k], carry)
+        lam_t[T - 1].add_(torch.stack(entering))
         # 3. the adjoint at every step
         for t in range(T - 2, -1, -1):
-            lam[t].addcmul_(dA[t + 1], lam[t + 1])
+            lam_t[t].addcmul_(dA_t[t + 1], lam_t[t + 1])
         del mu, w
         g_dt = g_u = g_A = g_B = g_C = None
         du_s = dt_s * u_s
@@ -215,26 +228,26 @@ class _ChunkedScan(torch.autograd.Function):
         X = lam * hs[:-1]
         X.mul_(dA)
         if need[0] or need[1]:
-            LB = (torch.matmul(lam, Bs[..., None])[..., 0] if Bs is not None
-                  else (lam * B.view(G, dg, n)).sum(-1))  # dL/d(dt * u) [T, K, b, G, dg]
+            LB = (torch.matmul(Bs[..., None, :], lam)[..., 0, :] if Bs is not None
+                  else (lam * B.view(G, dg, n).transpose(1, 2)).sum(-2))  # dL/d(dt * u) [T, K, b, G, dg]
             if need[0]:
-                g_dt = _from_steps(torch.addcmul((X * Ag).sum(-1), u_s, LB), L)
+                g_dt = _from_steps(torch.addcmul((X * At).sum(-2), u_s, LB), L)
             if need[1]:
                 g_u = _from_steps(dt_s * LB, L)
         if need[2]:
-            g_A = X.mul_(dt_s[..., None]).sum((0, 1, 2)).reshape(d, n)
+            g_A = per_channel(X.mul_(dt_s[..., None, :]).sum((0, 1, 2)))
         del X
         if need[3]:
             if Bs is not None:
-                g_B = _from_steps(torch.matmul(du_s[..., None, :], lam)[..., 0, :], L).reshape(b, G, n, L)
+                g_B = _from_steps(torch.matmul(lam, du_s[..., None])[..., 0], L).reshape(b, G, n, L)
             else:
-                g_B = (lam * du_s[..., None]).sum((0, 1, 2)).reshape(d, n)
+                g_B = per_channel((lam * du_s[..., None, :]).sum((0, 1, 2)))
         if need[4]:
             if Cs is not None:
-                g_C = _from_steps(torch.matmul(g_s[..., None, :], hs[1:])[..., 0, :], L).reshape(b, G, n, L)
+                g_C = _from_steps(torch.matmul(hs[1:], g_s[..., None])[..., 0], L).reshape(b, G, n, L)
             else:
-                g_C = (hs[1:] * g_s[..., None]).sum((0, 1, 2)).reshape(d, n)
-        g_h0 = carry.reshape(b, d, n) if has_h0 and need[5] else None
+                g_C = per_channel((hs[1:] * g_s[..., None, :]).sum((0, 1, 2)))
+        g_h0 = carry.transpose(2, 3).reshape(b, d, n) if has_h0 and need[5] else None
         return g_dt, g_u, g_A, g_B, g_C, g_h0, None, None
 
 

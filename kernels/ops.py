@@ -25,6 +25,7 @@ per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-pa
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -47,7 +48,13 @@ def _pow2_divisor(n: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _cuda_sm_count(device.index) if device.type == "cuda" else 132
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: Optional[int]) -> int:
+    # cached: asked several times per scan, and a device-properties query costs host time
+    return torch.cuda.get_device_properties(torch.device("cuda", index)).multi_processor_count
 
 
 def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, batch: int = 1,
@@ -102,8 +109,8 @@ def use_sequence_parallel(u: Tensor, batch: int, dim_blocks: int, nchunks: int) 
         return env == "1" and nchunks >= 2
     if nchunks < 2 or not u.is_cuda:
         return False
-    sms = torch.cuda.get_device_properties(u.device).multi_processor_count
-    return batch * dim_blocks < 2 * sms
+    # Below 16 chunks the work is small enough that one launch beats three (each costs host time).
+    return nchunks >= 16 and batch * dim_blocks < 2 * _sm_count(u.device)
 
 
 BWD_MODES = ("auto", "seq", "chunk")
@@ -152,10 +159,11 @@ def _reset_bytes(reset: Optional[Tensor]) -> Optional[Tensor]:
 
 # ----------------------------------------------------------------------------------------------- forward op
 
-@torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())
-def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], initial_state: Optional[Tensor], reset: Optional[Tensor],
-             delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                 reset: Optional[Tensor], delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward launches (see the module docstring for the outputs); registered below as the custom op
+    ``mamba_state::scan_fwd``, and called directly for inference, where no autograd or tracing is needed."""
     from . import _triton_scan as K
 
     batch, dim, L = u.shape
@@ -200,6 +208,9 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             HAS_INIT=init is not None, BLOCK=block, num_warps=4)
         K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre
+
+
+scan_fwd = torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())(scan_forward)
 
 
 @scan_fwd.register_fake

@@ -19,7 +19,7 @@ from mamba_state.reference import selective_scan_chunked, selective_state_update
 from mamba_state.scan_inputs import check_scan_inputs, compute_dtype
 from mamba_state.scan_positions import check_positions, run_segments
 
-from .ops import ScanFn, default_chunk
+from .ops import ScanFn, default_chunk, scan_forward
 
 __all__ = ["selective_scan_fn", "selective_state_update"]
 
@@ -84,9 +84,16 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
-    out, last, _, _ = ScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
-                                bool(delta_softplus), chunk)
+    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
+    if torch.compiler.is_compiling() or _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        out, last, _, _ = ScanFn.apply(*args)
+    else:  # inference: straight to the kernels (the custom op and autograd dispatch cost host time per call)
+        out, last, _, _ = scan_forward(*args)
     return (out, last) if return_last_state else out
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,

@@ -39,18 +39,25 @@ def _triton_installed() -> bool:
 def triton_usable(device: torch.device | str) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors of ``device``, and why (or why not)."""
     device = torch.device(device)
+    return _triton_usable(device.type, device.index, os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_usable(kind: str, index: int | None, interpret: bool) -> tuple[bool, str]:
+    # cached per device: every layer of every forward asks, and the device queries cost host time
     if not _triton_installed():
         return False, "triton is not installed"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpret:
         return True, "TRITON_INTERPRET=1: Triton runs in its (slow) interpreter"
-    if device.type == "cuda":
+    if kind == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available"
+        device = torch.device(kind, index)
         major, _ = torch.cuda.get_device_capability(device)
         if major < 7:
             return False, f"GPU compute capability {major}.x is below 7.0"
         return True, f"CUDA device {torch.cuda.get_device_name(device)}"
-    return False, f"tensors on {device.type}: Triton needs a CUDA device"
+    return False, f"tensors on {kind}: Triton needs a CUDA device"
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> tuple[str, str]:

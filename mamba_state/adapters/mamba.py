@@ -18,6 +18,7 @@ window; ``dt, B, C = x_proj(x)``; ``dt = dt_proj.weight @ dt``; selective scan w
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -38,13 +39,33 @@ _SHARED_MODULES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 _SHARED_PARAMS = ("A_log", "D")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_scan():
-    """``mamba_state.kernels.selective_scan_fn`` when the Triton kernel package provides it, else ``None``."""
+    """``mamba_state.kernels.selective_scan_fn`` when the Triton kernel package provides it, else ``None``
+    (cached: an import attempt per call costs host time on every layer)."""
     try:
         from mamba_state.kernels import selective_scan_fn  # type: ignore[attr-defined]
-    except Exception:  # not there yet, or triton missing
+    except Exception:  # triton missing
         return None
     return selective_scan_fn
+
+
+def _weight_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in] @ x [B, in, L] -> [B, out, L]`` (contiguous) as one strided-batched GEMM.
+
+    ``torch.matmul`` of a 2-D weight with a 3-D tensor folds the batch into the rows of a token-major product
+    and copies it back into channel-major order; broadcasting the weight with a zero batch stride lets the GEMM
+    write channel-major directly."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def _fast_conv(xs, backend, *tensors) -> bool:
+    """Whether the Triton conv serves: CUDA (Triton backend), half/float32 inputs and no gradient needed."""
+    if xs.device.type != "cuda" or xs.dtype == torch.float64:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, *tensors)):
+        return False
+    return resolve_backend(xs.device, backend)[0] == "triton"
 
 
 class Mamba1Parameters(nn.Module):
@@ -227,20 +248,20 @@ class StatefulMamba(nn.Module):
             raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
         if reset is not None:
             reset = reset.to(x.device)
-        # Channel-major layout throughout ([B, channels, L], what the scan takes): batched matmuls against the
-        # transposed input write it directly, so no activation is transposed or copied between steps.
+        # Channel-major layout throughout ([B, channels, L], what the scan takes): strided-batched GEMMs of the
+        # (broadcast) weight against the transposed input write it directly, so no activation is copied.
         xt = x.transpose(1, 2)  # [B, d_model, L] (a view)
         w_in = self.in_proj.weight
-        xs = torch.matmul(w_in[: self.d_inner], xt)  # [B, d_inner, L], contiguous
-        z = torch.matmul(w_in[self.d_inner:], xt)
+        xs = _weight_matmul(w_in[: self.d_inner], xt)  # [B, d_inner, L], contiguous
+        z = _weight_matmul(w_in[self.d_inner:], xt)
         if self.in_proj.bias is not None:
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
         conv_in = xs
         xs, conv_state = self._conv(xs, state.conv_state, reset)
-        x_dbl = torch.matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
+        x_dbl = _weight_matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
+        dt = _weight_matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
         ct = _compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
         args = (xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct))
@@ -249,7 +270,8 @@ class StatefulMamba(nn.Module):
             y, last = self._scan(*args, **kwargs, return_last_state=True, initial_state=state.ssm_state, reset=reset)
         else:
             y, last, ssm_at = self._scan_segments(args, kwargs, state.ssm_state, reset, positions)
-        out = torch.matmul(self.out_proj.weight, y).transpose(1, 2)  # [B, L, d_model] (a view)
+        # token-major [B, L, d_model], contiguous: the GEMM reads y transposed instead of copying it
+        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(batch, -1, -1))
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
         new = MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
@@ -281,6 +303,11 @@ class StatefulMamba(nn.Module):
         dtype over the last ``d_conv - 1`` state inputs followed by the chunk (accumulation is float32 inside
         PyTorch's kernels for half inputs, as in upstream's causal-conv1d).
         """
+        if _fast_conv(xs, self.backend, self.conv1d.weight, self.conv1d.bias, conv_state):
+            from mamba_state.kernels import causal_conv1d
+
+            return causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                 activation="silu", backend="triton")
         if reset is not None:
             return causal_conv1d_ref(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
                                      activation="silu")

@@ -82,8 +82,10 @@ def norm_apply(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5))
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(ct)
-    out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm.weight.to(ct)
     bias = getattr(norm, "bias", None)
+    if bias is None and hasattr(F, "rms_norm"):  # one fused kernel instead of five passes (same math)
+        return F.rms_norm(xf, (xf.shape[-1],), norm.weight.to(ct), eps).to(x.dtype)
+    out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm.weight.to(ct)
     if bias is not None:
         out = out + bias.to(ct)
     return out.to(x.dtype)

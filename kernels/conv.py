@@ -1,0 +1,77 @@
+"""Causal depthwise conv1d with a carried window and resets: a Triton forward for inference, the reference
+(:func:`mamba_state.reference.causal_conv1d_ref`, differentiable) wherever gradients are needed or Triton cannot
+run."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mamba_state.backend import resolve_backend
+from mamba_state.errors import StateError, StateShapeError
+from mamba_state.reference import causal_conv1d_ref
+
+__all__ = ["causal_conv1d"]
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv_state: Optional[Tensor] = None,
+                  reset: Optional[Tensor] = None, activation: Optional[str] = None,
+                  backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv1d continuing ``conv_state``.
+
+    Args:
+        x: [batch, channels, seqlen], any float dtype; the time axis must have stride 1 (batch and channel
+            strides are free, so slices of a wider projection need no copy).
+        weight: [channels, width] or [channels, 1, width]. bias: [channels] or None.
+        conv_state: [batch, channels, width], the last ``width`` inputs before ``x`` (zeros when None).
+        reset: bool [batch, seqlen]; True at t clears the window before step t.
+        activation: None or "silu".
+
+    Returns:
+        ``(out [batch, channels, seqlen] contiguous in x.dtype, new_conv_state [batch, channels, width])`` in
+        conv_state's dtype (x's when None), as :func:`~mamba_state.reference.causal_conv1d_ref`. The Triton path
+        (CUDA, no gradient needed) accumulates in float32.
+    """
+    w2 = weight[:, 0] if weight.dim() == 3 and weight.shape[1] == 1 else weight
+    use_triton = (isinstance(x, Tensor) and x.dim() == 3 and x.dtype != torch.float64
+                  and not _needs_grad(x, weight, bias, conv_state)
+                  and resolve_backend(x.device, backend)[0] == "triton")
+    if not use_triton:
+        return causal_conv1d_ref(x, weight, bias, conv_state=conv_state, reset=reset, activation=activation)
+    if activation not in (None, "silu", "swish"):
+        raise StateError(f"activation: expected None or 'silu', found {activation!r}")
+    bsz, ch, L = x.shape
+    if w2.dim() != 2 or w2.shape[0] != ch:
+        raise StateShapeError(f"causal_conv1d: expected weight [channels={ch}, width], found {list(weight.shape)}")
+    W = w2.shape[1]
+    if conv_state is not None and list(conv_state.shape) != [bsz, ch, W]:
+        raise StateShapeError(f"conv_state: expected [batch, channels, width] = {[bsz, ch, W]}, "
+                              f"found {list(conv_state.shape)}")
+    if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz, L]):
+        raise StateShapeError(f"reset: expected a bool tensor {[bsz, L]}, found {reset.dtype} {list(reset.shape)}")
+    import triton
+
+    from . import _triton_conv as K
+
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = torch.empty(bsz, ch, L, device=x.device, dtype=x.dtype)
+    state = conv_state.contiguous() if conv_state is not None else None
+    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=state.dtype if state is not None else x.dtype)
+    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    BD, BL = 16, 128
+    grid = (triton.cdiv(L, BL), triton.cdiv(ch, BD), bsz)
+    K._causal_conv_kernel[grid](
+        x, w2.contiguous(), bias if bias is not None else w2, state if state is not None else w2,
+        rst if rst is not None else w2, out, new_state,
+        ch, L, x.stride(0), x.stride(1), W=W, WP=triton.next_power_of_2(W),
+        HAS_BIAS=bias is not None, HAS_STATE=state is not None, HAS_RESET=rst is not None,
+        SILU=activation is not None, BD=BD, BL=BL, num_warps=4,
+    )
+    return out, new_state

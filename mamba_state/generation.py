@@ -251,7 +251,11 @@ class _GraphStep:
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = MambaModelState({i: s.clone() for i, s in template.items()}, seqlen_offset=0)
         self.busy = False
-        with torch.cuda.device(device):
+        self.logits: torch.Tensor | None = None
+        self._capture(lm, warmups)
+
+    def _capture(self, lm: Any, warmups: int) -> None:
+        with torch.cuda.device(self.ids.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile Triton kernels and settle the allocator outside the capture
@@ -267,6 +271,9 @@ class _GraphStep:
                     self.state[idx].ssm_state.copy_(layer.ssm_state)
         self.logits = logits
 
+    def _replay(self) -> None:
+        self.graph.replay()
+
     def load(self, state: MambaModelState) -> None:
         for idx, layer in state.items():
             self.state[idx].conv_state.copy_(layer.conv_state)
@@ -274,7 +281,7 @@ class _GraphStep:
 
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(tokens)
-        self.graph.replay()
+        self._replay()
         return self.logits
 
     def snapshot(self, seqlen_offset: int, metadata: dict) -> MambaModelState:
@@ -285,6 +292,10 @@ class _GraphStep:
 # lm -> {key: _GraphStep | None}; None marks a key whose capture failed (eager from then on)
 _GRAPHS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _GRAPHS_LOCK = threading.Lock()
+
+
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _graph_key(lm: Any, state: MambaModelState) -> tuple:
@@ -347,7 +358,7 @@ class TokenStream:
         self._state = state if state is not None else lm.new_state(input_ids.shape[0], device=input_ids.device)
         self._graph: _GraphStep | None = None
         self._graph_offset = 0
-        self._use_graph = bool(cuda_graph) and input_ids.device.type == "cuda"
+        self._use_graph = bool(cuda_graph) and _graphs_supported(input_ids.device)
         self._gen = _run(self, input_ids, max_new_tokens, sampling, eos, pad, seeds, prefill_chunk_size,
                          context_ids)
 

@@ -15,6 +15,7 @@ from hypothesis import given, strategies as st
 from mamba_state import load_model_state, save_model_state
 from mamba_state.adapters import StatefulMambaLM
 from mamba_state.errors import StateError, StateShapeError
+from mamba_state import generation as G
 from mamba_state.generation import GenerationOutput, _choose, _process, _Sampling, generate, step_seed, stream
 from mamba_state.state import MambaModelState
 
@@ -409,3 +410,82 @@ def test_bad_state_and_input(lm):
     other = _lm(n_layer=3)
     with pytest.raises(StateError, match="layers"):
         generate(lm, _ids(1, 2), state=other.new_state(1), max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------- graph bookkeeping
+class _EagerGraph(G._GraphStep):
+    """A CPU stand-in for the CUDA graph: same static buffers, 'replay' runs the eager step into them."""
+
+    captures = 0
+
+    def _capture(self, lm, warmups):
+        type(self).captures += 1
+        self._lm = lm
+        self.logits = torch.empty(self.ids.shape[0], lm.lm_head.weight.shape[0])
+
+    def _replay(self):
+        logits, new = self._lm.step(self.ids, self.state)
+        self.logits.copy_(logits)
+        for idx, layer in new.items():
+            self.state[idx].conv_state.copy_(layer.conv_state)
+            self.state[idx].ssm_state.copy_(layer.ssm_state)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    monkeypatch.setattr(G, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(G, "_GraphStep", _EagerGraph)
+    _EagerGraph.captures = 0
+    yield
+    G.clear_graph_cache()
+
+
+def test_graph_path_bookkeeping(lm, fake_graphs):
+    """Static-buffer decoding (as on CUDA) == eager: tokens, states, offsets, mid-stream states, reuse, release."""
+    ids = _ids(3, 5)
+    for kw in (dict(temperature=0), dict(seed=8, top_k=9)):
+        eager = generate(lm, ids, max_new_tokens=9, cuda_graph=False, **kw)
+        graph = generate(lm, ids, max_new_tokens=9, **kw)
+        assert torch.equal(graph.sequences, eager.sequences)
+        assert graph.state.allclose(eager.state, rtol=0, atol=0)
+        assert graph.state.seqlen_offset == eager.state.seqlen_offset
+        one_tok = generate(lm, ids[:, -1:], state=lm(ids[:, :-1])[1], max_new_tokens=4, **kw)  # 1-token path
+        ref = generate(lm, ids[:, -1:], state=lm(ids[:, :-1])[1], max_new_tokens=4, cuda_graph=False, **kw)
+        assert torch.equal(one_tok.sequences, ref.sequences)
+    assert _EagerGraph.captures == 1  # one batch size, one capture
+    g = next(iter(G._GRAPHS[lm].values()))
+    assert not g.busy
+    assert all(graph.state[i].ssm_state.data_ptr() != s.ssm_state.data_ptr() for i, s in g.state.items())
+    # mid-stream states are copies at the right offset, and resuming from one continues exactly
+    ts = stream(lm, ids, max_new_tokens=9, temperature=0)
+    toks = [next(ts) for _ in range(4)]
+    mid = ts.state
+    assert mid.seqlen_offset == 5 + 3 and g.busy
+    rest = generate(lm, torch.stack(toks, 1)[:, -1:], state=mid, max_new_tokens=5, temperature=0, cuda_graph=False)
+    ts.close()
+    assert not g.busy
+    assert torch.equal(torch.cat([ids, torch.stack(toks, 1), rest.sequences[:, 1:]], 1),
+                       generate(lm, ids, max_new_tokens=9, temperature=0).sequences)
+    # two live streams of one batch size: the second decodes eagerly, both right
+    a, b = stream(lm, ids, max_new_tokens=6, temperature=0), stream(lm, _ids(3, 5, seed=4), max_new_tokens=6, seed=1)
+    for _ in zip(a, b):
+        pass
+    b.close()
+    assert torch.equal(a.sequences, generate(lm, ids, max_new_tokens=6, temperature=0, cuda_graph=False).sequences)
+    assert torch.equal(b.sequences, generate(lm, _ids(3, 5, seed=4), max_new_tokens=6, seed=1,
+                                             cuda_graph=False).sequences)
+    assert not g.busy and _EagerGraph.captures == 1
+
+
+def test_failed_capture_falls_back_to_eager(lm, monkeypatch):
+    class Broken(G._GraphStep):
+        def _capture(self, lm, warmups):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(G, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(G, "_GraphStep", Broken)
+    ids = _ids(2, 4)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = generate(lm, ids, max_new_tokens=5, temperature=0)
+    assert torch.equal(out.sequences, generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=False).sequences)
+    G.clear_graph_cache()

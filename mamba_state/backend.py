@@ -52,7 +52,7 @@ def _triton_usable(kind: str, index: int | None, interpret: bool) -> tuple[bool,
     if kind == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available"
-        device = torch.device(kind, index)
+        device = torch.device(kind) if index is None else torch.device(kind, index)
         major, _ = torch.cuda.get_device_capability(device)
         if major < 7:
             return False, f"GPU compute capability {major}.x is below 7.0"

@@ -489,3 +489,12 @@ def test_failed_capture_falls_back_to_eager(lm, monkeypatch):
         out = generate(lm, ids, max_new_tokens=5, temperature=0)
     assert torch.equal(out.sequences, generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=False).sequences)
     G.clear_graph_cache()
+
+
+def test_branching_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "branching.py"))
+    assert mod["main"](["--n", "3", "--new", "5", "--prompt", "16"]) == 0
+    assert "re-generated alone: identical" in capsys.readouterr().out

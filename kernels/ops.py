@@ -64,8 +64,8 @@ def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, bat
     Measured on an H100 (benchmarks/bench_scan.py --sweep, dstate 16): the forward is fastest with 8 channels
     per program up to about 16 programs per SM (batch x channel blocks), else 16; the
     sequence-parallel forward with 16; the backward with 8, or 4 when the grid is small (long sequences, small
-    batch). The chunk-parallel backward (``seqpar`` with ``backward``) takes 4: its grid is large anyway, and
-    half the channels halves every [BD, dstate] tile the reverse step keeps live (the 8-channel backward spills).
+    batch). The chunk-parallel backward (``seqpar`` with ``backward``) takes 8 (its grid is large; on an H100 at
+    1x1536x16384 fwd+bwd ran 3.6-4.0 ms with 8 channels a program against 4.9-6.0 ms with 4).
     ``MAMBA_STATE_SCAN_[BWD_]BD`` and ``MAMBA_STATE_SCAN_[BWD_]WARPS`` override (for sweeps).
     """
     bn = max(1, triton_next_pow2(dstate))
@@ -73,7 +73,7 @@ def block_sizes(dim: int, dstate: int, ngroups: int, backward: bool = False, bat
     programs = batch * _cdiv(dim, base)
     sms = _sm_count(device)
     if backward:
-        target = base if programs >= 2 * sms and not seqpar else max(1, base // 2)
+        target = base if programs >= 2 * sms or seqpar else max(1, base // 2)
     elif seqpar or programs > 16 * sms:
         target = max(1, 256 // bn)
     else:
@@ -270,14 +270,19 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         # over chunk boundaries: hin[c] (in place of the local sums) and dinit; (3) below: gradients per chunk
         hin = torch.empty(batch, dim, nch, dstate, **f32)
         prod = torch.empty_like(hin)
-        K._scan_bwd_local_kernel[(dblocks, batch, nch)](
+        # the local sweep keeps only h and the decay product live: twice the channels of the forward's block
+        bdl = min(max(1, 256 // bn), triton_next_pow2(dim))
+        if ngroups > 1:
+            bdl = min(bdl, _pow2_divisor(dim // ngroups))
+        K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
             delta, Af, C, zp, biasp, rstp, dout, hin, prod,
             dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
-            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
-        block = 256
+            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
+            num_warps=max(1, min(8, (bdl * bn) // 512)))
+        block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
         K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
-            glast, hin, prod, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=4)
+            glast, hin, prod, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
         del prod
     K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
         u, delta, Af, B, C, Dp, zp, biasp, rstp,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, strategies as st
 
 from mamba_state import StateError, StateShapeError
 from mamba_state.reference import (causal_conv1d_ref, selective_scan_chunked, selective_scan_ref,
@@ -149,6 +150,101 @@ def test_chunked_gradients_equal_ref(case):
         grads.append({k: leaves[k].grad for k in names})
     for k in names:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+def _grads(fn, kw, names, out_weight=True, last_weight=True, **extra):
+    """Gradients of a random linear functional of (out, last state) w.r.t. the inputs ``names``."""
+    leaves = {k: kw[k].clone().requires_grad_() for k in names}
+    out, last = fn(**{**kw, **leaves}, delta_softplus=True, return_last_state=True, **extra)
+    g = torch.Generator().manual_seed(123)
+    loss = 0
+    if out_weight:
+        loss = loss + (out * torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype)).sum()
+    if last_weight:
+        loss = loss + (last * torch.randn(last.shape, generator=g, dtype=F64).to(last.dtype)).sum()
+    loss.backward()
+    # an input that cannot reach the loss (C when only the last state counts) gets None from the sequential
+    # oracle's graph and zeros from the chunked scan's single node: the same gradient
+    return {k: leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in names}
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("chunk,block", [(1, None), (3, 4), (4, None), (5, 7), (None, 6), (16, None)])
+def test_chunked_hand_backward_equals_ref_autograd(case, chunk, block):
+    # the hand-written adjoint against autograd through the sequential oracle, in float64: every layout of B/C,
+    # resets, an initial state, chunks that do not divide the block, blocks that do not divide the sequence
+    kw = scan_inputs(L=13, seed=17 + (chunk or 0), **case)
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    want = _grads(selective_scan_ref, kw, names)
+    got = _grads(selective_scan_chunked, kw, names, chunk_size=chunk, block_size=block)
+    for k in names:
+        assert got[k].shape == kw[k].shape and got[k].dtype == kw[k].dtype, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("out_weight,last_weight", [(True, False), (False, True)])
+def test_chunked_gradients_from_one_output_and_some_inputs(out_weight, last_weight):
+    # only some inputs require grad, and only one of the two outputs reaches the loss
+    kw = scan_inputs(L=10, init=True, reset=0.2, groups_B=2, seed=4)
+    for names in (["u", "initial_state"], ["A", "C"], ["delta", "B", "delta_bias"]):
+        want = _grads(selective_scan_ref, kw, names, out_weight, last_weight)
+        got = _grads(selective_scan_chunked, kw, names, out_weight, last_weight, chunk_size=3, block_size=7)
+        for k in names:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+def test_chunked_float32_gradients_are_float32_accurate():
+    # float32 through the default chunk and block sizes (several blocks) against the float64 oracle
+    kw64 = scan_inputs(b=2, d=8, L=700, n=4, groups_C=2, init=True, reset=0.01, seed=21)
+    kw64["delta"] = kw64["delta"] - 1.0  # softplus(dt) mostly below 1, as in trained models
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+    want = _grads(selective_scan_ref, kw64, names)
+    kw32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw64.items()}
+    got = _grads(selective_scan_chunked, kw32, names, block_size=256)
+    for k in names:
+        assert got[k].dtype == torch.float32, k
+        scale = want[k].abs().max()
+        torch.testing.assert_close(got[k].to(F64) / scale, want[k] / scale, rtol=0, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_low_precision_gradients(dtype):
+    kw64 = scan_inputs(init=True, reset=0.2, seed=8)
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw64.items()}
+    names = ["u", "delta", "A", "B", "C", "initial_state"]
+    got = _grads(selective_scan_chunked, kw, names, chunk_size=4)
+    want = _grads(selective_scan_ref, kw, names)  # the oracle on the same half inputs (float32 compute)
+    for k in names:
+        assert got[k].dtype == dtype, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-2, atol=1e-2, msg=k)
+
+
+@given(data=st.data())
+def test_chunked_gradients_property(data):
+    # random sizes, B/C layouts, resets, chunk and block sizes: the hand backward equals autograd through the oracle
+    L = data.draw(st.integers(1, 14), label="L")
+    layout = {k: data.draw(st.sampled_from([dict(), {f"groups_{k}": 2}, {f"const_{k}": True}]), label=k)
+              for k in ("B", "C")}
+    kw = scan_inputs(b=data.draw(st.integers(1, 2)), d=4, L=L, n=data.draw(st.integers(1, 3)), init=True,
+                     reset=data.draw(st.sampled_from([None, 0.3])), seed=data.draw(st.integers(0, 10**6)),
+                     **layout["B"], **layout["C"])
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, 6)), label="chunk")
+    block = data.draw(st.one_of(st.none(), st.integers(1, 8)), label="block")
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    want = _grads(selective_scan_ref, kw, names)
+    got = _grads(selective_scan_chunked, kw, names, chunk_size=chunk, block_size=block)
+    for k in names:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9, msg=k)
+
+
+def test_chunked_is_not_twice_differentiable():
+    # the backward is hand-written: asking for a second derivative fails loudly instead of returning zeros
+    kw = scan_inputs(L=6, seed=9)
+    u = kw.pop("u").requires_grad_()
+    out = selective_scan_chunked(u, **kw)
+    (gu,) = torch.autograd.grad(out.pow(2).sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gu.sum().backward()
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -9,18 +9,19 @@ export NO_MKDOCS_2_WARNING=1 PYTHONUNBUFFERED=1
 OUT=build/ci_release
 rm -rf "$OUT" && mkdir -p "$OUT"
 
-step() {  # step NAME COMMAND...: run, time, and stop the script on failure
-    local name=$1; shift
-    local t0=$SECONDS
-    echo "ci_release: --- $name"
-    if "$@"; then
-        echo "ci_release: $name ok ($(( SECONDS - t0 )) s)"
-    else
-        local rc=$?
-        echo "ci_release: $name FAILED with exit status $rc ($(( SECONDS - t0 )) s)"
-        exit "$rc"
-    fi
+# step NAME COMMAND...: run and time one step. errexit stays in force inside it (a command in an `if` or `||`
+# would switch it off), so the first failing command ends the script; the EXIT trap names the step that failed.
+CURRENT="" T0=$SECONDS
+step() {
+    CURRENT=$1; shift
+    T0=$SECONDS
+    echo "ci_release: --- $CURRENT"
+    "$@"
+    echo "ci_release: $CURRENT ok ($(( SECONDS - T0 )) s)"
+    CURRENT=""
 }
+trap 'rc=$?; if [ "$rc" -ne 0 ] && [ -n "$CURRENT" ]; then
+          echo "ci_release: $CURRENT FAILED with exit status $rc ($(( SECONDS - T0 )) s)"; fi' EXIT
 
 install_tools() { "$PY" -m pip install --disable-pip-version-check -q -e ".[docs,dev]"; }
 
@@ -30,7 +31,7 @@ docs() {
 }
 
 wheel() {
-    "$PY" -m build --outdir "$OUT/dist" . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; return 1; }
+    if ! "$PY" -m build --outdir "$OUT/dist" . > "$OUT/build.log" 2>&1; then tail -50 "$OUT/build.log"; return 1; fi
     ls "$OUT"/dist
     local whl sdist
     whl=$(ls "$OUT"/dist/*.whl) && sdist=$(ls "$OUT"/dist/*.tar.gz)
@@ -50,10 +51,13 @@ PYEOF
     # checkout: --no-index so nothing is downloaded, run from outside the repository
     rm -rf "$OUT/venv"
     "$PY" -m venv --system-site-packages "$OUT/venv"
+    # the venv's own (older) setuptools would hide the one torch requires; use the system's like every other package
+    "$OUT/venv/bin/python" -m pip uninstall --disable-pip-version-check -q -y setuptools 2>/dev/null || true
     "$OUT/venv/bin/python" -m pip install --disable-pip-version-check -q --no-index "$whl"
     local smoke
     smoke=$(readlink -f scripts/wheel_smoke.py)
-    (cd "$OUT" && env -u PYTHONPATH "$(readlink -f venv/bin/python)" -I "$smoke")
+    local venv_py="$PWD/$OUT/venv/bin/python"   # not resolved: the symlink is what makes it the venv's Python
+    (cd "$OUT" && env -u PYTHONPATH "$venv_py" -I "$smoke")
 }
 
 total0=$SECONDS

@@ -129,7 +129,8 @@ def plot_state_norms(trace: "LayerTrace | ModelTrace | Mapping[int, LayerTrace]"
     """L2 norms of the conv and SSM states over time, one line per layer (two panels).
 
     Args:
-        trace: a :class:`ModelTrace`, a :class:`LayerTrace` or ``{layer_idx: LayerTrace}``.
+        trace: a :class:`ModelTrace`, a :class:`LayerTrace` or ``{layer_idx: LayerTrace}`` (string keys are used
+            as line labels, in their order: e.g. one layer traced over several inputs).
         batch: which batch row.
         path: also write the figure there as a PNG.
     """
@@ -138,9 +139,11 @@ def plot_state_norms(trace: "LayerTrace | ModelTrace | Mapping[int, LayerTrace]"
         raise StateError("trace: expected at least one layer, found none")
     fig = _new_figure(8.0, 5.5)
     ax_conv, ax_ssm = fig.subplots(2, 1, sharex=True)
-    for idx, t in sorted(layers.items(), key=lambda kv: (kv[0] is None, kv[0])):
+    keys = list(layers) if any(isinstance(k, str) for k in layers) else sorted(layers, key=lambda k: (k is None, k))
+    for idx in keys:
+        t = layers[idx]
         _check_batch(t.ssm_states.shape[1], batch)
-        label = f"layer {idx}" if idx is not None else "layer"
+        label = idx if isinstance(idx, str) else (f"layer {idx}" if idx is not None else "layer")
         ax_conv.plot(t.positions, t.conv_norms()[:, batch].numpy(), label=label, linewidth=1.2)
         ax_ssm.plot(t.positions, t.ssm_norms()[:, batch].numpy(), label=label, linewidth=1.2)
     ax_conv.set_ylabel("conv state L2 norm")

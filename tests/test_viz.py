@@ -138,3 +138,17 @@ def test_cli_trace_bad_input_exits_2(tmp_path, capsys):
     assert "--layer" in capsys.readouterr().err
     assert _cli("--out", str(tmp_path), "--model", str(tmp_path / "missing")) == 2
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_visualize_example_writes_its_pngs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "visualize_ssm_states.py"
+    spec = importlib.util.spec_from_file_location("example_visualize_ssm_states", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(["--out", str(tmp_path), "--length", "24", "--dpi", "50"])
+    assert len(written) == 10
+    for p in written:
+        _assert_png(Path(p))

@@ -240,19 +240,29 @@ class _GraphStep:
     """One decode step of ``lm`` captured as a CUDA graph for one batch size and state layout.
 
     Static buffers: ``ids`` int64 ``[B]``, ``state`` (a :class:`MambaModelState` whose tensors never move) and
-    ``logits`` ``[B, vocab_padded]``. A replay reads ``ids`` and ``state``, writes ``logits`` and overwrites
-    ``state`` with the state after the token (the copy is part of the graph, so a replay needs no host work
-    beyond the launch).
+    ``logits`` ``[B, vocab_padded]``. A replay reads ``ids`` and ``state``, writes ``logits`` and leaves in
+    ``state`` the state after the token: the fused step updates it in place; with ``lm.step`` the copy back is part
+    of the graph. A replay needs no host work beyond the launch.
     """
 
-    def __init__(self, lm: Any, template: MambaModelState, warmups: int = 2):
+    def __init__(self, lm: Any, template: MambaModelState, fused: Any = None, warmups: int = 2):
         batch = template.batch_size
         device = template.device
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.state = MambaModelState({i: s.clone() for i, s in template.items()}, seqlen_offset=0)
+        self.state = _private_copy(template, seqlen_offset=0)
+        self.fused = fused
         self.busy = False
         self.logits: torch.Tensor | None = None
         self._capture(lm, warmups)
+
+    def _step_into_state(self, lm: Any) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.step(self.ids, self.state)
+        logits, new = lm.step(self.ids, self.state)
+        for idx, layer in new.items():  # the next replay starts from the state after this token
+            self.state[idx].conv_state.copy_(layer.conv_state)
+            self.state[idx].ssm_state.copy_(layer.ssm_state)
+        return logits
 
     def _capture(self, lm: Any, warmups: int) -> None:
         with torch.cuda.device(self.ids.device):
@@ -260,15 +270,12 @@ class _GraphStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile Triton kernels and settle the allocator outside the capture
                 for _ in range(warmups):
-                    lm.step(self.ids, self.state)
+                    self._step_into_state(lm)  # (the static state is overwritten by load() before use)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                logits, new = lm.step(self.ids, self.state)
-                for idx, layer in new.items():  # the next replay starts from the state after this token
-                    self.state[idx].conv_state.copy_(layer.conv_state)
-                    self.state[idx].ssm_state.copy_(layer.ssm_state)
+                logits = self._step_into_state(lm)
         self.logits = logits
 
     def _replay(self) -> None:
@@ -285,8 +292,17 @@ class _GraphStep:
         return self.logits
 
     def snapshot(self, seqlen_offset: int, metadata: dict) -> MambaModelState:
-        return MambaModelState({i: s.clone() for i, s in self.state.items()}, seqlen_offset=seqlen_offset,
-                               metadata=dict(metadata))
+        return _snapshot(self.state, seqlen_offset, metadata)
+
+
+def _private_copy(state: MambaModelState, seqlen_offset: int | None = None) -> MambaModelState:
+    """Contiguous copies of every tensor of ``state`` (buffers that decoding may update in place)."""
+    from .state import MambaInferenceState
+
+    return MambaModelState(
+        {i: MambaInferenceState(s.conv_state.clone(memory_format=torch.contiguous_format),
+                                s.ssm_state.clone(memory_format=torch.contiguous_format)) for i, s in state.items()},
+        seqlen_offset=state.seqlen_offset if seqlen_offset is None else seqlen_offset, metadata=dict(state.metadata))
 
 
 # lm -> {key: _GraphStep | None}; None marks a key whose capture failed (eager from then on)
@@ -294,15 +310,20 @@ _GRAPHS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _GRAPHS_LOCK = threading.Lock()
 
 
+def _snapshot(buffers: MambaModelState, seqlen_offset: int, metadata: dict) -> MambaModelState:
+    return MambaModelState({i: st.clone() for i, st in buffers.items()}, seqlen_offset=seqlen_offset,
+                           metadata=dict(metadata))
+
+
 def _graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _graph_key(lm: Any, state: MambaModelState) -> tuple:
+def _graph_key(lm: Any, state: MambaModelState, fused: bool) -> tuple:
     p = next(lm.parameters())
     layout = tuple((i, s.conv_state.dtype, s.ssm_state.dtype, tuple(s.conv_state.shape[1:]),
                     tuple(s.ssm_state.shape[1:])) for i, s in state.items())
-    return (state.batch_size, str(state.device), p.dtype, str(p.device), layout)
+    return (state.batch_size, str(state.device), p.dtype, str(p.device), layout, fused)
 
 
 def clear_graph_cache(lm: Any = None) -> None:
@@ -314,9 +335,10 @@ def clear_graph_cache(lm: Any = None) -> None:
             _GRAPHS.pop(lm, None)
 
 
-def _acquire_graph(lm: Any, state: MambaModelState) -> _GraphStep | None:
-    """The cached graph for this (lm, batch, layout), captured on first use; None when busy or not capturable."""
-    key = _graph_key(lm, state)
+def _acquire_graph(lm: Any, state: MambaModelState, fused: Any) -> _GraphStep | None:
+    """The cached graph for this (lm, batch, layout, step kind), captured on first use; None when busy or not
+    capturable."""
+    key = _graph_key(lm, state, fused is not None)
     with _GRAPHS_LOCK:
         graphs = _GRAPHS.setdefault(lm, {})
         if key in graphs:
@@ -326,7 +348,7 @@ def _acquire_graph(lm: Any, state: MambaModelState) -> _GraphStep | None:
             g.busy = True
             return g
     try:
-        g = _GraphStep(lm, state)
+        g = _GraphStep(lm, state, fused)
     except Exception as exc:  # e.g. an op that cannot be captured: decode eagerly instead of failing
         warnings.warn(f"mamba_state.generation: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
                       "decoding eagerly", RuntimeWarning, stacklevel=3)
@@ -350,14 +372,17 @@ class TokenStream:
 
     def __init__(self, lm: Any, input_ids: torch.Tensor, state: MambaModelState | None, max_new_tokens: int,
                  sampling: _Sampling, eos: list[int], pad: int | None, seeds: Any, output_scores: bool,
-                 prefill_chunk_size: int, cuda_graph: bool, context_ids: torch.Tensor | None):
+                 prefill_chunk_size: int, cuda_graph: bool, context_ids: torch.Tensor | None, fused: Any):
         self._lm = lm
         self._input_ids = input_ids
         self._tokens: list[torch.Tensor] = []
         self._scores: list[torch.Tensor] | None = [] if output_scores else None
         self._state = state if state is not None else lm.new_state(input_ids.shape[0], device=input_ids.device)
+        self._fused = fused  # a FusedDecoder (in-place step) or None (lm.step)
+        self._mode: str | None = None  # chosen at the first decode step: "graph", "fused" or "model"
         self._graph: _GraphStep | None = None
-        self._graph_offset = 0
+        self._buffers: MambaModelState | None = None  # the live state in "graph"/"fused" mode (updated in place)
+        self._offset = 0
         self._use_graph = bool(cuda_graph) and _graphs_supported(input_ids.device)
         self._gen = _run(self, input_ids, max_new_tokens, sampling, eos, pad, seeds, prefill_chunk_size,
                          context_ids)
@@ -376,10 +401,13 @@ class TokenStream:
 
     def close(self) -> None:
         """Stop decoding; the state and sequences so far stay available."""
+        if self._buffers is not None:
+            self._state = _snapshot(self._buffers, self._offset, self._state.metadata)
+            self._buffers = None
         if self._graph is not None:
-            self._state = self._graph.snapshot(self._graph_offset, self._state.metadata)
             self._graph.busy = False
             self._graph = None
+        self._mode = "closed"
         self._gen.close()
 
     def __del__(self):
@@ -390,8 +418,8 @@ class TokenStream:
     # -- results
     @property
     def state(self) -> MambaModelState:
-        if self._graph is not None:  # the live state sits in the graph's static buffers: hand out a copy
-            return self._graph.snapshot(self._graph_offset, self._state.metadata)
+        if self._buffers is not None:  # the live state sits in buffers updated in place: hand out a copy
+            return _snapshot(self._buffers, self._offset, self._state.metadata)
         return self._state
 
     @property
@@ -405,20 +433,28 @@ class TokenStream:
         return None if self._scores is None else tuple(self._scores)
 
     # -- the decode step shared by one-token prompts and the loop
+    def _start_decoding(self) -> None:
+        if self._use_graph:
+            self._graph = _acquire_graph(self._lm, self._state, self._fused)
+        if self._graph is not None:
+            self._mode, self._buffers = "graph", self._graph.state
+            self._graph.load(self._state)
+        elif self._fused is not None:
+            self._mode, self._buffers = "fused", _private_copy(self._state)
+        else:
+            self._mode = "model"
+        self._offset = self._state.seqlen_offset
+
     def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Feed ``tokens`` [B] to the model; returns (raw logits [B, vocab_padded], new seqlen_offset)."""
-        if self._use_graph and self._graph is None:
-            self._graph = _acquire_graph(self._lm, self._state)
-            self._use_graph = self._graph is not None
-            if self._graph is not None:
-                self._graph.load(self._state)
-                self._graph_offset = self._state.seqlen_offset
-        if self._graph is not None:
-            logits = self._graph.run(tokens)
-            self._graph_offset += 1
-            return logits, self._graph_offset
-        logits, self._state = self._lm.step(tokens, self._state)
-        return logits, self._state.seqlen_offset
+        if self._mode is None:
+            self._start_decoding()
+        if self._mode == "model":
+            logits, self._state = self._lm.step(tokens, self._state)
+            return logits, self._state.seqlen_offset
+        logits = self._graph.run(tokens) if self._mode == "graph" else self._fused.step(tokens, self._buffers)
+        self._offset += 1
+        return logits, self._offset
 
 
 def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sampling, eos: list[int],
@@ -465,13 +501,33 @@ def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sa
         logits, position = ts._step(tok)
 
 
+def _fused_decoder(lm: Any, state: MambaModelState | None, input_ids: torch.Tensor, fused_step: Any):
+    """A FusedDecoder when ``fused_step`` asks for one (or allows one, on CUDA) and the model qualifies; else None."""
+    if fused_step is not None and not isinstance(fused_step, bool):
+        raise StateError(f"fused_step: expected None, True or False, found {fused_step!r}")
+    if fused_step is False or (fused_step is None and input_ids.device.type != "cuda"):
+        return None
+    try:
+        from .fused_decode import FusedDecoder, fused_unsupported_reason
+    except ImportError as exc:  # no triton
+        why = f"its kernels cannot be imported ({exc})"
+    else:
+        probe = state if state is not None else lm.new_state(1, device=input_ids.device)
+        why = fused_unsupported_reason(lm, probe)
+        if why is None:
+            return FusedDecoder(lm)
+    if fused_step:
+        raise StateError(f"fused_step=True: expected a model the fused decode step supports, found that {why}")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
            pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
-           prefill_chunk_size: int = 2048, cuda_graph: bool = True,
-           context_ids: torch.Tensor | None = None) -> TokenStream:
+           prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+           fused_step: bool | None = None) -> TokenStream:
     """Decode token by token, yielding each new token int64 ``[batch]`` as soon as it is chosen.
 
     Arguments as :func:`generate`. Every argument is checked here, before any work. The returned
@@ -481,16 +537,17 @@ def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = Non
     sampling, eos, pad, seeds, state = _check_arguments(
         lm, input_ids, state, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
         pad_token_id, seed, prefill_chunk_size, context_ids)
+    fused = _fused_decoder(lm, state if state is not None else None, input_ids, fused_step)
     return TokenStream(lm, input_ids, state, max_new_tokens, sampling, eos, pad, seeds, output_scores,
-                       prefill_chunk_size, cuda_graph, context_ids)
+                       prefill_chunk_size, cuda_graph, context_ids, fused)
 
 
 def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
-             prefill_chunk_size: int = 2048, cuda_graph: bool = True,
-             context_ids: torch.Tensor | None = None) -> GenerationOutput:
+             prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+             fused_step: bool | None = None) -> GenerationOutput:
     """Prefill ``input_ids`` from ``state`` in chunks, then decode up to ``max_new_tokens`` tokens.
 
     Args:
@@ -510,6 +567,10 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
         prefill_chunk_size: prompt tokens per stateful forward call.
         cuda_graph: on CUDA, replay the decode step as a cached CUDA graph (False: eager).
         context_ids: integer ``[batch, *]`` tokens consumed earlier, used only by ``repetition_penalty``.
+        fused_step: decode with :class:`mamba_state.fused_decode.FusedDecoder` (few kernels per layer, state
+            updated in place; Mamba-1 models with RMSNorm and fused add-norm). None: on CUDA when the model
+            qualifies, else ``lm.step``. True: required (a StateError says why when the model does not qualify).
+            False: always ``lm.step``. The two agree to float32 rounding; the resume law holds within either.
 
     Returns:
         :class:`GenerationOutput` with ``sequences`` int64 ``[batch, seqlen + n_new]`` (``n_new <= max_new_tokens``,
@@ -523,7 +584,8 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
     ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id, seed=seed, output_scores=output_scores,
-                prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids)
+                prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids,
+                fused_step=fused_step)
     for _ in ts:
         pass
     ts.close()

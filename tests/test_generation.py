@@ -424,11 +424,7 @@ class _EagerGraph(G._GraphStep):
         self.logits = torch.empty(self.ids.shape[0], lm.lm_head.weight.shape[0])
 
     def _replay(self):
-        logits, new = self._lm.step(self.ids, self.state)
-        self.logits.copy_(logits)
-        for idx, layer in new.items():
-            self.state[idx].conv_state.copy_(layer.conv_state)
-            self.state[idx].ssm_state.copy_(layer.ssm_state)
+        self.logits.copy_(self._step_into_state(self._lm))
 
 
 @pytest.fixture
@@ -498,3 +494,77 @@ def test_branching_example_runs(capsys):
     mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "branching.py"))
     assert mod["main"](["--n", "3", "--new", "5", "--prompt", "16"]) == 0
     assert "re-generated alone: identical" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- fused decode step
+# (its Triton kernels run in Triton's interpreter here: TRITON_INTERPRET=1 is set by conftest on CPU machines)
+@pytest.mark.parametrize("over", [dict(), dict(residual_in_fp32=False)])
+def test_fused_step_matches_model_step(over):
+    from mamba_state.fused_decode import FusedDecoder, fused_unsupported_reason
+
+    lm = _lm(**over)
+    with torch.no_grad():
+        _, state = lm(_ids(3, 6))
+        assert fused_unsupported_reason(lm, state) is None
+        fused = FusedDecoder(lm)
+        own = fused.own(state)
+        ids = _ids(3, 1, seed=2)[:, 0]
+        for _ in range(4):
+            ref, state = lm.step(ids, state)
+            got = fused.step(ids, own)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            for i in state.layer_indices:
+                torch.testing.assert_close(own[i].conv_state, state[i].conv_state, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(own[i].ssm_state, state[i].ssm_state, rtol=1e-5, atol=1e-6)
+            ids = ref.argmax(-1)
+
+
+def test_fused_step_bf16_within_rounding():
+    from mamba_state.fused_decode import FusedDecoder
+
+    torch.manual_seed(0)
+    lm = StatefulMambaLM.from_config(_cfg(d_model=48, ssm_cfg={"d_state": 16}), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        _, state = lm(_ids(2, 5))
+        fused = FusedDecoder(lm)
+        own = fused.own(state)
+        ids = _ids(2, 1)[:, 0]
+        for _ in range(3):
+            ref, state = lm.step(ids, state)
+            got = fused.step(ids, own)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=1e-2)
+            ids = ref.argmax(-1)
+
+
+def test_generate_with_fused_step(lm, fake_graphs):
+    ids = _ids(2, 5)
+    ref = generate(lm, ids, max_new_tokens=6, temperature=0, fused_step=False, cuda_graph=False)
+    _, state = lm(ids[:, :-1])
+    before = state.clone()
+    for graph in (False, True):
+        out = generate(lm, ids, max_new_tokens=6, temperature=0, fused_step=True, cuda_graph=graph)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert out.state.allclose(ref.state, rtol=1e-5, atol=1e-6)
+        assert out.state.seqlen_offset == ref.state.seqlen_offset
+        # one-token input from a caller's state: decoded in place on a private copy, the caller's state untouched
+        one = generate(lm, ids[:, -1:], state=state, max_new_tokens=6, temperature=0, fused_step=True,
+                       cuda_graph=graph)
+        assert torch.equal(one.sequences[:, 1:], ref.sequences[:, 5:])
+        assert state.allclose(before, rtol=0, atol=0)
+        # resume law within the fused path, seeded
+        kw = dict(seed=3, top_k=10, fused_step=True, cuda_graph=graph)
+        whole = generate(lm, ids, max_new_tokens=7, **kw)
+        first = generate(lm, ids, max_new_tokens=3, **kw)
+        rest = generate(lm, first.sequences[:, -1:], state=first.state, max_new_tokens=4, **kw)
+        assert torch.equal(torch.cat([first.sequences, rest.sequences[:, 1:]], 1), whole.sequences)
+    assert any(k[-1] for k in G._GRAPHS[lm])  # a fused graph was built
+
+
+def test_fused_step_refusals(lm):
+    with pytest.raises(StateError, match="fused_step=True: expected .* found that .*fused_add_norm"):
+        generate(_lm(fused_add_norm=False), _ids(1, 2), max_new_tokens=2, fused_step=True)
+    with pytest.raises(StateError, match="fused_step: expected None, True or False"):
+        generate(lm, _ids(1, 2), max_new_tokens=2, fused_step="yes")
+    # auto: not on CPU tensors (the model step is used there)
+    assert G._fused_decoder(lm, None, _ids(1, 2), None) is None

@@ -1,0 +1,166 @@
+"""A lean decode step for Mamba-1 language models: few kernels per layer, state updated in place.
+
+``StatefulMambaLM.step`` is written for clarity and for every model variant; on a GPU its cost per token is the
+launch latency of about 30 small kernels per layer. For the common pretrained layout (Mamba-1 mixers, RMSNorm,
+``fused_add_norm``, no MLP) this module runs the same math with two Triton kernels of its own plus the existing
+single-step kernel:
+
+* ``_add_rmsnorm_kernel``: residual add (float32) and RMSNorm in one pass, as upstream's fused add-norm;
+* ``_conv_step_kernel``: shift the conv window in place, insert the new input, depthwise dot + bias + SiLU;
+* :func:`mamba_state.kernels.selective_state_update`: the SSM step, in place.
+
+Per layer: add-norm, ``in_proj``, conv step, ``x_proj``, ``dt_proj``, ``A = -exp(A_log)``, the SSM step,
+``out_proj`` (plus a few casts and copies of non-contiguous views). Semantics are those of
+``StatefulMambaLM.step`` (float32 norms, conv and SSM arithmetic; the state keeps its dtype); results agree with it
+to float32 rounding, not bit for bit. Used by :mod:`mamba_state.generation` on CUDA (``fused_step``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+from .state import MambaInferenceState, MambaModelState
+
+__all__ = ["FusedDecoder", "fused_unsupported_reason"]
+
+
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, D, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: r = h (+ res) in float32; rout = r (in rout's dtype); out = r * rsqrt(mean(r^2) + eps) * w."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(h_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x += tl.load(r_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(rout_ptr + row * D + cols, x.to(rout_ptr.dtype.element_ty), mask=m)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, sxb, state_ptr, w_ptr, b_ptr, out_ptr, C, K,
+                      HAS_BIAS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Channels [cb*BC, (cb+1)*BC) of row b: window <- (window[1:], x); out = silu(sum(window * w) + bias).
+
+    state [B, C, K] contiguous (updated in place, its dtype kept); x [B, C] with row stride ``sxb``; w [C, K].
+    """
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    k = tl.arange(0, BK)
+    cm = c < C
+    last = k[None, :] == K - 1
+    base = state_ptr + b * C * K + c[:, None] * K + k[None, :]
+    shifted = tl.load(base + 1, mask=cm[:, None] & (k[None, :] < K - 1), other=0.0)
+    x = tl.load(x_ptr + b * sxb + c, mask=cm, other=0.0).to(state_ptr.dtype.element_ty)
+    win = tl.where(last, x[:, None], shifted)
+    tl.store(base, win, mask=cm[:, None] & (k[None, :] < K))
+    w = tl.load(w_ptr + c[:, None] * K + k[None, :], mask=cm[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
+    acc = tl.sum(win.to(tl.float32) * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    out = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + b * C + c, out.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def _is_rmsnorm(norm: nn.Module) -> bool:
+    return not isinstance(norm, nn.LayerNorm) and getattr(norm, "bias", None) is None and hasattr(norm, "weight")
+
+
+def fused_unsupported_reason(lm: Any, state: MambaModelState) -> str | None:
+    """None when :class:`FusedDecoder` can run ``lm`` on ``state``; else why not (one line)."""
+    from .adapters.mamba import StatefulMamba
+
+    cfg = getattr(lm, "config", {})
+    if not cfg.get("fused_add_norm", False):
+        return "the model does not use fused_add_norm"
+    if not _is_rmsnorm(lm.backbone.norm_f):
+        return "the model's norms are not RMSNorm"
+    for layer in lm.backbone.layers:
+        if not isinstance(layer.mixer, StatefulMamba):
+            return f"layer {layer.mixer.layer_idx} is not a Mamba-1 mixer"
+        if layer.mlp is not None or not _is_rmsnorm(layer.norm):
+            return f"layer {layer.mixer.layer_idx} has an MLP or a non-RMSNorm norm"
+    if next(lm.parameters()).dtype == torch.float64:
+        return "float64 models take the exact eager step"
+    if state.device.type != "cuda" and not triton_interpreting():
+        return "Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    from .backend import requested_backend
+
+    if any(requested_backend(layer.mixer.backend) == "reference" for layer in lm.backbone.layers):
+        return "the reference backend is forced"
+    return None
+
+
+def triton_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class FusedDecoder:
+    """``step(ids [B], state) -> logits [B, vocab_padded]`` updating ``state``'s tensors in place.
+
+    ``state`` must hold contiguous tensors (see :meth:`own`); ``seqlen_offset`` is left to the caller.
+    """
+
+    def __init__(self, lm: Any):
+        self.lm = lm
+        self.residual_in_fp32 = bool(lm.config.get("residual_in_fp32", False))
+
+    @staticmethod
+    def own(state: MambaModelState) -> MambaModelState:
+        """A private contiguous copy of ``state`` for in-place decoding."""
+        return MambaModelState(
+            {i: MambaInferenceState(s.conv_state.clone(memory_format=torch.contiguous_format),
+                                    s.ssm_state.clone(memory_format=torch.contiguous_format))
+             for i, s in state.items()}, seqlen_offset=state.seqlen_offset, metadata=dict(state.metadata))
+
+    def _add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        batch, d = hidden.shape
+        out = torch.empty_like(hidden)
+        rdtype = torch.float32 if self.residual_in_fp32 or hidden.dtype == torch.float32 else hidden.dtype
+        rout = torch.empty(batch, d, device=hidden.device, dtype=rdtype)
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+        _add_rmsnorm_kernel[(batch,)](hidden, residual if residual is not None else hidden, norm.weight, out, rout,
+                                      d, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d),
+                                      num_warps=4 if d >= 1024 else 2)
+        return out, rout
+
+    def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState) -> torch.Tensor:
+        from mamba_state.kernels import selective_state_update
+
+        batch = u.shape[0]
+        xz = mixer.in_proj(u)  # [B, 2 * d_inner]
+        d_inner, k = mixer.d_inner, mixer.d_conv
+        xc = torch.empty(batch, d_inner, device=u.device, dtype=u.dtype)
+        bias = mixer.conv1d.bias
+        bc = 64
+        _conv_step_kernel[(batch, triton.cdiv(d_inner, bc))](
+            xz, xz.stride(0), st.conv_state, mixer.conv1d.weight, bias if bias is not None else xc, xc, d_inner, k,
+            HAS_BIAS=bias is not None, BC=bc, BK=triton.next_power_of_2(k), num_warps=2)
+        x_db = mixer.x_proj(xc)
+        r, n = mixer.dt_rank, mixer.d_state
+        dt = torch.nn.functional.linear(x_db[:, :r], mixer.dt_proj.weight)
+        A = -torch.exp(mixer.A_log.float())
+        y = selective_state_update(st.ssm_state, xc, dt, A, x_db[:, r:r + n], x_db[:, r + n:], mixer.D.float(),
+                                   z=xz[:, d_inner:], dt_bias=mixer.dt_proj.bias.float(), dt_softplus=True,
+                                   backend=mixer.backend)
+        return mixer.out_proj(y)
+
+    def step(self, ids: torch.Tensor, state: MambaModelState) -> torch.Tensor:
+        lm = self.lm
+        hidden = lm.backbone.embedding(ids)  # [B, d_model]
+        residual = None
+        for layer in lm.backbone.layers:
+            normed, residual = self._add_norm(hidden, residual, layer.norm)
+            hidden = self._mixer(layer.mixer, normed, state[int(layer.mixer.layer_idx)])
+        normed, _ = self._add_norm(hidden, residual, lm.backbone.norm_f)
+        return lm.lm_head(normed)

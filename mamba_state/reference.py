@@ -167,8 +167,13 @@ class _ChunkedScan(torch.autograd.Function):
             dA.mul_(keep_s[..., None, None, None].to(ct))
         Bs = _to_steps(F.pad(B.reshape(b, G * n, L), (0, pad)), G, K, T) if B.dim() == 4 else None  # [T,K,b,G,n]
         Cs = _to_steps(F.pad(C.reshape(b, G * n, L), (0, pad)), G, K, T) if C.dim() == 4 else None
-        dBu = (dt_s * u_s)[..., None, :] * (Bs[..., None] if Bs is not None else B.view(G, dg, n).transpose(1, 2))
-        dA_t, dBu_t = dA.unbind(0), dBu.unbind(0)  # one call for all the step views, not one per step
+        # hs[t + 1] will hold the state after step t; it first holds that step's input dt * B * u (one buffer
+        # less to allocate: large fresh allocations cost page faults on every call)
+        hs = torch.empty((T + 1, K, b, G, n, dg), dtype=ct, device=u.device)
+        torch.mul((dt_s * u_s)[..., None, :], Bs[..., None] if Bs is not None else B.view(G, dg, n).transpose(1, 2),
+                  out=hs[1:])
+        hs_t, dA_t = hs.unbind(0), dA.unbind(0)  # one call for all the step views, not one per step
+        dBu_t = hs_t[1:]
         # 1. every chunk's end state from a zero start
         h = dBu_t[0]
         for t in range(1, T):
@@ -183,13 +188,11 @@ class _ChunkedScan(torch.autograd.Function):
         for h_k, total_k in zip(h.unbind(0), total.unbind(0)):
             entering.append(carry)
             carry = torch.addcmul(h_k, total_k, carry)
-        hs = torch.empty((T + 1, K, b, G, n, dg), dtype=ct, device=u.device)
         torch.stack(entering, out=hs[0])
-        # 3. rerun every chunk from its entering state, keeping every state
-        hs_t = hs.unbind(0)
+        # 3. rerun every chunk from its entering state, keeping every state (in place over the inputs)
         for t in range(T):
-            torch.addcmul(dBu_t[t], dA_t[t], hs_t[t], out=hs_t[t + 1])
-        del dBu, dBu_t, h, entering
+            hs_t[t + 1].addcmul_(dA_t[t], hs_t[t])
+        del dBu_t, h, entering
         if Cs is not None:
             y = _row_times(Cs, hs[1:])
         else:

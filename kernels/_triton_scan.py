@@ -523,13 +523,13 @@ def _scan_bwd_local_kernel(
 
 
 @triton.jit
-def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, dinit_ptr, dim, dstate, nchunks,
+def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, hin_ptr, dinit_ptr, dim, dstate, nchunks,
                       HAS_GLAST: tl.constexpr, BLOCK: tl.constexpr):
     """Phase 2 of the chunk-parallel backward: a short pass over chunk boundaries, right to left.
 
     g starts as the gradient of the last state (or 0); for c = last .. 0: hin[c] = g (the true adjoint entering
-    chunk c from the right, written over sum[c] once read), then g = prod[c] * g + sum[c]. The final g is the
-    gradient of initial_state. Grid: [cdiv(dim * dstate, BLOCK), batch].
+    chunk c from the right), then g = prod[c] * g + sum[c]. The final g is the gradient of initial_state.
+    hin has its own buffer: stores then never alias the loads ahead. Grid: [cdiv(dim * dstate, BLOCK), batch].
     """
     pid_b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (channel, state) index
@@ -543,9 +543,9 @@ def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, dinit_ptr, dim, dstate, nchu
     base = ((pid_b * dim + ch) * nchunks) * dstate + n
     for cc in range(0, nchunks):
         c = nchunks - 1 - cc
+        tl.store(hin_ptr + base + c * dstate, g, mask=mask)
         s = tl.load(sum_ptr + base + c * dstate, mask=mask, other=0.0)
         p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
-        tl.store(sum_ptr + base + c * dstate, g, mask=mask)
         g = p * g + s
     tl.store(dinit_ptr + pid_b * dim * dstate + offs, g, mask=mask)
 

@@ -116,14 +116,34 @@ def use_sequence_parallel(u: Tensor, batch: int, dim_blocks: int, nchunks: int) 
 BWD_MODES = ("auto", "seq", "chunk")
 
 
-def backward_mode(u: Tensor, batch: int, dim: int, dstate: int, nchunks: int) -> str:
+# Backward schedule model. A one-warp backward program needs about 255 registers (H100, dstate 16, 8 channels), so
+# an SM holds 8 of them: the grid runs in waves of 8 x SMs programs, and a program's time is proportional to the
+# chunks it walks. Cost of a grid in chunk-times: ceil(programs / resident) * chunks per program.
+_RESIDENT_PER_SM = 8
+# the chunk-parallel schedule's extra launches (local sweep + carry) relative to its gradient pass
+# (H100, 8x1536x2048 bf16: 0.24 + 0.09 ms against 2.17 ms)
+_CHUNK_OVERHEAD = 0.15
+_MAX_WAVES = 4  # cap on the gradient pass's grid: bounds the scratch by the GPU's size, not by seqlen
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_plan(programs: int, nchunks: int, resident: int) -> tuple[int, int]:
+    """(splits, cost) minimising ceil(programs * splits / resident) * ceil(nchunks / splits); fewest splits on
+    ties (less scratch)."""
+    top = max(1, min(nchunks, _cdiv(_MAX_WAVES * resident, max(1, programs))))
+    best = min(range(1, top + 1), key=lambda g: (_cdiv(programs * g, resident) * _cdiv(nchunks, g), g))
+    return best, _cdiv(programs * best, resident) * _cdiv(nchunks, best)
+
+
+def backward_mode(u: Tensor, batch: int, dim: int, dstate: int, nchunks: int, ngroups: int = 1) -> str:
     """'seq' (one program per (batch, channel block) walks every chunk right to left) or 'chunk' (chunk-parallel:
     local adjoints per chunk, a short pass over chunk boundaries, then every chunk's gradients in parallel).
 
-    ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto`` forces the choice (auto when unset). Auto takes 'chunk' on CUDA when
-    there are at least 2 chunks and batch x channel blocks (8 channels a block for dstate 16) is below 4 programs
-    per SM: the sequential backward holds about 8 one-warp programs per SM (255 registers each), so such a grid
-    leaves at least half of them idle for the whole sequence.
+    ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto`` forces the choice (auto when unset). Auto, on CUDA with at least 2
+    chunks, compares the two grids' costs in waves (see ``_chunk_plan``) and takes 'chunk' when its cost times
+    1.15 (its extra launches) is lower. On an H100 (bf16, dstate 16) that picks 'chunk' for 1x1536x16384 (one
+    wave of 192 programs otherwise), 8x1536x2048 and 4x5120x2048 (1.45 and 2.4 waves: a part-empty last wave),
+    and 'seq' for 8x2048x2048 and 64x256x1024 (1.94 waves), as measured.
     """
     env = os.environ.get("MAMBA_STATE_SCAN_BWD", "auto").strip().lower() or "auto"
     if env not in BWD_MODES:
@@ -134,19 +154,24 @@ def backward_mode(u: Tensor, batch: int, dim: int, dstate: int, nchunks: int) ->
         return env
     if nchunks < 2 or not u.is_cuda:
         return "seq"
-    bn = max(1, triton_next_pow2(dstate))
-    programs = batch * _cdiv(dim, max(1, 128 // bn))
-    return "chunk" if programs < 4 * _sm_count(u.device) else "seq"
+    bd, _, _ = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device, seqpar=True)
+    programs = batch * _cdiv(dim, bd)
+    resident = _RESIDENT_PER_SM * _sm_count(u.device)
+    seq_cost = _cdiv(programs, resident) * nchunks
+    _, chunk_cost = _chunk_plan(programs, nchunks, resident)
+    return "chunk" if chunk_cost * (1.0 + _CHUNK_OVERHEAD) < seq_cost else "seq"
 
 
 def backward_splits(batch: int, dim_blocks: int, nchunks: int, device: torch.device) -> int:
-    """Programs per (batch, channel block) in the chunk-parallel backward's gradient pass; each takes every
-    ``splits``-th chunk. Enough for about 16 programs per SM, and never more than the chunks: the backward
-    scratch (chunk / 8 states per program) then stays bounded by the grid, not by seqlen.
+    """Programs per (batch, channel block) in the chunk-parallel backward's gradient pass; program g takes chunks
+    g, g + splits, ... The fewest splits that minimise the wave cost (``_chunk_plan``; at most 4 waves of
+    resident programs, so the scratch of chunk / 8 states per program is bounded by the GPU, not by seqlen).
+    H100, 1x1536x16384: 16 splits (3.39 ms fwd+bwd) against 4 (3.91), 8 (4.05), 24 (3.53).
     ``MAMBA_STATE_SCAN_BWD_SPLIT`` overrides."""
     env = os.environ.get("MAMBA_STATE_SCAN_BWD_SPLIT")
-    want = int(env) if env else _cdiv(16 * _sm_count(device), max(1, batch * dim_blocks))
-    return max(1, min(nchunks, want))
+    if env:
+        return max(1, min(nchunks, int(env)))
+    return _chunk_plan(batch * dim_blocks, nchunks, _RESIDENT_PER_SM * _sm_count(device))[0]
 
 
 def _dummy(t: Tensor) -> Tensor:
@@ -239,7 +264,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     z = z.contiguous() if z is not None else None
     dout = dout.contiguous()
     nch = checkpoints.shape[2]
-    mode = backward_mode(u, batch, dim, dstate, nch)
+    mode = backward_mode(u, batch, dim, dstate, nch, ngroups)
     chunked = mode == "chunk"
     bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device, seqpar=chunked)
     dblocks = _cdiv(dim, bd)
@@ -267,23 +292,24 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     hin = _dummy(Af)
     if chunked:
         # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
-        # over chunk boundaries: hin[c] (in place of the local sums) and dinit; (3) below: gradients per chunk
-        hin = torch.empty(batch, dim, nch, dstate, **f32)
-        prod = torch.empty_like(hin)
+        # over chunk boundaries: hin[c] and dinit; (3) below: gradients per chunk
+        summ = torch.empty(batch, dim, nch, dstate, **f32)
+        prod = torch.empty_like(summ)
+        hin = torch.empty_like(summ)
         # the local sweep keeps only h and the decay product live: twice the channels of the forward's block
         bdl = min(max(1, 256 // bn), triton_next_pow2(dim))
         if ngroups > 1:
             bdl = min(bdl, _pow2_divisor(dim // ngroups))
         K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
-            delta, Af, C, zp, biasp, rstp, dout, hin, prod,
+            delta, Af, C, zp, biasp, rstp, dout, summ, prod,
             dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
             SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
             num_warps=max(1, min(8, (bdl * bn) // 512)))
         block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
         K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
-            glast, hin, prod, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
-        del prod
+            glast, summ, prod, hin, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
+        del summ, prod
     K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
         u, delta, Af, B, C, Dp, zp, biasp, rstp,
         checkpoints.contiguous(), dout, glast, scratch, ypp,

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, environment_line, markdown_table, median_time, replace_section, write_json  # noqa: E402
 
 from mamba_state.adapters import StatefulMambaLM  # noqa: E402
+from mamba_state import generation as G  # noqa: E402
 from mamba_state.generation import generate  # noqa: E402
 
 SECTION = "Generation"
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--state-dtype", choices=list(DTYPES), default="fp32", help="dtype of our decoding state")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--no-model-step", action="store_true", help="skip timing ours through lm.step (fused_step=False)")
     args = p.parse_args(argv)
 
     if not args.smoke and not torch.cuda.is_available():
@@ -93,8 +95,8 @@ def main(argv=None) -> int:
     for B in batches:
         ids = torch.randint(0, vocab, (B, prompt), device=device)
 
-        def ours(n):
-            return lambda: generate(lm, ids, max_new_tokens=n, temperature=0)
+        def ours(n, fused=None):
+            return lambda: generate(lm, ids, max_new_tokens=n, temperature=0, fused_step=fused)
 
         ours(new)()  # warm-up: Triton compilation and the CUDA-graph capture for this batch size
         t_ttft = median_time(ours(1), repeats=args.repeats)
@@ -102,7 +104,12 @@ def main(argv=None) -> int:
         out = ours(new)()
         assert out.sequences.shape == (B, prompt + new)
         r = dict(batch=B, prompt=prompt, new_tokens=new, ours_ttft_s=t_ttft, ours_total_s=t_all,
-                 ours_decode_tok_s=B * (new - 1) / max(t_all - t_ttft, 1e-9), ours_tok_s=B * new / t_all)
+                 ours_decode_tok_s=B * (new - 1) / max(t_all - t_ttft, 1e-9), ours_tok_s=B * new / t_all,
+                 ours_fused_step=G._fused_decoder(lm, None, ids, None) is not None)
+        if not args.no_model_step:  # the same, decoding through lm.step (the general path) instead of the fused step
+            ours(new, False)()
+            t_model = median_time(ours(new, False), repeats=args.repeats)
+            r.update(ours_model_step_total_s=t_model, ours_model_step_tok_s=B * new / t_model)
         if up is not None:
             def theirs(n):
                 return lambda: up.generate(ids, max_length=prompt + n, cg=True, top_k=1, return_dict_in_generate=True)
@@ -123,13 +130,14 @@ def main(argv=None) -> int:
             f"{r['ours_tok_s']:.0f}", na if up is None else f"{r['upstream_tok_s']:.0f}",
             na if up is None else f"{r['ours_tok_s'] / r['upstream_tok_s']:.2f}",
             f"{r['ours_decode_tok_s']:.0f}", na if up is None else f"{r['upstream_decode_tok_s']:.0f}",
+            f"{r['ours_model_step_tok_s']:.0f}" if "ours_model_step_tok_s" in r else na,
             na if up is None else f"{r['greedy_token_agreement']:.2f}",
         ])
         print(" | ".join(map(str, rows[-1])), flush=True)
 
     headers = ["batch", "TTFT ours (ms)", "TTFT upstream (ms)", f"tokens/s ours ({new} new)",
                "tokens/s upstream", "ours / upstream", "decode-only tokens/s ours", "decode-only upstream",
-               "greedy tokens equal (fraction)"]
+               "tokens/s ours via lm.step", "greedy tokens equal (fraction)"]
     table = markdown_table(headers, rows)
     print(table)
     if not args.smoke and not args.no_write:
@@ -138,7 +146,9 @@ def main(argv=None) -> int:
         body = (f"{environment_line(env)}\n\n130m-shaped model (d_model 768, 24 layers, vocab 50277, random init), "
                 f"{str(dtype).replace('torch.', '')} weights, our state in {args.state_dtype}; prompt {prompt} "
                 f"tokens, {new} new tokens, greedy, no EOS. Ours: `StatefulMambaLM.generate` (chunked prefill, "
-                f"decode step replayed as a CUDA graph); upstream: `MambaLMHeadModel.generate(cg=True, top_k=1)` on "
+                f"decode step replayed as a CUDA graph; the fused decode step of `mamba_state.fused_decode` where the "
+                f"model qualifies, which this one does; the column 'via lm.step' decodes through the general "
+                f"`StatefulMambaLM.step` instead, `fused_step=False`); upstream: `MambaLMHeadModel.generate(cg=True, top_k=1)` on "
                 f"the same weights. Both warmed up at each batch size first: CUDA-graph capture is not in the "
                 f"timings. tokens/s = batch x {new} / end-to-end time (TTFT included); decode-only = batch x "
                 f"{new - 1} / (end-to-end - TTFT). Median of {args.repeats}. Target: ours >= upstream at every "

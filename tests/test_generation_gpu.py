@@ -57,14 +57,17 @@ KINDS = {"greedy": dict(temperature=0), "seeded": dict(seed=123, top_k=40, top_p
          "row_seeds": None}
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "model_step"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_graph_equals_eager(lm, batch, kind):
+def test_graph_equals_eager(lm, batch, kind, fused):
     kw = KINDS[kind] if kind != "row_seeds" else dict(seed=list(range(7, 7 + batch)), min_p=0.02)
+    kw["fused_step"] = fused
     ids = _ids(batch, 37)
     eager = G.generate(lm, ids, max_new_tokens=24, cuda_graph=False, output_scores=True, **kw)
     graph = G.generate(lm, ids, max_new_tokens=24, cuda_graph=True, output_scores=True, **kw)
-    assert any(g.ids.shape[0] == batch for g in _graphs(lm)), "the CUDA graph was not captured"
+    assert any(g.ids.shape[0] == batch and (g.fused is not None) == (fused is None) for g in _graphs(lm)), \
+        "the CUDA graph was not captured"
     assert torch.equal(graph.sequences, eager.sequences)
     for a, b in zip(graph.scores, eager.scores):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
@@ -74,6 +77,25 @@ def test_graph_equals_eager(lm, batch, kind):
     for g in _graphs(lm):
         for i, s in g.state.items():
             assert s.ssm_state.data_ptr() != graph.state[i].ssm_state.data_ptr()
+
+
+def test_fused_step_is_the_default_on_cuda_and_matches_model_step(lm):
+    from mamba_state.fused_decode import FusedDecoder
+
+    assert G._fused_decoder(lm, None, _ids(1, 1), None) is not None
+    with torch.no_grad():
+        _, state = lm(_ids(4, 30))
+        fused = FusedDecoder(lm)
+        own = fused.own(state)
+        ids = _ids(4, 1, seed=5)[:, 0]
+        tol = dict(rtol=1e-4, atol=1e-4) if lm.lm_head.weight.dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        for _ in range(8):
+            ref, state = lm.step(ids, state)
+            got = fused.step(ids, own)
+            torch.testing.assert_close(got.float(), ref.float(), **tol)
+            ids = ref.argmax(-1)
+        for i in state.layer_indices:
+            torch.testing.assert_close(own[i].ssm_state, state[i].ssm_state, **tol)
 
 
 def test_graph_captured_once_per_batch_size(lm):

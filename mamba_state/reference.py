@@ -234,19 +234,12 @@ class _ChunkedScan(torch.autograd.Function):
         del mu, w
         g_dt = g_u = g_A = g_B = g_C = None
         du_s = dt_s * u_s
-        # dL/d(dt * A) per element: lam_t * x_{t-1} * exp(dt_t A) (zero at resets, where dA is zero)
-        X = lam * hs[:-1]
-        X.mul_(dA)
+        LB = None
         if need[0] or need[1]:
             LB = (_row_times(Bs, lam) if Bs is not None
                   else (lam * B.view(G, dg, n).transpose(1, 2)).sum(-2))  # dL/d(dt * u) [T, K, b, G, dg]
-            if need[0]:
-                g_dt = _from_steps(torch.addcmul((X * At).sum(-2), u_s, LB), L)
             if need[1]:
                 g_u = _from_steps(dt_s * LB, L)
-        if need[2]:
-            g_A = per_channel(X.mul_(dt_s[..., None, :]).sum((0, 1, 2)))
-        del X
         if need[3]:
             if Bs is not None:
                 g_B = _from_steps(_row_times(du_s, lam.transpose(-1, -2)), L).reshape(b, G, n, L)
@@ -257,6 +250,14 @@ class _ChunkedScan(torch.autograd.Function):
                 g_C = _from_steps(_row_times(g_s, hs[1:].transpose(-1, -2)), L).reshape(b, G, n, L)
             else:
                 g_C = per_channel((hs[1:] * g_s[..., None, :]).sum((0, 1, 2)))
+        if need[0] or need[2]:
+            # dL/d(dt * A) per element: lam_t * x_{t-1} * exp(dt_t A) (zero at resets, where dA is zero), in
+            # lam's buffer (lam is not needed any more; the saved tensors stay untouched for a retained graph)
+            X = lam.mul_(hs[:-1]).mul_(dA)
+            if need[0]:
+                g_dt = _from_steps(torch.addcmul((X * At).sum(-2), u_s, LB), L)
+            if need[2]:
+                g_A = per_channel(X.mul_(dt_s[..., None, :]).sum((0, 1, 2)))
         g_h0 = carry.transpose(2, 3).reshape(b, d, n) if has_h0 and need[5] else None
         return g_dt, g_u, g_A, g_B, g_C, g_h0, None, None
 

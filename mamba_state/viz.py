@@ -207,7 +207,8 @@ def plot_state_pca(trace: "LayerTrace", n_components: int = 2, batch: int = 0, w
         sc = ax.scatter(coords[:, 0], coords[:, 1], coords[:, 2], c=pos, cmap="viridis", s=12)
         ax.scatter(*coords[0], marker="o", s=60, color="black", label=f"start (position {int(pos[0])})")
         ax.scatter(*coords[-1], marker="*", s=120, color="red", label=f"end (position {int(pos[-1])})")
-        ax.set_zlabel(f"PC3 ({100 * ratio[2]:.1f}% of variance)", labelpad=12)
+        ax.set_zlabel(f"PC3 ({100 * ratio[2]:.1f}% of variance)", labelpad=8)
+        ax.set_box_aspect(None, zoom=0.85)  # leave room for the z label next to the colour bar
     else:
         ax = fig.add_subplot()
         ax.plot(coords[:, 0], coords[:, 1], color="0.6", linewidth=0.8)
@@ -217,7 +218,7 @@ def plot_state_pca(trace: "LayerTrace", n_components: int = 2, batch: int = 0, w
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
     ax.legend(fontsize="small", loc="best")
-    fig.colorbar(sc, ax=ax, label="tokens processed (position)", shrink=0.8)
+    fig.colorbar(sc, ax=ax, label="tokens processed (position)", shrink=0.8, pad=0.12 if n_components == 3 else 0.02)
     ax.set_title(title or f"{which.upper() if which == 'ssm' else 'Conv'} state trajectory, {n_components}-D PCA, "
                           f"{_layer_name(trace)}, batch row {batch}")
     if path is not None:

@@ -250,14 +250,16 @@ class _GraphStep:
         device = template.device
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = _private_copy(template, seqlen_offset=0)
-        self.fused = fused
+        self.fused = fused is not None  # a flag only: the cache must not hold a strong reference to the model
         self.busy = False
         self.logits: torch.Tensor | None = None
         self._capture(lm, warmups)
 
     def _step_into_state(self, lm: Any) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused.step(self.ids, self.state)
+        if self.fused:
+            from .fused_decode import FusedDecoder
+
+            return FusedDecoder(lm).step(self.ids, self.state)
         logits, new = lm.step(self.ids, self.state)
         for idx, layer in new.items():  # the next replay starts from the state after this token
             self.state[idx].conv_state.copy_(layer.conv_state)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -420,11 +421,11 @@ class _EagerGraph(G._GraphStep):
 
     def _capture(self, lm, warmups):
         type(self).captures += 1
-        self._lm = lm
+        self._lm = weakref.ref(lm)  # as the real graph: the cache must not keep the model alive
         self.logits = torch.empty(self.ids.shape[0], lm.lm_head.weight.shape[0])
 
     def _replay(self):
-        self.logits.copy_(self._step_into_state(self._lm))
+        self.logits.copy_(self._step_into_state(self._lm()))
 
 
 @pytest.fixture
@@ -568,3 +569,16 @@ def test_fused_step_refusals(lm):
         generate(lm, _ids(1, 2), max_new_tokens=2, fused_step="yes")
     # auto: not on CPU tensors (the model step is used there)
     assert G._fused_decoder(lm, None, _ids(1, 2), None) is None
+
+
+def test_graph_cache_does_not_keep_the_model_alive(fake_graphs):
+    import gc
+
+    model = _lm()
+    generate(model, _ids(1, 3), max_new_tokens=3, temperature=0, fused_step=True)
+    generate(model, _ids(1, 3), max_new_tokens=3, temperature=0)
+    assert len(G._GRAPHS[model]) == 2
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -150,10 +150,12 @@ class MambaInferenceState:
 
     @property
     def batch_size(self) -> int:
+        """Rows in the batch (dimension 0 of both tensors)."""
         return int(self.ssm_state.shape[0])
 
     @property
     def device(self) -> torch.device:
+        """The device of both tensors."""
         return self.ssm_state.device
 
     @property
@@ -163,6 +165,7 @@ class MambaInferenceState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the tensors (conv and SSM; every layer for a model state)."""
         conv, ssm = self.conv_state, self.ssm_state
         return conv.numel() * conv.element_size() + ssm.numel() * ssm.element_size()
 
@@ -199,12 +202,15 @@ class MambaInferenceState:
         )
 
     def clone(self) -> "MambaInferenceState":
+        """A copy with new storage (same dtypes, devices; autograd history kept)."""
         return MambaInferenceState(self.conv_state.clone(), self.ssm_state.clone())
 
     def detach(self) -> "MambaInferenceState":
+        """A state sharing storage with this one, cut from the autograd graph."""
         return MambaInferenceState(self.conv_state.detach(), self.ssm_state.detach())
 
     def zero_(self) -> "MambaInferenceState":
+        """Zero both tensors in place; returns self."""
         self.conv_state.zero_()
         self.ssm_state.zero_()
         return self
@@ -347,6 +353,7 @@ class MambaModelState:
         return layer_idx in self._layers
 
     def items(self):
+        """``(layer_idx, MambaInferenceState)`` pairs in ascending layer order."""
         return self._layers.items()
 
     @property
@@ -356,15 +363,18 @@ class MambaModelState:
 
     @property
     def layer_indices(self) -> list[int]:
+        """The layer indices, ascending."""
         return list(self._layers)
 
     # ------------------------------------------------------------------ description
     @property
     def batch_size(self) -> int:
+        """Rows in the batch (dimension 0 of both tensors)."""
         return next(iter(self._layers.values())).batch_size
 
     @property
     def device(self) -> torch.device:
+        """The device shared by all layers (raises ``StateError`` if layers differ)."""
         devices = {s.device for s in self._layers.values()}
         if len(devices) != 1:
             raise StateError(f"device: expected all layers on one device, found {sorted(map(str, devices))}")
@@ -380,9 +390,11 @@ class MambaModelState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the tensors (conv and SSM; every layer for a model state)."""
         return sum(s.nbytes for s in self._layers.values())
 
     def layout(self) -> dict[int, dict[str, Any]]:
+        """``{layer_idx: layer.layout()}`` (JSON-serialisable, batch-free)."""
         return {i: s.layout() for i, s in self._layers.items()}
 
     def __repr__(self) -> str:
@@ -403,12 +415,15 @@ class MambaModelState:
         return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking))
 
     def clone(self) -> "MambaModelState":
+        """A copy of every layer with new storage (offset and metadata copied)."""
         return self._map(MambaInferenceState.clone)
 
     def detach(self) -> "MambaModelState":
+        """Every layer cut from the autograd graph (storage shared)."""
         return self._map(MambaInferenceState.detach)
 
     def zero_(self) -> "MambaModelState":
+        """Zero every layer in place; returns self."""
         for s in self._layers.values():
             s.zero_()
         return self

@@ -128,6 +128,9 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, t
         raise StateError(f"lm: expected a StatefulMambaLM (step, forward, new_state, config), found {type(lm).__name__}")
     lm._check_ids(input_ids)
     batch = input_ids.shape[0]
+    param = next(lm.parameters())
+    if input_ids.device != param.device:
+        raise StateError(f"input_ids device: expected {param.device} (the model's), found {input_ids.device}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise StateError(f"max_new_tokens: expected an int >= 0, found {max_new_tokens!r}")
     if not _is_real(temperature) or temperature < 0:

@@ -408,6 +408,8 @@ def test_bad_state_and_input(lm):
         generate(lm, _ids(2, 3), state="nope", max_new_tokens=2)
     with pytest.raises(StateShapeError, match="input_ids"):
         generate(lm, torch.zeros(2, 3), max_new_tokens=2)
+    with pytest.raises(StateError, match="input_ids device: expected cpu"):
+        generate(lm, torch.zeros(2, 3, dtype=torch.long, device="meta"), max_new_tokens=2)
     other = _lm(n_layer=3)
     with pytest.raises(StateError, match="layers"):
         generate(lm, _ids(1, 2), state=other.new_state(1), max_new_tokens=2)

@@ -2,7 +2,8 @@
 
 * :func:`selective_scan_ref` — the sequential oracle of Mamba-1's selective scan with ``initial_state``,
   ``return_last_state`` and per-step ``reset``. Any float dtype (float64 for tests), differentiable.
-* :func:`selective_scan_chunked` — the same function, parallel within chunks; the fast CPU path.
+* :func:`selective_scan_chunked` — the same function, parallel within chunks, with a hand-written chunked
+  backward; the fast CPU path.
 * :func:`causal_conv1d_ref` — causal depthwise conv1d with a conv state in and out and resets, with the window
   semantics of upstream's ``Mamba.step`` (the state holds the last ``d_conv`` inputs, oldest first).
 * :func:`selective_state_update_ref` — one decoding step (upstream ``selective_state_update``) with resets.

@@ -30,9 +30,10 @@ cumulative sums and no host synchronisation.
 **Seeds.** ``seed=None`` draws from PyTorch's global generator of the device (not reproducible across calls).
 An int seeds a generator afresh for every token with a hash of ``(seed, position)``, and one ``[batch, vocab]``
 draw serves the whole batch. A sequence of ``batch`` ints gives each row its own stream, keyed by
-``(seed[row], position)``: a row's tokens then do not depend on the other rows, so a batch of n branches with
-seeds ``s_1..s_n`` equals n separate calls with those seeds (best-of-n without re-prefilling). Seeded results
-are reproducible on the same device type; CPU and CUDA draw different numbers.
+``(seed[row], position)``: a row's draws then do not depend on the other rows, so a batch of n branches with
+seeds ``s_1..s_n`` gives the tokens of n separate calls with those seeds (best-of-n without re-prefilling), up to
+the last-bit rounding differences between matrix kernels for different batch sizes, which can flip a near-tie.
+Seeded results are reproducible on the same device type; CPU and CUDA draw different numbers.
 
 **End of sequence.** With ``eos_token_id`` (an int or several), a row that emits one is finished: its later
 tokens are ``pad_token_id`` (default: the first ``eos_token_id``) and decoding stops once every row is finished.

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 # page -> (section title in mkdocs.yml, nav title)
 OPTIONAL_PAGES = {
     "howto-generation.md": ("How-tos", "Generate and stream tokens"),
@@ -22,6 +24,7 @@ OPTIONAL_PAGES = {
 }
 
 
+@event_priority(100)  # before mkdocstrings reads its `paths`, which must exist by then
 def on_config(config: Any) -> Any:
     root = Path(config["config_file_path"]).resolve().parent
     dest = root / "build" / "docs_src" / "mamba_state"

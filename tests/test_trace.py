@@ -386,3 +386,83 @@ def test_speculative_rollback_example_reproduces_greedy_decoding(capsys):
     stats = _example("speculative_rollback").main(["--new-tokens", "10", "--draft-len", "3"])
     assert stats["accepted_draft_tokens"] > 0 and stats["target_forwards"] < 10
     assert "identical to greedy decoding" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_layer_states_at_triton_equal_stopping_there_and_gradients(dtype):
+    """Mamba-1 on CUDA (Triton scan in segments): states at positions vs prefix runs, and gradients into the
+    initial state and parameters through the returned states vs the float64 reference path on the CPU."""
+    torch.manual_seed(0)
+    layer = StatefulMamba.from_config(64, d_state=16, layer_idx=0, device="cuda", dtype=dtype)
+    b, L, pos = 2, 300, [0, 1, 37, 128, 128, 299, 300]
+    x = torch.randn(b, L, 64, device="cuda", dtype=dtype)
+    s0 = layer.new_state(b)
+    s0 = MambaInferenceState(torch.randn_like(s0.conv_state), 0.3 * torch.randn_like(s0.ssm_state))
+    reset = torch.zeros(b, L, dtype=torch.bool, device="cuda")
+    reset[1, 128] = True
+    reset[0, 50] = True
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    with torch.no_grad():
+        y, new, states = layer(x, s0, reset, return_states_at=pos)
+        y_ref, new_ref = layer(x, s0, reset)
+        torch.testing.assert_close(y, y_ref, **tol)
+        for p, s in zip(pos, states):
+            ref = s0 if p == 0 else layer(x[:, :p], s0, reset[:, :p])[1]
+            torch.testing.assert_close(s.ssm_state, ref.ssm_state, **tol)
+            torch.testing.assert_close(s.conv_state, ref.conv_state, **tol)
+    if dtype != torch.float32:
+        return
+    cpu = StatefulMamba.from_config(64, d_state=16, layer_idx=0, dtype=F64, backend="reference")
+    cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    w = torch.randn(len(pos), b, layer.d_inner, 16, dtype=F64)
+
+    def grads(m, dev, dt):
+        h = s0.ssm_state.detach().to(dev, dt).requires_grad_()
+        _, _, st_ = m(x.to(dev, dt), MambaInferenceState(s0.conv_state.to(dev, dt), h), reset.to(dev),
+                      return_states_at=pos)
+        loss = sum((s.ssm_state.double().cpu() * w[i]).sum() for i, s in enumerate(st_))
+        loss.backward()
+        return h.grad.double().cpu(), m.A_log.grad.double().cpu()
+
+    g_gpu, g_ref = grads(layer, "cuda", torch.float32), grads(cpu, "cpu", F64)
+    for a, r in zip(g_gpu, g_ref):
+        assert ((a - r).abs().max() / r.abs().max()).item() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.upstream
+def test_gpu_mamba2_states_at_with_upstream_chunk_scan(upstream):
+    """Mamba-2 on CUDA: upstream's fused SSD scan run in segments, states equal prefix runs."""
+    torch.manual_seed(0)
+    layer = StatefulMamba2.from_config(128, d_state=32, headdim=32, ngroups=2, chunk_size=64, layer_idx=0,
+                                       device="cuda")
+    assert layer.resolved_backend("cuda")[0] == "triton"
+    b, L, pos = 2, 200, [0, 10, 64, 65, 200]
+    x = torch.randn(b, L, 128, device="cuda")
+    s0 = layer.new_state(b)
+    s0 = MambaInferenceState(torch.randn_like(s0.conv_state), 0.3 * torch.randn_like(s0.ssm_state))
+    reset = torch.zeros(b, L, dtype=torch.bool, device="cuda")
+    reset[0, 64] = True
+    with torch.no_grad():
+        y, _, states = layer(x, s0, reset, return_states_at=pos)
+        torch.testing.assert_close(y, layer(x, s0, reset)[0], rtol=2e-3, atol=2e-3)
+        for p, s in zip(pos, states):
+            ref = s0 if p == 0 else layer(x[:, :p], s0, reset[:, :p])[1]
+            torch.testing.assert_close(s.ssm_state, ref.ssm_state, rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(s.conv_state, ref.conv_state, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_trace_model_matches_the_model():
+    torch.manual_seed(0)
+    cfg = dict(d_model=64, n_layer=3, vocab_size=VOCAB, ssm_cfg={"d_state": 16}, pad_vocab_size_multiple=8)
+    lm = StatefulMambaLM.from_config(cfg, device="cuda")
+    ids = torch.randint(0, VOCAB, (2, 70), device="cuda")
+    mt = trace_model(lm, ids, stride=7)
+    with torch.no_grad():
+        logits, final = lm(ids)
+    torch.testing.assert_close(mt.logits, logits, rtol=1e-3, atol=1e-3)
+    assert mt.final_state.allclose(final, rtol=1e-3, atol=1e-3)
+    assert mt.layers[2].ssm_states.shape == (11, 2, 128, 16) and mt.layers[2].ssm_states.is_cuda

@@ -1,0 +1,115 @@
+"""What states at chosen positions and traces cost, next to a plain forward.
+
+GPU run: a 130m-shaped Mamba-1 layer (d_model 768, d_inner 1536, d_state 16, bf16 parameters, fp32 states) over
+2048 tokens, batch 1 and 8:
+
+* plain forward; forward with ``return_states_at`` of 8 evenly spaced positions; ``trace_layer`` with stride 64
+  (33 states); the full trace (2049 states);
+
+and the speculative-decoding verify step of a 130m-shaped ``StatefulMambaLM`` (24 layers): 5 tokens from a
+state, plain vs with the state after each of them (``return_states_at=range(1, 6)``).
+
+Writes ``benchmarks/results/bench_trace.json``; ``--doc`` (run where the JSON is, e.g. after copying it back from
+the GPU machine) writes the "States at positions and traces" section of ``docs/benchmarks.md`` from it.
+``--smoke`` runs tiny sizes on the CPU and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS_DIR, environment, environment_line, markdown_table, median_time,  # noqa: E402
+                    replace_section, write_json)
+
+from mamba_state import StatefulMamba, StatefulMambaLM  # noqa: E402
+from mamba_state.trace import trace_layer  # noqa: E402
+
+SECTION = "States at positions and traces"
+NAME = "bench_trace"
+
+
+def layer_rows(smoke: bool, device: str) -> list[dict]:
+    d_model, L = (64, 128) if smoke else (768, 2048)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    torch.manual_seed(0)
+    layer = StatefulMamba.from_config(d_model, d_state=16, layer_idx=0, device=device, dtype=dtype)
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, L, d_model, device=device, dtype=dtype)
+        s0 = layer.new_state(batch)
+        eight = [round(i * L / 8) for i in range(1, 9)]
+        with torch.no_grad():
+            cases = {
+                "forward": lambda: layer(x, s0),
+                "forward + 8 positions": lambda: layer(x, s0, return_states_at=eight),
+                "trace, stride 64": lambda: trace_layer(layer, x, s0, stride=64),
+                f"full trace ({L + 1} states)": lambda: trace_layer(layer, x, s0, warn_bytes=2 ** 40),
+            }
+            times = {k: median_time(f, repeats=3 if "full" in k else 7) for k, f in cases.items()}
+        base = times["forward"]
+        for k, t in times.items():
+            rows.append({"what": k, "batch": batch, "tokens": L, "ms": round(1e3 * t, 3),
+                         "x_forward": round(t / base, 2)})
+    return rows
+
+
+def verify_rows(smoke: bool, device: str) -> list[dict]:
+    cfg = dict(d_model=64 if smoke else 768, n_layer=2 if smoke else 24, vocab_size=256 if smoke else 50277,
+               ssm_cfg={}, pad_vocab_size_multiple=8)
+    torch.manual_seed(0)
+    lm = StatefulMambaLM.from_config(cfg, device=device, dtype=torch.float32 if smoke else torch.bfloat16)
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(0, cfg["vocab_size"], (batch, 64), device=device)
+        draft = torch.randint(0, cfg["vocab_size"], (batch, 5), device=device)
+        with torch.no_grad():
+            _, state = lm(prompt)
+            plain = median_time(lambda: lm(draft, state), repeats=9, warmup=2)
+            at = median_time(lambda: lm(draft, state, return_states_at=range(1, 6)), repeats=9, warmup=2)
+        rows.append({"what": "verify 5 tokens (LM)", "batch": batch, "tokens": 5, "ms": round(1e3 * plain, 3),
+                     "x_forward": 1.0})
+        rows.append({"what": "verify 5 tokens + state after each", "batch": batch, "tokens": 5,
+                     "ms": round(1e3 * at, 3), "x_forward": round(at / plain, 2)})
+    return rows
+
+
+def write_doc(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    rows = [[r["what"], r["batch"], r["tokens"], f"{r['ms']:.2f}", f"{r['x_forward']:.2f}"] for r in doc["rows"]]
+    body = "\n".join([
+        "`benchmarks/bench_trace.py`: a 130m-shaped Mamba-1 layer (d_model 768, d_state 16, bf16 parameters, fp32 "
+        "states) over 2048 tokens, and the verify step of speculative decoding with a 130m-shaped model (24 layers, "
+        "5 tokens from a state). States at positions come from the scan run in segments (one scan call per "
+        "segment), so their cost grows with the number of segments, not with the sequence.",
+        "",
+        markdown_table(["what", "batch", "tokens", "ms (median)", "x plain forward"], rows),
+        "",
+        environment_line(doc["environment"]),
+    ])
+    replace_section(SECTION, body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; writes nothing")
+    parser.add_argument("--doc", action="store_true", help="write the docs section from the saved JSON and exit")
+    args = parser.parse_args(argv)
+    if args.doc:
+        write_doc(RESULTS_DIR / f"{NAME}.json")
+        return
+    device = "cpu" if args.smoke else "cuda"
+    rows = layer_rows(args.smoke, device) + verify_rows(args.smoke, device)
+    print(markdown_table(["what", "batch", "tokens", "ms", "x plain"],
+                         [[r["what"], r["batch"], r["tokens"], r["ms"], r["x_forward"]] for r in rows]))
+    if not args.smoke:
+        print(write_json(NAME, {"rows": rows}, environment()))
+
+
+if __name__ == "__main__":
+    main()

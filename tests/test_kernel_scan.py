@@ -342,3 +342,20 @@ def test_backward_mode_choice_and_bad_value():
             assert backward_mode(u, 8, 1536, 16, 1) == mode
     with _env(BWD="parallel"), pytest.raises(StateError, match="MAMBA_STATE_SCAN_BWD.*seq.*chunk.*parallel"):
         backward_mode(u, 1, 8, 16, 4)
+
+
+def test_chunk_backward_split_plan():
+    from mamba_state.kernels.ops import _chunk_plan, backward_splits
+
+    resident = 8 * 132  # an H100: 132 SMs, 8 resident backward programs each
+    # (programs, chunks) -> (splits, cost in chunk-times), the rows of docs/kernel.md's table
+    assert _chunk_plan(1536, 16, resident) == (2, 24)   # 8x1536x2048
+    assert _chunk_plan(2048, 16, resident) == (1, 32)   # 8x2048x2048: no better than sequential (2 x 16)
+    assert _chunk_plan(192, 64, resident)[1] == 12      # 1x1536x16384: against 64 sequential
+    for programs, chunks in ((1, 977), (7, 3), (5000, 40)):
+        g, cost = _chunk_plan(programs, chunks, resident)
+        assert 1 <= g <= chunks and g * programs <= max(programs, 4 * resident)  # grid at most 4 waves
+    with _env(BWD_SPLIT=5):
+        assert backward_splits(1, 192, 64, torch.device("cpu")) == 5
+    with _env(BWD_SPLIT=500):
+        assert backward_splits(1, 192, 64, torch.device("cpu")) == 64  # never more than the chunks

@@ -110,9 +110,11 @@ def _bc_groups(t: torch.Tensor, G: int, ct: torch.dtype) -> torch.Tensor:
 # Inside a block every per-position tensor is laid out as [T, K, batch, G, dim // G, ...]: step t of every one of
 # the K chunks is one contiguous slice, and so is chunk k of a per-chunk tensor [K, batch, G, dim // G, dstate].
 def _to_steps(x: torch.Tensor, G: int, K: int, T: int) -> torch.Tensor:
-    """[batch, G * e, K * T] -> [T, K, batch, G, e], contiguous."""
-    b = x.shape[0]
-    return x.reshape(b, G, -1, K, T).permute(4, 3, 0, 1, 2).contiguous()
+    """[batch, G * e, L] -> [T, K, batch, G, e], contiguous, zero-padded past ``L`` up to ``K * T``."""
+    pad = K * T - x.shape[-1]
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(x.shape[0], G, -1, K, T).permute(4, 3, 0, 1, 2).contiguous()
 
 
 def _from_steps(x: torch.Tensor, L: int) -> torch.Tensor:
@@ -158,16 +160,16 @@ class _ChunkedScan(torch.autograd.Function):
         pad = K * T - L
         ct = dt.dtype
         At = A.view(G, dg, n).transpose(1, 2).contiguous()  # [G, n, dg]
-        dt_s = _to_steps(F.pad(dt, (0, pad)), G, K, T)  # [T, K, b, G, dg]; padded steps: decay 1, input 0
-        u_s = _to_steps(F.pad(u, (0, pad)), G, K, T)
+        dt_s = _to_steps(dt, G, K, T)  # [T, K, b, G, dg]; padded steps: decay 1, input 0
+        u_s = _to_steps(u, G, K, T)
         dA = torch.mul(dt_s[..., None, :], At).exp_()  # [T, K, b, G, n, dg]
         keep_k = None
         if keep is not None:
             keep_s = F.pad(keep, (0, pad), value=True).view(b, K, T).permute(2, 1, 0)  # [T, K, b]
             keep_k = keep_s.all(0)[..., None, None, None].to(ct)
             dA.mul_(keep_s[..., None, None, None].to(ct))
-        Bs = _to_steps(F.pad(B.reshape(b, G * n, L), (0, pad)), G, K, T) if B.dim() == 4 else None  # [T,K,b,G,n]
-        Cs = _to_steps(F.pad(C.reshape(b, G * n, L), (0, pad)), G, K, T) if C.dim() == 4 else None
+        Bs = _to_steps(B.reshape(b, G * n, L), G, K, T) if B.dim() == 4 else None  # [T,K,b,G,n]
+        Cs = _to_steps(C.reshape(b, G * n, L), G, K, T) if C.dim() == 4 else None
         # hs[t + 1] will hold the state after step t; it first holds that step's input dt * B * u (one buffer
         # less to allocate: large fresh allocations cost page faults on every call)
         hs = torch.empty((T + 1, K, b, G, n, dg), dtype=ct, device=u.device)
@@ -175,64 +177,75 @@ class _ChunkedScan(torch.autograd.Function):
                   out=hs[1:])
         hs_t, dA_t = hs.unbind(0), dA.unbind(0)  # one call for all the step views, not one per step
         dBu_t = hs_t[1:]
-        # 1. every chunk's end state from a zero start
-        h = dBu_t[0]
-        for t in range(1, T):
-            h = torch.addcmul(dBu_t[t], dA_t[t], h)
-        total = torch.mul(dt_s.sum(0)[..., None, :], At).exp_()  # [K, b, G, n, dg]: 0 across a reset
-        if keep_k is not None:
-            total.mul_(keep_k)
-        # 2. the true state entering each chunk
         carry = (h0.reshape(b, G, dg, n).transpose(2, 3) if h0 is not None
                  else torch.zeros(b, G, n, dg, dtype=ct, device=u.device))
-        entering = []
-        for h_k, total_k in zip(h.unbind(0), total.unbind(0)):
-            entering.append(carry)
-            carry = torch.addcmul(h_k, total_k, carry)
-        torch.stack(entering, out=hs[0])
+        total = None
+        if K == 1:  # one chunk: it starts from h0, nothing to carry
+            hs[0, 0] = carry
+        else:
+            # 1. every chunk's end state from a zero start
+            h = dBu_t[0]
+            for t in range(1, T):
+                h = torch.addcmul(dBu_t[t], dA_t[t], h)
+            total = torch.mul(dt_s.sum(0)[..., None, :], At).exp_()  # [K, b, G, n, dg]: 0 across a reset
+            if keep_k is not None:
+                total.mul_(keep_k)
+            # 2. the true state entering each chunk
+            entering = [carry]
+            for h_k, total_k in zip(h.unbind(0)[:-1], total.unbind(0)[:-1]):
+                carry = torch.addcmul(h_k, total_k, carry)
+                entering.append(carry)
+            torch.stack(entering, out=hs[0])
+            del h, entering
         # 3. rerun every chunk from its entering state, keeping every state (in place over the inputs)
         for t in range(T):
             hs_t[t + 1].addcmul_(dA_t[t], hs_t[t])
-        del dBu_t, h, entering
+        del dBu_t
         if Cs is not None:
             y = _row_times(Cs, hs[1:])
         else:
             y = (hs[1:] * C.view(G, dg, n).transpose(1, 2)).sum(-2)
         ctx.save_for_backward(dt_s, u_s, At, B, C, Bs, Cs, dA, hs, total)
         ctx.dims = (b, d, L, n, G, K, T, h0 is not None)
-        return _from_steps(y, L), carry.transpose(2, 3).reshape(b, d, n)
+        return _from_steps(y, L), hs[T, K - 1].transpose(2, 3).reshape(b, d, n)  # padded steps keep the state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, glast):
         dt_s, u_s, At, B, C, Bs, Cs, dA, hs, total = ctx.saved_tensors
         b, d, L, n, G, K, T, has_h0 = ctx.dims
-        dg, pad = d // G, K * T - L
+        dg = d // G
         need = ctx.needs_input_grad
 
         def per_channel(t):  # [G, n, dg] -> [dim, n]
             return t.transpose(1, 2).reshape(d, n)
 
-        g_s = _to_steps(F.pad(gy, (0, pad)), G, K, T)  # [T, K, b, G, dg]
+        g_s = _to_steps(gy, G, K, T)  # [T, K, b, G, dg]
         lam = g_s[..., None, :] * (Cs[..., None] if Cs is not None else C.view(G, dg, n).transpose(1, 2))
-        # 1. every chunk's adjoint at its first step from a zero end, folded into the step before the chunk
         dA_t, lam_t = dA.unbind(0), lam.unbind(0)
-        mu = lam_t[T - 1]
-        for t in range(T - 2, -1, -1):
-            mu = torch.addcmul(lam_t[t], dA_t[t + 1], mu)
-        w = dA_t[0] * mu
-        # 2. the true adjoint entering each chunk from the right; what leaves chunk 0 is the gradient of h0
-        carry = glast.reshape(b, G, dg, n).transpose(2, 3)
-        entering = [None] * K
-        w_k, total_k = w.unbind(0), total.unbind(0)
-        for k in range(K - 1, -1, -1):
-            entering[k] = carry
-            carry = torch.addcmul(w_k[k], total_k[k], carry)
-        lam_t[T - 1].add_(torch.stack(entering))
+        carry = glast.reshape(b, G, dg, n).transpose(2, 3)  # the last state's gradient enters at the end
+        if K == 1:
+            lam_t[T - 1][0].add_(carry)
+        else:
+            # 1. every chunk's adjoint at its first step from a zero end, folded into the step before the chunk
+            mu = lam_t[T - 1]
+            for t in range(T - 2, -1, -1):
+                mu = torch.addcmul(lam_t[t], dA_t[t + 1], mu)
+            w_k, total_k = (dA_t[0] * mu).unbind(0), total.unbind(0)
+            # 2. the true adjoint entering each chunk from the right
+            entering = [None] * K
+            for k in range(K - 1, 0, -1):
+                entering[k] = carry
+                carry = torch.addcmul(w_k[k], total_k[k], carry)
+            entering[0] = carry
+            lam_t[T - 1].add_(torch.stack(entering))
+            del mu, w_k, entering
         # 3. the adjoint at every step
         for t in range(T - 2, -1, -1):
             lam_t[t].addcmul_(dA_t[t + 1], lam_t[t + 1])
-        del mu, w
+        g_h0 = None
+        if has_h0 and need[5]:  # h0 enters only the first step of chunk 0
+            g_h0 = (dA_t[0][0] * lam_t[0][0]).transpose(2, 3).reshape(b, d, n)
         g_dt = g_u = g_A = g_B = g_C = None
         du_s = dt_s * u_s
         LB = None
@@ -259,7 +272,6 @@ class _ChunkedScan(torch.autograd.Function):
                 g_dt = _from_steps(torch.addcmul((X * At).sum(-2), u_s, LB), L)
             if need[2]:
                 g_A = per_channel(X.mul_(dt_s[..., None, :]).sum((0, 1, 2)))
-        g_h0 = carry.transpose(2, 3).reshape(b, d, n) if has_h0 and need[5] else None
         return g_dt, g_u, g_A, g_B, g_C, g_h0, None, None
 
 

@@ -9,8 +9,9 @@ single-step kernel:
 * ``_conv_step_kernel``: shift the conv window in place, insert the new input, depthwise dot + bias + SiLU;
 * :func:`mamba_state.kernels.selective_state_update`: the SSM step, in place.
 
-Per layer: add-norm, ``in_proj``, conv step, ``x_proj``, ``dt_proj``, ``A = -exp(A_log)``, the SSM step,
-``out_proj`` (plus a few casts and copies of non-contiguous views). Semantics are those of
+Per layer: add-norm, ``in_proj``, conv step, ``x_proj``, ``dt_proj``, the SSM step, ``out_proj`` (plus copies of
+the non-contiguous ``B``, ``C`` and ``z`` views); ``A = -exp(A_log)``, ``D`` and the ``dt`` bias in float32 are
+computed once per call (:meth:`FusedDecoder.constants`). Semantics are those of
 ``StatefulMambaLM.step`` (float32 norms, conv and SSM arithmetic; the state keeps its dtype); results agree with it
 to float32 rounding, not bit for bit. Used by :mod:`mamba_state.generation` on CUDA (``fused_step``).
 """
@@ -114,6 +115,24 @@ class FusedDecoder:
     def __init__(self, lm: Any):
         self.lm = lm
         self.residual_in_fp32 = bool(lm.config.get("residual_in_fp32", False))
+        self._consts: list | None = None  # computed at the first step that needs them (never inside a capture)
+
+    def constants(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer ``(A = -exp(A_log), D, dt_bias)`` in float32, fresh tensors: computed once per call rather than
+        at every token (three kernels per layer less in each step). Weights changed in place while a decode is
+        running are therefore not seen by these three until the next call."""
+        out = []
+        for layer in self.lm.backbone.layers:
+            m = layer.mixer
+            out.append((-torch.exp(m.A_log.detach().float()), m.D.detach().float().clone(),
+                        m.dt_proj.bias.detach().float().clone()))
+        return out
+
+    def refresh(self, consts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Write the current ``constants()`` into ``consts`` in place (static buffers of a captured graph)."""
+        for dst, src in zip(consts, self.constants()):
+            for d, s_ in zip(dst, src):
+                d.copy_(s_)
 
     @staticmethod
     def own(state: MambaModelState) -> MambaModelState:
@@ -134,7 +153,7 @@ class FusedDecoder:
                                       num_warps=4 if d >= 1024 else 2)
         return out, rout
 
-    def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState) -> torch.Tensor:
+    def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState, consts) -> torch.Tensor:
         from mamba_state.kernels import selective_state_update
 
         batch = u.shape[0]
@@ -149,18 +168,25 @@ class FusedDecoder:
         x_db = mixer.x_proj(xc)
         r, n = mixer.dt_rank, mixer.d_state
         dt = torch.nn.functional.linear(x_db[:, :r], mixer.dt_proj.weight)
-        A = -torch.exp(mixer.A_log.float())
-        y = selective_state_update(st.ssm_state, xc, dt, A, x_db[:, r:r + n], x_db[:, r + n:], mixer.D.float(),
-                                   z=xz[:, d_inner:], dt_bias=mixer.dt_proj.bias.float(), dt_softplus=True,
-                                   backend=mixer.backend)
+        A, D, dt_bias = consts
+        y = selective_state_update(st.ssm_state, xc, dt, A, x_db[:, r:r + n], x_db[:, r + n:], D,
+                                   z=xz[:, d_inner:], dt_bias=dt_bias, dt_softplus=True, backend=mixer.backend)
         return mixer.out_proj(y)
 
-    def step(self, ids: torch.Tensor, state: MambaModelState) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, state: MambaModelState, consts=None) -> torch.Tensor:
+        """Logits ``[B, vocab_padded]`` for tokens ``ids`` int64 ``[B]``; ``state`` advanced in place.
+
+        ``consts``: the output of :meth:`constants` to use (default: computed at the first call, then kept).
+        """
         lm = self.lm
+        if consts is None:
+            if self._consts is None:
+                self._consts = self.constants()
+            consts = self._consts
         hidden = lm.backbone.embedding(ids)  # [B, d_model]
         residual = None
-        for layer in lm.backbone.layers:
+        for layer, c in zip(lm.backbone.layers, consts):
             normed, residual = self._add_norm(hidden, residual, layer.norm)
-            hidden = self._mixer(layer.mixer, normed, state[int(layer.mixer.layer_idx)])
+            hidden = self._mixer(layer.mixer, normed, state[int(layer.mixer.layer_idx)], c)
         normed, _ = self._add_norm(hidden, residual, lm.backbone.norm_f)
         return lm.lm_head(normed)

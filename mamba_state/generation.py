@@ -255,6 +255,7 @@ class _GraphStep:
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = _private_copy(template, seqlen_offset=0)
         self.fused = fused is not None  # a flag only: the cache must not hold a strong reference to the model
+        self.consts = fused.constants() if fused is not None else None  # static per-layer A, D, dt_bias
         self.busy = False
         self.logits: torch.Tensor | None = None
         self._capture(lm, warmups)
@@ -263,7 +264,7 @@ class _GraphStep:
         if self.fused:
             from .fused_decode import FusedDecoder
 
-            return FusedDecoder(lm).step(self.ids, self.state)
+            return FusedDecoder(lm).step(self.ids, self.state, self.consts)
         logits, new = lm.step(self.ids, self.state)
         for idx, layer in new.items():  # the next replay starts from the state after this token
             self.state[idx].conv_state.copy_(layer.conv_state)
@@ -287,7 +288,10 @@ class _GraphStep:
     def _replay(self) -> None:
         self.graph.replay()
 
-    def load(self, state: MambaModelState) -> None:
+    def load(self, state: MambaModelState, fused: Any = None) -> None:
+        """Copy ``state`` into the static state (and the current A, D, dt_bias into the static constants)."""
+        if self.fused and fused is not None:
+            fused.refresh(self.consts)
         for idx, layer in state.items():
             self.state[idx].conv_state.copy_(layer.conv_state)
             self.state[idx].ssm_state.copy_(layer.ssm_state)
@@ -444,7 +448,7 @@ class TokenStream:
             self._graph = _acquire_graph(self._lm, self._state, self._fused)
         if self._graph is not None:
             self._mode, self._buffers = "graph", self._graph.state
-            self._graph.load(self._state)
+            self._graph.load(self._state, self._fused)
         elif self._fused is not None:
             self._mode, self._buffers = "fused", _private_copy(self._state)
         else:

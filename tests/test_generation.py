@@ -584,3 +584,19 @@ def test_graph_cache_does_not_keep_the_model_alive(fake_graphs):
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_graph_constants_follow_weight_changes_between_calls(fake_graphs):
+    model = _lm()
+    ids = _ids(2, 4)
+    kw = dict(max_new_tokens=5, temperature=0, fused_step=True, output_scores=True)
+    before = generate(model, ids, **kw)  # captures, with A, D, dt_bias as static buffers
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.mul_(1.5)
+            layer.mixer.D.add_(0.25)
+    after = generate(model, ids, **kw)
+    fresh = generate(model, ids, cuda_graph=False, **kw)
+    assert _EagerGraph.captures == 1
+    assert all(torch.equal(a, b) for a, b in zip(after.scores, fresh.scores))
+    assert not torch.equal(after.scores[-1], before.scores[-1])

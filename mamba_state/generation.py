@@ -345,9 +345,9 @@ def clear_graph_cache(lm: Any = None) -> None:
             _GRAPHS.pop(lm, None)
 
 
-def _acquire_graph(lm: Any, state: MambaModelState, fused: Any) -> _GraphStep | None:
+def _acquire_graph(lm: Any, state: MambaModelState, fused: Any, fused_auto: bool = False) -> _GraphStep | None:
     """The cached graph for this (lm, batch, layout, step kind), captured on first use; None when busy or not
-    capturable."""
+    capturable. With ``fused_auto``, a fused step that fails to capture is replaced by ``lm.step``."""
     key = _graph_key(lm, state, fused is not None)
     with _GRAPHS_LOCK:
         graphs = _GRAPHS.setdefault(lm, {})
@@ -357,12 +357,16 @@ def _acquire_graph(lm: Any, state: MambaModelState, fused: Any) -> _GraphStep | 
                 return None
             g.busy = True
             return g
-    try:
-        g = _GraphStep(lm, state, fused)
-    except Exception as exc:  # e.g. an op that cannot be captured: decode eagerly instead of failing
-        warnings.warn(f"mamba_state.generation: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
-                      "decoding eagerly", RuntimeWarning, stacklevel=3)
-        g = None
+    g = None
+    for step_kind in ([fused, None] if fused is not None and fused_auto else [fused]):
+        try:
+            g = _GraphStep(lm, state, step_kind)
+            break
+        except Exception as exc:  # e.g. an op that cannot be captured: decode another way instead of failing
+            then = "trying StatefulMambaLM.step" if step_kind is not None and fused_auto else "decoding eagerly"
+            warnings.warn(f"mamba_state.generation: CUDA graph capture of the "
+                          f"{'fused' if step_kind is not None else 'model'} decode step failed "
+                          f"({type(exc).__name__}: {exc}); {then}", RuntimeWarning, stacklevel=3)
     with _GRAPHS_LOCK:
         _GRAPHS.setdefault(lm, {})[key] = g
         if g is not None:
@@ -382,13 +386,15 @@ class TokenStream:
 
     def __init__(self, lm: Any, input_ids: torch.Tensor, state: MambaModelState | None, max_new_tokens: int,
                  sampling: _Sampling, eos: list[int], pad: int | None, seeds: Any, output_scores: bool,
-                 prefill_chunk_size: int, cuda_graph: bool, context_ids: torch.Tensor | None, fused: Any):
+                 prefill_chunk_size: int, cuda_graph: bool, context_ids: torch.Tensor | None, fused: Any,
+                 fused_auto: bool = False):
         self._lm = lm
         self._input_ids = input_ids
         self._tokens: list[torch.Tensor] = []
         self._scores: list[torch.Tensor] | None = [] if output_scores else None
         self._state = state if state is not None else lm.new_state(input_ids.shape[0], device=input_ids.device)
         self._fused = fused  # a FusedDecoder (in-place step) or None (lm.step)
+        self._fused_auto = fused_auto  # chosen automatically: fall back to lm.step if it fails
         self._mode: str | None = None  # chosen at the first decode step: "graph", "fused" or "model"
         self._graph: _GraphStep | None = None
         self._buffers: MambaModelState | None = None  # the live state in "graph"/"fused" mode (updated in place)
@@ -445,7 +451,7 @@ class TokenStream:
     # -- the decode step shared by one-token prompts and the loop
     def _start_decoding(self) -> None:
         if self._use_graph:
-            self._graph = _acquire_graph(self._lm, self._state, self._fused)
+            self._graph = _acquire_graph(self._lm, self._state, self._fused, self._fused_auto)
         if self._graph is not None:
             self._mode, self._buffers = "graph", self._graph.state
             self._graph.load(self._state, self._fused)
@@ -459,6 +465,17 @@ class TokenStream:
         """Feed ``tokens`` [B] to the model; returns (raw logits [B, vocab_padded], new seqlen_offset)."""
         if self._mode is None:
             self._start_decoding()
+        if self._mode == "fused" and self._fused_auto:
+            try:
+                logits = self._fused.step(tokens, self._buffers)
+                self._fused_auto = False  # it works: no more guarding
+            except Exception as exc:  # the buffers are a private copy: self._state is intact
+                warnings.warn(f"mamba_state.generation: the fused decode step failed ({type(exc).__name__}: {exc}); "
+                              "decoding with StatefulMambaLM.step", RuntimeWarning, stacklevel=3)
+                self._mode, self._buffers, self._fused = "model", None, None
+            else:
+                self._offset += 1
+                return logits, self._offset
         if self._mode == "model":
             logits, self._state = self._lm.step(tokens, self._state)
             return logits, self._state.seqlen_offset
@@ -547,9 +564,9 @@ def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = Non
     sampling, eos, pad, seeds, state = _check_arguments(
         lm, input_ids, state, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
         pad_token_id, seed, prefill_chunk_size, context_ids)
-    fused = _fused_decoder(lm, state if state is not None else None, input_ids, fused_step)
+    fused = _fused_decoder(lm, state, input_ids, fused_step)
     return TokenStream(lm, input_ids, state, max_new_tokens, sampling, eos, pad, seeds, output_scores,
-                       prefill_chunk_size, cuda_graph, context_ids, fused)
+                       prefill_chunk_size, cuda_graph, context_ids, fused, fused_auto=fused_step is None)
 
 
 def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,

@@ -422,9 +422,10 @@ class _EagerGraph(G._GraphStep):
     captures = 0
 
     def _capture(self, lm, warmups):
-        type(self).captures += 1
         self._lm = weakref.ref(lm)  # as the real graph: the cache must not keep the model alive
+        self._step_into_state(lm)  # a warm-up step, as the real capture runs (errors surface here)
         self.logits = torch.empty(self.ids.shape[0], lm.lm_head.weight.shape[0])
+        type(self).captures += 1
 
     def _replay(self):
         self.logits.copy_(self._step_into_state(self._lm()))
@@ -484,7 +485,7 @@ def test_failed_capture_falls_back_to_eager(lm, monkeypatch):
     monkeypatch.setattr(G, "_graphs_supported", lambda device: True)
     monkeypatch.setattr(G, "_GraphStep", Broken)
     ids = _ids(2, 4)
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    with pytest.warns(RuntimeWarning, match="capture of the model decode step failed"):
         out = generate(lm, ids, max_new_tokens=5, temperature=0)
     assert torch.equal(out.sequences, generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=False).sequences)
     G.clear_graph_cache()
@@ -600,3 +601,23 @@ def test_graph_constants_follow_weight_changes_between_calls(fake_graphs):
     assert _EagerGraph.captures == 1
     assert all(torch.equal(a, b) for a, b in zip(after.scores, fresh.scores))
     assert not torch.equal(after.scores[-1], before.scores[-1])
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_auto_fused_step_that_fails_falls_back_to_model_step(lm, fake_graphs, monkeypatch, graph):
+    from mamba_state.fused_decode import FusedDecoder
+
+    def broken(self, ids, state, consts=None):
+        raise RuntimeError("no kernel image is available")
+
+    ids = _ids(2, 4)
+    ref = generate(lm, ids, max_new_tokens=5, temperature=0, fused_step=False, cuda_graph=False)
+    monkeypatch.setattr(FusedDecoder, "step", broken)
+    monkeypatch.setattr(G, "_fused_decoder", lambda lm_, state, ids_, flag: FusedDecoder(lm_))  # as on CUDA
+    with pytest.warns(RuntimeWarning, match="fused decode step failed"):
+        out = generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=graph)
+    assert torch.equal(out.sequences, ref.sequences) and out.state.allclose(ref.state, rtol=0, atol=0)
+    if graph:
+        assert all(not g.fused for g in G._GRAPHS[lm].values() if g is not None)
+    with pytest.raises(RuntimeError, match="no kernel image"):  # asked for explicitly: no silent fallback
+        generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=False, fused_step=True)

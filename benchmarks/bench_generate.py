@@ -59,6 +59,12 @@ def _upstream_model(cfg: dict, device: torch.device, dtype: torch.dtype):
     return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype).eval(), ""
 
 
+def _decode_path(lm, batch: int) -> dict:
+    """Which decode step ours ran at this batch size (a failed capture or fused step falls back with a warning)."""
+    graphs = [g for g in G._GRAPHS.get(lm, {}).values() if g is not None and g.ids.shape[0] == batch]
+    return dict(ours_cuda_graph=bool(graphs), ours_fused_step=any(g.fused for g in graphs))
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
         assert out.sequences.shape == (B, prompt + new)
         r = dict(batch=B, prompt=prompt, new_tokens=new, ours_ttft_s=t_ttft, ours_total_s=t_all,
                  ours_decode_tok_s=B * (new - 1) / max(t_all - t_ttft, 1e-9), ours_tok_s=B * new / t_all,
-                 ours_fused_step=G._fused_decoder(lm, None, ids, None) is not None)
+                 **_decode_path(lm, B))
         if not args.no_model_step:  # the same, decoding through lm.step (the general path) instead of the fused step
             ours(new, False)()
             t_model = median_time(ours(new, False), repeats=args.repeats)

@@ -149,6 +149,9 @@ def main(argv=None) -> int:
     if not args.smoke and not args.no_write:
         env = environment()
         note = "" if up is not None else f"\n\nUpstream columns not measured: {why_not}."
+        paths = sorted({(r["ours_cuda_graph"], r["ours_fused_step"]) for r in raw})
+        note += "\n\nOur decode path in this run: " + "; ".join(
+            f"CUDA graph {'yes' if g else 'NO'}, fused step {'yes' if f else 'NO'}" for g, f in paths) + "."
         body = (f"{environment_line(env)}\n\n130m-shaped model (d_model 768, 24 layers, vocab 50277, random init), "
                 f"{str(dtype).replace('torch.', '')} weights, our state in {args.state_dtype}; prompt {prompt} "
                 f"tokens, {new} new tokens, greedy, no EOS. Ours: `StatefulMambaLM.generate` (chunked prefill, "

@@ -157,9 +157,8 @@ def unpack(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tens
 
 def build_state(spec: StateSpec, tensors: Sequence[torch.Tensor]) -> MambaInferenceState | MambaModelState:
     """Rebuild a state of ``spec`` from tensors in packing order (the containers validate them)."""
-    layers = {}
-    for k, layer in enumerate(spec.layers):
-        layers[layer.idx] = MambaInferenceState(tensors[2 * k], tensors[2 * k + 1])
+    layers = [MambaInferenceState(tensors[2 * k], tensors[2 * k + 1]) for k in range(len(spec.layers))]
     if spec.container == "layer":
-        return layers[spec.layers[0].idx]
-    return MambaModelState(layers, seqlen_offset=spec.seqlen_offset, metadata=spec.metadata)
+        return layers[0]
+    by_idx = {layer.idx: s for layer, s in zip(spec.layers, layers) if layer.idx is not None}
+    return MambaModelState(by_idx, seqlen_offset=spec.seqlen_offset, metadata=spec.metadata)

@@ -182,6 +182,7 @@ def check_chunks(lm, vocab: int, tokens: int, device: torch.device, gen: torch.G
         out, state = lm(ids[:, pos:pos + size], state)
         parts.append(out)
         pos += size
+    assert state is not None  # sizes is never empty
     d_logits = (torch.cat(parts, 1) - full).abs().max().item()
     d_state = _max_state_diff(state, s_full)
     scale = max(1.0, full.abs().max().item())

@@ -218,11 +218,11 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, reset=N
     # 3. the state entering each chunk, and which segment it belongs to
     prev_seg = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=x.device), last_seg[:, :-1]], dim=1)  # [b, K]
     chunk_decay = torch.exp(cs[..., -1]) * (last_seg == prev_seg).to(ct)[:, None]  # [b, h, K]
-    entering = []
+    entering_list = []
     for k in range(K):
-        entering.append(state)
+        entering_list.append(state)
         state = chunk_decay[:, :, k, None, None] * state + local[:, k]
-    entering = torch.stack(entering, dim=1)  # [b, K, h, p, n]
+    entering = torch.stack(entering_list, dim=1)  # [b, K, h, p, n]
     # 4. the entering state's contribution to every position of its segment
     from_start = torch.exp(cs) * (seg == prev_seg[..., None]).to(ct)[:, None]  # [b, h, K, T]
     y = y + torch.einsum("bkihn,bkhpn,bhki->bkihp", Ch, entering, from_start)

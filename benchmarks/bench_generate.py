@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--state-dtype", choices=list(DTYPES), default="fp32", help="dtype of our decoding state")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--write", action="store_true", help="with --smoke: still write the JSON and the doc section")
     p.add_argument("--no-model-step", action="store_true", help="skip timing ours through lm.step (fused_step=False)")
     args = p.parse_args(argv)
 
@@ -146,17 +147,18 @@ def main(argv=None) -> int:
                "tokens/s ours via lm.step", "greedy tokens equal (fraction)"]
     table = markdown_table(headers, rows)
     print(table)
-    if not args.smoke and not args.no_write:
+    if (not args.smoke or args.write) and not args.no_write:
         env = environment()
         note = "" if up is not None else f"\n\nUpstream columns not measured: {why_not}."
         paths = sorted({(r["ours_cuda_graph"], r["ours_fused_step"]) for r in raw})
         note += "\n\nOur decode path in this run: " + "; ".join(
             f"CUDA graph {'yes' if g else 'NO'}, fused step {'yes' if f else 'NO'}" for g, f in paths) + "."
-        body = (f"{environment_line(env)}\n\n130m-shaped model (d_model 768, 24 layers, vocab 50277, random init), "
+        shape = "tiny smoke model" if args.smoke else "130m-shaped model (d_model 768, 24 layers, vocab 50277)"
+        body = (f"{environment_line(env)}\n\n{shape}, random init, "
                 f"{str(dtype).replace('torch.', '')} weights, our state in {args.state_dtype}; prompt {prompt} "
                 f"tokens, {new} new tokens, greedy, no EOS. Ours: `StatefulMambaLM.generate` (chunked prefill, "
                 f"decode step replayed as a CUDA graph; the fused decode step of `mamba_state.fused_decode` where the "
-                f"model qualifies, which this one does; the column 'via lm.step' decodes through the general "
+                f"model qualifies; the column 'via lm.step' decodes through the general "
                 f"`StatefulMambaLM.step` instead, `fused_step=False`); upstream: `MambaLMHeadModel.generate(cg=True, top_k=1)` on "
                 f"the same weights. Both warmed up at each batch size first: CUDA-graph capture is not in the "
                 f"timings. tokens/s = batch x {new} / end-to-end time (TTFT included); decode-only = batch x "

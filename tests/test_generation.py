@@ -502,7 +502,8 @@ def test_branching_example_runs(capsys):
 
 # ---------------------------------------------------------------------------------------------- fused decode step
 # (its Triton kernels run in Triton's interpreter here: TRITON_INTERPRET=1 is set by conftest on CPU machines)
-@pytest.mark.parametrize("over", [dict(), dict(residual_in_fp32=False)])
+@pytest.mark.parametrize("over", [dict(), dict(residual_in_fp32=False),
+                                  dict(ssm_cfg={"d_state": 5, "d_conv": 3, "conv_bias": False}, d_model=24)])
 def test_fused_step_matches_model_step(over):
     from mamba_state.fused_decode import FusedDecoder, fused_unsupported_reason
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import nbformat
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -26,13 +27,18 @@ def run_one(path: Path, limit: float, write: Path | None) -> tuple[bool, float, 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nb-") as cwd:
-        client = NotebookClient(nb, timeout=int(limit), kernel_name="python3",
+        # IPC sockets in the temporary directory: the kernel is local, no TCP port needs to be opened
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(cwd) / "kernel"))
+        client = NotebookClient(nb, km=km, timeout=int(limit), kernel_name="python3",
                                 resources={"metadata": {"path": cwd}})
         try:
             client.execute()
             ok, why = True, ""
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
             ok, why = False, str(exc)[-4000:]
+        finally:  # a kernel manager passed in is not shut down by nbclient
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
     elapsed = time.perf_counter() - start
     if ok and elapsed > limit:
         ok, why = False, f"took {elapsed:.1f} s, expected at most {limit:.0f} s"

@@ -271,17 +271,17 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     splits = backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
     sub = chunk // 8
-    f32 = dict(device=u.device, dtype=torch.float32)
-    scratch = torch.empty(parts, dim, sub, dstate, **f32)
+    dev, f32 = u.device, torch.float32
+    scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dA_part = torch.empty(parts, dim, dstate, **f32)
-    dB = torch.zeros(batch, ngroups, dstate, L, **f32)
-    dC = torch.zeros(batch, ngroups, dstate, L, **f32)
-    dD_part = torch.empty(parts, dim, **f32)
-    dbias_part = torch.empty(parts, dim, **f32)
-    dinit = torch.empty(batch, dim, dstate, **f32)
+    dA_part = torch.empty(parts, dim, dstate, device=dev, dtype=f32)
+    dB = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
+    dC = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
+    dD_part = torch.empty(parts, dim, device=dev, dtype=f32)
+    dbias_part = torch.empty(parts, dim, device=dev, dtype=f32)
+    dinit = torch.empty(batch, dim, dstate, device=dev, dtype=f32)
     rst = _reset_bytes(reset)
     Dp = D.contiguous().float() if D is not None else _dummy(Af)
     zp = z if z is not None else _dummy(u)
@@ -293,7 +293,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     if chunked:
         # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
         # over chunk boundaries: hin[c] and dinit; (3) below: gradients per chunk
-        summ = torch.empty(batch, dim, nch, dstate, **f32)
+        summ = torch.empty(batch, dim, nch, dstate, device=dev, dtype=f32)
         prod = torch.empty_like(summ)
         hin = torch.empty_like(summ)
         # the local sweep keeps only h and the decay product live: twice the channels of the forward's block

@@ -4,10 +4,11 @@ How a call runs:
 
 1. **Prefill** (prompts of two or more tokens): ``input_ids`` go through the stateful chunked forward,
    ``prefill_chunk_size`` tokens at a time, never token by token; only the last position's logits are computed.
-2. **Decode**: every later token, and a prompt of exactly one token, goes through one decode step
-   (``lm.step``: the single-step Triton kernel on CUDA). On CUDA the step runs as a CUDA graph captured once per
-   (model, batch size, state layout, parameter dtype, device) and replayed with static buffers; ``cuda_graph=False``
-   turns that off. CPU runs the step eagerly.
+2. **Decode**: every later token, and a prompt of exactly one token, goes through one decode step: ``lm.step``,
+   or on CUDA for Mamba-1 models with RMSNorm and fused add-norm the lean in-place step of
+   :mod:`mamba_state.fused_decode` (``fused_step``); both use the single-step Triton kernel there. On CUDA the
+   step runs as a CUDA graph captured once per (model, batch size, state layout, parameter dtype, device, step
+   kind) and replayed with static buffers; ``cuda_graph=False`` turns that off. CPU runs ``lm.step`` eagerly.
 
 **Resume law.** ``out.sequences`` is ``input_ids`` followed by the new tokens and ``out.state`` has consumed every
 token of ``out.sequences`` except the last one. Because a one-token input takes the very same decode step as the

@@ -1,19 +1,19 @@
-"""A lean decode step for Mamba-1 language models: few kernels per layer, state updated in place.
+"""A lean decode step for Mamba-1 language models: six kernels per layer, state updated in place.
 
 ``StatefulMambaLM.step`` is written for clarity and for every model variant; on a GPU its cost per token is the
 launch latency of about 30 small kernels per layer. For the common pretrained layout (Mamba-1 mixers, RMSNorm,
-``fused_add_norm``, no MLP) this module runs the same math with two Triton kernels of its own plus the existing
-single-step kernel:
+``fused_add_norm``, no MLP) this module runs the same math with three Triton kernels of its own:
 
 * ``_add_rmsnorm_kernel``: residual add (float32) and RMSNorm in one pass, as upstream's fused add-norm;
 * ``_conv_step_kernel``: shift the conv window in place, insert the new input, depthwise dot + bias + SiLU;
-* :func:`mamba_state.kernels.selective_state_update`: the SSM step, in place.
+* ``_ssm_step_kernel``: the ``dt`` projection, softplus, one SSM step in place, ``D`` skip and SiLU(z) gate, reading
+  ``B``, ``C`` and ``z`` where they lie in the projection outputs (no copies).
 
-Per layer: add-norm, ``in_proj``, conv step, ``x_proj``, ``dt_proj``, the SSM step, ``out_proj`` (plus copies of
-the non-contiguous ``B``, ``C`` and ``z`` views); ``A = -exp(A_log)``, ``D`` and the ``dt`` bias in float32 are
-computed once per call (:meth:`FusedDecoder.constants`). Semantics are those of
-``StatefulMambaLM.step`` (float32 norms, conv and SSM arithmetic; the state keeps its dtype); results agree with it
-to float32 rounding, not bit for bit. Used by :mod:`mamba_state.generation` on CUDA (``fused_step``).
+Per layer: add-norm, ``in_proj``, conv step, ``x_proj``, SSM step, ``out_proj``. ``A = -exp(A_log)``, ``D`` and the
+``dt`` bias in float32 are computed once per call (:meth:`FusedDecoder.constants`). Semantics are those of
+``StatefulMambaLM.step`` (float32 norms, conv and SSM arithmetic, ``dt`` rounded to the activations' dtype after
+its projection as ``F.linear`` rounds it; the state keeps its dtype); results agree with it to rounding, not bit
+for bit. Used by :mod:`mamba_state.generation` on CUDA (``fused_step``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,50 @@ def _conv_step_kernel(x_ptr, sxb, state_ptr, w_ptr, b_ptr, out_ptr, C, K,
         acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
     out = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + b * C + c, out.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with its default threshold (20)
+    return tl.where(x > 20.0, x, tl.where(x < -20.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _ssm_step_kernel(state_ptr, x_ptr, xdb_ptr, sxdb, w_ptr, swd, swr, A_ptr, D_ptr, bias_ptr, z_ptr, sz, out_ptr,
+                     dim, dstate, R, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """Channels [pid*BD, (pid+1)*BD) of row b: dt = softplus(W_dt @ xdb[:R] + bias) (rounded to xdb's dtype before
+    the bias, where ``F.linear`` rounds it), then one SSM step in place and the gated output.
+
+    state [B, dim, dstate] contiguous; x, out [B, dim]; xdb [B, R + 2*dstate] (dt input, B, C) with row stride
+    ``sxdb``; W_dt [dim, R] with strides (swd, swr); A [dim, dstate], D and bias [dim] float32; z [B, dim] with
+    row stride ``sz``. Arithmetic in float32; the state keeps its dtype.
+    """
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, BN)
+    j = tl.arange(0, BR)
+    md = d < dim
+    mn = n < dstate
+    mdn = md[:, None] & mn[None, :]
+    row = xdb_ptr + b * sxdb
+    dtin = tl.load(row + j, mask=j < R, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + d[:, None] * swd + j[None, :] * swr, mask=md[:, None] & (j[None, :] < R),
+                other=0.0).to(tl.float32)
+    dt = tl.sum(w * dtin[None, :], 1).to(xdb_ptr.dtype.element_ty).to(tl.float32)
+    dt = _softplus(dt + tl.load(bias_ptr + d, mask=md, other=0.0))
+    Bv = tl.load(row + R + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(row + R + dstate + n, mask=mn, other=0.0).to(tl.float32)
+    st_off = (b * dim + d[:, None]) * dstate + n[None, :]
+    s = tl.load(state_ptr + st_off, mask=mdn, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * dim + d, mask=md, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mdn, other=0.0)
+    s = tl.exp(dt[:, None] * A) * s + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptr + st_off, s.to(state_ptr.dtype.element_ty), mask=mdn)
+    y = tl.sum(s * Cv[None, :], 1) + x * tl.load(D_ptr + d, mask=md, other=0.0)
+    zv = tl.load(z_ptr + b * sz + d, mask=md, other=0.0).to(tl.float32)
+    y = y * zv / (1.0 + tl.exp(-zv))
+    tl.store(out_ptr + b * dim + d, y.to(out_ptr.dtype.element_ty), mask=md)
 
 
 def _is_rmsnorm(norm: nn.Module) -> bool:
@@ -154,8 +198,6 @@ class FusedDecoder:
         return out, rout
 
     def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState, consts) -> torch.Tensor:
-        from mamba_state.kernels import selective_state_update
-
         batch = u.shape[0]
         xz = mixer.in_proj(u)  # [B, 2 * d_inner]
         d_inner, k = mixer.d_inner, mixer.d_conv
@@ -165,12 +207,17 @@ class FusedDecoder:
         _conv_step_kernel[(batch, triton.cdiv(d_inner, bc))](
             xz, xz.stride(0), st.conv_state, mixer.conv1d.weight, bias if bias is not None else xc, xc, d_inner, k,
             HAS_BIAS=bias is not None, BC=bc, BK=triton.next_power_of_2(k), num_warps=2)
-        x_db = mixer.x_proj(xc)
-        r, n = mixer.dt_rank, mixer.d_state
-        dt = torch.nn.functional.linear(x_db[:, :r], mixer.dt_proj.weight)
+        x_db = mixer.x_proj(xc)  # [B, dt_rank + 2 * d_state]: dt input, B, C
         A, D, dt_bias = consts
-        y = selective_state_update(st.ssm_state, xc, dt, A, x_db[:, r:r + n], x_db[:, r + n:], D,
-                                   z=xz[:, d_inner:], dt_bias=dt_bias, dt_softplus=True, backend=mixer.backend)
+        # dt projection + SSM step + gate in one kernel; B, C and z are read where they lie (no copies)
+        r, n = mixer.dt_rank, mixer.d_state
+        y = torch.empty_like(xc)
+        w, z = mixer.dt_proj.weight, xz[:, d_inner:]
+        bn = triton.next_power_of_2(n)
+        bd = min(max(1, 128 // bn), triton.next_power_of_2(d_inner))  # as the single-step kernel's H100 tuning
+        _ssm_step_kernel[(triton.cdiv(d_inner, bd), batch)](
+            st.ssm_state, xc, x_db, x_db.stride(0), w, w.stride(0), w.stride(1), A, D, dt_bias, z, z.stride(0), y,
+            d_inner, n, r, BD=bd, BN=bn, BR=triton.next_power_of_2(r), num_warps=max(1, min(8, bd * bn // 512)))
         return mixer.out_proj(y)
 
     def step(self, ids: torch.Tensor, state: MambaModelState, consts=None) -> torch.Tensor:

@@ -4,7 +4,11 @@
 * :class:`~mamba_state.rl.policies.MambaPolicy`, :class:`~mamba_state.rl.policies.GRUPolicy`: recurrent
   actor-critics with per-environment state resets;
 * :class:`~mamba_state.rl.ppo.PPOTrainer`: recurrent PPO with GAE, exact checkpoints;
-* ``mamba-state rl`` (:mod:`mamba_state.rl.cli`): one run, or ``--scale`` across horizons.
+* :class:`~mamba_state.rl.ddp.DistributedPPOTrainer`: data-parallel PPO (DistributedDataParallel) over ranks
+  that each run a slice of the environments; :mod:`mamba_state.rl.shard` keeps checkpoints independent of
+  the number of processes;
+* ``mamba-state rl`` (:mod:`mamba_state.rl.cli`): one run, or ``--scale`` across horizons; data-parallel under
+  ``torchrun --nproc_per_node=W -m mamba_state.cli rl ...``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from .envs import DelayedRecall
 from .policies import GRUPolicy, MambaPolicy, RecurrentPolicy, make_policy
 from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate
+from .ddp import DistributedPPOTrainer
 
 __all__ = ["DelayedRecall", "MambaPolicy", "GRUPolicy", "RecurrentPolicy", "make_policy", "PPOConfig",
-           "PPOTrainer", "Rollout", "compute_gae", "evaluate"]
+           "PPOTrainer", "Rollout", "compute_gae", "evaluate", "DistributedPPOTrainer"]

@@ -94,12 +94,18 @@ def distributed(device: str | None = "auto") -> Iterator[DistContext]:
     """Yield the :class:`DistContext` of this process, joining torchrun's process group if there is one."""
     if dist.is_available() and dist.is_initialized():  # the caller's group: use it, leave it
         world, rank = dist.get_world_size(), dist.get_rank()
+        if world <= 1:
+            yield DistContext()
+            return
         local = _env_int("LOCAL_RANK", rank)
-        backend = dist.get_backend()
-        dev = _device_for(device, local) if world > 1 else None
-        if world > 1 and dev.type == "cuda":
+        backend = str(dist.get_backend())
+        dev = _device_for(device, local)
+        if backend == "nccl" and dev.type != "cuda":
+            raise StateError(f"device: the process group uses NCCL, which needs CUDA tensors; expected a cuda "
+                             f"device, found {device!r}")
+        if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        yield DistContext(rank, world, local, dev or torch.device("cpu"), backend)
+        yield DistContext(rank, world, local, dev, backend)
         return
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
@@ -152,13 +158,14 @@ def reduce_update_stats(stats: dict[str, float], losses: dict[str, float], ctx: 
     maxes = torch.tensor([float(stats[k]) for k in _MAXES], dtype=torch.float64, device=dev)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    sums, maxes = sums.tolist(), maxes.tolist()
+    total: list[float] = sums.tolist()
+    slowest: list[float] = maxes.tolist()
     out = {**stats}
     for i, k in enumerate(_SUMS):
-        out[k] = int(round(sums[i])) if k != "return_sum" else sums[i]
+        out[k] = int(round(total[i])) if k != "return_sum" else total[i]
     for i, k in enumerate(_MAXES):
-        out[k] = maxes[i]
-    red_losses = {k: sums[len(_SUMS) + i] / ctx.world_size for i, k in enumerate(loss_keys)}
+        out[k] = slowest[i]
+    red_losses = {k: total[len(_SUMS) + i] / ctx.world_size for i, k in enumerate(loss_keys)}
     return out, red_losses
 
 
@@ -180,7 +187,7 @@ class DistributedPPOTrainer(PPOTrainer):
     Rollout collection is local (no communication); each training minibatch step is one DDP forward/backward.
     The DDP constructor copies rank 0's parameters to every rank. All ranks take ``min(num_minibatches,
     smallest rank's environment count)`` minibatches per epoch. With an uneven split the loss of rank ``r`` is
-    multiplied by ``n_r * W / N`` so each environment weighs the same in the averaged gradient.
+    multiplied by ``n_r * W / N``, so each rank's gradient counts in proportion to its share of the environments.
     """
 
     def __init__(self, policy: RecurrentPolicy, env: DelayedRecall, config: PPOConfig, ctx: DistContext,
@@ -225,8 +232,8 @@ def gather_trainer_state(trainer: PPOTrainer, ctx: DistContext) -> tuple[dict[st
     sd = trainer.state_dict()
     if not ctx.enabled:
         return sd, {"world_size": 1, "counts": [trainer.env.num_envs], "ranks": [rank_rngs(sd)]}
-    parts = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(local_part(sd, ctx.rank), parts, dst=0)
+    parts: list[Any] = [None] * ctx.world_size
+    dist.gather_object(local_part(sd, ctx.rank), parts if ctx.is_main else None, dst=0)
     if not ctx.is_main:
         return None
     world = {"world_size": ctx.world_size, "counts": [p["env"]["config"]["num_envs"] for p in parts],

@@ -223,6 +223,7 @@ class PPOTrainer:
         """Replay rows ``index`` of a rollout: returns ``(logits [n, T, A], values [n, T], log-probs [n, T])``."""
         obs, resets = ro.obs[index], ro.resets[index]
         if ro.prefix_obs is not None:
+            assert ro.prefix_resets is not None  # set together with prefix_obs
             p = ro.prefix_obs.shape[1]
             obs = torch.cat([ro.prefix_obs[index], obs], dim=1)
             resets = torch.cat([ro.prefix_resets[index], resets], dim=1)
@@ -253,6 +254,7 @@ class PPOTrainer:
         cfg = self.config
         n = ro.obs.shape[0]
         mb_count = self._minibatch_count(n)
+        assert ro.advantages is not None and ro.returns is not None, "compute_gae fills them in collect()"
         loss_scale = float(getattr(self, "loss_scale", 1.0))
         sums: dict[str, float] = collections.defaultdict(float)
         steps = 0

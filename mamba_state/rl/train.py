@@ -10,9 +10,9 @@ progress and writes files. Every rank returns the same summary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -163,13 +163,12 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     sps: list[float] = []
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
-    with (metrics_path.open("a") if main else contextlib.nullcontext()) as mf:
+    with (metrics_path.open("a") if main else open(os.devnull, "w")) as mf:  # only rank 0 writes the file
         while trainer.updates < total:
             last = trainer.train_update()  # metrics already reduced over the ranks
             sps.append(last["steps_per_s"])
-            if main:
-                mf.write(json.dumps(_json_safe(last)) + "\n")
-                mf.flush()
+            mf.write(json.dumps(_json_safe(last)) + "\n")
+            mf.flush()
             post = {"success": _fmt(last["window_success_rate"], ".3f"),
                     "return": _fmt(last["window_mean_return"], ".3f"), "steps/s": _fmt(last["steps_per_s"], ".0f")}
             if bar is not None:
@@ -180,7 +179,7 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
             if o["checkpoint_every"] and (trainer.updates % int(o["checkpoint_every"]) == 0
                                           or trainer.updates == total):
                 gathered = gather_trainer_state(trainer, ctx)  # a collective: every rank takes part
-                if main:
+                if gathered is not None:  # rank 0
                     save_checkpoint(ckpt_path, gathered[0], run_id, world=gathered[1])
     if bar is not None:
         bar.close()

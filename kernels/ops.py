@@ -128,10 +128,11 @@ _MAX_WAVES = 4  # cap on the gradient pass's grid: bounds the scratch by the GPU
 
 @functools.lru_cache(maxsize=256)
 def _chunk_plan(programs: int, nchunks: int, resident: int) -> tuple[int, int]:
-    """(splits, cost) minimising ceil(programs * splits / resident) * ceil(nchunks / splits); fewest splits on
-    ties (less scratch)."""
+    """(splits, cost) minimising ceil(programs * splits / resident) * ceil(nchunks / splits); on ties, splits
+    that divide the chunks evenly (no program idles in the last round), then the fewest (less scratch)."""
     top = max(1, min(nchunks, _cdiv(_MAX_WAVES * resident, max(1, programs))))
-    best = min(range(1, top + 1), key=lambda g: (_cdiv(programs * g, resident) * _cdiv(nchunks, g), g))
+    best = min(range(1, top + 1),
+               key=lambda g: (_cdiv(programs * g, resident) * _cdiv(nchunks, g), nchunks % g != 0, g))
     return best, _cdiv(programs * best, resident) * _cdiv(nchunks, best)
 
 

@@ -161,7 +161,7 @@ def test_scan_states_at_gradients_reference_float64():
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-9, atol=1e-10, msg=k)
 
 
-@pytest.mark.parametrize("groups, pos", [(0, [0, 3, 5, 11]), (2, [4, 4, 7])])
+@pytest.mark.parametrize("groups, pos", [(0, [0, 3, 5, 11]), (2, [4, 4, 5, 7])])  # [4, 5): a 1-token segment
 def test_scan_states_at_triton_interpreter_values_and_gradients(groups, pos):
     """The Triton kernels (interpreted on CPU) cut into segments: values and gradients vs the float64 oracle."""
     b, d, n, L = 1, 4, 4, 11

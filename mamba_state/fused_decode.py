@@ -133,7 +133,7 @@ def fused_unsupported_reason(lm: Any, state: MambaModelState) -> str | None:
             return f"layer {layer.mixer.layer_idx} is not a Mamba-1 mixer"
         if layer.mlp is not None or not _is_rmsnorm(layer.norm):
             return f"layer {layer.mixer.layer_idx} has an MLP or a non-RMSNorm norm"
-        if layer.mixer.dt_proj.bias is None:
+        if getattr(layer.mixer.dt_proj, "bias", None) is None:
             return f"layer {layer.mixer.layer_idx} has no dt_proj bias"
     if next(lm.parameters()).dtype == torch.float64:
         return "float64 models take the exact eager step"

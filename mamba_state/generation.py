@@ -48,7 +48,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import torch
 
@@ -153,6 +153,7 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, t
     for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
         if any(i >= vocab for i in ids):
             raise StateError(f"{name}: expected ids below the vocabulary size {vocab}, found {ids}")
+    seeds: int | list[int] | None
     if seed is None:
         seeds = None
     elif _is_int(seed):
@@ -216,11 +217,12 @@ def _process(logits: torch.Tensor, cfg: _Sampling, seen: torch.Tensor | None) ->
     return x
 
 
-def _exp_noise(shape: tuple[int, int], device: torch.device, seeds: Any, position: int,
+def _exp_noise(shape: tuple[int, ...], device: torch.device, seeds: Any, position: int,
                gen: torch.Generator | None) -> torch.Tensor:
     """``Exp(1)`` noise ``[B, vocab]``, keyed by (seed, position) when seeded."""
     if seeds is None:
         return torch.empty(shape, device=device, dtype=torch.float32).exponential_()
+    assert gen is not None  # seeded draws always come with a generator
     if isinstance(seeds, int):
         gen.manual_seed(step_seed(seeds, position))
         return torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=gen)
@@ -300,6 +302,7 @@ class _GraphStep:
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(tokens)
         self._replay()
+        assert self.logits is not None  # set by the capture
         return self.logits
 
     def snapshot(self, seqlen_offset: int, metadata: dict) -> MambaModelState:
@@ -480,13 +483,18 @@ class TokenStream:
         if self._mode == "model":
             logits, self._state = self._lm.step(tokens, self._state)
             return logits, self._state.seqlen_offset
-        logits = self._graph.run(tokens) if self._mode == "graph" else self._fused.step(tokens, self._buffers)
+        if self._mode == "graph":
+            assert self._graph is not None
+            logits = self._graph.run(tokens)
+        else:
+            logits = self._fused.step(tokens, self._buffers)
         self._offset += 1
         return logits, self._offset
 
 
 def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sampling, eos: list[int],
-         pad: int | None, seeds: Any, chunk: int, context_ids: torch.Tensor | None) -> Iterator[torch.Tensor]:
+         pad: int | None, seeds: Any, chunk: int,
+         context_ids: torch.Tensor | None) -> Generator[torch.Tensor, None, None]:
     lm = ts._lm
     batch, seqlen = input_ids.shape
     device = input_ids.device
@@ -516,7 +524,7 @@ def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sa
         x = _process(logits, cfg, None if seen is None else seen[:, :cfg.vocab])
         tok = _choose(x, cfg, seeds, position, gen)
         if eos_t is not None:
-            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            tok = torch.where(finished, torch.full_like(tok, pad if pad is not None else 0), tok)  # pad is set
             finished |= torch.isin(tok, eos_t)
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
@@ -538,7 +546,7 @@ def _fused_decoder(lm: Any, state: MambaModelState | None, input_ids: torch.Tens
     try:
         from .fused_decode import FusedDecoder, fused_unsupported_reason
     except ImportError as exc:  # no triton
-        why = f"its kernels cannot be imported ({exc})"
+        why: str | None = f"its kernels cannot be imported ({exc})"
     else:
         probe = state if state is not None else lm.new_state(1, device=input_ids.device)
         why = fused_unsupported_reason(lm, probe)

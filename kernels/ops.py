@@ -16,11 +16,12 @@ Ops (all take B/C as [batch, ngroups, dstate, seqlen]; the public wrapper adds t
 What backward keeps: the inputs (no copies), the ``checkpoints`` (one fp32 state per chunk of ``chunk`` steps),
 the pre-gate output ``ypre`` when z is given,
 and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per (batch, channel) and program
-row (one row per batch row; ``backward_splits`` rows in the chunk-parallel backward, which also holds two
-[batch, dim, nchunks, dstate] fp32 buffers while it runs: the chunks' local adjoints and decay products).
+row (one row per batch row; ``backward_splits`` rows in the chunk-parallel backward, which also holds three
+[batch, dim, nchunks, dstate] fp32 buffers while it runs: local adjoints, decay products, incoming adjoints).
 
 The backward has two schedules (``backward_mode``, ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto``): ``seq``, one program
-per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-parallel for small grids.
+per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-parallel (small grids, or a
+part-empty last wave).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ processed, so the state *at* ``p`` is the one before that reset (what a caller s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -27,18 +28,19 @@ __all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at
 def check_positions(positions: Any, seqlen: int) -> list[int]:
     """``positions`` as a list of ints; raises ``StateError`` unless they are non-decreasing ints in [0, seqlen].
 
-    Accepts a sequence of ints, a ``range`` or a 1-D integer tensor.
+    Accepts any iterable of ints (a list, a ``range``, a numpy array) or a 1-D integer tensor.
     """
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
             raise StateError(f"return_states_at: expected a 1-D integer tensor or a list of ints, found "
                              f"{positions.dtype} {list(positions.shape)}")
         out = [int(p) for p in positions.tolist()]
-    elif isinstance(positions, (list, tuple, range)):
-        if any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
-            bad = next(p for p in positions if isinstance(p, bool) or not isinstance(p, int))
-            raise StateError(f"return_states_at: expected ints, found {type(bad).__name__} {bad!r}")
-        out = [int(p) for p in positions]
+    elif isinstance(positions, Iterable) and not isinstance(positions, (str, bytes)):
+        items = list(positions)  # lists, tuples, ranges, numpy arrays, generators
+        bad = [p for p in items if isinstance(p, bool) or not isinstance(p, numbers.Integral)]
+        if bad:
+            raise StateError(f"return_states_at: expected ints, found {type(bad[0]).__name__} {bad[0]!r}")
+        out = [int(p) for p in items]
     else:
         raise StateError(f"return_states_at: expected a list of ints or a 1-D integer tensor, found "
                          f"{type(positions).__name__}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -61,6 +62,7 @@ def test_check_positions_accepts_lists_ranges_tensors_and_rejects_the_rest():
     assert check_positions([0, 2, 2, 5], 5) == [0, 2, 2, 5]
     assert check_positions(range(0, 6, 2), 5) == [0, 2, 4]
     assert check_positions(torch.tensor([1, 3]), 5) == [1, 3]
+    assert check_positions(np.array([0, 5]), 5) == [0, 5]
     for bad, what in (([3, 1], "non-decreasing"), ([0, 6], r"\[0, 5\]"), ([-1], r"\[0, 5\]"), ([1.0], "ints"),
                       ([True], "ints"), (torch.tensor([0.5]), "integer"), ("12", "list of ints")):
         with pytest.raises(StateError, match=what):

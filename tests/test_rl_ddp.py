@@ -15,6 +15,7 @@ and reduced metrics equal to the one-process computation on the same data.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ import traceback
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mamba_state.rl.checkpoint import load_checkpoint
 from mamba_state.rl.ddp import rank_seed
@@ -302,29 +305,72 @@ def test_rank_seed():
     assert len(seeds) == 6 and 7 not in seeds and all(0 <= s < 2 ** 63 for s in seeds)
 
 
-@pytest.mark.parametrize("bptt", ["rollout", "episode"])
-def test_split_then_merge_is_identity(bptt, one_torch_thread):
+@functools.lru_cache(maxsize=None)
+def _trained_state(bptt: str, num_envs: int) -> dict:
+    """A one-process trainer state after two updates (GRU, CPU), built once per (bptt, num_envs)."""
     from mamba_state.rl.train import build
 
-    _, _, trainer = build({**GRU_OPTS, "bptt": bptt, "num_envs": 7})
-    trainer.train_update()
-    trainer.train_update()
-    sd = trainer.state_dict()
-    counts = [3, 2, 2]
-    parts = [split_state(sd, counts, r) for r in range(3)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, _, trainer = build({**GRU_OPTS, "bptt": bptt, "num_envs": num_envs})
+        trainer.train_update()
+        trainer.train_update()
+        return trainer.state_dict()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
+@given(bptt=st.sampled_from(["rollout", "episode"]), world=st.integers(1, 7))
+def test_split_then_merge_is_identity(bptt, world):
+    sd = _trained_state(bptt, 7)
+    counts = split_counts(7, world)
+    parts = [split_state(sd, counts, r) for r in range(world)]
     assert [p["obs"].shape[0] for p in parts] == counts
     assert [p["env"]["config"]["num_envs"] for p in parts] == counts
+    assert all(t.shape[0] == n for p, n in zip(parts, counts) for t in p["state"])
     if bptt == "episode":
-        assert sd["history_obs"] and parts[1]["history_obs"][0].shape[0] == 2
-    merged = merge_states(parts)
+        assert sd["history_obs"] and all(p["history_obs"][0].shape[0] == n for p, n in zip(parts, counts))
+    # rows land on the rank that owns them, in order
+    assert torch.equal(torch.cat([p["obs"] for p in parts]), sd["obs"])
+    assert _same(merge_states(parts), sd)
 
-    def same(x, y):
-        if isinstance(x, torch.Tensor):
-            return torch.equal(x, y)
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        if isinstance(x, (list, tuple)):
-            return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
-        return x == y
 
-    assert same(merged, sd)
+def test_split_rejects_a_wrong_partition():
+    from mamba_state.errors import StateCompatibilityError
+
+    with pytest.raises(StateCompatibilityError, match="partition of the checkpoint's 7 environments"):
+        split_state(_trained_state("rollout", 7), [3, 3], 0)
+
+
+@pytest.mark.slow
+def test_torchrun_entry(tmp_path):
+    """The documented command itself: torchrun with two CPU processes, then a one-process resume."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "mamba_state.cli", *RUN, "--total-updates", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stdout
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["world"]["world_size"] == 2 and payload["trainer"]["updates"] == 2
+    one = subprocess.run([sys.executable, "-m", "mamba_state", *RUN, "--total-updates", "3", "--out", str(out),
+                          "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["updates"] == 3

@@ -284,6 +284,7 @@ BWD_CASES = [
     (2, 6, 40, 1, 3, 8, (8, 16, 24, 32), False, True, torch.float32),
     (1, 4, 23, 5, 1, 8, (7, 9), True, True, torch.bfloat16),
     (2, 4, 61, 3, 0, 16, (), True, True, torch.float16),
+    (1, 20, 19, 4, 0, 8, (0, 8), True, True, torch.float32),  # 20 channels in one masked block of 32
 ]
 
 

@@ -17,7 +17,8 @@ from mamba_state.backend import requested_backend, resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.reference import selective_scan_chunked, selective_state_update_ref
 from mamba_state.scan_inputs import check_scan_inputs, compute_dtype
-from mamba_state.scan_positions import check_positions, run_segments
+from mamba_state.scan_positions import check_positions, run_segments, use_dense_states
+from mamba_state.scan_states import selective_scan_all_states
 
 from .ops import ScanFn, default_chunk, scan_forward
 
@@ -58,7 +59,9 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             also return the state after ``p`` tokens for each ``p`` (0: the initial state; seqlen: the final
             state; the state at ``p`` is taken before a reset at token ``p`` is applied). The sequence is scanned
             in segments cut at these positions, each continuing from the previous one's final state: every
-            token is processed once (no replay) and gradients flow through the returned states.
+            token is processed once (no replay) and gradients flow through the returned states. Many dense
+            positions (see :func:`mamba_state.scan_positions.use_dense_states`) take one PyTorch pass that keeps
+            every state instead (:func:`mamba_state.scan_states.selective_scan_all_states`).
 
     Returns:
         out [batch, dim, seqlen] in u.dtype, or (out, last_state [batch, dim, dstate] float32) when
@@ -103,6 +106,11 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     init = (initial_state if initial_state is not None
             else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
+
+    if use_dense_states(positions, shape.seqlen):  # many positions: one pass keeping every state
+        out, every = selective_scan_all_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init, reset)
+        states = every[positions]
+        return (out, every[-1], states) if return_last_state else (out, states)
 
     def part(t, a, b):  # time slice of a time-varying input; constant B/C, D, bias and None pass through
         return t[..., a:b] if t is not None and t.dim() >= 3 else t

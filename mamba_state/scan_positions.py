@@ -22,7 +22,12 @@ import torch
 
 from .errors import StateError, StateShapeError
 
-__all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at"]
+__all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at", "use_dense_states"]
+
+DENSE_MIN_SEGMENTS = 32
+"""Positions cutting the sequence into more segments than this, and dense (at least one position per 8 tokens),
+use :func:`mamba_state.scan_states.selective_scan_all_states` (about 3 * sqrt(seqlen) vectorised steps) instead
+of one scan call per segment."""
 
 
 def check_positions(positions: Any, seqlen: int) -> list[int]:
@@ -58,6 +63,11 @@ def segment_bounds(positions: Sequence[int], seqlen: int) -> list[tuple[int, int
     cuts = sorted({p for p in positions if 0 < p < seqlen})
     edges = [0, *cuts, seqlen]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def use_dense_states(positions: Sequence[int], seqlen: int) -> bool:
+    """Whether states at ``positions`` are cheaper from one scan that keeps every state than per segment."""
+    return len(segment_bounds(positions, seqlen)) > DENSE_MIN_SEGMENTS and 8 * len(set(positions)) >= seqlen
 
 
 def run_segments(run: Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], seqlen: int,

@@ -15,6 +15,7 @@ from mamba_state.errors import StateError, StateShapeError
 from mamba_state.kernels import selective_scan_fn
 from mamba_state.reference import selective_scan_ref
 from mamba_state.scan_positions import check_positions, conv_windows_at
+from mamba_state.scan_states import selective_scan_all_states
 from mamba_state.trace import LayerTrace, ModelTrace, trace_layer, trace_model
 
 F64 = torch.float64
@@ -106,6 +107,50 @@ def test_scan_states_at_equal_stopping_there_reference(data):
     for i, p in enumerate(pos):
         torch.testing.assert_close(states[i], _state_after(inp, p, zero if h0 is None else h0, reset),
                                    rtol=1e-10, atol=1e-11)
+
+
+@given(data=st.data())
+def test_all_states_scan_equals_the_sequential_reference(data):
+    """The dense path (every state kept) against the sequential oracle, chunk sizes and padding included."""
+    L = data.draw(st.integers(1, 40), label="L")
+    b, groups = data.draw(st.sampled_from([(1, 0), (2, 0), (2, 2)]), label="b, groups")
+    chunk = data.draw(st.sampled_from([None, 1, 3, 8, 64]), label="chunk")
+    seed = data.draw(st.integers(0, 10 ** 6), label="seed")
+    inp = _scan_inputs(seed, b, 4, 3, L, groups)
+    g = _gen(seed + 1)
+    h0 = torch.randn(b, 4, 3, generator=g, dtype=F64) if data.draw(st.booleans(), label="h0") else None
+    reset = (torch.rand(b, L, generator=g) < 0.2) if data.draw(st.booleans(), label="reset") else None
+    out, every = selective_scan_all_states(**inp, delta_softplus=True, initial_state=h0, reset=reset,
+                                           chunk_size=chunk)
+    ref_out = selective_scan_ref(**inp, delta_softplus=True, initial_state=h0, reset=reset)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-11)
+    assert every.shape == (L + 1, b, 4, 3)
+    zero = torch.zeros(b, 4, 3, dtype=F64)
+    for p in sorted({0, 1, L // 2, L - 1, L}):
+        torch.testing.assert_close(every[p], _state_after(inp, p, zero if h0 is None else h0, reset),
+                                   rtol=1e-10, atol=1e-11)
+
+
+def test_dense_positions_take_one_pass_with_the_same_values_and_gradients(monkeypatch):
+    """Many positions use selective_scan_all_states; forcing segments instead gives the same values and
+    gradients (float64, reference backend)."""
+    import mamba_state.scan_positions as sp
+
+    b, d, n, L = 2, 3, 2, 50
+    pos = list(range(L + 1))
+    inp = _scan_inputs(31, b, d, n, L, groups=0)
+    h0 = torch.randn(b, d, n, generator=_gen(32), dtype=F64)
+    reset = torch.rand(b, L, generator=_gen(33)) < 0.1
+    w = _weights(34, b, d, n, L, len(pos))
+    assert sp.use_dense_states(pos, L) and not sp.use_dense_states(pos[::10], L)
+    dense = _grads(inp, h0, reset, pos, w, "reference", F64)
+    monkeypatch.setattr(sp, "DENSE_MIN_SEGMENTS", 10 ** 9)
+    assert not sp.use_dense_states(pos, L)
+    segmented = _grads(inp, h0, reset, pos, w, "reference", F64)
+    torch.testing.assert_close(dense[0], segmented[0], rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(dense[1], segmented[1], rtol=1e-10, atol=1e-11)
+    for k in dense[2]:
+        torch.testing.assert_close(dense[2][k], segmented[2][k], rtol=1e-9, atol=1e-10, msg=k)
 
 
 def test_scan_states_at_return_convention():
@@ -232,10 +277,10 @@ def test_layer_states_at_equal_stopping_there(kind, data):
 
 
 # ---------------------------------------------------------------------------------------------- trace_layer
-@pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_full_trace_equals_stepping_token_by_token(kind):
+@pytest.mark.parametrize("kind, L", [("mamba1", 9), ("mamba1", 40), ("mamba2", 9), ("mamba2", 40)])
+def test_full_trace_equals_stepping_token_by_token(kind, L):
+    """L = 40: more than 32 segments, so Mamba-1 takes the dense one-pass path."""
     layer = LAYERS[kind](5)
-    L = 9
     x = torch.randn(2, L, layer.d_model, generator=_gen(6), dtype=F64)
     s = _random_state(layer, 2, 7)
     tr = trace_layer(layer, x, s)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..backend import requested_backend, resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref, selective_scan_chunked
-from ..scan_positions import check_positions, conv_windows_at, run_segments
+from ..scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
+from ..scan_states import selective_scan_all_states
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state
 
@@ -284,6 +285,10 @@ class StatefulMamba(nn.Module):
     def _scan_segments(self, args, kwargs, initial_state, reset, positions):
         """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
         L = args[0].shape[-1]
+        if use_dense_states(positions, L):  # many positions (full traces): one pass keeping every state
+            h0 = initial_state.to(_compute_dtype(args[0]))
+            y, every = selective_scan_all_states(*args, **kwargs, initial_state=h0, reset=reset)
+            return y, every[-1], every[positions]
 
         def part(t, a, b):
             return t[..., a:b] if t is not None and t.dim() == 3 else t

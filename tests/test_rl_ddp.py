@@ -5,8 +5,8 @@ One group of two spawned processes (once per module) sets torchrun's environment
 1. builds a :class:`DistributedPPOTrainer` for one update, recording each rank's local rollout statistics and
    the metrics it returned, and all-reduces random per-environment statistics with ``reduce_update_stats``;
 2. calls ``mamba_state.cli.main([...])`` (what torchrun runs) for an uninterrupted 4-update run, a 2-update run
-   and its resume to 4 updates, and a resume of a one-process checkpoint; each with 5 environments (3 + 2, an
-   uneven split), a tiny Mamba policy on the reference backend, and its own port.
+   and its resume to 4 updates, a resume of a one-process checkpoint (each with 5 environments, 3 + 2: an uneven
+   split, and a tiny Mamba policy on the reference backend) and a one-run ``--scale`` sweep; each on its own port.
 
 The tests then check the outcome: identical parameters on both ranks, rank 0's checkpoint, bit-exact resume with
 the same number of processes, resume with one process (here, in the test process) and with two from one,
@@ -151,7 +151,9 @@ def group(tmp_path_factory):
     runs = [("full", [*RUN, "--total-updates", "4", "--out", str(root / "full")]),
             ("part", [*RUN, "--total-updates", "2", "--out", str(root / "part")]),
             ("resumed", [*RUN, "--total-updates", "4", "--out", str(root / "part"), "--resume"]),
-            ("from_single", [*RUN, "--total-updates", "3", "--out", str(root / "single"), "--resume"])]
+            ("from_single", [*RUN, "--total-updates", "3", "--out", str(root / "single"), "--resume"]),
+            ("scale", [*RUN, "--scale", "--horizons", "2", "--seeds", "0", "--controllers", "gru", "--gru-hidden", "8",
+                       "--total-updates", "1", "--out", str(root / "scale")])]
     ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         ports = _free_ports(1 + len(runs))
@@ -249,6 +251,13 @@ def test_resume_one_process_checkpoint_with_two(group):
     assert all(torch.equal(a[k], b[k]) for k in a)
     payload = load_checkpoint(group["root"] / "single" / "checkpoint.pt")
     assert payload["trainer"]["updates"] == 3 and payload["world"]["counts"] == [3, 2]
+
+
+def test_scale_sweep_under_two_processes(group):
+    _ok(group, "scale")
+    results = json.loads((group["root"] / "scale" / "scale_results.json").read_text())
+    assert [(r["controller"], r["horizon"], r["world_size"]) for r in results["runs"]] == [("gru", 2, 2)]
+    assert (group["root"] / "scale" / "gru_h2_s0" / "checkpoint.pt").exists()
 
 
 def test_reduced_metrics_equal_one_process_computation(group):

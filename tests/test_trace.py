@@ -235,9 +235,10 @@ def _mamba1(seed=0):
     return layer
 
 
-def _mamba2(seed=0):
+def _mamba2(seed=0, **cfg):
     torch.manual_seed(seed)
-    layer = StatefulMamba2.from_config(16, d_state=4, headdim=4, ngroups=2, layer_idx=0, dtype=F64)
+    cfg = cfg or dict(d_state=4, headdim=4, ngroups=2)
+    layer = StatefulMamba2.from_config(16, layer_idx=0, dtype=F64, **cfg)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=_gen(seed + 2), dtype=F64))
@@ -251,7 +252,13 @@ def _random_state(layer, b, seed):
                                0.5 * torch.randn(z.ssm_state.shape, generator=g, dtype=F64))
 
 
-LAYERS = {"mamba1": _mamba1, "mamba2": _mamba2}
+def _mamba2_gated(seed=0):
+    """No norm (y gated by silu(z) in the scan), D per channel, a gated-MLP part, a dt limit, d_conv 3."""
+    return _mamba2(seed, d_state=4, headdim=8, d_ssm=16, rmsnorm=False, D_has_hdim=True, d_conv=3,
+                   dt_limit=(0.01, 0.3))
+
+
+LAYERS = {"mamba1": _mamba1, "mamba2": _mamba2, "mamba2_gated": _mamba2_gated}
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
@@ -277,9 +284,10 @@ def test_layer_states_at_equal_stopping_there(kind, data):
 
 
 # ---------------------------------------------------------------------------------------------- trace_layer
-@pytest.mark.parametrize("kind, L", [("mamba1", 9), ("mamba1", 40), ("mamba2", 9), ("mamba2", 40)])
+@pytest.mark.parametrize("kind, L", [("mamba1", 9), ("mamba1", 40), ("mamba2", 9), ("mamba2", 40),
+                                     ("mamba2_gated", 40)])
 def test_full_trace_equals_stepping_token_by_token(kind, L):
-    """L = 40: more than 32 segments, so Mamba-1 takes the dense one-pass path."""
+    """L = 9 runs segments; L = 40 (more than 32 segments) takes the dense one-pass path."""
     layer = LAYERS[kind](5)
     x = torch.randn(2, L, layer.d_model, generator=_gen(6), dtype=F64)
     s = _random_state(layer, 2, 7)

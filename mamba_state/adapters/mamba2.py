@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ..backend import resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..reference import causal_conv1d_ref
-from ..scan_positions import check_positions, conv_windows_at, run_segments
+from ..scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
+from ..scan_states import selective_scan_all_states
 from ..ssd import ssd_scan_chunked
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state
@@ -395,6 +396,9 @@ class StatefulMamba2(nn.Module):
 
         if positions is None:
             y, ssm_state = scan(0, L, state.ssm_state)
+        elif use_dense_states(positions, L):  # many positions (full traces): one pass keeping every state
+            y, every = self._scan_all_states(xs, dt, B, C, zh, state.ssm_state, reset)
+            ssm_state, ssm_at = every[-1], every[positions]
         else:
             y, ssm_state, ssm_at = run_segments(scan, L, positions, state.ssm_state, time_dim=1)
         y = y.reshape(bsz, L, self.d_ssm)
@@ -405,6 +409,28 @@ class StatefulMamba2(nn.Module):
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
         return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
+
+    def _scan_all_states(self, xs, dt, B, C, zh, h0, reset):
+        """The SSD recurrence as a Mamba-1 scan over ``nheads * headdim`` channels, keeping every state.
+
+        ``(y [B, L, nheads, headdim], states [L + 1, B, nheads, headdim, d_state])``: each head's scalar decay and
+        step are repeated over its channels, each channel reads its head's group of B and C.
+        """
+        bsz, L, h, p = xs.shape
+        d, n = h * p, self.d_state
+        ct = torch.float64 if torch.float64 in (xs.dtype, dt.dtype, h0.dtype) else torch.float32
+        dtc = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
+        if self.dt_limit != _NO_LIMIT:
+            dtc = dtc.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        u = xs.reshape(bsz, L, d).transpose(1, 2)
+        delta = dtc.repeat_interleave(p, dim=2).transpose(1, 2)  # [B, d, L]
+        A = self._A().to(ct).repeat_interleave(p)[:, None].expand(d, n)
+        D = self._D().to(ct)
+        D = D.reshape(d) if D.dim() == 2 else D.repeat_interleave(p)
+        z = None if zh is None else zh.reshape(bsz, L, d).transpose(1, 2)
+        y, every = selective_scan_all_states(u, delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D, z,
+                                             initial_state=h0.reshape(bsz, d, n).to(ct), reset=reset)
+        return y.transpose(1, 2).reshape(bsz, L, h, p), every.view(L + 1, bsz, h, p, n)
 
     def _conv(self, xt: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None, use_cuda_conv: bool):
         """Causal depthwise conv + silu of ``xt`` ``[B, C, L]`` continuing ``conv_state`` ``[B, C, d_conv]``.

@@ -155,7 +155,7 @@ def _warn_if_large(nbytes: int, rows: int, warn_bytes: int | None, what: str) ->
                       ResourceWarning, stacklevel=3)
 
 
-def _check_grad_mode(requires_grad: bool):
+def _grad_mode(requires_grad: bool):
     return torch.enable_grad() if requires_grad else torch.no_grad()
 
 
@@ -204,7 +204,7 @@ def trace_layer(layer: nn.Module, x: torch.Tensor, state: MambaInferenceState | 
     if positions is None and stride is None:
         dtype = state.ssm_state.dtype if state is not None else layer.state_dtype
         _warn_if_large(_state_bytes(layer, batch, len(rows), dtype), len(rows), warn_bytes, "trace_layer")
-    with _check_grad_mode(requires_grad):
+    with _grad_mode(requires_grad):
         _, _, trace = _run_layer(layer, x, state, reset, rows)
     return trace
 
@@ -247,7 +247,7 @@ def trace_model(lm: nn.Module, input_ids: torch.Tensor, state: MambaModelState |
         _warn_if_large(total, len(rows), warn_bytes, "trace_model")
     layers: dict[int, LayerTrace] = {}
     finals = {}
-    with _check_grad_mode(requires_grad):
+    with _grad_mode(requires_grad):
         hidden = lm.backbone.embedding(input_ids)
         residual = None
         for block in lm.backbone.layers:  # the block math of StatefulMambaLM, keeping the mixer's trace

@@ -152,3 +152,15 @@ def test_visualize_example_writes_its_pngs(tmp_path, capsys):
     assert len(written) == 10
     for p in written:
         _assert_png(Path(p))
+
+
+def test_cli_trace_of_a_saved_checkpoint_with_given_tokens(tmp_path, capsys):
+    torch.manual_seed(3)
+    lm = StatefulMambaLM.from_config(dict(d_model=16, n_layer=2, vocab_size=40, ssm_cfg={"d_state": 4}))
+    lm.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "plots"
+    assert _cli("--model", str(tmp_path / "ckpt"), "--tokens", "1, 5, 7 9 11 3 2", "--stride", "2",
+                "--out", str(out)) == 0
+    assert "traced 7 tokens through 2 layers" in capsys.readouterr().out
+    for name in ("norms.png", "ssm_heatmap_layer0.png", "pca2d_layer0.png", "pca3d_layer0.png"):
+        _assert_png(out / name)

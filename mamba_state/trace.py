@@ -10,8 +10,8 @@ Row ``i`` of a trace's state tensors is the state after ``positions[i]`` tokens;
 ``positions = [0, 1, ..., L]``, so row 0 is the initial state and row ``L`` the final one.
 
 Memory: a full trace holds ``(L + 1) * B * (conv + ssm elements per row)`` numbers. Before allocating one larger
-than ``warn_bytes`` (default :data:`FULL_TRACE_WARN_BYTES`, 256 MiB) a ``ResourceWarning`` names the size; pass
-``positions`` or ``stride`` to keep fewer states.
+than ``warn_bytes`` (default :data:`FULL_TRACE_WARN_BYTES`, 256 MiB) a :class:`TraceSizeWarning` names the size;
+pass ``positions`` or ``stride`` to keep fewer states.
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ from .errors import StateCompatibilityError, StateError, StateShapeError
 from .scan_positions import check_positions
 from .state import MambaInferenceState, MambaModelState
 
-__all__ = ["LayerTrace", "ModelTrace", "trace_layer", "trace_model", "FULL_TRACE_WARN_BYTES", "trace_positions"]
+__all__ = ["LayerTrace", "ModelTrace", "trace_layer", "trace_model", "FULL_TRACE_WARN_BYTES", "TraceSizeWarning",
+           "trace_positions"]
 
 FULL_TRACE_WARN_BYTES = 256 * 2 ** 20
 """A full trace larger than this (in bytes, states only) warns before it is allocated."""
+
+
+class TraceSizeWarning(UserWarning):
+    """A full trace is about to allocate more than the warning threshold (shown by default, unlike
+    ``ResourceWarning``)."""
 
 
 @dataclass
@@ -152,7 +158,7 @@ def _warn_if_large(nbytes: int, rows: int, warn_bytes: int | None, what: str) ->
     if nbytes > limit:
         warnings.warn(f"{what}: a full trace of {rows} states needs {nbytes} bytes ({nbytes / 2 ** 20:.1f} MiB), "
                       f"over the {limit}-byte threshold; pass positions= or stride= to keep fewer states",
-                      ResourceWarning, stacklevel=3)
+                      TraceSizeWarning, stacklevel=3)
 
 
 def _grad_mode(requires_grad: bool):

@@ -16,7 +16,7 @@ from mamba_state.kernels import selective_scan_fn
 from mamba_state.reference import selective_scan_ref
 from mamba_state.scan_positions import check_positions, conv_windows_at
 from mamba_state.scan_states import selective_scan_all_states
-from mamba_state.trace import LayerTrace, ModelTrace, trace_layer, trace_model
+from mamba_state.trace import LayerTrace, ModelTrace, TraceSizeWarning, trace_layer, trace_model
 
 F64 = torch.float64
 
@@ -333,7 +333,7 @@ def test_full_trace_warns_with_its_size_before_allocating():
     layer = _mamba1()
     x = torch.randn(1, 6, 8, dtype=F64)
     expected = 7 * 1 * (16 * 3 + 16 * 4) * 8  # rows * batch * (conv + ssm elements) * float64 bytes
-    with pytest.warns(ResourceWarning, match=f"{expected} bytes"):
+    with pytest.warns(TraceSizeWarning, match=f"{expected} bytes"):
         trace_layer(layer, x, layer.new_state(1, dtype=F64), warn_bytes=expected - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -421,7 +421,7 @@ def test_trace_model_matches_the_model_and_its_states(d_intermediate):
     strided = trace_model(lm, ids, s0, stride=3)
     assert strided.positions == [0, 3, 6]
     torch.testing.assert_close(strided.layers[2].ssm_states, mt.layers[2].ssm_states[[0, 3, 6]])
-    with pytest.warns(ResourceWarning, match="bytes"):
+    with pytest.warns(TraceSizeWarning, match="bytes"):
         trace_model(lm, ids, s0, warn_bytes=10)
 
 

@@ -55,7 +55,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         reset: bool [batch, seqlen] or None; True at t zeroes the state just before step t.
         backend: None/'auto', 'reference' or 'triton' (see :mod:`mamba_state.backend`).
         chunk_size: checkpoint interval of the Triton path (a multiple of 8; default about sqrt(8 * seqlen)).
-        return_states_at: None, or non-decreasing ints in [0, seqlen] (a list, range or 1-D integer tensor):
+        return_states_at: None, or non-decreasing ints in [0, seqlen] (any iterable of ints, or a 1-D integer tensor):
             also return the state after ``p`` tokens for each ``p`` (0: the initial state; seqlen: the final
             state; the state at ``p`` is taken before a reset at token ``p`` is applied). The sequence is scanned
             in segments cut at these positions, each continuing from the previous one's final state: every

@@ -21,6 +21,8 @@ from .interop import (
 
 from .adapters import StatefulMamba, StatefulMambaLM
 from .adapters.mamba2 import StatefulMamba2
+from .generation import GenerationOutput, TokenStream, clear_graph_cache, generate, stream
+from .trace import LayerTrace, ModelTrace, TraceSizeWarning, trace_layer, trace_model
 
 __version__ = "0.1.0.dev0"
 
@@ -47,4 +49,14 @@ __all__ = [
     "StatefulMamba",
     "StatefulMamba2",
     "StatefulMambaLM",
+    "GenerationOutput",
+    "TokenStream",
+    "generate",
+    "stream",
+    "clear_graph_cache",
+    "LayerTrace",
+    "ModelTrace",
+    "TraceSizeWarning",
+    "trace_layer",
+    "trace_model",
 ]

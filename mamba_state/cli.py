@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Further subcommands: name -> (module with add_arguments(parser) and run(args) -> int, help).
 _COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("mamba_state.rl.cli", "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
+    "trace": ("mamba_state.trace_cli", "trace a model's states over an input and write the plots (PNG)"),
 }
 
 

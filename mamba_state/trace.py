@@ -129,7 +129,7 @@ def trace_positions(seqlen: int, positions: Any = None, stride: int | None = Non
     return list(range(seqlen + 1))
 
 
-def _wrap_layer(layer: Any) -> nn.Module:
+def _wrap_layer(layer: Any) -> Any:
     """Our adapter for ``layer`` (adapters pass through; upstream Mamba / Mamba2 layers get wrapped)."""
     if hasattr(layer, "state_layout") and hasattr(layer, "new_state"):
         return layer
@@ -147,7 +147,7 @@ def _wrap_layer(layer: Any) -> nn.Module:
     return StatefulMamba2(layer)
 
 
-def _state_bytes(layer: nn.Module, batch: int, rows: int, dtype: torch.dtype) -> int:
+def _state_bytes(layer: Any, batch: int, rows: int, dtype: Any) -> int:
     layout = layer.state_layout()
     per_row = math.prod(layout["conv_shape"]) + math.prod(layout["ssm_shape"])
     return rows * batch * per_row * torch.empty((), dtype=dtype).element_size()
@@ -245,25 +245,26 @@ def trace_model(lm: nn.Module, input_ids: torch.Tensor, state: MambaModelState |
                               or list(reset.shape) != [batch, seqlen]):
         found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
         raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
-    for block in lm.backbone.layers:  # every layer's state is checked before anything runs
+    blocks: list[Any] = list(lm.backbone.layers)  # our _Block modules
+    for block in blocks:  # every layer's state is checked before anything runs
         block.mixer._check_state(state[int(block.mixer.layer_idx)], batch, input_ids.device)
     if positions is None and stride is None:
         total = sum(_state_bytes(b.mixer, batch, len(rows), state[int(b.mixer.layer_idx)].ssm_state.dtype)
-                    for b in lm.backbone.layers)
+                    for b in blocks)
         _warn_if_large(total, len(rows), warn_bytes, "trace_model")
     layers: dict[int, LayerTrace] = {}
     finals = {}
     with _grad_mode(requires_grad):
         hidden = lm.backbone.embedding(input_ids)
         residual = None
-        for block in lm.backbone.layers:  # the block math of StatefulMambaLM, keeping the mixer's trace
+        for block in blocks:  # the block math of StatefulMambaLM, keeping the mixer's trace
             idx = int(block.mixer.layer_idx)
             normed, residual = block.add_norm(hidden, residual, block.norm)
             hidden, finals[idx], layers[idx] = _run_layer(block.mixer, normed, state[idx], reset, rows)
             if block.mlp is not None:
                 hidden, residual = block.add_norm(hidden, residual, block.norm2)
                 hidden = block.mlp(hidden)
-        hidden, _ = lm.backbone.layers[0].add_norm(hidden, residual, lm.backbone.norm_f)
+        hidden, _ = blocks[0].add_norm(hidden, residual, lm.backbone.norm_f)
         logits = lm.lm_head(hidden)
     final = MambaModelState(finals, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
     return ModelTrace(layers=layers, logits=logits, final_state=final, positions=rows,

@@ -205,16 +205,20 @@ def plot_state_pca(trace: "LayerTrace", n_components: int = 2, batch: int = 0, w
         ax = fig.add_subplot(projection="3d")
         ax.plot(coords[:, 0], coords[:, 1], coords[:, 2], color="0.6", linewidth=0.8)
         sc = ax.scatter(coords[:, 0], coords[:, 1], coords[:, 2], c=pos, cmap="viridis", s=12)
-        ax.scatter(*coords[0], marker="o", s=60, color="black", label=f"start (position {int(pos[0])})")
-        ax.scatter(*coords[-1], marker="*", s=120, color="red", label=f"end (position {int(pos[-1])})")
+        ax.scatter(coords[0, 0], coords[0, 1], coords[0, 2], marker="o", s=60, color="black",
+                   label=f"start (position {int(pos[0])})")
+        ax.scatter(coords[-1, 0], coords[-1, 1], coords[-1, 2], marker="*", s=120, color="red",
+                   label=f"end (position {int(pos[-1])})")
         ax.set_zlabel(f"PC3 ({100 * ratio[2]:.1f}% of variance)", labelpad=8)
         ax.set_box_aspect(None, zoom=0.85)  # leave room for the z label next to the colour bar
     else:
         ax = fig.add_subplot()
         ax.plot(coords[:, 0], coords[:, 1], color="0.6", linewidth=0.8)
         sc = ax.scatter(coords[:, 0], coords[:, 1], c=pos, cmap="viridis", s=14, zorder=3)
-        ax.scatter(*coords[0], marker="o", s=60, color="black", label=f"start (position {int(pos[0])})", zorder=4)
-        ax.scatter(*coords[-1], marker="*", s=120, color="red", label=f"end (position {int(pos[-1])})", zorder=4)
+        ax.scatter(coords[0, 0], coords[0, 1], marker="o", s=60, color="black",
+                   label=f"start (position {int(pos[0])})", zorder=4)
+        ax.scatter(coords[-1, 0], coords[-1, 1], marker="*", s=120, color="red",
+                   label=f"end (position {int(pos[-1])})", zorder=4)
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
     ax.legend(fontsize="small", loc="best")

@@ -24,6 +24,7 @@ EXECUTED_PAGES = [
     "docs/howto-resets.md",
     "docs/howto-devices.md",
     "docs/persistence.md",
+    "docs/tracing.md",
 ]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 

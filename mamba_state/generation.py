@@ -614,8 +614,8 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
         ``scores``.
 
     Raises:
-        StateError (or its subclass StateShapeError) naming the expected and the found value, for any bad
-        argument, before any work.
+        StateError: (or its subclass StateShapeError) naming the expected and the found value, for any bad
+            argument, before any work.
     """
     ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,

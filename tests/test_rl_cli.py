@@ -82,3 +82,22 @@ def test_scale_writes_results_and_plot(tmp_path):
                  *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
     again = json.loads((out / "scale_results.json").read_text())
     assert again["runs"] == results["runs"]  # earlier runs kept; the skipped one read back unchanged
+
+
+def test_max_seconds_stops_early_with_a_resumable_checkpoint_and_eval_horizons(tmp_path, capsys):
+    out = tmp_path / "budget"
+    common = ["rl", "--controller", "gru", "--gru-hidden", "8", "--checkpoint-every", "0", *TINY,
+              "--total-updates", "1000", "--out", str(out), "--eval-horizons", "1", "6"]
+    # a budget of 0 s: the first update always runs, then the run stops, checkpoints and evaluates
+    assert main([*common, "--max-seconds", "1e-9"]) == 0
+    assert "--max-seconds" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 1 and summary["stopped_early"] is True
+    assert set(summary["eval_at_horizons"]) == {"1", "6"}
+    assert all(0.0 <= v["success_rate"] <= 1.0 for v in summary["eval_at_horizons"].values())
+    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["updates"] == 1  # written although not periodic
+    # the budget is not part of the run's identity: resuming with another one continues (here 2 more updates)
+    assert main([*common, "--max-seconds", "1e-9", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["updates"] == 2
+    lines = [json.loads(x)["update"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2]

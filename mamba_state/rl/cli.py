@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-envs", type=int, default=D["eval_envs"], help="greedy evaluation episodes at the end")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     g.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's)")
+    g.add_argument("--max-seconds", type=float, default=D["max_seconds"],
+                   help="stop training after the first update that ends past this many seconds (then evaluate)")
+    g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"],
+                   help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons)")
     p = parser.add_argument_group("PPO")
     p.add_argument("--rollout-len", type=int, default=D["rollout_len"], help="steps per rollout (default 2*(H+2))")
     p.add_argument("--lr", type=float, default=D["lr"])

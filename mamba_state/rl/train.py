@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
     "backend": None, "noise_channels": 4, "noise_std": 1.0, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
+    "max_seconds": None, "eval_horizons": None,
 }
 
 # Options that change the run (a resumed run must agree on them).
@@ -163,6 +164,8 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     sps: list[float] = []
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
+    budget = float(o["max_seconds"]) if o["max_seconds"] else None
+    stopped_early = False
     with (metrics_path.open("a") if main else open(os.devnull, "w")) as mf:  # only rank 0 writes the file
         while trainer.updates < total:
             last = trainer.train_update()  # metrics already reduced over the ranks
@@ -176,17 +179,24 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
                 bar.set_postfix(post)
             elif o["progress"] and (trainer.updates % 10 == 0 or trainer.updates == total):
                 log(f"update {trainer.updates}/{total} " + " ".join(f"{k}={v}" for k, v in post.items()))
-            if o["checkpoint_every"] and (trainer.updates % int(o["checkpoint_every"]) == 0
-                                          or trainer.updates == total):
+            # A time budget (--max-seconds): rank 0's clock decides for every rank, so all stop after the same update.
+            stopped_early = (budget is not None and trainer.updates < total
+                             and broadcast_object(time.perf_counter() - t_start >= budget, ctx))
+            every = int(o["checkpoint_every"] or 0)  # 0: only at the end (or at an early stop)
+            if trainer.updates == total or stopped_early or (every and trainer.updates % every == 0):
                 gathered = gather_trainer_state(trainer, ctx)  # a collective: every rank takes part
                 if gathered is not None:  # rank 0
                     save_checkpoint(ckpt_path, gathered[0], run_id, world=gathered[1])
+            if stopped_early:
+                log(f"stopping after update {trainer.updates}/{total}: --max-seconds {budget:g} reached")
+                break
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
     summary = None
     if main:  # the parameters are the same on every rank: one evaluation, the same as a single process's
         summary = _summarise(o, env, policy, trainer, last, sps, train_seconds, ctx)
+        summary["stopped_early"] = stopped_early
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log(f"{o['controller']} H={o['horizon']} seed={o['seed']}: eval success {summary['eval_success_rate']:.3f} "
             f"(chance {summary['chance']:.3f}), train steps/s {_fmt(summary['train_steps_per_s_median'], '.0f')}"
@@ -213,4 +223,15 @@ def _summarise(o: dict[str, Any], env: DelayedRecall, policy: Any, trainer: PPOT
         "chance": 1.0 / env.num_actions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    # Transfer: the same greedy evaluation at other horizons (a policy that latches the bits and ignores the
+    # distractors answers right at any horizon; one that counts on a decaying trace does not).
+    transfer = {}
+    for h in o["eval_horizons"] or ():
+        t0 = time.perf_counter()
+        ev_h = evaluate(policy, int(h), o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
+                        noise_channels=o["noise_channels"], noise_std=o["noise_std"],
+                        distractor_bits=o["distractor_bits"], shaping=o["shaping"])
+        transfer[str(int(h))] = {"success_rate": ev_h["success_rate"], "seconds": time.perf_counter() - t0}
+    if transfer:
+        summary["eval_at_horizons"] = transfer
     return _json_safe(summary)

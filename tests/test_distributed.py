@@ -20,6 +20,7 @@ from datetime import timedelta
 import pytest
 import torch
 from hypothesis import given
+from _spawn import read_rank_results, spawn_ranks
 from hypothesis import strategies as st
 
 from mamba_state import MambaInferenceState, MambaModelState, StateCompatibilityError, StateError, StateFormatError
@@ -382,24 +383,11 @@ def _free_port() -> int:
 
 
 def _run_group(backend: str) -> dict:
-    ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         init = f"tcp://127.0.0.1:{_free_port()}"
-        procs = [ctx.Process(target=_worker, args=(r, init, out_dir, backend)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=240)
-        hung = [p.pid for p in procs if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        per_rank = []
-        for r in range(WORLD):
-            path = os.path.join(out_dir, f"rank{r}.json")
-            per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
-    return {"hung": hung, "exitcodes": [p.exitcode for p in procs], "ranks": per_rank}
+        hung, exitcodes = spawn_ranks(_worker, lambda r: (r, init, out_dir, backend), WORLD)
+        per_rank = read_rank_results(out_dir, WORLD)
+    return {"hung": hung, "exitcodes": exitcodes, "ranks": per_rank}
 
 
 def _assert_outcome(outcomes: dict, check: str) -> None:

@@ -26,6 +26,7 @@ import traceback
 import pytest
 import torch
 from hypothesis import given
+from _spawn import read_rank_results, spawn_ranks
 from hypothesis import strategies as st
 
 from mamba_state.rl.checkpoint import load_checkpoint
@@ -154,27 +155,15 @@ def group(tmp_path_factory):
             ("from_single", [*RUN, "--total-updates", "3", "--out", str(root / "single"), "--resume"]),
             ("scale", [*RUN, "--scale", "--horizons", "2", "--seeds", "0", "--controllers", "gru", "--gru-hidden", "8",
                        "--total-updates", "1", "--out", str(root / "scale")])]
-    ctx = torch.multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         ports = _free_ports(1 + len(runs))
-        procs = [ctx.Process(target=_worker, args=(r, ports, runs, out_dir)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=240)
-        hung = [p.pid for p in procs if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        ranks, params = [], []
-        for r in range(WORLD):
-            path = os.path.join(out_dir, f"rank{r}.json")
-            ranks.append(json.load(open(path)) if os.path.exists(path) else {})
-            params.append({tag: torch.load(os.path.join(out_dir, f"{tag}_rank{r}.pt"))
-                           for tag, _ in runs if os.path.exists(os.path.join(out_dir, f"{tag}_rank{r}.pt"))})
+        hung, exitcodes = spawn_ranks(_worker, lambda r: (r, ports, runs, out_dir), WORLD)
+        ranks = read_rank_results(out_dir, WORLD)
+        params = [{tag: torch.load(os.path.join(out_dir, f"{tag}_rank{r}.pt"))
+                   for tag, _ in runs if os.path.exists(os.path.join(out_dir, f"{tag}_rank{r}.pt"))}
+                  for r in range(WORLD)]
     assert not hung, f"worker processes hung: {hung}"
-    return {"root": root, "ranks": ranks, "params": params, "exitcodes": [p.exitcode for p in procs]}
+    return {"root": root, "ranks": ranks, "params": params, "exitcodes": exitcodes}
 
 
 def _ok(group, tag):

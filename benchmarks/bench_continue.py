@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, environment_line, markdown_table, median_time, replace_section, write_json  # noqa: E402
+from common import (  # noqa: E402
+    LM_130M, environment, environment_line, markdown_table, median_time, replace_section, upstream_lm, write_json,
+)
 
 from mamba_state.adapters import StatefulMambaLM  # noqa: E402
 
@@ -36,25 +38,8 @@ def _config(smoke: bool) -> dict:
     if smoke:
         return dict(d_model=64, n_layer=2, vocab_size=256, ssm_cfg={}, rms_norm=True, fused_add_norm=False,
                     residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-    return dict(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
-                residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+    return dict(LM_130M)
 
-
-def _upstream_model(cfg: dict, device, dtype):
-    """Upstream's model with its CUDA kernels, or None (with the reason) where they cannot run."""
-    if device.type != "cuda":
-        return None, "upstream needs CUDA"
-    try:
-        from mamba_ssm.models.config_mamba import MambaConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-        import selective_scan_cuda  # noqa: F401  (upstream's compiled scan)
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return None, f"mamba_ssm with CUDA kernels not importable ({exc})"
-    torch.manual_seed(0)
-    return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype).eval(), ""
-
-
-@torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, quick")
@@ -73,7 +58,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in (args.batches or ("1,2" if args.smoke else "1,8")).split(",")]
     lengths = [int(n) for n in (args.tokens or ("16,64" if args.smoke else "256,2048,8192")).split(",")]
     cfg = _config(args.smoke)
-    up, why_not = _upstream_model(cfg, device, dtype)
+    up, why_not = upstream_lm(cfg, device, dtype)
     if up is not None:
         lm = StatefulMambaLM(up)  # the same weights
     else:

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, environment_line, markdown_table, median_time, replace_section, write_json  # noqa: E402
+from common import (  # noqa: E402
+    LM_130M, environment, environment_line, markdown_table, median_time, replace_section, upstream_lm, write_json,
+)
 
 from mamba_state.adapters import StatefulMambaLM  # noqa: E402
 from mamba_state import generation as G  # noqa: E402
@@ -41,23 +43,7 @@ def _config(smoke: bool) -> dict:
     if smoke:
         return dict(d_model=32, n_layer=2, vocab_size=97, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
                     residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-    return dict(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
-                residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-
-
-def _upstream_model(cfg: dict, device: torch.device, dtype: torch.dtype):
-    """Upstream's model with its CUDA kernels, or (None, reason)."""
-    if device.type != "cuda":
-        return None, "upstream needs CUDA"
-    try:
-        from mamba_ssm.models.config_mamba import MambaConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-        import selective_scan_cuda  # noqa: F401  (upstream's compiled scan)
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return None, f"mamba_ssm with CUDA kernels not importable ({type(exc).__name__}: {exc})"
-    torch.manual_seed(0)
-    return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype).eval(), ""
-
+    return dict(LM_130M)
 
 def _decode_path(lm, batch: int) -> dict:
     """Which decode step ours ran at this batch size (a failed capture or fused step falls back with a warning)."""
@@ -90,7 +76,7 @@ def main(argv=None) -> int:
     prompt = args.prompt or (8 if args.smoke else 128)
     new = args.new or (16 if args.smoke else 512)
     cfg = _config(args.smoke)
-    up, why_not = _upstream_model(cfg, device, dtype)
+    up, why_not = upstream_lm(cfg, device, dtype)
     if up is not None:
         lm = StatefulMambaLM(up, state_dtype=state_dtype).eval()  # the same weights
     else:

@@ -113,3 +113,22 @@ def replace_section(title: str, body: str, doc: Path = BENCH_DOC) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+# The 130m-shaped model of the GPU benchmarks (state-spaces/mamba-130m's configuration).
+LM_130M = dict(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
+               residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+
+
+def upstream_lm(cfg: dict, device: torch.device, dtype: torch.dtype):
+    """``(upstream MambaLMHeadModel with random weights, "")`` when its CUDA kernels can run, else ``(None, why)``."""
+    if device.type != "cuda":
+        return None, "upstream needs CUDA"
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        import selective_scan_cuda  # noqa: F401  (upstream's compiled scan)
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return None, f"mamba_ssm with CUDA kernels not importable ({type(exc).__name__}: {exc})"
+    torch.manual_seed(0)
+    return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype).eval(), ""

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time  # noqa: E402
+from common import LM_130M, median_time  # noqa: E402
 
 from mamba_state.adapters import StatefulMambaLM  # noqa: E402
 
-CFG = dict(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
-           residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+CFG = LM_130M
 
 
 def _profile(lm, batch: int, seqlen: int, rows: int) -> str:

@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# One device call for the whole GPU check: every gpu-marked test, then the generation and continuation benchmarks.
-# Usage (GPU machine, repo root, .upstream/ and .whl/ carried): OUT=/some/dir bash benchmarks/gpu_session.sh
-# Logs and results land in $OUT (pytest.log, generate.log, continue.log, results.tar).
+# One device call for the GPU checks and benchmarks, step by step, each under its own time limit.
+# Usage (GPU machine, repo root, .upstream/ and .whl/ carried):
+#     OUT=/some/dir STEPS="tests gen cont" bash benchmarks/gpu_session.sh
+# STEPS (default "tests gen cont"), in the order given:
+#   tests   every gpu-marked test except the kernel's            (TEST_TIMEOUT, 200 s)
+#   kernel  tests/test_kernel_gpu.py (long sequences: slow)      (KERNEL_TIMEOUT, 300 s)
+#   gen     benchmarks/bench_generate.py                         (GEN_TIMEOUT, 150 s)
+#   cont    benchmarks/bench_continue.py                         (CONT_TIMEOUT, 100 s)
+#   scan    benchmarks/bench_scan.py --no-chunked                (SCAN_TIMEOUT, 200 s)
+#   trace   benchmarks/bench_trace.py                            (TRACE_TIMEOUT, 100 s)
+# Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
+# under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,15 +21,30 @@ tail -n 1 "$OUT/setup.log"
 [ -e mamba_state/kernels ] || ln -s ../kernels mamba_state/kernels
 export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-t0=$(date +%s)
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
-    tests/test_generation_gpu.py tests/test_trace.py tests/test_adapters_mamba.py tests/test_adapters_lm.py \
-    tests/test_adapters_mamba2.py tests/test_kernel_conv.py tests/test_backend.py tests/test_offload.py \
-    tests/test_kernel_gpu.py 2>&1 | tail -n 40 > "$OUT/pytest.log"
-tail -n 3 "$OUT/pytest.log"; echo "tests: $(( $(date +%s) - t0 )) s"
-timeout "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 > "$OUT/generate.log" 2>&1
-tail -n 8 "$OUT/generate.log"
-timeout "${CONT_TIMEOUT:-100}" python3 benchmarks/bench_continue.py --repeats 3 > "$OUT/continue.log" 2>&1
-tail -n 9 "$OUT/continue.log"
+t_all=$(date +%s)
+
+run_step() {  # name, timeout, command...
+    local name=$1 limit=$2; shift 2
+    local t0; t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
+}
+
+for step in ${STEPS:-tests gen cont}; do
+    case $step in
+        tests) run_step tests "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   tests/test_generation_gpu.py tests/test_trace.py tests/test_adapters_mamba.py \
+                   tests/test_adapters_lm.py tests/test_adapters_mamba2.py tests/test_kernel_conv.py \
+                   tests/test_backend.py tests/test_offload.py tests/test_rl_ppo.py tests/test_rl_env.py ;;
+        kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   tests/test_kernel_gpu.py ;;
+        gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;
+        cont) run_step cont "${CONT_TIMEOUT:-100}" python3 benchmarks/bench_continue.py --repeats 3 ;;
+        scan) run_step scan "${SCAN_TIMEOUT:-200}" python3 benchmarks/bench_scan.py --no-chunked ;;
+        trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
 tar cf "$OUT/results.tar" benchmarks/results docs/benchmarks.md
-echo "total: $(( $(date +%s) - t0 )) s"
+echo "total: $(( $(date +%s) - t_all )) s"

@@ -185,8 +185,9 @@ class MambaPolicy(RecurrentPolicy):
 class GRUPolicy(RecurrentPolicy):
     """A GRU actor-critic: ``obs -> Linear(O, embed_size) -> GRU(hidden_size, num_layers) -> actor, critic``.
 
-    Policy state: ``(h,)`` with ``h [N, num_layers, hidden_size]`` float32. Sequences are processed one step
-    at a time, with the hidden state of reset rows zeroed before their step. The default sizes give a
+    Policy state: ``(h,)`` with ``h [N, num_layers, hidden_size]`` float32. ``step`` zeroes the hidden state
+    of reset rows before the step; ``forward_sequence`` cuts each row at its resets into segments and runs
+    all segments as one packed ``nn.GRU`` call (cuDNN on CUDA). The default sizes give a
     parameter count within 10% of :class:`MambaPolicy`'s defaults (about 67k on the delayed-recall task).
     """
 
@@ -218,13 +219,34 @@ class GRUPolicy(RecurrentPolicy):
         return y, (h,)
 
     def _core_sequence(self, obs, state, reset):
+        # Cut every row at its resets into independent segments and run them all through ONE nn.GRU call on
+        # a packed batch (cuDNN on CUDA), instead of a Python loop over time steps: at horizon 1000 the loop
+        # was about 2000 small calls per minibatch, forward and backward. Each segment starts from the given
+        # state (a row's first segment, unless it is reset at t = 0) or from zeros (after a reset).
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
         x = self.embed(obs)
-        h = self._h(state)
-        ys = []
-        for t in range(obs.shape[1]):
-            y, h = self._one(x[:, t], h, reset[:, t])
-            ys.append(y)
-        return torch.stack(ys, dim=1), (h,)
+        h0 = self._h(state)
+        n, t_len = reset.shape
+        starts = reset.clone()
+        starts[:, 0] = True
+        row, start = starts.nonzero(as_tuple=True)  # row-major: segments ordered by row, then time
+        same_row_next = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
+        end = torch.where(same_row_next, torch.roll(start, -1), torch.full_like(start, t_len))
+        length = end - start
+        max_len = int(length.max())
+        offsets = torch.arange(max_len, device=obs.device)
+        pos = (start[:, None] + offsets).clamp(max=t_len - 1)  # [S, max_len]; past a segment's end: padding
+        xs = x[row[:, None], pos]
+        carry = ((start == 0) & ~reset[row, 0]).to(h0.dtype)[:, None, None]
+        hs = (h0[row] * carry).transpose(0, 1).contiguous()  # [layers, S, hidden]
+        packed = pack_padded_sequence(xs, length.cpu(), batch_first=True, enforce_sorted=False)
+        y_packed, h_n = self.gru(packed, hs)
+        y, _ = pad_packed_sequence(y_packed, batch_first=True, total_length=max_len)  # [S, max_len, hidden]
+        seg = starts.flatten().long().cumsum(0).view(n, t_len) - 1  # the segment of every (row, t)
+        out = y[seg, torch.arange(t_len, device=obs.device)[None, :] - start[seg]]
+        h_last = h_n.transpose(0, 1)[~same_row_next]  # each row's last segment, rows in order
+        return out, (h_last,)
 
 
 def make_policy(controller: str, observation_size: int, num_actions: int, **kwargs: Any) -> RecurrentPolicy:

@@ -9,7 +9,7 @@ from mamba_state.errors import StateCompatibilityError, StateError, StateFormatE
 from mamba_state.rl.checkpoint import load_checkpoint, save_checkpoint
 from mamba_state.rl.envs import DelayedRecall
 from mamba_state.rl.policies import GRUPolicy, MambaPolicy
-from mamba_state.rl.ppo import PPOConfig, PPOTrainer, compute_gae, evaluate
+from mamba_state.rl.ppo import PPOConfig, PPOTrainer, compute_gae, evaluate, evaluate_open_loop
 
 
 # The CPU is shared; one thread avoids oversubscription (much faster for these small ops).
@@ -214,3 +214,35 @@ def test_cuda_replay_equals_collection_and_updates_run(controller):
     torch.testing.assert_close(logp, ro.logprobs, rtol=1e-3, atol=1e-3)
     m = tr.train_update()
     assert m["env_steps"] == 3 * 8 * 16 and m["policy_loss"] == m["policy_loss"]
+
+
+@pytest.mark.parametrize("controller", ["mamba", "gru"])
+def test_open_loop_evaluation_equals_the_step_loop(controller):
+    """evaluate_open_loop (whole episodes through forward_sequence in chunks) sees the same episodes and gives
+    the same greedy answers as evaluate (one policy.step per time step), for chunks shorter than, dividing
+    and longer than the episode; bad chunk sizes raise."""
+    env = DelayedRecall(1, 3, 2)
+    policy = _policy(controller, env, seed=4)  # 4 actions, random heads: answers depend on the state
+    rates = set()
+    for horizon, seed in ((0, 1), (5, 2), (23, 3)):
+        closed = evaluate(policy, horizon, 2, num_envs=48, seed=seed)["success_rate"]
+        for chunk in (1, 5, 1000):
+            assert evaluate_open_loop(policy, horizon, 2, num_envs=48, seed=seed, chunk=chunk)["success_rate"] \
+                == closed, (horizon, chunk)
+        rates.add(closed)
+    assert len(rates) > 1  # the comparison is not between constants
+    with pytest.raises(StateError, match="chunk"):
+        evaluate_open_loop(policy, 3, 2, chunk=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("controller", ["mamba", "gru"])
+def test_cuda_open_loop_evaluation_equals_the_step_loop(controller):
+    env = DelayedRecall(1, 3, 2, device="cuda")
+    policy = _policy(controller, env, seed=5).cuda()
+    if controller == "mamba":
+        policy = MambaPolicy(env.observation_size, env.num_actions, d_model=16, num_layers=2, d_state=4).cuda()
+        with torch.no_grad():
+            policy.actor.weight.normal_(0, 1.0)
+    closed = evaluate(policy, 300, 2, num_envs=64, seed=7)["success_rate"]
+    assert evaluate_open_loop(policy, 300, 2, num_envs=64, seed=7, chunk=128)["success_rate"] == closed

@@ -25,7 +25,7 @@ from .ddp import DistContext, DistributedPPOTrainer, broadcast_object, distribut
 from .ddp import rank_seed, restore_trainer_state
 from .envs import DelayedRecall
 from .policies import count_parameters, make_policy
-from .ppo import PPOConfig, PPOTrainer, evaluate
+from .ppo import PPOConfig, PPOTrainer, evaluate, evaluate_open_loop
 
 __all__ = ["DEFAULTS", "train", "auto_rollout_len", "build"]
 
@@ -223,15 +223,18 @@ def _summarise(o: dict[str, Any], env: DelayedRecall, policy: Any, trainer: PPOT
         "chance": 1.0 / env.num_actions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    # Transfer: the same greedy evaluation at other horizons (a policy that latches the bits and ignores the
-    # distractors answers right at any horizon; one that counts on a decaying trace does not).
+    # Transfer: greedy evaluation at other horizons (a policy that latches the bits and ignores the distractors
+    # answers right at any horizon; one that relies on a decaying trace does not). Open loop: whole episodes
+    # through forward_sequence in chunks, so horizon 20000 costs ~10 policy calls, not 20,002.
     transfer = {}
     for h in o["eval_horizons"] or ():
         t0 = time.perf_counter()
-        ev_h = evaluate(policy, int(h), o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
-                        noise_channels=o["noise_channels"], noise_std=o["noise_std"],
-                        distractor_bits=o["distractor_bits"], shaping=o["shaping"])
-        transfer[str(int(h))] = {"success_rate": ev_h["success_rate"], "seconds": time.perf_counter() - t0}
+        ev_h = evaluate_open_loop(policy, int(h), o["num_bits"], num_envs=int(o["eval_envs"]),
+                                  seed=int(o["seed"]) + 1000, noise_channels=o["noise_channels"],
+                                  noise_std=o["noise_std"], distractor_bits=o["distractor_bits"],
+                                  shaping=o["shaping"])
+        transfer[str(int(h))] = {"success_rate": ev_h["success_rate"], "seconds": time.perf_counter() - t0,
+                                 "episodes": ev_h["episodes"]}
     if transfer:
         summary["eval_at_horizons"] = transfer
     return _json_safe(summary)

@@ -101,3 +101,32 @@ def test_max_seconds_stops_early_with_a_resumable_checkpoint_and_eval_horizons(t
     assert json.loads((out / "summary.json").read_text())["updates"] == 2
     lines = [json.loads(x)["update"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines == [1, 2]
+
+
+def test_scale_with_eval_horizons_gives_a_transfer_table_and_markdown(tmp_path):
+    from mamba_state.rl.scale import results_markdown, update_markdown_section
+
+    out = tmp_path / "transfer"
+    assert main(["rl", "--scale", "--horizons", "2", "--seeds", "0", "1", "--controllers", "gru",
+                 "--total-updates", "1", "--gru-hidden", "8", "--eval-horizons", "3", "9", "--out", str(out),
+                 *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
+    results = json.loads((out / "scale_results.json").read_text())
+    transfer = {(t["controller"], t["train_horizon"], t["eval_horizon"]): t for t in results["transfer"]}
+    assert set(transfer) == {("gru", 2, 3), ("gru", 2, 9)}
+    for (_, _, h), t in transfer.items():  # every seed's own value, and their mean
+        seeds = [r["eval_at_horizons"][str(h)]["success_rate"] for r in results["runs"]]
+        assert t["success"] == seeds and t["success_mean"] == pytest.approx(sum(seeds) / 2)
+    png = (out / "scale.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = results_markdown(results)
+    assert md.count("\n| gru | 2 |") == 3  # two runs and one transfer row
+    assert "H = 3" in md and "H = 9" in md
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- res:start -->\nold\n<!-- res:end -->\ntail\n")
+    update_markdown_section(doc, "res", md)
+    update_markdown_section(doc, "res", md)  # idempotent
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- res:start -->\n") and text.endswith("<!-- res:end -->\ntail\n")
+    assert "old" not in text and text.count("H = 9") == 1
+    update_markdown_section(tmp_path / "new.md", "res", "x")  # no markers yet: appended
+    assert (tmp_path / "new.md").read_text() == "<!-- res:start -->\nx\n<!-- res:end -->\n"

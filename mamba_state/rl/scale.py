@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from .ddp import DistContext, broadcast_object, distributed
 from .train import DEFAULTS, train
 
-__all__ = ["run_scale", "plot_results"]
+__all__ = ["run_scale", "plot_results", "results_markdown", "update_markdown_section"]
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,6 +38,16 @@ def _aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _transfer(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (controller, training horizon, evaluation horizon): the seeds' greedy success at that horizon."""
+    groups: dict[tuple[str, int, int], list[float]] = {}
+    for r in runs:
+        for h, ev in (r.get("eval_at_horizons") or {}).items():
+            groups.setdefault((r["controller"], r["horizon"], int(h)), []).append(ev["success_rate"])
+    return [{"controller": c, "train_horizon": ht, "eval_horizon": he, "success": v,
+             "success_mean": sum(v) / len(v)} for (c, ht, he), v in sorted(groups.items())]
+
+
 def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     """Two panels: eval success rate vs horizon (seeds as dots, mean as line) and train steps/s vs horizon."""
     import matplotlib
@@ -45,7 +55,24 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    transfer = results.get("transfer") or []
+    fig, axes = plt.subplots(1, 3 if transfer else 2, figsize=(15 if transfer else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if transfer:  # greedy success at longer horizons of the policies trained at each training horizon
+        ax3 = axes[2]
+        for key in sorted({(t["controller"], t["train_horizon"]) for t in transfer}):
+            rows = [t for t in transfer if (t["controller"], t["train_horizon"]) == key]
+            line, = ax3.plot([t["eval_horizon"] for t in rows], [t["success_mean"] for t in rows], marker="o",
+                             label=f"{key[0]} (trained at H={key[1]})")
+            for t in rows:
+                ax3.scatter([t["eval_horizon"]] * len(t["success"]), t["success"], color=line.get_color(),
+                            alpha=0.4, s=14)
+        ax3.set_xscale("log")
+        ax3.set_xlabel("evaluation horizon")
+        ax3.set_ylabel("greedy success (transfer)")
+        ax3.set_ylim(0, 1.02)
+        ax3.axhline(results["runs"][0]["chance"], color="grey", linestyle=":")
+        ax3.legend(fontsize=8)
     for ctrl in sorted({r["controller"] for r in results["runs"]}):
         rows = [a for a in results["aggregate"] if a["controller"] == ctrl]
         hs = [a["horizon"] for a in rows]
@@ -121,9 +148,58 @@ def _sweep(o: dict[str, Any], horizons: Sequence[int], controllers: Sequence[str
                 results = {"task": "DelayedRecall", "num_bits": o["num_bits"], "device": runs[0]["device_name"],
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "options": {k: v for k, v in o.items() if k not in ("out",)},
-                           "runs": every, "aggregate": _aggregate(every)}
+                           "runs": every, "aggregate": _aggregate(every), "transfer": _transfer(every)}
                 if main:
                     results_path.write_text(json.dumps(results, indent=2))
                     plotted = _try_plot(results, out / "scale.png")
     log(f"wrote {results_path}" + (f" and {out / 'scale.png'}" if plotted else " (no plot: matplotlib missing)"))
     return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """Markdown tables of a sweep: one row per run (training horizon, seed, updates, env steps, success at the
+    training horizon, steps/s, seconds) and, if any run has ``eval_at_horizons``, greedy success at each
+    evaluation horizon per (controller, training horizon) with every seed's value."""
+    def f(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [f"Device: {results.get('device', '?')}; {results.get('date', '')}; {results.get('num_bits')} bit(s), "
+             f"chance {results['runs'][0]['chance'] if results.get('runs') else '?'}.", "",
+             "| controller | train horizon | seed | updates | env steps | eval success (train horizon) "
+             "| train env steps/s (median) | train s | stopped by time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results.get("runs", []), key=lambda r: (r["horizon"], r["controller"], r["seed"])):
+        lines.append(f"| {r['controller']} | {r['horizon']} | {r['seed']} | {r['updates']} | {r['env_steps']:,} | "
+                     f"{f(r['eval_success_rate'], '.3f')} | {f(r['train_steps_per_s_median'], ',.0f')} | "
+                     f"{f(r.get('train_seconds_this_session'), '.0f')} | {'yes' if r.get('stopped_early') else 'no'} |")
+    transfer = results.get("transfer") or []
+    if transfer:
+        hs = sorted({t["eval_horizon"] for t in transfer})
+        lines += ["", "Greedy success at longer horizons (the trained policy, no further training; mean over "
+                  "seeds, then each seed):", "",
+                  "| controller | trained at | " + " | ".join(f"H = {h}" for h in hs) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in hs) + " |"]
+        for key in sorted({(t["controller"], t["train_horizon"]) for t in transfer}):
+            cells = []
+            for h in hs:
+                t = next((t for t in transfer if (t["controller"], t["train_horizon"], t["eval_horizon"])
+                          == (*key, h)), None)
+                cells.append("-" if t is None else f"{t['success_mean']:.3f} ("
+                             + ", ".join(f"{v:.3f}" for v in t["success"]) + ")")
+            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown_section(path: str | Path, marker: str, body: str) -> None:
+    """Replace the text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in ``path`` with
+    ``body`` (appends the marked section at the end when the markers are missing)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text)

@@ -54,8 +54,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 name, why = resolve_backend(dev, None)
             except ValueError as exc:
                 name, why = "error", str(exc)
-            if op == "causal conv window":
-                name, why = "pytorch", "depthwise conv1d in PyTorch on every device"
+            if op == "causal conv window" and name == "triton":
+                why = f"{why}; inference only: where gradients are needed the PyTorch reference serves"
+            elif op == "causal conv window":
+                name, why = "pytorch", "depthwise conv1d in PyTorch (the differentiable reference)"
             print(f"  {dev:4s} {op:34s} -> {name:9s} ({why})")
     return 0
 

@@ -47,7 +47,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
@@ -156,7 +156,7 @@ def _encode_header(spec: StateSpec, extra: dict[str, Any] | None = None) -> byte
         raise StateError(f"metadata: expected JSON-serialisable values, found {exc}") from None
 
 
-def _is_count(x: Any) -> bool:
+def _is_count(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
@@ -202,7 +202,7 @@ def _decode_header(data: bytes) -> tuple[StateSpec, dict[str, Any]]:
                                         f"found {idx!r}")
         if container == "layer" and idx is not None:
             raise _Rejected(BAD_HEADER, f"header: single-layer state: expected idx null, found {idx!r}")
-        previous = idx if container == "model" else previous
+        previous = cast(int, idx) if container == "model" else previous  # an int: checked above for a model
         specs = []
         for name, ranks in (("conv", (3,)), ("ssm", (3, 4))):
             shape = _shape(e.get(f"{name}_shape"), ranks, f"header: layer {idx}: {name}_shape")
@@ -266,13 +266,13 @@ def _check_header_bytes(words: Sequence[int], header: bytes) -> tuple[StateSpec,
     return spec, doc
 
 
-def _raise(rej: _Rejected, where: str) -> None:
+def _raise(rej: _Rejected, where: str) -> NoReturn:
     cls = StateError if rej.code == SENDER_ABORT else (StateCompatibilityError if rej.code == INCOMPATIBLE
                                                        else StateFormatError)
     raise cls(f"{where}: {rej.message}") from None
 
 
-def _peer_rejected(code: int, who: str, where: str) -> None:
+def _peer_rejected(code: int, who: str, where: str) -> NoReturn:
     cls = StateCompatibilityError if code == INCOMPATIBLE else StateFormatError
     raise cls(f"{where}: expected {who} to accept the transfer, found it rejected it: "
               f"{_REASONS.get(code, f'code {code}')} (error raised there too)")
@@ -315,7 +315,8 @@ def _pack(spec: StateSpec, tensors: Sequence[torch.Tensor], device: torch.device
     return buf
 
 
-def _result(spec: StateSpec, buf: torch.Tensor, device: torch.device | None):
+def _result(spec: StateSpec, buf: torch.Tensor, device: torch.device | None
+            ) -> MambaInferenceState | MambaModelState:
     state = build_state(spec, unpack(buf, spec.tensor_specs()))
     return state if device is None or torch.device(device) == buf.device else state.to(device)
 
@@ -463,7 +464,8 @@ def _broadcast_header(comm: _Comm, src: int, op: int, where: str, preamble: list
     """Broadcast preamble and header from ``src``; every rank checks, then all agree. Returns the parsed header
     on receiving ranks (``None`` on ``src``); raises on every rank when any rank rejected."""
     is_src = comm.rank == src
-    pre = _int_tensor(preamble, comm.device) if is_src else torch.empty(8, dtype=torch.int64, device=comm.device)
+    pre = (_int_tensor(cast(list[int], preamble), comm.device) if is_src  # src always passes its preamble
+           else torch.empty(8, dtype=torch.int64, device=comm.device))
     dist.broadcast(pre, src, group=comm.group)
     words = pre.tolist()
     local: _Rejected | None = None
@@ -481,10 +483,10 @@ def _broadcast_header(comm: _Comm, src: int, op: int, where: str, preamble: list
                 return None  # the caller re-raises its own error
             raise StateError(f"{where}: {_REASONS[SENDER_ABORT]} (rank {src})")
         _peer_rejected(code, "every rank", where)
-    hdr = _bytes_tensor(header, comm.device) if is_src else torch.empty(words[4], dtype=torch.uint8,
-                                                                       device=comm.device)
+    hdr = (_bytes_tensor(cast(bytes, header), comm.device) if is_src  # and its header
+           else torch.empty(words[4], dtype=torch.uint8, device=comm.device))
     dist.broadcast(hdr, src, group=comm.group)
-    parsed = None
+    parsed: tuple[StateSpec, dict[str, Any]] | None = None
     if not is_src:
         try:
             parsed = _check_header_bytes(words, _to_bytes(hdr))
@@ -497,7 +499,10 @@ def _broadcast_header(comm: _Comm, src: int, op: int, where: str, preamble: list
         if local is not None:
             _raise(local, where)
         _peer_rejected(code, "every rank", where)
-    return None if is_src else (words, parsed[0], parsed[1])
+    if is_src:
+        return None
+    parsed = cast("tuple[StateSpec, dict[str, Any]]", parsed)  # set: a rejection raised above
+    return words, parsed[0], parsed[1]
 
 
 def broadcast_state(state_or_none: MambaInferenceState | MambaModelState | None, src: int, group: Any = None,
@@ -526,10 +531,11 @@ def broadcast_state(state_or_none: MambaInferenceState | MambaModelState | None,
     parsed = _broadcast_header(comm, src, OP_BROADCAST, where, preamble, header)
     if error is not None:
         raise error
-    if comm.rank == src:
-        dist.broadcast(_pack(spec, state_tensors(state_or_none), comm.device), src, group=comm.group)
-        return state_or_none
-    _, spec, _ = parsed
+    if comm.rank == src:  # no error: _local_spec accepted the state, so it and spec are set
+        src_state = cast("MambaInferenceState | MambaModelState", state_or_none)
+        dist.broadcast(_pack(cast(StateSpec, spec), state_tensors(src_state), comm.device), src, group=comm.group)
+        return src_state
+    _, spec, _ = cast("tuple[list[int], StateSpec, dict[str, Any]]", parsed)  # a receiving rank's parsed header
     buf = torch.empty(spec.nbytes(), dtype=torch.uint8, device=comm.device)
     dist.broadcast(buf, src, group=comm.group)
     return _result(spec, buf, device)
@@ -590,19 +596,21 @@ def scatter_state(state_or_none: MambaInferenceState | MambaModelState | None, s
     if parsed is not None:
         _, spec, doc = parsed
         sizes = doc["sizes"]
+    spec, sizes = cast(StateSpec, spec), cast("list[int]", sizes)  # set on every rank by now (src: checked above)
     parts = [spec.with_batch(n) for n in sizes]
     chunk = max(p.nbytes() for p in parts)
     out = torch.empty(chunk, dtype=torch.uint8, device=comm.device)
     scatter_list = None
     if comm.rank == src:
         full = torch.empty(comm.size, chunk, dtype=torch.uint8, device=comm.device)
-        tensors, start = state_tensors(state_or_none), 0
+        src_state = cast("MambaInferenceState | MambaModelState", state_or_none)  # accepted by _local_spec
+        tensors, start = state_tensors(src_state), 0
         for r, n in enumerate(sizes):
             pack_into(full[r], [t[start:start + n] for t in tensors])
             start += n
         scatter_list = list(full.unbind(0))
         if device is None:
-            device = state_or_none.device
+            device = src_state.device
     dist.scatter(out, scatter_list, src=src, group=comm.group)
     return _result(parts[comm.group_rank], out, device)
 
@@ -676,8 +684,12 @@ def all_gather_states(state: MambaInferenceState | MambaModelState, group: Any =
 
     dmax = max(w[6] for w in words)
     data = torch.empty(comm.size, dmax, dtype=torch.uint8, device=comm.device)
-    dist.all_gather(list(data.unbind(0)), _pack(spec, state_tensors(state), comm.device, nbytes=dmax),
+    # spec is set: a rank whose own state was rejected raised above
+    dist.all_gather(list(data.unbind(0)), _pack(cast(StateSpec, spec), state_tensors(state), comm.device, nbytes=dmax),
                     group=comm.group)
     parts = [build_state(s, unpack(data[r], s.tensor_specs())) for r, s in enumerate(specs)]
-    out = type(parts[0]).cat(parts)
+    # the layouts agree, so every part is of one container type
+    out: MambaInferenceState | MambaModelState = (
+        MambaModelState.cat(cast("list[MambaModelState]", parts)) if isinstance(parts[0], MambaModelState)
+        else MambaInferenceState.cat(cast("list[MambaInferenceState]", parts)))
     return out if out.device == state.device else out.to(state.device)

@@ -130,3 +130,32 @@ def test_scale_with_eval_horizons_gives_a_transfer_table_and_markdown(tmp_path):
     assert "old" not in text and text.count("H = 9") == 1
     update_markdown_section(tmp_path / "new.md", "res", "x")  # no markers yet: appended
     assert (tmp_path / "new.md").read_text() == "<!-- res:start -->\nx\n<!-- res:end -->\n"
+
+
+def test_init_from_loads_only_the_policy_and_checks_the_architecture(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    base = ["rl", "--controller", "gru", "--gru-hidden", "8", *TINY]
+    assert main([*base, "--total-updates", "2", "--out", str(src)]) == 0
+    trained = load_checkpoint(src / "checkpoint.pt")["trainer"]["policy"]
+    # the library loads exactly the source's parameters (another horizon: same observation and action sizes)
+    from mamba_state.rl.policies import GRUPolicy
+    from mamba_state.rl.train import _init_policy_from
+
+    fresh = GRUPolicy(7, 2, hidden_size=8)  # 1 bit: 1 + 2 + 4 noise channels
+    _init_policy_from(fresh, str(src), log=print)
+    assert "initialised the policy from" in capsys.readouterr().out
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
+    longer = [x if x != "3" else "9" for x in base]
+    # the {controller}/{seed} template, then one update moves away from the source
+    assert main([*longer, "--total-updates", "1", "--out", str(tmp_path / "t"), "--init-from",
+                 str(tmp_path / "{controller}_s{seed}")]) == 2  # no such run: a message, exit status 2
+    (tmp_path / "gru_s0").symlink_to(src, target_is_directory=True)
+    assert main([*longer, "--total-updates", "1", "--out", str(tmp_path / "t"), "--init-from",
+                 str(tmp_path / "{controller}_s{seed}")]) == 0
+    moved = load_checkpoint(tmp_path / "t" / "checkpoint.pt")["trainer"]["policy"]
+    assert any(not torch.equal(v, moved[k]) for k, v in trained.items())
+    # another architecture is refused with the names/shapes that differ
+    capsys.readouterr()
+    assert main([*[x if x != "8" else "12" for x in longer], "--total-updates", "1", "--out",
+                 str(tmp_path / "bad"), "--init-from", str(src)]) == 2
+    assert "init_from" in capsys.readouterr().err

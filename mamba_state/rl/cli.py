@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's)")
     g.add_argument("--max-seconds", type=float, default=D["max_seconds"],
                    help="stop training after the first update that ends past this many seconds (then evaluate)")
+    g.add_argument("--init-from", default=D["init_from"], metavar="RUN",
+                   help="start from the policy parameters of another run (DIR or DIR/checkpoint.pt; curriculum); "
+                        "{controller} and {seed} are filled in, e.g. runs/h32/{controller}_h32_s{seed}")
     g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"],
                    help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons)")
     p = parser.add_argument_group("PPO")

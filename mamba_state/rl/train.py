@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
     "backend": None, "noise_channels": 4, "noise_std": 1.0, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
-    "max_seconds": None, "eval_horizons": None,
+    "max_seconds": None, "eval_horizons": None, "init_from": None,
 }
 
 # Options that change the run (a resumed run must agree on them).
@@ -94,6 +94,28 @@ def build(opts: dict[str, Any], ctx: DistContext | None = None) -> tuple[Delayed
     return env, policy, PPOTrainer(policy, env, cfg)
 
 
+def _init_policy_from(policy: Any, source: str, log) -> None:
+    """Load only the policy's parameters from another run's checkpoint (``DIR`` or ``DIR/checkpoint.pt``): a
+    curriculum step, e.g. a policy trained at horizon 32 continues at horizon 1000 with a fresh optimizer,
+    environments and counters. The architecture must match."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise StateError(f"init_from: expected a run folder with checkpoint.pt or a checkpoint file, found {source!r}"
+                         " (no such file)")
+    params = load_checkpoint(path)["trainer"].get("policy")
+    own = policy.state_dict()
+    if not isinstance(params, dict) or set(params) != set(own) or any(
+            params[k].shape != own[k].shape for k in own):
+        found = ({k: list(v.shape) for k, v in params.items() if k not in own or v.shape != own[k].shape}
+                 if isinstance(params, dict) else type(params).__name__)
+        raise StateCompatibilityError(f"init_from {path}: expected the parameters of this policy "
+                                      f"({len(own)} tensors), found a different architecture: {found or 'other names'}")
+    policy.load_state_dict(params)
+    log(f"initialised the policy from {path}")
+
+
 def _fmt(x: float, spec: str) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -143,8 +165,12 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
             keep = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["update"] <= trainer.updates]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    elif main:
-        metrics_path.write_text("")
+    else:
+        if o["init_from"]:
+            # "{controller}" and "{seed}" are filled in, so one --scale sweep can continue a whole earlier sweep
+            _init_policy_from(policy, str(o["init_from"]).format(controller=o["controller"], seed=o["seed"]), log)
+        if main:
+            metrics_path.write_text("")
     counts = getattr(trainer, "counts", [env.num_envs])
     config = {**o, "device": str(env.device), "rollout_len": trainer.config.rollout_len,
               "parameters": count_parameters(policy), "torch": torch.__version__,

@@ -38,6 +38,8 @@ __all__ = ["StatefulMamba", "Mamba1Parameters"]
 
 _SHARED_MODULES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 _SHARED_PARAMS = ("A_log", "D")
+# the scan's positional arguments (u, delta, A, B, C, D)
+_ScanArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +47,7 @@ def _kernel_scan():
     """``mamba_state.kernels.selective_scan_fn`` when the Triton kernel package provides it, else ``None``
     (cached: an import attempt per call costs host time on every layer)."""
     try:
-        from mamba_state.kernels import selective_scan_fn  # type: ignore[attr-defined]
+        from mamba_state.kernels import selective_scan_fn
     except Exception:  # triton missing
         return None
     return selective_scan_fn
@@ -122,6 +124,15 @@ class StatefulMamba(nn.Module):
         backend: ``None``/``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.backend`).
         layer_idx: overrides ``layer.layer_idx``.
     """
+
+    # the upstream layer's own submodules and parameters, registered by setattr in __init__ (declared for typing)
+    in_proj: nn.Linear
+    conv1d: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    out_proj: nn.Linear
+    A_log: nn.Parameter
+    D: nn.Parameter
 
     def __init__(self, layer: nn.Module, state_dtype: torch.dtype = torch.float32, backend: str | None = None,
                  layer_idx: int | None = None):
@@ -282,7 +293,8 @@ class StatefulMamba(nn.Module):
         ssm_at = ssm_at.to(state.ssm_state.dtype)
         return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
 
-    def _scan_segments(self, args, kwargs, initial_state, reset, positions):
+    def _scan_segments(self, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
+                       reset: torch.Tensor | None, positions: list[int]):
         """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
         L = args[0].shape[-1]
         if use_dense_states(positions, L):  # many positions (full traces): one pass keeping every state
@@ -387,7 +399,7 @@ def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
     name, _ = resolve_backend(ssm.device, backend)
     if name == "triton":
         try:
-            from mamba_state.kernels import selective_state_update  # type: ignore[attr-defined]
+            from mamba_state.kernels import selective_state_update
         except Exception:
             selective_state_update = None
         if selective_state_update is not None:

@@ -24,7 +24,7 @@ resets, where the ``causal_conv1d`` package's CUDA conv (with its ``initial_stat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,8 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None
 
 class GatedRMSNorm(nn.Module):
     """Our mirror of upstream's ``RMSNormGated`` (same parameter ``weight``, initialised to ones; no bias)."""
+
+    bias: torch.Tensor | None  # registered as a None parameter (declared for typing)
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = True, device=None, dtype=None):
@@ -154,10 +156,21 @@ class StatefulMamba2(nn.Module):
     ``d_conv`` conv inputs, oldest first); ``ssm_state`` ``[B, nheads, headdim, d_state]``.
     """
 
+    # the wrapped layer's own parameters and submodules, registered in __init__ / from_config (declared for typing;
+    # ``norm`` exists only with rmsnorm: upstream's RMSNormGated, transformers' gated norm or GatedRMSNorm)
+    dt_bias: nn.Parameter
+    A_log: nn.Parameter
+    D: nn.Parameter
+    in_proj: nn.Linear
+    conv1d: nn.Conv1d
+    norm: nn.Module
+    out_proj: nn.Linear
+
     def __init__(self, upstream_mamba2_layer: nn.Module, state_dtype: torch.dtype = torch.float32,
                  backend: str | None = None):
         super().__init__()
-        layer = upstream_mamba2_layer
+        # duck-typed: mamba_ssm's Mamba2 or transformers' Mamba2Mixer, both checked before use
+        layer: Any = upstream_mamba2_layer
         if _is_hf_mixer(layer):
             self._setup(**_hf_config(layer), state_dtype=state_dtype, backend=backend)
         else:
@@ -275,7 +288,7 @@ class StatefulMamba2(nn.Module):
         A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
         D = nn.Parameter(torch.ones(d_ssm_ if D_has_hdim else nheads, device=device))  # fp32, as upstream
         for p in (dt_bias, A_log, D):
-            p._no_weight_decay = True
+            p._no_weight_decay = True  # type: ignore[attr-defined]  # upstream's ad-hoc optimizer flag
         self.dt_bias, self.A_log, self.D = dt_bias, A_log, D
         self.in_proj = in_proj
         self.conv1d = conv1d
@@ -337,11 +350,12 @@ class StatefulMamba2(nn.Module):
         if self.rmsnorm:
             eps, group_size, before = _norm_params(self.norm, self.d_ssm)
             bias = getattr(self.norm, "bias", None)
+            weight = cast(torch.Tensor, self.norm.weight)  # every supported gated norm has a weight parameter
             fn = _upstream_rmsnorm_fn() if use_triton and y.is_cuda else None
             if fn is not None:  # upstream's fused Triton gated norm (same function as its RMSNormGated)
-                y = fn(y, self.norm.weight, bias, z=z, eps=eps, group_size=group_size, norm_before_gate=before)
+                y = fn(y, weight, bias, z=z, eps=eps, group_size=group_size, norm_before_gate=before)
             else:
-                y = gated_rms_norm(y, self.norm.weight, z, eps, group_size, before, bias)
+                y = gated_rms_norm(y, weight, z, eps, group_size, before, bias)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)

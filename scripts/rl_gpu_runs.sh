@@ -4,7 +4,7 @@
 #   scripts/rl_gpu_runs.sh [DIR]      # DIR defaults to $OUT/rl_gpu when $OUT is set (the device tool's
 #                                     # folder that comes back), else runs/rl_gpu
 #
-# Writes under DIR: transfer/ and direct/ (each a `mamba-state rl --scale` sweep: scale_results.json,
+# Writes under DIR: transfer/ and direct/ (the curriculum step) (each a `mamba-state rl --scale` sweep: scale_results.json,
 # scale.png, one folder per run with config/metrics/summary), results.md (the markdown tables and the exact
 # commands), rl.md (docs/rl.md with the tables put between its <!-- rl-gpu-results --> markers) and
 # rl_gpu_transfer.png. It also updates docs/rl.md and docs/img/rl_gpu_transfer.png in the working tree it
@@ -25,13 +25,15 @@
 #   chunks through forward_sequence, so H = 20000 is about ten policy calls plus 20,001 environment steps,
 #   ~5-10 s per run for all four horizons). This tests whether the learned memory HOLDS over long horizons;
 #   it does not test learning AT those horizons, and the docs must say so.
-# * Plus one time-boxed from-scratch run per controller at H = 1000 (seed 0), for the throughput at that
-#   horizon and an honest "did it learn in N updates" figure.
+# * Then a curriculum step: the seed-0 policies continue training AT H = 1000 (--init-from the H = 32 run,
+#   fresh optimizer), time-boxed, evaluated at 1000 and (open loop) 5000, 10000, 20000; this also gives the
+#   training throughput at H = 1000. A from-scratch run at 1000 is left out: at ~4-5 s per update it would get
+#   ~8 updates, where CPU runs needed 40-200 at horizon 32.
 #
 # Expected time on one H100 (estimates, not measured): transfer phase 4 runs x (55 s training budget + ~10-20 s
 # evaluation, dominated by the 36,000 environment steps of the four horizons at ~0.3-0.5 ms each + ~5 s
 # start) ~ 5 min, plus Triton's compilation on the first run (~30-60 s, cached for the others); direct phase
-# 2 runs x (35 s budget + one update's overrun, <= ~5 s + ~3 s evaluation + ~5 s start) ~ 1.5 min. Total
+# 2 runs x (35 s budget + one update's overrun, <= ~5 s + ~15 s evaluation + ~5 s start) ~ 2 min. Total
 # ~7-8 min. Each phase is wrapped in `timeout` (transfer 400 s; direct gets what is left of 540 s) so the
 # script stays under 10 minutes; a sweep writes its JSON after every run, so a phase cut short still leaves
 # its finished runs in the tables.
@@ -53,7 +55,8 @@ COMMON=(--num-bits 1 --noise-std 0.1 --lr 3e-3 --d-model 32 --num-layers 1 --gru
 TRANSFER=(rl --scale --horizons 32 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 1000
           --max-seconds 55 --eval-horizons 1000 5000 10000 20000 "${COMMON[@]}" --out "$DIR/transfer")
 DIRECT=(rl --scale --horizons 1000 --seeds 0 --controllers mamba gru --num-envs 256 --total-updates 1000
-        --max-seconds 35 "${COMMON[@]}" --out "$DIR/direct")
+        --max-seconds 35 --init-from "$DIR/transfer/{controller}_h32_s{seed}" --eval-horizons 5000 10000 20000
+        "${COMMON[@]}" --out "$DIR/direct")
 if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # a CPU dry run of the whole pipeline in ~1 minute (tiny everything)
   SMOKE=(--device cpu --threads 1 --backend reference --d-model 16 --num-layers 1 --gru-hidden 16 --eval-envs 16
          --num-envs 8 --max-seconds 2)
@@ -61,6 +64,7 @@ if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # a CPU dry run of the whole pipeline in 
             --eval-horizons 20 50 --num-bits 1 --noise-std 0.1 --no-progress --checkpoint-every 0 "${SMOKE[@]}"
             --out "$DIR/transfer")
   DIRECT=(rl --scale --horizons 10 --seeds 0 --controllers mamba gru --total-updates 1000 --num-bits 1
+          --init-from "$DIR/transfer/{controller}_h4_s{seed}" --eval-horizons 50
           --noise-std 0.1 --no-progress --checkpoint-every 0 "${SMOKE[@]}" --out "$DIR/direct")
 fi
 DOC=docs/rl.md IMG=docs/img
@@ -72,7 +76,7 @@ fi
 t0=$(date +%s)
 echo "== transfer: train at H=32, evaluate at 1000..20000 ($(date -u +%H:%M:%S))"
 timeout 400 python -m mamba_state "${TRANSFER[@]}" || echo "transfer phase ended with status $? (timeout: 124)"
-echo "== direct: from scratch at H=1000, time-boxed ($(date -u +%H:%M:%S), $(( $(date +%s) - t0 )) s so far)"
+echo "== curriculum: continue the H=32 policies at H=1000, time-boxed ($(date -u +%H:%M:%S), $(( $(date +%s) - t0 )) s so far)"
 left=$(( 540 - ($(date +%s) - t0) ))
 if [ "$left" -gt 60 ]; then
   timeout "$left" python -m mamba_state "${DIRECT[@]}" || echo "direct phase ended with status $? (timeout: 124)"
@@ -90,7 +94,7 @@ out, cmd_transfer, cmd_direct, doc, img = Path(sys.argv[1]), sys.argv[2], sys.ar
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
 parts = [f"Produced by `scripts/rl_gpu_runs.sh` on {gpu}.", ""]
 for name, title, cmd in (("transfer", "Trained at horizon 32, evaluated at long horizons", cmd_transfer),
-                         ("direct", "Trained from scratch at horizon 1000 (time-boxed)", cmd_direct)):
+                         ("direct", "Continued at horizon 1000 from the horizon-32 policies (seed 0, time-boxed)", cmd_direct)):
     res = out / name / "scale_results.json"
     parts += [f"#### {title}", "", "```", cmd.replace(str(out), "DIR"), "```", ""]
     if res.exists():

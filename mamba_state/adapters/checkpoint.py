@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping, cast
 
 import torch
 import torch.nn as nn
@@ -151,7 +151,7 @@ def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, back
     """
     from .lm import StatefulMambaLM
 
-    cfg = getattr(hf_model, "config", None)
+    cfg: Any = getattr(hf_model, "config", None)  # a transformers config (None fails the model_type check)
     model_type = getattr(cfg, "model_type", None)
     if model_type == "mamba2":
         raise StateCompatibilityError(
@@ -165,7 +165,7 @@ def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, back
             f"(model_type {model_type!r})"
         )
     upstream_cfg = hf_config_to_upstream(cfg.to_dict())
-    upstream_cfg["tie_embeddings"] = hf_model.lm_head.weight is backbone.embeddings.weight
+    upstream_cfg["tie_embeddings"] = cast(nn.Linear, hf_model.lm_head).weight is backbone.embeddings.weight
     layers = [SimpleNamespace(norm=b.norm, mixer=b.mixer, mlp=None) for b in backbone.layers]
     view = SimpleNamespace(
         config=upstream_cfg,
@@ -185,7 +185,7 @@ def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lm.state_dict().items()}
-    cfg = dict(lm.config)
+    cfg = dict(cast(Mapping[str, Any], lm.config))  # the normalised config dict the LM keeps
     for target, write in (("model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
                           ("config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2) + "\n"))):
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{target}.", suffix=".tmp")

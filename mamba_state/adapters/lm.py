@@ -21,7 +21,7 @@ sequence and is not part of a Mamba state.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -33,17 +33,21 @@ from ..state import MambaModelState
 from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config
 
+if TYPE_CHECKING:
+    from .mamba2 import StatefulMamba2
+
 __all__ = ["StatefulMambaLM"]
 
 
-def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: str | None) -> nn.Module:
+def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: str | None
+                ) -> StatefulMamba | StatefulMamba2:
     if is_attention_layer(mixer):
         raise StateCompatibilityError(
             f"layer {idx}: expected a Mamba or Mamba2 mixer, found an attention layer (MHA); models with "
             "attention layers are not supported (their KV cache is not a Mamba state)"
         )
     if hasattr(mixer, "state_layout") and hasattr(mixer, "new_state"):  # already one of our adapters
-        return mixer
+        return cast("StatefulMamba | StatefulMamba2", mixer)
     if hasattr(mixer, "nheads") or type(mixer).__name__ in ("Mamba2", "Mamba2Simple", "Mamba2Mixer"):
         try:
             from .mamba2 import StatefulMamba2
@@ -79,7 +83,7 @@ class _Block(nn.Module):
             out = norm_apply(norm, r).to(hidden.dtype)
             return out, (r if self.residual_in_fp32 else r.to(hidden.dtype))
         r = hidden if residual is None else hidden + residual
-        out = norm_apply(norm, r.to(norm.weight.dtype))
+        out = norm_apply(norm, r.to(cast(torch.Tensor, norm.weight).dtype))  # every supported norm has a weight
         return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
     def forward(self, hidden, residual, state, reset, one_step: bool, positions=None):
@@ -100,6 +104,12 @@ class _Block(nn.Module):
         return hidden, residual, state
 
 
+def _layer_idx(block: _Block) -> int:
+    """The block's layer index: an int for every mixer of an LM (upstream numbers them; :func:`_wrap_mixer`
+    numbers a Mamba-1 mixer without one)."""
+    return int(cast(int, block.mixer.layer_idx))
+
+
 class _Backbone(nn.Module):
     def __init__(self, backbone: Any, cfg: dict, state_dtype: torch.dtype, backend: str | None):
         super().__init__()
@@ -109,6 +119,10 @@ class _Backbone(nn.Module):
             for i, b in enumerate(backbone.layers)
         )
         self.norm_f = backbone.norm_f
+
+    def blocks(self) -> Sequence[_Block]:
+        """``layers`` typed as what it holds (a ``ModuleList`` is typed as holding plain Modules)."""
+        return cast("Sequence[_Block]", self.layers)
 
 
 class StatefulMambaLM(nn.Module):
@@ -138,7 +152,7 @@ class StatefulMambaLM(nn.Module):
         self.backbone = _Backbone(model.backbone, cfg, state_dtype, backend)
         self.lm_head = model.lm_head
         self.state_dtype = state_dtype
-        idx = [int(layer.mixer.layer_idx) for layer in self.backbone.layers]
+        idx = [_layer_idx(layer) for layer in self.backbone.blocks()]
         if len(set(idx)) != len(idx):
             raise StateCompatibilityError(f"model: expected unique mixer layer_idx values, found {idx}")
 
@@ -178,15 +192,15 @@ class StatefulMambaLM(nn.Module):
     # ------------------------------------------------------------------ state
     @property
     def layer_indices(self) -> list[int]:
-        return [int(layer.mixer.layer_idx) for layer in self.backbone.layers]
+        return [_layer_idx(layer) for layer in self.backbone.blocks()]
 
     def state_layouts(self) -> dict[int, dict[str, Any]]:
-        return {int(layer.mixer.layer_idx): layer.mixer.state_layout() for layer in self.backbone.layers}
+        return {_layer_idx(layer): layer.mixer.state_layout() for layer in self.backbone.blocks()}
 
     def new_state(self, batch_size: int, device: Any = None, dtype: torch.dtype | None = None) -> MambaModelState:
         """A zero state for every layer (``seqlen_offset`` 0)."""
-        return MambaModelState({int(layer.mixer.layer_idx): layer.mixer.new_state(batch_size, device=device, dtype=dtype)
-                                for layer in self.backbone.layers}, seqlen_offset=0)
+        return MambaModelState({_layer_idx(layer): layer.mixer.new_state(batch_size, device=device, dtype=dtype)
+                                for layer in self.backbone.blocks()}, seqlen_offset=0)
 
     def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaModelState:
         if state is None:
@@ -214,20 +228,20 @@ class StatefulMambaLM(nn.Module):
                                   or list(reset.shape) != [batch, seqlen]):
             found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
             raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
-        for layer in self.backbone.layers:  # validate every layer's state before computing anything
-            layer.mixer._check_state(state[int(layer.mixer.layer_idx)], batch, input_ids.device)
+        for layer in self.backbone.blocks():  # validate every layer's state before computing anything
+            layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
         hidden = self.backbone.embedding(input_ids)
         residual = None
         new_layers = {}
         layers_at: dict[int, list] = {}
-        for layer in self.backbone.layers:
-            idx = int(layer.mixer.layer_idx)
+        for layer in self.backbone.blocks():
+            idx = _layer_idx(layer)
             if positions is None:
                 hidden, residual, new_layers[idx] = layer(hidden, residual, state[idx], reset, one_step)
             else:
                 hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, state[idx], reset,
                                                                           False, positions)
-        first = self.backbone.layers[0]
+        first = self.backbone.blocks()[0]
         hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]

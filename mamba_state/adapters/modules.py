@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 import torch.nn as nn
@@ -83,9 +83,10 @@ def norm_apply(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(ct)
     bias = getattr(norm, "bias", None)
+    weight = cast(torch.Tensor, norm.weight)  # every supported RMSNorm has a weight parameter
     if bias is None and hasattr(F, "rms_norm"):  # one fused kernel instead of five passes (same math)
-        return F.rms_norm(xf, (xf.shape[-1],), norm.weight.to(ct), eps).to(x.dtype)
-    out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm.weight.to(ct)
+        return F.rms_norm(xf, (xf.shape[-1],), weight.to(ct), eps).to(x.dtype)
+    out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(ct)
     if bias is not None:
         out = out + bias.to(ct)
     return out.to(x.dtype)
@@ -150,7 +151,7 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
             if name in ("out_proj.weight", "fc2.weight"):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                 with torch.no_grad():
-                    p /= math.sqrt(n_residuals_per_layer * n_layer)
+                    p.div_(math.sqrt(n_residuals_per_layer * n_layer))
 
 
 class _MixerModelParameters(nn.Module):
@@ -159,8 +160,9 @@ class _MixerModelParameters(nn.Module):
         d_model, n_layer, d_int = cfg["d_model"], cfg["n_layer"], cfg["d_intermediate"]
         eps = cfg.get("norm_epsilon", 1e-5)
         self.embedding = nn.Embedding(vocab_size, d_model, **fk)
-        norm_cls = partial(RMSNorm if cfg["rms_norm"] else nn.LayerNorm, eps=eps, **fk)
-        mlp_cls = None if d_int == 0 else partial(GatedMLP, hidden_features=d_int, out_features=d_model, **fk)
+        norm_cls: Callable[[int], nn.Module] = partial(RMSNorm if cfg["rms_norm"] else nn.LayerNorm, eps=eps, **fk)
+        mlp_cls: Callable[[int], nn.Module] | None = (
+            None if d_int == 0 else partial(GatedMLP, hidden_features=d_int, out_features=d_model, **fk))
         self.layers = nn.ModuleList()
         for i in range(n_layer):
             # creation order as upstream's Block: norm, mixer, norm2, mlp (same random draws)

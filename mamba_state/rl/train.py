@@ -31,10 +31,10 @@ __all__ = ["DEFAULTS", "train", "auto_rollout_len", "build"]
 
 DEFAULTS: dict[str, Any] = {
     "controller": "mamba", "horizon": 1000, "num_bits": 1, "num_envs": 64, "total_updates": 100, "seed": 0,
-    "device": "auto", "out": "runs/rl", "rollout_len": None, "lr": 1e-3, "epochs": 4, "minibatches": 4,
+    "device": "auto", "out": "runs/rl", "rollout_len": None, "lr": 3e-3, "epochs": 4, "minibatches": 4,
     "gamma": 0.99, "gae_lambda": 0.95, "clip_coef": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
     "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
-    "backend": None, "noise_channels": 4, "noise_std": 1.0, "distractor_bits": False, "shaping": 0.0,
+    "backend": None, "noise_channels": 4, "noise_std": 0.1, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
     "max_seconds": None, "eval_horizons": None, "init_from": None,
 }

@@ -3,40 +3,39 @@
 #
 #   scripts/rl_gpu_runs.sh [DIR]      # DIR defaults to $OUT/rl_gpu when $OUT is set (the device tool's
 #                                     # folder that comes back), else runs/rl_gpu
+#   RL_GPU_SMOKE=1 scripts/rl_gpu_runs.sh /tmp/x    # CPU dry run of the whole pipeline (~1 min, tiny runs)
 #
-# Writes under DIR: transfer/ and direct/ (the curriculum step) (each a `mamba-state rl --scale` sweep: scale_results.json,
-# scale.png, one folder per run with config/metrics/summary), results.md (the markdown tables and the exact
-# commands), rl.md (docs/rl.md with the tables put between its <!-- rl-gpu-results --> markers) and
-# rl_gpu_transfer.png. It also updates docs/rl.md and docs/img/rl_gpu_transfer.png in the working tree it
-# runs in; on the device machine that copy does not come back, so take DIR/rl.md and the PNG from $OUT.
+# Needs mamba_state importable (pip install -e . in the checkout). Writes under DIR: h32/, h256/, h1000/ (each
+# a `mamba-state rl --scale` sweep: scale_results.json, scale.png, one folder per run with config, metrics,
+# checkpoint, summary), results.md (markdown tables + the exact commands), rl.md (docs/rl.md with the tables
+# between its <!-- rl-gpu-results --> markers) and rl_gpu_h*.png. It also updates docs/rl.md and
+# docs/img/rl_gpu_h*.png of the tree it runs in; on the device machine that copy does not come back, so take
+# DIR/rl.md and the PNGs from $OUT.
 #
-# Why this shape (measured on CPU, estimated for the GPU; docs/rl.md "Recipe" has the numbers):
-# * Training AT horizon 1000-20000 does not fit. Collection is one policy.step per environment step, and a
-#   step is launch-bound on a GPU: about 150 small ops for the 2-layer Mamba policy, 15 for the GRU, plus
-#   about 60 for sampling and the environment. At roughly 5-10 us per op that is ~1.5-2 ms (Mamba) and
-#   ~0.5-0.7 ms (GRU) per step, whatever the number of environments. One update at the default rollout
-#   length 2 * (H + 2) therefore costs at least ~4 s (Mamba) / ~1.5 s (GRU) at H = 1000, ~20 s / ~7 s at
-#   H = 5000 and ~80 s / ~28 s at H = 20000, before the replay. On CPU, even horizon 32 needs 60 to 200+
-#   updates to leave chance (seed-dependent), so a from-scratch run at H >= 5000 would get a handful of
-#   updates in 8 minutes and cannot be expected to learn.
-# * What fits: train each controller at a short horizon (32) where an update is cheap, with many
-#   environments in parallel (the per-step cost hardly grows with --num-envs on a GPU), then evaluate the
-#   trained policy greedily at 1000, 5000, 10000 and 20000 (--eval-horizons: open-loop, whole episodes in
-#   chunks through forward_sequence, so H = 20000 is about ten policy calls plus 20,001 environment steps,
-#   ~5-10 s per run for all four horizons). This tests whether the learned memory HOLDS over long horizons;
-#   it does not test learning AT those horizons, and the docs must say so.
-# * Then a curriculum step: the seed-0 policies continue training AT H = 1000 (--init-from the H = 32 run,
-#   fresh optimizer), time-boxed, evaluated at 1000 and (open loop) 5000, 10000, 20000; this also gives the
-#   training throughput at H = 1000. A from-scratch run at 1000 is left out: at ~4-5 s per update it would get
-#   ~8 updates, where CPU runs needed 40-200 at horizon 32.
+# Why this shape (CPU measurements and estimates; docs/rl.md "Recipe" has the numbers):
+# * Training AT horizons 5000-20000 does not fit. Collection is one policy.step per environment step, and a
+#   step is launch-bound on a GPU: about 150 small ops for the 2-layer Mamba policy (fewer for the 1-layer one
+#   used here), 15 for the GRU, plus about 60 for sampling and the environment: roughly 1-2 ms (Mamba) and
+#   0.5-0.7 ms (GRU) per step whatever --num-envs is. One update at the rollout length 2 * (H + 2) costs at
+#   least ~2-4 s / ~1.5 s at H = 1000, 10-20 s / 7 s at 5000, 40-80 s / 28 s at 20000, before the replay. On
+#   CPU, horizon 32 took 40-200 updates to leave chance; a from-scratch run at H >= 1000 in this budget would
+#   get a handful of updates.
+# * What fits is a time-boxed curriculum (each stage --init-from the previous one, fresh optimizer):
+#   stage 1, horizon 32 from scratch (2 seeds, 512 environments, 35 s each; ~0.3-0.5 s per update, so ~70-120
+#   updates of 1024 episodes); stage 2, horizon 256 (2 seeds, 20 s each); stage 3, horizon 1000 (seed 0, 20 s
+#   each, ~5-8 updates). After stages 2 and 3 the policies are evaluated greedily at 1000, 5000, 10000 and
+#   20000 (--eval-horizons: open loop, whole episodes through forward_sequence in chunks of 2048, so the cost
+#   is the environment's 36,000 steps at ~0.3-0.5 ms, ~10-20 s per run). This tests whether the learned
+#   memory HOLDS at long horizons after training at <= 1000; it is not training at 5000-20000, and the
+#   docs say so. On CPU the Mamba trained at 32 fell from 1.0 at 128 to 0.72 at 512 (a decaying trace) while
+#   the small GRUs held 1.0 to 4000; stage 2 and 3 show whether longer training horizons change that.
 #
-# Expected time on one H100 (estimates, not measured): transfer phase 4 runs x (55 s training budget + ~10-20 s
-# evaluation, dominated by the 36,000 environment steps of the four horizons at ~0.3-0.5 ms each + ~5 s
-# start) ~ 5 min, plus Triton's compilation on the first run (~30-60 s, cached for the others); direct phase
-# 2 runs x (35 s budget + one update's overrun, <= ~5 s + ~15 s evaluation + ~5 s start) ~ 2 min. Total
-# ~7-8 min. Each phase is wrapped in `timeout` (transfer 400 s; direct gets what is left of 540 s) so the
-# script stays under 10 minutes; a sweep writes its JSON after every run, so a phase cut short still leaves
-# its finished runs in the tables.
+# Expected time on one H100 (estimates, not measured): stage 1: 4 x (35 s + ~5 s start + ~1 s evaluation)
+# + Triton compilation on the first run (~30-60 s, cached for the rest) ~ 3.5 min; stage 2: 4 x (20 s + ~2 s
+# overrun + ~15 s long evaluations + ~5 s) ~ 3 min; stage 3: 2 x (20 s + <= 5 s overrun + ~2 s + ~15 s + 5 s)
+# ~ 1.5 min. Total ~8 min. Each stage runs under `timeout` (its cap, or what is left of 560 s), so the script
+# ends before 10 minutes; a sweep writes its JSON after every run, so a stage cut short still leaves its
+# finished runs in the tables, and a stage whose source runs are missing fails with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-${OUT:+$OUT/rl_gpu}}
@@ -45,27 +44,29 @@ mkdir -p "$DIR"
 python -c "import mamba_state.rl, mamba_state.kernels" || { echo "mamba_state is not importable: pip install -e . first"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$DIR/gpu.txt" || true
 
-# The CPU recipe (docs/rl.md "Recipe"): 1 bit, noise channels of std 0.1 (std 1 kept both controllers at
-# chance at horizon 32 on CPU), lr 3e-3 (at 1e-3 the small Mamba stayed at chance for 144-203 updates in three
-# runs), the CPU-tested small models (Mamba d_model 32 x 1 layer, 10,403 parameters; GRU hidden 32, 10,019).
-# More environments than on CPU: 512 give 1024 episodes per update at horizon 32 for about the per-step
-# cost of 32 on a GPU (launch-bound). 4 minibatches of 128 environments.
+# The CPU recipe (docs/rl.md "Recipe"; now the defaults): 1 bit, noise channels of std 0.1, lr 3e-3, the
+# CPU-tested small models (Mamba d_model 32 x 1 layer, 10,403 parameters; GRU hidden 32, 10,019). More
+# environments than on CPU: with 32 environments Mamba learned horizon 32 in 3 of 8 runs, with 128 the seed
+# that had failed learned at update 40; 512 cost about the same per step as 32 on a GPU (launch-bound).
 COMMON=(--num-bits 1 --noise-std 0.1 --lr 3e-3 --d-model 32 --num-layers 1 --gru-hidden 32 --device cuda
-        --no-progress --checkpoint-every 0 --eval-envs 256)
-TRANSFER=(rl --scale --horizons 32 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 1000
-          --max-seconds 55 --eval-horizons 1000 5000 10000 20000 "${COMMON[@]}" --out "$DIR/transfer")
-DIRECT=(rl --scale --horizons 1000 --seeds 0 --controllers mamba gru --num-envs 256 --total-updates 1000
-        --max-seconds 35 --init-from "$DIR/transfer/{controller}_h32_s{seed}" --eval-horizons 5000 10000 20000
-        "${COMMON[@]}" --out "$DIR/direct")
+        --no-progress --checkpoint-every 0 --eval-envs 256 --minibatches 4)
+LONG=(1000 5000 10000 20000)
+S32=(rl --scale --horizons 32 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 2000
+     --max-seconds 35 --eval-horizons 128 "${COMMON[@]}" --out "$DIR/h32")
+S256=(rl --scale --horizons 256 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 2000
+      --max-seconds 20 --init-from "$DIR/h32/{controller}_h32_s{seed}" --eval-horizons "${LONG[@]}"
+      "${COMMON[@]}" --out "$DIR/h256")
+S1000=(rl --scale --horizons 1000 --seeds 0 --controllers mamba gru --num-envs 256 --total-updates 2000
+       --max-seconds 20 --init-from "$DIR/h256/{controller}_h256_s{seed}" --eval-horizons 5000 10000 20000
+       "${COMMON[@]}" --out "$DIR/h1000")
 if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # a CPU dry run of the whole pipeline in ~1 minute (tiny everything)
-  SMOKE=(--device cpu --threads 1 --backend reference --d-model 16 --num-layers 1 --gru-hidden 16 --eval-envs 16
-         --num-envs 8 --max-seconds 2)
-  TRANSFER=(rl --scale --horizons 4 --seeds 0 1 --controllers mamba gru --total-updates 1000
-            --eval-horizons 20 50 --num-bits 1 --noise-std 0.1 --no-progress --checkpoint-every 0 "${SMOKE[@]}"
-            --out "$DIR/transfer")
-  DIRECT=(rl --scale --horizons 10 --seeds 0 --controllers mamba gru --total-updates 1000 --num-bits 1
-          --init-from "$DIR/transfer/{controller}_h4_s{seed}" --eval-horizons 50
-          --noise-std 0.1 --no-progress --checkpoint-every 0 "${SMOKE[@]}" --out "$DIR/direct")
+  SMOKE=(--num-bits 1 --device cpu --threads 1 --backend reference --d-model 16 --num-layers 1 --gru-hidden 16
+         --eval-envs 16 --num-envs 8 --max-seconds 2 --no-progress --checkpoint-every 0 --total-updates 1000)
+  S32=(rl --scale --horizons 4 --seeds 0 1 --controllers mamba gru --eval-horizons 8 "${SMOKE[@]}" --out "$DIR/h32")
+  S256=(rl --scale --horizons 8 --seeds 0 1 --controllers mamba gru --init-from "$DIR/h32/{controller}_h4_s{seed}"
+        --eval-horizons 20 50 "${SMOKE[@]}" --out "$DIR/h256")
+  S1000=(rl --scale --horizons 12 --seeds 0 --controllers mamba gru --init-from "$DIR/h256/{controller}_h8_s{seed}"
+         --eval-horizons 50 "${SMOKE[@]}" --out "$DIR/h1000")
 fi
 DOC=docs/rl.md IMG=docs/img
 if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # leave the tree's docs alone: work on a copy under DIR
@@ -74,42 +75,48 @@ if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # leave the tree's docs alone: work on a 
 fi
 
 t0=$(date +%s)
-echo "== transfer: train at H=32, evaluate at 1000..20000 ($(date -u +%H:%M:%S))"
-timeout 400 python -m mamba_state "${TRANSFER[@]}" || echo "transfer phase ended with status $? (timeout: 124)"
-echo "== curriculum: continue the H=32 policies at H=1000, time-boxed ($(date -u +%H:%M:%S), $(( $(date +%s) - t0 )) s so far)"
-left=$(( 540 - ($(date +%s) - t0) ))
-if [ "$left" -gt 60 ]; then
-  timeout "$left" python -m mamba_state "${DIRECT[@]}" || echo "direct phase ended with status $? (timeout: 124)"
-else
-  echo "skipped: only $left s left"
-fi
+phase() {  # phase NAME CAP_SECONDS ARGS...: run one sweep under min(CAP, what is left of 560 s)
+  local name=$1 cap=$2; shift 2
+  local left=$(( 560 - ($(date +%s) - t0) ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  echo "== $name ($(date -u +%H:%M:%S), $(( $(date +%s) - t0 )) s so far, cap $cap s)"
+  if [ "$cap" -lt 45 ]; then echo "skipped: too little time left"; return 0; fi
+  timeout "$cap" python -m mamba_state "$@" || echo "$name ended with status $? (124: cut by the cap)"
+}
+phase "horizon 32 (2 seeds, from scratch)" 240 "${S32[@]}"
+phase "horizon 256 (2 seeds, from the horizon-32 policies)" 230 "${S256[@]}"
+phase "horizon 1000 (seed 0, from the horizon-256 policies)" 200 "${S1000[@]}"
 echo "== tables ($(( $(date +%s) - t0 )) s so far)"
 
-python - "$DIR" "mamba-state ${TRANSFER[*]}" "mamba-state ${DIRECT[*]}" "$DOC" "$IMG" <<'PY'
+python - "$DIR" "$DOC" "$IMG" "mamba-state ${S32[*]}" "mamba-state ${S256[*]}" "mamba-state ${S1000[*]}" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 from mamba_state.rl.scale import results_markdown, update_markdown_section
 
-out, cmd_transfer, cmd_direct, doc, img = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
+out, doc, img = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+cmds = sys.argv[4:7]
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
-parts = [f"Produced by `scripts/rl_gpu_runs.sh` on {gpu}.", ""]
-for name, title, cmd in (("transfer", "Trained at horizon 32, evaluated at long horizons", cmd_transfer),
-                         ("direct", "Continued at horizon 1000 from the horizon-32 policies (seed 0, time-boxed)", cmd_direct)):
+parts = [f"Produced by `scripts/rl_gpu_runs.sh` on {gpu}. A curriculum: each stage starts from the previous "
+         "stage's policies (`--init-from`, fresh optimizer); every stage is time-boxed (`--max-seconds`), so "
+         "the updates column says how much training each run got. Success at longer horizons is the trained "
+         "policy evaluated there without further training.", ""]
+titles = ["Stage 1: horizon 32 from scratch", "Stage 2: horizon 256, from stage 1",
+          "Stage 3: horizon 1000, from stage 2 (seed 0)"]
+for name, title, cmd in zip(("h32", "h256", "h1000"), titles, cmds):
     res = out / name / "scale_results.json"
     parts += [f"#### {title}", "", "```", cmd.replace(str(out), "DIR"), "```", ""]
-    if res.exists():
-        parts.append(results_markdown(json.loads(res.read_text())))
-    else:
-        parts.append("(no run finished in this phase)\n")
+    parts.append(results_markdown(json.loads(res.read_text())) if res.exists()
+                 else "(no run of this stage finished)\n")
 body = "\n".join(parts)
 (out / "results.md").write_text(body)
 update_markdown_section(doc, "rl-gpu-results", body)
 shutil.copy(doc, out / "rl.md")
-png = out / "transfer" / "scale.png"
-if png.exists():
-    Path(img).mkdir(parents=True, exist_ok=True)
-    shutil.copy(png, Path(img) / "rl_gpu_transfer.png")
-    shutil.copy(png, out / "rl_gpu_transfer.png")
+img.mkdir(parents=True, exist_ok=True)
+for name in ("h32", "h256", "h1000"):
+    png = out / name / "scale.png"
+    if png.exists():
+        shutil.copy(png, img / f"rl_gpu_{name}.png")
+        shutil.copy(png, out / f"rl_gpu_{name}.png")
 print(body)
 PY
 echo "total $(( $(date +%s) - t0 )) s"

@@ -174,7 +174,9 @@ def test_continuation_property(data):
     headdim = data.draw(st.sampled_from([4, 8]), label="headdim")
     expand = data.draw(st.sampled_from([1, 2]), label="expand")
     d_inner = expand * d_model
-    d_ssm = data.draw(st.sampled_from([None, d_inner // 2]), label="d_ssm")
+    # d_ssm (when not d_inner) must be a whole number of heads: half of d_inner, rounded down to one
+    half = d_inner // 2 // headdim * headdim
+    d_ssm = data.draw(st.sampled_from([None] + ([half] if half else [])), label="d_ssm")
     nheads = (d_ssm or d_inner) // headdim
     cfg = dict(d_model=d_model, headdim=headdim, expand=expand, d_ssm=d_ssm,
                d_state=data.draw(st.sampled_from([4, 8, 16]), label="d_state"),

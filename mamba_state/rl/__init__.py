@@ -4,6 +4,8 @@
 * :class:`~mamba_state.rl.policies.MambaPolicy`, :class:`~mamba_state.rl.policies.GRUPolicy`: recurrent
   actor-critics with per-environment state resets;
 * :class:`~mamba_state.rl.ppo.PPOTrainer`: recurrent PPO with GAE, exact checkpoints;
+  :func:`~mamba_state.rl.ppo.evaluate` (step by step) and :func:`~mamba_state.rl.ppo.evaluate_open_loop`
+  (whole episodes in chunks, for long horizons);
 * :class:`~mamba_state.rl.ddp.DistributedPPOTrainer`: data-parallel PPO (DistributedDataParallel) over ranks
   that each run a slice of the environments; :mod:`mamba_state.rl.shard` keeps checkpoints independent of
   the number of processes;
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 from .envs import DelayedRecall
 from .policies import GRUPolicy, MambaPolicy, RecurrentPolicy, make_policy
-from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate
+from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate, evaluate_open_loop
 from .ddp import DistributedPPOTrainer
 
 __all__ = ["DelayedRecall", "MambaPolicy", "GRUPolicy", "RecurrentPolicy", "make_policy", "PPOConfig",
-           "PPOTrainer", "Rollout", "compute_gae", "evaluate", "DistributedPPOTrainer"]
+           "PPOTrainer", "Rollout", "compute_gae", "evaluate", "evaluate_open_loop", "DistributedPPOTrainer"]

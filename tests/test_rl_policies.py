@@ -97,7 +97,7 @@ def test_reset_of_one_row_leaves_the_others_untouched(controller):
         ls1, _, ss1 = policy.step(obs[:, 0], state, mask)
         lf, _, _ = policy.step(obs[2:3, 0], policy.initial_state(1), torch.zeros(1, dtype=torch.bool))
     others = torch.tensor([0, 2, 3])
-    # Mamba's sequence path is bit-identical; the GRU's packs the segments of all rows into one nn.GRU call,
+    # Mamba's sequence path is bit-identical; the GRU's batches the segments of all rows into one nn.GRU call,
     # and one more segment changes the matrix shapes, so its other rows agree to float32 rounding (a leak
     # between rows would be of order one).
     tol = {"rtol": 0, "atol": 0} if controller == "mamba" else {"rtol": 1e-5, "atol": 1e-6}
@@ -146,10 +146,12 @@ def test_bad_inputs_raise():
         mamba.step(torch.randn(2, OBS), state, torch.zeros(2, dtype=torch.bool))
 
 
-def test_gru_packed_sequence_equals_the_step_loop_in_values_and_gradients():
-    """The packed one-call replay of GRUPolicy (segments cut at resets) against a float64 loop of ``step``:
-    resets at t = 0, back to back, at the last step, and a row without any; gradients of the parameters and of
-    the initial state agree too."""
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_gru_segment_replay_equals_the_step_loop_in_values_and_gradients(num_layers):
+    """The one-call replay of GRUPolicy (segments cut at resets, right-padded) against a float64 loop of
+    ``step``: resets at t = 0, back to back, at the last step, and a row without any; the final state (read
+    from the output with one layer, recomputed with two) and gradients of the parameters and of the initial
+    state agree too."""
     gen = torch.Generator().manual_seed(11)
     n, t_len = 5, 13
     obs = torch.randn(n, t_len, OBS, generator=gen, dtype=torch.float64)
@@ -161,9 +163,9 @@ def test_gru_packed_sequence_equals_the_step_loop_in_values_and_gradients():
     outs = []
     for packed in (True, False):
         torch.manual_seed(6)
-        policy = GRUPolicy(OBS, ACT, hidden_size=10, num_layers=2, embed_size=8).double()
+        policy = GRUPolicy(OBS, ACT, hidden_size=10, num_layers=num_layers, embed_size=8).double()
         _randomize_heads(policy)
-        h0 = torch.randn(n, 2, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64,
+        h0 = torch.randn(n, num_layers, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64,
                          requires_grad=True)
         if packed:
             logits, values, (h_end,) = policy.forward_sequence(obs, (h0,), reset)

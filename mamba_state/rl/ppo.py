@@ -429,7 +429,7 @@ def evaluate_open_loop(policy: RecurrentPolicy, horizon: int, num_bits: int, num
 
     DelayedRecall's observations do not depend on the actions (only the answer at the cue counts), so the
     ``horizon + 2`` observations of an episode can be generated first and fed to the policy in chunks of
-    ``chunk`` steps (one chunked scan per Mamba layer, one packed call for the GRU) instead of one
+    ``chunk`` steps (one chunked scan per Mamba layer, one segment-batched call for the GRU) instead of one
     ``policy.step`` per time step: at horizon 20000 this replaces 20,002 small calls by about ten. Same
     episodes (same seed) and same answers as :func:`evaluate` up to float rounding of the logits.
 

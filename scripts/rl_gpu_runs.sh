@@ -5,9 +5,11 @@
 #                                     # folder that comes back), else runs/rl_gpu
 #   RL_GPU_SMOKE=1 scripts/rl_gpu_runs.sh /tmp/x    # CPU dry run of the whole pipeline (~1 min, tiny runs)
 #
-# Needs mamba_state importable (pip install -e . in the checkout). Writes under DIR: h32/, h256/, h1000/ (each
+# Needs mamba_state importable: installed, or the device setup of benchmarks/gpu_session.sh (carry .whl/ and
+# .upstream/; done here when the import fails). Writes under DIR: h32/, h256/, h1000/ (each
 # a `mamba-state rl --scale` sweep: scale_results.json, scale.png, one folder per run with config, metrics,
-# checkpoint, summary), results.md (markdown tables + the exact commands), rl.md (docs/rl.md with the tables
+# summary and policy.pt, the trained parameters; full checkpoints are dropped at the end unless
+# RL_GPU_KEEP_CHECKPOINTS=1), results.md (markdown tables + the exact commands), rl.md (docs/rl.md with the tables
 # between its <!-- rl-gpu-results --> markers) and rl_gpu_h*.png. It also updates docs/rl.md and
 # docs/img/rl_gpu_h*.png of the tree it runs in; on the device machine that copy does not come back, so take
 # DIR/rl.md and the PNGs from $OUT.
@@ -42,7 +44,18 @@ cd "$(dirname "$0")/.."
 DIR=${1:-${OUT:+$OUT/rl_gpu}}
 DIR=${DIR:-runs/rl_gpu}
 mkdir -p "$DIR"
-python -c "import mamba_state.rl, mamba_state.kernels" || { echo "mamba_state is not importable: pip install -e . first"; exit 2; }
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import mamba_state.rl, mamba_state.kernels" 2>/dev/null; then
+  # Not installed: the device machine's setup of benchmarks/gpu_session.sh (carry .whl/ and .upstream/).
+  ls .whl/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    .whl/*.whl 2>/dev/null || true
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if [ -d .upstream ]; then set +eu; source .upstream/device_setup.sh > "$DIR/setup.log" 2>&1; set -eu; fi
+  [ -e mamba_state/kernels ] || ln -s ../kernels mamba_state/kernels
+  export PYTHONPATH=$PWD:$PYTHONPATH
+fi
+"$PY" -c "import mamba_state.rl, mamba_state.kernels" || { echo "mamba_state is not importable (see $DIR/setup.log)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$DIR/gpu.txt" || true
 
 # The CPU recipe (docs/rl.md "Recipe"; now the defaults): 1 bit, noise channels of std 0.1, lr 3e-3, the
@@ -82,7 +95,7 @@ phase() {  # phase NAME CAP_SECONDS ARGS...: run one sweep under min(CAP, what i
   [ "$left" -lt "$cap" ] && cap=$left
   echo "== $name ($(date -u +%H:%M:%S), $(( $(date +%s) - t0 )) s so far, cap $cap s)"
   if [ "$cap" -lt 45 ]; then echo "skipped: too little time left"; return 0; fi
-  timeout "$cap" python -m mamba_state "$@" || echo "$name ended with status $? (124: cut by the cap)"
+  timeout "$cap" "$PY" -m mamba_state "$@" || echo "$name ended with status $? (124: cut by the cap)"
 }
 # Warm-up: compile Triton's kernels (step, chunked scan with resets, forward and backward) into the on-disk
 # cache, so that the first timed run does not spend its --max-seconds compiling.
@@ -95,7 +108,7 @@ phase "horizon 256 (2 seeds, from the horizon-32 policies)" 230 "${S256[@]}"
 phase "horizon 1000 (seed 0, from the horizon-256 policies)" 200 "${S1000[@]}"
 echo "== tables ($(( $(date +%s) - t0 )) s so far)"
 
-python - "$DIR" "$DOC" "$IMG" "mamba-state ${S32[*]}" "mamba-state ${S256[*]}" "mamba-state ${S1000[*]}" <<'PY'
+"$PY" - "$DIR" "$DOC" "$IMG" "mamba-state ${S32[*]}" "mamba-state ${S256[*]}" "mamba-state ${S1000[*]}" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 from mamba_state.rl.scale import results_markdown, update_markdown_section
@@ -125,5 +138,13 @@ for name in ("h32", "h256", "h1000"):
         shutil.copy(png, img / f"rl_gpu_{name}.png")
         shutil.copy(png, out / f"rl_gpu_{name}.png")
 print(body)
+# Keep DIR small for the trip back: each run's policy parameters (policy.pt, enough to evaluate it again)
+# instead of the full checkpoint (environment and carried states of hundreds of environments).
+if not __import__("os").environ.get("RL_GPU_KEEP_CHECKPOINTS"):
+    import torch
+    from mamba_state.rl.checkpoint import load_checkpoint
+    for ckpt in [*out.glob("*/*/checkpoint.pt"), *out.glob("*/checkpoint.pt")]:
+        torch.save(load_checkpoint(ckpt)["trainer"]["policy"], ckpt.parent / "policy.pt")
+        ckpt.unlink()
 PY
 echo "total $(( $(date +%s) - t0 )) s"

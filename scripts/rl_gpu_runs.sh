@@ -65,13 +65,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$DIR/gpu.t
 COMMON=(--num-bits 1 --noise-std 0.1 --lr 3e-3 --d-model 32 --num-layers 1 --gru-hidden 32 --device cuda
         --no-progress --checkpoint-every 0 --eval-envs 256 --minibatches 4)
 LONG=(1000 5000 10000 20000)
-S32=(rl --scale --horizons 32 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 2000
-     --max-seconds 35 --eval-horizons 128 "${COMMON[@]}" --out "$DIR/h32")
-S256=(rl --scale --horizons 256 --seeds 0 1 --controllers mamba gru --num-envs 512 --total-updates 2000
-      --max-seconds 20 --init-from "$DIR/h32/{controller}_h32_s{seed}" --eval-horizons "${LONG[@]}"
+# Knobs for a second call (defaults: the ~8-minute plan below): seconds of training per run in each stage,
+# and the environments of stages 1-2.
+T32=${RL_T32:-35} T256=${RL_T256:-20} T1000=${RL_T1000:-20} ENVS=${RL_ENVS:-512}
+S32=(rl --scale --horizons 32 --seeds 0 1 --controllers mamba gru --num-envs "$ENVS" --total-updates 2000
+     --max-seconds "$T32" --eval-horizons 128 "${COMMON[@]}" --out "$DIR/h32")
+S256=(rl --scale --horizons 256 --seeds 0 1 --controllers mamba gru --num-envs "$ENVS" --total-updates 2000
+      --max-seconds "$T256" --init-from "$DIR/h32/{controller}_h32_s{seed}" --eval-horizons "${LONG[@]}"
       "${COMMON[@]}" --out "$DIR/h256")
 S1000=(rl --scale --horizons 1000 --seeds 0 --controllers mamba gru --num-envs 256 --total-updates 2000
-       --max-seconds 20 --init-from "$DIR/h256/{controller}_h256_s{seed}" --eval-horizons 5000 10000 20000
+       --max-seconds "$T1000" --init-from "$DIR/h256/{controller}_h256_s{seed}" --eval-horizons 5000 10000 20000
        "${COMMON[@]}" --out "$DIR/h1000")
 if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # a CPU dry run of the whole pipeline in ~1 minute (tiny everything)
   SMOKE=(--num-bits 1 --device cpu --threads 1 --backend reference --d-model 16 --num-layers 1 --gru-hidden 16

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     g.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's)")
     g.add_argument("--max-seconds", type=float, default=D["max_seconds"],
-                   help="stop training after the first update that ends past this many seconds (then evaluate)")
+                   help="stop training after the first update that ends past this many seconds, then evaluate (0: no limit)")
     g.add_argument("--init-from", default=D["init_from"], metavar="RUN",
                    help="start from the policy parameters of another run (DIR or DIR/checkpoint.pt; curriculum); "
                         "{controller} and {seed} are filled in, e.g. runs/h32/{controller}_h32_s{seed}")

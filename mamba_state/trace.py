@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import StateCompatibilityError, StateError, StateShapeError
+from .adapters._state_checks import check_reset
 from .scan_positions import check_positions
 from .state import MambaInferenceState, MambaModelState
 
@@ -241,10 +242,7 @@ def trace_model(lm: nn.Module, input_ids: torch.Tensor, state: MambaModelState |
     batch, seqlen = input_ids.shape
     rows = trace_positions(seqlen, positions, stride)
     state = lm._check_state(state, batch, input_ids.device)
-    if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
-                              or list(reset.shape) != [batch, seqlen]):
-        found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
-        raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
+    check_reset(reset, [batch, seqlen])
     blocks: list[Any] = list(lm.backbone.layers)  # our _Block modules
     for block in blocks:  # every layer's state is checked before anything runs
         block.mixer._check_state(state[int(block.mixer.layer_idx)], batch, input_ids.device)

@@ -1,8 +1,8 @@
-"""The check every adapter runs on a state passed in with an input."""
+"""The checks every adapter runs on a state and a reset mask passed in with an input."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -23,3 +23,14 @@ def check_layer_state(state: Any, layout: dict[str, Any], layer_idx: int | None,
     if state.device != device:
         raise StateError(f"state device: expected {device} (the input's), found {state.device}")
     return state
+
+
+def check_reset(reset: Any, shape: Sequence[int]) -> None:
+    """Nothing if ``reset`` is None or a bool tensor of ``shape`` (``[batch, seqlen]``, or ``[batch]`` for one
+    step); else ``StateShapeError`` naming both."""
+    if reset is None:
+        return
+    if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != list(shape):
+        found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
+        dims = "[batch, seqlen]" if len(shape) == 2 else "[batch]"
+        raise StateShapeError(f"reset: expected a bool tensor {dims} = {list(shape)}, found {found}")

@@ -30,6 +30,7 @@ from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..layers import is_attention_layer
 from ..scan_positions import check_positions
 from ..state import MambaModelState
+from ._state_checks import check_reset
 from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config
 
@@ -224,10 +225,7 @@ class StatefulMambaLM(nn.Module):
         batch, seqlen = input_ids.shape
         state = self._check_state(state, batch, input_ids.device)
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
-        if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
-                                  or list(reset.shape) != [batch, seqlen]):
-            found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
-            raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
+        check_reset(reset, [batch, seqlen])
         for layer in self.backbone.blocks():  # validate every layer's state before computing anything
             layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
         hidden = self.backbone.embedding(input_ids)
@@ -293,10 +291,8 @@ class StatefulMambaLM(nn.Module):
         self._check_ids(ids)
         if ids.shape[1] != 1:
             raise StateShapeError(f"input_ids: expected one token per row ([batch] or [batch, 1]), found {list(ids.shape)}")
+        check_reset(reset, [ids.shape[0]])
         if reset is not None:
-            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [ids.shape[0]]:
-                raise StateShapeError(f"reset: expected a bool tensor [{ids.shape[0]}], found "
-                                      f"{reset.dtype if isinstance(reset, torch.Tensor) else type(reset).__name__}")
             reset = reset[:, None]
         logits, state = self._run(ids, state, reset, one_step=True)
         return (logits[:, 0] if squeeze else logits), state

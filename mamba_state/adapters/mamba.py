@@ -32,7 +32,7 @@ from ..reference import causal_conv1d_ref, selective_scan_chunked
 from ..scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
 from ..scan_states import selective_scan_all_states
 from ..state import MambaInferenceState
-from ._state_checks import check_layer_state
+from ._state_checks import check_layer_state, check_reset
 
 __all__ = ["StatefulMamba", "Mamba1Parameters"]
 
@@ -254,10 +254,7 @@ class StatefulMamba(nn.Module):
         batch, seqlen, _ = x.shape
         state = self._check_state(state, batch, x.device)
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
-        if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool
-                                  or list(reset.shape) != [batch, seqlen]):
-            found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
-            raise StateShapeError(f"reset: expected a bool tensor [batch, seqlen] = {[batch, seqlen]}, found {found}")
+        check_reset(reset, [batch, seqlen])
         if reset is not None:
             reset = reset.to(x.device)
         # Channel-major layout throughout ([B, channels, L], what the scan takes): strided-batched GEMMs of the
@@ -360,10 +357,8 @@ class StatefulMamba(nn.Module):
         batch = u.shape[0]
         state = self._check_state(state, batch, u.device)
         conv_prev, ssm_prev = state.conv_state, state.ssm_state
+        check_reset(reset, [batch])
         if reset is not None:
-            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [batch]:
-                raise StateShapeError(f"reset: expected a bool tensor [{batch}], found "
-                                      f"{reset.dtype if isinstance(reset, torch.Tensor) else type(reset).__name__}")
             keep = (~reset.to(u.device)).view(-1, 1, 1)
             conv_prev, ssm_prev = conv_prev * keep, ssm_prev * keep
         xz = self.in_proj(u)

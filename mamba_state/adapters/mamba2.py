@@ -37,7 +37,7 @@ from ..scan_positions import check_positions, conv_windows_at, run_segments, use
 from ..scan_states import selective_scan_all_states
 from ..ssd import ssd_scan_chunked
 from ..state import MambaInferenceState
-from ._state_checks import check_layer_state
+from ._state_checks import check_layer_state, check_reset
 
 __all__ = ["StatefulMamba2", "GatedRMSNorm", "gated_rms_norm"]
 
@@ -378,10 +378,8 @@ class StatefulMamba2(nn.Module):
             raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
         bsz, L, _ = x.shape
         state = self.new_state(bsz, device=x.device) if state is None else self._check_state(state, bsz, x.device)
+        check_reset(reset, [bsz, L])
         if reset is not None:
-            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [bsz, L]:
-                found = f"{reset.dtype} {list(reset.shape)}" if isinstance(reset, torch.Tensor) else type(reset).__name__
-                raise StateShapeError(f"reset: expected a bool tensor of shape {[bsz, L]}, found {found}")
             reset = reset.to(x.device)
         positions = None if return_states_at is None else check_positions(return_states_at, L)
         if L == 0:
@@ -505,9 +503,8 @@ class StatefulMamba2(nn.Module):
             raise StateError("state: expected a MambaInferenceState for step(), found None (use new_state())")
         self._check_state(state, bsz, u.device)
         conv_prev, ssm_prev = state.conv_state, state.ssm_state
+        check_reset(reset, [bsz])
         if reset is not None:
-            if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or list(reset.shape) != [bsz]:
-                raise StateShapeError(f"reset: expected a bool tensor of shape [{bsz}], found {reset!r}")
             keep = (~reset.to(u.device)).to(conv_prev.dtype)
             conv_prev = conv_prev * keep[:, None, None]
             ssm_prev = ssm_prev * keep[:, None, None, None]

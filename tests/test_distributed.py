@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import tempfile
 import traceback
@@ -20,7 +19,7 @@ from datetime import timedelta
 import pytest
 import torch
 from hypothesis import given
-from _spawn import read_rank_results, spawn_ranks
+from _spawn import describe_failure, free_ports, read_rank_results, spawn_ranks
 from hypothesis import strategies as st
 
 from mamba_state import MambaInferenceState, MambaModelState, StateCompatibilityError, StateError, StateFormatError
@@ -376,22 +375,16 @@ def _worker(rank: int, init_method: str, out_dir: str, backend: str = "gloo") ->
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(backend: str) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_ports(1)[0]}"
         hung, exitcodes = spawn_ranks(_worker, lambda r: (r, init, out_dir, backend), WORLD)
         per_rank = read_rank_results(out_dir, WORLD)
     return {"hung": hung, "exitcodes": exitcodes, "ranks": per_rank}
 
 
 def _assert_outcome(outcomes: dict, check: str) -> None:
-    assert not outcomes["hung"], f"worker processes hung: {outcomes['hung']}"
+    assert not outcomes["hung"], describe_failure(outcomes["hung"], outcomes["exitcodes"], outcomes["ranks"])
     for r, res in enumerate(outcomes["ranks"]):
         assert check in res, f"rank {r} never ran {check} (exit codes {outcomes['exitcodes']})"
         assert res[check] == "ok", f"rank {r}:\n{res[check]}"

@@ -19,14 +19,13 @@ import functools
 import json
 import os
 import shutil
-import socket
 import tempfile
 import traceback
 
 import pytest
 import torch
 from hypothesis import given
-from _spawn import read_rank_results, spawn_ranks
+from _spawn import describe_failure, free_ports, read_rank_results, spawn_ranks
 from hypothesis import strategies as st
 
 from mamba_state.rl.checkpoint import load_checkpoint
@@ -130,16 +129,6 @@ def _worker(rank: int, ports: list[int], runs: list[tuple[str, list[str]]], out_
         json.dump(results, f)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 # ---------------------------------------------------------------------------------------------- the group
 @pytest.fixture(scope="module")
@@ -156,13 +145,13 @@ def group(tmp_path_factory):
             ("scale", [*RUN, "--scale", "--horizons", "2", "--seeds", "0", "--controllers", "gru", "--gru-hidden", "8",
                        "--total-updates", "1", "--out", str(root / "scale")])]
     with tempfile.TemporaryDirectory() as out_dir:
-        ports = _free_ports(1 + len(runs))
+        ports = free_ports(1 + len(runs))
         hung, exitcodes = spawn_ranks(_worker, lambda r: (r, ports, runs, out_dir), WORLD)
         ranks = read_rank_results(out_dir, WORLD)
         params = [{tag: torch.load(os.path.join(out_dir, f"{tag}_rank{r}.pt"))
                    for tag, _ in runs if os.path.exists(os.path.join(out_dir, f"{tag}_rank{r}.pt"))}
                   for r in range(WORLD)]
-    assert not hung, f"worker processes hung: {hung}"
+    assert not hung, describe_failure(hung, exitcodes, ranks)
     return {"root": root, "ranks": ranks, "params": params, "exitcodes": exitcodes}
 
 

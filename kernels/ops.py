@@ -54,6 +54,8 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: Optional[int]) -> int:
+    if index is None:
+        index = torch.cuda.current_device()
     # cached: asked several times per scan, and a device-properties query costs host time
     return torch.cuda.get_device_properties(torch.device("cuda", index)).multi_processor_count
 

@@ -233,7 +233,7 @@ class _ChunkedScan(torch.autograd.Function):
                 mu = torch.addcmul(lam_t[t], dA_t[t + 1], mu)
             w_k, total_k = (dA_t[0] * mu).unbind(0), total.unbind(0)
             # 2. the true adjoint entering each chunk from the right
-            entering = [None] * K
+            entering: list[torch.Tensor] = [carry] * K  # every slot is overwritten below
             for k in range(K - 1, 0, -1):
                 entering[k] = carry
                 carry = torch.addcmul(w_k[k], total_k[k], carry)
@@ -269,6 +269,7 @@ class _ChunkedScan(torch.autograd.Function):
             # lam's buffer (lam is not needed any more; the saved tensors stay untouched for a retained graph)
             X = lam.mul_(hs[:-1]).mul_(dA)
             if need[0]:
+                assert LB is not None  # computed above whenever need[0]
                 g_dt = _from_steps(torch.addcmul((X * At).sum(-2), u_s, LB), L)
             if need[2]:
                 g_A = per_channel(X.mul_(dt_s[..., None, :]).sum((0, 1, 2)))

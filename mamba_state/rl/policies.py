@@ -18,12 +18,15 @@ Float32 throughout (states included).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import StateError, StateShapeError
+
+if TYPE_CHECKING:
+    from ..adapters.mamba import StatefulMamba
 
 __all__ = ["RecurrentPolicy", "MambaPolicy", "GRUPolicy", "PolicyState", "select_state", "detach_state",
            "clone_state", "count_parameters", "make_policy"]
@@ -76,7 +79,7 @@ class RecurrentPolicy(nn.Module):
     def _check(self, obs: torch.Tensor, reset: torch.Tensor, seq: bool) -> None:
         rank = 3 if seq else 2
         if not isinstance(obs, torch.Tensor) or obs.dim() != rank or obs.shape[-1] != self.observation_size:
-            found = list(obs.shape) if isinstance(obs, torch.Tensor) else type(obs).__name__
+            found: object = list(obs.shape) if isinstance(obs, torch.Tensor) else type(obs).__name__
             want = "[N, T, O]" if seq else "[N, O]"
             raise StateShapeError(f"obs: expected {want} with O = {self.observation_size}, found {found}")
         if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or reset.shape != obs.shape[:-1]:
@@ -148,10 +151,13 @@ class MambaPolicy(RecurrentPolicy):
     def initial_state(self, batch_size: int, device: Any = None) -> PolicyState:
         device = self.embed.weight.device if device is None else device
         out: list[torch.Tensor] = []
-        for layer in self.layers:
+        for layer in self._mamba_layers():
             s = layer.new_state(batch_size, device=device)
             out += [s.conv_state, s.ssm_state]
         return tuple(out)
+
+    def _mamba_layers(self) -> list[StatefulMamba]:
+        return list(self.layers)  # type: ignore[arg-type]  # a ModuleList of StatefulMamba, typed as Module
 
     def _layer_states(self, state: PolicyState) -> list:
         from ..state import MambaInferenceState
@@ -165,7 +171,7 @@ class MambaPolicy(RecurrentPolicy):
         states = self._layer_states(state)
         x = self.embed(obs)
         new: list[torch.Tensor] = []
-        for norm, layer, s in zip(self.norms, self.layers, states):
+        for norm, layer, s in zip(self.norms, self._mamba_layers(), states):
             y, s = layer.step(norm(x), s, reset=reset)
             x = x + y
             new += [s.conv_state, s.ssm_state]
@@ -175,7 +181,7 @@ class MambaPolicy(RecurrentPolicy):
         states = self._layer_states(state)
         x = self.embed(obs)
         new: list[torch.Tensor] = []
-        for norm, layer, s in zip(self.norms, self.layers, states):
+        for norm, layer, s in zip(self.norms, self._mamba_layers(), states):
             y, s = layer(norm(x), s, reset=reset)
             x = x + y
             new += [s.conv_state, s.ssm_state]

@@ -225,6 +225,32 @@ def test_step_by_step_equals_chunked(name):
     assert torch.equal(state.ssm_state, rand_state(m, 2, 5, F64).ssm_state)
 
 
+def test_step_without_state_starts_from_zero_state():
+    # like StatefulMamba.step: state=None means a fresh zero state (new_state), in new_state's dtype
+    m = ours(3, **CONFIGS["groups2"])
+    x = rand_x(2, 3, m.d_model, 6)
+    with torch.no_grad():
+        y_none, s_none = m.step(x[:, 0])
+        y_zero, s_zero = m.step(x[:, 0], m.new_state(2, dtype=F64))
+        y_pos, _ = m.step(x[:, 0], None)
+    assert s_none.ssm_state.dtype == m.state_dtype and s_none.batch_size == 2
+    torch.testing.assert_close(y_none, y_zero, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_pos, y_none, rtol=0, atol=0)
+    assert s_none.allclose(s_zero, rtol=1e-6, atol=1e-6)
+    assert s_none.ssm_state.abs().sum() > 0  # the token was absorbed into the state
+
+
+@pytest.mark.upstream
+def test_init_parameter_is_named_layer_like_stateful_mamba(upstream):
+    import inspect
+
+    names = list(inspect.signature(StatefulMamba2.__init__).parameters)
+    assert names[1] == "layer" == list(inspect.signature(ms.StatefulMamba.__init__).parameters)[1]
+    up = upstream_layer(**CONFIGS["groups2"])
+    wrapped = StatefulMamba2(layer=up)
+    assert wrapped.in_proj is up.in_proj
+
+
 def test_reset_behaves_as_fresh_sequence():
     m = ours(7, **CONFIGS["groups2"])
     x = rand_x(3, 12, 16, 8)
@@ -302,8 +328,6 @@ def test_bad_inputs_raise_state_errors():
         m(x, reset=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(StateShapeError, match="x_t"):
         m.step(x[:, :2], m.new_state(2))
-    with pytest.raises(StateError):
-        m.step(x[:, 0], None)
     with pytest.raises(StateError, match="backend"):
         StatefulMamba2.from_config(16, d_state=4, headdim=4, backend="cuda-please")
     with pytest.raises(StateCompatibilityError):

@@ -147,7 +147,7 @@ class StatefulMamba2(nn.Module):
     """A Mamba-2 layer whose recurrent state is an explicit input and output.
 
     Args:
-        upstream_mamba2_layer: a ``mamba_ssm.Mamba2`` (single process group; ``activation == "silu"``), or a
+        layer: a ``mamba_ssm.Mamba2`` (single process group; ``activation == "silu"``), or a
             transformers ``Mamba2Mixer`` (same parameter names; its attribute names are mapped).
         state_dtype: dtype of states made by :meth:`new_state` (float32 by default); a state passed in keeps its dtype.
         backend: ``None`` / ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.backend`).
@@ -166,32 +166,32 @@ class StatefulMamba2(nn.Module):
     norm: nn.Module
     out_proj: nn.Linear
 
-    def __init__(self, upstream_mamba2_layer: nn.Module, state_dtype: torch.dtype = torch.float32,
+    def __init__(self, layer: nn.Module, state_dtype: torch.dtype = torch.float32,
                  backend: str | None = None):
         super().__init__()
         # duck-typed: mamba_ssm's Mamba2 or transformers' Mamba2Mixer, both checked before use
-        layer: Any = upstream_mamba2_layer
-        if _is_hf_mixer(layer):
-            self._setup(**_hf_config(layer), state_dtype=state_dtype, backend=backend)
+        src: Any = layer
+        if _is_hf_mixer(src):
+            self._setup(**_hf_config(src), state_dtype=state_dtype, backend=backend)
         else:
-            self._check_upstream(layer)
+            self._check_upstream(src)
             self._setup(
-                d_model=int(layer.d_model), d_inner=int(layer.d_inner), d_ssm=int(layer.d_ssm),
-                d_state=int(layer.d_state), d_conv=int(layer.d_conv), headdim=int(layer.headdim),
-                nheads=int(layer.nheads), ngroups=int(layer.ngroups), rmsnorm=bool(layer.rmsnorm),
-                norm_before_gate=bool(layer.norm_before_gate), D_has_hdim=bool(layer.D_has_hdim),
-                dt_limit=tuple(layer.dt_limit), chunk_size=int(layer.chunk_size), layer_idx=layer.layer_idx,
+                d_model=int(src.d_model), d_inner=int(src.d_inner), d_ssm=int(src.d_ssm),
+                d_state=int(src.d_state), d_conv=int(src.d_conv), headdim=int(src.headdim),
+                nheads=int(src.nheads), ngroups=int(src.ngroups), rmsnorm=bool(src.rmsnorm),
+                norm_before_gate=bool(src.norm_before_gate), D_has_hdim=bool(src.D_has_hdim),
+                dt_limit=tuple(src.dt_limit), chunk_size=int(src.chunk_size), layer_idx=src.layer_idx,
                 state_dtype=state_dtype, backend=backend,
             )
         # Same objects under upstream's names, registered in upstream's order (parameters first).
-        self.dt_bias = layer.dt_bias
-        self.A_log = layer.A_log
-        self.D = layer.D
-        self.in_proj = layer.in_proj
-        self.conv1d = layer.conv1d
+        self.dt_bias = src.dt_bias
+        self.A_log = src.A_log
+        self.D = src.D
+        self.in_proj = src.in_proj
+        self.conv1d = src.conv1d
         if self.rmsnorm:
-            self.norm = layer.norm
-        self.out_proj = layer.out_proj
+            self.norm = src.norm
+        self.out_proj = src.out_proj
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -483,12 +483,13 @@ class StatefulMamba2(nn.Module):
         return y, final
 
     # ------------------------------------------------------------------ one token
-    def step(self, x_t: torch.Tensor, state: MambaInferenceState,
+    def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
         """One token: ``x_t`` ``[B, 1, d_model]`` or ``[B, d_model]`` -> ``(y_t`` shaped like ``x_t``, new state).
 
-        Pure function of its inputs (the given state is not modified; differentiable). ``reset``: optional bool
-        ``[B]``, clears those rows' state before the token.
+        Pure function of its inputs (the given state is not modified; differentiable). ``state``: the state before
+        the token; ``None`` starts from a fresh zero state (:meth:`new_state`), as ``StatefulMamba.step`` does.
+        ``reset``: optional bool ``[B]``, clears those rows' state before the token.
         """
         self._check_x(x_t, "x_t")
         squeeze = x_t.dim() == 3
@@ -499,9 +500,7 @@ class StatefulMamba2(nn.Module):
             )
         u = x_t[:, 0] if squeeze else x_t
         bsz = u.shape[0]
-        if state is None:
-            raise StateError("state: expected a MambaInferenceState for step(), found None (use new_state())")
-        self._check_state(state, bsz, u.device)
+        state = self.new_state(bsz, device=u.device) if state is None else self._check_state(state, bsz, u.device)
         conv_prev, ssm_prev = state.conv_state, state.ssm_state
         check_reset(reset, [bsz])
         if reset is not None:

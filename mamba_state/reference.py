@@ -207,7 +207,9 @@ class _ChunkedScan(torch.autograd.Function):
             y = (hs[1:] * C.view(G, dg, n).transpose(1, 2)).sum(-2)
         ctx.save_for_backward(dt_s, u_s, At, B, C, Bs, Cs, dA, hs, total)
         ctx.dims = (b, d, L, n, G, K, T, h0 is not None)
-        return _from_steps(y, L), hs[T, K - 1].transpose(2, 3).reshape(b, d, n)  # padded steps keep the state
+        # the last state is copied out (a view of hs cannot be modified in place by the caller, e.g. reset_);
+        # padded steps keep the state, so the last chunk's last row is the state after step L - 1
+        return _from_steps(y, L), hs[T, K - 1].transpose(2, 3).reshape(b, d, n).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -343,3 +343,32 @@ def test_gpu_triton_path_matches_reference_and_continues(dtype):
         steps.append(out)
     y3, _ = layer(x3, s)
     torch.testing.assert_close(torch.stack(steps, 1).float(), y3.float(), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- forced backend
+def test_forced_triton_backend_reaches_the_kernel_on_cpu(monkeypatch):
+    """``backend="triton"`` on the adapter runs the Triton scan and step kernels (here in Triton's interpreter),
+    never the reference the kernel entry would pick for CPU tensors on its own; the results match the reference
+    backend's in float32."""
+    import mamba_state.kernels.selective_scan as ks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference path ran although backend='triton' was forced")
+
+    torch.manual_seed(3)
+    tri = _layer(seed=3, dtype=torch.float32, d_model=8, d_state=4, backend="triton")
+    ref = StatefulMamba(tri, backend="reference")
+    x, x_t = torch.randn(2, 11, 8), torch.randn(2, 1, 8)
+    reset = torch.zeros(2, 11, dtype=torch.bool)
+    reset[1, 6] = True
+    with torch.no_grad():
+        y_ref, s_ref = ref(x, reset=reset)
+        yt_ref, st_ref = ref.step(x_t, s_ref)
+        monkeypatch.setattr(ks, "selective_scan_chunked", refuse)
+        monkeypatch.setattr(ks, "selective_state_update_ref", refuse)
+        y, s = tri(x, reset=reset)
+        yt, st_ = tri.step(x_t, s)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert s.allclose(s_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(yt, yt_ref, rtol=1e-4, atol=1e-5)
+    assert st_.allclose(st_ref, rtol=1e-4, atol=1e-5)

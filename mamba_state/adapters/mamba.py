@@ -226,8 +226,8 @@ class StatefulMamba(nn.Module):
         name, _ = resolve_backend(device, self.backend)
         if name == "triton":
             fn = _kernel_scan()
-            if fn is not None:
-                return fn(*args, **kwargs)
+            if fn is not None:  # backend passed on: the kernel would otherwise choose again (reference on CPU)
+                return fn(*args, backend="triton", **kwargs)
             if requested_backend(self.backend) == "triton":
                 raise StateError("backend: expected mamba_state.kernels.selective_scan_fn when 'triton' is forced, "
                                  "found none (the Triton kernel package is not available)")
@@ -288,7 +288,8 @@ class StatefulMamba(nn.Module):
             return out, new
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
-        return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
+        # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
+        return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
     def _scan_segments(self, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
                        reset: torch.Tensor | None, positions: list[int]):
@@ -398,7 +399,8 @@ def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
         except Exception:
             selective_state_update = None
         if selective_state_update is not None:
-            return selective_state_update(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
+            return selective_state_update(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                          backend="triton")
     from ..reference import selective_state_update_ref
 
     return selective_state_update_ref(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)

@@ -6,7 +6,7 @@ Messages name what was expected and what was found.
 
 from __future__ import annotations
 
-__all__ = ["StateError", "StateShapeError", "StateCompatibilityError", "StateFormatError"]
+__all__ = ["StateError", "StateShapeError", "StateCompatibilityError", "StateFormatError", "LayerNotFoundError"]
 
 
 class StateError(ValueError):
@@ -23,3 +23,10 @@ class StateCompatibilityError(StateError):
 
 class StateFormatError(StateError):
     """A state file (or a transferred state header) is not a valid mamba-state file."""
+
+
+class LayerNotFoundError(StateError, KeyError):
+    """A model state has no layer with the requested index (also a ``KeyError``, as a missing dict key is)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as a key
+        return str(self.args[0]) if self.args else ""

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 
-from .errors import StateCompatibilityError, StateError, StateFormatError, StateShapeError
+from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
 
 __all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex"]
 
@@ -60,8 +60,9 @@ def _normalize_index(index: BatchIndex, batch_size: int) -> torch.Tensor | slice
         if index.shape != (batch_size,):
             raise StateError(f"batch mask: expected a bool tensor of shape [{batch_size}], found {_describe(index)}")
         return index.nonzero().flatten().cpu()
-    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or index.dim() != 1:
-        raise StateError(f"batch index: expected a 1-D integer or bool tensor, found {_describe(index)}")
+    # uint8 is refused: torch reads a uint8 index as a (deprecated) mask, so its values are ambiguous
+    if index.dtype not in (torch.int64, torch.int32) or index.dim() != 1:
+        raise StateError(f"batch index: expected a bool mask or 1-D int64/int32 indices, found {_describe(index)}")
     index = index.long().cpu()
     if index.numel() and (index.min() < -batch_size or index.max() >= batch_size):
         raise StateError(
@@ -192,13 +193,18 @@ class MambaInferenceState:
 
     # ------------------------------------------------------------------ copies and moves
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> "MambaInferenceState":
-        """A new state on ``device`` with floating tensors cast to ``dtype`` (``None`` keeps each)."""
+           non_blocking: bool = False, copy: bool = False) -> "MambaInferenceState":
+        """A new state object on ``device`` with both tensors cast to ``dtype`` (``None`` keeps each).
+
+        As with ``Tensor.to``, a tensor already on ``device`` with ``dtype`` is *shared*, not copied: with nothing
+        to change, ``s.to("cpu")`` holds the very tensors of ``s`` and an in-place change to one shows in the
+        other. ``copy=True`` always makes new tensors; :meth:`clone` gives an independent copy in place.
+        """
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise StateError(f"dtype: expected a floating torch.dtype, found {dtype!r}")
         return MambaInferenceState(
-            self.conv_state.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            self.ssm_state.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            self.conv_state.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy),
+            self.ssm_state.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy),
         )
 
     def clone(self) -> "MambaInferenceState":
@@ -338,10 +344,16 @@ class MambaModelState:
 
     # ------------------------------------------------------------------ mapping interface
     def __getitem__(self, layer_idx: int) -> MambaInferenceState:
+        """The state of layer ``layer_idx``; a missing index raises :class:`LayerNotFoundError` (a ``KeyError``)."""
         try:
             return self._layers[layer_idx]
-        except KeyError:
-            raise StateError(f"layer index: expected one of {self.layer_indices}, found {layer_idx!r}") from None
+        except (KeyError, TypeError):  # TypeError: an unhashable index
+            raise LayerNotFoundError(f"layer index: expected one of {self.layer_indices}, found {layer_idx!r}") \
+                from None
+
+    def get(self, layer_idx: int, default: Any = None) -> Any:
+        """The state of layer ``layer_idx``, or ``default`` when the state has no such layer (like ``dict.get``)."""
+        return self._layers[layer_idx] if layer_idx in self else default
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -350,7 +362,10 @@ class MambaModelState:
         return iter(self._layers)
 
     def __contains__(self, layer_idx: object) -> bool:
-        return layer_idx in self._layers
+        try:
+            return layer_idx in self._layers
+        except TypeError:  # an unhashable object is no layer index
+            return False
 
     def items(self):
         """``(layer_idx, MambaInferenceState)`` pairs in ascending layer order."""
@@ -411,8 +426,13 @@ class MambaModelState:
 
     # ------------------------------------------------------------------ copies and moves
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> "MambaModelState":
-        return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking))
+           non_blocking: bool = False, copy: bool = False) -> "MambaModelState":
+        """Every layer moved and cast (:meth:`MambaInferenceState.to`); offset and metadata kept.
+
+        Tensors that need no conversion are shared with this state, as ``Tensor.to`` shares them; ``copy=True``
+        always makes new tensors (and :meth:`clone` copies without moving).
+        """
+        return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy))
 
     def clone(self) -> "MambaModelState":
         """A copy of every layer with new storage (offset and metadata copied)."""
@@ -466,6 +486,12 @@ class MambaModelState:
         ]
 
     def allclose(self, other: "MambaModelState", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """True when ``other`` has the same layers and every layer agrees within tolerance
+        (:meth:`MambaInferenceState.allclose`).
+
+        Only the tensors are compared: ``seqlen_offset`` and ``metadata`` are not (check
+        ``a.seqlen_offset == b.seqlen_offset`` as well when the token count matters).
+        """
         if not isinstance(other, MambaModelState) or other.layer_indices != self.layer_indices:
             return False
         return all(s.allclose(other[i], rtol=rtol, atol=atol) for i, s in self._layers.items())

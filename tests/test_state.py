@@ -151,6 +151,7 @@ def test_select_forms(make):
         out = s.select(index)
         assert torch.equal(out.ssm_state, s.ssm_state[expect]) and torch.equal(out.conv_state, s.conv_state[expect])
     for index, expect in [(torch.tensor([4, 0, 0]), [4, 0, 0]), (torch.tensor([True, False, False, True, False]), [0, 3]),
+                          (torch.tensor([3, -5], dtype=torch.int32), [3, 0]),
                           ([1, 3], [1, 3]), (torch.tensor([], dtype=torch.long), [])]:
         out = s.select(index)
         assert out.batch_size == len(expect)
@@ -163,7 +164,11 @@ def test_select_forms(make):
 @pytest.mark.parametrize("index,words", [
     (5, ["[-5, 5)", "5"]), (-6, ["-6"]), (True, ["bool"]), ("a", ["str"]), (1.5, ["float"]),
     (torch.tensor([0, 5]), ["[-5, 5)", "0..5"]), (torch.tensor([True, False]), ["[5]", "[2]"]),
-    (torch.tensor([0.0, 1.0]), ["integer or bool", "float32"]), (torch.zeros(2, 2, dtype=torch.long), ["1-D"]),
+    (torch.tensor([0.0, 1.0]), ["bool mask", "int64/int32", "float32"]), (torch.zeros(2, 2, dtype=torch.long), ["1-D"]),
+    # torch reads uint8 as a (deprecated) mask: refused rather than guessed, like the other small int dtypes
+    (torch.tensor([1, 0, 0, 1, 0], dtype=torch.uint8), ["bool mask", "int64/int32", "uint8"]),
+    (torch.tensor([1, 3], dtype=torch.int16), ["int64/int32", "int16"]),
+    (torch.tensor([1, 3], dtype=torch.int8), ["int64/int32", "int8"]),
 ])
 def test_bad_select(index, words):
     for s in (m1(batch=5), MambaModelState({0: m1(batch=5), 1: m2(batch=5)})):
@@ -228,6 +233,14 @@ def test_model_mapping_interface():
     with pytest.raises(StateError) as exc:
         s[1]
     assert "[0, 2]" in str(exc.value) and "1" in str(exc.value)
+    # a missing layer is also a KeyError (mapping protocol), with an unquoted message
+    for missing in (1, -1, "0", [0]):
+        with pytest.raises(KeyError) as kexc:
+            s[missing]
+        assert isinstance(kexc.value, ms.errors.LayerNotFoundError) and isinstance(kexc.value, StateError)
+        assert str(kexc.value).startswith("layer index: expected one of [0, 2], found")
+        assert missing not in s and s.get(missing) is None and s.get(missing, "d") == "d"
+    assert s.get(2) is s[2] and 0 in s
     # keys come out sorted whatever the insertion order
     assert MambaModelState({3: m1(), 1: m1()}).layer_indices == [1, 3]
 
@@ -299,6 +312,28 @@ def test_model_bad_ops_change_nothing():
 def test_model_allclose():
     s = model_state()
     assert s.allclose(s.clone()) and not s.allclose(MambaModelState({0: s[0]})) and not s.allclose(s[0])
+    # documented: only tensors are compared, not seqlen_offset nor metadata
+    assert s.allclose(MambaModelState(s.layers, seqlen_offset=s.seqlen_offset + 1, metadata={"other": 1}))
+
+
+@pytest.mark.parametrize("make", [m1, m2, model_state])
+def test_to_shares_unconverted_tensors_unless_copy(make):
+    s = make()
+
+    def tensors(x):
+        layers = x.items() if isinstance(x, MambaModelState) else [(0, x)]
+        return [t for _, layer in layers for t in (layer.conv_state, layer.ssm_state)]
+
+    same = s.to("cpu")  # nothing to convert: shared, as Tensor.to shares
+    assert same is not s and all(a is b for a, b in zip(tensors(same), tensors(s)))
+    fresh = s.to("cpu", copy=True)
+    assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(tensors(fresh), tensors(s)))
+    fresh.zero_()
+    assert all(t.abs().sum() > 0 for t in tensors(s))
+    cast = s.to(dtype=torch.float64, copy=True)
+    assert all(t.dtype == torch.float64 for t in tensors(cast))
+    if isinstance(s, MambaModelState):
+        assert fresh.seqlen_offset == s.seqlen_offset and fresh.metadata == s.metadata
 
 
 def test_pickle_rebuilds_through_validation():

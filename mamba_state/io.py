@@ -126,10 +126,18 @@ def _with_checksum(raw: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _check_save_path(path: str) -> None:
+    """Refuse a path that cannot become a file, before anything is written."""
+    if os.path.isdir(path):
+        raise StateError(f"path: expected a file path to write the state to, found a directory at {path!r}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StateError(f"path: expected an existing directory for {path!r}, found none at {directory!r}")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    _check_save_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -160,8 +168,11 @@ def save_state(state: MambaInferenceState | MambaModelState, path: str | os.Path
     ``model`` (optional, an upstream or wrapped model) records its layer layout and fingerprint so that
     ``load(..., model=...)`` can check compatibility; ``metadata`` is user data for a single-layer state
     (a model state carries its own ``.metadata``). An existing file is replaced only when writing succeeded.
+    ``path`` must name a file in an existing directory; a directory raises ``StateError`` (nothing is written).
     """
-    _atomic_write(os.fspath(path), _serialize(state, model=model, metadata=metadata))
+    where = os.fspath(path)
+    _check_save_path(where)  # before serialising: a bad path is an argument error, not a failed write
+    _atomic_write(where, _serialize(state, model=model, metadata=metadata))
 
 
 def save_model_state(state: MambaModelState, path: str | os.PathLike, model: Any = None) -> None:
@@ -275,6 +286,14 @@ def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[s
                     or offsets[1] - offsets[0] != numel * _ITEMSIZE[st_dtype] or offsets[0] < 0):
                 raise StateFormatError(f"{where}: tensor {key!r}: data offsets {offsets} do not fit its shape {shape}")
             end = max(end, offsets[1])
+        # the kind is read from the tensors (ssm_state rank 3: Mamba-1, rank 4: Mamba-2); a file must agree
+        ssm_shape = entry.get("ssm_shape")
+        kind = {3: "mamba1", 4: "mamba2"}.get(len(ssm_shape)) if isinstance(ssm_shape, list) else None
+        if entry.get("kind") != kind:
+            raise StateFormatError(
+                f"{where}: layer {idx if container == 'model' else 0} kind: expected {kind!r} (ssm_state of shape "
+                f"{ssm_shape}), found {entry.get('kind')!r} in the metadata"
+            )
     extra = set(header) - expected_names - {"__metadata__"}
     if extra:
         raise StateFormatError(f"{where}: expected only state tensors, found extra entries {sorted(extra)[:5]}")
@@ -285,9 +304,32 @@ def _validate_file(data: bytes, where: str) -> tuple[dict[str, str], list[dict[s
     return meta, layers
 
 
-def _resolve_device(saved: str, device: torch.device | str | None) -> torch.device:
+def _check_device(device: Any) -> torch.device | None:
+    """The ``device`` argument of a load as a ``torch.device`` usable here; ``StateError`` names a bad one."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise StateError(f"device: expected None, a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                         f"found {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StateError(f"device: expected an available device, found {dev} (CUDA is not available)")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise StateError(f"device: expected an available device, found {dev} (this process has "
+                             f"{torch.cuda.device_count()} CUDA devices)")
+    elif dev.type not in ("cpu", "meta"):
+        try:  # other backends (mps, xpu, ...): ask torch whether it can place a tensor there
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise StateError(f"device: expected an available device, found {dev} ({exc})") from None
+    return dev
+
+
+def _resolve_device(saved: str, device: torch.device | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return device
     dev = torch.device(saved)
     if dev.type == "cpu":
         return dev
@@ -322,10 +364,12 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
 
     ``device=None`` restores each layer to the device it was saved from when this process has it (else CPU,
     with a warning). ``model``: check that the state fits it (``strict``: the same Mamba layers; otherwise a
-    subset), naming the first mismatch.
+    subset), naming the first mismatch. A ``device`` that is not a device, or not available here (``"cuda"``
+    without CUDA), raises ``StateError`` before the file is read.
     """
     from safetensors.torch import load as st_load
 
+    target = _check_device(device)  # an argument error, not the file's fault: checked before reading
     where = os.fspath(path)
     try:
         with open(where, "rb") as f:
@@ -342,7 +386,7 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
         built: dict[int | None, MambaInferenceState] = {}
         for entry in layers:
             prefix = f"layers.{entry['idx']}." if meta["container"] == "model" else ""
-            dev = _resolve_device(str(entry.get("device", "cpu")), device)
+            dev = _resolve_device(str(entry.get("device", "cpu")), target)
             built[entry["idx"]] = MambaInferenceState(
                 tensors[prefix + "conv_state"].to(dev), tensors[prefix + "ssm_state"].to(dev)
             )

@@ -111,6 +111,53 @@ def test_save_into_missing_directory(tmp_path):
     assert "nope" in str(exc.value)
 
 
+def test_save_to_a_directory_is_an_argument_error(tmp_path):
+    target = tmp_path / "states"
+    target.mkdir()
+    (target / "inside").write_bytes(b"keep")
+    for save in (lambda p: rand_state().save(p), lambda p: rand_model_state().save(p),
+                 lambda p: ms.save_model_state(rand_model_state(), p)):
+        for path in (target, str(target)):
+            with pytest.raises(StateError) as exc:
+                save(path)
+            assert not isinstance(exc.value, OSError)
+            assert str(target) in str(exc.value) and "expected a file path" in str(exc.value)
+            assert "found a directory" in str(exc.value)
+    assert _files(tmp_path) == ["states"] and _files(target) == ["inside"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("device,words", [
+    ("nonsense", ["device: expected", "'nonsense'"]),
+    (object(), ["device: expected", "object"]),
+    pytest.param("cuda", ["device: expected an available device, found cuda (CUDA is not available)"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")),
+    pytest.param("cuda:0", ["found cuda:0", "CUDA is not available"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")),
+])
+def test_bad_load_device_is_an_argument_error(tmp_path, good_file, device, words):
+    missing = tmp_path / "absent.st"
+    layer_file = tmp_path / "layer.st"
+    rand_state().save(layer_file)
+    loads = [(MambaModelState.load, good_file), (ms.load_model_state, good_file), (load_state, good_file),
+             (MambaInferenceState.load, layer_file)]
+    for load, existing in loads:
+        for path in (existing, missing):
+            with pytest.raises(StateError) as exc:
+                load(path, device=device)
+            # the argument is blamed, not the file (and the device is checked before the file is read)
+            assert not isinstance(exc.value, StateFormatError), str(exc.value)
+            assert all(w in str(exc.value) for w in words), str(exc.value)
+            assert str(path) not in str(exc.value)
+
+
+@pytest.mark.gpu
+def test_load_on_a_missing_cuda_index(tmp_path, good_file):
+    bad = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(StateError) as exc:
+        MambaModelState.load(good_file, device=bad)
+    assert bad in str(exc.value) and not isinstance(exc.value, StateFormatError)
+
+
 # ------------------------------------------------------------------ damaged and foreign files
 @pytest.fixture
 def good_file(tmp_path):
@@ -245,6 +292,12 @@ def test_inconsistent_metadata(tmp_path, good_file):
         ({"layers": json.dumps([layers[0]])}, ["extra entries"]),
         ({"seqlen_offset": "-3"}, ["seqlen_offset"]),
         ({"user_metadata": "{"}, ["user_metadata"]),
+        # a forged kind (valid checksum) that disagrees with the tensors
+        ({"layers": json.dumps([dict(layers[0], kind="mamba2"), layers[1]])},
+         [f"layer {layers[0]['idx']} kind", "expected 'mamba1'", "found 'mamba2'"]),
+        ({"layers": json.dumps([layers[0], dict(layers[1], kind="mamba1")])},
+         [f"layer {layers[1]['idx']} kind", "expected 'mamba2'", "found 'mamba1'"]),
+        ({"layers": json.dumps([dict(layers[0], kind="mamba3"), layers[1]])}, ["kind", "'mamba3'"]),
     ]
     for change, words in cases:
         _rewrite_metadata(good_file, bad, **change)

@@ -64,11 +64,29 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
             raise StateCompatibilityError(f"layer {idx} {key}: expected {layout[key]} (layer), found {got[key]} "
                                           "(state)")
     pair = _cached_pair(cache, idx)
+    _check_dtypes(idx, state, pair)
     if pair is not None and pair[1].shape[0] != state.batch_size:
         raise StateShapeError(
             f"layer {idx}: expected batch size {pair[1].shape[0]} (the existing cache), found {state.batch_size}; "
             "use a fresh InferenceParams for another batch size"
         )
+
+
+def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Both tensors real floating (complex, integer and bool are refused: ``copy_`` would drop parts of them), and
+    so is an existing cache. Floating dtypes may differ: ``_write`` casts into the cache's dtype like ``copy_``."""
+    for k, name in enumerate(("conv_state", "ssm_state")):
+        t = getattr(state, name)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():  # is_floating_point is False for complex
+            found = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise StateCompatibilityError(
+                f"layer {idx} {name} dtype: expected a real floating dtype (cast into the cache's "
+                f"{pair[k].dtype if pair is not None else 'dtype'}), found {found}"
+            )
+        if pair is not None and not pair[k].is_floating_point():
+            raise StateCompatibilityError(
+                f"inference cache of layer {idx} {name} dtype: expected a real floating dtype, found {pair[k].dtype}"
+            )
 
 
 def _allocate(layer: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +127,14 @@ def get_inference_state(layer: Any, inference_params: Any) -> MambaInferenceStat
 
 
 def set_inference_state(layer: Any, state: MambaInferenceState, inference_params: Any) -> None:
-    """Validate ``state`` against ``layer``, then copy it into the cache in place (allocating it if missing)."""
+    """Validate ``state`` against ``layer``, then copy it into the cache in place (allocating it if missing).
+
+    Shapes must match exactly. Dtypes may differ: both tensors must be real floating point (complex, integer or bool
+    tensors raise ``StateCompatibilityError`` naming expected and found, before anything is written), and they are
+    cast into the cache's dtype the way ``Tensor.copy_`` casts. The cache keeps upstream's dtype (the layer's
+    parameter dtype when it is allocated here): a float32 state written into a bfloat16 model's cache is rounded to
+    bfloat16, and a narrowing cast turns values out of the target's range into ``inf``.
+    """
     idx, layout = _layer_info(layer)
     cache = _cache_dict(inference_params)
     _check_fits(idx, layout, state, cache)
@@ -127,9 +152,11 @@ def zero_inference_state(layer: Any, inference_params: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- whole model
 def get_model_state(model: Any, inference_params: Any) -> MambaModelState | None:
-    """Detached clones of every Mamba layer's cache, with ``seqlen_offset``; ``None`` if nothing is cached.
+    """Detached clones of every Mamba layer's cache, with ``seqlen_offset``, in the cache's dtypes.
 
-    Raises ``StateCompatibilityError`` when only some layers have a cache (an interrupted forward).
+    Returns ``None`` when no Mamba layer of ``model`` has a cache in ``inference_params`` yet (a fresh
+    ``InferenceParams``, before the first forward or :func:`set_model_state`). Raises
+    ``StateCompatibilityError`` when only some layers have a cache (an interrupted forward).
     """
     layers = find_mamba_layers(model)
     _cache_dict(inference_params)  # validate before walking layers
@@ -146,8 +173,12 @@ def get_model_state(model: Any, inference_params: Any) -> MambaModelState | None
 def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -> None:
     """Validate every layer first, then copy all of them in and set ``inference_params.seqlen_offset``.
 
-    The state must cover exactly the model's Mamba layers. Upstream continues with ``step()`` only when
-    ``seqlen_offset > 0``; the state's own ``seqlen_offset`` is written (set it to the tokens consumed).
+    The state must cover exactly the model's Mamba layers, with exact shapes. Dtypes follow
+    :func:`set_inference_state`: real floating tensors are cast into the cache's dtype like ``Tensor.copy_`` (a
+    float32 adapter state into a bfloat16 model's cache is rounded to bfloat16; values beyond a narrower dtype's
+    range become ``inf``); a complex, integer or bool tensor in any layer raises ``StateCompatibilityError`` before
+    any layer is written. Upstream continues with ``step()`` only when ``seqlen_offset > 0``; the state's own
+    ``seqlen_offset`` is written (set it to the tokens consumed).
     """
     if not isinstance(state, MambaModelState):
         raise StateError(f"state: expected a MambaModelState, found {type(state).__name__}")

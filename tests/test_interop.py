@@ -118,6 +118,71 @@ def test_layer_set_rejects_bad_states_and_changes_nothing(model):
         assert _same_as(params, snap)
 
 
+def _with_tensor(state, name, tensor):
+    """A state whose ``name`` tensor was replaced after construction (attributes are plain and assignable)."""
+    out = state.clone()
+    setattr(out, name, tensor)
+    return out
+
+
+def test_set_casts_floating_dtypes_like_copy(model):
+    layer = find_mamba_layers(model)[0]
+    params = _params()
+    ms.set_inference_state(layer, _state_for(layer, seed=1), params)
+    conv, ssm = params.key_value_memory_dict[0]
+    wide = _state_for(layer, seed=2, dtype=torch.float64)
+    ms.set_inference_state(layer, wide, params)
+    assert params.key_value_memory_dict[0][1] is ssm and ssm.dtype == torch.float32
+    assert torch.equal(ssm, wide.ssm_state.to(torch.float32)) and torch.equal(conv, wide.conv_state.float())
+    half = _state_for(layer, seed=3, dtype=torch.bfloat16)
+    ms.set_inference_state(layer, half, params)
+    assert torch.equal(ssm, half.ssm_state.float())
+    # a narrowing cast: float64 values beyond float16's range become inf, as Tensor.copy_ does
+    hp = _params()
+    hp.key_value_memory_dict[0] = (conv.clone().half(), ssm.clone().half())
+    big = _state_for(layer, seed=4, dtype=torch.float64)
+    big.ssm_state.view(-1)[0] = 1e6
+    ms.set_inference_state(layer, big, hp)
+    out = hp.key_value_memory_dict[0][1]
+    assert out.dtype == torch.float16 and out.flatten()[0].isinf() and torch.equal(out, big.ssm_state.half())
+
+
+@pytest.mark.parametrize("name", ["conv_state", "ssm_state"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_set_rejects_non_floating_dtypes_before_writing(model, name, dtype):
+    params = _params()
+    ms.set_model_state(model, _model_state(model, seed=1, offset=3), params)
+    snap = _snapshot(params)
+    good = _model_state(model, seed=2)
+    bad_layer = _with_tensor(good[1], name, getattr(good[1], name).to(dtype))
+    with pytest.raises(StateCompatibilityError) as exc:
+        ms.set_model_state(model, MambaModelState({0: good[0], 1: bad_layer}), params)
+    msg = str(exc.value)
+    assert f"layer 1 {name} dtype" in msg and "expected a real floating dtype" in msg, msg
+    assert str(dtype) in msg and "torch.float32" in msg, msg  # found, and the cache's dtype it would be cast to
+    assert _same_as(params, snap) and params.seqlen_offset == 3  # layer 0 was not written either
+    with pytest.raises(StateCompatibilityError, match=f"found {dtype}"):
+        ms.set_inference_state(find_mamba_layers(model)[1], bad_layer, params)
+    assert _same_as(params, snap)
+    fresh = _params()  # no cache yet: nothing allocated
+    with pytest.raises(StateCompatibilityError):
+        ms.set_model_state(model, MambaModelState({0: good[0], 1: bad_layer}), fresh)
+    assert fresh.key_value_memory_dict == {}
+
+
+def test_set_rejects_a_non_floating_cache(model):
+    layer = find_mamba_layers(model)[0]
+    params = _params()
+    ms.set_inference_state(layer, _state_for(layer), params)
+    conv, ssm = params.key_value_memory_dict[0]
+    params.key_value_memory_dict[0] = (conv, ssm.to(torch.int64))
+    snap = _snapshot(params)
+    with pytest.raises(StateCompatibilityError) as exc:
+        ms.set_inference_state(layer, _state_for(layer, seed=7), params)
+    assert "inference cache of layer 0 ssm_state dtype" in str(exc.value) and "torch.int64" in str(exc.value)
+    assert _same_as(params, snap)
+
+
 def test_bad_arguments(model):
     layer = find_mamba_layers(model)[0]
     with pytest.raises(StateError, match="key_value_memory_dict"):

@@ -134,10 +134,12 @@ def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
         if t is not None and list(t.shape) != lead:
             raise StateShapeError(f"{name}: expected {lead} (state's shape without dstate), found {list(t.shape)}")
     if list(A.shape) != list(state.shape[1:]):
-        raise StateShapeError(f"A: expected {list(state.shape[1:])}, found {list(A.shape)}")
+        raise StateShapeError(f"A: expected {list(state.shape[1:])} (state {list(state.shape)} without its batch), "
+                              f"found {list(A.shape)}: A and state disagree")
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is not None and list(t.shape) != lead[1:]:
-            raise StateShapeError(f"{name}: expected {lead[1:]}, found {list(t.shape)}")
+            raise StateShapeError(f"{name}: expected {lead[1:]} (from state {list(state.shape)}), found "
+                                  f"{list(t.shape)}")
     heads = state.shape[1] if state.dim() == 4 else None
     for name, t in (("B", B), ("C", C)):
         ok = t.dim() in (2, 3) and t.shape[0] == bsz and t.shape[-1] == n
@@ -145,9 +147,11 @@ def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
             ok = (heads if heads is not None else state.shape[1]) % t.shape[1] == 0
         if not ok:
             raise StateShapeError(f"{name}: expected [batch, dstate] = {[bsz, n]} or [batch, ngroups, dstate] with "
-                                  f"ngroups dividing the heads/channels, found {list(t.shape)}")
+                                  f"ngroups dividing the heads/channels (batch and dstate from state "
+                                  f"{list(state.shape)}), found {list(t.shape)}")
     if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz]):
-        raise StateShapeError(f"reset: expected a bool tensor [batch] = {[bsz]}, found {reset.dtype} {list(reset.shape)}")
+        raise StateShapeError(f"reset: expected a bool tensor [batch] = {[bsz]} (batch from state), found "
+                              f"{reset.dtype} {list(reset.shape)}")
 
 
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,

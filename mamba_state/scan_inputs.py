@@ -36,24 +36,26 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 
 def _check_bc(name: str, t: torch.Tensor, batch: int, dim: int, seqlen: int, dstate: int) -> int:
+    # every expected size is named with its source, so a mismatch with A (dstate) does not read as B's own fault
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise StateError(f"{name}: expected a floating tensor, found "
                          f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
     if t.dim() == 2:
         if _shape(t) != [dim, dstate]:
-            raise StateShapeError(f"{name}: expected [dim, dstate] = {[dim, dstate]}, found {_shape(t)}")
+            raise StateShapeError(f"{name}: expected [dim, dstate] = {[dim, dstate]} (dim {dim} from u, dstate "
+                                  f"{dstate} from A), found {_shape(t)}")
         return 0
     if t.dim() == 3:
         if _shape(t) != [batch, dstate, seqlen]:
-            raise StateShapeError(f"{name}: expected [batch, dstate, seqlen] = {[batch, dstate, seqlen]}, found "
-                                  f"{_shape(t)}")
+            raise StateShapeError(f"{name}: expected [batch, dstate, seqlen] = {[batch, dstate, seqlen]} (batch "
+                                  f"{batch} and seqlen {seqlen} from u, dstate {dstate} from A), found {_shape(t)}")
         return 1
     if t.dim() == 4:
         g = t.shape[1]
         if _shape(t) != [batch, g, dstate, seqlen] or g < 1 or dim % g != 0:
             raise StateShapeError(
                 f"{name}: expected [batch, ngroups, dstate, seqlen] = {[batch, 'g', dstate, seqlen]} with dim {dim} "
-                f"divisible by ngroups, found {_shape(t)}"
+                f"divisible by ngroups (batch, dim and seqlen from u, dstate {dstate} from A), found {_shape(t)}"
             )
         return g
     raise StateShapeError(f"{name}: expected rank 2, 3 or 4, found shape {_shape(t)}")
@@ -89,7 +91,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or _shape(initial_state) != [batch, dim, dstate]:
             raise StateShapeError(
-                f"initial_state: expected [batch, dim, dstate] = {[batch, dim, dstate]}, found "
+                f"initial_state: expected [batch, dim, dstate] = {[batch, dim, dstate]} (batch and dim from u, "
+                f"dstate {dstate} from A), found "
                 f"{_shape(initial_state) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__}"
             )
         if not initial_state.is_floating_point():

@@ -30,31 +30,32 @@ use :func:`mamba_state.scan_states.selective_scan_all_states` (about 3 * sqrt(se
 of one scan call per segment."""
 
 
-def check_positions(positions: Any, seqlen: int) -> list[int]:
+def check_positions(positions: Any, seqlen: int, name: str = "return_states_at") -> list[int]:
     """``positions`` as a list of ints; raises ``StateError`` unless they are non-decreasing ints in [0, seqlen].
 
-    Accepts any iterable of ints (a list, a ``range``, a numpy array) or a 1-D integer tensor.
+    Accepts any iterable of ints (a list, a ``range``, a numpy array) or a 1-D integer tensor. ``name`` is the
+    caller's argument name, used in error messages.
     """
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
-            raise StateError(f"return_states_at: expected a 1-D integer tensor or a list of ints, found "
+            raise StateError(f"{name}: expected a 1-D integer tensor or a list of ints, found "
                              f"{positions.dtype} {list(positions.shape)}")
         out = [int(p) for p in positions.tolist()]
     elif isinstance(positions, Iterable) and not isinstance(positions, (str, bytes)):
         items = list(positions)  # lists, tuples, ranges, numpy arrays, generators
         bad = [p for p in items if isinstance(p, bool) or not isinstance(p, numbers.Integral)]
         if bad:
-            raise StateError(f"return_states_at: expected ints, found {type(bad[0]).__name__} {bad[0]!r}")
+            raise StateError(f"{name}: expected ints, found {type(bad[0]).__name__} {bad[0]!r}")
         out = [int(p) for p in items]
     else:
-        raise StateError(f"return_states_at: expected a list of ints or a 1-D integer tensor, found "
+        raise StateError(f"{name}: expected a list of ints or a 1-D integer tensor, found "
                          f"{type(positions).__name__}")
     for p in out:
         if not 0 <= p <= seqlen:
-            raise StateError(f"return_states_at: expected positions in [0, {seqlen}] (token counts of this chunk), "
+            raise StateError(f"{name}: expected positions in [0, {seqlen}] (token counts of this chunk), "
                              f"found {p}")
     if any(b < a for a, b in zip(out, out[1:])):
-        raise StateError(f"return_states_at: expected non-decreasing positions, found {out}")
+        raise StateError(f"{name}: expected non-decreasing positions, found {out}")
     return out
 
 

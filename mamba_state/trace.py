@@ -126,7 +126,7 @@ def trace_positions(seqlen: int, positions: Any = None, stride: int | None = Non
             raise StateError(f"stride: expected a positive int, found {stride!r}")
         return list(range(0, seqlen + 1, stride))
     if positions is not None:
-        return check_positions(positions, seqlen)
+        return check_positions(positions, seqlen, name="positions")
     return list(range(seqlen + 1))
 
 

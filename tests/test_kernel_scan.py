@@ -186,6 +186,51 @@ def test_bad_inputs_raise_state_errors():
         selective_scan_fn(**inp, backend="cuda-please")
 
 
+def test_shape_messages_say_where_the_expectation_comes_from():
+    # u [2, 5, 6] and A [5, 2]: dstate 2 comes from A, so a B with dstate 3 is a disagreement with A
+    g = torch.Generator().manual_seed(4)
+    u, delta = torch.randn(2, 5, 6, generator=g), torch.rand(2, 5, 6, generator=g)
+    A = -torch.rand(5, 2, generator=g)
+    B, C = torch.randn(2, 2, 6, generator=g), torch.randn(2, 2, 6, generator=g)
+    cases = [
+        (dict(B=torch.randn(2, 3, 6, generator=g)),
+         "B: expected [batch, dstate, seqlen] = [2, 2, 6] (batch 2 and seqlen 6 from u, dstate 2 from A), "
+         "found [2, 3, 6]"),
+        (dict(C=torch.randn(5, 3, generator=g)), "C: expected [dim, dstate] = [5, 2] (dim 5 from u, dstate 2 from A)"),
+        (dict(B=torch.randn(2, 1, 3, 6, generator=g)), "dstate 2 from A"),
+        (dict(initial_state=torch.randn(2, 5, 3, generator=g)), "initial_state: expected [batch, dim, dstate] = "
+         "[2, 5, 2] (batch and dim from u, dstate 2 from A), found [2, 5, 3]"),
+    ]
+    for change, message in cases:
+        args = dict(dict(u=u, delta=delta, A=A, B=B, C=C), **change)
+        for backend in ("reference", "triton"):
+            with pytest.raises(StateShapeError) as exc:
+                selective_scan_fn(**args, backend=backend)
+            assert message in str(exc.value), str(exc.value)
+
+
+def test_state_update_messages_name_the_state():
+    g = torch.Generator().manual_seed(5)
+    state = torch.randn(2, 5, 3, generator=g)  # [batch, dim, dstate=3]
+    x, dt = torch.randn(2, 5, generator=g), torch.rand(2, 5, generator=g)
+    A, B, C = -torch.rand(5, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    before = state.clone()
+    cases = [
+        (dict(state=torch.randn(2, 5, 4, generator=g)),
+         "A: expected [5, 4] (state [2, 5, 4] without its batch), found [5, 3]: A and state disagree"),
+        (dict(A=-torch.rand(5, 4, generator=g)), "A: expected [5, 3] (state [2, 5, 3] without its batch), found [5, 4]"),
+        (dict(B=torch.randn(2, 4, generator=g)), "(batch and dstate from state [2, 5, 3]), found [2, 4]"),
+        (dict(D=torch.randn(4, generator=g)), "D: expected [5] (from state [2, 5, 3]), found [4]"),
+        (dict(reset=torch.zeros(3, dtype=torch.bool)), "reset: expected a bool tensor [batch] = [2] (batch from state)"),
+    ]
+    for change, message in cases:
+        args = dict(dict(state=state, x=x, dt=dt, A=A, B=B, C=C), **change)
+        with pytest.raises(StateShapeError) as exc:
+            selective_state_update(**args)
+        assert message in str(exc.value), str(exc.value)
+    assert torch.equal(state, before)
+
+
 def test_default_chunk_is_a_multiple_of_8():
     for L in (1, 7, 40, 2048, 16384, 10**6):
         c = default_chunk(L)

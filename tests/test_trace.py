@@ -325,6 +325,13 @@ def test_traced_positions_and_stride_are_rows_of_the_full_trace():
         trace_layer(layer, x, positions=[1], stride=2)
     with pytest.raises(StateError, match="stride"):
         trace_layer(layer, x, stride=0)
+    # errors name the argument the caller passed (positions), not the adapter's return_states_at
+    for bad, words in (([14], ["expected positions in [0, 13]", "found 14"]), ([5, 2], ["non-decreasing"]),
+                       ([1.5], ["expected ints"])):
+        with pytest.raises(StateError) as exc:
+            trace_layer(layer, x, positions=bad)
+        assert str(exc.value).startswith("positions: ") and "return_states_at" not in str(exc.value)
+        assert all(w in str(exc.value) for w in words), str(exc.value)
     with pytest.raises(StateShapeError, match="seqlen"):
         trace_layer(layer, x[0])
 

@@ -164,11 +164,15 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     [batch, ngroups, dstate]; D, dt_bias [dim]. Multi-head form: state [batch, nheads, headdim, dstate]; x, dt, z
     [batch, nheads, headdim]; A [nheads, headdim, dstate]; B, C [batch, ngroups, dstate]; D, dt_bias
     [nheads, headdim]. ``reset`` bool [batch] zeroes a row's state first. Returns out shaped like x, x.dtype.
-    The state keeps its dtype; arithmetic is float32.
+    The state keeps its dtype; arithmetic is float32 (float64 for float64 inputs, on the reference path).
+    The Triton kernel serves inference; a step that autograd records (an input requires grad and grad mode is
+    on) runs the differentiable PyTorch reference, whatever the backend.
     """
     _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset)
     which = _which(state.device, backend)
-    if which == "reference" or state.dtype == torch.float64 or x.dtype == torch.float64:
+    # the Triton step kernel is inference-only: a step that autograd records takes the (differentiable) reference
+    needs_grad = _needs_grad(state, x, dt, A, B, C, D, z, dt_bias)
+    if which == "reference" or needs_grad or state.dtype == torch.float64 or x.dtype == torch.float64:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, reset)
     bsz, n = state.shape[0], state.shape[-1]
     flat = state.reshape(bsz, -1, n) if state.is_contiguous() else None

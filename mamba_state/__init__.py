@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch as _torch
 
-from .errors import StateCompatibilityError, StateError, StateFormatError, StateShapeError
+from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
 from .state import MambaInferenceState, MambaModelState
 from .io import StateFileNotFoundError, load_model_state, save_model_state
 from .interop import (
@@ -36,6 +36,7 @@ __all__ = [
     "StateCompatibilityError",
     "StateFormatError",
     "StateFileNotFoundError",
+    "LayerNotFoundError",
     "MambaInferenceState",
     "MambaModelState",
     "save_model_state",

@@ -431,7 +431,10 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         g = t.shape[1]
         return t[:, :, None, None, :].expand(bsz, g, h // g, 1, n).reshape(bsz, h, 1, n)
 
-    prev = state4.to(ct)
+    # a copy when autograd records the step: the products below save `prev`, and `state` is overwritten at the end
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (state, x, dt, A, B, C, D, z, dt_bias))
+    prev = state4.to(ct, copy=grad)
     if reset is not None:
         prev = torch.where(reset.view(-1, 1, 1, 1), torch.zeros_like(prev), prev)
     new = torch.exp(dtf[..., None] * A4.to(ct)) * prev + (dtf * x4.to(ct))[..., None] * heads(B)

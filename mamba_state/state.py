@@ -85,6 +85,12 @@ def _split_sizes(sizes: int | Sequence[int], batch_size: int) -> list[int]:
     return sizes
 
 
+def _zero_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows where ``mask`` is True zeroed: in place, or out of place for a tensor in a graph."""
+    rows = mask.view((-1,) + (1,) * (t.dim() - 1))
+    return t.masked_fill(rows, 0) if t.requires_grad else t.masked_fill_(rows, 0)
+
+
 class MambaInferenceState:
     """The recurrent state of one Mamba (or Mamba-2) layer.
 
@@ -216,16 +222,27 @@ class MambaInferenceState:
         return MambaInferenceState(self.conv_state.detach(), self.ssm_state.detach())
 
     def zero_(self) -> "MambaInferenceState":
-        """Zero both tensors in place; returns self."""
-        self.conv_state.zero_()
-        self.ssm_state.zero_()
+        """Zero both tensors; returns self.
+
+        In place, except for a tensor in an autograd graph (``requires_grad``): autograd may have saved it for
+        the backward, where an in-place change would fail, so this state takes a new zero tensor in its place
+        (the old tensor is left as it was). Either way ``self`` then holds zeros.
+        """
+        self.conv_state, self.ssm_state = (torch.zeros_like(t) if t.requires_grad else t.zero_()
+                                           for t in (self.conv_state, self.ssm_state))
         return self
 
     def reset_(self, mask: torch.Tensor) -> "MambaInferenceState":
-        """Zero the rows where ``mask`` (bool ``[B]``) is True, in place, in both tensors; returns self."""
+        """Zero the rows where ``mask`` (bool ``[B]``) is True in both tensors; returns self.
+
+        In place, except for a tensor in an autograd graph (``requires_grad``, e.g. a state straight out of a
+        forward in training): this state then takes a new tensor with those rows zeroed, built by a
+        differentiable ``masked_fill`` (the other rows keep their gradient path; the old tensor, which autograd
+        may have saved for the backward, is left as it was). Recurrent training can reset rows between chunks.
+        """
         mask = _check_mask(mask, self.batch_size).to(self.device)
-        self.conv_state.masked_fill_(mask.view(-1, 1, 1), 0)
-        self.ssm_state.masked_fill_(mask.view((-1,) + (1,) * (self.ssm_state.dim() - 1)), 0)
+        self.conv_state = _zero_rows(self.conv_state, mask)
+        self.ssm_state = _zero_rows(self.ssm_state, mask)
         return self
 
     # ------------------------------------------------------------------ batch operations

@@ -420,7 +420,8 @@ class StatefulMamba2(nn.Module):
             return out, new
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
-        return out, new, [MambaInferenceState(c, s) for c, s in zip(conv_at.unbind(0), ssm_at.unbind(0))]
+        # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
+        return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
     def _scan_all_states(self, xs, dt, B, C, zh, h0, reset):
         """The SSD recurrence as a Mamba-1 scan over ``nheads * headdim`` channels, keeping every state.

@@ -53,7 +53,10 @@ def _normalize_index(index: BatchIndex, batch_size: int) -> torch.Tensor | slice
     if isinstance(index, slice):
         return index
     if isinstance(index, (list, tuple)):
-        index = torch.as_tensor(index, dtype=torch.long)
+        # a list of Python bools is a mask, as in torch indexing (bool is an int subclass: as_tensor alone
+        # would read [True, False] as the rows 1, 0)
+        is_mask = len(index) > 0 and all(isinstance(v, bool) for v in index)
+        index = torch.as_tensor(index, dtype=torch.bool if is_mask else torch.long)
     if not isinstance(index, torch.Tensor):
         raise StateError(f"batch index: expected int, slice, LongTensor or bool mask, found {type(index).__name__}")
     if index.dtype == torch.bool:

@@ -183,6 +183,19 @@ def test_set_rejects_a_non_floating_cache(model):
     assert _same_as(params, snap)
 
 
+def test_set_rejects_a_cache_shaped_unlike_its_layer(model):
+    """A hand-made cache whose tensors disagree with the layer's layout is reported before any layer is written."""
+    params = _params()
+    ms.set_model_state(model, _model_state(model, seed=1), params)
+    conv, ssm = params.key_value_memory_dict[1]
+    params.key_value_memory_dict[1] = (conv, ssm[..., :-1].clone())  # layer 1's cache one d_state short
+    snap = _snapshot(params)
+    with pytest.raises(StateShapeError) as exc:
+        ms.set_model_state(model, _model_state(model, seed=2), params)
+    assert all(w in str(exc.value) for w in ("layer 1", "ssm_state", str(list(ssm.shape)), "existing cache"))
+    assert _same_as(params, snap)
+
+
 def test_bad_arguments(model):
     layer = find_mamba_layers(model)[0]
     with pytest.raises(StateError, match="key_value_memory_dict"):

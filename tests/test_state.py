@@ -152,7 +152,8 @@ def test_select_forms(make):
         assert torch.equal(out.ssm_state, s.ssm_state[expect]) and torch.equal(out.conv_state, s.conv_state[expect])
     for index, expect in [(torch.tensor([4, 0, 0]), [4, 0, 0]), (torch.tensor([True, False, False, True, False]), [0, 3]),
                           (torch.tensor([3, -5], dtype=torch.int32), [3, 0]),
-                          ([1, 3], [1, 3]), (torch.tensor([], dtype=torch.long), [])]:
+                          ([1, 3], [1, 3]), (torch.tensor([], dtype=torch.long), []),
+                          ([True, False, False, True, False], [0, 3])]:  # a list of bools is a mask, as in torch
         out = s.select(index)
         assert out.batch_size == len(expect)
         assert torch.equal(out.ssm_state, s.ssm_state[expect]) and torch.equal(out.conv_state, s.conv_state[expect])
@@ -169,6 +170,7 @@ def test_select_forms(make):
     (torch.tensor([1, 0, 0, 1, 0], dtype=torch.uint8), ["bool mask", "int64/int32", "uint8"]),
     (torch.tensor([1, 3], dtype=torch.int16), ["int64/int32", "int16"]),
     (torch.tensor([1, 3], dtype=torch.int8), ["int64/int32", "int8"]),
+    ([True, False], ["[5]", "[2]"]),  # a bool list is a mask, so its length must be the batch size
 ])
 def test_bad_select(index, words):
     for s in (m1(batch=5), MambaModelState({0: m1(batch=5), 1: m2(batch=5)})):

@@ -249,6 +249,14 @@ def test_bad_inputs_and_states():
         lm(ids, state={0: None})
     with pytest.raises(StateShapeError, match="one token"):
         lm.step(ids)
+    rows = lm.backbone.embedding.num_embeddings  # the vocabulary padded to a multiple of 8
+    for bad_id in (-1, rows):
+        bad = torch.tensor([[1, bad_id]])
+        for call in (lambda: lm(bad), lambda: lm.step(bad[:, 1:]), lambda: lm.generate(bad, max_new_tokens=1)):
+            with pytest.raises(StateShapeError) as exc:
+                call()
+            assert f"[0, {rows - 1}]" in str(exc.value) and str(bad_id) in str(exc.value), str(exc.value)
+    lm(torch.tensor([[rows - 1, 0]]))  # the padding rows are valid embedding rows
     with pytest.raises(StateCompatibilityError, match="MambaLMHeadModel"):
         StatefulMambaLM(torch.nn.Linear(2, 2))
     with pytest.raises(StateCompatibilityError, match="unknown"):

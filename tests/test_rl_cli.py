@@ -159,3 +159,26 @@ def test_init_from_loads_only_the_policy_and_checks_the_architecture(tmp_path, c
     assert main([*[x if x != "8" else "12" for x in longer], "--total-updates", "1", "--out",
                  str(tmp_path / "bad"), "--init-from", str(src)]) == 2
     assert "init_from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--horizons", "2", "4"], ["--horizons", "--scale"]),
+    (["--seeds", "0", "1", "--controllers", "gru"], ["--seeds --controllers", "--scale"]),
+    (["--total-updates", "-1"], ["total_updates", ">= 0", "-1"]),
+    (["--max-seconds", "-5"], ["max_seconds", "-5"]),
+])
+def test_options_that_would_be_ignored_or_are_invalid_are_refused(tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    assert main(["rl", "--controller", "gru", "--gru-hidden", "8", "--out", str(out), *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_scale_with_no_training_still_writes_its_plot(tmp_path):
+    """Zero updates give no throughput (NaN) and horizon 0 cannot sit on a log axis: the plot falls back to
+    linear axes instead of failing."""
+    out = tmp_path / "scale0"
+    assert main(["rl", "--scale", "--horizons", "0", "2", "--seeds", "0", "--controllers", "gru", "--total-updates",
+                 "0", "--gru-hidden", "8", "--out", str(out), *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -214,12 +214,26 @@ class StatefulMambaLM(nn.Module):
             )
         return state  # per-layer layout, batch and device are checked by each mixer before any work
 
-    def _check_ids(self, input_ids: Any) -> None:
+    def _check_ids(self, input_ids: Any, check_range: bool = True) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 or (
                 input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
             found = (f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
                      else type(input_ids).__name__)
             raise StateShapeError(f"input_ids: expected an integer tensor [batch, seqlen >= 1], found {found}")
+        if check_range:
+            self._check_id_range(input_ids)
+
+    def _check_id_range(self, input_ids: torch.Tensor) -> None:
+        """Token ids within the embedding's rows (a raw IndexError, or a device-side assert on CUDA, otherwise).
+        One host sync on CUDA per call; skipped while a CUDA graph is being captured."""
+        if input_ids.numel() == 0 or input_ids.is_meta or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        rows = self.backbone.embedding.num_embeddings
+        lo, hi = torch.aminmax(input_ids)
+        lo_i, hi_i = int(lo), int(hi)
+        if lo_i < 0 or hi_i >= rows:
+            raise StateShapeError(f"input_ids: expected token ids in [0, {rows - 1}] (the embedding's rows), found "
+                                  f"ids from {lo_i} to {hi_i}")
 
     def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0, return_states_at=None):
         batch, seqlen = input_ids.shape
@@ -288,7 +302,8 @@ class StatefulMambaLM(nn.Module):
         """
         squeeze = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1
         ids = input_ids[:, None] if squeeze else input_ids
-        self._check_ids(ids)
+        # the id range costs a host sync on CUDA: checked per token on CPU only (decoding loops feed sampled ids)
+        self._check_ids(ids, check_range=not (isinstance(ids, torch.Tensor) and ids.is_cuda))
         if ids.shape[1] != 1:
             raise StateShapeError(f"input_ids: expected one token per row ([batch] or [batch, 1]), found {list(ids.shape)}")
         check_reset(reset, [ids.shape[0]])

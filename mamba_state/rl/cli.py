@@ -33,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--controller", choices=["mamba", "gru"], default=D["controller"])
     g.add_argument("--horizon", type=int, default=D["horizon"], help="distractor steps between bits and cue")
     g.add_argument("--num-bits", type=int, default=D["num_bits"], help="bits to remember (2**K actions)")
-    g.add_argument("--num-envs", type=int, default=D["num_envs"])
-    g.add_argument("--total-updates", type=int, default=D["total_updates"])
-    g.add_argument("--seed", type=int, default=D["seed"])
+    g.add_argument("--num-envs", type=int, default=D["num_envs"], help="default: %(default)s")
+    g.add_argument("--total-updates", type=int, default=D["total_updates"], help="default: %(default)s")
+    g.add_argument("--seed", type=int, default=D["seed"], help="default: %(default)s")
     g.add_argument("--device", default=D["device"], help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    g.add_argument("--out", default=D["out"], help="output folder (config, metrics, checkpoint, summary)")
+    g.add_argument("--out", default=D["out"], help="output folder (config, metrics, checkpoint, summary); default: %(default)s")
     g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (exactly) if present")
     g.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"], help="updates (0: only at the end)")
     g.add_argument("--eval-envs", type=int, default=D["eval_envs"], help="greedy evaluation episodes at the end")
@@ -74,13 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("environment")
     e.add_argument("--noise-channels", type=int, default=D["noise_channels"])
     e.add_argument("--noise-std", type=float, default=D["noise_std"])
-    e.add_argument("--distractor-bits", action="store_true", help="random +-1 on the bit channels between")
+    e.add_argument("--distractor-bits", action="store_true",
+                   help="random +-1 on the bit channels between the first step and the cue (default: zeros)")
     e.add_argument("--shaping", type=float, default=D["shaping"], help="partial credit per right bit (0: off)")
     s = parser.add_argument_group("scale sweep")
     s.add_argument("--scale", action="store_true", help="train both controllers across --horizons and --seeds")
-    s.add_argument("--horizons", type=int, nargs="+", default=[8, 16, 32])
-    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=["mamba", "gru"])
+    # None by default so that run() can refuse them without --scale (they would be silently ignored there)
+    s.add_argument("--horizons", type=int, nargs="+", default=None, help="default: 8 16 32")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1")
+    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=None, help="default: mamba gru")
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     where = ""
+    sweep_only = [f"--{k}" for k in ("horizons", "seeds", "controllers") if getattr(args, k, None) is not None]
+    if sweep_only and not args.scale:
+        print(f"mamba-state rl: error: {' '.join(sweep_only)} only apply with --scale (one run takes --horizon, "
+              "--seed and --controller)", file=sys.stderr)
+        return 2
     try:
         # Under torchrun: one process group for the whole command (a sweep trains many runs in it).
         with distributed(opts.get("device")) as ctx:
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             if args.scale:
                 from .scale import run_scale
 
-                run_scale(opts, args.horizons, controllers=args.controllers, seeds=args.seeds)
+                run_scale(opts, args.horizons or [8, 16, 32], controllers=args.controllers or ["mamba", "gru"],
+                          seeds=args.seeds if args.seeds is not None else [0, 1])
             else:
                 from .train import train
 

@@ -83,14 +83,18 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
         ax2.plot(hs, [a["steps_per_s_mean"] or math.nan for a in rows], marker="o", label=ctrl)
     chance = results["runs"][0]["chance"] if results["runs"] else 0.5
     ax1.axhline(chance, color="grey", linestyle=":", label="chance")
+    horizons = [a["horizon"] for a in results["aggregate"]]
     for ax in (ax1, ax2):
-        ax.set_xscale("log")
+        if horizons and min(horizons) > 0:  # a log axis cannot show horizon 0
+            ax.set_xscale("log")
         ax.set_xlabel("horizon (distractor steps)")
         ax.legend()
     ax1.set_ylabel("eval success rate")
     ax1.set_ylim(0, 1.02)
     ax2.set_ylabel("train env steps / s")
-    ax2.set_yscale("log")
+    rates = [a["steps_per_s_mean"] for a in results["aggregate"]]
+    if any(r is not None and math.isfinite(r) and r > 0 for r in rates):  # nothing to show on a log axis otherwise
+        ax2.set_yscale("log")
     fig.suptitle(f"DelayedRecall, {results['num_bits']} bit(s): Mamba vs GRU ({results['device']})")
     fig.tight_layout()
     path = Path(path)

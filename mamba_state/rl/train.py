@@ -130,6 +130,12 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
     Data-parallel when launched by torchrun with ``WORLD_SIZE > 1`` (or inside an initialised process group).
     """
     o = {**DEFAULTS, **opts}
+    for key in ("total_updates", "max_seconds", "checkpoint_every"):
+        value = o[key]
+        if value is None and key == "max_seconds":  # no limit
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise StateError(f"{key}: expected a number >= 0, found {value!r}")
     with distributed(o["device"]) as ctx:
         return _train(o, ctx, log)
 

@@ -9,6 +9,8 @@ the branches apart again and ``cat`` joins them (the identity, law 3).
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import mamba_state as ms
@@ -35,4 +37,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # no options: --help prints what the example shows
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

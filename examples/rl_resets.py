@@ -9,6 +9,8 @@ alone gives (law 2): the conv window and the SSM state are both cleared at the b
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import mamba_state as ms
@@ -40,4 +42,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # no options: --help prints what the example shows
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

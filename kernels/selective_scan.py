@@ -128,6 +128,10 @@ def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
     if not isinstance(state, Tensor) or state.dim() not in (3, 4):
         raise StateShapeError(f"state: expected [batch, dim, dstate] or [batch, nheads, headdim, dstate], found "
                               f"{list(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias)):
+        if t is not None and not t.is_floating_point():  # an int state would be truncated in place
+            raise StateError(f"{name}: expected a floating dtype, found {t.dtype}")
     lead = list(state.shape[:-1])
     bsz, n = state.shape[0], state.shape[-1]
     for name, t in (("x", x), ("dt", dt), ("z", z)):

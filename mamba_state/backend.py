@@ -1,8 +1,8 @@
 """Choosing between the Triton kernels and the pure-PyTorch reference path.
 
 ``backend`` arguments and the ``MAMBA_STATE_BACKEND`` environment variable take ``auto`` (default),
-``reference`` or ``triton``. ``auto`` runs Triton on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``)
-and the reference path otherwise.
+``reference`` or ``triton``. ``auto`` runs Triton on CUDA tensors and the reference path otherwise (also for
+CPU tensors under ``TRITON_INTERPRET=1``, where only a forced ``triton`` runs the kernels in the interpreter).
 """
 
 from __future__ import annotations

@@ -34,3 +34,12 @@ def test_example_runs(script: Path, tmp_path: Path):
         f"{script.name}: expected exit status 0, found {proc.returncode}\n"
         f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
     )
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_example_help_prints_usage_without_running(script: Path, tmp_path: Path):
+    """``--help`` prints a usage line and exits 0 without doing the work (nothing is written)."""
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), f"{script.name} --help wrote {sorted(p.name for p in tmp_path.iterdir())}"

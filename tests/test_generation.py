@@ -622,3 +622,17 @@ def test_auto_fused_step_that_fails_falls_back_to_model_step(lm, fake_graphs, mo
         assert all(not g.fused for g in G._GRAPHS[lm].values() if g is not None)
     with pytest.raises(RuntimeError, match="no kernel image"):  # asked for explicitly: no silent fallback
         generate(lm, ids, max_new_tokens=5, temperature=0, cuda_graph=False, fused_step=True)
+
+
+def test_lm_methods_show_the_full_signatures():
+    """``lm.generate`` / ``lm.stream`` spell out every parameter (help() and IDEs see them) with the defaults of
+    the module functions they call, so the two cannot drift apart."""
+    import inspect
+
+    import mamba_state.generation as G
+    from mamba_state.adapters import StatefulMambaLM
+
+    for method, fn in ((StatefulMambaLM.generate, G.generate), (StatefulMambaLM.stream, G.stream)):
+        ours = list(inspect.signature(method).parameters.values())[1:]
+        theirs = list(inspect.signature(fn).parameters.values())[1:]
+        assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs]

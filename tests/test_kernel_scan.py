@@ -231,6 +231,23 @@ def test_state_update_messages_name_the_state():
     assert torch.equal(state, before)
 
 
+
+@pytest.mark.parametrize("name,dtype", [("state", torch.int64), ("state", torch.bool), ("x", torch.int32),
+                                        ("A", torch.int64)])
+def test_state_update_refuses_non_floating_tensors(name, dtype):
+    """An integer state would be truncated in place: every tensor must be floating, checked before any write."""
+    g = torch.Generator().manual_seed(6)
+    args = dict(state=torch.randn(2, 5, 3, generator=g) * 4, x=torch.randn(2, 5, generator=g),
+                dt=torch.rand(2, 5, generator=g), A=-torch.rand(5, 3, generator=g) * 3,
+                B=torch.randn(2, 3, generator=g), C=torch.randn(2, 3, generator=g))
+    args[name] = args[name].to(dtype)
+    before = args["state"].clone()
+    with pytest.raises(StateError) as exc:
+        selective_state_update(**args)
+    assert f"{name}: expected a floating dtype, found {dtype}" in str(exc.value)
+    assert torch.equal(args["state"], before)
+
+
 def test_default_chunk_is_a_multiple_of_8():
     for L in (1, 7, 40, 2048, 16384, 10**6):
         c = default_chunk(L)

@@ -105,6 +105,11 @@ class _Block(nn.Module):
         return hidden, residual, state
 
 
+def _sampling_args(scope: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``generate`` / ``stream`` from their locals (everything but self, ids and state)."""
+    return {k: v for k, v in scope.items() if k not in ("self", "input_ids", "state", "generate", "stream")}
+
+
 def _layer_idx(block: _Block) -> int:
     """The block's layer index: an int for every mixer of an LM (upstream numbers them; :func:`_wrap_mixer`
     numbers a Mamba-1 mixer without one)."""
@@ -314,15 +319,27 @@ class StatefulMambaLM(nn.Module):
 
     # ------------------------------------------------------------------ generation (mamba_state.generation)
     def generate(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-                 **sampling: Any) -> Any:
-        """Prefill ``input_ids`` in chunks from ``state``, then decode; see :func:`mamba_state.generation.generate`."""
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | Sequence[int] | None = None,
+                 output_scores: bool = False, prefill_chunk_size: int = 2048, cuda_graph: bool = True,
+                 context_ids: torch.Tensor | None = None, fused_step: bool | None = None) -> Any:
+        """Prefill ``input_ids`` (int ``[batch, L]``, the tokens ``state`` has not consumed) in chunks from
+        ``state``, then decode up to ``max_new_tokens`` tokens. Returns a
+        :class:`~mamba_state.generation.GenerationOutput` (``.sequences``, ``.state``, ``.scores``); every argument
+        as in :func:`mamba_state.generation.generate`."""
         from ..generation import generate
 
-        return generate(self, input_ids, state=state, max_new_tokens=max_new_tokens, **sampling)
+        return generate(self, input_ids, state=state, **_sampling_args(locals()))
 
     def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-               **sampling: Any) -> Any:
-        """Yield each new token ``[batch]`` as it is produced; see :func:`mamba_state.generation.stream`."""
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int | None = None, seed: int | Sequence[int] | None = None,
+               output_scores: bool = False, prefill_chunk_size: int = 2048, cuda_graph: bool = True,
+               context_ids: torch.Tensor | None = None, fused_step: bool | None = None) -> Any:
+        """Like :meth:`generate`, but yields each new token int64 ``[batch]`` as it is produced; the final state
+        is the returned stream's ``.state`` at the end (:func:`mamba_state.generation.stream`)."""
         from ..generation import stream
 
-        return stream(self, input_ids, state=state, max_new_tokens=max_new_tokens, **sampling)
+        return stream(self, input_ids, state=state, **_sampling_args(locals()))

@@ -24,7 +24,7 @@ from .adapters.mamba2 import StatefulMamba2
 from .generation import GenerationOutput, TokenStream, clear_graph_cache, generate, stream
 from .trace import LayerTrace, ModelTrace, TraceSizeWarning, trace_layer, trace_model
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 # Let torch.load(..., weights_only=True) rebuild our containers (their constructors validate).
 _torch.serialization.add_safe_globals([MambaInferenceState, MambaModelState])

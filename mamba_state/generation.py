@@ -128,7 +128,7 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, t
     """Validate everything before any work; returns (sampling, eos list, pad id, seeds, state)."""
     if not all(hasattr(lm, a) for a in ("step", "forward", "new_state", "config")):
         raise StateError(f"lm: expected a StatefulMambaLM (step, forward, new_state, config), found {type(lm).__name__}")
-    lm._check_ids(input_ids)
+    lm._check_ids(input_ids, check_range=True)  # once per call, on any device
     batch = input_ids.shape[0]
     param = next(lm.parameters())
     if input_ids.device != param.device:

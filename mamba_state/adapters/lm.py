@@ -219,18 +219,20 @@ class StatefulMambaLM(nn.Module):
             )
         return state  # per-layer layout, batch and device are checked by each mixer before any work
 
-    def _check_ids(self, input_ids: Any, check_range: bool = True) -> None:
+    def _check_ids(self, input_ids: Any, check_range: bool | None = None) -> None:
+        """Shape and dtype of ``input_ids``; the id range too when ``check_range`` (default: for CPU tensors
+        only, since on CUDA reading the range back is a host sync that would stall back-to-back chunked calls)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 or (
                 input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
             found = (f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
                      else type(input_ids).__name__)
             raise StateShapeError(f"input_ids: expected an integer tensor [batch, seqlen >= 1], found {found}")
-        if check_range:
+        if check_range or (check_range is None and not input_ids.is_cuda):
             self._check_id_range(input_ids)
 
     def _check_id_range(self, input_ids: torch.Tensor) -> None:
         """Token ids within the embedding's rows (a raw IndexError, or a device-side assert on CUDA, otherwise).
-        One host sync on CUDA per call; skipped while a CUDA graph is being captured."""
+        A host sync on CUDA; skipped while a CUDA graph is being captured."""
         if input_ids.numel() == 0 or input_ids.is_meta or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         rows = self.backbone.embedding.num_embeddings
@@ -276,7 +278,8 @@ class StatefulMambaLM(nn.Module):
         """Run a chunk of tokens from ``state`` (zeros when None); ``state`` is not modified.
 
         Args:
-            input_ids: integer ``[B, L]``.
+            input_ids: integer ``[B, L]``, ids in ``[0, embedding rows)`` (checked for CPU tensors; on CUDA the
+                check would be a host sync per call, so a bad id there is PyTorch's device-side assert).
             state: :class:`MambaModelState` with every layer of the model.
             reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t`` (every layer).
             num_last_tokens: when > 0, logits of the last ``num_last_tokens`` positions only.
@@ -307,8 +310,7 @@ class StatefulMambaLM(nn.Module):
         """
         squeeze = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1
         ids = input_ids[:, None] if squeeze else input_ids
-        # the id range costs a host sync on CUDA: checked per token on CPU only (decoding loops feed sampled ids)
-        self._check_ids(ids, check_range=not (isinstance(ids, torch.Tensor) and ids.is_cuda))
+        self._check_ids(ids)
         if ids.shape[1] != 1:
             raise StateShapeError(f"input_ids: expected one token per row ([batch] or [batch, 1]), found {list(ids.shape)}")
         check_reset(reset, [ids.shape[0]])

@@ -182,3 +182,22 @@ def test_scale_with_no_training_still_writes_its_plot(tmp_path):
     assert main(["rl", "--scale", "--horizons", "0", "2", "--seeds", "0", "--controllers", "gru", "--total-updates",
                  "0", "--gru-hidden", "8", "--out", str(out), *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dt_range_is_part_of_the_run_and_older_checkpoints_still_resume(tmp_path, capsys):
+    """``--dt-min/--dt-max`` change the run (a resume with another range is refused); a checkpoint written
+    before these options existed resumes under the defaults (the values it was trained with)."""
+    out = tmp_path / "run"
+    base = ["rl", "--controller", "mamba", "--d-model", "8", "--num-layers", "1", "--d-state", "4",
+            "--backend", "reference", "--out", str(out), *TINY]
+    assert main([*base, "--total-updates", "1"]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["run"]["dt_min"] == 0.001 and ckpt["run"]["dt_max"] == 0.1
+    capsys.readouterr()
+    assert main([*base, "--total-updates", "2", "--resume", "--dt-min", "2e-4"]) == 2
+    assert "dt_min" in capsys.readouterr().err
+    # the same checkpoint without the new keys, as an older version wrote it
+    for key in ("dt_min", "dt_max"):
+        del ckpt["run"][key]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert main([*base, "--total-updates", "2", "--resume"]) == 0

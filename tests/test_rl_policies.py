@@ -185,3 +185,18 @@ def test_gru_segment_replay_equals_the_step_loop_in_values_and_gradients(num_lay
     assert ga[1].abs().sum() == 0 and ga[0].abs().sum() > 0  # row 1 is reset at t = 0: its state is unused
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-9, atol=1e-12)
+
+
+def test_mamba_policy_dt_range_sets_the_initial_step_sizes():
+    """``dt_min`` / ``dt_max`` reach upstream's initialisation: softplus(dt bias) lies in the range."""
+    import torch.nn.functional as F
+
+    from mamba_state.rl.policies import MambaPolicy
+
+    torch.manual_seed(0)
+    for lo, hi in ((1e-3, 1e-1), (2e-4, 5e-3)):
+        policy = MambaPolicy(6, 2, d_model=16, num_layers=2, d_state=4, dt_min=lo, dt_max=hi)
+        for layer in policy.layers:
+            dt = F.softplus(layer.dt_proj.bias.detach())
+            assert lo * 0.999 <= dt.min().item() and dt.max().item() <= hi * 1.001
+            assert dt.max().item() > 2 * dt.min().item()  # a spread, not a constant

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--d-state", type=int, default=D["d_state"])
     m.add_argument("--gru-hidden", type=int, default=D["gru_hidden"])
     m.add_argument("--gru-layers", type=int, default=D["gru_layers"])
+    m.add_argument("--dt-min", type=float, default=D["dt_min"],
+                   help="Mamba: smallest initial step size dt (upstream's dt_min; floored at 1e-4 like upstream's "
+                        "dt_init_floor); default: %(default)s")
+    m.add_argument("--dt-max", type=float, default=D["dt_max"],
+                   help="Mamba: largest initial dt; a channel keeps exp(A * dt) of its state per step, so smaller "
+                        "dt starts with longer memory; default: %(default)s")
     m.add_argument("--backend", choices=["auto", "reference", "triton"], default=D["backend"],
                    help="Mamba scan backend (default: MAMBA_STATE_BACKEND or auto)")
     e = parser.add_argument_group("environment")

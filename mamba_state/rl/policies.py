@@ -132,10 +132,13 @@ class MambaPolicy(RecurrentPolicy):
 
     Args:
         backend: the scan backend of the layers (``None``/``"auto"``, ``"reference"``, ``"triton"``).
+        dt_min, dt_max: range of the initial step sizes (upstream's initialisation: log-uniform); a channel
+            keeps ``exp(A * dt)`` of its state per step, so a smaller range starts with longer memory.
     """
 
     def __init__(self, observation_size: int, num_actions: int, d_model: int = 64, num_layers: int = 2,
-                 d_state: int = 16, d_conv: int = 4, expand: int = 2, backend: str | None = None):
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, backend: str | None = None,
+                 dt_min: float = 0.001, dt_max: float = 0.1):
         from ..adapters.mamba import StatefulMamba
 
         super().__init__(observation_size, num_actions, d_model)
@@ -144,7 +147,7 @@ class MambaPolicy(RecurrentPolicy):
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_layers))
         self.layers = nn.ModuleList(
             StatefulMamba.from_config(d_model, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
-                                      backend=backend)
+                                      backend=backend, dt_min=dt_min, dt_max=dt_max)
             for i in range(num_layers))
         self.final_norm = nn.LayerNorm(d_model)
 

@@ -36,14 +36,14 @@ DEFAULTS: dict[str, Any] = {
     "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
     "backend": None, "noise_channels": 4, "noise_std": 0.1, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
-    "max_seconds": None, "eval_horizons": None, "init_from": None,
+    "max_seconds": None, "eval_horizons": None, "init_from": None, "dt_min": 0.001, "dt_max": 0.1,
 }
 
 # Options that change the run (a resumed run must agree on them).
 _IDENTITY = ("controller", "horizon", "num_bits", "num_envs", "seed", "rollout_len", "lr", "epochs", "minibatches",
              "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "bptt", "d_model",
              "num_layers", "d_state", "gru_hidden", "gru_layers", "noise_channels", "noise_std", "distractor_bits",
-             "shaping")
+             "shaping", "dt_min", "dt_max")
 
 
 def auto_rollout_len(horizon: int) -> int:
@@ -80,7 +80,8 @@ def build(opts: dict[str, Any], ctx: DistContext | None = None) -> tuple[Delayed
                         noise_channels=o["noise_channels"], noise_std=o["noise_std"],
                         distractor_bits=o["distractor_bits"], shaping=o["shaping"])
     if o["controller"] == "mamba":
-        kw = {"d_model": o["d_model"], "num_layers": o["num_layers"], "d_state": o["d_state"], "backend": o["backend"]}
+        kw = {"d_model": o["d_model"], "num_layers": o["num_layers"], "d_state": o["d_state"], "backend": o["backend"],
+              "dt_min": o["dt_min"], "dt_max": o["dt_max"]}
     else:
         kw = {"hidden_size": o["gru_hidden"], "num_layers": o["gru_layers"]}
     policy = make_policy(o["controller"], env.observation_size, env.num_actions, **kw).to(device)
@@ -157,7 +158,8 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     exact = True
     if resuming:
         payload = load_checkpoint(ckpt_path)
-        saved = {k: payload["run"].get(k) for k in _IDENTITY}
+        # an option newer than the checkpoint counts as its default (the value every older run used)
+        saved = {k: payload["run"].get(k, DEFAULTS[k]) for k in _IDENTITY}
         if saved != run_id:
             diff = {k: (saved[k], run_id[k]) for k in _IDENTITY if saved[k] != run_id[k]}
             raise StateCompatibilityError(f"resume {ckpt_path}: options differ from the checkpoint's "

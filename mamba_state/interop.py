@@ -65,16 +65,18 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
                                           "(state)")
     pair = _cached_pair(cache, idx)
     _check_dtypes(idx, state, pair)
-    if pair is not None and pair[1].shape[0] != state.batch_size:
+    if pair is None:
+        return
+    if pair[1].shape[0] != state.batch_size:
         raise StateShapeError(
             f"layer {idx}: expected batch size {pair[1].shape[0]} (the existing cache), found {state.batch_size}; "
             "use a fresh InferenceParams for another batch size"
         )
-    if pair is not None:  # a cache made by hand can disagree with its layer; caught before any layer is written
-        for name, t, want in (("conv_state", pair[0], state.conv_state), ("ssm_state", pair[1], state.ssm_state)):
-            if t.shape != want.shape:
-                raise StateShapeError(f"layer {idx} cached {name}: expected {list(want.shape)} (the layer's layout), "
-                                      f"found {list(t.shape)} in the existing cache")
+    # a cache made by hand can disagree with its layer; caught before any layer is written
+    for name, t, want in (("conv_state", pair[0], state.conv_state), ("ssm_state", pair[1], state.ssm_state)):
+        if t.shape != want.shape:
+            raise StateShapeError(f"layer {idx} cached {name}: expected {list(want.shape)} (the layer's layout), "
+                                  f"found {list(t.shape)} in the existing cache")
 
 
 def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:

@@ -136,7 +136,7 @@ def _check_save_path(path: str) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    _check_save_path(path)
+    """Write ``data`` to ``path`` through a temporary file and a rename (the caller has checked the path)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:

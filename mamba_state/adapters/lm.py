@@ -107,7 +107,7 @@ class _Block(nn.Module):
 
 def _sampling_args(scope: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``generate`` / ``stream`` from their locals (everything but self, ids and state)."""
-    return {k: v for k, v in scope.items() if k not in ("self", "input_ids", "state", "generate", "stream")}
+    return {k: v for k, v in scope.items() if k not in ("self", "input_ids", "state")}
 
 
 def _layer_idx(block: _Block) -> int:
@@ -330,9 +330,10 @@ class StatefulMambaLM(nn.Module):
         ``state``, then decode up to ``max_new_tokens`` tokens. Returns a
         :class:`~mamba_state.generation.GenerationOutput` (``.sequences``, ``.state``, ``.scores``); every argument
         as in :func:`mamba_state.generation.generate`."""
+        options = _sampling_args(locals())
         from ..generation import generate
 
-        return generate(self, input_ids, state=state, **_sampling_args(locals()))
+        return generate(self, input_ids, state=state, **options)
 
     def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -342,6 +343,7 @@ class StatefulMambaLM(nn.Module):
                context_ids: torch.Tensor | None = None, fused_step: bool | None = None) -> Any:
         """Like :meth:`generate`, but yields each new token int64 ``[batch]`` as it is produced; the final state
         is the returned stream's ``.state`` at the end (:func:`mamba_state.generation.stream`)."""
+        options = _sampling_args(locals())
         from ..generation import stream
 
-        return stream(self, input_ids, state=state, **_sampling_args(locals()))
+        return stream(self, input_ids, state=state, **options)

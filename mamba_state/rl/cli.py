@@ -25,6 +25,8 @@ from .train import DEFAULTS
 __all__ = ["add_arguments", "run", "options_from_args"]
 
 D = DEFAULTS
+# --scale's lists when not given (argparse defaults stay None so that run() can refuse them without --scale)
+SWEEP_DEFAULTS: dict[str, list] = {"horizons": [8, 16, 32], "seeds": [0, 1], "controllers": ["mamba", "gru"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--shaping", type=float, default=D["shaping"], help="partial credit per right bit (0: off)")
     s = parser.add_argument_group("scale sweep")
     s.add_argument("--scale", action="store_true", help="train both controllers across --horizons and --seeds")
-    # None by default so that run() can refuse them without --scale (they would be silently ignored there)
-    s.add_argument("--horizons", type=int, nargs="+", default=None, help="default: 8 16 32")
-    s.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1")
-    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=None, help="default: mamba gru")
+    shown = {k: "default: " + " ".join(map(str, v)) for k, v in SWEEP_DEFAULTS.items()}
+    s.add_argument("--horizons", type=int, nargs="+", default=None, help=shown["horizons"])
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help=shown["seeds"])
+    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=None, help=shown["controllers"])
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
             if args.scale:
                 from .scale import run_scale
 
-                run_scale(opts, args.horizons or [8, 16, 32], controllers=args.controllers or ["mamba", "gru"],
-                          seeds=args.seeds if args.seeds is not None else [0, 1])
+                sweep = {k: v if (v := getattr(args, k)) is not None else d for k, d in SWEEP_DEFAULTS.items()}
+                run_scale(opts, sweep["horizons"], controllers=sweep["controllers"], seeds=sweep["seeds"])
             else:
                 from .train import train
 

@@ -40,6 +40,7 @@ def _config(smoke: bool) -> dict:
                     residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
     return dict(LM_130M)
 
+@torch.no_grad()  # prefill and continuation are inference: no autograd on either side
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, quick")
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
                 f"forward. Ours: the continuation runs from the state in chunks of at most {args.chunk} tokens, the "
                 f"prefill in one call (as upstream's forward); both with `num_last_tokens=1`. Upstream's step loop "
                 f"is timed over {args.step_tokens} tokens and scaled to N (its cost per token is constant)."
+                f" Both sides run under `torch.no_grad()`."
                 f"{note}\n\n{table}\n\n`python benchmarks/profile_prefill.py` shows where a forward's time goes "
                 f"(torch.profiler per kernel, and each piece of one layer alone).\n")
         write_json("bench_continue", {"config": cfg, "dtype": str(dtype), "results": raw}, env)

@@ -3,13 +3,15 @@
 * :func:`selective_scan_fn` — drop-in superset of upstream's ``selective_scan_fn`` (initial state, final state,
   per-step resets; differentiable in every input).
 * :func:`selective_state_update` — one decoding step, state updated in place.
+* :func:`add_rms_norm` — residual add and RMSNorm in one pass (upstream's fused add-norm), for inference.
 * :func:`causal_conv1d` — causal depthwise conv1d continuing a carried window, with resets (Triton forward for
   inference; the differentiable reference where gradients are needed).
 
 Importing this package registers the custom ops ``torch.ops.mamba_state.{scan_fwd, scan_bwd, state_update}``.
 """
 
+from .add_norm import add_rms_norm
 from .conv import causal_conv1d
 from .selective_scan import selective_scan_fn, selective_state_update
 
-__all__ = ["selective_scan_fn", "selective_state_update", "causal_conv1d"]
+__all__ = ["selective_scan_fn", "selective_state_update", "causal_conv1d", "add_rms_norm"]

@@ -4,7 +4,8 @@
 launch latency of about 30 small kernels per layer. For the common pretrained layout (Mamba-1 mixers, RMSNorm,
 ``fused_add_norm``, no MLP) this module runs the same math with three Triton kernels of its own:
 
-* ``_add_rmsnorm_kernel``: residual add (float32) and RMSNorm in one pass, as upstream's fused add-norm;
+* ``add_rmsnorm_rows`` (shared with the prefill, ``mamba_state.kernels.add_rms_norm``): residual add (float32)
+  and RMSNorm in one pass, as upstream's fused add-norm;
 * ``_conv_step_kernel``: shift the conv window in place, insert the new input, depthwise dot + bias + SiLU;
 * ``_ssm_step_kernel``: the ``dt`` projection, softplus, one SSM step in place, ``D`` skip and SiLU(z) gate, reading
   ``B``, ``C`` and ``z`` where they lie in the projection outputs (no copies).
@@ -25,25 +26,11 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+from mamba_state.kernels._triton_add_norm import add_rmsnorm_rows
+
 from .state import MambaInferenceState, MambaModelState
 
 __all__ = ["FusedDecoder", "fused_unsupported_reason"]
-
-
-@triton.jit
-def _add_rmsnorm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, D, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: r = h (+ res) in float32; rout = r (in rout's dtype); out = r * rsqrt(mean(r^2) + eps) * w."""
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    m = cols < D
-    x = tl.load(h_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_RES:
-        x += tl.load(r_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(rout_ptr + row * D + cols, x.to(rout_ptr.dtype.element_ty), mask=m)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -194,9 +181,9 @@ class FusedDecoder:
         rdtype = torch.float32 if self.residual_in_fp32 or hidden.dtype == torch.float32 else hidden.dtype
         rout = torch.empty(batch, d, device=hidden.device, dtype=rdtype)
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
-        _add_rmsnorm_kernel[(batch,)](hidden, residual if residual is not None else hidden, norm.weight, out, rout,
-                                      d, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d),
-                                      num_warps=4 if d >= 1024 else 2)
+        add_rmsnorm_rows[(batch,)](hidden, residual if residual is not None else hidden, norm.weight, out, rout,
+                                   d, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d),
+                                   num_warps=4 if d >= 1024 else 2)
         return out, rout
 
     def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState, consts) -> torch.Tensor:

@@ -7,7 +7,8 @@ The wrapper registers the upstream model's own modules under upstream's names (`
 model itself is never registered, patched or changed.
 
 Block math, in plain PyTorch for both of upstream's variants (``fused_add_norm`` only fuses the same math into
-one Triton kernel)::
+one Triton kernel; with the Triton backend and no gradient needed, ours does too for RMSNorm:
+``mamba_state.kernels.add_rms_norm``)::
 
     residual = hidden + residual            (hidden alone in the first block)
     hidden   = mixer(norm(residual))        (residual kept in float32 when residual_in_fp32)
@@ -20,12 +21,14 @@ sequence and is not part of a Mamba state.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 import torch.nn as nn
 
+from ..backend import resolve_backend
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..layers import is_attention_layer
 from ..scan_positions import check_positions
@@ -61,6 +64,28 @@ def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: s
                          layer_idx=idx if getattr(mixer, "layer_idx", None) is None else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_add_norm():
+    """``mamba_state.kernels.add_rms_norm``, or None without Triton (cached: asked by every block)."""
+    try:
+        from mamba_state.kernels.add_norm import add_rms_norm
+    except Exception:  # triton missing
+        return None
+    return add_rms_norm
+
+
+def _one_pass_add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                       backend: str | None) -> bool:
+    """Whether the add + RMSNorm of a ``fused_add_norm`` block runs as one Triton kernel: an RMSNorm without bias,
+    no gradient needed, not float64, and the Triton backend for ``hidden``'s device (CUDA, or forced)."""
+    if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None or hidden.dtype == torch.float64:
+        return False
+    weight = cast(torch.Tensor, norm.weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, residual, weight)):
+        return False
+    return _kernel_add_norm() is not None and resolve_backend(hidden.device, backend)[0] == "triton"
+
+
 class _Block(nn.Module):
     """One residual block: shares ``norm``, ``mixer`` (wrapped), ``norm2`` and ``mlp`` with the upstream block."""
 
@@ -75,9 +100,14 @@ class _Block(nn.Module):
         self.mlp = mlp
         self.residual_in_fp32 = residual_in_fp32
         self.fused_add_norm = fused_add_norm
+        self.backend = backend
 
     def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         """``(norm(hidden + residual), hidden + residual)`` with upstream's dtypes for either variant."""
+        if self.fused_add_norm and _one_pass_add_norm(hidden, residual, norm, self.backend):
+            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+            return _kernel_add_norm()(hidden, residual, norm.weight, eps,
+                                      torch.float32 if self.residual_in_fp32 else hidden.dtype, backend=self.backend)
         if self.fused_add_norm:  # upstream's kernel adds in float32 and normalises in float32
             ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)
@@ -261,9 +291,10 @@ class StatefulMambaLM(nn.Module):
                 hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, state[idx], reset,
                                                                           False, positions)
         first = self.backbone.blocks()[0]
-        hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
-        if num_last_tokens > 0:
+        if num_last_tokens > 0:  # the final add-norm works per token: only the kept tokens need it
             hidden = hidden[:, -num_last_tokens:]
+            residual = None if residual is None else residual[:, -num_last_tokens:]
+        hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
         logits = self.lm_head(hidden)
         new_state = MambaModelState(new_layers, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
         if positions is None:

@@ -1,0 +1,80 @@
+"""Residual add and RMSNorm in one pass (the math of upstream's fused add-norm), forward only, for inference.
+
+A Mamba LM block starts with ``r = hidden + residual`` (float32) and ``norm(r)``. In plain PyTorch that is four
+passes over the activations (upcast, add, norm, downcast); one Triton program per row reads ``hidden`` and
+``residual`` once and writes ``r`` and the normalised row once. :func:`add_rms_norm_ref` beside it is the
+PyTorch definition; gradients, float64 and CPU tensors (unless Triton is forced) take it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mamba_state.backend import resolve_backend
+from mamba_state.errors import StateError, StateShapeError
+
+__all__ = ["add_rms_norm", "add_rms_norm_ref"]
+
+
+def add_rms_norm_ref(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+                     residual_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(r) * weight in hidden.dtype, r in residual_dtype)`` with ``r = hidden (+ residual)``.
+
+    Args:
+        hidden: [..., d], any float dtype. residual: same shape, any float dtype, or None (first block).
+        weight: [d]. eps: added to the mean square.
+        residual_dtype: dtype of the returned ``r`` (default float32).
+
+    The sum and the norm are computed in float32 (float64 when ``hidden`` is float64); differentiable.
+    """
+    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)
+    out = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + eps) * weight.to(ct)
+    return out.to(hidden.dtype), r.to(ct if residual_dtype is None else residual_dtype)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+                 residual_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None
+                 ) -> tuple[Tensor, Tensor]:
+    """:func:`add_rms_norm_ref` as one Triton kernel (CUDA, or forced ``backend="triton"``, no gradient needed).
+
+    Returns ``(out, r)``: ``out`` [..., d] contiguous in ``hidden.dtype``, ``r`` [..., d] contiguous in
+    ``residual_dtype`` (float32 by default). Elsewhere (gradients, float64, the reference backend) the
+    reference runs. Results agree with the reference to float32 rounding before the cast to ``hidden.dtype``.
+    """
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
+        found = list(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise StateShapeError(f"hidden: expected a tensor [..., d], found {found}")
+    d = hidden.shape[-1]
+    if residual is not None and residual.shape != hidden.shape:
+        raise StateShapeError(f"residual: expected hidden's shape {list(hidden.shape)}, found {list(residual.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != d:
+        raise StateShapeError(f"weight: expected [d={d}] (hidden's last size), found {list(weight.shape)}")
+    use_triton = (hidden.dtype != torch.float64 and not _needs_grad(hidden, residual, weight)
+                  and resolve_backend(hidden.device, backend)[0] == "triton")
+    if not use_triton:
+        return add_rms_norm_ref(hidden, residual, weight, eps, residual_dtype)
+    if not hidden.dtype.is_floating_point or (residual is not None and not residual.dtype.is_floating_point):
+        raise StateError(f"add_rms_norm: expected floating tensors, found hidden {hidden.dtype}"
+                         f"{'' if residual is None else f', residual {residual.dtype}'}")
+    import triton
+
+    from ._triton_add_norm import add_rmsnorm_rows
+
+    h2 = hidden.reshape(-1, d).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, d).contiguous()
+    rows = h2.shape[0]
+    out = torch.empty_like(h2)
+    rout = torch.empty(rows, d, device=hidden.device, dtype=torch.float32 if residual_dtype is None else residual_dtype)
+    if rows:
+        add_rmsnorm_rows[(rows,)](h2, r2 if r2 is not None else h2, weight.contiguous(), out, rout, d, float(eps),
+                                  HAS_RES=r2 is not None, BLOCK=triton.next_power_of_2(d),
+                                  num_warps=4 if d >= 1024 else 2)
+    return out.view(hidden.shape), rout.view(hidden.shape)

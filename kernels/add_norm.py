@@ -16,6 +16,8 @@ from torch import Tensor
 from mamba_state.backend import resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 
+from ._device import launch_device
+
 __all__ = ["add_rms_norm", "add_rms_norm_ref"]
 
 
@@ -74,7 +76,8 @@ def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps
     out = torch.empty_like(h2)
     rout = torch.empty(rows, d, device=hidden.device, dtype=torch.float32 if residual_dtype is None else residual_dtype)
     if rows:
-        add_rmsnorm_rows[(rows,)](h2, r2 if r2 is not None else h2, weight.contiguous(), out, rout, d, float(eps),
-                                  HAS_RES=r2 is not None, BLOCK=triton.next_power_of_2(d),
-                                  num_warps=4 if d >= 1024 else 2)
+        with launch_device(h2):
+            add_rmsnorm_rows[(rows,)](h2, r2 if r2 is not None else h2, weight.contiguous(), out, rout, d, float(eps),
+                                      HAS_RES=r2 is not None, BLOCK=triton.next_power_of_2(d),
+                                      num_warps=4 if d >= 1024 else 2)
     return out.view(hidden.shape), rout.view(hidden.shape)

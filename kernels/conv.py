@@ -13,6 +13,8 @@ from mamba_state.backend import resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.reference import causal_conv1d_ref
 
+from ._device import launch_device
+
 __all__ = ["causal_conv1d"]
 
 
@@ -67,11 +69,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     BD, BL = 16, 128
     grid = (triton.cdiv(L, BL), triton.cdiv(ch, BD), bsz)
-    K._causal_conv_kernel[grid](
-        x, w2.contiguous(), bias if bias is not None else w2, state if state is not None else w2,
-        rst if rst is not None else w2, out, new_state,
-        ch, L, x.stride(0), x.stride(1), W=W, WP=triton.next_power_of_2(W),
-        HAS_BIAS=bias is not None, HAS_STATE=state is not None, HAS_RESET=rst is not None,
-        SILU=activation is not None, BD=BD, BL=BL, num_warps=4,
-    )
+    with launch_device(x):
+        K._causal_conv_kernel[grid](
+            x, w2.contiguous(), bias if bias is not None else w2, state if state is not None else w2,
+            rst if rst is not None else w2, out, new_state,
+            ch, L, x.stride(0), x.stride(1), W=W, WP=triton.next_power_of_2(W),
+            HAS_BIAS=bias is not None, HAS_STATE=state is not None, HAS_RESET=rst is not None,
+            SILU=activation is not None, BD=BD, BL=BL, num_warps=4,
+        )
     return out, new_state

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._device import launch_device
+
 __all__ = ["default_chunk", "block_sizes", "backward_mode", "backward_splits", "ScanFn"]
 
 
@@ -226,16 +228,17 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_INIT=init is not None, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
                  CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
-    if not seqpar:
-        K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
-    else:
-        # chunk summaries in parallel, a short pass over chunk boundaries, then every chunk's outputs
-        K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
-        block = 256
-        K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
-            init if init is not None else _dummy(A), summ, prod, ckpt, last, dim, dstate, nch,
-            HAS_INIT=init is not None, BLOCK=block, num_warps=4)
-        K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
+    with launch_device(u):
+        if not seqpar:
+            K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
+        else:
+            # chunk summaries in parallel, a short pass over chunk boundaries, then every chunk's outputs
+            K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
+            block = 256
+            K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
+                init if init is not None else _dummy(A), summ, prod, ckpt, last, dim, dstate, nch,
+                HAS_INIT=init is not None, BLOCK=block, num_warps=4)
+            K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre
 
 
@@ -295,36 +298,38 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     glast = dlast.contiguous().float() if dlast is not None else _dummy(Af)
     hin = _dummy(Af)
     if chunked:
-        # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
-        # over chunk boundaries: hin[c] and dinit; (3) below: gradients per chunk
-        summ = torch.empty(batch, dim, nch, dstate, device=dev, dtype=f32)
-        prod = torch.empty_like(summ)
-        hin = torch.empty_like(summ)
-        # the local sweep keeps only h and the decay product live: twice the channels of the forward's block
-        bdl = min(max(1, 256 // bn), triton_next_pow2(dim))
-        if ngroups > 1:
-            bdl = min(bdl, _pow2_divisor(dim // ngroups))
-        K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
-            delta, Af, C, zp, biasp, rstp, dout, summ, prod,
-            dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
-            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
-            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
-            num_warps=max(1, min(8, (bdl * bn) // 512)))
-        block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
-        K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
-            glast, summ, prod, hin, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
-        del summ, prod
-    K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
-        u, delta, Af, B, C, Dp, zp, biasp, rstp,
-        checkpoints.contiguous(), dout, glast, scratch, ypp,
-        du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit, hin,
-        dim, L, dstate, dim // ngroups, nch, batch, splits,
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        dB.stride(0), dB.stride(1), dB.stride(2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_GLAST=dlast is not None and not chunked, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
-        CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
-    )
+        with launch_device(u):
+            # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
+            # over chunk boundaries: hin[c] and dinit; (3) below: gradients per chunk
+            summ = torch.empty(batch, dim, nch, dstate, device=dev, dtype=f32)
+            prod = torch.empty_like(summ)
+            hin = torch.empty_like(summ)
+            # the local sweep keeps only h and the decay product live: twice the channels of the forward's block
+            bdl = min(max(1, 256 // bn), triton_next_pow2(dim))
+            if ngroups > 1:
+                bdl = min(bdl, _pow2_divisor(dim // ngroups))
+            K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
+                delta, Af, C, zp, biasp, rstp, dout, summ, prod,
+                dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
+                SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
+                num_warps=max(1, min(8, (bdl * bn) // 512)))
+            block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
+            K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
+                glast, summ, prod, hin, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
+            del summ, prod
+    with launch_device(u):
+        K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
+            u, delta, Af, B, C, Dp, zp, biasp, rstp,
+            checkpoints.contiguous(), dout, glast, scratch, ypp,
+            du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit, hin,
+            dim, L, dstate, dim // ngroups, nch, batch, splits,
+            B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+            dB.stride(0), dB.stride(1), dB.stride(2),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            HAS_GLAST=dlast is not None and not chunked, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
+            CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
+        )
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
@@ -360,16 +365,17 @@ def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     out = torch.empty_like(x)
     bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=batch, device=state.device)
     rst = _reset_bytes(reset)
-    K._state_update_kernel[(_cdiv(dim, bd), batch)](
-        work, x, dt, Af, B, C,
-        D.contiguous().float() if D is not None else _dummy(Af),
-        z.contiguous() if z is not None else _dummy(x),
-        dt_bias.contiguous().float() if dt_bias is not None else _dummy(Af),
-        rst if rst is not None else _dummy(Af),
-        out, dim, dstate, dim // ngroups, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_RESET=rst is not None,
-        SOFTPLUS=bool(dt_softplus), BD=bd, BN=bn, num_warps=warps,
-    )
+    with launch_device(x):
+        K._state_update_kernel[(_cdiv(dim, bd), batch)](
+            work, x, dt, Af, B, C,
+            D.contiguous().float() if D is not None else _dummy(Af),
+            z.contiguous() if z is not None else _dummy(x),
+            dt_bias.contiguous().float() if dt_bias is not None else _dummy(Af),
+            rst if rst is not None else _dummy(Af),
+            out, dim, dstate, dim // ngroups, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_RESET=rst is not None,
+            SOFTPLUS=bool(dt_softplus), BD=bd, BN=bn, num_warps=warps,
+        )
     if work is not state:
         state.copy_(work)
     return out

@@ -26,6 +26,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+from mamba_state.kernels._device import launch_device
 from mamba_state.kernels._triton_add_norm import add_rmsnorm_rows
 
 from .state import MambaInferenceState, MambaModelState
@@ -219,10 +220,11 @@ class FusedDecoder:
             if self._consts is None:
                 self._consts = self.constants()
             consts = self._consts
-        hidden = lm.backbone.embedding(ids)  # [B, d_model]
-        residual = None
-        for layer, c in zip(lm.backbone.layers, consts):
-            normed, residual = self._add_norm(hidden, residual, layer.norm)
-            hidden = self._mixer(layer.mixer, normed, state[int(layer.mixer.layer_idx)], c)
-        normed, _ = self._add_norm(hidden, residual, lm.backbone.norm_f)
-        return lm.lm_head(normed)
+        with launch_device(ids):
+            hidden = lm.backbone.embedding(ids)  # [B, d_model]
+            residual = None
+            for layer, c in zip(lm.backbone.layers, consts):
+                normed, residual = self._add_norm(hidden, residual, layer.norm)
+                hidden = self._mixer(layer.mixer, normed, state[int(layer.mixer.layer_idx)], c)
+            normed, _ = self._add_norm(hidden, residual, lm.backbone.norm_f)
+            return lm.lm_head(normed)

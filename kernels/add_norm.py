@@ -17,6 +17,7 @@ from mamba_state.backend import resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 
 from ._device import launch_device
+from .conv import _needs_grad
 
 __all__ = ["add_rms_norm", "add_rms_norm_ref"]
 
@@ -36,10 +37,6 @@ def add_rms_norm_ref(hidden: Tensor, residual: Optional[Tensor], weight: Tensor,
     r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)
     out = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + eps) * weight.to(ct)
     return out.to(hidden.dtype), r.to(ct if residual_dtype is None else residual_dtype)
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
@@ -66,10 +63,18 @@ def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps
     if not hidden.dtype.is_floating_point or (residual is not None and not residual.dtype.is_floating_point):
         raise StateError(f"add_rms_norm: expected floating tensors, found hidden {hidden.dtype}"
                          f"{'' if residual is None else f', residual {residual.dtype}'}")
+    return add_rms_norm_triton(hidden, residual, weight, eps, residual_dtype)
+
+
+def add_rms_norm_triton(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+                        residual_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """The Triton launch of :func:`add_rms_norm`, for callers that have already chosen it (inputs as there,
+    on a device Triton runs on, no gradient needed; not checked again)."""
     import triton
 
     from ._triton_add_norm import add_rmsnorm_rows
 
+    d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d).contiguous()
     r2 = None if residual is None else residual.reshape(-1, d).contiguous()
     rows = h2.shape[0]

@@ -297,8 +297,8 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     ypp = ypre.contiguous() if z is not None else _dummy(u)
     glast = dlast.contiguous().float() if dlast is not None else _dummy(Af)
     hin = _dummy(Af)
-    if chunked:
-        with launch_device(u):
+    with launch_device(u):
+        if chunked:
             # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
             # over chunk boundaries: hin[c] and dinit; (3) below: gradients per chunk
             summ = torch.empty(batch, dim, nch, dstate, device=dev, dtype=f32)
@@ -318,7 +318,6 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
                 glast, summ, prod, hin, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
             del summ, prod
-    with launch_device(u):
         K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
             u, delta, Af, B, C, Dp, zp, biasp, rstp,
             checkpoints.contiguous(), dout, glast, scratch, ypp,

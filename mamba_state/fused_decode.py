@@ -4,8 +4,8 @@
 launch latency of about 30 small kernels per layer. For the common pretrained layout (Mamba-1 mixers, RMSNorm,
 ``fused_add_norm``, no MLP) this module runs the same math with three Triton kernels of its own:
 
-* ``add_rmsnorm_rows`` (shared with the prefill, ``mamba_state.kernels.add_rms_norm``): residual add (float32)
-  and RMSNorm in one pass, as upstream's fused add-norm;
+* the add-norm kernel of ``mamba_state.kernels.add_rms_norm`` (shared with the prefill): residual add
+  (float32) and RMSNorm in one pass, as upstream's fused add-norm;
 * ``_conv_step_kernel``: shift the conv window in place, insert the new input, depthwise dot + bias + SiLU;
 * ``_ssm_step_kernel``: the ``dt`` projection, softplus, one SSM step in place, ``D`` skip and SiLU(z) gate, reading
   ``B``, ``C`` and ``z`` where they lie in the projection outputs (no copies).
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from mamba_state.kernels._device import launch_device
-from mamba_state.kernels._triton_add_norm import add_rmsnorm_rows
+from mamba_state.kernels.add_norm import add_rms_norm_triton
 
 from .state import MambaInferenceState, MambaModelState
 
@@ -177,15 +177,9 @@ class FusedDecoder:
              for i, s in state.items()}, seqlen_offset=state.seqlen_offset, metadata=dict(state.metadata))
 
     def _add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
-        batch, d = hidden.shape
-        out = torch.empty_like(hidden)
         rdtype = torch.float32 if self.residual_in_fp32 or hidden.dtype == torch.float32 else hidden.dtype
-        rout = torch.empty(batch, d, device=hidden.device, dtype=rdtype)
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
-        add_rmsnorm_rows[(batch,)](hidden, residual if residual is not None else hidden, norm.weight, out, rout,
-                                   d, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d),
-                                   num_warps=4 if d >= 1024 else 2)
-        return out, rout
+        return add_rms_norm_triton(hidden, residual, norm.weight, eps, rdtype)
 
     def _mixer(self, mixer: Any, u: torch.Tensor, st: MambaInferenceState, consts) -> torch.Tensor:
         batch = u.shape[0]

@@ -53,3 +53,18 @@ def tiny_lm(kind: str = "mamba1", n_layer: int = 2, d_model: int = 16, d_state: 
     cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=32, ssm_cfg=ssm_cfg, rms_norm=False,
                       fused_add_norm=False, pad_vocab_size_multiple=8, **extra)
     return MambaLMHeadModel(cfg)
+
+
+def same_weight_lms(d_model: int, vocab_size: int, first: dict, second: dict, seed: int = 0):
+    """Two ``StatefulMambaLM.from_config`` models with the same weights (2 layers, RMSNorm, fused add-norm, fp32
+    residual, tied embeddings); ``first`` / ``second``: their other ``from_config`` arguments (device, backend).
+    The configuration is ``first_model.config``."""
+    from mamba_state.adapters import StatefulMambaLM
+
+    cfg = dict(d_model=d_model, n_layer=2, vocab_size=vocab_size, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
+               residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+    torch.manual_seed(seed)
+    a = StatefulMambaLM.from_config(cfg, **first).eval()
+    b = StatefulMambaLM.from_config(cfg, **second).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b

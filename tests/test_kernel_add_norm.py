@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mamba_state.errors import StateShapeError
 from mamba_state.kernels import add_rms_norm
 from mamba_state.kernels.add_norm import add_rms_norm_ref
+from state_builders import same_weight_lms
 
 triton = pytest.importorskip("triton")
 
@@ -71,14 +72,9 @@ def test_lm_forced_triton_uses_the_kernel_and_matches_the_reference(monkeypatch)
     """A tiny fused_add_norm LM on CPU: backend='triton' (interpreter) runs every add-norm through the kernel,
     and its logits and states equal the reference backend's to float32 rounding."""
     import mamba_state.adapters.lm as lm_mod
-    from mamba_state.adapters import StatefulMambaLM
 
-    cfg = dict(d_model=24, n_layer=2, vocab_size=40, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
-               residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-    torch.manual_seed(0)
-    ref = StatefulMambaLM.from_config(cfg, backend="reference").eval()
-    fast = StatefulMambaLM.from_config(cfg, backend="triton").eval()
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = same_weight_lms(24, 40, dict(backend="reference"), dict(backend="triton"))
+    cfg = ref.config
     calls = []
     kernel = lm_mod._kernel_add_norm()
 

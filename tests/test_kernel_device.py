@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mamba_state.kernels._device import launch_device
+from state_builders import same_weight_lms
 
 
 def test_cpu_tensors_need_no_device_switch():
@@ -31,15 +32,9 @@ def test_switches_only_when_the_tensor_is_on_another_gpu(monkeypatch):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_lm_on_the_second_gpu_while_the_first_is_current():
     """The same weights on cuda:0 and cuda:1 (cuda:0 current): forward, states and the fused decode agree."""
-    from mamba_state.adapters import StatefulMambaLM
     from mamba_state.generation import generate
 
-    cfg = dict(d_model=64, n_layer=2, vocab_size=64, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
-               residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-    torch.manual_seed(0)
-    lm0 = StatefulMambaLM.from_config(cfg, device="cuda:0").eval()
-    lm1 = StatefulMambaLM.from_config(cfg, device="cuda:1").eval()
-    lm1.load_state_dict(lm0.state_dict())
+    lm0, lm1 = same_weight_lms(64, 64, dict(device="cuda:0"), dict(device="cuda:1"))
     ids = torch.randint(0, 64, (2, 40), device="cuda:0")
     torch.cuda.set_device(0)
     with torch.no_grad():

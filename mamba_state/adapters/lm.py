@@ -66,12 +66,13 @@ def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: s
 
 @functools.lru_cache(maxsize=None)
 def _kernel_add_norm():
-    """``mamba_state.kernels.add_rms_norm``, or None without Triton (cached: asked by every block)."""
+    """The Triton launch of ``mamba_state.kernels.add_rms_norm``, or None without Triton (cached: asked by every
+    block)."""
     try:
-        from mamba_state.kernels.add_norm import add_rms_norm
+        from mamba_state.kernels.add_norm import add_rms_norm_triton
     except Exception:  # triton missing
         return None
-    return add_rms_norm
+    return add_rms_norm_triton
 
 
 def _one_pass_add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
@@ -107,7 +108,7 @@ class _Block(nn.Module):
         if self.fused_add_norm and _one_pass_add_norm(hidden, residual, norm, self.backend):
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
             return _kernel_add_norm()(hidden, residual, norm.weight, eps,
-                                      torch.float32 if self.residual_in_fp32 else hidden.dtype, backend=self.backend)
+                                      torch.float32 if self.residual_in_fp32 else hidden.dtype)
         if self.fused_add_norm:  # upstream's kernel adds in float32 and normalises in float32
             ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)

@@ -9,6 +9,7 @@
 #   cont    benchmarks/bench_continue.py                         (CONT_TIMEOUT, 100 s)
 #   scan    benchmarks/bench_scan.py --no-chunked                (SCAN_TIMEOUT, 200 s)
 #   trace   benchmarks/bench_trace.py                            (TRACE_TIMEOUT, 100 s)
+#   overhead benchmarks/profile_overhead.py (host cost per forward) (OVERHEAD_TIMEOUT, 150 s)
 # Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail
@@ -41,8 +42,9 @@ for step in ${STEPS:-tests gen cont}; do
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;
-        cont) run_step cont "${CONT_TIMEOUT:-100}" python3 benchmarks/bench_continue.py --repeats 3 ;;
+        cont) run_step cont "${CONT_TIMEOUT:-100}" python3 benchmarks/bench_continue.py --repeats "${CONT_REPEATS:-3}" ;;
         scan) run_step scan "${SCAN_TIMEOUT:-200}" python3 benchmarks/bench_scan.py --no-chunked ;;
+        overhead) run_step overhead "${OVERHEAD_TIMEOUT:-150}" python3 benchmarks/profile_overhead.py --out "$OUT" ;;
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
         *) echo "unknown step $step" ;;
     esac

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    LM_130M, environment, environment_line, markdown_table, median_time, replace_section, upstream_lm, write_json,
+    LM_130M, environment, environment_line, interleaved_median_times, markdown_table, median_time, replace_section,
+    upstream_lm, write_json,
 )
 
 from mamba_state.adapters import StatefulMambaLM  # noqa: E402
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=8192,
                    help="our continuation runs in chunks of at most this many tokens (default: one call up to 8192)")
     p.add_argument("--step-tokens", type=int, default=64, help="tokens over which upstream's step loop is timed")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed rounds; each round runs our continuation, our prefill and upstream's forward in turn")
     p.add_argument("--write", action="store_true", help="with --smoke: still write the JSON and the doc section")
     args = p.parse_args(argv)
 
@@ -82,8 +84,6 @@ def main(argv=None) -> int:
             def ours_prefill():  # one call, as upstream's forward below
                 return lm(ids, num_last_tokens=1)[1]
 
-            t_cont = median_time(ours_continue, repeats=args.repeats)
-            t_pref = median_time(ours_prefill, repeats=args.repeats)
             k = min(N, args.step_tokens)
             if up is not None:
                 from mamba_ssm.utils.generation import InferenceParams
@@ -98,7 +98,10 @@ def main(argv=None) -> int:
                         ip.seqlen_offset += 1
 
                 t_step = median_time(up_steps, repeats=1) * N / k
-                t_up_pref = median_time(lambda: up(ids, num_last_tokens=1), repeats=args.repeats)
+                # in turns, so that the host's slow spells fall on both sides alike (short prefills are host-bound)
+                t = interleaved_median_times({"cont": ours_continue, "pref": ours_prefill,
+                                              "up": lambda: up(ids, num_last_tokens=1)}, repeats=args.repeats)
+                t_cont, t_pref, t_up_pref = t["cont"], t["pref"], t["up"]
                 baseline = "upstream step() loop"
             else:
                 def our_steps():
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
                         _, s = lm.step(ids[:, t], s)
 
                 t_step = median_time(our_steps, repeats=1) * N / k
-                t_up_pref = float("nan")
+                t = interleaved_median_times({"cont": ours_continue, "pref": ours_prefill}, repeats=args.repeats)
+                t_cont, t_pref, t_up_pref = t["cont"], t["pref"], float("nan")
                 baseline = "our step() loop"
             scaled = " (per-token x N)" if k < N else ""
             raw.append(dict(batch=B, tokens=N, ours_continue_s=t_cont, step_loop_s=t_step, step_loop_measured_tokens=k,
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
                 f"forward. Ours: the continuation runs from the state in chunks of at most {args.chunk} tokens, the "
                 f"prefill in one call (as upstream's forward); both with `num_last_tokens=1`. Upstream's step loop "
                 f"is timed over {args.step_tokens} tokens and scaled to N (its cost per token is constant)."
-                f" Both sides run under `torch.no_grad()`."
+                f" Both sides run under `torch.no_grad()`. Medians of {args.repeats} rounds, each round timing our "
+                f"continuation, our prefill and upstream's forward in turn (the short prefills are bound by the "
+                f"host's Python, whose speed drifts: turns expose both sides to the same drift)."
                 f"{note}\n\n{table}\n\n`python benchmarks/profile_prefill.py` shows where a forward's time goes "
                 f"(torch.profiler per kernel, and each piece of one layer alone).\n")
         write_json("bench_continue", {"config": cfg, "dtype": str(dtype), "results": raw}, env)

@@ -7,7 +7,9 @@ Every benchmark script measures the contenders side by side in one run, then
 * replaces its own ``## <Section>`` of ``docs/benchmarks.md`` with :func:`replace_section`, leaving every other
   section as it was (scripts of other benchmarks own those).
 
-Timing: :func:`median_time` runs a callable a few times after warm-up and returns the median in seconds.
+Timing: :func:`median_time` runs a callable a few times after warm-up and returns the median in seconds;
+:func:`interleaved_median_times` times several contenders in turns (A, B, A, B, ...), so that a slow spell of
+the host (shared machines vary by tens of percent from second to second) falls on every contender alike.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["ROOT", "RESULTS_DIR", "BENCH_DOC", "environment", "environment_line", "median_time", "write_json",
+__all__ = ["ROOT", "RESULTS_DIR", "BENCH_DOC", "environment", "environment_line", "median_time",
+           "interleaved_median_times", "write_json",
            "replace_section", "markdown_table"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +80,25 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], Any]], repeats: int = 10,
+                             warmup: int = 1) -> dict[str, float]:
+    """Median wall time in seconds of each callable, timed in turns: every round runs each once (CUDA
+    synchronised around each), after ``warmup`` rounds."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def write_json(name: str, payload: dict[str, Any], env: dict[str, Any] | None = None) -> Path:

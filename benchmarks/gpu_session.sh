@@ -6,7 +6,7 @@
 #   tests   every gpu-marked test except the kernel's            (TEST_TIMEOUT, 420 s: 95 s warm, over 280 s cold)
 #   kernel  tests/test_kernel_gpu.py (long sequences: slow)      (KERNEL_TIMEOUT, 300 s)
 #   gen     benchmarks/bench_generate.py                         (GEN_TIMEOUT, 150 s)
-#   cont    benchmarks/bench_continue.py                         (CONT_TIMEOUT, 100 s)
+#   cont    benchmarks/bench_continue.py                         (CONT_TIMEOUT, 150 s)
 #   scan    benchmarks/bench_scan.py --no-chunked                (SCAN_TIMEOUT, 200 s)
 #   trace   benchmarks/bench_trace.py                            (TRACE_TIMEOUT, 100 s)
 #   overhead benchmarks/profile_overhead.py (host cost per forward) (OVERHEAD_TIMEOUT, 150 s)
@@ -42,7 +42,7 @@ for step in ${STEPS:-tests gen cont}; do
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;
-        cont) run_step cont "${CONT_TIMEOUT:-100}" python3 benchmarks/bench_continue.py --repeats "${CONT_REPEATS:-3}" ;;
+        cont) run_step cont "${CONT_TIMEOUT:-150}" python3 benchmarks/bench_continue.py --repeats "${CONT_REPEATS:-10}" ;;
         scan) run_step scan "${SCAN_TIMEOUT:-200}" python3 benchmarks/bench_scan.py --no-chunked ;;
         overhead) run_step overhead "${OVERHEAD_TIMEOUT:-150}" python3 benchmarks/profile_overhead.py --out "$OUT" ;;
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;

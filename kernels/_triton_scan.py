@@ -97,9 +97,10 @@ def _scan_fwd_kernel(
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr,
 ):
     """MODE 0: the whole sequence in one program (grid [channel blocks, batch]); writes out, checkpoints, last.
+    With z, STORE_YPRE also writes the output before the gate (for the backward; inference skips it).
     MODE 1: chunk summaries (grid [channel blocks, batch, chunks]): the chunk run from a zero state, its end
     state -> sum_ptr and the product of its decays -> prod_ptr (both [batch, dim, nchunks, dstate]).
     MODE 2: outputs of each chunk from its checkpoint (grid as MODE 1), after _carry_kernel filled them.
@@ -194,8 +195,8 @@ def _scan_fwd_kernel(
             if HAS_D:
                 y = y + Dv[:, None] * u
             if HAS_Z:
-                # the backward needs the output before the gate (as upstream saves it)
-                tl.store(ypre_ptr + row + offs_t[None, :], y.to(ypre_ptr.dtype.element_ty), mask=m2)
+                if STORE_YPRE:  # the backward needs the output before the gate (as upstream saves it)
+                    tl.store(ypre_ptr + row + offs_t[None, :], y.to(ypre_ptr.dtype.element_ty), mask=m2)
                 zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
                 y = y * zt * _sigmoid(zt)
             tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)

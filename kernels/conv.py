@@ -24,7 +24,7 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv_state: Optional[Tensor] = None,
                   reset: Optional[Tensor] = None, activation: Optional[str] = None,
-                  backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                  backend: Optional[str] = None, state_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Causal depthwise conv1d continuing ``conv_state``.
 
     Args:
@@ -34,10 +34,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
         conv_state: [batch, channels, width], the last ``width`` inputs before ``x`` (zeros when None).
         reset: bool [batch, seqlen]; True at t clears the window before step t.
         activation: None or "silu".
+        state_dtype: dtype of the new window when ``conv_state`` is None (default: x's); ignored otherwise.
 
     Returns:
         ``(out [batch, channels, seqlen] contiguous in x.dtype, new_conv_state [batch, channels, width])`` in
-        conv_state's dtype (x's when None), as :func:`~mamba_state.reference.causal_conv1d_ref`. The Triton path
+        conv_state's dtype (``state_dtype``, else x's, when None), as :func:`~mamba_state.reference.causal_conv1d_ref`. The Triton path
         (CUDA, no gradient needed) accumulates in float32.
     """
     w2 = weight[:, 0] if weight.dim() == 3 and weight.shape[1] == 1 else weight
@@ -45,7 +46,10 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
                   and not _needs_grad(x, weight, bias, conv_state)
                   and resolve_backend(x.device, backend)[0] == "triton")
     if not use_triton:
-        return causal_conv1d_ref(x, weight, bias, conv_state=conv_state, reset=reset, activation=activation)
+        out, new_state = causal_conv1d_ref(x, weight, bias, conv_state=conv_state, reset=reset, activation=activation)
+        if conv_state is None and state_dtype is not None:
+            new_state = new_state.to(state_dtype)
+        return out, new_state
     if activation not in (None, "silu", "swish"):
         raise StateError(f"activation: expected None or 'silu', found {activation!r}")
     bsz, ch, L = x.shape
@@ -65,7 +69,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
         x = x.contiguous()
     out = torch.empty(bsz, ch, L, device=x.device, dtype=x.dtype)
     state = conv_state.contiguous() if conv_state is not None else None
-    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=state.dtype if state is not None else x.dtype)
+    new_dtype = state.dtype if state is not None else (state_dtype or x.dtype)
+    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=new_dtype)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     BD, BL = 16, 128
     grid = (triton.cdiv(L, BL), triton.cdiv(ch, BD), bsz)

@@ -192,14 +192,20 @@ def _reset_bytes(reset: Optional[Tensor]) -> Optional[Tensor]:
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                 reset: Optional[Tensor], delta_softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 reset: Optional[Tensor], delta_softplus: bool, chunk: int,
+                 keep_ypre: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward launches (see the module docstring for the outputs); registered below as the custom op
-    ``mamba_state::scan_fwd``, and called directly for inference, where no autograd or tracing is needed."""
+    ``mamba_state::scan_fwd``, and called directly for inference, where no autograd or tracing is needed
+    (``keep_ypre=False`` then skips writing the pre-gate output, which only the backward reads: ``ypre`` comes
+    back empty). B and C may be strided views (time stride 1), D and delta_bias any float dtype: read as they
+    are, no copies."""
     from . import _triton_scan as K
 
     batch, dim, L = u.shape
     ngroups, dstate = B.shape[1], A.shape[1]
-    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    u, delta = u.contiguous(), delta.contiguous()
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    C = C if C.stride(-1) == 1 else C.contiguous()
     A = A.contiguous().float()
     z = z.contiguous() if z is not None else None
     nch = _nchunks(L, chunk)
@@ -211,23 +217,24 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=batch, device=u.device, seqpar=seqpar)
     init = initial_state.contiguous().float() if initial_state is not None else None
     rst = _reset_bytes(reset)
-    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
+    store_ypre = z is not None and keep_ypre
+    ypre = torch.empty_like(u) if store_ypre else u.new_empty(0)
     summ = torch.empty_like(ckpt) if seqpar else _dummy(A)
     prod = torch.empty_like(ckpt) if seqpar else _dummy(A)
     common = (
         u, delta, A, B, C,
-        D.contiguous().float() if D is not None else _dummy(A),
+        D.contiguous() if D is not None else _dummy(A),
         z if z is not None else _dummy(u),
-        delta_bias.contiguous().float() if delta_bias is not None else _dummy(A),
+        delta_bias.contiguous() if delta_bias is not None else _dummy(A),
         init if init is not None else _dummy(A),
         rst if rst is not None else _dummy(A),
-        out, last, ckpt, summ, prod, ypre if z is not None else _dummy(u),
+        out, last, ckpt, summ, prod, ypre if store_ypre else _dummy(u),
         dim, L, dstate, dim // ngroups, nch,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  HAS_INIT=init is not None, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
-                 CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
+                 CHUNK=int(chunk), BD=bd, BN=bn, STORE_YPRE=store_ypre, num_warps=warps)
     with launch_device(u):
         if not seqpar:
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
@@ -246,13 +253,14 @@ scan_fwd = torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())(sca
 
 
 @scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk):
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk,
+                   keep_ypre=True):
     batch, dim, L = u.shape
     dstate = A.shape[1]
     nch = (L + chunk - 1) // chunk
     return (torch.empty_like(u), u.new_empty((batch, dim, dstate), dtype=torch.float32),
             u.new_empty((batch, dim, nch, dstate), dtype=torch.float32),
-            torch.empty_like(u) if z is not None else u.new_empty(0))
+            torch.empty_like(u) if z is not None and keep_ypre else u.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------------- backward op

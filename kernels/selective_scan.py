@@ -91,7 +91,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if torch.compiler.is_compiling() or _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args)
     else:  # inference: straight to the kernels (the custom op and autograd dispatch cost host time per call)
-        out, last, _, _ = scan_forward(*args)
+        out, last, _, _ = scan_forward(*args, keep_ypre=False)
     return (out, last) if return_last_state else out
 
 

@@ -202,6 +202,26 @@ def test_saved_state_continues_identically(tmp_path):
     torch.testing.assert_close(out, full[:, 6:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_no_state_is_a_zero_state(layer):
+    """``lm(ids)`` (no state: every mixer starts from zeros it need not build) equals ``lm(ids, new_state)``:
+    logits, every layer's state, ``seqlen_offset``; and with ``return_states_at`` too."""
+    torch.manual_seed(4)
+    extra = dict(layer="Mamba2", headdim=8, d_state=8, chunk_size=4) if layer == "Mamba2" else {}
+    lm = StatefulMambaLM.from_config(_cfg(*CONFIGS[0], **extra))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        out0, s0 = lm(ids)
+        out1, s1 = lm(ids, lm.new_state(2))
+        _, _, at0 = lm(ids, return_states_at=[0, 3])
+        _, _, at1 = lm(ids, lm.new_state(2), return_states_at=[0, 3])
+    torch.testing.assert_close(out0, out1, rtol=0, atol=0)
+    assert s0.seqlen_offset == s1.seqlen_offset == 6
+    assert s0.allclose(s1, rtol=0, atol=0)
+    assert [a.seqlen_offset for a in at0] == [0, 3]
+    assert all(a.allclose(b, rtol=0, atol=0) for a, b in zip(at0, at1))
+
+
 def test_mamba2_layers_from_config():
     torch.manual_seed(2)
     cfg = _cfg(0, True, True, True, True, n_layer=2, layer="Mamba2", headdim=8, d_state=8, chunk_size=4)

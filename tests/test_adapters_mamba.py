@@ -209,6 +209,22 @@ def test_state_not_modified_and_fp32_default():
     assert layer_layout(layer) == layer.state_layout()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_no_state_is_a_zero_state(backend, state_dtype):
+    """``state=None`` (zeros, not materialised on the fast paths) gives exactly what an explicit zero state
+    gives, and the new state comes back in ``state_dtype``; also for chunks shorter than the conv window."""
+    layer = StatefulMamba.from_config(8, d_state=4, layer_idx=0, state_dtype=state_dtype, backend=backend)
+    x = torch.randn(2, 7, 8)
+    for L in (2, 7):
+        with torch.no_grad():
+            y0, s0 = layer(x[:, :L])
+            y1, s1 = layer(x[:, :L], layer.new_state(2))
+        torch.testing.assert_close(y0, y1, rtol=0, atol=0)
+        assert s0.conv_state.dtype == s0.ssm_state.dtype == state_dtype
+        assert s0.allclose(s1, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_parameters(dtype):
     torch.manual_seed(5)

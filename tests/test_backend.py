@@ -29,6 +29,28 @@ def test_bad_backend_names_the_source(monkeypatch):
         resolve_backend("cpu")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_answers_are_cached_but_follow_the_environment(monkeypatch):
+    """resolve_backend caches its answers (every layer asks), yet a changed environment takes effect at once,
+    a bad value is refused every time, and an odd argument gets the named error, not a cache's TypeError."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MAMBA_STATE_BACKEND", "triton")
+    assert resolve_backend("cpu") == resolve_backend(torch.device("cpu")) and resolve_backend("cpu")[0] == "triton"
+    monkeypatch.setenv("MAMBA_STATE_BACKEND", "reference")
+    assert resolve_backend("cpu")[0] == "reference"
+    monkeypatch.setenv("MAMBA_STATE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for _ in range(2):
+        with pytest.raises(StateError, match="Triton"):
+            resolve_backend("cpu")
+    monkeypatch.setenv("MAMBA_STATE_BACKEND", "bogus")
+    for _ in range(2):
+        with pytest.raises(StateError, match="MAMBA_STATE_BACKEND"):
+            resolve_backend("cpu")
+    with pytest.raises(StateError, match="backend"):
+        resolve_backend("cpu", ["triton"])  # type: ignore[arg-type]
+
+
 def test_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("MAMBA_STATE_BACKEND", raising=False)

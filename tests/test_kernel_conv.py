@@ -53,6 +53,22 @@ def test_triton_conv_bf16_state_float32():
     torch.testing.assert_close(new.double(), ref_new, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_new_window_from_zeros_takes_state_dtype(backend):
+    """No conv_state: the window starts from zeros and the new one comes back in ``state_dtype`` (both paths)."""
+    x, w, b, _, _ = _case(8, 2, 10, 3, 4, torch.bfloat16, False, True, 0.0, True)
+    zeros = torch.zeros(2, 10, 4)
+    with torch.no_grad():
+        out, new = causal_conv1d(x, w, b, activation="silu", backend=backend, state_dtype=torch.float32)
+        out_z, new_z = causal_conv1d(x, w, b, conv_state=zeros, activation="silu", backend=backend,
+                                     state_dtype=torch.float16)  # ignored: the given state's dtype wins
+    assert new.dtype == torch.float32 and new_z.dtype == torch.float32
+    torch.testing.assert_close(out, out_z, rtol=0, atol=0)
+    torch.testing.assert_close(new, new_z, rtol=0, atol=0)
+    # L = 3 < W = 4: one zero (from the empty start), then the chunk's three inputs
+    torch.testing.assert_close(new, torch.cat([torch.zeros(2, 10, 1), x.float()], -1), rtol=0, atol=0)
+
+
 def test_gradients_take_the_reference_path():
     x, w, b, state, _ = _case(5, 1, 6, 9, 4, torch.float32, True, True, 0.0, False)
     x.requires_grad_(True)

@@ -162,6 +162,37 @@ def test_gradient_through_last_state_only_and_continuation():
     torch.testing.assert_close(s2, full_last, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seqpar", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_reads_strided_bc_and_half_bias_as_they_are(seqpar, dtype):
+    """What the adapters pass without autograd: B and C as views of one projection (time stride 1), the dt
+    bias in the parameters' (half) dtype; the scan reads them in place and skips the pre-gate output."""
+    from mamba_state.kernels.ops import scan_forward
+
+    b, d, L, n, rank = 2, 6, 21, 4, 3
+    g = torch.Generator().manual_seed(11)
+    x_dbl = torch.randn(b, rank + 2 * n, L, generator=g).to(dtype).to(DEV)
+    B, C = x_dbl[:, rank:rank + n], x_dbl[:, rank + n:]
+    assert not B.is_contiguous() and B.stride(-1) == 1
+    u, delta, z = (torch.randn(b, d, L, generator=g).to(dtype).to(DEV) for _ in range(3))
+    A = -torch.exp(0.5 * torch.randn(d, n, generator=g)).to(DEV)
+    D = torch.randn(d, generator=g).to(DEV)
+    bias = (0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    h0 = torch.randn(b, d, n, generator=g).to(DEV)
+    with torch.no_grad(), _env(SEQPAR=seqpar):
+        out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True, h0, backend="triton", chunk_size=8)
+        four = (u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, bias, h0, None, True, 8)
+        kept = scan_forward(*four)
+        skipped = scan_forward(*four, keep_ypre=False)
+    ref = [t.double() if t is not None else None for t in (u, delta, A, B, C, D, z, bias, h0)]
+    rout, rlast = selective_scan_ref(*ref[:8], delta_softplus=True, return_last_state=True, initial_state=ref[8])
+    _close(out, rout, dtype, "out")
+    _close(last, rlast, torch.float32, "last_state")
+    assert skipped[3].numel() == 0 and kept[3].shape == u.shape  # the pre-gate output, only when kept
+    torch.testing.assert_close(skipped[0], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(skipped[1], kept[1], rtol=0, atol=0)
+
+
 def test_dispatch_reference_and_constant_bc():
     inp = _make(1, 3, 10, 4, 0, torch.float32, 3, init=True, reset_kind="random", D=True, z=False, bias=False)
     ref = selective_scan_ref(**inp, return_last_state=True)

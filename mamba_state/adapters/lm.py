@@ -275,21 +275,25 @@ class StatefulMambaLM(nn.Module):
 
     def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0, return_states_at=None):
         batch, seqlen = input_ids.shape
-        state = self._check_state(state, batch, input_ids.device)
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         check_reset(reset, [batch, seqlen])
-        for layer in self.backbone.blocks():  # validate every layer's state before computing anything
-            layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
+        if state is not None:
+            state = self._check_state(state, batch, input_ids.device)
+            for layer in self.backbone.blocks():  # validate every layer's state before computing anything
+                layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
+        # state None: every mixer starts from its own zero state (not materialised here)
+        offset, metadata = (0, {}) if state is None else (state.seqlen_offset, state.metadata)
         hidden = self.backbone.embedding(input_ids)
         residual = None
         new_layers = {}
         layers_at: dict[int, list] = {}
         for layer in self.backbone.blocks():
             idx = _layer_idx(layer)
+            layer_state = None if state is None else state[idx]
             if positions is None:
-                hidden, residual, new_layers[idx] = layer(hidden, residual, state[idx], reset, one_step)
+                hidden, residual, new_layers[idx] = layer(hidden, residual, layer_state, reset, one_step)
             else:
-                hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, state[idx], reset,
+                hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, layer_state, reset,
                                                                           False, positions)
         first = self.backbone.blocks()[0]
         if num_last_tokens > 0:  # the final add-norm works per token: only the kept tokens need it
@@ -297,11 +301,11 @@ class StatefulMambaLM(nn.Module):
             residual = None if residual is None else residual[:, -num_last_tokens:]
         hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
         logits = self.lm_head(hidden)
-        new_state = MambaModelState(new_layers, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
+        new_state = MambaModelState(new_layers, seqlen_offset=offset + seqlen, metadata=dict(metadata))
         if positions is None:
             return logits, new_state
         states_at = [MambaModelState({idx: layers_at[idx][i] for idx in layers_at},
-                                     seqlen_offset=state.seqlen_offset + p, metadata=dict(state.metadata))
+                                     seqlen_offset=offset + p, metadata=dict(metadata))
                      for i, p in enumerate(positions)]
         return logits, new_state, states_at
 

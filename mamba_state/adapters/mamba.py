@@ -252,8 +252,11 @@ class StatefulMamba(nn.Module):
         """
         self._check_input(x)
         batch, seqlen, _ = x.shape
-        state = self._check_state(state, batch, x.device)
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
+        if state is not None or positions is not None or self.state_dtype == torch.float64:
+            state = self._check_state(state, batch, x.device)
+        # else zeros, never materialised: the conv and the scan start from zeros themselves (a float64 zero state
+        # is materialised because it makes the reference path compute in float64)
         check_reset(reset, [batch, seqlen])
         if reset is not None:
             reset = reset.to(x.device)
@@ -267,25 +270,31 @@ class StatefulMamba(nn.Module):
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
         conv_in = xs
-        xs, conv_state = self._conv(xs, state.conv_state, reset)
+        xs, conv_state = self._conv(xs, None if state is None else state.conv_state, reset)
         x_dbl = _weight_matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
+        # B and C stay views of x_dbl (time stride 1, which is all the scan needs): no copies
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _weight_matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]; the bias goes in as delta_bias
         ct = _compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
-        args = (xs, dt, A, B.contiguous(), C.contiguous(), self.D.to(ct))
-        kwargs = dict(z=z, delta_bias=self.dt_proj.bias.to(ct), delta_softplus=True)
+        # without autograd the scan reads the bias in its own dtype (a half -> float32 cast is exact): no cast op
+        dt_bias = self.dt_proj.bias if not torch.is_grad_enabled() else self.dt_proj.bias.to(ct)
+        args = (xs, dt, A, B, C, self.D.to(ct))
+        kwargs = dict(z=z, delta_bias=dt_bias, delta_softplus=True)
+        h0 = None if state is None else state.ssm_state
         if positions is None:
-            y, last = self._scan(*args, **kwargs, return_last_state=True, initial_state=state.ssm_state, reset=reset)
+            y, last = self._scan(*args, **kwargs, return_last_state=True, initial_state=h0, reset=reset)
         else:
+            assert state is not None  # materialised above whenever positions are asked for
             y, last, ssm_at = self._scan_segments(args, kwargs, state.ssm_state, reset, positions)
         # token-major [B, L, d_model], contiguous: the GEMM reads y transposed instead of copying it
         out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(batch, -1, -1))
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
-        new = MambaInferenceState(conv_state, last.to(state.ssm_state.dtype))
+        new = MambaInferenceState(conv_state, last.to(self.state_dtype if h0 is None else h0.dtype))
         if positions is None:
             return out, new
+        assert state is not None
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
@@ -311,8 +320,9 @@ class StatefulMamba(nn.Module):
 
         return run_segments(run, L, positions, initial_state, time_dim=-1)
 
-    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None):
-        """silu(causal depthwise conv) continuing ``conv_state``; returns ``(out [B, d_inner, L], new conv_state)``.
+    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None, reset: torch.Tensor | None):
+        """silu(causal depthwise conv) continuing ``conv_state`` (zeros when None, the new window then in
+        ``state_dtype``); returns ``(out [B, d_inner, L], new conv_state)``.
 
         With resets, the reference function (windows cleared per row). Without, one ``F.conv1d`` in the input's
         dtype over the last ``d_conv - 1`` state inputs followed by the chunk (accumulation is float32 inside
@@ -322,7 +332,9 @@ class StatefulMamba(nn.Module):
             from mamba_state.kernels import causal_conv1d
 
             return causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
-                                 activation="silu", backend="triton")
+                                 activation="silu", backend="triton", state_dtype=self.state_dtype)
+        if conv_state is None:
+            conv_state = torch.zeros(xs.shape[0], self.d_inner, self.d_conv, device=xs.device, dtype=self.state_dtype)
         if reset is not None:
             return causal_conv1d_ref(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
                                      activation="silu")

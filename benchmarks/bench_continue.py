@@ -136,8 +136,9 @@ def main(argv=None) -> int:
                 f" Both sides run under `torch.no_grad()`. Medians of {args.repeats} rounds, each round timing our "
                 f"continuation, our prefill and upstream's forward in turn (the short prefills are bound by the "
                 f"host's Python, whose speed drifts: turns expose both sides to the same drift)."
-                f"{note}\n\n{table}\n\n`python benchmarks/profile_prefill.py` shows where a forward's time goes "
-                f"(torch.profiler per kernel, and each piece of one layer alone).\n")
+                f"{note}\n\n{table}\n\n`python benchmarks/profile_prefill.py` shows where a forward's GPU time "
+                f"goes (torch.profiler per kernel, and each piece of one layer alone); "
+                f"`python benchmarks/profile_overhead.py` its host time (Python and launches).\n")
         write_json("bench_continue", {"config": cfg, "dtype": str(dtype), "results": raw}, env)
         replace_section(SECTION, body)
     return 0

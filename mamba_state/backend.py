@@ -66,33 +66,23 @@ def _triton_usable(kind: str, index: int | None, interpret: bool) -> tuple[bool,
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> tuple[str, str]:
     """``("triton" | "reference", reason)`` for work on ``device``; raises if ``triton`` is forced but unusable."""
-    env = os.environ  # read on every call, so a changed MAMBA_STATE_BACKEND / TRITON_INTERPRET takes effect at once
-    choice = backend if backend is not None else env.get("MAMBA_STATE_BACKEND", "auto")
-    if not isinstance(choice, str):  # unhashable or odd: the uncached path names the problem
-        return _resolve(choice, backend is not None, torch.device(device), env.get("TRITON_INTERPRET", "0") == "1")
+    # the environment is read on every call (a changed MAMBA_STATE_BACKEND / TRITON_INTERPRET takes effect at
+    # once); the answer for it is cached
+    choice = requested_backend(backend)
     device = device if isinstance(device, torch.device) else torch.device(device)
-    return _resolve_cached(choice, backend is not None, device.type, device.index,
-                           env.get("TRITON_INTERPRET", "0") == "1")
+    return _resolve(choice, device.type, device.index, os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_cached(choice: str, from_argument: bool, kind: str, index: int | None,
-                    interpret: bool) -> tuple[str, str]:
+def _resolve(choice: str, kind: str, index: int | None, interpret: bool) -> tuple[str, str]:
     # cached: every layer of every forward asks several times; errors are raised, hence never cached
-    return _resolve(choice, from_argument, torch.device(kind, index) if index is not None else torch.device(kind),
-                    interpret)
-
-
-def _resolve(choice_raw, from_argument: bool, device: torch.device, interpret: bool) -> tuple[str, str]:
-    choice = _normalised(choice_raw, "backend" if from_argument else "MAMBA_STATE_BACKEND")
-    ok, why = _triton_usable(device.type, device.index, interpret)
+    ok, why = _triton_usable(kind, index, interpret)
     if choice == "reference":
         return "reference", "forced (backend='reference' or MAMBA_STATE_BACKEND=reference)"
     if choice == "triton":
         if not ok:
             raise StateError(f"backend: expected Triton to be usable when forced, found: {why}")
         return "triton", f"forced; {why}"
-    if ok and device.type == "cuda":
+    if ok and kind == "cuda":
         return "triton", why
     return "reference", f"auto: {why}" if not ok else "auto: CPU tensors use the PyTorch reference path"
-

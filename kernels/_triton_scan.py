@@ -231,17 +231,21 @@ def _carry_kernel(init_ptr, sum_ptr, prod_ptr, ckpt_ptr, last_ptr, dim, dstate, 
 
 
 @triton.jit
+def _col(ptr, row1, t, L, mask_n):
+    """The column ptr[row1 + t] as one [BN] load (zeros at or past L). The scalar bound joins the mask through
+    tl.where, not `mask_n & (t < L)`: triton 3.9's interpreter makes that vector-and-scalar `&` an integer mask,
+    which tl.load refuses."""
+    m = tl.where(t < L, mask_n, False)
+    return tl.load(ptr + row1 + t, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _cols8(ptr, row1, t0, L, mask_n):
     """The 8 columns ptr[row1 + t0 .. t0+7] as separate [BN] loads (zeros past L)."""
-    c0 = tl.load(ptr + row1 + t0, mask=mask_n & (t0 < L), other=0.0).to(tl.float32)
-    c1 = tl.load(ptr + row1 + t0 + 1, mask=mask_n & (t0 + 1 < L), other=0.0).to(tl.float32)
-    c2 = tl.load(ptr + row1 + t0 + 2, mask=mask_n & (t0 + 2 < L), other=0.0).to(tl.float32)
-    c3 = tl.load(ptr + row1 + t0 + 3, mask=mask_n & (t0 + 3 < L), other=0.0).to(tl.float32)
-    c4 = tl.load(ptr + row1 + t0 + 4, mask=mask_n & (t0 + 4 < L), other=0.0).to(tl.float32)
-    c5 = tl.load(ptr + row1 + t0 + 5, mask=mask_n & (t0 + 5 < L), other=0.0).to(tl.float32)
-    c6 = tl.load(ptr + row1 + t0 + 6, mask=mask_n & (t0 + 6 < L), other=0.0).to(tl.float32)
-    c7 = tl.load(ptr + row1 + t0 + 7, mask=mask_n & (t0 + 7 < L), other=0.0).to(tl.float32)
-    return c0, c1, c2, c3, c4, c5, c6, c7
+    return (_col(ptr, row1, t0, L, mask_n), _col(ptr, row1, t0 + 1, L, mask_n),
+            _col(ptr, row1, t0 + 2, L, mask_n), _col(ptr, row1, t0 + 3, L, mask_n),
+            _col(ptr, row1, t0 + 4, L, mask_n), _col(ptr, row1, t0 + 5, L, mask_n),
+            _col(ptr, row1, t0 + 6, L, mask_n), _col(ptr, row1, t0 + 7, L, mask_n))
 
 
 @triton.jit

@@ -43,17 +43,18 @@ top = {n.split("/")[0] for n in names}
 extra = {t for t in top if t != "mamba_state" and not t.endswith(".dist-info")}
 assert not extra, f"wheel: expected only mamba_state at the top level, found also {sorted(extra)}"
 assert "mamba_state/kernels/__init__.py" in names, "wheel: expected mamba_state/kernels/__init__.py, found none"
+assert "mamba_state/py.typed" in names, "wheel: expected the PEP 561 marker mamba_state/py.typed, found none"
 members = tarfile.open(sys.argv[2]).getnames()
 assert any(m.endswith("/kernels/__init__.py") for m in members), "sdist: expected kernels/, found none"
 print(f"wheel: {len(names)} files, top level {sorted(top)}; sdist: {len(members)} entries")
 PYEOF
-    # a fresh environment that reuses the already-installed torch (and the other dependencies) but not this
-    # checkout: --no-index so nothing is downloaded, run from outside the repository
+    # a new user's install: a fresh environment (no system site packages) with the CPU build of torch, then the
+    # wheel with its dependencies resolved by pip from the index, run from outside the repository. A CPU install
+    # must not bring triton (about 1 GB installed); wheel_smoke.py checks that too.
     rm -rf "$OUT/venv"
-    "$PY" -m venv --system-site-packages "$OUT/venv"
-    # the venv's own (older) setuptools would hide the one torch requires; use the system's like every other package
-    "$OUT/venv/bin/python" -m pip uninstall --disable-pip-version-check -q -y setuptools 2>/dev/null || true
-    "$OUT/venv/bin/python" -m pip install --disable-pip-version-check -q --no-index "$whl"
+    "$PY" -m venv "$OUT/venv"
+    "$OUT/venv/bin/python" -m pip install --disable-pip-version-check -q "torch==2.13.0"
+    "$OUT/venv/bin/python" -m pip install --disable-pip-version-check -q "$whl"
     local smoke
     smoke=$(readlink -f scripts/wheel_smoke.py)
     local venv_py="$PWD/$OUT/venv/bin/python"   # not resolved: the symlink is what makes it the venv's Python

@@ -2,7 +2,8 @@
 
 Checks: the package is imported from the environment's site-packages (not from a checkout or an editable
 install); ``mamba_state.kernels`` imports and no top-level ``kernels`` module comes with it; the ``mamba-state``
-console script's ``info`` runs; a model state saves and loads bit-identically; the scan runs from a state.
+console script's ``info`` runs; a model state saves and loads bit-identically; the scan runs from a state; a small
+LM continues from its state; and, in a CPU-only install, triton was not pulled in (the CPU path does not need it).
 Prints ``wheel_smoke: ok`` and exits 0, or raises.
 """
 
@@ -67,6 +68,20 @@ def main() -> None:
     torch.testing.assert_close(torch.cat([y1, y2], dim=-1), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last2, last, rtol=1e-4, atol=1e-4)
     print("wheel_smoke: scan continues from a state")
+
+    lm = ms.StatefulMambaLM.from_config(dict(d_model=32, n_layer=2, vocab_size=50))
+    ids = torch.randint(0, 50, (2, 24), generator=gen)
+    with torch.no_grad():
+        full, _ = lm(ids)
+        _, mid_state = lm(ids[:, :10])
+        more, _ = lm(ids[:, 10:], state=mid_state)
+    torch.testing.assert_close(more, full[:, 10:], rtol=1e-4, atol=1e-4)
+    print("wheel_smoke: an LM continues from its state")
+
+    if not torch.cuda.is_available():
+        spec = importlib.util.find_spec("triton")
+        assert spec is None, f"CPU-only install: expected no triton, found one at {spec.origin}"
+        print("wheel_smoke: no triton in a CPU-only install")
     print("wheel_smoke: ok")
 
 

@@ -80,3 +80,40 @@ def test_cli_demo():
     """README's main job, as it runs on a fresh machine (about 40 s here: it trains a tiny model)."""
     res = _run("", "-m", "mamba_state.cli", "demo", timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def _project_table() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def test_runtime_requirements_are_bounded_and_minimal():
+    """Every runtime requirement has a floor; torch and triton also a ceiling (the first untested minor); the CPU
+    install pulls neither triton (1 GB, only the interpreter tests need it) nor einops (imported nowhere)."""
+    from packaging.requirements import Requirement
+
+    project = _project_table()
+    runtime = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    assert "triton" not in runtime and "einops" not in runtime, sorted(runtime)
+    for name, req in runtime.items():
+        assert any(s.operator in (">=", "==", "~=") for s in req.specifier), f"{name}: expected a floor, found {req}"
+    assert any(s.operator == "<" for s in runtime["torch"].specifier), runtime["torch"]
+    extras = project["optional-dependencies"]
+    for extra in ("triton", "test"):
+        tri = [Requirement(r) for r in extras[extra] if Requirement(r).name == "triton"]
+        assert tri and any(s.operator == "<" for s in tri[0].specifier), (extra, extras[extra])
+    assert (REPO / "mamba_state" / "py.typed").is_file()
+
+
+def test_readme_has_the_two_commands_that_ci_runs():
+    """README keeps exactly the two set-up commands, and .ci/run reads the test command from README itself."""
+    text = (REPO / "README.md").read_text()
+    demo = "bash scripts/setup.sh && mamba-state demo"
+    tests = "bash scripts/setup.sh && python3 -m pytest -q"
+    assert text.count(demo) == 1 and text.count(tests) == 1, "README: expected each set-up command once"
+    res = subprocess.run(["awk", "/^# 2\\. set everything up and run the tests/ { getline; print; exit }",
+                          str(REPO / "README.md")], capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip() == tests, f"expected .ci/run's README extraction to give {tests!r}, found {res.stdout!r}"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "README.md" in ci and "-m venv" in ci and "--system-site-packages" not in ci

@@ -10,8 +10,9 @@ Steps:
 1. ``generate(prompt, max_new_tokens=0)`` consumes the prompt except its last token (the resume law: the state has
    consumed every token of ``.sequences`` but the last), so every branch samples its own first token.
 2. ``MambaModelState.cat([state] * n)`` makes n copies of that state, one per batch row: no re-prefill.
-3. One batched call with one seed per row (``seed=[s_1, ..., s_n]``): row i's tokens depend only on ``s_i`` and the
-   positions, so each branch is reproducible alone (checked below against a separate call).
+3. One batched, sampled call (``do_sample=True``; generation is greedy by default) with one seed per row
+   (``seed=[s_1, ..., s_n]``): row i's tokens depend only on ``s_i`` and the positions, so each branch is
+   reproducible alone (checked below against a separate call).
 4. Score each branch by the model's mean log-probability of its tokens (``output_scores=True`` returns the logits
    each token was drawn from; with temperature 1 and no filters they are the model's logits).
 5. ``state.select(best)`` keeps the winner's state; resuming from it continues that branch exactly.
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     branches = MambaModelState.cat([pre.state] * args.n)
     last = prompt[:, -1:].expand(args.n, 1)
     t0 = time.perf_counter()
-    out = lm.generate(last, state=branches, max_new_tokens=args.new, seed=seeds, output_scores=True)
+    out = lm.generate(last, state=branches, max_new_tokens=args.new, do_sample=True, seed=seeds,
+                      output_scores=True)
     t_branch = time.perf_counter() - t0
     new = out.sequences[:, 1:]  # [n, new]
 
@@ -68,13 +70,15 @@ def main(argv=None) -> int:
     print(f"{args.n} branches x {args.new} tokens in {t_branch * 1e3:.0f} ms, without re-reading the prompt")
 
     # the winning branch is reproducible alone: same seed, same state, batch of one
-    alone = lm.generate(prompt[:, -1:], state=pre.state, max_new_tokens=args.new, seed=[seeds[best]])
+    alone = lm.generate(prompt[:, -1:], state=pre.state, max_new_tokens=args.new, do_sample=True,
+                        seed=[seeds[best]])
     assert torch.equal(alone.sequences, out.sequences[best:best + 1]), "branch differs from its separate call"
     print(f"branch {best} re-generated alone: identical")
 
     # 5. continue the winner from its own state
     state = out.state.select(slice(best, best + 1))
-    more = lm.generate(out.sequences[best:best + 1, -1:], state=state, max_new_tokens=8, seed=[seeds[best]])
+    more = lm.generate(out.sequences[best:best + 1, -1:], state=state, max_new_tokens=8, do_sample=True,
+                       seed=[seeds[best]])
     print(f"continued branch {best}: {more.sequences[0, 1:].tolist()} (state now at token {more.state.seqlen_offset})")
     return 0
 

@@ -18,13 +18,31 @@ for seeded sampling (the random draw of each token depends only on ``seed`` and 
 ``state.seqlen_offset``, never on how the work was split into calls). With ``repetition_penalty != 1`` pass the
 earlier tokens as ``context_ids`` too (the state does not remember token ids).
 
+**Passing the whole sequence again is refused.** The state returned by :func:`generate` (and by a finished or
+closed :class:`TokenStream`) records a fingerprint of ``sequences`` in ``state.metadata["mamba_state.generation"]``
+(``seqlen_offset``, batch size, length and a SHA-256 of the token ids; saved with the state). A later call with
+that state whose ``input_ids`` (two or more tokens) end with exactly those ``sequences`` would feed tokens the state
+has already consumed a second time, and so produce other tokens: it raises a :class:`~mamba_state.errors.StateError`
+that says to pass only the new tokens. The record holds only while ``state.seqlen_offset`` is unchanged, so
+genuinely new input (e.g. ``cat([out.sequences[:, -1:], next_turn], 1)``) is never refused; to feed the same tokens
+again on purpose, delete the record from ``state.metadata``.
+
+**Greedy or sampled: one rule.** ``do_sample=None`` (the default) samples when any sampling option is given
+(``temperature``, ``top_k``, ``top_p``, ``min_p`` or ``seed`` not None) and decodes greedily (argmax) otherwise, so
+two calls with only ``max_new_tokens`` give the same tokens, as upstream ``mamba_ssm`` (``top_k=1``) and
+transformers (``do_sample=False``) do. ``do_sample=True`` samples (``temperature`` defaults to 1);
+``do_sample=False`` decodes greedily and warns (``UserWarning``) that the sampling options given are ignored, as
+transformers does. ``temperature=0`` always means greedy (with ``do_sample=True`` it is refused). Options left at
+None mean: ``temperature=1``, ``top_k=0`` (no limit), ``top_p=1`` (off; ``top_p=0`` is off too, as upstream),
+``min_p=0`` (off).
+
 **Sampling** (the meaning of upstream ``mamba_ssm`` ``generate``'s arguments), applied in this order to float32
 logits restricted to the real vocabulary (``lm.config["vocab_size"]``; padding rows of the head are never drawn):
 repetition penalty (logits of tokens already seen are divided by the penalty when positive, multiplied when
 negative; seen = ``context_ids`` + ``input_ids`` + tokens generated so far), temperature, top-k (keep the k
 largest), top-p (keep the smallest set of most likely tokens whose probability reaches ``top_p``), min-p (drop
-tokens whose probability is below ``min_p`` times the largest). ``temperature=0`` means greedy decoding (argmax of
-the penalised logits). A token is drawn with the exponential-race form of categorical sampling,
+tokens whose probability is below ``min_p`` times the largest). Greedy decoding takes the argmax of the
+penalised logits (no temperature or filter). A token is drawn with the exponential-race form of categorical sampling,
 ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary entry: an exact draw from ``p`` that needs no
 cumulative sums and no host synchronisation.
 
@@ -44,6 +62,9 @@ literally; a resumed call treats every row as live again.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 import threading
 import warnings
 import weakref
@@ -67,7 +88,8 @@ class GenerationOutput:
 
     Attributes:
         sequences: int64 ``[batch, len(input_ids) + n_new]``: ``input_ids`` then the new tokens.
-        state: the model state after every token of ``sequences`` except the last one.
+        state: the model state after every token of ``sequences`` except the last one (its metadata records a
+            fingerprint of ``sequences``, so that passing them again with this state is refused).
         scores: with ``output_scores=True``, a tuple of ``n_new`` float32 ``[batch, vocab]`` tensors: the processed
             logits each token was chosen from (after penalty, temperature and filtering; filtered entries are
             ``-inf``); else None.
@@ -89,16 +111,85 @@ def _is_real(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Sampling:
+    """The validated decoding options of one call (``top_p`` 1 when off; ``do_sample`` after the default rule)."""
+
     temperature: float
     top_k: int
     top_p: float
     min_p: float
     repetition_penalty: float
     vocab: int
+    do_sample: bool = True
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return not self.do_sample or self.temperature == 0
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside this package."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _resolve_length(max_new_tokens: Any, max_length: Any, seqlen: int) -> int:
+    """``max_new_tokens`` from ``max_new_tokens`` and / or ``max_length`` (= len(input_ids) + max_new_tokens)."""
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 0):
+        raise StateError(f"max_new_tokens: expected an int >= 0, found {max_new_tokens!r}")
+    if max_length is None:
+        if max_new_tokens is None:
+            raise StateError("max_new_tokens: expected an int >= 0 (or max_length, the length of input_ids plus "
+                             "the new tokens), found neither")
+        return max_new_tokens
+    if not _is_int(max_length) or max_length < seqlen:
+        raise StateError(f"max_length: expected an int >= {seqlen} (input_ids' length: max_length counts input_ids "
+                         f"plus the new tokens), found {max_length!r}")
+    if max_new_tokens is not None and max_length != seqlen + max_new_tokens:
+        raise StateError(f"max_length and max_new_tokens disagree: expected max_length = len(input_ids) + "
+                         f"max_new_tokens = {seqlen} + {max_new_tokens} = {seqlen + max_new_tokens}, found "
+                         f"max_length={max_length} (give one of the two)")
+    return max_length - seqlen
+
+
+def _check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, min_p: Any, seed: Any,
+                    repetition_penalty: Any, vocab: int) -> _Sampling:
+    """Validate the sampling options (None = not given) and apply the default rule (see the module docs)."""
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise StateError(f"do_sample: expected None, True or False, found {do_sample!r}")
+    if temperature is not None and (not _is_real(temperature) or temperature < 0):
+        raise StateError(f"temperature: expected a finite number >= 0 (0 = greedy), found {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise StateError(f"top_k: expected an int >= 0 (0 = no limit), found {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 <= top_p <= 1):
+        raise StateError(f"top_p: expected a number in [0, 1] (0 or 1 = no filter), found {top_p!r}")
+    if min_p is not None and (not _is_real(min_p) or not 0 <= min_p < 1):
+        raise StateError(f"min_p: expected a number in [0, 1) (0 = no filter), found {min_p!r}")
+    if not _is_real(repetition_penalty) or repetition_penalty <= 0:
+        raise StateError(f"repetition_penalty: expected a finite number > 0 (1 = none), found {repetition_penalty!r}")
+    given = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                               ("seed", seed)) if v is not None}
+    t = 1.0 if temperature is None else float(temperature)
+    if do_sample is None:
+        sample = bool(given) and t != 0
+    elif do_sample:
+        if t == 0:
+            raise StateError("temperature with do_sample=True: expected a number > 0, found 0 (temperature=0 is "
+                             "greedy decoding: use do_sample=False)")
+        sample = True
+    else:
+        ignored = {k: v for k, v in given.items() if not (k == "temperature" and v == 0)}
+        if ignored:
+            warnings.warn("mamba_state.generation: do_sample=False decodes greedily; ignoring "
+                          + ", ".join(f"{k}={v!r}" for k, v in ignored.items()), UserWarning,
+                          stacklevel=_user_stacklevel())
+        sample = False
+    p = 1.0 if top_p is None or top_p == 0 else float(top_p)
+    return _Sampling(t, 0 if top_k is None else int(top_k), p, 0.0 if min_p is None else float(min_p),
+                     float(repetition_penalty), vocab, sample)
 
 
 def _check_int_ids(name: str, t: Any, batch: int | None) -> None:
@@ -122,10 +213,10 @@ def _eos_list(eos_token_id: Any) -> list[int]:
     return list(ids)
 
 
-def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, temperature: Any, top_k: Any,
-                     top_p: Any, min_p: Any, repetition_penalty: Any, eos_token_id: Any, pad_token_id: Any,
-                     seed: Any, prefill_chunk_size: Any, context_ids: Any):
-    """Validate everything before any work; returns (sampling, eos list, pad id, seeds, state)."""
+def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, max_length: Any, do_sample: Any,
+                     temperature: Any, top_k: Any, top_p: Any, min_p: Any, repetition_penalty: Any,
+                     eos_token_id: Any, pad_token_id: Any, seed: Any, prefill_chunk_size: Any, context_ids: Any):
+    """Validate everything before any work; returns (max_new_tokens, sampling, eos list, pad id, seeds, state)."""
     if not all(hasattr(lm, a) for a in ("step", "forward", "new_state", "config")):
         raise StateError(f"lm: expected a StatefulMambaLM (step, forward, new_state, config), found {type(lm).__name__}")
     lm._check_ids(input_ids, check_range=True)  # once per call, on any device
@@ -133,23 +224,13 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, t
     param = next(lm.parameters())
     if input_ids.device != param.device:
         raise StateError(f"input_ids device: expected {param.device} (the model's), found {input_ids.device}")
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise StateError(f"max_new_tokens: expected an int >= 0, found {max_new_tokens!r}")
-    if not _is_real(temperature) or temperature < 0:
-        raise StateError(f"temperature: expected a finite number >= 0 (0 = greedy), found {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise StateError(f"top_k: expected an int >= 0 (0 = no limit), found {top_k!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise StateError(f"top_p: expected a number in (0, 1] (1 = no filter), found {top_p!r}")
-    if not _is_real(min_p) or not 0 <= min_p < 1:
-        raise StateError(f"min_p: expected a number in [0, 1) (0 = no filter), found {min_p!r}")
-    if not _is_real(repetition_penalty) or repetition_penalty <= 0:
-        raise StateError(f"repetition_penalty: expected a finite number > 0 (1 = none), found {repetition_penalty!r}")
+    max_new_tokens = _resolve_length(max_new_tokens, max_length, input_ids.shape[1])
+    vocab = int(lm.config["vocab_size"])
+    sampling = _check_sampling(do_sample, temperature, top_k, top_p, min_p, seed, repetition_penalty, vocab)
     eos = _eos_list(eos_token_id)
     if pad_token_id is not None and (not _is_int(pad_token_id) or pad_token_id < 0):
         raise StateError(f"pad_token_id: expected None or a non-negative int, found {pad_token_id!r}")
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
-    vocab = int(lm.config["vocab_size"])
     for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
         if any(i >= vocab for i in ids):
             raise StateError(f"{name}: expected ids below the vocabulary size {vocab}, found {ids}")
@@ -177,8 +258,53 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, t
             raise StateShapeError(f"state batch size: expected {batch} (input_ids'), found {state.batch_size}")
         for layer in lm.backbone.layers:  # layout, batch and device of every layer, before any work
             layer.mixer._check_state(state[int(layer.mixer.layer_idx)], batch, device)
-    sampling = _Sampling(float(temperature), int(top_k), float(top_p), float(min_p), float(repetition_penalty), vocab)
-    return sampling, eos, pad, seeds, state
+        _refuse_consumed_input(input_ids, state)
+    return max_new_tokens, sampling, eos, pad, seeds, state
+
+
+# ---------------------------------------------------------------------------------------------- resume record
+_RECORD = "mamba_state.generation"  # state.metadata key: what the call that returned the state produced
+
+
+def _fingerprint(ids: torch.Tensor) -> str:
+    a = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _without_record(state: MambaModelState) -> MambaModelState:
+    """``state`` without the resume record (a new object sharing the tensors; ``state`` itself when it has none)."""
+    if _RECORD not in state.metadata:
+        return state
+    meta = {k: v for k, v in state.metadata.items() if k != _RECORD}
+    return MambaModelState(dict(state.items()), seqlen_offset=state.seqlen_offset, metadata=meta)
+
+
+def _with_record(state: MambaModelState, sequences: torch.Tensor) -> MambaModelState:
+    """A new state object (sharing the tensors) whose metadata records ``sequences`` (which it has consumed but
+    for the last token); unchanged when there is nothing a later call could feed twice (one token)."""
+    if sequences.shape[1] < 2:
+        return state
+    record = {"seqlen_offset": state.seqlen_offset, "batch": int(sequences.shape[0]),
+              "length": int(sequences.shape[1]), "sha256": _fingerprint(sequences)}
+    return MambaModelState(dict(state.items()), seqlen_offset=state.seqlen_offset,
+                           metadata={**state.metadata, _RECORD: record})
+
+
+def _refuse_consumed_input(input_ids: torch.Tensor, state: MambaModelState) -> None:
+    """Raise when ``input_ids`` end with the ``sequences`` that ``state`` was returned with (already consumed)."""
+    rec = state.metadata.get(_RECORD)
+    if not isinstance(rec, dict) or input_ids.shape[1] < 2:
+        return
+    n = rec.get("length")
+    if (rec.get("seqlen_offset") != state.seqlen_offset or rec.get("batch") != input_ids.shape[0]
+            or not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= input_ids.shape[1]):
+        return
+    if _fingerprint(input_ids[:, -n:]) == rec.get("sha256"):
+        raise StateError(
+            f"input_ids: expected only the tokens the state has not consumed yet, found {input_ids.shape[1]} tokens "
+            f"ending with the {n} tokens of the `sequences` returned with this state, which it has already consumed "
+            f"but for the last one; pass only the new tokens, e.g. generate(out.sequences[:, -1:], "
+            f"state=out.state, ...) (to feed them again on purpose, delete state.metadata[{_RECORD!r}])")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -385,7 +511,8 @@ class TokenStream:
     While and after iterating, ``.state`` is the model state after every token of ``.sequences`` except the
     last, ``.sequences`` is ``input_ids`` followed by the tokens yielded so far and ``.scores`` the processed
     logits (with ``output_scores=True``). :meth:`close` (or exhausting the stream) releases a captured CUDA
-    graph for other calls.
+    graph for other calls; from then on ``.state`` also records a fingerprint of ``.sequences``, as
+    :func:`generate`'s does.
     """
 
     def __init__(self, lm: Any, input_ids: torch.Tensor, state: MambaModelState | None, max_new_tokens: int,
@@ -396,7 +523,10 @@ class TokenStream:
         self._input_ids = input_ids
         self._tokens: list[torch.Tensor] = []
         self._scores: list[torch.Tensor] | None = [] if output_scores else None
-        self._state = state if state is not None else lm.new_state(input_ids.shape[0], device=input_ids.device)
+        self._state = _without_record(state) if state is not None else lm.new_state(input_ids.shape[0],
+                                                                                     device=input_ids.device)
+        self._start = self._state.seqlen_offset
+        self._final: MambaModelState | None = None  # the closed stream's state, with its resume record
         self._fused = fused  # a FusedDecoder (in-place step) or None (lm.step)
         self._fused_auto = fused_auto  # chosen automatically: fall back to lm.step if it fails
         self._mode: str | None = None  # chosen at the first decode step: "graph", "fused" or "model"
@@ -440,7 +570,13 @@ class TokenStream:
     def state(self) -> MambaModelState:
         if self._buffers is not None:  # the live state sits in buffers updated in place: hand out a copy
             return _snapshot(self._buffers, self._offset, self._state.metadata)
-        return self._state
+        if self._mode != "closed":
+            return self._state
+        if self._final is None:  # closed: record what was produced (see "Passing the whole sequence again")
+            seqs = self.sequences
+            consumed_all_but_last = self._state.seqlen_offset == self._start + seqs.shape[1] - 1
+            self._final = _with_record(self._state, seqs) if consumed_all_but_last else self._state
+        return self._final
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -558,47 +694,62 @@ def _fused_decoder(lm: Any, state: MambaModelState | None, input_ids: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-           repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-           pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
-           prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
+           max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+           temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, repetition_penalty: float = 1.0,
+           eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+           seed: int | Sequence[int] | None = None, output_scores: bool = False, prefill_chunk_size: int = 2048,
+           cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
            fused_step: bool | None = None) -> TokenStream:
     """Decode token by token, yielding each new token int64 ``[batch]`` as soon as it is chosen.
 
-    Arguments as :func:`generate`. Every argument is checked here, before any work. The returned
-    :class:`TokenStream` carries ``.state``, ``.sequences`` and ``.scores``; after the last token ``.state``
-    equals ``generate(...).state``.
+    Arguments as :func:`generate` (greedy unless a sampling option or ``do_sample=True`` is given). Every argument
+    is checked here, before any work. The returned :class:`TokenStream` carries ``.state``, ``.sequences`` and
+    ``.scores``; after the last token ``.state`` equals ``generate(...).state``.
     """
-    sampling, eos, pad, seeds, state = _check_arguments(
-        lm, input_ids, state, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
-        pad_token_id, seed, prefill_chunk_size, context_ids)
+    max_new_tokens, sampling, eos, pad, seeds, state = _check_arguments(
+        lm, input_ids, state, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_token_id, pad_token_id, seed, prefill_chunk_size, context_ids)
     fused = _fused_decoder(lm, state, input_ids, fused_step)
     return TokenStream(lm, input_ids, state, max_new_tokens, sampling, eos, pad, seeds, output_scores,
                        prefill_chunk_size, cuda_graph, context_ids, fused, fused_auto=fused_step is None)
 
 
-def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, seed: int | Sequence[int] | None = None, output_scores: bool = False,
-             prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
+             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int | Sequence[int] | None = None, output_scores: bool = False, prefill_chunk_size: int = 2048,
+             cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
              fused_step: bool | None = None) -> GenerationOutput:
     """Prefill ``input_ids`` from ``state`` in chunks, then decode up to ``max_new_tokens`` tokens.
 
+    Greedy (argmax) by default; it samples when ``do_sample=True`` or when any sampling option (``temperature``,
+    ``top_k``, ``top_p``, ``min_p``, ``seed``) is given and ``do_sample`` is left at None. ``temperature=0`` is
+    always greedy. ``do_sample=False`` is greedy and warns about the sampling options it ignores.
+
     Args:
         lm: a :class:`~mamba_state.adapters.StatefulMambaLM`.
-        input_ids: integer ``[batch, seqlen >= 1]``: the tokens ``state`` has not consumed yet.
+        input_ids: integer ``[batch, seqlen >= 1]``: the tokens ``state`` has not consumed yet. To resume, pass
+            ``out.sequences[:, -1:]`` with ``state=out.state``; input that ends with the whole ``out.sequences``
+            of the call that returned ``state`` is refused (those tokens are already in the state).
         state: :class:`MambaModelState` with ``batch`` rows on ``input_ids``' device (zeros when None); not modified.
         max_new_tokens: int >= 0. With 0, ``input_ids[:, :-1]`` are consumed and nothing is generated.
-        temperature: >= 0; 0 selects greedy decoding (argmax).
-        top_k: keep the ``top_k`` most likely tokens (0: no limit).
-        top_p: nucleus filter in (0, 1] (1: off).
-        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1) (0: off).
-        repetition_penalty: > 0 (1: off), applied to tokens of ``context_ids``, ``input_ids`` and the new tokens.
+        max_length: instead of ``max_new_tokens``: the length of ``sequences`` at most, ``seqlen + max_new_tokens``
+            (tokens the passed-in state consumed earlier do not count). Both given: they must agree.
+        do_sample: None (sample only when a sampling option is given), True (sample) or False (greedy).
+        temperature: >= 0 (sampling default 1); 0 selects greedy decoding (argmax).
+        top_k: keep the ``top_k`` most likely tokens (None or 0: no limit).
+        top_p: nucleus filter in [0, 1] (None, 0 or 1: off).
+        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1) (None or 0: off).
+        repetition_penalty: > 0 (1: off), applied to tokens of ``context_ids``, ``input_ids`` and the new tokens;
+            applies to greedy decoding too.
         eos_token_id: int or list of ints that finish a row; None: always ``max_new_tokens`` tokens.
         pad_token_id: what finished rows emit (default: the first ``eos_token_id``).
-        seed: None (global RNG), an int, or one int per row; see the module docs for the resume guarantee.
+        seed: None (global RNG), an int, or one int per row; see the module docs for the resume guarantee. A seed
+            is a sampling option: with ``do_sample=None`` it turns sampling on.
         output_scores: also return the processed logits of each step.
         prefill_chunk_size: prompt tokens per stateful forward call.
         cuda_graph: on CUDA, replay the decode step as a cached CUDA graph (False: eager).
@@ -610,18 +761,20 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
 
     Returns:
         :class:`GenerationOutput` with ``sequences`` int64 ``[batch, seqlen + n_new]`` (``n_new <= max_new_tokens``,
-        fewer when every row finished early), ``state`` (after all of ``sequences`` but its last token) and
-        ``scores``.
+        fewer when every row finished early), ``state`` (after all of ``sequences`` but its last token; its
+        metadata records a fingerprint of ``sequences``) and ``scores``.
 
     Raises:
         StateError: (or its subclass StateShapeError) naming the expected and the found value, for any bad
-            argument, before any work.
+            argument, before any work: also for ``max_length`` and ``max_new_tokens`` that disagree, neither of
+            them given, ``do_sample=True`` with ``temperature=0``, and ``input_ids`` that repeat the returned
+            ``sequences`` of ``state``.
     """
-    ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id, seed=seed, output_scores=output_scores,
-                prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids,
-                fused_step=fused_step)
+    ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                seed=seed, output_scores=output_scores, prefill_chunk_size=prefill_chunk_size,
+                cuda_graph=cuda_graph, context_ids=context_ids, fused_step=fused_step)
     for _ in ts:
         pass
     ts.close()

@@ -3,6 +3,10 @@
 Upstream stores ``key_value_memory_dict[layer_idx] = (conv_state, ssm_state)`` for every Mamba layer, allocated
 on first use by the layer's ``_get_states_from_cache``. These functions never add methods to upstream classes:
 they take the layer (or model) and the ``InferenceParams`` and validate everything before writing anything.
+
+transformers models keep their state in their own cache objects, which these functions do not read: given one
+(or a transformers model), they raise ``StateCompatibilityError`` naming what they accept and pointing at
+``StatefulMambaLM.from_hf``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,35 @@ __all__ = [
     "get_inference_state", "set_inference_state", "zero_inference_state",
     "get_model_state", "set_model_state", "zero_model_state",
 ]
+
+
+def _from_transformers(obj: Any) -> bool:
+    """A transformers object (model, layer or cache), told by its class's module: transformers is never imported."""
+    return type(obj).__module__.split(".")[0] == "transformers"
+
+
+def _refuse_transformers(fn: str, module: Any, inference_params: Any, layer: bool = False) -> None:
+    """Name what ``fn`` accepts, and where transformers models go, when given a transformers model or cache.
+
+    transformers keeps its own cache (``MambaCache``, or ``DynamicCache`` in transformers 5) in its own layout,
+    which these functions do not read; without this check the call fails later with a message about missing Mamba
+    layers or ``key_value_memory_dict``."""
+    args = (("layer" if layer else "model", module), ("inference_params", inference_params))
+    found = [f"{name} a transformers {type(obj).__name__}" for name, obj in args if _from_transformers(obj)]
+    if not found:
+        return
+    if layer:
+        accepts = ("an upstream Mamba or Mamba2 layer (or a StatefulMamba / StatefulMamba2) with upstream's "
+                   "InferenceParams")
+        hint = ("for a transformers MambaMixer use layer = ms.StatefulMamba(mixer), which shares its parameters and "
+                "takes and returns the state: y, state = layer(x, state)")
+    else:
+        accepts = ("an upstream mamba_ssm model (MambaLMHeadModel, or any module holding Mamba / Mamba2 layers, "
+                   "StatefulMambaLM included) with upstream's InferenceParams (mamba_ssm.utils.generation)")
+        hint = ("for a transformers MambaForCausalLM use lm = StatefulMambaLM.from_hf(hf_model), which shares its "
+                "modules and takes and returns the state: logits, state = lm(input_ids, state) (see "
+                "docs/howto-pretrained.md)")
+    raise StateCompatibilityError(f"{fn}: expected {accepts}, found {' and '.join(found)}; {hint}")
 
 
 def _cache_dict(inference_params: Any) -> dict:
@@ -126,6 +159,7 @@ def _write(layer: Any, idx: int, state: MambaInferenceState, cache: dict) -> Non
 # ---------------------------------------------------------------------------------------------- one layer
 def get_inference_state(layer: Any, inference_params: Any) -> MambaInferenceState | None:
     """A detached clone of ``layer``'s cached state, or ``None`` when upstream has not cached it yet."""
+    _refuse_transformers("get_inference_state", layer, inference_params, layer=True)
     idx, _ = _layer_info(layer)
     pair = _cached_pair(_cache_dict(inference_params), idx)
     if pair is None:
@@ -142,6 +176,7 @@ def set_inference_state(layer: Any, state: MambaInferenceState, inference_params
     parameter dtype when it is allocated here): a float32 state written into a bfloat16 model's cache is rounded to
     bfloat16, and a narrowing cast turns values out of the target's range into ``inf``.
     """
+    _refuse_transformers("set_inference_state", layer, inference_params, layer=True)
     idx, layout = _layer_info(layer)
     cache = _cache_dict(inference_params)
     _check_fits(idx, layout, state, cache)
@@ -150,6 +185,7 @@ def set_inference_state(layer: Any, state: MambaInferenceState, inference_params
 
 def zero_inference_state(layer: Any, inference_params: Any) -> None:
     """Zero ``layer``'s cached state in place (nothing to do when none is cached)."""
+    _refuse_transformers("zero_inference_state", layer, inference_params, layer=True)
     idx, _ = _layer_info(layer)
     pair = _cached_pair(_cache_dict(inference_params), idx)
     if pair is not None:
@@ -161,10 +197,16 @@ def zero_inference_state(layer: Any, inference_params: Any) -> None:
 def get_model_state(model: Any, inference_params: Any) -> MambaModelState | None:
     """Detached clones of every Mamba layer's cache, with ``seqlen_offset``, in the cache's dtypes.
 
+    ``model``: an upstream ``MambaLMHeadModel`` (or any module holding upstream Mamba / Mamba2 layers, a
+    :class:`StatefulMambaLM` included); ``inference_params``: upstream's ``InferenceParams``. A transformers model
+    or cache (``MambaForCausalLM``, ``MambaCache``, ``DynamicCache``) raises ``StateCompatibilityError`` saying so:
+    wrap a transformers model with ``StatefulMambaLM.from_hf``, whose forward returns the state.
+
     Returns ``None`` when no Mamba layer of ``model`` has a cache in ``inference_params`` yet (a fresh
     ``InferenceParams``, before the first forward or :func:`set_model_state`). Raises
     ``StateCompatibilityError`` when only some layers have a cache (an interrupted forward).
     """
+    _refuse_transformers("get_model_state", model, inference_params)
     layers = find_mamba_layers(model)
     _cache_dict(inference_params)  # validate before walking layers
     states = {idx: get_inference_state(layer, inference_params) for idx, layer in layers.items()}
@@ -187,6 +229,7 @@ def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -
     any layer is written. Upstream continues with ``step()`` only when ``seqlen_offset > 0``; the state's own
     ``seqlen_offset`` is written (set it to the tokens consumed).
     """
+    _refuse_transformers("set_model_state", model, inference_params)
     if not isinstance(state, MambaModelState):
         raise StateError(f"state: expected a MambaModelState, found {type(state).__name__}")
     layers = find_mamba_layers(model)
@@ -207,6 +250,7 @@ def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -
 
 def zero_model_state(model: Any, inference_params: Any) -> None:
     """Zero every Mamba layer's cache and set ``seqlen_offset`` to 0."""
+    _refuse_transformers("zero_model_state", model, inference_params)
     layers = find_mamba_layers(model)
     for layer in layers.values():
         zero_inference_state(layer, inference_params)

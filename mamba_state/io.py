@@ -7,7 +7,8 @@ File layout (format ``mamba-state``, version 1):
 * ``__metadata__`` (str -> str): ``format``, ``format_version``, ``container`` (``model`` or ``layer``),
   ``library_version``, ``seqlen_offset``, ``layers`` (JSON list of ``{idx, kind, conv_shape, conv_dtype,
   ssm_shape, ssm_dtype, device}``), ``user_metadata`` (JSON) and, when a model was given at save time,
-  ``model_fingerprint`` and ``model_layout``; ``checksum``: ``sha256:<hex>`` of the canonical JSON of the rest of
+  ``model_fingerprint`` and ``model_layout`` (the layer layout and a digest of it: layer indices, kinds and state
+  shapes, not the weights); ``checksum``: ``sha256:<hex>`` of the canonical JSON of the rest of
   the header followed by the tensor bytes, so that a flipped byte anywhere in the file is caught.
 
 Loading never unpickles: the header is parsed as JSON and every tensor is checked against it before a state is
@@ -20,12 +21,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import torch
 
+from ._files import open_temp_beside, replace_keeping_mode
 from .errors import StateCompatibilityError, StateError, StateFormatError
 from .layers import model_layout, layout_fingerprint
 from .state import MambaInferenceState, MambaModelState
@@ -136,15 +137,19 @@ def _check_save_path(path: str) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (the caller has checked the path)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (the caller has checked the path).
+
+    A new file gets the permissions the umask gives (``0o666 & ~umask``, as ``open(path, "wb")`` would); a replaced
+    file keeps its permission bits (see :mod:`mamba_state._files`).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = open_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_keeping_mode(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -166,9 +171,12 @@ def save_state(state: MambaInferenceState | MambaModelState, path: str | os.Path
     """Write ``state`` to ``path`` atomically (temporary file in the same directory, fsync, rename).
 
     ``model`` (optional, an upstream or wrapped model) records its layer layout and fingerprint so that
-    ``load(..., model=...)`` can check compatibility; ``metadata`` is user data for a single-layer state
-    (a model state carries its own ``.metadata``). An existing file is replaced only when writing succeeded.
-    ``path`` must name a file in an existing directory; a directory raises ``StateError`` (nothing is written).
+    ``load(..., model=...)`` can check compatibility: layer indices, kinds and state shapes only, not the weights
+    (record a model name or revision in the metadata to tell checkpoints of one architecture apart). ``metadata``
+    is user data for a single-layer state (a model state carries its own ``.metadata``). Tensors are written in
+    their own dtypes. An existing file is replaced only when writing succeeded, and keeps its permission bits; a
+    new file gets those of the umask (``0o666 & ~umask``, as ``open(path, "wb")`` gives). ``path`` must name a
+    file in an existing directory; a directory raises ``StateError`` (nothing is written).
     """
     where = os.fspath(path)
     _check_save_path(where)  # before serialising: a bad path is an argument error, not a failed write
@@ -363,9 +371,12 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
     """Read a state file written by :func:`save_state`; validates everything before returning.
 
     ``device=None`` restores each layer to the device it was saved from when this process has it (else CPU,
-    with a warning). ``model``: check that the state fits it (``strict``: the same Mamba layers; otherwise a
-    subset), naming the first mismatch. A ``device`` that is not a device, or not available here (``"cuda"``
-    without CUDA), raises ``StateError`` before the file is read.
+    with a warning). Tensors come back in the dtypes they were saved in, bit for bit (there is no ``dtype``
+    argument: convert with ``state.to(dtype=...)``). ``model``: check that the state fits it (``strict``: the same
+    Mamba layers and, when one was recorded, the same layout fingerprint; otherwise a subset), naming the first
+    mismatch. The check covers layer indices, kinds and state shapes, not the weights or dtypes: a state saved
+    in one dtype loads against a model of another and keeps its own. A ``device`` that is not a device, or not
+    available here (``"cuda"`` without CUDA), raises ``StateError`` before the file is read.
     """
     from safetensors.torch import load as st_load
 
@@ -410,7 +421,7 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
         if strict and fp is not None and fp != layout_fingerprint(layout):
             raise StateCompatibilityError(
                 f"{where}: expected model fingerprint {layout_fingerprint(layout)}, found {fp} (saved from another "
-                "model layout)"
+                "model layout: the fingerprint covers layer indices, kinds and state shapes)"
             )
     return state
 

@@ -81,6 +81,12 @@ def model_layout(model: Any) -> dict[int, dict[str, Any]]:
 
 
 def layout_fingerprint(layout: dict[int, dict[str, Any]]) -> str:
-    """A short hex digest of a model layout (stable across processes and versions of Python)."""
+    """A short hex digest of a model layout (stable across processes and versions of Python).
+
+    It covers exactly what the layout holds: the Mamba layer indices and, per layer, its kind and the conv and SSM
+    state shapes (without the batch). Nothing else: not the weights, parameter dtypes, vocabulary or config, so
+    two models of one architecture (a base model and its fine-tune, float32 and bfloat16 copies) have the same
+    fingerprint.
+    """
     text = json.dumps({str(k): layout[k] for k in sorted(layout)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

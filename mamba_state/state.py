@@ -307,7 +307,8 @@ class MambaInferenceState:
 
     @staticmethod
     def load(path: str | os.PathLike, device: torch.device | str | None = None) -> "MambaInferenceState":
-        """Read a state written by :meth:`save`; raises ``StateFormatError`` for anything else."""
+        """Read a state written by :meth:`save`, in the dtypes it was saved in (bit for bit; convert with
+        ``.to(dtype=...)``); raises ``StateFormatError`` for anything else."""
         from .io import load_state
 
         state = load_state(path, device=device)
@@ -518,7 +519,8 @@ class MambaModelState:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, model: Any = None) -> None:
-        """Write atomically to a safetensors file; with ``model``, record its fingerprint for later checks."""
+        """Write atomically to a safetensors file, in the state's own dtypes; with ``model``, record its layer
+        layout and fingerprint (layer indices, kinds and state shapes; not the weights) for later checks."""
         from .io import save_state
 
         save_state(self, path, model=model)
@@ -529,8 +531,12 @@ class MambaModelState:
         """Read a model state. ``device=None`` restores the saved device when it exists here (else CPU).
 
         With ``model`` (an upstream model or a wrapped one), the state must fit it: with ``strict`` the same
-        set of Mamba layers, otherwise a subset; shapes must match exactly. Raises ``StateFormatError`` for a
-        file that is not a valid model state and ``StateCompatibilityError`` for a mismatch.
+        set of Mamba layers, otherwise a subset; shapes must match exactly. Only the layout is checked (layer
+        indices, kinds, state shapes), not the weights or dtypes. The state comes back in the dtypes it was saved
+        in, bit for bit, whatever the model's dtype; convert with ``.to(dtype=...)`` if you want another
+        (``StatefulMambaLM`` continues from a state in its own dtype; ``set_model_state`` casts into upstream's
+        cache like ``Tensor.copy_``). Raises ``StateFormatError`` for a file that is not a valid model state and
+        ``StateCompatibilityError`` for a mismatch.
         """
         from .io import load_state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,95 @@ def test_bad_checkpoints(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+# ------------------------------------------------------------------ hints where a user goes wrong
+def _fake(module, name, base=torch.nn.Module, **attrs):
+    """An instance of a class that claims to live in ``module`` (transformers or mamba_ssm), without importing it."""
+    return type(name, (base,), {"__module__": module, **attrs})()
+
+
+def test_constructor_points_transformers_models_to_from_hf():
+    hf = _hf_model()
+    with pytest.raises(StateCompatibilityError) as exc:
+        StatefulMambaLM(hf)
+    msg = str(exc.value)
+    assert "found a transformers MambaForCausalLM" in msg and "StatefulMambaLM.from_hf(hf_model)" in msg
+    assert StatefulMambaLM.from_hf(hf).layer_indices == [0, 1]  # the hint is right
+    # without transformers installed the check is the same: the class's module is all it looks at
+    fake = _fake("transformers.models.mamba.modeling_mamba", "MambaForCausalLM")
+    with pytest.raises(StateCompatibilityError, match=r"from_hf\(hf_model\)"):
+        StatefulMambaLM(fake)
+    with pytest.raises(StateCompatibilityError, match="Mamba-2 models are not supported"):
+        StatefulMambaLM(_fake("transformers.models.mamba2.modeling_mamba2", "Mamba2ForCausalLM"))
+    for path in ("path/to/mamba-130m", Path("ckpt")):
+        with pytest.raises(StateCompatibilityError, match=r"found a path .*from_pretrained\(path\)"):
+            StatefulMambaLM(path)
+    upstream_like = _fake("mamba_ssm.models.mixer_seq_simple", "MambaLMHeadModel", config=None)
+    with pytest.raises(StateCompatibilityError, match=r"wrap an upstream MambaLMHeadModel with StatefulMambaLM\(model\)"):
+        StatefulMambaLM.from_hf(upstream_like)
+
+
+def test_from_pretrained_of_a_hub_id_says_to_download_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StateFormatError) as exc:
+        StatefulMambaLM.from_pretrained("state-spaces/mamba-130m")
+    msg = str(exc.value)
+    assert "looks like a Hugging Face Hub id" in msg and "never downloads" in msg
+    assert "hf download state-spaces/mamba-130m --local-dir mamba-130m" in msg
+    assert "snapshot_download('state-spaces/mamba-130m')" in msg and "from_pretrained('mamba-130m')" in msg
+    assert "\n" not in msg  # one line, as the command line prints it
+    for path in ("nope", "./org/name", "/no/such/dir", "a/b/c"):  # missing paths that are not Hub ids
+        with pytest.raises(StateFormatError) as exc:
+            StatefulMambaLM.from_pretrained(path)
+        assert "no such directory" in str(exc.value) and "Hub" not in str(exc.value), path
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(StateFormatError, match="found a file; pass the directory that holds it"):
+        StatefulMambaLM.from_pretrained("weights.safetensors")
+    # a local directory named like a Hub id is read as a directory
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    with pytest.raises(StateFormatError, match="config.json, found none"):
+        StatefulMambaLM.from_pretrained("org/name")
+    StatefulMambaLM.from_config(_cfg()).save_pretrained(tmp_path / "org" / "name")
+    assert StatefulMambaLM.from_pretrained("org/name").layer_indices == [0, 1]
+
+
+def test_interop_with_transformers_model_says_what_it_accepts(monkeypatch):
+    import mamba_state as ms
+
+    hf = _hf_model()
+    _hf_torch_paths(monkeypatch)
+    with torch.no_grad():
+        out = hf(torch.randint(0, VOCAB, (1, 5)), use_cache=True)
+    cache = getattr(out, "cache_params", None) or getattr(out, "past_key_values", None)
+    assert cache is not None and type(cache).__module__.startswith("transformers")
+    with pytest.raises(StateCompatibilityError) as exc:
+        ms.get_model_state(hf, cache)
+    msg = str(exc.value)
+    assert msg.startswith("get_model_state: expected an upstream mamba_ssm model")
+    assert "InferenceParams" in msg and "StatefulMambaLM included" in msg
+    assert f"found model a transformers MambaForCausalLM and inference_params a transformers {type(cache).__name__}" in msg
+    assert "StatefulMambaLM.from_hf(hf_model)" in msg and "docs/howto-pretrained.md" in msg
+    lm = StatefulMambaLM.from_hf(hf)
+    state = lm.new_state(1)
+    for call in (lambda: ms.set_model_state(hf, state, cache), lambda: ms.zero_model_state(hf, cache),
+                 lambda: ms.get_model_state(lm, cache)):  # either argument from transformers is named
+        with pytest.raises(StateCompatibilityError, match="from_hf"):
+            call()
+    mixer = hf.backbone.layers[0].mixer
+    for call in (lambda: ms.get_inference_state(mixer, cache), lambda: ms.zero_inference_state(mixer, cache),
+                 lambda: ms.set_inference_state(mixer, state[0], cache)):
+        with pytest.raises(StateCompatibilityError, match=r"found layer a transformers MambaMixer.*StatefulMamba\(mixer\)"):
+            call()
+
+
+def test_interop_refuses_transformers_caches_without_transformers():
+    import mamba_state as ms
+
+    lm = StatefulMambaLM.from_config(_cfg())
+    cache = _fake("transformers.cache_utils", "MambaCache", object, key_value_memory_dict={})  # even one that looks right
+    with pytest.raises(StateCompatibilityError, match="found inference_params a transformers MambaCache"):
+        ms.get_model_state(lm, cache)
+    # upstream's InferenceParams shape still works with our model
+    params = type("InferenceParams", (), {"key_value_memory_dict": {}, "seqlen_offset": 0})()
+    assert ms.get_model_state(lm, params) is None

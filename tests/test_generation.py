@@ -104,6 +104,184 @@ def test_padded_vocab_never_sampled(lm):
     assert lm.lm_head.weight.shape[0] > VOCAB  # the head really is padded
 
 
+# ---------------------------------------------------------------------------------------------- defaults (issue 15)
+def _argmax_stepping(lm, ids, n):
+    """Independent greedy reference: the chunked forward for the prompt, then ``lm.step`` and argmax per token."""
+    with torch.no_grad():
+        logits, state = lm(ids)
+        tok = logits[:, -1, :VOCAB].argmax(-1)
+        out = [tok]
+        for _ in range(n - 1):
+            logits, state = lm.step(tok, state)
+            tok = logits[:, :VOCAB].argmax(-1)
+            out.append(tok)
+    return torch.cat([ids, torch.stack(out, 1)], 1)
+
+
+def test_default_is_greedy_and_deterministic(lm):
+    ids = _ids(3, 6)
+    torch.manual_seed(0)
+    a = generate(lm, ids, max_new_tokens=12)
+    torch.manual_seed(1)  # the global generator plays no part
+    b = lm.generate(ids, max_new_tokens=12)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.sequences, generate(lm, ids, max_new_tokens=12, temperature=0).sequences)
+    assert torch.equal(a.sequences, _argmax_stepping(lm, ids, 12))
+    assert torch.equal(torch.stack(list(lm.stream(ids, max_new_tokens=12)), 1), _new(a, 6))
+
+
+def test_any_sampling_option_turns_sampling_on(lm):
+    """do_sample=None: a sampling option given (even at its neutral value) samples, exactly as do_sample=True."""
+    ids = _ids(2, 4)
+    greedy = generate(lm, ids, max_new_tokens=12)
+    plain = generate(lm, ids, max_new_tokens=12, do_sample=True, seed=5)
+    assert not torch.equal(plain.sequences, greedy.sequences)
+    for kw in (dict(), dict(temperature=1.0), dict(top_k=0), dict(top_p=1.0), dict(top_p=0.0), dict(top_p=0),
+               dict(min_p=0.0), dict(do_sample=True, top_p=0.0)):
+        out = generate(lm, ids, max_new_tokens=12, seed=5, **kw)
+        assert torch.equal(out.sequences, plain.sequences), kw
+    torch.manual_seed(3)  # do_sample=True without a seed: the global generator, as before
+    unseeded = generate(lm, ids, max_new_tokens=12, do_sample=True)
+    torch.manual_seed(3)
+    assert torch.equal(unseeded.sequences, generate(lm, ids, max_new_tokens=12, do_sample=True).sequences)
+
+
+def test_top_p_zero_means_no_filter():
+    logits = torch.randn(4, 40)
+    off = G._check_sampling(None, None, None, 0.0, None, None, 1.0, 40)
+    assert off == G._check_sampling(None, None, None, 1.0, None, None, 1.0, 40) and off.top_p == 1.0
+    assert torch.equal(_process(logits, off, None), logits)  # nothing filtered
+
+
+def test_do_sample_false_is_greedy_and_warns_about_ignored_options(lm):
+    ids = _ids(2, 5)
+    greedy = generate(lm, ids, max_new_tokens=8)
+    for call in (lambda **k: generate(lm, ids, **k), lambda **k: lm.generate(ids, **k),
+                 lambda **k: lm.stream(ids, **k)):
+        with pytest.warns(UserWarning, match=r"do_sample=False decodes greedily; ignoring top_k=20, seed=3") as rec:
+            out = call(max_new_tokens=8, do_sample=False, top_k=20, seed=3)
+        assert rec[0].filename == __file__  # pointed at the caller, not at the library
+        seqs = out.sequences if isinstance(out, GenerationOutput) else torch.cat([ids, torch.stack(list(out), 1)], 1)
+        assert torch.equal(seqs, greedy.sequences)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing ignored: no warning
+        assert torch.equal(generate(lm, ids, max_new_tokens=8, do_sample=False).sequences, greedy.sequences)
+        assert torch.equal(generate(lm, ids, max_new_tokens=8, do_sample=False, temperature=0,
+                                    repetition_penalty=1.0).sequences, greedy.sequences)
+    # repetition_penalty is not a sampling option: it applies to greedy decoding too
+    pen = generate(lm, ids, max_new_tokens=8, repetition_penalty=3.0, output_scores=True)
+    assert torch.equal(pen.sequences, generate(lm, ids, max_new_tokens=8, do_sample=False,
+                                               repetition_penalty=3.0).sequences)
+    assert torch.equal(torch.stack([s.argmax(-1) for s in pen.scores], 1), _new(pen, 5))
+
+
+def test_max_length(lm):
+    ids = _ids(2, 5)
+    ref = generate(lm, ids, max_new_tokens=7)
+    out = generate(lm, ids, max_length=12)
+    assert out.sequences.shape == (2, 12) and torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(generate(lm, ids, max_length=12, max_new_tokens=7).sequences, ref.sequences)  # agreeing
+    assert torch.equal(torch.stack(list(lm.stream(ids, max_length=12)), 1), _new(ref, 5))
+    zero = generate(lm, ids, max_length=5)  # as max_new_tokens=0: consumes input_ids[:, :-1]
+    assert torch.equal(zero.sequences, ids) and zero.state.seqlen_offset == 4
+    # resuming: max_length counts the returned sequences (input_ids + new), not what the state consumed before
+    first = generate(lm, ids, max_new_tokens=3)
+    rest = generate(lm, first.sequences[:, -1:], state=first.state, max_length=5)
+    assert rest.sequences.shape == (2, 5)
+    assert torch.equal(torch.cat([first.sequences, rest.sequences[:, 1:]], 1), ref.sequences)
+    with pytest.raises(StateError, match=r"expected max_length = len\(input_ids\) \+ max_new_tokens = 5 \+ 2 = 7, "
+                                         r"found max_length=12"):
+        generate(lm, ids, max_length=12, max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------- resuming (issue 15)
+def test_resume_with_the_full_sequences_is_refused(lm, tmp_path, monkeypatch):
+    ids = _ids(2, 5)
+    kw = dict(seed=4, top_k=10)
+    out = generate(lm, ids, max_new_tokens=6, **kw)
+    rec = out.state.metadata[G._RECORD]
+    assert rec["length"] == 11 and rec["batch"] == 2 and rec["seqlen_offset"] == out.state.seqlen_offset == 10
+    msg = "expected only the tokens the state has not consumed yet.*pass only the new tokens"
+    with pytest.raises(StateError, match=msg):
+        generate(lm, out.sequences, state=out.state, max_new_tokens=4, **kw)
+    with pytest.raises(StateError, match=msg):
+        lm.stream(out.sequences, state=out.state, max_new_tokens=4)
+    # the documented resume works, and its state refuses the whole conversation (which ends with its sequences)
+    more = generate(lm, out.sequences[:, -1:], state=out.state, max_new_tokens=4, **kw)
+    whole = torch.cat([out.sequences, more.sequences[:, 1:]], 1)
+    assert torch.equal(whole, generate(lm, ids, max_new_tokens=10, **kw).sequences)
+    with pytest.raises(StateError, match=msg):
+        generate(lm, whole, state=more.state, max_new_tokens=4)
+    # the record is saved with the state: refused in a later session too, and before any work
+    save_model_state(out.state, tmp_path / "s.safetensors")
+    loaded = load_model_state(tmp_path / "s.safetensors")
+    with monkeypatch.context() as m, pytest.raises(StateError, match=msg):
+        m.setattr(lm, "forward", lambda *a, **k: pytest.fail("work started"))
+        generate(lm, out.sequences, state=loaded, max_new_tokens=4)
+    # a closed stream's state is recorded as generate's is
+    ts = lm.stream(ids, max_new_tokens=6, **kw)
+    for _ in zip(range(3), ts):
+        pass
+    ts.close()
+    assert ts.state.metadata[G._RECORD]["length"] == 8
+    with pytest.raises(StateError, match=msg):
+        generate(lm, ts.sequences, state=ts.state, max_new_tokens=2)
+
+
+def test_genuinely_new_tokens_from_a_generated_state_still_work():
+    lm64 = _lm(dtype=torch.float64)
+    ids = _ids(2, 5)
+    out = generate(lm64, ids, max_new_tokens=4)
+    turn = _ids(2, 3, seed=9)
+    # continuing a conversation: the pending token, then the next turn
+    cont = generate(lm64, torch.cat([out.sequences[:, -1:], turn], 1), state=out.state, max_new_tokens=5)
+    ref = generate(lm64, torch.cat([out.sequences, turn], 1), max_new_tokens=5)  # the whole text from zeros
+    assert torch.equal(torch.cat([out.sequences[:, :-1], cont.sequences], 1), ref.sequences)
+    assert cont.state.seqlen_offset == ref.state.seqlen_offset
+    assert cont.state.allclose(ref.state, rtol=1e-9, atol=1e-10)
+    # input of the same length but other tokens, or the last token alone: no refusal
+    other = out.sequences.flip(1)
+    assert not torch.equal(other, out.sequences)
+    generate(lm64, other, state=out.state, max_new_tokens=1)
+    generate(lm64, out.sequences[:, -1:], state=out.state, max_new_tokens=1)
+    # the record holds only at its offset: after the state moved on, the same ids are new input again
+    _, moved = lm64(out.sequences[:, -1:], state=out.state)
+    assert G._RECORD in moved.metadata  # (metadata travels with the state) ...
+    generate(lm64, out.sequences, state=moved, max_new_tokens=1)  # ... but no longer applies
+    # a state that generate did not return (the forward's) records nothing: feeding its ids again is allowed
+    _, fwd = lm64(out.sequences[:, :-1])
+    assert G._RECORD not in fwd.metadata
+    generate(lm64, out.sequences, state=fwd, max_new_tokens=1)
+    # feeding the same tokens again on purpose: drop the record
+    state = out.state.clone()
+    del state.metadata[G._RECORD]
+    generate(lm64, out.sequences, state=state, max_new_tokens=1)
+
+
+def test_resume_record_bookkeeping(lm):
+    ids = _ids(2, 4)
+    _, s0 = lm(ids[:, :-1])
+    s0.metadata["user"] = 1
+    before = dict(s0.metadata)
+    out = generate(lm, ids[:, -1:], state=s0, max_new_tokens=5)
+    assert s0.metadata == before  # the caller's state is not modified
+    assert out.state.metadata["user"] == 1 and out.state.metadata[G._RECORD]["length"] == 6
+    ts = lm.stream(out.sequences[:, -1:], state=out.state, max_new_tokens=3)
+    next(ts)
+    assert G._RECORD not in ts.state.metadata  # mid-stream: the stale record is gone and no new one yet
+    list(ts)
+    assert ts.state.metadata[G._RECORD]["length"] == 4 and ts.state.metadata["user"] == 1
+    assert ts.state is ts.state  # computed once
+    # nothing that could be fed twice: one token, nothing generated
+    assert G._RECORD not in generate(lm, ids[:, :1], max_new_tokens=0).state.metadata
+    # a stream closed before it started has consumed nothing: no record (its ids are still new input)
+    ts = lm.stream(ids, max_new_tokens=3)
+    ts.close()
+    assert G._RECORD not in ts.state.metadata
+
+
 # ---------------------------------------------------------------------------------------------- sampling math
 def test_exponential_race_draws_from_the_softmax():
     """argmax(p / Exp(1)) is a draw from p: frequencies over many rows within 5 sigma of p."""
@@ -379,13 +557,19 @@ def test_mamba2_model_generates_and_resumes():
 # ---------------------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("kw,words", [
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=-0.1), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(min_p=1.0), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(eos_token_id=-3), "eos_token_id"), (dict(eos_token_id=VOCAB), "eos_token_id"),
     (dict(pad_token_id=-1), "pad_token_id"), (dict(seed="x"), "seed"), (dict(seed=[1, 2, 3]), "seed"),
     (dict(prefill_chunk_size=0), "prefill_chunk_size"), (dict(context_ids=torch.zeros(3, 2, dtype=torch.long)),
                                                            "context_ids"),
+    (dict(do_sample="yes"), "do_sample"), (dict(do_sample=1), "do_sample"),
+    (dict(do_sample=True, temperature=0), "temperature with do_sample=True"),
+    (dict(max_new_tokens=None), "max_new_tokens.*or max_length"),
+    (dict(max_length=2), "max_length: expected an int >= 3"),
+    (dict(max_new_tokens=None, max_length=4.0), "max_length"),
+    (dict(max_length=7), r"max_length = len\(input_ids\) \+ max_new_tokens = 3 \+ 3 = 6, found max_length=7"),
 ])
 def test_bad_arguments_raise_before_any_work(lm, monkeypatch, kw, words):
     def boom(*a, **k):

@@ -346,3 +346,114 @@ def test_load_with_model(tmp_path):
     rand_state("mamba1").save(tmp_path / "layer.st")
     with pytest.raises(StateError):
         load_state(tmp_path / "layer.st", model=model)
+
+
+# ------------------------------------------------------------------ what the model check covers, dtypes on load
+def _lm(seed=0, dtype=None):
+    from mamba_state.adapters import StatefulMambaLM
+
+    torch.manual_seed(seed)
+    return StatefulMambaLM.from_config(dict(d_model=16, n_layer=2, vocab_size=32, ssm_cfg={"d_state": 8}), dtype=dtype)
+
+
+def test_fingerprint_covers_the_layout_only(tmp_path):
+    """As docs/persistence.md says: layer indices, kinds and state shapes; not the weights, not the dtypes."""
+    from mamba_state.layers import layout_fingerprint, model_layout
+
+    lm = _lm()
+    layout = model_layout(lm)
+    assert layout == {i: {"kind": "mamba1", "conv_shape": [32, 4], "ssm_shape": [32, 8]} for i in (0, 1)}
+    # the definition of 0.1.0: files written then must keep loading (a change here needs a fingerprint version)
+    assert layout_fingerprint(layout) == "4cb3674a0346ca3e"
+    _, state = lm(torch.randint(0, 32, (2, 5)))
+    state.save(tmp_path / "s.st", model=lm)
+    assert read_metadata(tmp_path / "s.st")["model_fingerprint"] == "4cb3674a0346ca3e"
+    other_weights, other_dtype = _lm(seed=1), _lm(dtype=torch.bfloat16)
+    assert not torch.equal(other_weights.lm_head.weight, lm.lm_head.weight)
+    for model in (other_weights, other_dtype):  # same layout: accepted (the docs say so plainly)
+        assert model_bit_identical(MambaModelState.load(tmp_path / "s.st", model=model), state)
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float64])
+def test_load_keeps_the_saved_dtype_whatever_the_model(tmp_path, saved):
+    lm = _lm()  # float32 parameters, float32 new states
+    ids = torch.randint(0, 32, (2, 7))
+    _, state = lm(ids[:, :4])
+    state.to(dtype=saved).save(tmp_path / "s.st", model=lm)
+    loaded = MambaModelState.load(tmp_path / "s.st", model=lm)
+    assert loaded.dtype == saved and model_bit_identical(loaded, state.to(dtype=saved))
+    _, after = lm(ids[:, 4:], loaded)  # the model continues it in its own dtype
+    assert all(after[i].conv_state.dtype == saved and after[i].ssm_state.dtype == saved for i in after.layer_indices)
+    assert loaded.to(dtype=torch.float32).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ file permissions
+def _writers():
+    """Every file writer of the library: (name, function writing into a directory, the files it writes)."""
+    from mamba_state.rl.checkpoint import save_checkpoint
+
+    def state_file(d):
+        rand_model_state().save(d / "s.st")
+
+    def layer_file(d):
+        save_state(rand_state(), d / "l.st")
+
+    def checkpoint(d):
+        _lm().save_pretrained(d)
+
+    def ppo(d):
+        save_checkpoint(d / "ppo.pt", {"step": torch.tensor(3)})
+
+    return [("state", state_file, ["s.st"]), ("layer", layer_file, ["l.st"]),
+            ("save_pretrained", checkpoint, ["config.json", "model.safetensors"]), ("ppo", ppo, ["ppo.pt"])]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; restored afterwards."""
+    old = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(old)
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+
+
+@posix_only
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("name,write,files", _writers(), ids=[w[0] for w in _writers()])
+def test_new_files_get_the_umask_permissions(tmp_path, umask, mask, name, write, files):
+    umask(mask)
+    write(tmp_path)
+    assert _files(tmp_path) == sorted(files)  # no temporary file left behind
+    for f in files:
+        assert oct(os.stat(tmp_path / f).st_mode & 0o777) == oct(0o666 & ~mask), f
+
+
+@posix_only
+@pytest.mark.parametrize("name,write,files", _writers(), ids=[w[0] for w in _writers()])
+def test_replaced_files_keep_their_permissions(tmp_path, umask, name, write, files):
+    umask(0o022)
+    write(tmp_path)
+    for mode in (0o600, 0o640, 0o444):  # private, shared with the group, read-only: each kept
+        for f in files:
+            os.chmod(tmp_path / f, mode)
+        write(tmp_path)
+        assert _files(tmp_path) == sorted(files)
+        for f in files:
+            assert oct(os.stat(tmp_path / f).st_mode & 0o777) == oct(mode), (f, oct(mode))
+
+
+@posix_only
+def test_failed_save_leaves_mode_and_bytes(tmp_path, umask, monkeypatch):
+    umask(0o022)
+    path = tmp_path / "keep.st"
+    rand_state(seed=1).save(path)
+    os.chmod(path, 0o600)
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        rand_state(seed=2).save(path)
+    assert path.read_bytes() == before and os.stat(path).st_mode & 0o777 == 0o600 and _files(tmp_path) == ["keep.st"]

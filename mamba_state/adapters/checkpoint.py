@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, cast
@@ -19,6 +20,7 @@ from typing import Any, Mapping, cast
 import torch
 import torch.nn as nn
 
+from .._files import open_temp_beside, replace_keeping_mode
 from ..errors import StateCompatibilityError, StateFormatError
 
 __all__ = ["load_pretrained", "adopt_hf", "save_pretrained", "hf_config_to_upstream", "hf_state_dict_to_upstream",
@@ -27,8 +29,33 @@ __all__ = ["load_pretrained", "adopt_hf", "save_pretrained", "hf_config_to_upstr
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+
+def _check_directory(path: str | os.PathLike) -> None:
+    """A missing path or a file instead of a directory, named; a Hub id gets the commands that download it."""
+    text = os.fspath(path)
+    root = Path(path)
+    if root.is_dir():
+        return
+    if root.exists():
+        raise StateFormatError(f"{text}: expected a checkpoint directory (config.json and weights), found a file; "
+                               "pass the directory that holds it")
+    if isinstance(text, str) and _HUB_ID.fullmatch(text) and ".." not in text:
+        name = text.split("/")[1]
+        raise StateFormatError(
+            f"{text}: expected a local checkpoint directory, found no such directory; {text!r} looks like a Hugging "
+            "Face Hub id, and from_pretrained reads local directories only (it never downloads): download it first, "
+            f"with `hf download {text} --local-dir {name}` (older huggingface_hub: `huggingface-cli download`) or "
+            f"in Python `directory = huggingface_hub.snapshot_download({text!r})`, then pass the directory: "
+            f"StatefulMambaLM.from_pretrained({name!r})"
+        )
+    raise StateFormatError(f"{text}: expected a checkpoint directory with config.json, found no such directory")
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory as a dict."""
+    _check_directory(path)
     file = Path(path) / "config.json"
     if not file.is_file():
         raise StateFormatError(f"{os.fspath(path)}: expected a checkpoint directory with config.json, found none")
@@ -101,7 +128,12 @@ def hf_state_dict_to_upstream(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def load_pretrained(path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None,
                     state_dtype: torch.dtype = torch.float32, backend: str | None = None):
-    """A :class:`StatefulMambaLM` from a checkpoint directory (upstream's or transformers' Mamba format).
+    """A :class:`StatefulMambaLM` from a local checkpoint directory (upstream's or transformers' Mamba format).
+
+    Nothing is downloaded: for a Hugging Face Hub id such as ``"state-spaces/mamba-130m"``, download the repository
+    first (``hf download state-spaces/mamba-130m --local-dir mamba-130m``, or
+    ``huggingface_hub.snapshot_download(...)``, which returns the directory) and pass the directory; a missing path
+    that looks like a Hub id raises ``StateFormatError`` saying so.
 
     Mirrors upstream's ``MambaLMHeadModel.from_pretrained``: with ``dtype`` every tensor of the file is cast to
     it and loaded into a model built with that dtype (``A_log`` and ``D`` parameters stay float32). Raises
@@ -160,9 +192,11 @@ def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, back
         )
     backbone = getattr(hf_model, "backbone", None)
     if model_type != "mamba" or backbone is None or not hasattr(hf_model, "lm_head"):
+        upstream = type(hf_model).__module__.split(".")[0] == "mamba_ssm" or type(hf_model).__name__ == "MambaLMHeadModel"
         raise StateCompatibilityError(
             f"hf_model: expected a transformers MambaForCausalLM, found {type(hf_model).__name__} "
             f"(model_type {model_type!r})"
+            + ("; wrap an upstream MambaLMHeadModel with StatefulMambaLM(model)" if upstream else "")
         )
     upstream_cfg = hf_config_to_upstream(cfg.to_dict())
     upstream_cfg["tie_embeddings"] = cast(nn.Linear, hf_model.lm_head).weight is backbone.embeddings.weight
@@ -178,7 +212,8 @@ def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, back
 def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     """Write ``config.json`` and ``model.safetensors`` (upstream names; tied weights written once per key).
 
-    Files are written to temporary names and renamed, so a failure leaves no half-written checkpoint.
+    Files are written to temporary names and renamed, so a failure leaves no half-written checkpoint. New files get
+    the permissions the umask gives (as ``open(path, "w")`` would); files replaced keep their permission bits.
     """
     from safetensors.torch import save_file
 
@@ -188,11 +223,14 @@ def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     cfg = dict(cast(Mapping[str, Any], lm.config))  # the normalised config dict the LM keeps
     for target, write in (("model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
                           ("config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{target}.", suffix=".tmp")
+        fd, tmp = open_temp_beside(root / target)
+        # the umask's mode, kept aside: recent safetensors releases write a temporary file of their own (0o600)
+        # and rename it over tmp
+        new_mode = stat.S_IMODE(os.fstat(fd).st_mode)
         os.close(fd)
         try:
             write(tmp)
-            os.replace(tmp, root / target)
+            replace_keeping_mode(tmp, root / target, new_mode=new_mode)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -162,6 +162,27 @@ class _Backbone(nn.Module):
         return cast("Sequence[_Block]", self.layers)
 
 
+def _refuse_wrong_model(model: Any) -> None:
+    """Point at the right constructor when ``model`` is a path or a transformers model (recognised by its class's
+    module, so transformers is never imported here)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise StateCompatibilityError(
+            f"model: expected an upstream MambaLMHeadModel, found a path {os.fspath(model)!r}; load a checkpoint "
+            "directory with StatefulMambaLM.from_pretrained(path)"
+        )
+    cls = type(model)
+    if cls.__module__.split(".")[0] == "transformers":
+        name = cls.__name__
+        if "Mamba2" in name:
+            hint = ("transformers' Mamba-2 models are not supported (their mixer differs from upstream's): convert "
+                    "the checkpoint to upstream's format and use StatefulMambaLM.from_pretrained(directory)")
+        else:
+            hint = ("wrap a transformers MambaForCausalLM with StatefulMambaLM.from_hf(hf_model), which shares its "
+                    "modules (see docs/howto-pretrained.md)")
+        raise StateCompatibilityError(f"model: expected an upstream MambaLMHeadModel, found a transformers {name}; "
+                                      + hint)
+
+
 class StatefulMambaLM(nn.Module):
     """An upstream ``MambaLMHeadModel`` run with explicit state.
 
@@ -170,11 +191,13 @@ class StatefulMambaLM(nn.Module):
         state_dtype: dtype of new states (float32 by default).
         backend: ``None``/``"auto"``, ``"reference"`` or ``"triton"``.
 
-    Raises ``StateCompatibilityError`` for models with attention layers or unknown mixers.
+    Raises ``StateCompatibilityError`` for models with attention layers or unknown mixers, and for a transformers
+    model (use :meth:`from_hf`) or a path (use :meth:`from_pretrained`), saying which to use.
     """
 
     def __init__(self, model: Any, state_dtype: torch.dtype = torch.float32, backend: str | None = None):
         super().__init__()
+        _refuse_wrong_model(model)
         if not all(hasattr(model, a) for a in ("backbone", "lm_head", "config")):
             raise StateCompatibilityError(
                 f"model: expected an upstream MambaLMHeadModel (backbone, lm_head, config), found {type(model).__name__}"
@@ -206,8 +229,11 @@ class StatefulMambaLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None,
                         state_dtype: torch.dtype = torch.float32, backend: str | None = None) -> "StatefulMambaLM":
-        """Load an upstream-format (or transformers-format Mamba) checkpoint directory; see
-        :func:`mamba_state.adapters.checkpoint.load_pretrained`."""
+        """Load a local upstream-format (or transformers-format Mamba) checkpoint directory; see
+        :func:`mamba_state.adapters.checkpoint.load_pretrained`.
+
+        Hub ids are not downloaded: fetch the repository first (``hf download org/name --local-dir name`` or
+        ``huggingface_hub.snapshot_download("org/name")``, which returns the directory), then pass the directory."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend)
@@ -356,27 +382,33 @@ class StatefulMambaLM(nn.Module):
         return (logits[:, 0] if squeeze else logits), state
 
     # ------------------------------------------------------------------ generation (mamba_state.generation)
-    def generate(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, seed: int | Sequence[int] | None = None,
-                 output_scores: bool = False, prefill_chunk_size: int = 2048, cuda_graph: bool = True,
-                 context_ids: torch.Tensor | None = None, fused_step: bool | None = None) -> Any:
+    def generate(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
+                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 seed: int | Sequence[int] | None = None, output_scores: bool = False,
+                 prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+                 fused_step: bool | None = None) -> Any:
         """Prefill ``input_ids`` (int ``[batch, L]``, the tokens ``state`` has not consumed) in chunks from
-        ``state``, then decode up to ``max_new_tokens`` tokens. Returns a
-        :class:`~mamba_state.generation.GenerationOutput` (``.sequences``, ``.state``, ``.scores``); every argument
-        as in :func:`mamba_state.generation.generate`."""
+        ``state``, then decode up to ``max_new_tokens`` tokens (or up to ``max_length`` tokens in all). Greedy
+        unless ``do_sample=True`` or a sampling option (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+        ``seed``) is given. Returns a :class:`~mamba_state.generation.GenerationOutput` (``.sequences``,
+        ``.state``, ``.scores``); resume with ``generate(out.sequences[:, -1:], state=out.state, ...)``. Every
+        argument as in :func:`mamba_state.generation.generate`."""
         options = _sampling_args(locals())
         from ..generation import generate
 
         return generate(self, input_ids, state=state, **options)
 
-    def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *, max_new_tokens: int,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-               pad_token_id: int | None = None, seed: int | Sequence[int] | None = None,
-               output_scores: bool = False, prefill_chunk_size: int = 2048, cuda_graph: bool = True,
-               context_ids: torch.Tensor | None = None, fused_step: bool | None = None) -> Any:
+    def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
+               max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               min_p: float | None = None, repetition_penalty: float = 1.0,
+               eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+               seed: int | Sequence[int] | None = None, output_scores: bool = False,
+               prefill_chunk_size: int = 2048, cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
+               fused_step: bool | None = None) -> Any:
         """Like :meth:`generate`, but yields each new token int64 ``[batch]`` as it is produced; the final state
         is the returned stream's ``.state`` at the end (:func:`mamba_state.generation.stream`)."""
         options = _sampling_args(locals())

@@ -10,12 +10,12 @@ states). Only tensors, numbers, strings, lists and dicts: loading executes no co
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._files import open_temp_beside, replace_keeping_mode
 from ..errors import StateFormatError
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
@@ -31,11 +31,11 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, run: dict[str, Any] |
     payload = {"trainer": state, "run": dict(run or {})}
     if world is not None:
         payload["world"] = world
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = open_temp_beside(path, prefix=path.name + ".")  # the umask's permissions, not mkstemp's 0o600
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
-        os.replace(tmp, path)
+        replace_keeping_mode(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

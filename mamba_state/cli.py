@@ -1,18 +1,35 @@
-"""The ``mamba-state`` command line: ``info`` and ``demo`` (more subcommands register in ``_COMMANDS``)."""
+"""The ``mamba-state`` command line: ``info``, ``demo``, ``rl`` and ``trace`` (subcommands register in ``_COMMANDS``).
+
+Building the parser imports no torch (``mamba-state --help`` and every subcommand's ``--help`` answer at once):
+each subcommand's options live in a module without torch at import time, and the work is imported when the
+subcommand runs.
+
+Errors the user can act on (a bad path, a bad option value, CUDA asked for but not available, a missing optional
+dependency such as matplotlib) print one line, ``mamba-state <cmd>: error: <message>``, on stderr and exit with
+status 2, as argparse's own usage errors do. Anything else is a bug and shows its traceback. With the environment
+variable ``MAMBA_STATE_DEBUG=1`` every error shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import os
 import sys
 from typing import Sequence
 
-import torch
+from ._cli_util import CommandLineError, HelpFormatter, one_line
+
+__all__ = ["build_parser", "main", "cmd_info"]
+
+# Optional dependencies the subcommands may need: top-level module -> what to pip install.
+_OPTIONAL = {"matplotlib": "matplotlib", "tqdm": "tqdm", "transformers": "transformers", "mamba_ssm": "mamba-ssm",
+             "causal_conv1d": "causal-conv1d", "triton": "triton"}
 
 
 def _version(dist: str) -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -33,6 +50,8 @@ def _upstream_status() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from . import __version__
     from .backend import requested_backend, resolve_backend
 
@@ -62,20 +81,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+# Subcommands: name -> (module with add_arguments(parser) and run(args) -> int, importable without torch; help).
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mamba_state.demo_cli", "the end-to-end demo (README's main job)"),
+    "rl": ("mamba_state.rl.cli", "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
+    "trace": ("mamba_state.trace_cli", "trace a model's states over an input and write the plots (PNG)"),
+}
 
-    return demo.run(args)
+
+def _package_version() -> str:
+    from . import __version__  # a plain string in the package's __init__: no torch import
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mamba-state", description="Recurrent state tools for Mamba models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, devices and which backend each operation uses")
+    """The ``mamba-state`` parser with every subcommand (imports no torch)."""
+    parser = argparse.ArgumentParser(
+        prog="mamba-state", description="Recurrent state tools for Mamba models.", formatter_class=HelpFormatter,
+        epilog="Errors print one line and exit with status 2; MAMBA_STATE_DEBUG=1 shows their tracebacks.")
+    parser.add_argument("--version", action="version", version=f"mamba-state {_package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(["info", *_COMMANDS]) + "}")
+    p = sub.add_parser("info", help="versions, devices and which backend each operation uses",
+                       description="Versions, devices and which backend each operation uses.",
+                       formatter_class=HelpFormatter)
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="the end-to-end demo (README's main job)")
-    importlib.import_module("mamba_state.demo").add_arguments(p)
-    p.set_defaults(func=cmd_demo)
     for name, (module, help_text) in _COMMANDS.items():
         try:
             mod = importlib.import_module(module)
@@ -83,22 +113,53 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is None or not module.startswith(exc.name):  # a missing dependency inside: show it
                 raise
             continue  # the subcommand's module is not part of this install
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     return parser
 
 
-# Further subcommands: name -> (module with add_arguments(parser) and run(args) -> int, help).
-_COMMANDS: dict[str, tuple[str, str]] = {
-    "rl": ("mamba_state.rl.cli", "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
-    "trace": ("mamba_state.trace_cli", "trace a model's states over an input and write the plots (PNG)"),
-}
+def _debug() -> bool:
+    return os.environ.get("MAMBA_STATE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing_optional(exc: ImportError) -> str | None:
+    """The pip command for a missing optional dependency behind ``exc`` (also when re-raised with a hint)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = getattr(seen, "name", None)
+        if isinstance(seen, ModuleNotFoundError) and name and name.split(".")[0] in _OPTIONAL:
+            return _OPTIONAL[name.split(".")[0]]
+        seen = seen.__cause__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mamba-state`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    prog = f"mamba-state {args.command}"
+    from .errors import StateError
+
+    try:
+        return int(args.func(args) or 0)
+    except (StateError, CommandLineError, OSError) as exc:
+        # bad options, a bad file or path, CUDA asked for without CUDA, a mismatched checkpoint: not a bug
+        if _debug():
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        install = _missing_optional(exc)
+        if install is None or _debug():  # a broken install or a bug: the traceback helps
+            raise
+        print(f"{prog}: error: {one_line(exc)} (pip install {install})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``mamba-state demo``: the end-to-end job (README's first command).
 
-By default, offline on a CPU in well under two minutes:
+By default, offline, in well under two minutes on a CPU (the default ``--device auto`` takes a GPU if there is one):
 
 1. trains in-process a tiny Mamba LM (a :class:`StatefulMambaLM` built from config, no mamba_ssm needed) on a
    synthetic associative-recall language: ``key value`` pairs, then queries ``? key`` answered by the value;
@@ -12,8 +12,8 @@ By default, offline on a CPU in well under two minutes:
 4. times continuing from the state in one chunk vs token by token (``step``).
 
 ``--model DIR`` runs checks 2-4 on an upstream-format checkpoint (step 3 then compares the fresh process's
-continuation with the live one and with a zero state); ``--device cuda`` runs on a GPU. Exit status 1 when a
-check fails.
+continuation with the live one and with a zero state); ``--device`` is ``auto`` by default (a GPU when torch sees
+one, else the CPU; ``--device cpu`` forces the CPU). Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -30,26 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._cli_util import CommandLineError, resolve_device
+from .demo_cli import add_arguments  # the options live in a module without torch (fast --help); kept here too
 from .state import MambaModelState
 
 __all__ = ["add_arguments", "run", "RecallLanguage", "train_recall_model"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="device to run on (default: cpu; 'cuda' on a GPU)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="an upstream-format checkpoint directory to use instead of training the recall model")
-    parser.add_argument("--train-steps", type=int, default=1500, help="most training steps (default 1500)")
-    parser.add_argument("--train-seconds", type=float, default=80.0,
-                        help="stop training after this many seconds (default 80)")
-    parser.add_argument("--stream-tokens", type=int, default=2048, help="length of the chunking check's stream")
-    parser.add_argument("--continue-tokens", type=int, default=512,
-                        help="tokens continued from the state in the timing (default 512)")
-    parser.add_argument("--save-model", default=None, metavar="DIR",
-                        help="also write the trained recall model there (upstream format)")
-    parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton"],
-                        help="scan backend (default: auto)")
 
 
 # ---------------------------------------------------------------------------------------------- the language
@@ -306,9 +291,10 @@ def run(args: argparse.Namespace) -> int:
     from .adapters.lm import StatefulMambaLM
 
     t_start = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda given but CUDA is not available", file=sys.stderr)
+    try:
+        device = resolve_device(getattr(args, "device", "auto"))
+    except CommandLineError as exc:
+        print(f"mamba-state demo: error: {exc}", file=sys.stderr)
         return 2
     backend = getattr(args, "backend", None)
     gen = torch.Generator().manual_seed(args.seed + 7)

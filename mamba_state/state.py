@@ -545,3 +545,8 @@ class MambaModelState:
             raise StateFormatError(f"{os.fspath(path)}: expected a model state, found a single-layer state (use "
                                    "MambaInferenceState.load)")
         return state
+
+
+# torch.load(..., weights_only=True) may rebuild the containers (their constructors validate): registered with the
+# module itself, so any import of the containers (ms.MambaModelState, mamba_state.state, a loaded file) covers it.
+torch.serialization.add_safe_globals([MambaInferenceState, MambaModelState])

@@ -16,36 +16,38 @@ import argparse
 import os
 import sys
 
-import torch
-
+from ._cli_util import CommandLineError, add_device_argument, one_line, require_module, resolve_device
 from .errors import StateError
 
+# torch is imported inside the functions: ``mamba-state trace --help`` builds its parser without it.
 __all__ = ["add_arguments", "run"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("bfloat16", "float16", "float32", "float64")  # names of torch dtypes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``trace`` subcommand."""
     src = parser.add_argument_group("model (a checkpoint directory, or a random model of the given size)")
-    src.add_argument("--model", help="checkpoint directory (upstream or transformers Mamba format)")
-    src.add_argument("--d-model", type=int, default=64, help="random model: width (default 64)")
-    src.add_argument("--n-layer", type=int, default=4, help="random model: layers (default 4)")
-    src.add_argument("--d-state", type=int, default=16, help="random model: SSM state size (default 16)")
-    src.add_argument("--vocab-size", type=int, default=256, help="random model: vocabulary (default 256)")
+    src.add_argument("--model", metavar="DIR",
+                     help="checkpoint directory (upstream or transformers Mamba format; default: a random model)")
+    src.add_argument("--d-model", type=int, default=64, help="random model: width")
+    src.add_argument("--n-layer", type=int, default=4, help="random model: layers (upstream's n_layer)")
+    src.add_argument("--d-state", type=int, default=16, help="random model: SSM state size")
+    src.add_argument("--vocab-size", type=int, default=256, help="random model: vocabulary")
     inp = parser.add_argument_group("input (one of --tokens, --text, --length)")
-    inp.add_argument("--tokens", help="token ids separated by spaces or commas")
-    inp.add_argument("--text", help="text, encoded with --tokenizer")
-    inp.add_argument("--tokenizer", help="tokenizer directory or name for --text (transformers AutoTokenizer)")
-    inp.add_argument("--length", type=int, default=128, help="random tokens of this length (default 128)")
+    inp.add_argument("--tokens", help="token ids separated by spaces or commas (default: --length random tokens)")
+    inp.add_argument("--text", help="text, encoded with --tokenizer (default: none)")
+    inp.add_argument("--tokenizer", help="tokenizer directory or name for --text (transformers AutoTokenizer; "
+                                         "default: none)")
+    inp.add_argument("--length", type=int, default=128, help="random tokens of this length")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="trace_out", help="folder for the PNGs (default trace_out)")
+    out.add_argument("--out", default="trace_out", help="folder for the PNGs")
     out.add_argument("--layer", type=int, default=None, help="layer for the heatmap and PCA plots (default: first)")
     out.add_argument("--channels", default=None, help="channels of the heatmap, e.g. 0,1,2,3 (default: first 4)")
     out.add_argument("--stride", type=int, default=None, help="keep the state every STRIDE tokens (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model and random tokens")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="parameter dtype (default: as saved)")
+    add_device_argument(parser)
+    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="parameter dtype (default: as saved)")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -56,9 +58,11 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _model(args: argparse.Namespace):
+    import torch
+
     from .adapters.lm import StatefulMambaLM
 
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model:
         if not os.path.isdir(args.model):
             raise StateError(f"--model: expected a checkpoint directory, found {args.model!r} (no such directory)")
@@ -69,7 +73,9 @@ def _model(args: argparse.Namespace):
     return StatefulMambaLM.from_config(cfg, device=args.device, dtype=dtype)
 
 
-def _input_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
+def _input_ids(args: argparse.Namespace, vocab: int):
+    import torch
+
     given = [name for name in ("tokens", "text") if getattr(args, name)]
     if len(given) > 1:
         raise StateError("input: expected one of --tokens or --text, found both")
@@ -78,6 +84,7 @@ def _input_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
     elif args.text:
         if not args.tokenizer:
             raise StateError("--text: expected --tokenizer too (a tokenizer directory or name), found none")
+        require_module("transformers", "--text")
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(args.tokenizer)(args.text)["input_ids"]
@@ -93,10 +100,14 @@ def _input_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     """Trace, plot, write the PNGs; print their paths. Returns 0, or 2 with a message on bad input."""
-    from . import viz
-    from .trace import trace_model
-
     try:
+        require_module("matplotlib", "mamba-state trace (its plots)")
+        args.device = str(resolve_device(args.device))
+        import torch
+
+        from . import viz
+        from .trace import trace_model
+
         lm = _model(args)
         vocab = int(lm.lm_head.weight.shape[0])
         ids = _input_ids(args, vocab)
@@ -119,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         viz.plot_ssm_heatmap(lt, channels=channels, path=paths[1])
         viz.plot_state_pca(lt, 2, path=paths[2])
         viz.plot_state_pca(lt, 3, path=paths[3])
-    except (StateError, OSError) as exc:
-        print(f"mamba-state trace: error: {exc}", file=sys.stderr)
+    except (StateError, CommandLineError, OSError) as exc:
+        print(f"mamba-state trace: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"traced {ids.shape[1]} tokens through {len(layers)} layers "
           f"({mtrace.nbytes / 2 ** 20:.1f} MiB of states and outputs)")

@@ -15,7 +15,7 @@ CONTROLLERS=${3:-"mamba gru"}
 ENVS=${4:-"16 64"}
 shift $(( $# < 4 ? $# : 4 ))
 OUT=${RL_BENCH_OUT:-$(mktemp -d)}
-COMMON=(--horizon 16 --num-bits 1 --total-updates 12 --lr 3e-3 --minibatches 2 --d-model 32 --num-layers 1
+COMMON=(--horizon 16 --num-bits 1 --total-updates 12 --lr 3e-3 --minibatches 2 --d-model 32 --n-layer 1
         --gru-hidden 32 --device "$DEVICE" --no-progress --eval-envs 8 --checkpoint-every 0)
 [ "$DEVICE" = cpu ] && COMMON+=(--backend reference --threads 1)
 for ctrl in $CONTROLLERS; do

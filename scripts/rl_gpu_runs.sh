@@ -62,7 +62,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$DIR/gpu.t
 # CPU-tested small models (Mamba d_model 32 x 1 layer, 10,403 parameters; GRU hidden 32, 10,019). More
 # environments than on CPU: with 32 environments Mamba learned horizon 32 in 3 of 8 runs, with 128 the seed
 # that had failed learned at update 40; 512 cost about the same per step as 32 on a GPU (launch-bound).
-COMMON=(--num-bits 1 --noise-std 0.1 --lr 3e-3 --d-model 32 --num-layers 1 --gru-hidden 32 --device cuda
+COMMON=(--num-bits 1 --noise-std 0.1 --lr 3e-3 --d-model 32 --n-layer 1 --gru-hidden 32 --device cuda
         --no-progress --checkpoint-every 0 --eval-envs 256 --minibatches 4)
 LONG=(1000 5000 10000 20000)
 # Knobs for a second call (defaults: the ~8-minute plan below): seconds of training per run in each stage,
@@ -77,7 +77,7 @@ S1000=(rl --scale --horizons 1000 --seeds 0 --controllers mamba gru --num-envs 2
        --max-seconds "$T1000" --init-from "$DIR/h256/{controller}_h256_s{seed}" --eval-horizons 5000 10000 20000
        "${COMMON[@]}" --out "$DIR/h1000")
 if [ "${RL_GPU_SMOKE:-0}" = 1 ]; then  # a CPU dry run of the whole pipeline in ~1 minute (tiny everything)
-  SMOKE=(--num-bits 1 --device cpu --threads 1 --backend reference --d-model 16 --num-layers 1 --gru-hidden 16
+  SMOKE=(--num-bits 1 --device cpu --threads 1 --backend reference --d-model 16 --n-layer 1 --gru-hidden 16
          --eval-envs 16 --num-envs 8 --max-seconds 2 --no-progress --checkpoint-every 0 --total-updates 1000)
   S32=(rl --scale --horizons 4 --seeds 0 1 --controllers mamba gru --eval-horizons 8 "${SMOKE[@]}" --out "$DIR/h32")
   S256=(rl --scale --horizons 8 --seeds 0 1 --controllers mamba gru --init-from "$DIR/h32/{controller}_h4_s{seed}"

@@ -68,7 +68,7 @@ def test_run_and_exact_resume(tmp_path, capsys):
 def test_scale_writes_results_and_plot(tmp_path):
     out = tmp_path / "scale"
     assert main(["rl", "--scale", "--horizons", "2", "4", "--seeds", "0", "--total-updates", "1",
-                 "--d-model", "8", "--num-layers", "1", "--d-state", "4", "--gru-hidden", "8",
+                 "--d-model", "8", "--n-layer", "1", "--d-state", "4", "--gru-hidden", "8",
                  "--backend", "reference", "--out", str(out), *[x for x in TINY if x not in ("--horizon", "3")]]) == 0
     results = json.loads((out / "scale_results.json").read_text())
     runs = {(r["controller"], r["horizon"]) for r in results["runs"]}
@@ -188,7 +188,7 @@ def test_dt_range_is_part_of_the_run_and_older_checkpoints_still_resume(tmp_path
     """``--dt-min/--dt-max`` change the run (a resume with another range is refused); a checkpoint written
     before these options existed resumes under the defaults (the values it was trained with)."""
     out = tmp_path / "run"
-    base = ["rl", "--controller", "mamba", "--d-model", "8", "--num-layers", "1", "--d-state", "4",
+    base = ["rl", "--controller", "mamba", "--d-model", "8", "--n-layer", "1", "--d-state", "4",
             "--backend", "reference", "--out", str(out), *TINY]
     assert main([*base, "--total-updates", "1"]) == 0
     ckpt = load_checkpoint(out / "checkpoint.pt")
@@ -201,3 +201,62 @@ def test_dt_range_is_part_of_the_run_and_older_checkpoints_still_resume(tmp_path
         del ckpt["run"][key]
     torch.save(ckpt, out / "checkpoint.pt")
     assert main([*base, "--total-updates", "2", "--resume"]) == 0
+
+
+def test_defaults_are_a_quick_cpu_run_and_the_old_ones_stay_reachable():
+    from mamba_state.rl.defaults import DEFAULTS, DEFAULTS_0_1
+
+    args = build_parser().parse_args(["rl"])
+    assert (args.horizon, args.num_envs, args.minibatches, args.total_updates, args.d_model, args.num_layers,
+            args.gru_hidden, args.threads, args.device) == (16, 32, 2, 100, 32, 1, 32, None, "auto")
+    old = build_parser().parse_args(["rl", "--horizon", "1000", "--num-envs", "64", "--minibatches", "4",
+                                     "--d-model", "64", "--n-layer", "2", "--gru-hidden", "120", "--threads", "0"])
+    assert {k: getattr(old, k) for k in DEFAULTS_0_1} == DEFAULTS_0_1
+    assert all(DEFAULTS[k] != v for k, v in DEFAULTS_0_1.items() if k != "threads")
+
+
+def test_one_thread_on_cpu_by_default_restored_after_and_eta_without_tqdm(tmp_path, monkeypatch):
+    import sys
+
+    from mamba_state.rl.train import train
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # tqdm missing: plain progress lines with an ETA
+    torch.set_num_threads(2)
+    base = {"controller": "gru", "gru_hidden": 8, "horizon": 3, "num_envs": 4, "rollout_len": 8, "epochs": 1,
+            "minibatches": 2, "eval_envs": 8, "device": "cpu", "checkpoint_every": 0}
+    lines: list[str] = []
+    train({**base, "total_updates": 10, "out": str(tmp_path / "a")}, log=lines.append)
+    assert torch.get_num_threads() == 2  # restored
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["torch_threads"] == 1
+    progress = [ln for ln in lines if ln.startswith("update 10/10")]
+    assert len(progress) == 1 and "eta=00:00" in progress[0] and "elapsed=" in progress[0], lines
+    train({**base, "total_updates": 1, "threads": 0, "progress": False, "out": str(tmp_path / "b")}, log=print)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_threads"] == 2  # torch's own count
+    with pytest.raises(ValueError, match="threads"):
+        train({**base, "threads": -1, "out": str(tmp_path / "c")})
+
+
+def test_every_command_line_documented_in_rl_md_parses():
+    """docs/rl.md's `mamba-state rl ...` and `torchrun ... -m mamba_state.cli rl ...` lines, placeholders filled in."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rl.md").read_text().replace("\\\n", " ")
+    fill = {"{mamba,gru}": "mamba", "{0,1}": "0", "H1 H2 ...": "8 16", "[run options]": "", "[": "", "]": ""}
+    letters = {"H": "16", "K": "1", "N": "8", "U": "3", "S": "0", "D": "cpu"}
+    commands = []
+    for line in text.splitlines():
+        line = line.strip().strip("`")
+        if not (line.startswith("mamba-state rl") or (line.startswith("torchrun") and "mamba_state.cli rl" in line)):
+            continue
+        argv = line.split(" rl", 1)[1]
+        for a, b in fill.items():
+            argv = argv.replace(a, b)
+        tokens = [letters.get(t, t) for t in shlex.split(argv)]
+        if "..." in tokens:  # "rl ... --out DIR --resume": a sketch, not a command
+            continue
+        commands.append(tokens)
+    assert len(commands) >= 10
+    for tokens in commands:
+        args = build_parser().parse_args(["rl", *tokens])  # argparse exits on an unknown option
+        assert args.command == "rl"

@@ -15,10 +15,30 @@
 
 from __future__ import annotations
 
-from .envs import DelayedRecall
-from .policies import GRUPolicy, MambaPolicy, RecurrentPolicy, make_policy
-from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate, evaluate_open_loop
-from .ddp import DistributedPPOTrainer
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import load_attribute, names
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use (below)
+    from .ddp import DistributedPPOTrainer
+    from .envs import DelayedRecall
+    from .policies import GRUPolicy, MambaPolicy, RecurrentPolicy, make_policy
+    from .ppo import PPOConfig, PPOTrainer, Rollout, compute_gae, evaluate, evaluate_open_loop
 
 __all__ = ["DelayedRecall", "MambaPolicy", "GRUPolicy", "RecurrentPolicy", "make_policy", "PPOConfig",
            "PPOTrainer", "Rollout", "compute_gae", "evaluate", "evaluate_open_loop", "DistributedPPOTrainer"]
+
+# name -> submodule defining it. Loaded on first use (PEP 562), so that ``mamba_state.rl.cli`` (the command
+# line's ``rl`` options) imports without torch.
+_EXPORTS = {"DelayedRecall": "envs", "MambaPolicy": "policies", "GRUPolicy": "policies",
+            "RecurrentPolicy": "policies", "make_policy": "policies", "PPOConfig": "ppo", "PPOTrainer": "ppo",
+            "Rollout": "ppo", "compute_gae": "ppo", "evaluate": "ppo", "evaluate_open_loop": "ppo",
+            "DistributedPPOTrainer": "ddp"}
+
+
+def __getattr__(name: str) -> Any:
+    return load_attribute(__name__, _EXPORTS, name)
+
+
+def __dir__() -> list[str]:
+    return names(globals(), __all__)

@@ -20,77 +20,89 @@ import argparse
 import sys
 from typing import Any
 
-from .train import DEFAULTS
+from .._cli_util import BACKEND_HELP, DEVICE_HELP, add_deprecated_alias, one_line, resolve_device
+from .defaults import DEFAULTS, SWEEP_DEFAULTS
 
+# This module only imports torch inside run(): ``mamba-state rl --help`` builds its parser without it.
 __all__ = ["add_arguments", "run", "options_from_args"]
 
 D = DEFAULTS
-# --scale's lists when not given (argparse defaults stay None so that run() can refuse them without --scale)
-SWEEP_DEFAULTS: dict[str, list] = {"horizons": [8, 16, 32], "seeds": [0, 1], "controllers": ["mamba", "gru"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``rl`` options on ``parser``."""
+    """Register the ``rl`` options on ``parser`` (defaults: :data:`mamba_state.rl.defaults.DEFAULTS`)."""
     g = parser.add_argument_group("run")
-    g.add_argument("--controller", choices=["mamba", "gru"], default=D["controller"])
+    g.add_argument("--controller", choices=["mamba", "gru"], default=D["controller"], help="recurrent policy")
     g.add_argument("--horizon", type=int, default=D["horizon"], help="distractor steps between bits and cue")
     g.add_argument("--num-bits", type=int, default=D["num_bits"], help="bits to remember (2**K actions)")
-    g.add_argument("--num-envs", type=int, default=D["num_envs"], help="default: %(default)s")
-    g.add_argument("--total-updates", type=int, default=D["total_updates"], help="default: %(default)s")
-    g.add_argument("--seed", type=int, default=D["seed"], help="default: %(default)s")
-    g.add_argument("--device", default=D["device"], help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    g.add_argument("--out", default=D["out"], help="output folder (config, metrics, checkpoint, summary); default: %(default)s")
+    g.add_argument("--num-envs", type=int, default=D["num_envs"],
+                   help="environments run side by side (under torchrun: the total over all processes)")
+    g.add_argument("--total-updates", type=int, default=D["total_updates"], help="PPO updates to train for")
+    g.add_argument("--seed", type=int, default=D["seed"], help="random seed (policy, environments, sampling)")
+    g.add_argument("--device", default=D["device"], help=DEVICE_HELP + "; under torchrun, rank r uses cuda:LOCAL_RANK")
+    g.add_argument("--out", default=D["out"], help="output folder (config, metrics, checkpoint, summary)")
     g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (exactly) if present")
-    g.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"], help="updates (0: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"],
+                   help="write the checkpoint every this many updates (0: only at the end)")
     g.add_argument("--eval-envs", type=int, default=D["eval_envs"], help="greedy evaluation episodes at the end")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
-    g.add_argument("--threads", type=int, default=D["threads"], help="torch CPU threads (default: torch's)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (tqdm, with an ETA; without tqdm a line every 10 updates)")
+    g.add_argument("--threads", type=int, default=D["threads"],
+                   help="torch CPU threads; 0: torch's own count (default: 1 on a CPU device, as the demo; "
+                        "torch's own count on a GPU)")
     g.add_argument("--max-seconds", type=float, default=D["max_seconds"],
-                   help="stop training after the first update that ends past this many seconds, then evaluate (0: no limit)")
+                   help="stop training after the first update that ends past this many seconds, then evaluate "
+                        "(default: no limit)")
     g.add_argument("--init-from", default=D["init_from"], metavar="RUN",
                    help="start from the policy parameters of another run (DIR or DIR/checkpoint.pt; curriculum); "
-                        "{controller} and {seed} are filled in, e.g. runs/h32/{controller}_h32_s{seed}")
-    g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"],
-                   help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons)")
+                        "{controller} and {seed} are filled in, e.g. runs/h32/{controller}_h32_s{seed} "
+                        "(default: a fresh policy)")
+    g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"], metavar="H",
+                   help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons; "
+                        "default: none)")
     p = parser.add_argument_group("PPO")
-    p.add_argument("--rollout-len", type=int, default=D["rollout_len"], help="steps per rollout (default 2*(H+2))")
-    p.add_argument("--lr", type=float, default=D["lr"])
-    p.add_argument("--epochs", type=int, default=D["epochs"])
+    p.add_argument("--rollout-len", type=int, default=D["rollout_len"],
+                   help="steps per rollout (default: 2*(H+2), at least 32)")
+    p.add_argument("--lr", type=float, default=D["lr"], help="Adam learning rate")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="passes over each rollout")
     p.add_argument("--minibatches", type=int, default=D["minibatches"], help="minibatches over environments")
-    p.add_argument("--gamma", type=float, default=D["gamma"])
-    p.add_argument("--gae-lambda", type=float, default=D["gae_lambda"])
-    p.add_argument("--clip-coef", type=float, default=D["clip_coef"])
-    p.add_argument("--ent-coef", type=float, default=D["ent_coef"])
-    p.add_argument("--vf-coef", type=float, default=D["vf_coef"])
-    p.add_argument("--max-grad-norm", type=float, default=D["max_grad_norm"])
+    p.add_argument("--gamma", type=float, default=D["gamma"], help="discount")
+    p.add_argument("--gae-lambda", type=float, default=D["gae_lambda"], help="GAE lambda")
+    p.add_argument("--clip-coef", type=float, default=D["clip_coef"], help="PPO ratio clip")
+    p.add_argument("--ent-coef", type=float, default=D["ent_coef"], help="entropy bonus")
+    p.add_argument("--vf-coef", type=float, default=D["vf_coef"], help="value loss weight")
+    p.add_argument("--max-grad-norm", type=float, default=D["max_grad_norm"], help="gradient norm clip")
     p.add_argument("--bptt", choices=["rollout", "episode"], default=D["bptt"],
                    help="truncate backprop at the rollout start, or backprop through whole episodes")
     m = parser.add_argument_group("model")
-    m.add_argument("--d-model", type=int, default=D["d_model"])
-    m.add_argument("--num-layers", type=int, default=D["num_layers"])
-    m.add_argument("--d-state", type=int, default=D["d_state"])
-    m.add_argument("--gru-hidden", type=int, default=D["gru_hidden"])
-    m.add_argument("--gru-layers", type=int, default=D["gru_layers"])
+    m.add_argument("--d-model", type=int, default=D["d_model"], help="Mamba: width")
+    m.add_argument("--n-layer", dest="num_layers", metavar="N_LAYER", type=int, default=D["num_layers"],
+                   help="Mamba: layers (upstream's n_layer)")
+    add_deprecated_alias(m, "--num-layers", "--n-layer", dest="num_layers", type=int)
+    m.add_argument("--d-state", type=int, default=D["d_state"], help="Mamba: SSM state size")
+    m.add_argument("--gru-hidden", type=int, default=D["gru_hidden"], help="GRU: hidden size")
+    m.add_argument("--gru-layers", type=int, default=D["gru_layers"], help="GRU: layers")
     m.add_argument("--dt-min", type=float, default=D["dt_min"],
                    help="Mamba: smallest initial step size dt (upstream's dt_min; floored at 1e-4 like upstream's "
-                        "dt_init_floor); default: %(default)s")
+                        "dt_init_floor)")
     m.add_argument("--dt-max", type=float, default=D["dt_max"],
                    help="Mamba: largest initial dt; a channel keeps exp(A * dt) of its state per step, so smaller "
-                        "dt starts with longer memory; default: %(default)s")
+                        "dt starts with longer memory")
     m.add_argument("--backend", choices=["auto", "reference", "triton"], default=D["backend"],
-                   help="Mamba scan backend (default: MAMBA_STATE_BACKEND or auto)")
+                   help="Mamba " + BACKEND_HELP)
     e = parser.add_argument_group("environment")
-    e.add_argument("--noise-channels", type=int, default=D["noise_channels"])
-    e.add_argument("--noise-std", type=float, default=D["noise_std"])
+    e.add_argument("--noise-channels", type=int, default=D["noise_channels"], help="observation noise channels")
+    e.add_argument("--noise-std", type=float, default=D["noise_std"], help="standard deviation of the noise")
     e.add_argument("--distractor-bits", action="store_true",
                    help="random +-1 on the bit channels between the first step and the cue (default: zeros)")
     e.add_argument("--shaping", type=float, default=D["shaping"], help="partial credit per right bit (0: off)")
     s = parser.add_argument_group("scale sweep")
     s.add_argument("--scale", action="store_true", help="train both controllers across --horizons and --seeds")
     shown = {k: "default: " + " ".join(map(str, v)) for k, v in SWEEP_DEFAULTS.items()}
-    s.add_argument("--horizons", type=int, nargs="+", default=None, help=shown["horizons"])
-    s.add_argument("--seeds", type=int, nargs="+", default=None, help=shown["seeds"])
-    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=None, help=shown["controllers"])
+    s.add_argument("--horizons", type=int, nargs="+", default=None, metavar="H", help=f"({shown['horizons']})")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help=f"({shown['seeds']})")
+    s.add_argument("--controllers", nargs="+", choices=["mamba", "gru"], default=None,
+                   help=f"({shown['controllers']})")
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from .ddp import distributed
 
     opts = options_from_args(args)
+    resolve_device(opts.get("device"))  # a malformed device or CUDA without CUDA: one line, before any work
     where = ""
     sweep_only = [f"--{k}" for k in ("horizons", "seeds", "controllers") if getattr(args, k, None) is not None]
     if sweep_only and not args.scale:
@@ -124,6 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
                 train(opts)
     except StateError as exc:  # bad options or a mismatched checkpoint: a message, not a traceback
-        print(f"mamba-state rl: error{where}: {exc}", file=sys.stderr)
+        print(f"mamba-state rl: error{where}: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,8 @@
 """One training run: build the environment, policy and trainer from options, train with a progress bar,
 checkpoint, evaluate, and write ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json``.
 
-Options are a plain dict (the CLI's arguments); :data:`DEFAULTS` lists every key.
+Options are a plain dict (the CLI's arguments); :data:`DEFAULTS` (defined in :mod:`mamba_state.rl.defaults`)
+lists every key.
 
 Under torchrun (``WORLD_SIZE > 1``) the same function trains data-parallel (:mod:`mamba_state.rl.ddp`): each
 rank runs its slice of the ``num_envs`` environments, metrics are reduced over the ranks, and only rank 0 shows
@@ -10,12 +11,13 @@ progress and writes files. Every rank returns the same summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,21 +25,13 @@ from ..errors import StateCompatibilityError, StateError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ddp import DistContext, DistributedPPOTrainer, broadcast_object, distributed, gather_trainer_state
 from .ddp import rank_seed, restore_trainer_state
+from .defaults import DEFAULTS
 from .envs import DelayedRecall
 from .policies import count_parameters, make_policy
 from .ppo import PPOConfig, PPOTrainer, evaluate, evaluate_open_loop
 
 __all__ = ["DEFAULTS", "train", "auto_rollout_len", "build"]
 
-DEFAULTS: dict[str, Any] = {
-    "controller": "mamba", "horizon": 1000, "num_bits": 1, "num_envs": 64, "total_updates": 100, "seed": 0,
-    "device": "auto", "out": "runs/rl", "rollout_len": None, "lr": 3e-3, "epochs": 4, "minibatches": 4,
-    "gamma": 0.99, "gae_lambda": 0.95, "clip_coef": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
-    "bptt": "rollout", "d_model": 64, "num_layers": 2, "d_state": 16, "gru_hidden": 120, "gru_layers": 1,
-    "backend": None, "noise_channels": 4, "noise_std": 0.1, "distractor_bits": False, "shaping": 0.0,
-    "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
-    "max_seconds": None, "eval_horizons": None, "init_from": None, "dt_min": 0.001, "dt_max": 0.1,
-}
 
 # Options that change the run (a resumed run must agree on them).
 _IDENTITY = ("controller", "horizon", "num_bits", "num_envs", "seed", "rollout_len", "lr", "epochs", "minibatches",
@@ -131,22 +125,42 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
     Data-parallel when launched by torchrun with ``WORLD_SIZE > 1`` (or inside an initialised process group).
     """
     o = {**DEFAULTS, **opts}
-    for key in ("total_updates", "max_seconds", "checkpoint_every"):
+    for key in ("total_updates", "max_seconds", "checkpoint_every", "threads"):
         value = o[key]
-        if value is None and key == "max_seconds":  # no limit
+        if value is None and key in ("max_seconds", "threads"):  # no limit / the device's default
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise StateError(f"{key}: expected a number >= 0, found {value!r}")
     with distributed(o["device"]) as ctx:
-        return _train(o, ctx, log)
+        with _cpu_threads(o["threads"], ctx.device if ctx.enabled else resolve_device(o["device"])):
+            return _train(o, ctx, log)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """torch's CPU thread count for the run, restored afterwards: ``threads`` if given, ``0`` torch's own count,
+    ``None`` one thread on a CPU device (the policies are small: one thread avoids the oversubscription stalls of
+    busy machines, as the demo does) and torch's own count otherwise."""
+    before = torch.get_num_threads()
+    wanted = (1 if device.type == "cpu" else 0) if threads is None else int(threads)
+    if wanted:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
 def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     main = ctx.is_main
     if not main:  # one voice: rank 0 logs, shows progress and writes files
         log = lambda *a, **k: None  # noqa: E731
-    if o["threads"]:
-        torch.set_num_threads(int(o["threads"]))
     out = Path(o["out"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +196,8 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     counts = getattr(trainer, "counts", [env.num_envs])
     config = {**o, "device": str(env.device), "rollout_len": trainer.config.rollout_len,
               "parameters": count_parameters(policy), "torch": torch.__version__,
-              "world_size": ctx.world_size, "envs_per_rank": counts, "backend": ctx.backend}
+              "world_size": ctx.world_size, "envs_per_rank": counts, "backend": ctx.backend,
+              "torch_threads": torch.get_num_threads()}
     if main:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     total = int(o["total_updates"])
@@ -192,10 +207,13 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
             from tqdm.auto import tqdm
 
             desc = f"{o['controller']} H={o['horizon']}" + (f" x{ctx.world_size}" if ctx.enabled else "")
-            bar = tqdm(total=total, initial=trainer.updates, desc=desc, unit="upd", dynamic_ncols=True)
+            bar = tqdm(total=total, initial=trainer.updates, desc=desc, unit="upd", dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, eta {remaining}, "
+                                  "{rate_fmt}{postfix}]")
         except ImportError:
             bar = None
     sps: list[float] = []
+    first_update = trainer.updates
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
     budget = float(o["max_seconds"]) if o["max_seconds"] else None
@@ -211,8 +229,11 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(post)
-            elif o["progress"] and (trainer.updates % 10 == 0 or trainer.updates == total):
-                log(f"update {trainer.updates}/{total} " + " ".join(f"{k}={v}" for k, v in post.items()))
+            elif o["progress"] and (trainer.updates % 10 == 0 or trainer.updates == total):  # no tqdm: plain lines
+                spent = time.perf_counter() - t_start
+                eta = spent / max(1, trainer.updates - first_update) * (total - trainer.updates)
+                log(f"update {trainer.updates}/{total} " + " ".join(f"{k}={v}" for k, v in post.items())
+                    + f" elapsed={_eta(spent)} eta={_eta(eta)}")
             # A time budget (--max-seconds): rank 0's clock decides for every rank, so all stop after the same update.
             stopped_early = (budget is not None and trainer.updates < total
                              and broadcast_object(time.perf_counter() - t_start >= budget, ctx))

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from .adapters.mamba2 import StatefulMamba2
     from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
     from .generation import GenerationOutput, TokenStream, clear_graph_cache, generate, stream
-    from .interop import (
+    from .state import MambaInferenceState, MambaModelState
+    from .state.interop import (
         get_inference_state,
         get_model_state,
         set_inference_state,
@@ -27,8 +28,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
         zero_inference_state,
         zero_model_state,
     )
-    from .io import StateFileNotFoundError, load_model_state, save_model_state
-    from .state import MambaInferenceState, MambaModelState
+    from .state.io import StateFileNotFoundError, load_model_state, save_model_state
     from .trace import LayerTrace, ModelTrace, TraceSizeWarning, trace_layer, trace_model
 
 __version__ = "0.1.0"
@@ -71,9 +71,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["StateError", "StateShapeError", "StateCompatibilityError", "StateFormatError",
                      "LayerNotFoundError"], "errors"),
     **dict.fromkeys(["MambaInferenceState", "MambaModelState"], "state"),
-    **dict.fromkeys(["StateFileNotFoundError", "load_model_state", "save_model_state"], "io"),
+    **dict.fromkeys(["StateFileNotFoundError", "load_model_state", "save_model_state"], "state.io"),
     **dict.fromkeys(["get_inference_state", "get_model_state", "set_inference_state", "set_model_state",
-                     "zero_inference_state", "zero_model_state"], "interop"),
+                     "zero_inference_state", "zero_model_state"], "state.interop"),
     **dict.fromkeys(["StatefulMamba", "StatefulMambaLM"], "adapters"),
     "StatefulMamba2": "adapters.mamba2",
     **dict.fromkeys(["GenerationOutput", "TokenStream", "clear_graph_cache", "generate", "stream"], "generation"),

@@ -52,8 +52,9 @@ def _upstream_status() -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from mamba_state.kernels.backend import requested_backend, resolve_backend
+
     from . import __version__
-    from .backend import requested_backend, resolve_backend
 
     print(f"mamba-state      {__version__}")
     print(f"python           {sys.version.split()[0]}")

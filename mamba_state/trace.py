@@ -24,9 +24,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import StateCompatibilityError, StateError, StateShapeError
+from mamba_state.kernels.scan_positions import check_positions
+
 from .adapters._state_checks import check_reset
-from .scan_positions import check_positions
+from .errors import StateCompatibilityError, StateError, StateShapeError
 from .state import MambaInferenceState, MambaModelState
 
 __all__ = ["LayerTrace", "ModelTrace", "trace_layer", "trace_model", "FULL_TRACE_WARN_BYTES", "TraceSizeWarning",
@@ -134,7 +135,7 @@ def _wrap_layer(layer: Any) -> Any:
     """Our adapter for ``layer`` (adapters pass through; upstream Mamba / Mamba2 layers get wrapped)."""
     if hasattr(layer, "state_layout") and hasattr(layer, "new_state"):
         return layer
-    from .layers import layer_layout
+    from .state.layers import layer_layout
 
     layout = layer_layout(layer)
     if layout is None and not hasattr(layer, "num_heads"):

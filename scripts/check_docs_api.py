@@ -16,12 +16,16 @@ from pathlib import Path
 PAGES = {
     "mamba_state": "reference/mamba_state/index.html",
     "mamba_state.kernels": "reference/kernels/index.html",
-    "mamba_state.distributed": "reference/distributed/index.html",
-    "mamba_state.offload": "reference/distributed/index.html",
+    "mamba_state.state.distributed": "reference/distributed/index.html",
+    "mamba_state.state.offload": "reference/distributed/index.html",
     "mamba_state.rl": "reference/rl/index.html",
-    "mamba_state.reference": "reference/scans/index.html",
-    "mamba_state.ssd": "reference/scans/index.html",
-    "mamba_state.io": "reference/scans/index.html",
+    "mamba_state.kernels.selective_scan.naive": "reference/scans/index.html",
+    "mamba_state.kernels.selective_scan.chunked": "reference/scans/index.html",
+    "mamba_state.kernels.conv1d.naive": "reference/scans/index.html",
+    "mamba_state.kernels.state_update.naive": "reference/scans/index.html",
+    "mamba_state.kernels.ssd.naive": "reference/scans/index.html",
+    "mamba_state.kernels.ssd.chunked": "reference/scans/index.html",
+    "mamba_state.state.io": "reference/scans/index.html",
 }
 # plain values documented in the page text rather than as objects
 EXEMPT = {"__version__"}

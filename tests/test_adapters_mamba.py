@@ -366,7 +366,8 @@ def test_forced_triton_backend_reaches_the_kernel_on_cpu(monkeypatch):
     """``backend="triton"`` on the adapter runs the Triton scan and step kernels (here in Triton's interpreter),
     never the reference the kernel entry would pick for CPU tensors on its own; the results match the reference
     backend's in float32."""
-    import mamba_state.kernels.selective_scan as ks
+    import mamba_state.kernels.selective_scan.launcher as ks
+    import mamba_state.kernels.state_update.launcher as ku
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference path ran although backend='triton' was forced")
@@ -381,7 +382,7 @@ def test_forced_triton_backend_reaches_the_kernel_on_cpu(monkeypatch):
         y_ref, s_ref = ref(x, reset=reset)
         yt_ref, st_ref = ref.step(x_t, s_ref)
         monkeypatch.setattr(ks, "selective_scan_chunked", refuse)
-        monkeypatch.setattr(ks, "selective_state_update_ref", refuse)
+        monkeypatch.setattr(ku, "selective_state_update_ref", refuse)
         y, s = tri(x, reset=reset)
         yt, st_ = tri.step(x_t, s)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)

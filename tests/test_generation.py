@@ -16,8 +16,8 @@ from hypothesis import given, strategies as st
 from mamba_state import load_model_state, save_model_state
 from mamba_state.adapters import StatefulMambaLM
 from mamba_state.errors import StateError, StateShapeError
-from mamba_state import generation as G
-from mamba_state.generation import GenerationOutput, _choose, _process, _Sampling, generate, step_seed, stream
+from mamba_state.generation import decode as G
+from mamba_state.generation.decode import GenerationOutput, _choose, _process, _Sampling, generate, step_seed, stream
 from mamba_state.state import MambaModelState
 
 VOCAB = 29  # padded to 32 in the head: sampling must never pick 29..31
@@ -813,7 +813,7 @@ def test_lm_methods_show_the_full_signatures():
     the module functions they call, so the two cannot drift apart."""
     import inspect
 
-    import mamba_state.generation as G
+    import mamba_state.generation.decode as G
     from mamba_state.adapters import StatefulMambaLM
 
     for method, fn in ((StatefulMambaLM.generate, G.generate), (StatefulMambaLM.stream, G.stream)):

@@ -14,7 +14,7 @@ import torch
 
 from mamba_state import load_model_state, save_model_state
 from mamba_state.adapters import StatefulMambaLM
-from mamba_state import generation as G
+from mamba_state.generation import decode as G
 from mamba_state.state import MambaModelState
 
 pytestmark = pytest.mark.gpu

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mamba_state.errors import StateError, StateShapeError
 from mamba_state.kernels import selective_scan_fn, selective_state_update
-from mamba_state.kernels.ops import backward_mode, default_chunk
+from mamba_state.kernels._launch import backward_mode, default_chunk
 from mamba_state.reference import selective_scan_ref, selective_state_update_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -167,7 +167,7 @@ def test_gradient_through_last_state_only_and_continuation():
 def test_inference_reads_strided_bc_and_half_bias_as_they_are(seqpar, dtype):
     """What the adapters pass without autograd: B and C as views of one projection (time stride 1), the dt
     bias in the parameters' (half) dtype; the scan reads them in place and skips the pre-gate output."""
-    from mamba_state.kernels.ops import scan_forward
+    from mamba_state.kernels.selective_scan.ops import scan_forward
 
     b, d, L, n, rank = 2, 6, 21, 4, 3
     g = torch.Generator().manual_seed(11)
@@ -442,7 +442,7 @@ def test_backward_mode_choice_and_bad_value():
 
 
 def test_chunk_backward_split_plan():
-    from mamba_state.kernels.ops import _chunk_plan, backward_splits
+    from mamba_state.kernels._launch import _chunk_plan, backward_splits
 
     resident = 8 * 132  # an H100: 132 SMs, 8 resident backward programs each
     # (programs, chunks) -> (splits, cost in chunk-times), the rows of docs/kernel.md's table

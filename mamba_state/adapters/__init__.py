@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from .mamba import Mamba1Parameters, StatefulMamba
 from .lm import StatefulMambaLM
+from .mamba import Mamba1Parameters, StatefulMamba
 
 __all__ = ["StatefulMamba", "StatefulMamba2", "StatefulMambaLM", "Mamba1Parameters"]
 

@@ -20,8 +20,8 @@ from typing import Any, Mapping, cast
 import torch
 import torch.nn as nn
 
-from .._files import open_temp_beside, replace_keeping_mode
 from ..errors import StateCompatibilityError, StateFormatError
+from ..state.files import open_temp_beside, replace_keeping_mode
 
 __all__ = ["load_pretrained", "adopt_hf", "save_pretrained", "hf_config_to_upstream", "hf_state_dict_to_upstream",
            "read_config", "read_weights"]

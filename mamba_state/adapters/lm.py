@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..backend import resolve_backend
+from mamba_state.kernels.backend import resolve_backend
+from mamba_state.kernels.scan_positions import check_positions
+
 from ..errors import StateCompatibilityError, StateError, StateShapeError
-from ..layers import is_attention_layer
-from ..scan_positions import check_positions
 from ..state import MambaModelState
+from ..state.layers import is_attention_layer
 from ._state_checks import check_reset
 from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config

@@ -26,11 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend import requested_backend, resolve_backend
+from mamba_state.kernels.backend import requested_backend, resolve_backend
+from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
+from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
+from mamba_state.kernels.selective_scan.all_states import selective_scan_all_states
+from mamba_state.kernels.selective_scan.chunked import selective_scan_chunked
+
 from ..errors import StateCompatibilityError, StateError, StateShapeError
-from ..reference import causal_conv1d_ref, selective_scan_chunked
-from ..scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
-from ..scan_states import selective_scan_all_states
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state, check_reset
 
@@ -413,6 +415,6 @@ def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
         if selective_state_update is not None:
             return selective_state_update(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
                                           backend="triton")
-    from ..reference import selective_state_update_ref
+    from mamba_state.kernels.state_update.naive import selective_state_update_ref
 
     return selective_state_update_ref(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)

@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend import resolve_backend
+from mamba_state.kernels.backend import resolve_backend
+from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
+from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
+from mamba_state.kernels.selective_scan.all_states import selective_scan_all_states
+from mamba_state.kernels.ssd import ssd_scan_chunked
+
 from ..errors import StateCompatibilityError, StateError, StateShapeError
-from ..reference import causal_conv1d_ref
-from ..scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
-from ..scan_states import selective_scan_all_states
-from ..ssd import ssd_scan_chunked
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state, check_reset
 
@@ -222,7 +223,7 @@ class StatefulMamba2(nn.Module):
         if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise StateError(f"state_dtype: expected a floating torch.dtype, found {state_dtype!r}")
         if backend is not None:
-            from ..backend import requested_backend
+            from mamba_state.kernels.backend import requested_backend
 
             requested_backend(backend)  # validates the name now rather than at the first forward
         self.d_model, self.d_inner, self.d_ssm = d_model, d_inner, d_ssm

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .._files import open_temp_beside, replace_keeping_mode
 from ..errors import StateFormatError
+from ..state.files import open_temp_beside, replace_keeping_mode
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 

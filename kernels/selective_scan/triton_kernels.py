@@ -1,6 +1,6 @@
-"""Triton kernels of Mamba-1's selective scan: forward, backward and one decoding step.
+"""Triton kernels of Mamba-1's selective scan: the forward, the backward and their chunk-boundary passes.
 
-Layout (the wrappers in :mod:`mamba_state.kernels.ops` make every input contiguous in time):
+Layout (the wrappers in :mod:`mamba_state.kernels.selective_scan.ops` make every input contiguous in time):
     u, delta, z, out:   [batch, dim, seqlen]
     B, C:               [batch, ngroups, dstate, seqlen]
     A:                  [dim, dstate] float32
@@ -19,19 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-TILE = 8  # time steps per tile; the split/join helpers below are written for 8
-
-
-@triton.jit
-def _softplus(x):
-    # torch.nn.functional.softplus with its default threshold of 20
-    return tl.where(x > 20.0, x, tl.where(x < -20.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+from .._jit import LOG2E, _sigmoid, _softplus
 
 
 @triton.jit
@@ -113,7 +101,7 @@ def _scan_fwd_kernel(
     mask_n = offs_n < dstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     grp = (pid_d * BD) // cpg
-    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BD,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -309,7 +297,7 @@ def _scan_bwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     grp = (pid_d * BD) // cpg
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     bias = tl.zeros((BD,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -479,7 +467,7 @@ def _scan_bwd_local_kernel(
     mask_n = offs_n < dstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     grp = (pid_d * BD) // cpg
-    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BD,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -553,44 +541,3 @@ def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, hin_ptr, dinit_ptr, dim, dst
         p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
         g = p * g + s
     tl.store(dinit_ptr + pid_b * dim * dstate + offs, g, mask=mask)
-
-
-@triton.jit
-def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, out_ptr,
-    dim, dstate, cpg, sBb, sBg, sCb, sCg,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-):
-    """One decoding step in place: state [batch, dim, dstate]; x, dt, z, out [batch, dim]; B, C [batch, g, dstate]."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // cpg
-    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    s = tl.load(state_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_RESET:
-        r = tl.load(reset_ptr + pid_b)
-        s = s * tl.where(r != 0, 0.0, 1.0)
-    x = tl.load(x_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt = dt + tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + pid_b * sBb + grp * sBg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + pid_b * sCb + grp * sCg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    s = tl.exp(dt[:, None] * A) * s + (dt * x)[:, None] * Bv[None, :]
-    tl.store(state_ptr + st_off, s.to(state_ptr.dtype.element_ty), mask=mask_dn)
-    y = tl.sum(s * Cv[None, :], 1)
-    if HAS_D:
-        y = y + x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        y = y * zv * _sigmoid(zv)
-    tl.store(out_ptr + pid_b * dim + offs_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)

@@ -73,8 +73,8 @@ from typing import Any, Generator, Iterator, Sequence
 
 import torch
 
-from .errors import StateError, StateShapeError
-from .state import MambaModelState
+from ..errors import StateError, StateShapeError
+from ..state import MambaModelState
 
 __all__ = ["GenerationOutput", "TokenStream", "generate", "stream", "clear_graph_cache"]
 
@@ -128,7 +128,7 @@ class _Sampling:
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first caller outside this package."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mamba_state/
     frame: Any = sys._getframe(1)
     level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
@@ -437,7 +437,7 @@ class _GraphStep:
 
 def _private_copy(state: MambaModelState, seqlen_offset: int | None = None) -> MambaModelState:
     """Contiguous copies of every tensor of ``state`` (buffers that decoding may update in place)."""
-    from .state import MambaInferenceState
+    from ..state import MambaInferenceState
 
     return MambaModelState(
         {i: MambaInferenceState(s.conv_state.clone(memory_format=torch.contiguous_format),

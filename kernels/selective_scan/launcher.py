@@ -1,9 +1,6 @@
-"""Public entry points: :func:`selective_scan_fn` (a drop-in superset of upstream's) and
-:func:`selective_state_update` (one decoding step, in place).
-
-Both validate their inputs, then run the Triton kernels (CUDA tensors, or anywhere under ``TRITON_INTERPRET=1``
-when ``backend='triton'`` is forced) or the pure-PyTorch reference path, chosen by
-:func:`mamba_state.backend.resolve_backend`.
+"""The public entry point :func:`selective_scan_fn` (a drop-in superset of upstream's): validates its inputs,
+then runs the Triton kernels (CUDA tensors, or anywhere under ``TRITON_INTERPRET=1`` when ``backend='triton'`` is
+forced) or the pure-PyTorch chunked path, chosen by :func:`mamba_state.kernels.backend.resolve_backend`.
 """
 
 from __future__ import annotations
@@ -13,16 +10,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mamba_state.backend import requested_backend, resolve_backend
-from mamba_state.errors import StateError, StateShapeError
-from mamba_state.reference import selective_scan_chunked, selective_state_update_ref
-from mamba_state.scan_inputs import check_scan_inputs, compute_dtype
-from mamba_state.scan_positions import check_positions, run_segments, use_dense_states
-from mamba_state.scan_states import selective_scan_all_states
+from mamba_state.errors import StateError
 
-from .ops import ScanFn, default_chunk, scan_forward
+from .._launch import default_chunk, needs_grad
+from ..backend import requested_backend, resolve_backend
+from ..scan_inputs import check_scan_inputs, compute_dtype
+from ..scan_positions import check_positions, run_segments, use_dense_states
+from .all_states import selective_scan_all_states
+from .chunked import selective_scan_chunked
+from .ops import ScanFn, scan_forward
 
-__all__ = ["selective_scan_fn", "selective_state_update"]
+__all__ = ["selective_scan_fn"]
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,15 +86,11 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
-    if torch.compiler.is_compiling() or _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args)
     else:  # inference: straight to the kernels (the custom op and autograd dispatch cost host time per call)
         out, last, _, _ = scan_forward(*args, keep_ypre=False)
     return (out, last) if return_last_state else out
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
@@ -122,71 +116,3 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
 
     out, last, states = run_segments(run, shape.seqlen, positions, init, time_dim=-1, state_dtype=ct)
     return (out, last, states) if return_last_state else (out, states)
-
-
-def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
-    if not isinstance(state, Tensor) or state.dim() not in (3, 4):
-        raise StateShapeError(f"state: expected [batch, dim, dstate] or [batch, nheads, headdim, dstate], found "
-                              f"{list(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
-    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("dt_bias", dt_bias)):
-        if t is not None and not t.is_floating_point():  # an int state would be truncated in place
-            raise StateError(f"{name}: expected a floating dtype, found {t.dtype}")
-    lead = list(state.shape[:-1])
-    bsz, n = state.shape[0], state.shape[-1]
-    for name, t in (("x", x), ("dt", dt), ("z", z)):
-        if t is not None and list(t.shape) != lead:
-            raise StateShapeError(f"{name}: expected {lead} (state's shape without dstate), found {list(t.shape)}")
-    if list(A.shape) != list(state.shape[1:]):
-        raise StateShapeError(f"A: expected {list(state.shape[1:])} (state {list(state.shape)} without its batch), "
-                              f"found {list(A.shape)}: A and state disagree")
-    for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None and list(t.shape) != lead[1:]:
-            raise StateShapeError(f"{name}: expected {lead[1:]} (from state {list(state.shape)}), found "
-                                  f"{list(t.shape)}")
-    heads = state.shape[1] if state.dim() == 4 else None
-    for name, t in (("B", B), ("C", C)):
-        ok = t.dim() in (2, 3) and t.shape[0] == bsz and t.shape[-1] == n
-        if ok and t.dim() == 3:
-            ok = (heads if heads is not None else state.shape[1]) % t.shape[1] == 0
-        if not ok:
-            raise StateShapeError(f"{name}: expected [batch, dstate] = {[bsz, n]} or [batch, ngroups, dstate] with "
-                                  f"ngroups dividing the heads/channels (batch and dstate from state "
-                                  f"{list(state.shape)}), found {list(t.shape)}")
-    if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz]):
-        raise StateShapeError(f"reset: expected a bool tensor [batch] = {[bsz]} (batch from state), found "
-                              f"{reset.dtype} {list(reset.shape)}")
-
-
-def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
-                           dt_softplus: bool = False, reset: Optional[Tensor] = None,
-                           backend: Optional[str] = None) -> Tensor:
-    """One decoding step, updating ``state`` in place (upstream ``selective_state_update`` semantics).
-
-    Mamba-1 form: state [batch, dim, dstate]; x, dt, z [batch, dim]; A [dim, dstate]; B, C [batch, dstate] or
-    [batch, ngroups, dstate]; D, dt_bias [dim]. Multi-head form: state [batch, nheads, headdim, dstate]; x, dt, z
-    [batch, nheads, headdim]; A [nheads, headdim, dstate]; B, C [batch, ngroups, dstate]; D, dt_bias
-    [nheads, headdim]. ``reset`` bool [batch] zeroes a row's state first. Returns out shaped like x, x.dtype.
-    The state keeps its dtype; arithmetic is float32 (float64 for float64 inputs, on the reference path).
-    The Triton kernel serves inference; a step that autograd records (an input requires grad and grad mode is
-    on) runs the differentiable PyTorch reference, whatever the backend.
-    """
-    _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset)
-    which = _which(state.device, backend)
-    # the Triton step kernel is inference-only: a step that autograd records takes the (differentiable) reference
-    needs_grad = _needs_grad(state, x, dt, A, B, C, D, z, dt_bias)
-    if which == "reference" or needs_grad or state.dtype == torch.float64 or x.dtype == torch.float64:
-        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, reset)
-    bsz, n = state.shape[0], state.shape[-1]
-    flat = state.reshape(bsz, -1, n) if state.is_contiguous() else None
-    work = flat if flat is not None else state.reshape(bsz, -1, n).contiguous()
-    B3 = B if B.dim() == 3 else B.unsqueeze(1)
-    C3 = C if C.dim() == 3 else C.unsqueeze(1)
-    out = torch.ops.mamba_state.state_update(
-        work, x.reshape(bsz, -1), dt.reshape(bsz, -1), A.reshape(-1, n), B3, C3,
-        D.reshape(-1) if D is not None else None, z.reshape(bsz, -1) if z is not None else None,
-        dt_bias.reshape(-1) if dt_bias is not None else None, reset, bool(dt_softplus))
-    if flat is None:
-        state.copy_(work.view_as(state))
-    return out.reshape(x.shape)

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 
-from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
+from ..errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
 
 __all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex"]
 

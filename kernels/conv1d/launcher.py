@@ -1,5 +1,5 @@
 """Causal depthwise conv1d with a carried window and resets: a Triton forward for inference, the reference
-(:func:`mamba_state.reference.causal_conv1d_ref`, differentiable) wherever gradients are needed or Triton cannot
+(:func:`~mamba_state.kernels.conv1d.naive.causal_conv1d_ref`, differentiable) wherever gradients are needed or Triton cannot
 run."""
 
 from __future__ import annotations
@@ -9,17 +9,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mamba_state.backend import resolve_backend
 from mamba_state.errors import StateError, StateShapeError
-from mamba_state.reference import causal_conv1d_ref
 
-from ._device import launch_device
+from .._device import launch_device
+from .._launch import needs_grad
+from ..backend import resolve_backend
+from .naive import causal_conv1d_ref
 
 __all__ = ["causal_conv1d"]
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv_state: Optional[Tensor] = None,
@@ -43,7 +40,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
     """
     w2 = weight[:, 0] if weight.dim() == 3 and weight.shape[1] == 1 else weight
     use_triton = (isinstance(x, Tensor) and x.dim() == 3 and x.dtype != torch.float64
-                  and not _needs_grad(x, weight, bias, conv_state)
+                  and not needs_grad(x, weight, bias, conv_state)
                   and resolve_backend(x.device, backend)[0] == "triton")
     if not use_triton:
         out, new_state = causal_conv1d_ref(x, weight, bias, conv_state=conv_state, reset=reset, activation=activation)
@@ -63,7 +60,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
         raise StateShapeError(f"reset: expected a bool tensor {[bsz, L]}, found {reset.dtype} {list(reset.shape)}")
     import triton
 
-    from . import _triton_conv as K
+    from . import triton_kernels as K
 
     if x.stride(2) != 1:
         x = x.contiguous()

@@ -13,30 +13,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mamba_state.backend import resolve_backend
 from mamba_state.errors import StateError, StateShapeError
 
-from ._device import launch_device
-from .conv import _needs_grad
+from .._device import launch_device
+from .._launch import needs_grad
+from ..backend import resolve_backend
+from .naive import add_rms_norm_ref
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref"]
-
-
-def add_rms_norm_ref(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
-                     residual_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    """``(rms_norm(r) * weight in hidden.dtype, r in residual_dtype)`` with ``r = hidden (+ residual)``.
-
-    Args:
-        hidden: [..., d], any float dtype. residual: same shape, any float dtype, or None (first block).
-        weight: [d]. eps: added to the mean square.
-        residual_dtype: dtype of the returned ``r`` (default float32).
-
-    The sum and the norm are computed in float32 (float64 when ``hidden`` is float64); differentiable.
-    """
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)
-    out = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + eps) * weight.to(ct)
-    return out.to(hidden.dtype), r.to(ct if residual_dtype is None else residual_dtype)
+__all__ = ["add_rms_norm", "add_rms_norm_triton"]
 
 
 def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
@@ -56,7 +40,7 @@ def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps
         raise StateShapeError(f"residual: expected hidden's shape {list(hidden.shape)}, found {list(residual.shape)}")
     if weight.dim() != 1 or weight.shape[0] != d:
         raise StateShapeError(f"weight: expected [d={d}] (hidden's last size), found {list(weight.shape)}")
-    use_triton = (hidden.dtype != torch.float64 and not _needs_grad(hidden, residual, weight)
+    use_triton = (hidden.dtype != torch.float64 and not needs_grad(hidden, residual, weight)
                   and resolve_backend(hidden.device, backend)[0] == "triton")
     if not use_triton:
         return add_rms_norm_ref(hidden, residual, weight, eps, residual_dtype)
@@ -72,7 +56,7 @@ def add_rms_norm_triton(hidden: Tensor, residual: Optional[Tensor], weight: Tens
     on a device Triton runs on, no gradient needed; not checked again)."""
     import triton
 
-    from ._triton_add_norm import add_rmsnorm_rows
+    from .triton_kernels import add_rmsnorm_rows
 
     d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d).contiguous()

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from mamba_state.kernels.dispatch import device_ops
 from mamba_state.kernels.scan_positions import check_positions
 
 from .adapters._state_checks import check_reset
@@ -254,16 +255,17 @@ def trace_model(lm: nn.Module, input_ids: torch.Tensor, state: MambaModelState |
     layers: dict[int, LayerTrace] = {}
     finals = {}
     with _grad_mode(requires_grad):
+        ops = device_ops(input_ids.device, blocks[0].backend)
         hidden = lm.backbone.embedding(input_ids)
         residual = None
         for block in blocks:  # the block math of StatefulMambaLM, keeping the mixer's trace
             idx = int(block.mixer.layer_idx)
-            normed, residual = block.add_norm(hidden, residual, block.norm)
+            normed, residual = block.add_norm(hidden, residual, block.norm, ops)
             hidden, finals[idx], layers[idx] = _run_layer(block.mixer, normed, state[idx], reset, rows)
             if block.mlp is not None:
-                hidden, residual = block.add_norm(hidden, residual, block.norm2)
+                hidden, residual = block.add_norm(hidden, residual, block.norm2, ops)
                 hidden = block.mlp(hidden)
-        hidden, _ = blocks[0].add_norm(hidden, residual, lm.backbone.norm_f)
+        hidden, _ = blocks[0].add_norm(hidden, residual, lm.backbone.norm_f, ops)
         logits = lm.lm_head(hidden)
     final = MambaModelState(finals, seqlen_offset=state.seqlen_offset + seqlen, metadata=dict(state.metadata))
     return ModelTrace(layers=layers, logits=logits, final_state=final, positions=rows,

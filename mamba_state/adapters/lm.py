@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import torch
 import torch.nn as nn
 
-from mamba_state.kernels.backend import resolve_backend
+from mamba_state.kernels.dispatch import DeviceOps, device_ops
 from mamba_state.kernels.scan_positions import check_positions
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
@@ -77,7 +77,7 @@ def _kernel_add_norm():
 
 
 def _one_pass_add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
-                       backend: str | None) -> bool:
+                       ops: DeviceOps) -> bool:
     """Whether the add + RMSNorm of a ``fused_add_norm`` block runs as one Triton kernel: an RMSNorm without bias,
     no gradient needed, not float64, and the Triton backend for ``hidden``'s device (CUDA, or forced)."""
     if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None or hidden.dtype == torch.float64:
@@ -85,7 +85,7 @@ def _one_pass_add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm
     weight = cast(torch.Tensor, norm.weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, residual, weight)):
         return False
-    return _kernel_add_norm() is not None and resolve_backend(hidden.device, backend)[0] == "triton"
+    return ops.triton and _kernel_add_norm() is not None
 
 
 class _Block(nn.Module):
@@ -104,9 +104,9 @@ class _Block(nn.Module):
         self.fused_add_norm = fused_add_norm
         self.backend = backend
 
-    def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+    def add_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, ops: DeviceOps):
         """``(norm(hidden + residual), hidden + residual)`` with upstream's dtypes for either variant."""
-        if self.fused_add_norm and _one_pass_add_norm(hidden, residual, norm, self.backend):
+        if self.fused_add_norm and _one_pass_add_norm(hidden, residual, norm, ops):
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
             return _kernel_add_norm()(hidden, residual, norm.weight, eps,
                                       torch.float32 if self.residual_in_fp32 else hidden.dtype)
@@ -119,9 +119,9 @@ class _Block(nn.Module):
         out = norm_apply(norm, r.to(cast(torch.Tensor, norm.weight).dtype))  # every supported norm has a weight
         return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
-    def forward(self, hidden, residual, state, reset, one_step: bool, positions=None):
+    def forward(self, hidden, residual, state, reset, one_step: bool, ops: DeviceOps, positions=None):
         """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given."""
-        hidden, residual = self.add_norm(hidden, residual, self.norm)
+        hidden, residual = self.add_norm(hidden, residual, self.norm, ops)
         states_at = None
         if one_step:
             hidden, state = self.mixer.step(hidden, state, reset=None if reset is None else reset[:, 0])
@@ -130,7 +130,7 @@ class _Block(nn.Module):
         else:
             hidden, state = self.mixer(hidden, state=state, reset=reset)
         if self.mlp is not None:
-            hidden, residual = self.add_norm(hidden, residual, self.norm2)
+            hidden, residual = self.add_norm(hidden, residual, self.norm2, ops)
             hidden = self.mlp(hidden)
         if positions is not None:
             return hidden, residual, state, states_at
@@ -213,6 +213,7 @@ class StatefulMambaLM(nn.Module):
         self.backbone = _Backbone(model.backbone, cfg, state_dtype, backend)
         self.lm_head = model.lm_head
         self.state_dtype = state_dtype
+        self.backend = backend
         idx = [_layer_idx(layer) for layer in self.backbone.blocks()]
         if len(set(idx)) != len(idx):
             raise StateCompatibilityError(f"model: expected unique mixer layer_idx values, found {idx}")
@@ -310,6 +311,7 @@ class StatefulMambaLM(nn.Module):
                 layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
         # state None: every mixer starts from its own zero state (not materialised here)
         offset, metadata = (0, {}) if state is None else (state.seqlen_offset, state.metadata)
+        ops = device_ops(input_ids.device, self.backend)  # the LM's own kernels (add-norm), decided once a call
         hidden = self.backbone.embedding(input_ids)
         residual = None
         new_layers = {}
@@ -318,15 +320,15 @@ class StatefulMambaLM(nn.Module):
             idx = _layer_idx(layer)
             layer_state = None if state is None else state[idx]
             if positions is None:
-                hidden, residual, new_layers[idx] = layer(hidden, residual, layer_state, reset, one_step)
+                hidden, residual, new_layers[idx] = layer(hidden, residual, layer_state, reset, one_step, ops)
             else:
                 hidden, residual, new_layers[idx], layers_at[idx] = layer(hidden, residual, layer_state, reset,
-                                                                          False, positions)
+                                                                          False, ops, positions)
         first = self.backbone.blocks()[0]
         if num_last_tokens > 0:  # the final add-norm works per token: only the kept tokens need it
             hidden = hidden[:, -num_last_tokens:]
             residual = None if residual is None else residual[:, -num_last_tokens:]
-        hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f)
+        hidden, _ = first.add_norm(hidden, residual, self.backbone.norm_f, ops)
         logits = self.lm_head(hidden)
         new_state = MambaModelState(new_layers, seqlen_offset=offset + seqlen, metadata=dict(metadata))
         if positions is None:

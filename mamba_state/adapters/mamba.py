@@ -18,7 +18,6 @@ window; ``dt, B, C = x_proj(x)``; ``dt = dt_proj.weight @ dt``; selective scan w
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,11 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba_state.kernels.backend import requested_backend, resolve_backend
+from mamba_state.kernels.dispatch import DeviceOps, device_ops
 from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
 from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
 from mamba_state.kernels.selective_scan.all_states import selective_scan_all_states
-from mamba_state.kernels.selective_scan.chunked import selective_scan_chunked
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaInferenceState
@@ -44,17 +42,6 @@ _SHARED_PARAMS = ("A_log", "D")
 _ScanArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel_scan():
-    """``mamba_state.kernels.selective_scan_fn`` when the Triton kernel package provides it, else ``None``
-    (cached: an import attempt per call costs host time on every layer)."""
-    try:
-        from mamba_state.kernels import selective_scan_fn
-    except Exception:  # triton missing
-        return None
-    return selective_scan_fn
-
-
 def _weight_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight [out, in] @ x [B, in, L] -> [B, out, L]`` (contiguous) as one strided-batched GEMM.
 
@@ -64,13 +51,13 @@ def _weight_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
-def _fast_conv(xs, backend, *tensors) -> bool:
+def _fast_conv(xs, ops: DeviceOps, *tensors) -> bool:
     """Whether the Triton conv serves: CUDA (Triton backend), half/float32 inputs and no gradient needed."""
     if xs.device.type != "cuda" or xs.dtype == torch.float64:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, *tensors)):
         return False
-    return resolve_backend(xs.device, backend)[0] == "triton"
+    return ops.triton
 
 
 class Mamba1Parameters(nn.Module):
@@ -223,18 +210,6 @@ class StatefulMamba(nn.Module):
             raise StateShapeError(f"x: expected [batch, seqlen >= 1, d_model={self.d_model}], found {found}")
 
     # ------------------------------------------------------------------ chunked forward
-    def _scan(self, *args, **kwargs):
-        device = args[0].device
-        name, _ = resolve_backend(device, self.backend)
-        if name == "triton":
-            fn = _kernel_scan()
-            if fn is not None:  # backend passed on: the kernel would otherwise choose again (reference on CPU)
-                return fn(*args, backend="triton", **kwargs)
-            if requested_backend(self.backend) == "triton":
-                raise StateError("backend: expected mamba_state.kernels.selective_scan_fn when 'triton' is forced, "
-                                 "found none (the Triton kernel package is not available)")
-        return selective_scan_chunked(*args, **kwargs)
-
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
                 reset: torch.Tensor | None = None, return_states_at: Any = None):
         """Run a chunk from ``state`` (zeros when None).
@@ -253,6 +228,7 @@ class StatefulMamba(nn.Module):
             (one per position, the incoming state's dtypes; differentiable).
         """
         self._check_input(x)
+        ops = device_ops(x.device, self.backend)  # which kernels this call runs, decided once
         batch, seqlen, _ = x.shape
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         if state is not None or positions is not None or self.state_dtype == torch.float64:
@@ -272,7 +248,7 @@ class StatefulMamba(nn.Module):
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
         conv_in = xs
-        xs, conv_state = self._conv(xs, None if state is None else state.conv_state, reset)
+        xs, conv_state = self._conv(xs, None if state is None else state.conv_state, reset, ops)
         x_dbl = _weight_matmul(self.x_proj.weight, xs)  # [B, dt_rank + 2*d_state, L]
         # B and C stay views of x_dbl (time stride 1, which is all the scan needs): no copies
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -285,10 +261,10 @@ class StatefulMamba(nn.Module):
         kwargs = dict(z=z, delta_bias=dt_bias, delta_softplus=True)
         h0 = None if state is None else state.ssm_state
         if positions is None:
-            y, last = self._scan(*args, **kwargs, return_last_state=True, initial_state=h0, reset=reset)
+            y, last = ops.selective_scan(*args, **kwargs, return_last_state=True, initial_state=h0, reset=reset)
         else:
             assert state is not None  # materialised above whenever positions are asked for
-            y, last, ssm_at = self._scan_segments(args, kwargs, state.ssm_state, reset, positions)
+            y, last, ssm_at = self._scan_segments(ops, args, kwargs, state.ssm_state, reset, positions)
         # token-major [B, L, d_model], contiguous: the GEMM reads y transposed instead of copying it
         out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(batch, -1, -1))
         if self.out_proj.bias is not None:
@@ -302,7 +278,7 @@ class StatefulMamba(nn.Module):
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
         return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
-    def _scan_segments(self, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
+    def _scan_segments(self, ops: DeviceOps, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
                        reset: torch.Tensor | None, positions: list[int]):
         """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
         L = args[0].shape[-1]
@@ -317,12 +293,12 @@ class StatefulMamba(nn.Module):
         def run(a, b, h):
             seg_args = [part(t, a, b) for t in args]
             seg_kwargs = {k: part(v, a, b) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            return self._scan(*seg_args, **seg_kwargs, return_last_state=True, initial_state=h,
-                              reset=None if reset is None else reset[:, a:b])
+            return ops.selective_scan(*seg_args, **seg_kwargs, return_last_state=True, initial_state=h,
+                                      reset=None if reset is None else reset[:, a:b])
 
         return run_segments(run, L, positions, initial_state, time_dim=-1)
 
-    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None, reset: torch.Tensor | None):
+    def _conv(self, xs: torch.Tensor, conv_state: torch.Tensor | None, reset: torch.Tensor | None, ops: DeviceOps):
         """silu(causal depthwise conv) continuing ``conv_state`` (zeros when None, the new window then in
         ``state_dtype``); returns ``(out [B, d_inner, L], new conv_state)``.
 
@@ -330,11 +306,9 @@ class StatefulMamba(nn.Module):
         dtype over the last ``d_conv - 1`` state inputs followed by the chunk (accumulation is float32 inside
         PyTorch's kernels for half inputs, as in upstream's causal-conv1d).
         """
-        if _fast_conv(xs, self.backend, self.conv1d.weight, self.conv1d.bias, conv_state):
-            from mamba_state.kernels import causal_conv1d
-
-            return causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
-                                 activation="silu", backend="triton", state_dtype=self.state_dtype)
+        if _fast_conv(xs, ops, self.conv1d.weight, self.conv1d.bias, conv_state):
+            return ops.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                     activation="silu", state_dtype=self.state_dtype)
         if conv_state is None:
             conv_state = torch.zeros(xs.shape[0], self.d_inner, self.d_conv, device=xs.device, dtype=self.state_dtype)
         if reset is not None:
@@ -390,7 +364,9 @@ class StatefulMamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.to(ct))
         ssm = ssm_prev.clone()
-        y = _state_update(ssm, xc, dt, A, B, C, self.D.to(ct), z, self.dt_proj.bias.to(ct), self.backend)
+        ops = device_ops(u.device, self.backend)
+        y = ops.selective_state_update(ssm, xc, dt, A, B, C, self.D.to(ct), z=z, dt_bias=self.dt_proj.bias.to(ct),
+                                       dt_softplus=True)
         out = self.out_proj(y)
         return (out if squeeze else out.unsqueeze(1)), MambaInferenceState(conv_state, ssm)
 
@@ -402,19 +378,3 @@ class StatefulMamba(nn.Module):
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs (exact tests), else float32 (upstream computes A, D and dt's bias in float32)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _state_update(ssm, x, dt, A, B, C, D, z, dt_bias, backend):
-    """One SSM step updating ``ssm`` in place: the Triton kernel on CUDA when available, else the reference."""
-    name, _ = resolve_backend(ssm.device, backend)
-    if name == "triton":
-        try:
-            from mamba_state.kernels import selective_state_update
-        except Exception:
-            selective_state_update = None
-        if selective_state_update is not None:
-            return selective_state_update(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
-                                          backend="triton")
-    from mamba_state.kernels.state_update.naive import selective_state_update_ref
-
-    return selective_state_update_ref(ssm, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)

@@ -243,11 +243,9 @@ def trace_model(lm: nn.Module, input_ids: torch.Tensor, state: MambaModelState |
     lm._check_ids(input_ids)
     batch, seqlen = input_ids.shape
     rows = trace_positions(seqlen, positions, stride)
-    state = lm._check_state(state, batch, input_ids.device)
+    state = lm.check_state(state, batch, input_ids.device)  # every layer's state, before anything runs
     check_reset(reset, [batch, seqlen])
     blocks: list[Any] = list(lm.backbone.layers)  # our _Block modules
-    for block in blocks:  # every layer's state is checked before anything runs
-        block.mixer._check_state(state[int(block.mixer.layer_idx)], batch, input_ids.device)
     if positions is None and stride is None:
         total = sum(_state_bytes(b.mixer, batch, len(rows), state[int(b.mixer.layer_idx)].ssm_state.dtype)
                     for b in blocks)

@@ -39,6 +39,7 @@ from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config
 
 if TYPE_CHECKING:
+    from ..generation.sampling import SamplingConfig
     from .mamba2 import StatefulMamba2
 
 __all__ = ["StatefulMambaLM"]
@@ -123,23 +124,22 @@ class _Block(nn.Module):
         """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given."""
         hidden, residual = self.add_norm(hidden, residual, self.norm, ops)
         states_at = None
+        # the mixers' unchecked internals: StatefulMambaLM.check_state has checked the state, ids, reset and
+        # positions once for every layer
         if one_step:
-            hidden, state = self.mixer.step(hidden, state, reset=None if reset is None else reset[:, 0])
+            if state is None:
+                state = self.mixer.new_state(hidden.shape[0], device=hidden.device)
+            hidden, state = self.mixer._step(hidden, state, None if reset is None else reset[:, 0])
         elif positions is not None:
-            hidden, state, states_at = self.mixer(hidden, state=state, reset=reset, return_states_at=positions)
+            hidden, state, states_at = self.mixer._forward(hidden, state, reset, positions)
         else:
-            hidden, state = self.mixer(hidden, state=state, reset=reset)
+            hidden, state = self.mixer._forward(hidden, state, reset, None)
         if self.mlp is not None:
             hidden, residual = self.add_norm(hidden, residual, self.norm2, ops)
             hidden = self.mlp(hidden)
         if positions is not None:
             return hidden, residual, state, states_at
         return hidden, residual, state
-
-
-def _sampling_args(scope: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``generate`` / ``stream`` from their locals (everything but self, ids and state)."""
-    return {k: v for k, v in scope.items() if k not in ("self", "input_ids", "state")}
 
 
 def _layer_idx(block: _Block) -> int:
@@ -267,16 +267,24 @@ class StatefulMambaLM(nn.Module):
         return MambaModelState({_layer_idx(layer): layer.mixer.new_state(batch_size, device=device, dtype=dtype)
                                 for layer in self.backbone.blocks()}, seqlen_offset=0)
 
-    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaModelState:
+    def check_state(self, state: Any, batch_size: int, device: torch.device | str | None = None) -> MambaModelState:
+        """``state`` when it fits this model: a :class:`MambaModelState` with exactly the model's layers, each
+        with its mixer's layout, ``batch_size`` rows and on ``device`` (default: the parameters' device); a zero
+        state for None. Else a :class:`~mamba_state.errors.StateError` subclass naming what was expected and
+        found, before any work. The one check of a model state: ``forward``, ``step``, ``generate``, ``stream``
+        and the tracing functions run it, and the layers below trust it."""
+        device = torch.device(device) if device is not None else next(self.parameters()).device
         if state is None:
-            return self.new_state(batch, device=device)
+            return self.new_state(batch_size, device=device)
         if not isinstance(state, MambaModelState):
             raise StateError(f"state: expected a MambaModelState or None, found {type(state).__name__}")
         if state.layer_indices != sorted(self.layer_indices):
             raise StateCompatibilityError(
                 f"state layers: expected {sorted(self.layer_indices)} (the model's), found {state.layer_indices}"
             )
-        return state  # per-layer layout, batch and device are checked by each mixer before any work
+        for layer in self.backbone.blocks():  # every layer's layout, batch and device before any work
+            layer.mixer.check_state(state[_layer_idx(layer)], batch_size, device)
+        return state
 
     def _check_ids(self, input_ids: Any, check_range: bool | None = None) -> None:
         """Shape and dtype of ``input_ids``; the id range too when ``check_range`` (default: for CPU tensors
@@ -306,9 +314,7 @@ class StatefulMambaLM(nn.Module):
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         check_reset(reset, [batch, seqlen])
         if state is not None:
-            state = self._check_state(state, batch, input_ids.device)
-            for layer in self.backbone.blocks():  # validate every layer's state before computing anything
-                layer.mixer._check_state(state[_layer_idx(layer)], batch, input_ids.device)
+            state = self.check_state(state, batch, input_ids.device)
         # state None: every mixer starts from its own zero state (not materialised here)
         offset, metadata = (0, {}) if state is None else (state.seqlen_offset, state.metadata)
         ops = device_ops(input_ids.device, self.backend)  # the LM's own kernels (add-norm), decided once a call
@@ -386,7 +392,8 @@ class StatefulMambaLM(nn.Module):
 
     # ------------------------------------------------------------------ generation (mamba_state.generation)
     def generate(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
-                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+                 max_new_tokens: int | None = None, max_length: int | None = None,
+                 sampling: SamplingConfig | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -396,16 +403,22 @@ class StatefulMambaLM(nn.Module):
         """Prefill ``input_ids`` (int ``[batch, L]``, the tokens ``state`` has not consumed) in chunks from
         ``state``, then decode up to ``max_new_tokens`` tokens (or up to ``max_length`` tokens in all). Greedy
         unless ``do_sample=True`` or a sampling option (``temperature``, ``top_k``, ``top_p``, ``min_p``,
-        ``seed``) is given. Returns a :class:`~mamba_state.generation.GenerationOutput` (``.sequences``,
-        ``.state``, ``.scores``); resume with ``generate(out.sequences[:, -1:], state=out.state, ...)``. Every
-        argument as in :func:`mamba_state.generation.generate`."""
-        options = _sampling_args(locals())
+        ``seed``) is given; the sampling options as ``sampling=SamplingConfig(...)`` or as keywords. Returns a
+        :class:`~mamba_state.generation.GenerationOutput` (``.sequences``, ``.state``, ``.scores``); resume with
+        ``generate(out.sequences[:, -1:], state=out.state, ...)``. Every argument as in
+        :func:`mamba_state.generation.generate`."""
         from ..generation import generate
 
-        return generate(self, input_ids, state=state, **options)
+        return generate(self, input_ids, state, max_new_tokens=max_new_tokens, max_length=max_length,
+                        sampling=sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, seed=seed, output_scores=output_scores,
+                        prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids,
+                        fused_step=fused_step)
 
     def stream(self, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
-               max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+               max_new_tokens: int | None = None, max_length: int | None = None,
+               sampling: SamplingConfig | None = None, do_sample: bool | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                min_p: float | None = None, repetition_penalty: float = 1.0,
                eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -414,7 +427,11 @@ class StatefulMambaLM(nn.Module):
                fused_step: bool | None = None) -> Any:
         """Like :meth:`generate`, but yields each new token int64 ``[batch]`` as it is produced; the final state
         is the returned stream's ``.state`` at the end (:func:`mamba_state.generation.stream`)."""
-        options = _sampling_args(locals())
         from ..generation import stream
 
-        return stream(self, input_ids, state=state, **options)
+        return stream(self, input_ids, state, max_new_tokens=max_new_tokens, max_length=max_length,
+                      sampling=sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id, seed=seed, output_scores=output_scores,
+                      prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, context_ids=context_ids,
+                      fused_step=fused_step)

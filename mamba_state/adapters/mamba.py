@@ -199,10 +199,15 @@ class StatefulMamba(nn.Module):
             torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
         )
 
-    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
+    def check_state(self, state: Any, batch_size: int, device: torch.device | str) -> MambaInferenceState:
+        """``state`` when it fits this layer (its layout, ``batch_size`` rows, on ``device``), a zero state for
+        None; else a :class:`~mamba_state.errors.StateError` subclass naming what was expected and found. The one
+        check of a layer state: :meth:`forward` and :meth:`step` run it, and ``StatefulMambaLM.check_state`` runs
+        it for every layer before the LM calls the unchecked internals."""
+        device = torch.device(device)
         if state is None:
-            return self.new_state(batch, device=device)
-        return check_layer_state(state, self.state_layout(), self.layer_idx, batch, device)
+            return self.new_state(batch_size, device=device)
+        return check_layer_state(state, self.state_layout(), self.layer_idx, batch_size, device)
 
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
@@ -228,14 +233,23 @@ class StatefulMamba(nn.Module):
             (one per position, the incoming state's dtypes; differentiable).
         """
         self._check_input(x)
-        ops = device_ops(x.device, self.backend)  # which kernels this call runs, decided once
         batch, seqlen, _ = x.shape
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
-        if state is not None or positions is not None or self.state_dtype == torch.float64:
-            state = self._check_state(state, batch, x.device)
+        if state is not None:
+            state = self.check_state(state, batch, x.device)
+        check_reset(reset, [batch, seqlen])
+        return self._forward(x, state, reset, positions)
+
+    def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
+                 positions: list[int] | None):
+        """:meth:`forward` on checked arguments (its caller checked them: forward, or the LM after its
+        ``check_state``); ``positions`` a checked list or None."""
+        ops = device_ops(x.device, self.backend)  # which kernels this call runs, decided once
+        batch, seqlen, _ = x.shape
+        if state is None and (positions is not None or self.state_dtype == torch.float64):
+            state = self.new_state(batch, device=x.device)
         # else zeros, never materialised: the conv and the scan start from zeros themselves (a float64 zero state
         # is materialised because it makes the reference path compute in float64)
-        check_reset(reset, [batch, seqlen])
         if reset is not None:
             reset = reset.to(x.device)
         # Channel-major layout throughout ([B, channels, L], what the scan takes): strided-batched GEMMs of the
@@ -341,12 +355,17 @@ class StatefulMamba(nn.Module):
                 x_t.dim() == 3 and x_t.shape[1] != 1):
             found = list(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
             raise StateShapeError(f"x_t: expected [batch, 1, {self.d_model}] or [batch, {self.d_model}], found {found}")
+        u = x_t if x_t.dim() == 2 else x_t[:, 0]
+        state = self.check_state(state, u.shape[0], u.device)
+        check_reset(reset, [u.shape[0]])
+        return self._step(x_t, state, reset)
+
+    def _step(self, x_t: torch.Tensor, state: MambaInferenceState,
+              reset: torch.Tensor | None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """:meth:`step` on checked arguments (``state`` not None)."""
         squeeze = x_t.dim() == 2
         u = x_t if squeeze else x_t[:, 0]
-        batch = u.shape[0]
-        state = self._check_state(state, batch, u.device)
         conv_prev, ssm_prev = state.conv_state, state.ssm_state
-        check_reset(reset, [batch])
         if reset is not None:
             keep = (~reset.to(u.device)).view(-1, 1, 1)
             conv_prev, ssm_prev = conv_prev * keep, ssm_prev * keep

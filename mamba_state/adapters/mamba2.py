@@ -326,8 +326,14 @@ class StatefulMamba2(nn.Module):
             return "reference", "mamba_ssm's Triton SSD kernels are not importable: PyTorch reference path"
         return name, why
 
-    def _check_state(self, state: Any, batch: int, device: torch.device) -> MambaInferenceState:
-        return check_layer_state(state, self.state_layout(), self.layer_idx, batch, device)
+    def check_state(self, state: Any, batch_size: int, device: torch.device | str) -> MambaInferenceState:
+        """``state`` when it fits this layer (its layout, ``batch_size`` rows, on ``device``), a zero state for
+        None; else a :class:`~mamba_state.errors.StateError` subclass naming what was expected and found (the
+        one check of a layer state, as ``StatefulMamba.check_state``)."""
+        device = torch.device(device)
+        if state is None:
+            return self.new_state(batch_size, device=device)
+        return check_layer_state(state, self.state_layout(), self.layer_idx, batch_size, device)
 
     def _check_x(self, x: Any, what: str) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -378,11 +384,20 @@ class StatefulMamba2(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
         bsz, L, _ = x.shape
-        state = self.new_state(bsz, device=x.device) if state is None else self._check_state(state, bsz, x.device)
+        state = self.check_state(state, bsz, x.device)
         check_reset(reset, [bsz, L])
+        positions = None if return_states_at is None else check_positions(return_states_at, L)
+        return self._forward(x, state, reset, positions)
+
+    def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
+                 positions: list[int] | None):
+        """:meth:`forward` on checked arguments (its caller checked them: forward, or the LM after its
+        ``check_state``); ``positions`` a checked list or None."""
+        bsz, L, _ = x.shape
+        if state is None:
+            state = self.new_state(bsz, device=x.device)
         if reset is not None:
             reset = reset.to(x.device)
-        positions = None if return_states_at is None else check_positions(return_states_at, L)
         if L == 0:
             if positions is not None:
                 return x.new_zeros(bsz, 0, self.d_model), state, [state for _ in positions]
@@ -501,10 +516,17 @@ class StatefulMamba2(nn.Module):
                 f"x_t: expected [batch, 1, {self.d_model}] or [batch, {self.d_model}], found {list(x_t.shape)}"
             )
         u = x_t[:, 0] if squeeze else x_t
+        state = self.check_state(state, u.shape[0], u.device)
+        check_reset(reset, [u.shape[0]])
+        return self._step(x_t, state, reset)
+
+    def _step(self, x_t: torch.Tensor, state: MambaInferenceState,
+              reset: torch.Tensor | None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """:meth:`step` on checked arguments (``state`` not None)."""
+        squeeze = x_t.dim() == 3
+        u = x_t[:, 0] if squeeze else x_t
         bsz = u.shape[0]
-        state = self.new_state(bsz, device=u.device) if state is None else self._check_state(state, bsz, u.device)
         conv_prev, ssm_prev = state.conv_state, state.ssm_state
-        check_reset(reset, [bsz])
         if reset is not None:
             keep = (~reset.to(u.device)).to(conv_prev.dtype)
             conv_prev = conv_prev * keep[:, None, None]

@@ -253,11 +253,9 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, m
             raise StateError(f"context_ids device: expected {input_ids.device} (input_ids'), found {context_ids.device}")
     device = input_ids.device
     if state is not None:
-        state = lm._check_state(state, batch, device)
-        if state.batch_size != batch:
+        if isinstance(state, MambaModelState) and state.batch_size != batch:
             raise StateShapeError(f"state batch size: expected {batch} (input_ids'), found {state.batch_size}")
-        for layer in lm.backbone.layers:  # layout, batch and device of every layer, before any work
-            layer.mixer._check_state(state[int(layer.mixer.layer_idx)], batch, device)
+        state = lm.check_state(state, batch, device)  # the model's one check: every layer, before any work
         _refuse_consumed_input(input_ids, state)
     return max_new_tokens, sampling, eos, pad, seeds, state
 

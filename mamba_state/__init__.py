@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from .adapters import StatefulMamba, StatefulMambaLM
     from .adapters.mamba2 import StatefulMamba2
     from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
-    from .generation import GenerationOutput, TokenStream, clear_graph_cache, generate, stream
+    from .generation import GenerationOutput, SamplingConfig, TokenStream, clear_graph_cache, generate, stream
     from .state import MambaInferenceState, MambaModelState
     from .state.interop import (
         get_inference_state,
@@ -55,6 +55,7 @@ __all__ = [
     "StatefulMamba2",
     "StatefulMambaLM",
     "GenerationOutput",
+    "SamplingConfig",
     "TokenStream",
     "generate",
     "stream",
@@ -76,7 +77,8 @@ _EXPORTS: dict[str, str] = {
                      "zero_inference_state", "zero_model_state"], "state.interop"),
     **dict.fromkeys(["StatefulMamba", "StatefulMambaLM"], "adapters"),
     "StatefulMamba2": "adapters.mamba2",
-    **dict.fromkeys(["GenerationOutput", "TokenStream", "clear_graph_cache", "generate", "stream"], "generation"),
+    **dict.fromkeys(["GenerationOutput", "SamplingConfig", "TokenStream", "clear_graph_cache", "generate", "stream"],
+                    "generation"),
     **dict.fromkeys(["LayerTrace", "ModelTrace", "TraceSizeWarning", "trace_layer", "trace_model"], "trace"),
 }
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 import weakref
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import given, strategies as st
 from mamba_state import load_model_state, save_model_state
 from mamba_state.adapters import StatefulMambaLM
 from mamba_state.errors import StateError, StateShapeError
+from mamba_state.generation import SamplingConfig
 from mamba_state.generation import decode as G
 from mamba_state.generation.decode import GenerationOutput, _choose, _process, _Sampling, generate, step_seed, stream
 from mamba_state.state import MambaModelState
@@ -820,3 +822,124 @@ def test_lm_methods_show_the_full_signatures():
         ours = list(inspect.signature(method).parameters.values())[1:]
         theirs = list(inspect.signature(fn).parameters.values())[1:]
         assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs]
+
+
+# ---------------------------------------------------------------------------------------------- SamplingConfig
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(do_sample="yes"), "do_sample"), (dict(do_sample=1), "do_sample"),
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="1"), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"),
+    (dict(top_p=-0.1), "top_p"), (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(min_p=-0.1), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=None), "repetition_penalty"),
+    (dict(do_sample=True, temperature=0), "temperature with do_sample=True"),
+])
+def test_sampling_config_is_checked_when_made(kw, words):
+    with pytest.raises(StateError, match=words) as info:
+        SamplingConfig(**kw)
+    assert "expected" in str(info.value) and "found" in str(info.value)
+
+
+def test_sampling_config_is_frozen_and_compares_by_value():
+    import dataclasses
+
+    cfg = SamplingConfig(temperature=0.8, top_k=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 2.0  # type: ignore[misc]
+    assert cfg == SamplingConfig(temperature=0.8, top_k=5) and hash(cfg) == hash(SamplingConfig(temperature=0.8,
+                                                                                              top_k=5))
+    assert dataclasses.replace(cfg, top_p=0.9).top_p == 0.9
+    with pytest.raises(StateError, match="top_p"):  # a changed copy is checked too
+        dataclasses.replace(cfg, top_p=2.0)
+    import mamba_state as ms
+
+    assert ms.SamplingConfig is SamplingConfig and "SamplingConfig" in ms.__all__
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05),
+                                dict(do_sample=True, repetition_penalty=1.4), dict(temperature=0),
+                                dict(repetition_penalty=1.5), dict(do_sample=False, top_k=3)])
+def test_sampling_config_decodes_as_the_keywords(lm, kw):
+    ids = _ids(2, 5)
+    cfg = SamplingConfig(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # do_sample=False warns about top_k, both ways
+        want = generate(lm, ids, max_new_tokens=10, seed=11, output_scores=True, **kw)
+        for got in (generate(lm, ids, max_new_tokens=10, seed=11, output_scores=True, sampling=cfg),
+                    lm.generate(ids, max_new_tokens=10, seed=11, output_scores=True, sampling=cfg)):
+            assert torch.equal(got.sequences, want.sequences), kw
+            assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores))
+        ts = lm.stream(ids, max_new_tokens=10, seed=11, sampling=cfg)
+        assert torch.equal(torch.stack(list(ts), 1), _new(want, 5))
+        ts = stream(lm, ids, max_new_tokens=10, seed=11, sampling=cfg)
+        assert torch.equal(torch.stack(list(ts), 1), _new(want, 5))
+    # without a seed the same rule holds: an empty config is greedy, as no keyword is
+    assert torch.equal(generate(lm, ids, max_new_tokens=6, sampling=SamplingConfig()).sequences,
+                       generate(lm, ids, max_new_tokens=6).sequences)
+
+
+def test_sampling_config_and_a_disagreeing_keyword_raise_before_any_work(lm, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    ids = _ids(2, 3)
+    cfg = SamplingConfig(temperature=0.8, top_k=4, repetition_penalty=1.2)
+    ok = generate(lm, ids, max_new_tokens=3, seed=2, sampling=cfg)
+    # keywords at their defaults, or equal to the config's value, are not a conflict
+    same = generate(lm, ids, max_new_tokens=3, seed=2, sampling=cfg, temperature=0.8, top_k=4, repetition_penalty=1.2)
+    assert torch.equal(same.sequences, ok.sequences)
+    monkeypatch.setattr(lm, "step", boom)
+    monkeypatch.setattr(lm, "forward", boom)
+    for kw, words in ((dict(temperature=0.5), r"temperature=0\.5 and sampling\.temperature=0\.8"),
+                      (dict(top_p=0.9), r"top_p=0\.9 and sampling\.top_p=None"),
+                      (dict(do_sample=False), "do_sample=False and sampling.do_sample=None"),
+                      (dict(repetition_penalty=1.0 + 1e-9), "repetition_penalty"),
+                      (dict(top_k=True), "top_k=True")):
+        for call in (lambda **k: generate(lm, ids, **k), lambda **k: stream(lm, ids, **k),
+                     lambda **k: lm.generate(ids, **k), lambda **k: lm.stream(ids, **k)):
+            with pytest.raises(StateError, match=words) as info:
+                call(max_new_tokens=3, sampling=cfg, **kw)
+            assert "given twice" in str(info.value) and "expected" in str(info.value) and "found" in str(info.value)
+    with pytest.raises(StateError, match="sampling: expected None or a mamba_state.SamplingConfig, found dict"):
+        generate(lm, ids, max_new_tokens=3, sampling={"temperature": 0.8})
+
+
+def test_sampling_config_do_sample_false_warns_about_what_it_ignores(lm):
+    ids = _ids(1, 4)
+    with pytest.warns(UserWarning, match=r"ignoring top_k=3, seed=1") as rec:
+        out = generate(lm, ids, max_new_tokens=4, seed=1, sampling=SamplingConfig(do_sample=False, top_k=3))
+    assert rec[0].filename == __file__  # pointed at the caller, not at the library
+    assert torch.equal(out.sequences, generate(lm, ids, max_new_tokens=4).sequences)
+
+
+def test_the_sampling_keywords_are_the_fields_of_sampling_config():
+    """One list of sampling options: the keywords of generate / stream (and so of the LM methods, see
+    test_lm_methods_show_the_full_signatures) named like SamplingConfig's fields have its defaults, and each
+    option of the config is a keyword."""
+    import dataclasses
+    import inspect
+
+    fields = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
+    for fn in (G.generate, G.stream):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in fields if k in params} == fields
+        assert params["sampling"].default is None
+
+
+def test_lm_methods_forward_every_argument(lm, monkeypatch):
+    import inspect
+
+    import mamba_state.generation as generation
+
+    for name in ("generate", "stream"):
+        seen = {}
+
+        def record(*args, **kwargs):
+            seen.update(args=args, kwargs=kwargs)
+
+        monkeypatch.setattr(generation, name, record)
+        params = list(inspect.signature(getattr(G, name)).parameters)[3:]  # after lm, input_ids, state
+        values = {p: object() for p in params}  # a distinct value per keyword
+        ids, state = object(), object()
+        getattr(lm, name)(ids, state, **values)
+        assert seen["args"] == (lm, ids, state) and seen["kwargs"] == values, name

@@ -27,6 +27,10 @@ that says to pass only the new tokens. The record holds only while ``state.seqle
 genuinely new input (e.g. ``cat([out.sequences[:, -1:], next_turn], 1)``) is never refused; to feed the same tokens
 again on purpose, delete the record from ``state.metadata``.
 
+**The sampling options** (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``)
+are the fields of :class:`~mamba_state.generation.SamplingConfig`, defined and checked there
+(:mod:`mamba_state.generation.sampling`); a call takes them as ``sampling=SamplingConfig(...)`` or as keywords.
+
 **Greedy or sampled: one rule.** ``do_sample=None`` (the default) samples when any sampling option is given
 (``temperature``, ``top_k``, ``top_p``, ``min_p`` or ``seed`` not None) and decodes greedily (argmax) otherwise, so
 two calls with only ``max_new_tokens`` give the same tokens, as upstream ``mamba_ssm`` (``top_k=1``) and
@@ -63,8 +67,6 @@ literally; a resumed call treats every row as live again.
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
 import threading
 import warnings
 import weakref
@@ -75,10 +77,10 @@ import torch
 
 from ..errors import StateError, StateShapeError
 from ..state import MambaModelState
+from .sampling import SamplingConfig, _choose, _is_int, _process, _Sampling, _sampling_config
+from .sampling import step_seed  # noqa: F401  (a name of this module in 0.1)
 
 __all__ = ["GenerationOutput", "TokenStream", "generate", "stream", "clear_graph_cache"]
-
-_MASK64 = (1 << 64) - 1
 
 
 # ---------------------------------------------------------------------------------------------- output object
@@ -101,41 +103,6 @@ class GenerationOutput:
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
-
-
-@dataclass(frozen=True)
-class _Sampling:
-    """The validated decoding options of one call (``top_p`` 1 when off; ``do_sample`` after the default rule)."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repetition_penalty: float
-    vocab: int
-    do_sample: bool = True
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside this package."""
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mamba_state/
-    frame: Any = sys._getframe(1)
-    level = 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _resolve_length(max_new_tokens: Any, max_length: Any, seqlen: int) -> int:
     """``max_new_tokens`` from ``max_new_tokens`` and / or ``max_length`` (= len(input_ids) + max_new_tokens)."""
     if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 0):
@@ -158,38 +125,7 @@ def _resolve_length(max_new_tokens: Any, max_length: Any, seqlen: int) -> int:
 def _check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, min_p: Any, seed: Any,
                     repetition_penalty: Any, vocab: int) -> _Sampling:
     """Validate the sampling options (None = not given) and apply the default rule (see the module docs)."""
-    if do_sample is not None and not isinstance(do_sample, bool):
-        raise StateError(f"do_sample: expected None, True or False, found {do_sample!r}")
-    if temperature is not None and (not _is_real(temperature) or temperature < 0):
-        raise StateError(f"temperature: expected a finite number >= 0 (0 = greedy), found {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise StateError(f"top_k: expected an int >= 0 (0 = no limit), found {top_k!r}")
-    if top_p is not None and (not _is_real(top_p) or not 0 <= top_p <= 1):
-        raise StateError(f"top_p: expected a number in [0, 1] (0 or 1 = no filter), found {top_p!r}")
-    if min_p is not None and (not _is_real(min_p) or not 0 <= min_p < 1):
-        raise StateError(f"min_p: expected a number in [0, 1) (0 = no filter), found {min_p!r}")
-    if not _is_real(repetition_penalty) or repetition_penalty <= 0:
-        raise StateError(f"repetition_penalty: expected a finite number > 0 (1 = none), found {repetition_penalty!r}")
-    given = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
-                               ("seed", seed)) if v is not None}
-    t = 1.0 if temperature is None else float(temperature)
-    if do_sample is None:
-        sample = bool(given) and t != 0
-    elif do_sample:
-        if t == 0:
-            raise StateError("temperature with do_sample=True: expected a number > 0, found 0 (temperature=0 is "
-                             "greedy decoding: use do_sample=False)")
-        sample = True
-    else:
-        ignored = {k: v for k, v in given.items() if not (k == "temperature" and v == 0)}
-        if ignored:
-            warnings.warn("mamba_state.generation: do_sample=False decodes greedily; ignoring "
-                          + ", ".join(f"{k}={v!r}" for k, v in ignored.items()), UserWarning,
-                          stacklevel=_user_stacklevel())
-        sample = False
-    p = 1.0 if top_p is None or top_p == 0 else float(top_p)
-    return _Sampling(t, 0 if top_k is None else int(top_k), p, 0.0 if min_p is None else float(min_p),
-                     float(repetition_penalty), vocab, sample)
+    return SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)._resolve(vocab, seed)
 
 
 def _check_int_ids(name: str, t: Any, batch: int | None) -> None:
@@ -213,10 +149,11 @@ def _eos_list(eos_token_id: Any) -> list[int]:
     return list(ids)
 
 
-def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, max_length: Any, do_sample: Any,
-                     temperature: Any, top_k: Any, top_p: Any, min_p: Any, repetition_penalty: Any,
-                     eos_token_id: Any, pad_token_id: Any, seed: Any, prefill_chunk_size: Any, context_ids: Any):
-    """Validate everything before any work; returns (max_new_tokens, sampling, eos list, pad id, seeds, state)."""
+def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, max_length: Any, sampling: Any,
+                     sampling_keywords: dict[str, Any], eos_token_id: Any, pad_token_id: Any, seed: Any,
+                     prefill_chunk_size: Any, context_ids: Any):
+    """Validate everything before any work; returns (max_new_tokens, resolved sampling, eos list, pad id, seeds,
+    state). ``sampling``: the call's SamplingConfig or None; ``sampling_keywords``: its keywords of the same names."""
     if not all(hasattr(lm, a) for a in ("step", "forward", "new_state", "config")):
         raise StateError(f"lm: expected a StatefulMambaLM (step, forward, new_state, config), found {type(lm).__name__}")
     lm._check_ids(input_ids, check_range=True)  # once per call, on any device
@@ -226,7 +163,7 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, m
         raise StateError(f"input_ids device: expected {param.device} (the model's), found {input_ids.device}")
     max_new_tokens = _resolve_length(max_new_tokens, max_length, input_ids.shape[1])
     vocab = int(lm.config["vocab_size"])
-    sampling = _check_sampling(do_sample, temperature, top_k, top_p, min_p, seed, repetition_penalty, vocab)
+    resolved = _sampling_config(sampling, sampling_keywords)._resolve(vocab, seed)
     eos = _eos_list(eos_token_id)
     if pad_token_id is not None and (not _is_int(pad_token_id) or pad_token_id < 0):
         raise StateError(f"pad_token_id: expected None or a non-negative int, found {pad_token_id!r}")
@@ -257,7 +194,7 @@ def _check_arguments(lm: Any, input_ids: Any, state: Any, max_new_tokens: Any, m
             raise StateShapeError(f"state batch size: expected {batch} (input_ids'), found {state.batch_size}")
         state = lm.check_state(state, batch, device)  # the model's one check: every layer, before any work
         _refuse_consumed_input(input_ids, state)
-    return max_new_tokens, sampling, eos, pad, seeds, state
+    return max_new_tokens, resolved, eos, pad, seeds, state
 
 
 # ---------------------------------------------------------------------------------------------- resume record
@@ -303,67 +240,6 @@ def _refuse_consumed_input(input_ids: torch.Tensor, state: MambaModelState) -> N
             f"ending with the {n} tokens of the `sequences` returned with this state, which it has already consumed "
             f"but for the last one; pass only the new tokens, e.g. generate(out.sequences[:, -1:], "
             f"state=out.state, ...) (to feed them again on purpose, delete state.metadata[{_RECORD!r}])")
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(seed: int, position: int) -> int:
-    """The generator seed for the token at absolute ``position`` of a stream sampled with ``seed`` (63 bits)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 1
-
-
-def _process(logits: torch.Tensor, cfg: _Sampling, seen: torch.Tensor | None) -> torch.Tensor:
-    """Float32 ``[B, vocab]`` processed logits from raw ``[B, >= vocab]`` logits (always a fresh tensor)."""
-    x = logits[:, :cfg.vocab].to(torch.float32, copy=True)
-    if seen is not None:
-        x = torch.where(seen, torch.where(x < 0, x * cfg.repetition_penalty, x / cfg.repetition_penalty), x)
-    if cfg.greedy:
-        return x
-    if cfg.temperature != 1.0:
-        x = x / cfg.temperature
-    if 0 < cfg.top_k < cfg.vocab:
-        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        srt, order = torch.sort(x, dim=-1)  # ascending: drop the unlikely tail whose mass is <= 1 - top_p
-        drop_sorted = srt.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
-        drop_sorted[:, -1] = False  # the most likely token always stays
-        x = x.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    if cfg.min_p > 0:
-        p = x.softmax(-1)
-        x = x.masked_fill(p < cfg.min_p * p.amax(-1, keepdim=True), float("-inf"))
-    return x
-
-
-def _exp_noise(shape: tuple[int, ...], device: torch.device, seeds: Any, position: int,
-               gen: torch.Generator | None) -> torch.Tensor:
-    """``Exp(1)`` noise ``[B, vocab]``, keyed by (seed, position) when seeded."""
-    if seeds is None:
-        return torch.empty(shape, device=device, dtype=torch.float32).exponential_()
-    assert gen is not None  # seeded draws always come with a generator
-    if isinstance(seeds, int):
-        gen.manual_seed(step_seed(seeds, position))
-        return torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=gen)
-    rows = []
-    for s in seeds:
-        gen.manual_seed(step_seed(s, position))
-        rows.append(torch.empty((1, shape[1]), device=device, dtype=torch.float32).exponential_(generator=gen))
-    return torch.cat(rows)
-
-
-def _choose(x: torch.Tensor, cfg: _Sampling, seeds: Any, position: int, gen: torch.Generator | None) -> torch.Tensor:
-    """int64 ``[B]`` tokens from processed logits ``x`` for the tokens at absolute ``position``."""
-    if cfg.greedy:
-        return x.argmax(-1)
-    probs = x.softmax(-1)
-    noise = _exp_noise(tuple(x.shape), x.device, seeds, position, gen).clamp_min_(torch.finfo(torch.float32).tiny)
-    return (probs / noise).argmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
@@ -532,8 +408,8 @@ class TokenStream:
         self._buffers: MambaModelState | None = None  # the live state in "graph"/"fused" mode (updated in place)
         self._offset = 0
         self._use_graph = bool(cuda_graph) and _graphs_supported(input_ids.device)
-        self._gen = _run(self, input_ids, max_new_tokens, sampling, eos, pad, seeds, prefill_chunk_size,
-                         context_ids)
+        self._gen = self._decode(input_ids, max_new_tokens, sampling, eos, pad, seeds, prefill_chunk_size,
+                                 context_ids)
 
     # -- iteration
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -625,50 +501,51 @@ class TokenStream:
         self._offset += 1
         return logits, self._offset
 
-
-def _run(ts: TokenStream, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sampling, eos: list[int],
-         pad: int | None, seeds: Any, chunk: int,
-         context_ids: torch.Tensor | None) -> Generator[torch.Tensor, None, None]:
-    lm = ts._lm
-    batch, seqlen = input_ids.shape
-    device = input_ids.device
-    ids = input_ids.to(torch.long)
-    if max_new_tokens == 0:  # consume all but the last token, so that the resume law holds here too
-        for a in range(0, seqlen - 1, chunk):
-            _, ts._state = lm(ids[:, a:min(a + chunk, seqlen - 1)], ts._state, num_last_tokens=1)
-        return
-    # logits for the first new token: chunked prefill for longer prompts, the decode step for one token
-    if seqlen == 1:
-        logits, position = ts._step(ids[:, 0])
-    else:
-        for a in range(0, seqlen, chunk):
-            logits, ts._state = lm(ids[:, a:a + chunk], ts._state, num_last_tokens=1)
-        logits, position = logits[:, -1], ts._state.seqlen_offset
-    seen = None
-    if cfg.repetition_penalty != 1.0:  # one spare column collects ids outside the vocabulary
-        seen = torch.zeros(batch, cfg.vocab + 1, dtype=torch.bool, device=device)
-        for t in (ids,) if context_ids is None else (context_ids.to(torch.long), ids):
-            seen.scatter_(1, torch.where((t >= 0) & (t < cfg.vocab), t, cfg.vocab), True)
-    gen = None
-    if seeds is not None:
-        gen = torch.Generator(device=device)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for n in range(max_new_tokens):
-        x = _process(logits, cfg, None if seen is None else seen[:, :cfg.vocab])
-        tok = _choose(x, cfg, seeds, position, gen)
-        if eos_t is not None:
-            tok = torch.where(finished, torch.full_like(tok, pad if pad is not None else 0), tok)  # pad is set
-            finished |= torch.isin(tok, eos_t)
-        if seen is not None:
-            seen.scatter_(1, tok[:, None], True)
-        ts._tokens.append(tok)
-        if ts._scores is not None:
-            ts._scores.append(x)
-        yield tok
-        if n == max_new_tokens - 1 or (eos_t is not None and bool(finished.all())):
-            return  # the state stays before the last token (resume law)
-        logits, position = ts._step(tok)
+    # -- the decoding loop behind next()
+    def _decode(self, input_ids: torch.Tensor, max_new_tokens: int, cfg: _Sampling, eos: list[int], pad: int | None,
+                seeds: Any, chunk: int, context_ids: torch.Tensor | None) -> Generator[torch.Tensor, None, None]:
+        """The stream's tokens: prefill, then choose a token and feed it, until ``max_new_tokens`` or every row's EOS
+        (the generator behind ``next()``; it keeps ``_state``, ``_tokens`` and ``_scores`` up to date)."""
+        lm = self._lm
+        batch, seqlen = input_ids.shape
+        device = input_ids.device
+        ids = input_ids.to(torch.long)
+        if max_new_tokens == 0:  # consume all but the last token, so that the resume law holds here too
+            for a in range(0, seqlen - 1, chunk):
+                _, self._state = lm(ids[:, a:min(a + chunk, seqlen - 1)], self._state, num_last_tokens=1)
+            return
+        # logits for the first new token: chunked prefill for longer prompts, the decode step for one token
+        if seqlen == 1:
+            logits, position = self._step(ids[:, 0])
+        else:
+            for a in range(0, seqlen, chunk):
+                logits, self._state = lm(ids[:, a:a + chunk], self._state, num_last_tokens=1)
+            logits, position = logits[:, -1], self._state.seqlen_offset
+        seen = None
+        if cfg.repetition_penalty != 1.0:  # one spare column collects ids outside the vocabulary
+            seen = torch.zeros(batch, cfg.vocab + 1, dtype=torch.bool, device=device)
+            for t in (ids,) if context_ids is None else (context_ids.to(torch.long), ids):
+                seen.scatter_(1, torch.where((t >= 0) & (t < cfg.vocab), t, cfg.vocab), True)
+        gen = None
+        if seeds is not None:
+            gen = torch.Generator(device=device)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for n in range(max_new_tokens):
+            x = _process(logits, cfg, None if seen is None else seen[:, :cfg.vocab])
+            tok = _choose(x, cfg, seeds, position, gen)
+            if eos_t is not None:
+                tok = torch.where(finished, torch.full_like(tok, pad if pad is not None else 0), tok)  # pad is set
+                finished |= torch.isin(tok, eos_t)
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            self._tokens.append(tok)
+            if self._scores is not None:
+                self._scores.append(x)
+            yield tok
+            if n == max_new_tokens - 1 or (eos_t is not None and bool(finished.all())):
+                return  # the state stays before the last token (resume law)
+            logits, position = self._step(tok)
 
 
 def _fused_decoder(lm: Any, state: MambaModelState | None, input_ids: torch.Tensor, fused_step: Any):
@@ -693,31 +570,35 @@ def _fused_decoder(lm: Any, state: MambaModelState | None, input_ids: torch.Tens
 
 # ---------------------------------------------------------------------------------------------- entry points
 def stream(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
-           max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
-           temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-           min_p: float | None = None, repetition_penalty: float = 1.0,
+           max_new_tokens: int | None = None, max_length: int | None = None, sampling: SamplingConfig | None = None,
+           do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+           top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
            eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
            seed: int | Sequence[int] | None = None, output_scores: bool = False, prefill_chunk_size: int = 2048,
            cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
            fused_step: bool | None = None) -> TokenStream:
     """Decode token by token, yielding each new token int64 ``[batch]`` as soon as it is chosen.
 
-    Arguments as :func:`generate` (greedy unless a sampling option or ``do_sample=True`` is given). Every argument
-    is checked here, before any work. The returned :class:`TokenStream` carries ``.state``, ``.sequences`` and
-    ``.scores``; after the last token ``.state`` equals ``generate(...).state``.
+    Arguments as :func:`generate` (greedy unless a sampling option or ``do_sample=True`` is given; the sampling
+    options as a :class:`~mamba_state.generation.SamplingConfig` or as keywords). Every argument is checked here,
+    before any work. The returned :class:`TokenStream` carries ``.state``, ``.sequences`` and ``.scores``; after
+    the last token ``.state`` equals ``generate(...).state``.
     """
-    max_new_tokens, sampling, eos, pad, seeds, state = _check_arguments(
-        lm, input_ids, state, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
-        repetition_penalty, eos_token_id, pad_token_id, seed, prefill_chunk_size, context_ids)
+    sampling_keywords = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty)  # the fields of SamplingConfig
+    max_new_tokens, resolved, eos, pad, seeds, state = _check_arguments(
+        lm, input_ids, state, max_new_tokens, max_length, sampling, sampling_keywords, eos_token_id, pad_token_id,
+        seed, prefill_chunk_size, context_ids)
     fused = _fused_decoder(lm, state, input_ids, fused_step)
-    return TokenStream(lm, input_ids, state, max_new_tokens, sampling, eos, pad, seeds, output_scores,
+    return TokenStream(lm, input_ids, state, max_new_tokens, resolved, eos, pad, seeds, output_scores,
                        prefill_chunk_size, cuda_graph, context_ids, fused, fused_auto=fused_step is None)
 
 
 def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = None, *,
-             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, repetition_penalty: float = 1.0,
+             max_new_tokens: int | None = None, max_length: int | None = None,
+             sampling: SamplingConfig | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | Sequence[int] | None = None, output_scores: bool = False, prefill_chunk_size: int = 2048,
              cuda_graph: bool = True, context_ids: torch.Tensor | None = None,
@@ -737,6 +618,10 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
         max_new_tokens: int >= 0. With 0, ``input_ids[:, :-1]`` are consumed and nothing is generated.
         max_length: instead of ``max_new_tokens``: the length of ``sequences`` at most, ``seqlen + max_new_tokens``
             (tokens the passed-in state consumed earlier do not count). Both given: they must agree.
+        sampling: a :class:`~mamba_state.generation.SamplingConfig` holding the six options below, from
+            ``do_sample`` to ``repetition_penalty`` (checked when it was made; reuse it across calls). With it, a
+            keyword among those six that differs from the config's value raises a StateError; keywords left at
+            their defaults are not given. None: the options come from the keywords.
         do_sample: None (sample only when a sampling option is given), True (sample) or False (greedy).
         temperature: >= 0 (sampling default 1); 0 selects greedy decoding (argmax).
         top_k: keep the ``top_k`` most likely tokens (None or 0: no limit).
@@ -765,11 +650,11 @@ def generate(lm: Any, input_ids: torch.Tensor, state: MambaModelState | None = N
     Raises:
         StateError: (or its subclass StateShapeError) naming the expected and the found value, for any bad
             argument, before any work: also for ``max_length`` and ``max_new_tokens`` that disagree, neither of
-            them given, ``do_sample=True`` with ``temperature=0``, and ``input_ids`` that repeat the returned
-            ``sequences`` of ``state``.
+            them given, ``do_sample=True`` with ``temperature=0``, ``sampling=`` with a keyword that disagrees
+            with it, and ``input_ids`` that repeat the returned ``sequences`` of ``state``.
     """
-    ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+    ts = stream(lm, input_ids, state, max_new_tokens=max_new_tokens, max_length=max_length, sampling=sampling,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                 seed=seed, output_scores=output_scores, prefill_chunk_size=prefill_chunk_size,
                 cuda_graph=cuda_graph, context_ids=context_ids, fused_step=fused_step)

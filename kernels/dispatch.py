@@ -34,7 +34,7 @@ class DeviceOps:
         if self.triton:
             from .selective_scan.launcher import selective_scan_fn
 
-            return selective_scan_fn(*args, backend="triton", **kwargs)
+            return selective_scan_fn(*args, **{**kwargs, "backend": "triton"})
         from .selective_scan.chunked import selective_scan_chunked
 
         return selective_scan_chunked(*args, **kwargs)
@@ -44,7 +44,7 @@ class DeviceOps:
         if self.triton:
             from .state_update.launcher import selective_state_update
 
-            return selective_state_update(*args, backend="triton", **kwargs)
+            return selective_state_update(*args, **{**kwargs, "backend": "triton"})
         from .state_update.naive import selective_state_update_ref
 
         return selective_state_update_ref(*args, **kwargs)
@@ -54,7 +54,7 @@ class DeviceOps:
         gradients and float64 take the reference inside it)."""
         from .conv1d.launcher import causal_conv1d
 
-        return causal_conv1d(*args, backend=self.backend, **kwargs)
+        return causal_conv1d(*args, **{**kwargs, "backend": self.backend})
 
 
 def device_ops(device: torch.device | str, backend: Optional[str] = None) -> DeviceOps:

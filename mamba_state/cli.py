@@ -82,12 +82,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands: name -> (module with add_arguments(parser) and run(args) -> int, importable without torch; help).
-_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mamba_state.demo_cli", "the end-to-end demo (README's main job)"),
-    "rl": ("mamba_state.rl.cli", "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
-    "trace": ("mamba_state.trace_cli", "trace a model's states over an input and write the plots (PNG)"),
+# Subcommands: name -> (module with add_arguments(parser), importable without torch; the "module:function" that
+# runs it, run(args) -> int, imported only when the subcommand runs; help).
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("mamba_state.demo_cli", "mamba_state.demo:run", "the end-to-end demo (README's main job)"),
+    "rl": ("mamba_state.rl.cli", "mamba_state.rl.cli:run",
+           "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
+    "trace": ("mamba_state.trace_cli", "mamba_state.trace_cli:run",
+              "trace a model's states over an input and write the plots (PNG)"),
 }
+
+
+def _runner(target: str):
+    """``run(args)`` of ``target`` ("module:function"), imported when called."""
+    def run(args: argparse.Namespace) -> int:
+        module, function = target.split(":")
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def _package_version() -> str:
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Versions, devices and which backend each operation uses.",
                        formatter_class=HelpFormatter)
     p.set_defaults(func=cmd_info)
-    for name, (module, help_text) in _COMMANDS.items():
+    for name, (module, target, help_text) in _COMMANDS.items():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=_runner(target))
     return parser
 
 

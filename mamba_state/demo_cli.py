@@ -7,7 +7,7 @@ import argparse
 
 from ._cli_util import add_backend_argument, add_device_argument
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +26,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the trained recall model there, in upstream's format (default: a "
                              "temporary directory only)")
     add_backend_argument(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the demo (:func:`mamba_state.demo.run`); returns the exit status."""
-    from .demo import run as run_demo
-
-    return run_demo(args)

@@ -176,3 +176,40 @@ def test_each_op_folder_has_its_naive_reference_and_launcher():
         folder = REPO / "kernels" / op
         assert (folder / "naive.py").is_file(), f"kernels/{op}: expected naive.py (the float64 reference)"
         assert (folder / "launcher.py").is_file() or (folder / "chunked.py").is_file(), f"kernels/{op}"
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the library modules it imports (anywhere in the file), packages' __init__ re-exports excluded as
+    targets' parents (``from .state import X`` counts as importing ``mamba_state.state``)."""
+    graph: dict[str, set[str]] = {}
+    for module, path in _sources():
+        if module == "mamba_state" or module in COMPAT:
+            continue
+        graph[module] = {t for t, _ in _imports(module, path) if t != module and t != "mamba_state"}
+    return graph
+
+
+# Known, to be cut: the containers' save()/load() methods call mamba_state.state.io, which builds containers. It
+# goes with the single parsing front of the hostile-input work (the file format split from the container glue).
+KNOWN_CYCLES = {frozenset({"mamba_state.state.containers", "mamba_state.state.io"})}
+
+
+def test_no_import_cycles_between_modules():
+    """No module reaches itself through imports (a package counts as its __init__ module), but the known one."""
+    graph = _graph()
+    for pair in KNOWN_CYCLES:
+        a, b = sorted(pair)
+        assert b in graph[a] and a in graph[b], f"the known cycle {a} <-> {b} is gone: drop it from KNOWN_CYCLES"
+        graph[a].discard(b)
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join(path + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not cycles, "expected no import cycles, found:\n" + "\n".join(sorted(set(cycles))[:20])

@@ -127,8 +127,10 @@ def hf_state_dict_to_upstream(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def load_pretrained(path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None,
-                    state_dtype: torch.dtype = torch.float32, backend: str | None = None):
-    """A :class:`StatefulMambaLM` from a local checkpoint directory (upstream's or transformers' Mamba format).
+                    state_dtype: torch.dtype = torch.float32, backend: str | None = None) -> nn.Module:
+    """The upstream-shaped model (a :class:`~mamba_state.adapters.modules.MambaLMParameters` with the weights
+    loaded) of a local checkpoint directory (upstream's or transformers' Mamba format), for
+    ``StatefulMambaLM.from_pretrained`` to wrap.
 
     Nothing is downloaded: for a Hugging Face Hub id such as ``"state-spaces/mamba-130m"``, download the repository
     first (``hf download state-spaces/mamba-130m --local-dir mamba-130m``, or
@@ -139,7 +141,6 @@ def load_pretrained(path: str | os.PathLike, device: Any = None, dtype: torch.dt
     it and loaded into a model built with that dtype (``A_log`` and ``D`` parameters stay float32). Raises
     ``StateFormatError`` for unreadable files and ``StateCompatibilityError`` when the weights do not fit.
     """
-    from .lm import StatefulMambaLM
     from .modules import MambaLMParameters
 
     raw = read_config(path)
@@ -172,17 +173,16 @@ def load_pretrained(path: str | os.PathLike, device: Any = None, dtype: torch.dt
         k, found, exp = bad[0]
         raise StateCompatibilityError(f"{os.fspath(path)} {k}: expected shape {exp}, found {found}")
     params.load_state_dict(sd, strict=True)
-    return StatefulMambaLM(params, state_dtype=state_dtype, backend=backend)
+    return params
 
 
-def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, backend: str | None = None):
-    """Wrap a transformers ``MambaForCausalLM``: its modules are shared, exposed under upstream's names.
+def adopt_hf(hf_model: nn.Module) -> Any:
+    """A view of a transformers ``MambaForCausalLM`` under upstream's names (its modules shared, nothing copied),
+    for ``StatefulMambaLM.from_hf`` to wrap.
 
     ``Mamba2ForCausalLM`` is refused with ``StateCompatibilityError`` (its mixer differs from upstream's Mamba2:
     load its checkpoint in upstream's format instead).
     """
-    from .lm import StatefulMambaLM
-
     cfg: Any = getattr(hf_model, "config", None)  # a transformers config (None fails the model_type check)
     model_type = getattr(cfg, "model_type", None)
     if model_type == "mamba2":
@@ -206,7 +206,7 @@ def adopt_hf(hf_model: nn.Module, state_dtype: torch.dtype = torch.float32, back
         backbone=SimpleNamespace(embedding=backbone.embeddings, layers=layers, norm_f=backbone.norm_f),
         lm_head=hf_model.lm_head,
     )
-    return StatefulMambaLM(view, state_dtype=state_dtype, backend=backend)
+    return view
 
 
 def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:

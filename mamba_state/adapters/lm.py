@@ -35,6 +35,7 @@ from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaModelState
 from ..state.layers import is_attention_layer
 from ._state_checks import check_reset
+from .checkpoint import adopt_hf, load_pretrained, save_pretrained
 from .mamba import StatefulMamba
 from .modules import norm_apply, normalize_config
 
@@ -236,22 +237,17 @@ class StatefulMambaLM(nn.Module):
 
         Hub ids are not downloaded: fetch the repository first (``hf download org/name --local-dir name`` or
         ``huggingface_hub.snapshot_download("org/name")``, which returns the directory), then pass the directory."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend)
+        return cls(load_pretrained(path, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend),
+                   state_dtype=state_dtype, backend=backend)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, state_dtype: torch.dtype = torch.float32,
                 backend: str | None = None) -> "StatefulMambaLM":
         """Adopt a transformers ``MambaForCausalLM`` (sharing its modules, exposing upstream's names)."""
-        from .checkpoint import adopt_hf
-
-        return adopt_hf(hf_model, state_dtype=state_dtype, backend=backend)
+        return cls(adopt_hf(hf_model), state_dtype=state_dtype, backend=backend)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` in upstream's format (readable by :meth:`from_pretrained`)."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, path)
 
     # ------------------------------------------------------------------ state

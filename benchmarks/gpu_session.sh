@@ -10,6 +10,7 @@
 #   scan    benchmarks/bench_scan.py --no-chunked                (SCAN_TIMEOUT, 200 s)
 #   trace   benchmarks/bench_trace.py                            (TRACE_TIMEOUT, 100 s)
 #   overhead benchmarks/profile_overhead.py (host cost per forward) (OVERHEAD_TIMEOUT, 150 s)
+#   train   benchmarks/bench_train.py (130m training step, ours vs upstream) (TRAIN_TIMEOUT, 150 s)
 # Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail
@@ -46,6 +47,7 @@ for step in ${STEPS:-tests gen cont}; do
         scan) run_step scan "${SCAN_TIMEOUT:-200}" python3 benchmarks/bench_scan.py --no-chunked ;;
         overhead) run_step overhead "${OVERHEAD_TIMEOUT:-150}" python3 benchmarks/profile_overhead.py --out "$OUT" ;;
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
+        train) run_step train "${TRAIN_TIMEOUT:-150}" python3 benchmarks/bench_train.py ;;
         *) echo "unknown step $step" ;;
     esac
 done

@@ -15,7 +15,7 @@ import torch
 
 from mamba_state.errors import StateError
 
-__all__ = ["BACKENDS", "requested_backend", "triton_usable", "resolve_backend"]
+__all__ = ["BACKENDS", "requested_backend", "triton_usable", "resolve_backend", "backend_name"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -86,3 +86,12 @@ def _resolve(choice: str, kind: str, index: int | None, interpret: bool) -> tupl
     if ok and kind == "cuda":
         return "triton", why
     return "reference", f"auto: {why}" if not ok else "auto: CPU tensors use the PyTorch reference path"
+
+
+def backend_name(device: torch.device, backend: str | None) -> str:
+    """``"triton"`` or ``"reference"`` as :func:`resolve_backend` says, except while torch.compile traces: it
+    cannot trace the import probe inside, so there CUDA tensors take Triton unless the reference is asked for."""
+    if torch.compiler.is_compiling():
+        choice = requested_backend(backend)
+        return "triton" if choice == "triton" or (choice == "auto" and device.type == "cuda") else "reference"
+    return resolve_backend(device, backend)[0]

@@ -13,7 +13,7 @@ from torch import Tensor
 from mamba_state.errors import StateError
 
 from .._launch import default_chunk, needs_grad
-from ..backend import requested_backend, resolve_backend
+from ..backend import backend_name
 from ..scan_inputs import check_scan_inputs, compute_dtype
 from ..scan_positions import check_positions, run_segments, use_dense_states
 from .all_states import selective_scan_all_states
@@ -23,15 +23,6 @@ from .ops import ScanFn, scan_forward
 __all__ = ["selective_scan_fn"]
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _which(device: torch.device, backend: Optional[str]) -> str:
-    """resolve_backend, except while torch.compile traces: it cannot trace the import probe inside, so there
-    CUDA tensors take Triton unless the reference path is asked for."""
-    if torch.compiler.is_compiling():
-        choice = requested_backend(backend)
-        return "triton" if choice == "triton" or (choice == "auto" and device.type == "cuda") else "reference"
-    return resolve_backend(device, backend)[0]
 
 
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -72,7 +63,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if return_states_at is not None:
         return _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state, reset, backend, chunk_size, return_states_at, shape)
-    which = _which(u.device, backend)
+    which = backend_name(u.device, backend)
     constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
     if which == "reference" or constant_bc or u.dtype == torch.float64:
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,

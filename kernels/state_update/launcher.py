@@ -11,22 +11,13 @@ from torch import Tensor
 from mamba_state.errors import StateError, StateShapeError
 
 from .._launch import needs_grad
-from ..backend import requested_backend, resolve_backend
+from ..backend import backend_name
 from .naive import selective_state_update_ref
 from .ops import state_update  # noqa: F401  (registers torch.ops.mamba_state.state_update)
 
 __all__ = ["selective_state_update"]
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _which(device: torch.device, backend: Optional[str]) -> str:
-    """resolve_backend, except while torch.compile traces: it cannot trace the import probe inside, so there
-    CUDA tensors take Triton unless the reference path is asked for."""
-    if torch.compiler.is_compiling():
-        choice = requested_backend(backend)
-        return "triton" if choice == "triton" or (choice == "auto" and device.type == "cuda") else "reference"
-    return resolve_backend(device, backend)[0]
 
 
 def _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset):
@@ -78,7 +69,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     on) runs the differentiable PyTorch reference, whatever the backend.
     """
     _check_step(state, x, dt, A, B, C, D, z, dt_bias, reset)
-    which = _which(state.device, backend)
+    which = backend_name(state.device, backend)
     # the Triton step kernel is inference-only: a step that autograd records takes the (differentiable) reference
     recorded = needs_grad(state, x, dt, A, B, C, D, z, dt_bias)
     if which == "reference" or recorded or state.dtype == torch.float64 or x.dtype == torch.float64:

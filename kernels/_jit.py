@@ -1,12 +1,39 @@
-"""Triton helpers shared by every op's kernels: named constants and small element-wise functions."""
+"""Triton helpers shared by every op's kernels: named constants, small element-wise functions, and the heuristics
+that derive a kernel's ``HAS_*`` flags from its optional inputs."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import triton
 import triton.language as tl
 
 # exp(x) = exp2(x * LOG2E): the scan kernels fold LOG2E into A once and then call the cheaper exp2 per step
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# time steps per tile in the scan kernels: each input is read as [rows, TILE] and split into its columns in
+# registers (selective_scan/triton_kernels.py's _split8 and _join8 are written for 8); chunks are multiples of it
+TILE: tl.constexpr = tl.constexpr(8)
+
+
+def optional_inputs(**flags: str) -> Callable[[Any], Any]:
+    """``@triton.heuristics`` that sets each ``flag`` (a ``tl.constexpr`` parameter) to whether the pointer
+    argument it names was given: ``@optional_inputs(HAS_D="D_ptr")`` then a launch passes ``D_ptr=None`` for an
+    absent D and no ``HAS_D``. Triton specialises a ``None`` argument as a constant (compiled and interpreted
+    alike), so the kernel compiled without D has no D parameter and reads nothing for it."""
+    return triton.heuristics({flag: (lambda args, name=name: args[name] is not None) for flag, name in flags.items()})
+
+
+@triton.jit
+def _channel_offsets(dim, dstate, cpg, BD: tl.constexpr, BN: tl.constexpr):
+    """A [BD, BN] tile of (channel, state) for the channel block of program axis 0: the channel and state
+    offsets, their masks and the tile's mask, and the channels' group (``cpg`` channels per group)."""
+    pid_d = tl.program_id(0)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    grp = (pid_d * BD) // cpg
+    return offs_d, offs_n, mask_d, mask_n, mask_d[:, None] & mask_n[None, :], grp
 
 
 @triton.jit

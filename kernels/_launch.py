@@ -165,10 +165,6 @@ def backward_splits(batch: int, dim_blocks: int, nchunks: int, device: torch.dev
     return _chunk_plan(batch * dim_blocks, nchunks, _RESIDENT_PER_SM * _sm_count(device))[0]
 
 
-def _dummy(t: Tensor) -> Tensor:
-    return t.new_empty(1)
-
-
 def _reset_bytes(reset: Optional[Tensor]) -> Optional[Tensor]:
     return None if reset is None else reset.contiguous().view(torch.uint8)
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .._device import launch_device
-from .._launch import (_cdiv, _dummy, _nchunks, _pow2_divisor, _reset_bytes, backward_mode,
+from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_mode,
                        backward_splits, block_sizes, triton_next_pow2, use_sequence_parallel)
 
 __all__ = ["scan_forward", "ScanFn"]
@@ -65,22 +65,17 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     rst = _reset_bytes(reset)
     store_ypre = z is not None and keep_ypre
     ypre = torch.empty_like(u) if store_ypre else u.new_empty(0)
-    summ = torch.empty_like(ckpt) if seqpar else _dummy(A)
-    prod = torch.empty_like(ckpt) if seqpar else _dummy(A)
+    summ = torch.empty_like(ckpt) if seqpar else None
+    prod = torch.empty_like(ckpt) if seqpar else None
+    # absent inputs go in as None: the kernels' HAS_* flags follow from them (optional_inputs)
     common = (
-        u, delta, A, B, C,
-        D.contiguous() if D is not None else _dummy(A),
-        z if z is not None else _dummy(u),
-        delta_bias.contiguous() if delta_bias is not None else _dummy(A),
-        init if init is not None else _dummy(A),
-        rst if rst is not None else _dummy(A),
-        out, last, ckpt, summ, prod, ypre if store_ypre else _dummy(u),
+        u, delta, A, B, C, D.contiguous() if D is not None else None, z,
+        delta_bias.contiguous() if delta_bias is not None else None, init, rst,
+        out, last, ckpt, summ, prod, ypre if store_ypre else None,
         dim, L, dstate, dim // ngroups, nch,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_INIT=init is not None, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
-                 CHUNK=int(chunk), BD=bd, BN=bn, STORE_YPRE=store_ypre, num_warps=warps)
+    flags = dict(SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
     with launch_device(u):
         if not seqpar:
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
@@ -89,8 +84,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
             block = 256
             K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
-                init if init is not None else _dummy(A), summ, prod, ckpt, last, dim, dstate, nch,
-                HAS_INIT=init is not None, BLOCK=block, num_warps=4)
+                init, summ, prod, ckpt, last, dim, dstate, nch, REVERSE=False, BLOCK=block, num_warps=4)
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre
 
@@ -114,6 +108,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
              delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, ypre: Tensor, dout: Tensor,
              dlast: Optional[Tensor], delta_softplus: bool, chunk: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .._jit import TILE
     from . import triton_kernels as K
 
     batch, dim, L = u.shape
@@ -129,7 +124,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     dblocks = _cdiv(dim, bd)
     splits = backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
-    sub = chunk // 8
+    sub = chunk // TILE.value
     dev, f32 = u.device, torch.float32
     scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)
@@ -138,17 +133,16 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     dA_part = torch.empty(parts, dim, dstate, device=dev, dtype=f32)
     dB = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
     dC = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
-    dD_part = torch.empty(parts, dim, device=dev, dtype=f32)
-    dbias_part = torch.empty(parts, dim, device=dev, dtype=f32)
+    dD_part = torch.empty(parts, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(parts, dim, device=dev, dtype=f32) if delta_bias is not None else None
     dinit = torch.empty(batch, dim, dstate, device=dev, dtype=f32)
     rst = _reset_bytes(reset)
-    Dp = D.contiguous().float() if D is not None else _dummy(Af)
-    zp = z if z is not None else _dummy(u)
-    biasp = delta_bias.contiguous().float() if delta_bias is not None else _dummy(Af)
-    rstp = rst if rst is not None else _dummy(Af)
-    ypp = ypre.contiguous() if z is not None else _dummy(u)
-    glast = dlast.contiguous().float() if dlast is not None else _dummy(Af)
-    hin = _dummy(Af)
+    # absent inputs go in as None: the kernels' HAS_* flags follow from them (optional_inputs)
+    Dp = D.contiguous().float() if D is not None else None
+    biasp = delta_bias.contiguous().float() if delta_bias is not None else None
+    ypp = ypre.contiguous() if z is not None else None
+    glast = dlast.contiguous().float() if dlast is not None else None
+    hin = None
     with launch_device(u):
         if chunked:
             # (1) every chunk's local adjoint from zero and its decay product, in parallel; (2) right-to-left pass
@@ -161,29 +155,29 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             if ngroups > 1:
                 bdl = min(bdl, _pow2_divisor(dim // ngroups))
             K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
-                delta, Af, C, zp, biasp, rstp, dout, summ, prod,
+                delta, Af, C, z, biasp, rst, dout, summ, prod,
                 dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
-                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_RESET=rst is not None,
                 SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
                 num_warps=max(1, min(8, (bdl * bn) // 512)))
             block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
-            K._carry_bwd_kernel[(_cdiv(dim * dstate, block), batch)](
-                glast, summ, prod, hin, dinit, dim, dstate, nch, HAS_GLAST=dlast is not None, BLOCK=block, num_warps=2)
+            K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
+                glast, summ, prod, hin, dinit, dim, dstate, nch, REVERSE=True, BLOCK=block, num_warps=2)
             del summ, prod
+            glast = None  # the carry pass has taken it
         K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
-            u, delta, Af, B, C, Dp, zp, biasp, rstp,
+            u, delta, Af, B, C, Dp, z, biasp, rst,
             checkpoints.contiguous(), dout, glast, scratch, ypp,
-            du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else _dummy(u), dbias_part, dinit, hin,
+            du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
+            None if chunked else dinit, hin,
             dim, L, dstate, dim // ngroups, nch, batch, splits,
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
             dB.stride(0), dB.stride(1), dB.stride(2),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            HAS_GLAST=dlast is not None and not chunked, HAS_RESET=rst is not None, SOFTPLUS=bool(delta_softplus),
-            CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
+            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
         )
     dA = dA_part.sum(0).to(A.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)
+    dbias = (dbias_part.sum(0).to(delta_bias.dtype) if dbias_part is not None and delta_bias is not None
+             else u.new_empty(0))
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit
 
 

@@ -9,9 +9,16 @@ Layout (the wrappers in :mod:`mamba_state.kernels.selective_scan.ops` make every
     checkpoints:        [batch, dim, nchunks, dstate] float32: the state entering chunk c (before step c*CHUNK)
 
 One program owns one batch row and a block of ``BD`` channels; its state tile [BD, BN] lives in registers, in
-float32. Time advances in tiles of 8 steps: each input is read as one coalesced [rows, 8] tile and split into
-its 8 columns in registers (reshape + split), the 8 recurrence steps are unrolled, and the 8 outputs are joined
-back into one tile for a single store.
+float32. Time advances in tiles of TILE = 8 steps: each input is read as one coalesced [rows, 8] tile and split
+into its 8 columns in registers (reshape + split), the 8 recurrence steps are unrolled, and the 8 outputs are
+joined back into one tile for a single store.
+
+Each unrolled 8-step body is written once, in a helper: ``_steps8`` (the forward recurrence, for the forward and
+the backward's recompute), ``_bsteps8`` (the reverse steps) and ``_lsteps8`` (the adjoint alone). Their columns
+travel as tuples of 8 and the step index as a constant, so after inlining each is the same straight-line code
+as written out by hand: values stay in registers.
+
+Optional inputs are ``None`` when absent; ``optional_inputs`` derives each ``HAS_*`` flag from its pointer.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import LOG2E, _sigmoid, _softplus
+from .._jit import LOG2E, TILE, _channel_offsets, _sigmoid, _softplus, optional_inputs
 
 
 @triton.jit
@@ -44,13 +51,42 @@ def _join8(c0, c1, c2, c3, c4, c5, c6, c7, R: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, bc_row, rst_row, bias, t0, L, mask_d, mask_n,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Inputs of steps t0 .. t0+7 as tiles; steps past L get dt = 0, B = C = 0, keep = 1 (no-ops)."""
-    offs_t = t0 + tl.arange(0, 8)
+def _channel_block(A_ptr, bias_ptr, D_ptr, dim, dstate, cpg, BD: tl.constexpr, BN: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """This program's block of channels (program axis 0): offsets, masks and group (_channel_offsets), A and
+    A * LOG2E [BD, BN] in float32, and delta_bias and D [BD] (zeros where absent)."""
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp = _channel_offsets(dim, dstate, cpg, BD, BN)
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    bias = tl.zeros((BD,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BD,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv
+
+
+@triton.jit
+def _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks):
+    """Offsets of this program's [BD, BN] tile in a [batch, dim, dstate] state and in chunk 0 of a
+    [batch, dim, nchunks, dstate] buffer (chunk c: + c * dstate)."""
+    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    return st_off, ck_off
+
+
+@triton.jit
+def _tile_offsets(t0, L, mask_d):
+    """Steps t0 .. t0+7: their offsets, which lie before L, and the [BD, 8] mask of the tile."""
+    offs_t = t0 + tl.arange(0, TILE)
     mt = offs_t < L
-    m2 = mask_d[:, None] & mt[None, :]
-    u = tl.load(u_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+    return offs_t, mt, mask_d[:, None] & mt[None, :]
+
+
+@triton.jit
+def _dt_tile(dt_ptr, row, bias, offs_t, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta of a tile as read (draw) and as used (dt: plus delta_bias, softplus; 0 past L, a no-op step)."""
     draw = tl.load(dt_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
     dt = draw
     if HAS_BIAS:
@@ -58,14 +94,36 @@ def _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, bc_row, rst_row, bia
     if SOFTPLUS:
         dt = _softplus(dt)
     dt = tl.where(m2, dt, 0.0)
-    mb = mask_n[:, None] & mt[None, :]
-    Bt = tl.load(B_ptr + bc_row + offs_t[None, :], mask=mb, other=0.0).to(tl.float32)
+    return draw, dt
+
+
+@triton.jit
+def _keep_tile(reset_ptr, rst_row, offs_t, mt, HAS_RESET: tl.constexpr):
+    """[1, 8]: 0 at a reset (the state is cleared before that step), else 1."""
     if HAS_RESET:
         r = tl.load(reset_ptr + rst_row + offs_t[None, :], mask=mt[None, :], other=0)
         keep = tl.where(r != 0, 0.0, 1.0)
     else:
-        keep = tl.full((1, 8), 1.0, tl.float32)
-    return u, draw, dt, Bt, keep, m2
+        keep = tl.full((1, TILE), 1.0, tl.float32)
+    return keep
+
+
+@triton.jit
+def _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, bc_row, rst_row, bias, offs_t, mt, m2, mask_n,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Inputs of steps t0 .. t0+7 as tiles; steps past L get dt = 0, B = 0, keep = 1 (no-ops)."""
+    u = tl.load(u_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+    draw, dt = _dt_tile(dt_ptr, row, bias, offs_t, m2, HAS_BIAS, SOFTPLUS)
+    mb = mask_n[:, None] & mt[None, :]
+    Bt = tl.load(B_ptr + bc_row + offs_t[None, :], mask=mb, other=0.0).to(tl.float32)
+    keep = _keep_tile(reset_ptr, rst_row, offs_t, mt, HAS_RESET)
+    return u, draw, dt, Bt, keep
+
+
+@triton.jit
+def _split_inputs(dt, dtu, Bt, keep, BD: tl.constexpr, BN: tl.constexpr):
+    """A tile's dt, dt*u, B and keep as tuples of their 8 columns."""
+    return _split8(dt, BD), _split8(dtu, BD), _split8(Bt, BN), _split8(keep, 1)
 
 
 @triton.jit
@@ -78,6 +136,43 @@ def _fstep(x, A2, dt, dtu, Bc, keep, HAS_RESET: tl.constexpr):
 
 
 @triton.jit
+def _step(x, P, A2, d, v, b, k, c, I: tl.constexpr, HAS_RESET: tl.constexpr, PROD: tl.constexpr,
+          OUT: tl.constexpr):
+    """Step I of a tile (columns d = dt, v = dt*u, b = B, k = keep, c = C): the new state, P times the decay
+    (PROD; else 0) and the output C . x (OUT; else 0). A jit function cannot return None: the 0s stand in."""
+    x, a = _fstep(x, A2, d[I], v[I], b[I], k[I], HAS_RESET)
+    Pa = 0.0
+    if PROD:
+        Pa = P * a
+    y = 0.0
+    if OUT:
+        y = tl.sum(x * c[I][None, :], 1)
+    return x, Pa, y
+
+
+@triton.jit
+def _steps8(x0, P, A2, d, v, b, k, c, BD: tl.constexpr, HAS_RESET: tl.constexpr, PROD: tl.constexpr,
+            OUT: tl.constexpr):
+    """The 8 steps of a tile from state x0. Returns (x0 and the 8 states after each step, as a tuple of 9;
+    P times the 8 decays when PROD, else 0; the 8 outputs as one [BD, 8] tile when OUT, else 0). P and c may
+    be None when PROD, OUT are off."""
+    x1, P, y0 = _step(x0, P, A2, d, v, b, k, c, 0, HAS_RESET, PROD, OUT)
+    x2, P, y1 = _step(x1, P, A2, d, v, b, k, c, 1, HAS_RESET, PROD, OUT)
+    x3, P, y2 = _step(x2, P, A2, d, v, b, k, c, 2, HAS_RESET, PROD, OUT)
+    x4, P, y3 = _step(x3, P, A2, d, v, b, k, c, 3, HAS_RESET, PROD, OUT)
+    x5, P, y4 = _step(x4, P, A2, d, v, b, k, c, 4, HAS_RESET, PROD, OUT)
+    x6, P, y5 = _step(x5, P, A2, d, v, b, k, c, 5, HAS_RESET, PROD, OUT)
+    x7, P, y6 = _step(x6, P, A2, d, v, b, k, c, 6, HAS_RESET, PROD, OUT)
+    x8, P, y7 = _step(x7, P, A2, d, v, b, k, c, 7, HAS_RESET, PROD, OUT)
+    y = 0.0
+    if OUT:
+        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
+    return (x0, x1, x2, x3, x4, x5, x6, x7, x8), P, y
+
+
+@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_INIT="init_ptr", HAS_RESET="reset_ptr",
+                 STORE_YPRE="ypre_ptr")
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
     out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr,
@@ -88,28 +183,16 @@ def _scan_fwd_kernel(
     BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr,
 ):
     """MODE 0: the whole sequence in one program (grid [channel blocks, batch]); writes out, checkpoints, last.
-    With z, STORE_YPRE also writes the output before the gate (for the backward; inference skips it).
-    MODE 1: chunk summaries (grid [channel blocks, batch, chunks]): the chunk run from a zero state, its end
-    state -> sum_ptr and the product of its decays -> prod_ptr (both [batch, dim, nchunks, dstate]).
+    With z and ypre_ptr given (STORE_YPRE), also writes the output before the gate (for the backward; inference
+    passes None). MODE 1: chunk summaries (grid [channel blocks, batch, chunks]): the chunk run from a zero state,
+    its end state -> sum_ptr and the product of its decays -> prod_ptr (both [batch, dim, nchunks, dstate]).
     MODE 2: outputs of each chunk from its checkpoint (grid as MODE 1), after _carry_kernel filled them.
+    sum_ptr and prod_ptr are read in MODE 1 only (None otherwise).
     """
-    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // cpg
-    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BD,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BD,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv = _channel_block(
+        A_ptr, bias_ptr, D_ptr, dim, dstate, cpg, BD, BN, HAS_BIAS, HAS_D)
+    st_off, ck_off = _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks)
     if MODE == 0:
         t_lo = 0
         t_hi = L
@@ -130,56 +213,22 @@ def _scan_fwd_kernel(
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
     C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
     rst_row = pid_b * L
-    for t0 in range(t_lo, t_hi, 8):
+    for t0 in range(t_lo, t_hi, TILE):
         if MODE == 0:
             if t0 % CHUNK == 0:
                 tl.store(ckpt_ptr + ck_off + (t0 // CHUNK) * dstate, x, mask=mask_dn)
-        u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row, bias,
-                                              t0, L, mask_d, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
-        offs_t = t0 + tl.arange(0, 8)
-        dtu = dt * u
-        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
-        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
-        k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
+        offs_t, mt, m2 = _tile_offsets(t0, L, mask_d)
+        u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
+                                           offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
+        d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
         if MODE == 1:
-            x, a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
-            P = P * a
-            x, a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
-            P = P * a
+            xs, P, _y = _steps8(x, P, A2, d, v, b, k, None, BD, HAS_RESET, True, False)
+            x = xs[8]
         else:
-            Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & (offs_t < L)[None, :],
+            Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & mt[None, :],
                          other=0.0).to(tl.float32)
-            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct, BN)
-            x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
-            y0 = tl.sum(x * c0[None, :], 1)
-            x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
-            y1 = tl.sum(x * c1[None, :], 1)
-            x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
-            y2 = tl.sum(x * c2[None, :], 1)
-            x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
-            y3 = tl.sum(x * c3[None, :], 1)
-            x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
-            y4 = tl.sum(x * c4[None, :], 1)
-            x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
-            y5 = tl.sum(x * c5[None, :], 1)
-            x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
-            y6 = tl.sum(x * c6[None, :], 1)
-            x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
-            y7 = tl.sum(x * c7[None, :], 1)
-            y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
+            xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
+            x = xs[8]
             if HAS_D:
                 y = y + Dv[:, None] * u
             if HAS_Z:
@@ -195,11 +244,19 @@ def _scan_fwd_kernel(
         tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
 
 
+@optional_inputs(HAS_INIT="init_ptr")
 @triton.jit
-def _carry_kernel(init_ptr, sum_ptr, prod_ptr, ckpt_ptr, last_ptr, dim, dstate, nchunks,
-                  HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-    """Short sequential pass over chunk boundaries: checkpoint[c] = state entering chunk c;
-    state leaving chunk c = prod[c] * checkpoint[c] + sum[c]. Grid: [cdiv(dim * dstate, BLOCK), batch]."""
+def _carry_kernel(init_ptr, sum_ptr, prod_ptr, entering_ptr, final_ptr, dim, dstate, nchunks,
+                  HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Short sequential pass over chunk boundaries of the linear recurrence v <- prod[c] * v + sum[c], for
+    c = 0 .. nchunks-1 (REVERSE: from the last chunk to the first); v starts as init (or 0), entering[c] gets the
+    v entering chunk c, final the v after the last. Grid: [cdiv(dim * dstate, BLOCK), batch]; all buffers float32,
+    [batch, dim, nchunks, dstate] and [batch, dim, dstate].
+
+    Forward (REVERSE off): v is the state: init = initial_state, entering = the checkpoints, final = the last state.
+    Backward (REVERSE on): v is the adjoint: init = the gradient of the last state, entering = the adjoint entering
+    each chunk from the right (hin, its own buffer: stores then never alias the loads ahead), final = the gradient
+    of initial_state."""
     pid_b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (channel, state) index
     mask = offs < dim * dstate
@@ -210,12 +267,16 @@ def _carry_kernel(init_ptr, sum_ptr, prod_ptr, ckpt_ptr, last_ptr, dim, dstate, 
     else:
         x = tl.zeros((BLOCK,), tl.float32)
     base = ((pid_b * dim + ch) * nchunks) * dstate + n
-    for c in range(0, nchunks):
-        tl.store(ckpt_ptr + base + c * dstate, x, mask=mask)
+    for cc in range(0, nchunks):
+        if REVERSE:
+            c = nchunks - 1 - cc
+        else:
+            c = cc
+        tl.store(entering_ptr + base + c * dstate, x, mask=mask)
         s = tl.load(sum_ptr + base + c * dstate, mask=mask, other=0.0)
         p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
         x = p * x + s
-    tl.store(last_ptr + pid_b * dim * dstate + offs, x, mask=mask)
+    tl.store(final_ptr + pid_b * dim * dstate + offs, x, mask=mask)
 
 
 @triton.jit
@@ -237,27 +298,54 @@ def _cols8(ptr, row1, t0, L, mask_n):
 
 
 @triton.jit
-def _bstep(h, x_prev, x_cur, A2, keep, dt, dtu, Bc, Cc, gy, A, gA, HAS_RESET: tl.constexpr):
-    """Reverse of one step. h enters as dL/dx_t from later steps only and leaves as dL/dx_{t-1}.
+def _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Reverse of step I of a tile (xs: the tile's 9 states, xs[I] before the step; d, v, b, c, k, g: the
+    columns of dt, dt*u, B, C, keep and gy). h enters as dL/dx after the step from later steps only and leaves as
+    dL/dx before it.
 
-    ``gy`` is the gradient reaching y_t = C_t . x_t (after the gate). The decay exp(dt*A) (times keep) is
-    recomputed here rather than kept from the forward recompute: fewer live registers.
+    ``gy`` is the gradient reaching y = C . x (after the gate). The decay exp(dt*A) (times keep) is recomputed
+    here rather than kept from the forward recompute: fewer live registers.
     Returns (h, gA, gC [BN], gB [BN], hb [BD] = sum_n h*B, gdt_state [BD] = sum_n h*x_prev*a*A).
     """
+    dt = d[I]
     a = tl.exp2(dt[:, None] * A2)
     if HAS_RESET:
-        a = a * keep[:, None]
-    h = h + gy[:, None] * Cc[None, :]
-    gC = tl.sum(gy[:, None] * x_cur, 0)
-    gB = tl.sum(h * dtu[:, None], 0)
-    hb = tl.sum(h * Bc[None, :], 1)
-    hx = h * (x_prev * a)
+        a = a * k[I][:, None]
+    gy = g[I]
+    h = h + gy[:, None] * c[I][None, :]
+    gC = tl.sum(gy[:, None] * xs[I + 1], 0)
+    gB = tl.sum(h * v[I][:, None], 0)
+    hb = tl.sum(h * b[I][None, :], 1)
+    hx = h * (xs[I] * a)
     gA = gA + hx * dt[:, None]
     gdt = tl.sum(hx * A, 1)
     h = h * a
     return h, gA, gC, gB, hb, gdt
 
 
+@triton.jit
+def _bsteps8(h, gA, A2, A, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.constexpr,
+             HAS_RESET: tl.constexpr):
+    """The 8 reverse steps of a tile, last step first (arguments as _bstep's; u and dt: the tile's [BD, 8]).
+    Returns (h, gA, and as tiles: the gradient reaching dt through the state and u through the state
+    [BD, 8], gC and gB [BN, 8])."""
+    h, gA, gC7, gB7, hb7, gt7 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 7, HAS_RESET)
+    h, gA, gC6, gB6, hb6, gt6 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 6, HAS_RESET)
+    h, gA, gC5, gB5, hb5, gt5 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 5, HAS_RESET)
+    h, gA, gC4, gB4, hb4, gt4 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 4, HAS_RESET)
+    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 3, HAS_RESET)
+    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 2, HAS_RESET)
+    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 1, HAS_RESET)
+    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 0, HAS_RESET)
+    hb = _join8(hb0, hb1, hb2, hb3, hb4, hb5, hb6, hb7, BD)
+    gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) + u * hb
+    gu = dt * hb
+    gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
+    gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
+    return h, gA, gdt, gu, gCt, gBt
+
+
+@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_GLAST="glast_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
@@ -273,39 +361,27 @@ def _scan_bwd_kernel(
     8 states of a tile in registers and applying 8 reverse steps.
 
     MODE 0 (grid [channel blocks, batch]): one program walks all chunks from last to first, carrying the
-    adjoint h from the gradient of the last state (or zero); writes dinit [batch, dim, dstate].
+    adjoint h from the gradient of the last state (or zero: glast_ptr None); writes dinit [batch, dim, dstate].
     MODE 1 (grid [channel blocks, batch, nsplit]): program g takes chunks g, g + nsplit, ... in any order,
     each starting from the true adjoint entering it from the right, hin [batch, dim, nchunks, dstate]
-    (from _scan_bwd_local_kernel and _carry_bwd_kernel); no dinit (the carry pass gives it).
+    (from _scan_bwd_local_kernel and _carry_kernel); no dinit (the carry pass gives it) and glast_ptr None.
 
     Writes du, ddelta, dz per element; dB, dC by atomic adds into float32 [batch, ngroups, dstate, seqlen];
     partial sums dA [parts, dim, dstate], dD and ddelta_bias [parts, dim] with parts = batch (MODE 0) or
-    nsplit * batch (MODE 1, part g * batch + b); the scratch has the same parts.
+    nsplit * batch (MODE 1, part g * batch + b); the scratch has the same parts. z_ptr, ypre_ptr and dz_ptr are
+    None together (no z), as D_ptr and dD_ptr, bias_ptr and dbias_ptr; hin_ptr is None in MODE 0, dinit_ptr in
+    MODE 1.
     """
-    SUB: tl.constexpr = CHUNK // 8
-    pid_d = tl.program_id(0)
+    SUB: tl.constexpr = CHUNK // TILE
     pid_b = tl.program_id(1).to(tl.int64)
     if MODE == 0:
         part = pid_b
     else:
         pid_g = tl.program_id(2)
         part = pid_g.to(tl.int64) * nbatch + pid_b
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // cpg
-    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * LOG2E
-    bias = tl.zeros((BD,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BD,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv = _channel_block(
+        A_ptr, bias_ptr, D_ptr, dim, dstate, cpg, BD, BN, HAS_BIAS, HAS_D)
+    st_off, ck_off = _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks)
     part_off = (part * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     scr_off = ((part * dim + offs_d[:, None]) * SUB) * dstate + offs_n[None, :]
     if HAS_GLAST:
@@ -317,11 +393,9 @@ def _scan_bwd_kernel(
     gbias = tl.zeros((BD,), tl.float32)
     row = (pid_b * dim + offs_d[:, None]) * L
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
-    C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
     B_row1 = pid_b * sBb + grp * sBg + offs_n * sBn
     C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
     dB_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
-    dC_row = pid_b * sdBb + grp * sdBg + offs_n[:, None] * sdBn
     rst_row = pid_b * L
     if MODE == 0:
         c_lo = 0
@@ -336,37 +410,26 @@ def _scan_bwd_kernel(
             c = cc
             h = tl.load(hin_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
         cstart = c * CHUNK
-        ntiles = tl.minimum(SUB, (L - cstart + 7) // 8)
+        ntiles = tl.minimum(SUB, (L - cstart + TILE - 1) // TILE)
         # pass 1: states at the tile boundaries of this chunk
         x = tl.load(ckpt_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
         for s in range(0, ntiles):
             tl.store(scr_ptr + scr_off + s * dstate, x, mask=mask_dn)
-            u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row,
-                                                  bias, cstart + 8 * s, L, mask_d, mask_n,
-                                                  HAS_BIAS, SOFTPLUS, HAS_RESET)
-            dtu = dt * u
-            d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
-            b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt, BN)
-            k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
-            x, _a = _fstep(x, A2, d0, v0, b0, k0, HAS_RESET)
-            x, _a = _fstep(x, A2, d1, v1, b1, k1, HAS_RESET)
-            x, _a = _fstep(x, A2, d2, v2, b2, k2, HAS_RESET)
-            x, _a = _fstep(x, A2, d3, v3, b3, k3, HAS_RESET)
-            x, _a = _fstep(x, A2, d4, v4, b4, k4, HAS_RESET)
-            x, _a = _fstep(x, A2, d5, v5, b5, k5, HAS_RESET)
-            x, _a = _fstep(x, A2, d6, v6, b6, k6, HAS_RESET)
-            x, _a = _fstep(x, A2, d7, v7, b7, k7, HAS_RESET)
+            offs_t, mt, m2 = _tile_offsets(cstart + TILE * s, L, mask_d)
+            u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
+                                               offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
+            d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
+            xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+            x = xs[8]
         tl.debug_barrier()
         # pass 2: tiles backwards
         for ss in range(0, ntiles):
             s = ntiles - 1 - ss
-            t0 = cstart + 8 * s
+            t0 = cstart + TILE * s
             x0 = tl.load(scr_ptr + scr_off + s * dstate, mask=mask_dn, other=0.0)
-            u, draw, dt, Bt, keep, m2 = _load_tile(u_ptr, dt_ptr, B_ptr, C_ptr, reset_ptr, row, B_row, rst_row,
-                                                  bias, t0, L, mask_d, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
-            offs_t = t0 + tl.arange(0, 8)
-            mt = offs_t < L
+            offs_t, mt, m2 = _tile_offsets(t0, L, mask_d)
+            u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
+                                               offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
             mb = mask_n[:, None] & mt[None, :]
             g = tl.load(gout_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -378,36 +441,16 @@ def _scan_bwd_kernel(
                 gy = g * zt * sz
             else:
                 gy = g
-            dtu = dt * u
-            d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _split8(dtu, BD)
+            d = _split8(dt, BD)
+            v = _split8(dt * u, BD)
             # B_t, C_t as per-step vector loads (L1 hits): their layout then matches the state's, which keeps
             # far fewer registers live than splitting [BN, 8] tiles
-            b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(B_ptr, B_row1, t0, L, mask_n)
-            c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(C_ptr, C_row1, t0, L, mask_n)
-            k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy, BD)
-            x1, _a = _fstep(x0, A2, d0, v0, b0, k0, HAS_RESET)
-            x2, _a = _fstep(x1, A2, d1, v1, b1, k1, HAS_RESET)
-            x3, _a = _fstep(x2, A2, d2, v2, b2, k2, HAS_RESET)
-            x4, _a = _fstep(x3, A2, d3, v3, b3, k3, HAS_RESET)
-            x5, _a = _fstep(x4, A2, d4, v4, b4, k4, HAS_RESET)
-            x6, _a = _fstep(x5, A2, d5, v5, b5, k5, HAS_RESET)
-            x7, _a = _fstep(x6, A2, d6, v6, b6, k6, HAS_RESET)
-            x8, _a = _fstep(x7, A2, d7, v7, b7, k7, HAS_RESET)
-            h, gA, gC7, gB7, hb7, gt7 = _bstep(h, x7, x8, A2, k7, d7, v7, b7, c7, g7, A, gA, HAS_RESET)
-            h, gA, gC6, gB6, hb6, gt6 = _bstep(h, x6, x7, A2, k6, d6, v6, b6, c6, g6, A, gA, HAS_RESET)
-            h, gA, gC5, gB5, hb5, gt5 = _bstep(h, x5, x6, A2, k5, d5, v5, b5, c5, g5, A, gA, HAS_RESET)
-            h, gA, gC4, gB4, hb4, gt4 = _bstep(h, x4, x5, A2, k4, d4, v4, b4, c4, g4, A, gA, HAS_RESET)
-            h, gA, gC3, gB3, hb3, gt3 = _bstep(h, x3, x4, A2, k3, d3, v3, b3, c3, g3, A, gA, HAS_RESET)
-            h, gA, gC2, gB2, hb2, gt2 = _bstep(h, x2, x3, A2, k2, d2, v2, b2, c2, g2, A, gA, HAS_RESET)
-            h, gA, gC1, gB1, hb1, gt1 = _bstep(h, x1, x2, A2, k1, d1, v1, b1, c1, g1, A, gA, HAS_RESET)
-            h, gA, gC0, gB0, hb0, gt0 = _bstep(h, x0, x1, A2, k0, d0, v0, b0, c0, g0, A, gA, HAS_RESET)
-            hb = _join8(hb0, hb1, hb2, hb3, hb4, hb5, hb6, hb7, BD)
-            gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) + u * hb
-            gu = dt * hb
-            gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
-            gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
+            b = _cols8(B_ptr, B_row1, t0, L, mask_n)
+            c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
+            k = _split8(keep, 1)
+            gs = _split8(gy, BD)
+            xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+            h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, A, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
             if HAS_D:
                 gu = gu + Dv[:, None] * gy
                 gD += tl.sum(tl.where(m2, gy * u, 0.0), 1)
@@ -422,7 +465,7 @@ def _scan_bwd_kernel(
             tl.store(du_ptr + row + offs_t[None, :], gu.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddt_ptr + row + offs_t[None, :], gdt.to(ddt_ptr.dtype.element_ty), mask=m2)
             tl.atomic_add(dB_ptr + dB_row + offs_t[None, :], gBt, mask=mb)
-            tl.atomic_add(dC_ptr + dC_row + offs_t[None, :], gCt, mask=mb)
+            tl.atomic_add(dC_ptr + dB_row + offs_t[None, :], gCt, mask=mb)
         tl.debug_barrier()
     if MODE == 0:
         tl.store(dinit_ptr + st_off, h, mask=mask_dn)
@@ -434,15 +477,30 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _lstep(h, P, A2, dt, keep, gy, Cc, HAS_RESET: tl.constexpr):
-    """Reverse of one step for the adjoint alone: h <- a_t * (h + gy_t C_t); P <- P * a_t."""
-    a = tl.exp2(dt[:, None] * A2)
+def _lstep(h, P, A2, d, k, g, c, I: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Reverse of step I for the adjoint alone: h <- a_t * (h + gy_t C_t); P <- P * a_t."""
+    a = tl.exp2(d[I][:, None] * A2)
     if HAS_RESET:
-        a = a * keep[:, None]
-    h = (h + gy[:, None] * Cc[None, :]) * a
+        a = a * k[I][:, None]
+    h = (h + g[I][:, None] * c[I][None, :]) * a
     return h, P * a
 
 
+@triton.jit
+def _lsteps8(h, P, A2, d, k, g, c, HAS_RESET: tl.constexpr):
+    """The 8 adjoint steps of a tile, last step first (columns d = dt, k = keep, g = gy, c = C)."""
+    h, P = _lstep(h, P, A2, d, k, g, c, 7, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 6, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 5, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 4, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 3, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 2, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 1, HAS_RESET)
+    h, P = _lstep(h, P, A2, d, k, g, c, 0, HAS_RESET)
+    return h, P
+
+
+@optional_inputs(HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _scan_bwd_local_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, gout_ptr, sum_ptr, prod_ptr,
@@ -457,87 +515,32 @@ def _scan_bwd_local_kernel(
     zero adjoint: S_c -> sum_ptr, P_c = prod of the chunk's decays (0 after a reset) -> prod_ptr, both
     [batch, dim, nchunks, dstate] float32. It needs no states, only dt, reset, C and the output gradient.
     """
-    SUB: tl.constexpr = CHUNK // 8
-    pid_d = tl.program_id(0)
+    SUB: tl.constexpr = CHUNK // TILE
     pid_b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // cpg
-    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BD,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    ck_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp, _A, A2, bias, _Dv = _channel_block(
+        A_ptr, bias_ptr, None, dim, dstate, cpg, BD, BN, HAS_BIAS, False)
+    _st_off, ck_off = _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks)
     row = (pid_b * dim + offs_d[:, None]) * L
     C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
     rst_row = pid_b * L
     cstart = c * CHUNK
-    ntiles = tl.minimum(SUB, (L - cstart + 7) // 8)
+    ntiles = tl.minimum(SUB, (L - cstart + TILE - 1) // TILE)
     h = tl.zeros((BD, BN), tl.float32)
     P = tl.full((BD, BN), 1.0, tl.float32)
     for ss in range(0, ntiles):
-        t0 = cstart + 8 * (ntiles - 1 - ss)
-        offs_t = t0 + tl.arange(0, 8)
-        mt = offs_t < L
-        m2 = mask_d[:, None] & mt[None, :]
-        dt = tl.load(dt_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(m2, dt, 0.0)  # steps past L: decay 1, no input
-        if HAS_RESET:
-            r = tl.load(reset_ptr + rst_row + offs_t[None, :], mask=mt[None, :], other=0)
-            keep = tl.where(r != 0, 0.0, 1.0)
-        else:
-            keep = tl.full((1, 8), 1.0, tl.float32)
+        t0 = cstart + TILE * (ntiles - 1 - ss)
+        offs_t, mt, m2 = _tile_offsets(t0, L, mask_d)
+        _draw, dt = _dt_tile(dt_ptr, row, bias, offs_t, m2, HAS_BIAS, SOFTPLUS)
+        keep = _keep_tile(reset_ptr, rst_row, offs_t, mt, HAS_RESET)
         g = tl.load(gout_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
             g = g * zt * _sigmoid(zt)
-        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt, BD)
-        g0, g1, g2, g3, g4, g5, g6, g7 = _split8(g, BD)
-        k0, k1, k2, k3, k4, k5, k6, k7 = _split8(keep, 1)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(C_ptr, C_row1, t0, L, mask_n)
-        h, P = _lstep(h, P, A2, d7, k7, g7, c7, HAS_RESET)
-        h, P = _lstep(h, P, A2, d6, k6, g6, c6, HAS_RESET)
-        h, P = _lstep(h, P, A2, d5, k5, g5, c5, HAS_RESET)
-        h, P = _lstep(h, P, A2, d4, k4, g4, c4, HAS_RESET)
-        h, P = _lstep(h, P, A2, d3, k3, g3, c3, HAS_RESET)
-        h, P = _lstep(h, P, A2, d2, k2, g2, c2, HAS_RESET)
-        h, P = _lstep(h, P, A2, d1, k1, g1, c1, HAS_RESET)
-        h, P = _lstep(h, P, A2, d0, k0, g0, c0, HAS_RESET)
+        d = _split8(dt, BD)
+        gs = _split8(g, BD)
+        k = _split8(keep, 1)
+        c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
+        h, P = _lsteps8(h, P, A2, d, k, gs, c8, HAS_RESET)
     tl.store(sum_ptr + ck_off + c * dstate, h, mask=mask_dn)
     tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
-
-
-@triton.jit
-def _carry_bwd_kernel(glast_ptr, sum_ptr, prod_ptr, hin_ptr, dinit_ptr, dim, dstate, nchunks,
-                      HAS_GLAST: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase 2 of the chunk-parallel backward: a short pass over chunk boundaries, right to left.
-
-    g starts as the gradient of the last state (or 0); for c = last .. 0: hin[c] = g (the true adjoint entering
-    chunk c from the right), then g = prod[c] * g + sum[c]. The final g is the gradient of initial_state.
-    hin has its own buffer: stores then never alias the loads ahead. Grid: [cdiv(dim * dstate, BLOCK), batch].
-    """
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (channel, state) index
-    mask = offs < dim * dstate
-    ch = offs // dstate
-    n = offs % dstate
-    if HAS_GLAST:
-        g = tl.load(glast_ptr + pid_b * dim * dstate + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BLOCK,), tl.float32)
-    base = ((pid_b * dim + ch) * nchunks) * dstate + n
-    for cc in range(0, nchunks):
-        c = nchunks - 1 - cc
-        tl.store(hin_ptr + base + c * dstate, g, mask=mask)
-        s = tl.load(sum_ptr + base + c * dstate, mask=mask, other=0.0)
-        p = tl.load(prod_ptr + base + c * dstate, mask=mask, other=0.0)
-        g = p * g + s
-    tl.store(dinit_ptr + pid_b * dim * dstate + offs, g, mask=mask)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._device import launch_device
-from .._launch import _cdiv, _dummy, _reset_bytes, block_sizes
+from .._launch import _cdiv, _reset_bytes, block_sizes
 
 __all__ = ["state_update"]
 
@@ -33,12 +33,11 @@ def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     with launch_device(x):
         K._state_update_kernel[(_cdiv(dim, bd), batch)](
             work, x, dt, Af, B, C,
-            D.contiguous().float() if D is not None else _dummy(Af),
-            z.contiguous() if z is not None else _dummy(x),
-            dt_bias.contiguous().float() if dt_bias is not None else _dummy(Af),
-            rst if rst is not None else _dummy(Af),
+            D.contiguous().float() if D is not None else None,
+            z.contiguous() if z is not None else None,
+            dt_bias.contiguous().float() if dt_bias is not None else None,
+            rst,  # absent inputs go in as None: the kernel's HAS_* flags follow from them (optional_inputs)
             out, dim, dstate, dim // ngroups, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_RESET=rst is not None,
             SOFTPLUS=bool(dt_softplus), BD=bd, BN=bn, num_warps=warps,
         )
     if work is not state:

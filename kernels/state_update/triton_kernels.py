@@ -5,9 +5,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import _sigmoid, _softplus
+from .._jit import _channel_offsets, _sigmoid, _softplus, optional_inputs
 
 
+@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, out_ptr,
@@ -15,15 +16,10 @@ def _state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr,
     SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    """One decoding step in place: state [batch, dim, dstate]; x, dt, z, out [batch, dim]; B, C [batch, g, dstate]."""
-    pid_d = tl.program_id(0)
+    """One decoding step in place: state [batch, dim, dstate]; x, dt, z, out [batch, dim]; B, C [batch, g, dstate].
+    D, z, bias and reset are None when absent."""
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp = _channel_offsets(dim, dstate, cpg, BD, BN)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    grp = (pid_d * BD) // cpg
     st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     s = tl.load(state_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
     if HAS_RESET:

@@ -66,7 +66,6 @@ def add_rms_norm_triton(hidden: Tensor, residual: Optional[Tensor], weight: Tens
     rout = torch.empty(rows, d, device=hidden.device, dtype=torch.float32 if residual_dtype is None else residual_dtype)
     if rows:
         with launch_device(h2):
-            add_rmsnorm_rows[(rows,)](h2, r2 if r2 is not None else h2, weight.contiguous(), out, rout, d, float(eps),
-                                      HAS_RES=r2 is not None, BLOCK=triton.next_power_of_2(d),
-                                      num_warps=4 if d >= 1024 else 2)
+            add_rmsnorm_rows[(rows,)](h2, r2, weight.contiguous(), out, rout, d, float(eps),
+                                      BLOCK=triton.next_power_of_2(d), num_warps=4 if d >= 1024 else 2)
     return out.view(hidden.shape), rout.view(hidden.shape)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit import optional_inputs
 
+
+@optional_inputs(HAS_RES="r_ptr")
 @triton.jit
 def add_rmsnorm_rows(h_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, D, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr):

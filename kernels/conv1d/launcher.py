@@ -73,10 +73,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
     grid = (triton.cdiv(L, BL), triton.cdiv(ch, BD), bsz)
     with launch_device(x):
         K._causal_conv_kernel[grid](
-            x, w2.contiguous(), bias if bias is not None else w2, state if state is not None else w2,
-            rst if rst is not None else w2, out, new_state,
+            x, w2.contiguous(), bias, state, rst, out, new_state,
             ch, L, x.stride(0), x.stride(1), W=W, WP=triton.next_power_of_2(W),
-            HAS_BIAS=bias is not None, HAS_STATE=state is not None, HAS_RESET=rst is not None,
             SILU=activation is not None, BD=BD, BL=BL, num_warps=4,
         )
     return out, new_state

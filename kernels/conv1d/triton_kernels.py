@@ -10,7 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._jit import optional_inputs
 
+
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _causal_conv_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, new_state_ptr,
@@ -29,7 +32,7 @@ def _causal_conv_kernel(
     mask_d = offs_d < dim
     mask_t = offs_t < L
     x_rows = x_ptr + b * sxb + offs_d[:, None].to(tl.int64) * sxd
-    s_rows = state_ptr + (b * dim + offs_d[:, None]) * W
+    s_off = (b * dim + offs_d[:, None]) * W  # rows of state (read only when HAS_STATE: state_ptr may be None)
     acc = tl.zeros((BD, BL), tl.float32)
     blocked = tl.zeros((BL,), tl.int1)  # a reset lies in (t - s, t]
     for s in range(W):  # shift s: the input at position t - s, weighted by w[:, W - 1 - s]
@@ -43,7 +46,7 @@ def _causal_conv_kernel(
         v = tl.load(x_rows + src[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_STATE:
             ms = mask_d[:, None] & mask_t[None, :] & (src < 0)[None, :]
-            v += tl.load(s_rows + (W + src)[None, :], mask=ms, other=0.0).to(tl.float32)
+            v += tl.load(state_ptr + s_off + (W + src)[None, :], mask=ms, other=0.0).to(tl.float32)
         if HAS_RESET:
             v = tl.where(blocked[None, :], 0.0, v)
         wk = tl.load(w_ptr + offs_d * W + (W - 1 - s), mask=mask_d, other=0.0).to(tl.float32)
@@ -69,7 +72,7 @@ def _causal_conv_kernel(
         v = tl.load(x_rows + pos[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_STATE:
             ms = mask_d[:, None] & (mask_j & (pos < 0))[None, :]
-            v += tl.load(s_rows + (W + pos)[None, :], mask=ms, other=0.0).to(tl.float32)
+            v += tl.load(state_ptr + s_off + (W + pos)[None, :], mask=ms, other=0.0).to(tl.float32)
         v = tl.where(gone[None, :], 0.0, v)
         ns_rows = new_state_ptr + (b * dim + offs_d[:, None]) * W
         tl.store(ns_rows + jj[None, :], v.to(new_state_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_j[None, :])

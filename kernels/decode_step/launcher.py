@@ -22,8 +22,8 @@ def conv_step(xz: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Ten
     out = torch.empty(batch, d_inner, device=xz.device, dtype=xz.dtype)
     bc = 64
     K._conv_step_kernel[(batch, triton.cdiv(d_inner, bc))](
-        xz, xz.stride(0), conv_state, weight, bias if bias is not None else out, out, d_inner, k,
-        HAS_BIAS=bias is not None, BC=bc, BK=triton.next_power_of_2(k), num_warps=2)
+        xz, xz.stride(0), conv_state, weight, bias, out, d_inner, k,
+        BC=bc, BK=triton.next_power_of_2(k), num_warps=2)
     return out
 
 

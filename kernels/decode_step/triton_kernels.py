@@ -6,9 +6,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import _softplus
+from .._jit import _softplus, optional_inputs
 
 
+@optional_inputs(HAS_BIAS="b_ptr")
 @triton.jit
 def _conv_step_kernel(x_ptr, sxb, state_ptr, w_ptr, b_ptr, out_ptr, C, K,
                       HAS_BIAS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):

@@ -224,3 +224,39 @@ def test_chunk_backward_long_sequence_fp32():
         assert torch.isfinite(g).all(), k
         # the adjoint recurrence contracts like the forward (|a_t| <= 1): float32 rounding does not accumulate
         assert _rel(g, ref[k].grad) < 1e-4, k
+
+
+@pytest.mark.upstream
+@pytest.mark.parametrize("itype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_z", [False, True])
+@pytest.mark.parametrize("dstate", [16, 32, 64])
+@pytest.mark.parametrize("dim", [2048, 2048 + 16, 4096])
+def test_state_update_upstream_cases(dim, dstate, has_z, itype):
+    """Upstream's own ``test_selective_state_update`` cases (its inputs, its reference and its tolerances) run
+    against our single-step kernel; upstream's kernel on the same inputs for comparison."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as up_kernel
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref as up_ref
+
+    rtol, atol = {torch.float32: (3e-4, 1e-3), torch.float16: (5e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}[itype]
+    torch.manual_seed(0)
+    batch = 2
+    state = torch.randn(batch, dim, dstate, dtype=itype, device=DEV)
+    x = torch.randn(batch, dim, device=DEV, dtype=itype)
+    dt = torch.randn(batch, dim, device=DEV, dtype=itype)
+    dt_bias = torch.rand(dim, device=DEV) - 4.0
+    A = -torch.rand(dim, dstate, device=DEV) - 1.0
+    B = torch.randn(batch, dstate, device=DEV)
+    C = torch.randn(batch, dstate, device=DEV)
+    D = torch.randn(dim, device=DEV)
+    z = torch.randn_like(x) if has_z else None
+    ref_state = state.detach().clone()
+    up_state = state.detach().clone()
+    out = selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    out_up = up_kernel(up_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    out_ref = up_ref(ref_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    ours_err = (out.float() - out_ref.float()).abs().max().item()
+    up_err = (out_up.float() - out_ref.float()).abs().max().item()
+    print(f"dim {dim} dstate {dstate} z {has_z} {itype}: max |ours - ref| {ours_err:.4g}, "
+          f"|upstream - ref| {up_err:.4g}, |ours - upstream| {(out.float() - out_up.float()).abs().max().item():.4g}")
+    torch.testing.assert_close(state, ref_state, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out, out_ref, rtol=rtol, atol=atol)

@@ -233,7 +233,14 @@ def test_chunk_backward_long_sequence_fp32():
 @pytest.mark.parametrize("dim", [2048, 2048 + 16, 4096])
 def test_state_update_upstream_cases(dim, dstate, has_z, itype):
     """Upstream's own ``test_selective_state_update`` cases (its inputs, its reference and its tolerances) run
-    against our single-step kernel; upstream's kernel on the same inputs for comparison."""
+    against our single-step kernel, with upstream's kernel on the same inputs as the peer.
+
+    The new state must meet upstream's tolerance against its reference. The output must match upstream's kernel to
+    one rounding of the output dtype, and miss the reference by no more than upstream's kernel does (plus that
+    rounding): both kernels compute in float32 and differ only in the order of the sum over dstate, while the
+    reference reads out the state after rounding it to the input dtype. At dim 4096, dstate 64, bf16 with z, both
+    kernels are 0.25 off the reference (elements near 11); upstream's own tolerance passes one and not the other
+    depending on where a last-bit difference falls (seen on an H200, 2026-12-02)."""
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as up_kernel
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref as up_ref
 
@@ -259,4 +266,7 @@ def test_state_update_upstream_cases(dim, dstate, has_z, itype):
     print(f"dim {dim} dstate {dstate} z {has_z} {itype}: max |ours - ref| {ours_err:.4g}, "
           f"|upstream - ref| {up_err:.4g}, |ours - upstream| {(out.float() - out_up.float()).abs().max().item():.4g}")
     torch.testing.assert_close(state, ref_state, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out, out_ref, rtol=rtol, atol=atol)
+    ulp = {torch.float32: 1e-5, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[itype]  # one rounding
+    torch.testing.assert_close(out.float(), out_up.float(), rtol=ulp, atol=ulp)
+    scale = out_ref.float().abs().max().item()
+    assert ours_err <= up_err + ulp * scale, (ours_err, up_err)

@@ -189,18 +189,9 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-# Known, to be cut: the containers' save()/load() methods call mamba_state.state.io, which builds containers. It
-# goes with the single parsing front of the hostile-input work (the file format split from the container glue).
-KNOWN_CYCLES = {frozenset({"mamba_state.state.containers", "mamba_state.state.io"})}
-
-
 def test_no_import_cycles_between_modules():
-    """No module reaches itself through imports (a package counts as its __init__ module), but the known one."""
+    """No module reaches itself through imports (a package counts as its __init__ module)."""
     graph = _graph()
-    for pair in KNOWN_CYCLES:
-        a, b = sorted(pair)
-        assert b in graph[a] and a in graph[b], f"the known cycle {a} <-> {b} is gone: drop it from KNOWN_CYCLES"
-        graph[a].discard(b)
     cycles = []
     for start in graph:
         stack, seen = [(start, [start])], set()

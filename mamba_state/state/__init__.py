@@ -1,4 +1,4 @@
-"""The state layer: containers (``containers``), files (``io``, ``files``), wire and buffer layouts
+"""The state layer: containers (``containers``), files (``io``, ``format``, ``files``), wire and buffer layouts
 (``packing``), pinned host pools (``offload``), collectives (``distributed``), upstream caches (``interop``) and
 the discovery of a model's Mamba layers (``layers``). It imports the kernels layer at most, never the adapters.
 

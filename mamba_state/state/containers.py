@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union, cast
 
 import torch
 
 from ..errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
+from .format import BUILD_ERRORS, atomic_write, check_save_path, inconsistent, read_state, serialize
 
 __all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex"]
 
@@ -301,21 +302,13 @@ class MambaInferenceState:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
         """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`)."""
-        from .io import save_state
-
-        save_state(self, path, metadata=metadata)
+        write_state_file(self, path, metadata=metadata)
 
     @staticmethod
     def load(path: str | os.PathLike, device: torch.device | str | None = None) -> "MambaInferenceState":
         """Read a state written by :meth:`save`, in the dtypes it was saved in (bit for bit; convert with
         ``.to(dtype=...)``); raises ``StateFormatError`` for anything else."""
-        from .io import load_state
-
-        state = load_state(path, device=device)
-        if not isinstance(state, MambaInferenceState):
-            raise StateFormatError(f"{os.fspath(path)}: expected a single-layer state, found a model state (use "
-                                   "MambaModelState.load)")
-        return state
+        return cast(MambaInferenceState, read_state_file(path, device=device, expect="layer"))
 
 
 def _check_metadata(metadata: Any) -> dict[str, Any]:
@@ -521,9 +514,7 @@ class MambaModelState:
     def save(self, path: str | os.PathLike, model: Any = None) -> None:
         """Write atomically to a safetensors file, in the state's own dtypes; with ``model``, record its layer
         layout and fingerprint (layer indices, kinds and state shapes; not the weights) for later checks."""
-        from .io import save_state
-
-        save_state(self, path, model=model)
+        write_state_file(self, path, model=model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, model: Any = None,
@@ -538,13 +529,57 @@ class MambaModelState:
         cache like ``Tensor.copy_``). Raises ``StateFormatError`` for a file that is not a valid model state and
         ``StateCompatibilityError`` for a mismatch.
         """
-        from .io import load_state
+        return cast(MambaModelState, read_state_file(path, device=device, model=model, strict=strict, expect="model"))
 
-        state = load_state(path, device=device, model=model, strict=strict)
-        if not isinstance(state, MambaModelState):
-            raise StateFormatError(f"{os.fspath(path)}: expected a model state, found a single-layer state (use "
-                                   "MambaInferenceState.load)")
-        return state
+
+# ---------------------------------------------------------------------------------------------- files
+# The containers as files of mamba_state.state.format: the bodies of the save()/load() methods above and of
+# mamba_state.state.io's public functions.
+def write_state_file(state: MambaInferenceState | MambaModelState, path: str | os.PathLike, model: Any = None,
+                     metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``state`` to ``path`` (see :func:`mamba_state.state.io.save_state`)."""
+    where = os.fspath(path)
+    check_save_path(where)  # before serialising: a bad path is an argument error, not a failed write
+    if isinstance(state, MambaModelState):
+        data = serialize("model", [(i, s.kind, s.conv_state, s.ssm_state) for i, s in state.items()],
+                         seqlen_offset=state.seqlen_offset, metadata=state.metadata, model=model)
+    elif isinstance(state, MambaInferenceState):
+        data = serialize("layer", [(None, state.kind, state.conv_state, state.ssm_state)], seqlen_offset=0,
+                         metadata=metadata or {}, model=model)
+    else:
+        raise StateError(f"state: expected a MambaInferenceState or MambaModelState, found {type(state).__name__}")
+    atomic_write(where, data)
+
+
+_WRONG_CONTAINER = {
+    "layer": "expected a single-layer state, found a model state (use MambaModelState.load)",
+    "model": "expected a model state, found a single-layer state (use MambaInferenceState.load)",
+}
+
+
+def read_state_file(path: str | os.PathLike, device: torch.device | str | None = None, model: Any = None,
+                    strict: bool = True, expect: str | None = None) -> MambaInferenceState | MambaModelState:
+    """Read a state file (see :func:`mamba_state.state.io.load_state`); ``expect`` (``"model"`` or ``"layer"``)
+    refuses the other container."""
+    parts = read_state(path, device)
+    try:
+        built: dict[int | None, MambaInferenceState] = {}
+        for idx, conv, ssm in parts.layers():
+            built[idx] = MambaInferenceState(conv, ssm)
+        if parts.container == "layer":
+            state: MambaInferenceState | MambaModelState = built[None]
+        else:
+            by_idx = {idx: s for idx, s in built.items() if idx is not None}
+            state = MambaModelState(by_idx, seqlen_offset=parts.seqlen_offset, metadata=parts.metadata)
+    except StateFormatError:
+        raise
+    except BUILD_ERRORS as exc:
+        raise inconsistent(parts.where, exc) from None
+    if model is not None:
+        parts.check_model(state.layout() if isinstance(state, MambaModelState) else {}, model, strict)
+    if expect is not None and parts.container != expect:
+        raise StateFormatError(f"{parts.where}: {_WRONG_CONTAINER[expect]}")
+    return state
 
 
 # torch.load(..., weights_only=True) may rebuild the containers (their constructors validate): registered with the

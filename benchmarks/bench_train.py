@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (LM_130M, environment, environment_line, interleaved_median_times,  # noqa: E402
-                    markdown_table, replace_section, upstream_lm, write_json)
+from common import (TrainingSetup, environment, environment_line, interleaved_median_times,  # noqa: E402
+                    markdown_table, replace_section, write_json)
 
 GIB = 1024 ** 3
 
@@ -50,38 +49,10 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
-    import mamba_state as ms
-
-    device = torch.device("cuda")
-    model, why = upstream_lm(LM_130M, device, torch.float32)
-    if model is None:
-        raise SystemExit(f"bench_train: needs upstream's CUDA kernels: {why}")
-    model.train()
-    lm = ms.StatefulMambaLM(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    vocab = LM_130M["vocab_size"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seqlen + 1), device=device, generator=gen)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        _, state0 = lm(torch.randint(0, vocab, (args.batch, 256), device=device, generator=gen))
-    reset = torch.rand(args.batch, args.seqlen, device=device, generator=gen) < 1 / 512
-
-    def loss_of(logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), targets.reshape(-1))
-
-    def step(forward) -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(forward())
-        loss.backward()
-        opt.step()
-
-    contenders = {
-        "upstream": lambda: step(lambda: model(inputs).logits),
-        "ours": lambda: step(lambda: lm(inputs)[0]),
-        "ours, state + resets": lambda: step(lambda: lm(inputs, state=state0, reset=reset)[0]),
-    }
+    setup = TrainingSetup(args.batch, args.seqlen, "bench_train")
+    model, lm, loss_of = setup.model, setup.lm, setup.loss_of
+    inputs = setup.inputs
+    contenders = {name: (lambda fwd=fwd: setup.step(fwd)) for name, fwd in setup.contenders().items()}
     # the same loss from both paths first (bf16 autocast: a loose check that they compute one function)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         lu, lo = loss_of(model(inputs).logits).item(), loss_of(lm(inputs)[0]).item()

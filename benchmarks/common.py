@@ -154,3 +154,49 @@ def upstream_lm(cfg: dict, device: torch.device, dtype: torch.dtype):
         return None, f"mamba_ssm with CUDA kernels not importable ({type(exc).__name__}: {exc})"
     torch.manual_seed(0)
     return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype).eval(), ""
+
+
+class TrainingSetup:
+    """The training step of bench_train.py / profile_train.py: the 130m-shaped upstream model with random weights
+    (float32, train mode), ``StatefulMambaLM`` over it, one fused AdamW over the shared parameters, next-token
+    inputs and targets ``[batch, seqlen]``, a non-zero state (a detached prefill of 256 other tokens) and resets
+    at about one token in 512. :meth:`contenders` gives the three forwards; :meth:`step` runs one training step
+    (forward, cross-entropy, backward, optimizer step) under bf16 autocast."""
+
+    def __init__(self, batch: int, seqlen: int, who: str):
+        import mamba_state as ms
+
+        device = torch.device("cuda")
+        model, why = upstream_lm(LM_130M, device, torch.float32)
+        if model is None:
+            raise SystemExit(f"{who}: needs upstream's CUDA kernels: {why}")
+        self.model = model.train()
+        self.lm = ms.StatefulMambaLM(model).train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.vocab = vocab = LM_130M["vocab_size"]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, seqlen + 1), device=device, generator=gen)
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, self.state0 = self.lm(torch.randint(0, vocab, (batch, 256), device=device, generator=gen))
+        self.reset = torch.rand(batch, seqlen, device=device, generator=gen) < 1 / 512
+
+    def loss_of(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits[..., :self.vocab].float().reshape(-1, self.vocab), self.targets.reshape(-1))
+
+    def contenders(self) -> dict[str, Callable[[], torch.Tensor]]:
+        """name -> a forward returning the logits: upstream, ours from zero, ours from a state with resets."""
+        return {
+            "upstream": lambda: self.model(self.inputs).logits,
+            "ours": lambda: self.lm(self.inputs)[0],
+            "ours, state + resets": lambda: self.lm(self.inputs, state=self.state0, reset=self.reset)[0],
+        }
+
+    def step(self, forward: Callable[[], torch.Tensor]) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = self.loss_of(forward())
+        loss.backward()
+        self.opt.step()

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LM_130M, upstream_lm  # noqa: E402
+from common import TrainingSetup  # noqa: E402
 
 
 def _self_us(e) -> float:
@@ -36,36 +35,8 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
 
-    import mamba_state as ms
-
-    device = torch.device("cuda")
-    model, why = upstream_lm(LM_130M, device, torch.float32)
-    if model is None:
-        raise SystemExit(f"profile_train: needs upstream's CUDA kernels: {why}")
-    model.train()
-    lm = ms.StatefulMambaLM(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    vocab = LM_130M["vocab_size"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seqlen + 1), device=device, generator=gen)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        _, state0 = lm(torch.randint(0, vocab, (args.batch, 256), device=device, generator=gen))
-    reset = torch.rand(args.batch, args.seqlen, device=device, generator=gen) < 1 / 512
-
-    def step(forward) -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward()
-            loss = F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), targets.reshape(-1))
-        loss.backward()
-        opt.step()
-
-    contenders = {
-        "upstream": lambda: model(inputs).logits,
-        "ours": lambda: lm(inputs)[0],
-        "ours, state + resets": lambda: lm(inputs, state=state0, reset=reset)[0],
-    }
+    setup = TrainingSetup(args.batch, args.seqlen, "profile_train")
+    step, contenders = setup.step, setup.contenders()
     lines = []
     for name, fwd in contenders.items():
         for _ in range(2):

@@ -112,6 +112,9 @@ def test_forward_and_gradients_match_float64_reference(case):
     dtype = DTYPES[case["dtype"]]
     inp = _make(case["b"], case["d"], case["L"], case["n"], case["groups"], dtype, case["seed"], init=case["init"],
                 reset_kind=case["reset_kind"], D=case["D"], z=case["z"], bias=case["bias"])
+    if not case["softplus"]:  # dt is a step size: without softplus a negative delta makes exp(dt * A) grow, and the
+        # exact gradient then leaves fp16's range (seen: -2.1e5 at b1 d7 L31 n2 fp16, found by the dev profile)
+        inp["delta"] = inp["delta"].abs()
     ours, ref = _leaves(inp), _leaves(inp, torch.float64)
     kw = dict(delta_softplus=case["softplus"], return_last_state=True)
     # both forward schedules: one program per channel block, or split along the sequence (chunk summaries,

@@ -98,6 +98,7 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
                                           "(state)")
     pair = _cached_pair(cache, idx)
     _check_dtypes(idx, state, pair)
+    _check_writable(idx, pair)
     if pair is None:
         return
     if pair[1].shape[0] != state.batch_size:
@@ -110,6 +111,25 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
         if t.shape != want.shape:
             raise StateShapeError(f"layer {idx} cached {name}: expected {list(want.shape)} (the layer's layout), "
                                   f"found {list(t.shape)} in the existing cache")
+
+
+def _check_writable(idx: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Refuse, before anything is written, a cache tensor that ``copy_`` cannot write: an inference tensor outside
+    inference mode, or one whose elements share memory (a stride-0 view such as ``expand``'s: the overlap
+    ``copy_`` itself refuses)."""
+    if pair is None:
+        return
+    for name, t in zip(("conv_state", "ssm_state"), pair):
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise StateCompatibilityError(
+                f"inference cache of layer {idx} {name}: expected a tensor that can be written in place, found an "
+                "inference tensor (made under torch.inference_mode; write it inside inference_mode, or use a fresh "
+                "InferenceParams)")
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise StateCompatibilityError(
+                f"inference cache of layer {idx} {name}: expected a tensor that can be written in place, found one "
+                f"whose elements share memory (strides {list(t.stride())} for shape {list(t.shape)}, as expand() "
+                "makes)")
 
 
 def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -222,7 +242,10 @@ def get_model_state(model: Any, inference_params: Any) -> MambaModelState | None
 def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -> None:
     """Validate every layer first, then copy all of them in and set ``inference_params.seqlen_offset``.
 
-    The state must cover exactly the model's Mamba layers, with exact shapes. Dtypes follow
+    The state must cover exactly the model's Mamba layers, with exact shapes and one batch size in every tensor.
+    All or nothing: every check, including that each existing cache tensor can be written in place (not an
+    inference tensor outside ``torch.inference_mode``, not a stride-0 view), is done before the first copy. Dtypes
+    follow
     :func:`set_inference_state`: real floating tensors are cast into the cache's dtype like ``Tensor.copy_`` (a
     float32 adapter state into a bfloat16 model's cache is rounded to bfloat16; values beyond a narrower dtype's
     range become ``inf``); a complex, integer or bool tensor in any layer raises ``StateCompatibilityError`` before
@@ -238,6 +261,13 @@ def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -
         raise StateCompatibilityError(
             f"state layers: expected the model's Mamba layers {sorted(layers)}, found {state.layer_indices}"
         )
+    # each tensor's own batch size: the container checks its layers agree when it is built, but its layers'
+    # tensors can be replaced afterwards, and a fresh cache would take whatever batch each layer brings
+    sizes = {(idx, name): getattr(state[idx], name).shape[0] for idx in state.layer_indices
+             for name in ("conv_state", "ssm_state")}
+    if len(set(sizes.values())) != 1:
+        found = ", ".join(f"layer {i} {n} {b}" for (i, n), b in sizes.items())
+        raise StateShapeError(f"batch size: expected one batch size in every layer of the state, found {found}")
     max_batch = getattr(inference_params, "max_batch_size", None)
     if isinstance(max_batch, int) and state.batch_size > max_batch:
         raise StateShapeError(f"batch size: expected at most max_batch_size={max_batch}, found {state.batch_size}")

@@ -318,6 +318,92 @@ def check_bad_header_broadcast(rank):
         expect_raise(StateFormatError, lambda: msd.scatter_state(None, 0), "expected operation scatter_state")
 
 
+def _hand_send(pre, hdr):
+    """Rank 0 plays a sender by hand: the preamble, then (when accepted) the header; returns the last ack code."""
+    torch.distributed.send(pre, 1)
+    ack = torch.empty(2, dtype=torch.int64)
+    torch.distributed.recv(ack, 1)
+    if int(ack[0]) == 0 and hdr is not None:
+        torch.distributed.send(torch.frombuffer(bytearray(hdr), dtype=torch.uint8), 1)
+        torch.distributed.recv(ack, 1)
+    return int(ack[0])
+
+
+def check_hostile_headers_acknowledged(rank):
+    """Headers that broke the receiver before it answered (deep JSON, sizes beyond int64, an absurd announced size)
+    are acknowledged as rejections: both sides raise at once instead of the sender waiting out the timeout."""
+    import time
+
+    import mamba_state.distributed as msd
+    from mamba_state._packing import state_spec
+
+    good = make_layer("mamba1", 2, torch.float32, 9)
+    header = msd._encode_header(state_spec(good))
+    nbytes = state_spec(good).nbytes()
+    doc = json.loads(header)
+    doc["metadata"] = "DEEP"
+    deep = json.dumps(doc, separators=(",", ":")).replace('"DEEP"', '{"a":' + "[" * 5000 + "]" * 5000 + "}").encode()
+    huge = (header.replace(b'"conv_shape":[2,6,4]', b'"conv_shape":[0,9223372036854775808,4]')
+            .replace(b'"ssm_shape":[2,6,3]', b'"ssm_shape":[0,9223372036854775808,3]')
+            .replace(f'"data_nbytes":{nbytes}'.encode(), b'"data_nbytes":0'))
+    assert huge.count(b"9223372036854775808") == 2 and b'"data_nbytes":0' in huge
+    rows = 2**50 // 168  # a self-consistent 1 PiB state (mamba1, d_inner 6, d_conv 4, d_state 3, float32)
+    absurd = MambaInferenceState(torch.empty(rows, 6, 4, device="meta"), torch.empty(rows, 6, 3, device="meta"))
+    spec_absurd = state_spec(absurd)
+    doc = json.loads(header)
+    doc["layers"][0]["conv_shape"], doc["layers"][0]["ssm_shape"] = [rows, 6, 4], [rows, 6, 3]
+    doc["data_nbytes"] = spec_absurd.nbytes()
+    absurd_header = json.dumps(doc, separators=(",", ":")).encode()
+    cases = [(_preamble(header=deep, data_nbytes=nbytes), deep, msd.BAD_HEADER, "nesting at most"),
+             (_preamble(header=huge, data_nbytes=0), huge, msd.BAD_HEADER, "invalid state"),
+             (_preamble(header=absurd_header, data_nbytes=spec_absurd.nbytes()), absurd_header, msd.DATA_TOO_LARGE,
+              "MAX_DATA_BYTES")]
+    for pre, hdr, code, message in cases:
+        if rank == 0:
+            assert _hand_send(pre, hdr) == code
+        else:
+            t0 = time.perf_counter()
+            expect_raise(StateFormatError, lambda: msd.recv_state(0), message)
+            assert time.perf_counter() - t0 < 20
+    # the sender refuses what receivers would: metadata nested too deep, before anything is sent
+    nested: dict = {}
+    for _ in range(100):
+        nested = {"a": nested}
+    deep_state = MambaModelState({0: make_layer("mamba1", 1, torch.float32, 0)}, metadata=nested)
+    if rank == 0:
+        expect_raise(StateError, lambda: msd.send_state(deep_state, 1), "nesting at most")
+        msd.send_state(good, 1)
+    else:
+        expect_raise(StateError, lambda: msd.recv_state(0), "rejected its own state")
+        assert_same_state(msd.recv_state(0), good)
+
+
+def check_receiver_cannot_hold_the_data(rank):
+    """A rank that cannot hold the announced data (beyond its limit, or a failed allocation) rejects before any
+    data moves, and every rank raises: point to point, broadcast, scatter and all-gather, still in step after."""
+    import mamba_state.distributed as msd
+
+    state = make_model(3, torch.float32, 5)
+    real_limit = msd.data_limit
+    if rank == 1:
+        msd.data_limit = lambda device: 64  # this rank holds 64 bytes at most
+    try:
+        if rank == 0:
+            expect_raise(StateFormatError, lambda: msd.send_state(state, 1), "rejected it")
+        else:
+            expect_raise(StateFormatError, lambda: msd.recv_state(0), "at most 64 bytes")
+        expect_raise(StateFormatError, lambda: msd.broadcast_state(state if rank == 0 else None, 0),
+                     "rejected it" if rank == 0 else "at most 64 bytes")
+        expect_raise(StateFormatError, lambda: msd.scatter_state(state if rank == 0 else None, 0),
+                     "rejected it" if rank == 0 else "at most 64 bytes")
+        expect_raise(StateFormatError, lambda: msd.all_gather_states(state),
+                     "rejected it" if rank == 0 else "at most 64 bytes")
+    finally:
+        msd.data_limit = real_limit
+    got = msd.broadcast_state(state if rank == 0 else None, 0)
+    assert_same_state(got, state)
+
+
 def check_timeout(rank):
     """A receiver whose peer never sends gives up after the group's timeout (Gloo: an exception, no hang)."""
     import time
@@ -345,7 +431,8 @@ def check_argument_errors(rank):
 CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out, check_broadcast,
           check_all_gather_uneven, check_all_gather_incompatible, check_scatter, check_scatter_bad_sizes,
           check_explicit_groups, check_sender_rejects_own_state, check_bad_headers_p2p, check_bad_header_broadcast,
-          check_timeout, check_argument_errors]
+          check_hostile_headers_acknowledged, check_receiver_cannot_hold_the_data, check_timeout,
+          check_argument_errors]
 # the checks that use only library calls (the hand-written protocol above sends CPU tensors, which NCCL refuses)
 NCCL_CHECKS = [check_p2p_round_trips, check_p2p_noncontiguous_and_empty_metadata, check_recv_into_out,
                check_broadcast, check_all_gather_uneven, check_all_gather_incompatible, check_scatter,

@@ -44,25 +44,29 @@ errors that make communication impossible (no process group, a rank outside the 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, NoReturn, Sequence, TypeGuard, cast
+from typing import Any, Callable, NoReturn, Sequence, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 
 from ..errors import StateCompatibilityError, StateError, StateFormatError
 from .containers import MambaInferenceState, MambaModelState
+from .format import check_json_bounds, loads_bounded
 from .packing import (LayerSpec, StateSpec, TensorSpec, build_state, dtype_from_name, dtype_name, pack_into, state_spec,
                       state_tensors, unpack)
 
 __all__ = ["send_state", "recv_state", "broadcast_state", "all_gather_states", "scatter_state", "even_sizes",
-           "MAGIC", "FORMAT_VERSION", "MAX_HEADER_BYTES"]
+           "MAGIC", "FORMAT_VERSION", "MAX_HEADER_BYTES", "MAX_DATA_BYTES", "data_limit"]
 
 MAGIC = 0x4D414D4241535431  # b"MAMBAST1" read as a big-endian int64
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # user metadata travels in the header; this bounds what a receiver allocates
+# the most state data one transfer may announce; a receiver also refuses more than its device's total memory
+MAX_DATA_BYTES = 1 << 40  # 1 TiB
 _HEADER_FORMAT = "mamba-state-transfer"
 
 # operations (word 2 of the preamble): a receiver of one kind refuses a preamble of another
@@ -73,7 +77,7 @@ _OP_NAMES = {OP_P2P: "send_state", OP_BROADCAST: "broadcast_state", OP_ALL_GATHE
 # status / rejection codes (in the preamble's status word, acknowledgements and agreement all-reduces)
 OK, SENDER_ABORT = 0, 1
 BAD_MAGIC, BAD_VERSION, BAD_PREAMBLE_CHECKSUM, BAD_OPERATION, BAD_HEADER_SIZE = 2, 3, 4, 5, 6
-BAD_HEADER_CHECKSUM, BAD_HEADER, INCOMPATIBLE = 7, 8, 9
+BAD_HEADER_CHECKSUM, BAD_HEADER, INCOMPATIBLE, DATA_TOO_LARGE = 7, 8, 9, 10
 _REASONS = {
     SENDER_ABORT: "the sending rank rejected its own state",
     BAD_MAGIC: "bad magic number (not a mamba-state transfer)",
@@ -84,6 +88,7 @@ _REASONS = {
     BAD_HEADER_CHECKSUM: "header checksum mismatch",
     BAD_HEADER: "malformed header",
     INCOMPATIBLE: "incompatible states or sizes",
+    DATA_TOO_LARGE: "announced data size beyond the receiver's limit, or its allocation failed",
 }
 
 
@@ -151,9 +156,20 @@ def _encode_header(spec: StateSpec, extra: dict[str, Any] | None = None) -> byte
            "container": spec.container, "seqlen_offset": spec.seqlen_offset, "metadata": spec.metadata,
            "layers": layers, "data_nbytes": spec.nbytes(), **(extra or {})}
     try:
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise StateError(f"metadata: expected JSON-serialisable values, found {exc}") from None
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise StateError(f"metadata: expected JSON-serialisable values, found {str(exc)[:200]}") from None
+    # refused here, before anything is sent, what every receiver would refuse
+    too_big = check_json_bounds(text)
+    if too_big is not None:
+        raise StateError(f"metadata: expected JSON with {too_big}")
+    if len(text) > MAX_HEADER_BYTES:
+        raise StateError(f"metadata: expected a transfer header of at most {MAX_HEADER_BYTES} bytes, found "
+                         f"{len(text)}")
+    if spec.nbytes() > MAX_DATA_BYTES:
+        raise StateError(f"state: expected at most {MAX_DATA_BYTES} bytes of data per transfer, found "
+                         f"{spec.nbytes()}")
+    return text
 
 
 def _is_count(x: Any) -> TypeGuard[int]:
@@ -170,9 +186,11 @@ def _shape(value: Any, ranks: tuple[int, ...], what: str) -> tuple[int, ...]:
 def _decode_header(data: bytes) -> tuple[StateSpec, dict[str, Any]]:
     """Parse and check a header; raises :class:`_Rejected` naming the first problem."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = loads_bounded(data.decode("utf-8"), "header")
+    except UnicodeDecodeError as exc:
         raise _Rejected(BAD_HEADER, f"header: expected UTF-8 JSON, found unreadable bytes ({exc})") from None
+    except StateFormatError as exc:  # invalid JSON, or deeper / larger than the limits of a state file's JSON
+        raise _Rejected(BAD_HEADER, str(exc)) from None
     if not isinstance(doc, dict) or doc.get("format") != _HEADER_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise _Rejected(BAD_HEADER, f"header: expected format {_HEADER_FORMAT!r}, found {found!r}")
@@ -215,7 +233,7 @@ def _decode_header(data: bytes) -> tuple[StateSpec, dict[str, Any]]:
     spec = StateSpec(container, tuple(layers), seqlen_offset, metadata if container == "model" else None)
     try:  # the containers' own checks (batch agreement, channel counts), on meta tensors: no memory touched
         build_state(spec, [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in spec.tensor_specs()])
-    except StateError as exc:
+    except (StateError, RuntimeError, OverflowError, TypeError, ValueError) as exc:  # torch: sizes beyond int64
         raise _Rejected(BAD_HEADER, f"header: describes an invalid state: {exc}") from None
     if doc.get("data_nbytes") != spec.nbytes():
         raise _Rejected(BAD_HEADER, f"header: expected data_nbytes {spec.nbytes()} for its layout, found "
@@ -253,13 +271,65 @@ def _check_preamble(words: Sequence[int], op: int) -> None:
                                          f"{header_nbytes}")
     if data_nbytes < 0:
         raise _Rejected(BAD_HEADER, f"preamble: expected non-negative data_nbytes, found {data_nbytes}")
+    if data_nbytes > MAX_DATA_BYTES:
+        raise _Rejected(DATA_TOO_LARGE, f"preamble: expected at most {MAX_DATA_BYTES} bytes of data (MAX_DATA_BYTES), "
+                                        f"found {data_nbytes}")
+
+
+def data_limit(device: torch.device) -> int:
+    """The most data bytes a receiver on ``device`` accepts: :data:`MAX_DATA_BYTES`, or the device's total memory
+    (host memory for the CPU) when that is smaller and known."""
+    total: int | None = None
+    try:
+        if device.type == "cuda":
+            total = int(torch.cuda.get_device_properties(device).total_memory)
+        elif hasattr(os, "sysconf"):
+            total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (OSError, ValueError, RuntimeError, AssertionError):
+        total = None
+    return MAX_DATA_BYTES if total is None or total <= 0 else min(MAX_DATA_BYTES, total)
+
+
+def _allocate_tensors(specs: Sequence[tuple[Any, torch.dtype]], device: torch.device, what: str
+                      ) -> list[torch.Tensor]:
+    """Empty tensors of the given shapes and dtypes, bounded and checked as :func:`_allocate`."""
+    total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for shape, dtype in specs)
+    limit = data_limit(device)
+    if total > limit:
+        raise _Rejected(DATA_TOO_LARGE, f"{what}: expected at most {limit} bytes of data on {device}, found "
+                                        f"{total} announced")
+    try:
+        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    except (RuntimeError, MemoryError) as exc:
+        raise _Rejected(DATA_TOO_LARGE, f"{what}: expected to allocate {total} bytes on {device}, found "
+                                        f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _allocate(nbytes: int, device: torch.device, what: str) -> torch.Tensor:
+    """A ``uint8`` buffer for received data; :class:`_Rejected` (acknowledged to the sender) when it is beyond
+    :func:`data_limit` or the allocation fails."""
+    limit = data_limit(device)
+    if nbytes > limit:
+        raise _Rejected(DATA_TOO_LARGE, f"{what}: expected at most {limit} bytes of data on {device}, found "
+                                        f"{nbytes} announced")
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        raise _Rejected(DATA_TOO_LARGE, f"{what}: expected to allocate {nbytes} bytes on {device}, found "
+                                        f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def _check_header_bytes(words: Sequence[int], header: bytes) -> tuple[StateSpec, dict[str, Any]]:
     if zlib.crc32(header) != words[5]:
         raise _Rejected(BAD_HEADER_CHECKSUM, f"header: expected checksum {words[5]:#x} (from the preamble), found "
                                              f"{zlib.crc32(header):#x}")
-    spec, doc = _decode_header(header)
+    try:
+        spec, doc = _decode_header(header)
+    except _Rejected:
+        raise
+    except Exception as exc:  # whatever else a header makes fail is still acknowledged as a rejection
+        raise _Rejected(BAD_HEADER, f"header: expected a valid transfer header, found {type(exc).__name__}: "
+                                    f"{str(exc)[:200]}") from None
     if doc["data_nbytes"] != words[6]:
         raise _Rejected(BAD_HEADER, f"header: data_nbytes {doc['data_nbytes']} disagrees with the preamble's "
                                     f"{words[6]}")
@@ -306,13 +376,6 @@ def _exchange(ops: list) -> None:
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-
-
-def _pack(spec: StateSpec, tensors: Sequence[torch.Tensor], device: torch.device, nbytes: int | None = None
-          ) -> torch.Tensor:
-    buf = torch.empty(spec.nbytes() if nbytes is None else nbytes, dtype=torch.uint8, device=device)
-    pack_into(buf, tensors)
-    return buf
 
 
 def _result(spec: StateSpec, buf: torch.Tensor, device: torch.device | None
@@ -429,16 +492,17 @@ def recv_state(src: int, device: torch.device | str | None = None, group: Any = 
         spec, _ = _check_header_bytes(words, _to_bytes(header))
         if out_spec is not None:
             _check_out(out_spec, spec)
+        # allocated before the acknowledgement: a size this rank cannot hold is refused while the sender listens
+        if out is None:
+            tensors = _allocate_tensors([(t.shape, t.dtype) for t in spec.tensor_specs()], comm.device, "recv")
+        else:
+            tensors = [t if t.device == comm.device and t.is_contiguous() else _allocate_tensors(
+                [(t.shape, t.dtype)], comm.device, "recv")[0] for t in state_tensors(out)]
     except _Rejected as rej:
         ack[0] = rej.code
         dist.send(ack, src, group=comm.group)
         _raise(rej, where)
     dist.send(ack, src, group=comm.group)
-    if out is None:
-        tensors = [torch.empty(t.shape, dtype=t.dtype, device=comm.device) for t in spec.tensor_specs()]
-    else:
-        tensors = [t if t.device == comm.device and t.is_contiguous() else torch.empty_like(
-            t, device=comm.device, memory_format=torch.contiguous_format) for t in state_tensors(out)]
     _exchange([dist.P2POp(dist.irecv, _wire_view(t, comm.device), src, group=comm.group) for t in tensors if t.numel()])
     if out is not None:
         for dst, got in zip(state_tensors(out), tensors):
@@ -460,9 +524,16 @@ def _agree(comm: _Comm, code: int) -> int:
 
 
 def _broadcast_header(comm: _Comm, src: int, op: int, where: str, preamble: list[int] | None,
-                      header: bytes | None) -> tuple[list[int], StateSpec, dict[str, Any]] | None:
+                      header: bytes | None, allocate: Callable[[StateSpec | None, dict[str, Any] | None],
+                                                               list[torch.Tensor]] | None = None,
+                      buffers: list[torch.Tensor] | None = None
+                      ) -> tuple[list[int], StateSpec, dict[str, Any]] | None:
     """Broadcast preamble and header from ``src``; every rank checks, then all agree. Returns the parsed header
-    on receiving ranks (``None`` on ``src``); raises on every rank when any rank rejected."""
+    on receiving ranks (``None`` on ``src``); raises on every rank when any rank rejected.
+
+    ``allocate(spec, doc)`` (``None, None`` on ``src``) makes each rank's buffers for the data, appended to
+    ``buffers``, before the ranks agree: a rank that cannot hold the data rejects, and every rank raises, instead
+    of the others waiting in the data collective."""
     is_src = comm.rank == src
     pre = (_int_tensor(cast(list[int], preamble), comm.device) if is_src  # src always passes its preamble
            else torch.empty(8, dtype=torch.int64, device=comm.device))
@@ -492,6 +563,11 @@ def _broadcast_header(comm: _Comm, src: int, op: int, where: str, preamble: list
             parsed = _check_header_bytes(words, _to_bytes(hdr))
             if op == OP_SCATTER:
                 _check_sizes_field(parsed[1], parsed[0], comm.size)
+        except _Rejected as rej:
+            local = rej
+    if allocate is not None and buffers is not None and local is None:
+        try:
+            buffers.extend(allocate(*(parsed if parsed is not None else (None, None))))
         except _Rejected as rej:
             local = rej
     code = _agree(comm, local.code if local else OK)
@@ -528,15 +604,20 @@ def broadcast_state(state_or_none: MambaInferenceState | MambaModelState | None,
         except StateError as exc:
             error, header = exc, b""
             preamble = _preamble_words(OP_BROADCAST, SENDER_ABORT, b"", 0)
-    parsed = _broadcast_header(comm, src, OP_BROADCAST, where, preamble, header)
+    def allocate(got: StateSpec | None, _doc: Any) -> list[torch.Tensor]:  # got: None on src, which knows spec
+        return [_allocate(cast(StateSpec, got if got is not None else spec).nbytes(), comm.device, where)]
+
+    buffers: list[torch.Tensor] = []
+    parsed = _broadcast_header(comm, src, OP_BROADCAST, where, preamble, header, allocate, buffers)
     if error is not None:
         raise error
+    buf = buffers[0]
     if comm.rank == src:  # no error: _local_spec accepted the state, so it and spec are set
         src_state = cast("MambaInferenceState | MambaModelState", state_or_none)
-        dist.broadcast(_pack(cast(StateSpec, spec), state_tensors(src_state), comm.device), src, group=comm.group)
+        pack_into(buf, state_tensors(src_state))
+        dist.broadcast(buf, src, group=comm.group)
         return src_state
     _, spec, _ = cast("tuple[list[int], StateSpec, dict[str, Any]]", parsed)  # a receiving rank's parsed header
-    buf = torch.empty(spec.nbytes(), dtype=torch.uint8, device=comm.device)
     dist.broadcast(buf, src, group=comm.group)
     return _result(spec, buf, device)
 
@@ -590,7 +671,17 @@ def scatter_state(state_or_none: MambaInferenceState | MambaModelState | None, s
         except StateError as exc:
             error, header = exc, b""
             preamble = _preamble_words(OP_SCATTER, SENDER_ABORT, b"", 0)
-    parsed = _broadcast_header(comm, src, OP_SCATTER, where, preamble, header)
+    def allocate(got: StateSpec | None, doc: dict[str, Any] | None) -> list[torch.Tensor]:
+        # each rank's part, and on src the padded parts of every rank, before the ranks agree
+        full_spec, part_sizes = (got, doc["sizes"]) if got is not None and doc is not None else (spec, sizes)
+        chunk = max(cast(StateSpec, full_spec).with_batch(n).nbytes() for n in cast("list[int]", part_sizes))
+        bufs = [_allocate(chunk, comm.device, where)]
+        if got is None:
+            bufs.append(_allocate(comm.size * chunk, comm.device, where).view(comm.size, chunk))
+        return bufs
+
+    buffers: list[torch.Tensor] = []
+    parsed = _broadcast_header(comm, src, OP_SCATTER, where, preamble, header, allocate, buffers)
     if error is not None:
         raise error
     if parsed is not None:
@@ -598,11 +689,10 @@ def scatter_state(state_or_none: MambaInferenceState | MambaModelState | None, s
         sizes = doc["sizes"]
     spec, sizes = cast(StateSpec, spec), cast("list[int]", sizes)  # set on every rank by now (src: checked above)
     parts = [spec.with_batch(n) for n in sizes]
-    chunk = max(p.nbytes() for p in parts)
-    out = torch.empty(chunk, dtype=torch.uint8, device=comm.device)
+    out = buffers[0]
     scatter_list = None
     if comm.rank == src:
-        full = torch.empty(comm.size, chunk, dtype=torch.uint8, device=comm.device)
+        full = buffers[1]
         src_state = cast("MambaInferenceState | MambaModelState", state_or_none)  # accepted by _local_spec
         tensors, start = state_tensors(src_state), 0
         for r, n in enumerate(sizes):
@@ -683,10 +773,19 @@ def all_gather_states(state: MambaInferenceState | MambaModelState, group: Any =
                                           f"{_layout_difference(specs[0], s)} (group rank 0's)")
 
     dmax = max(w[6] for w in words)
-    data = torch.empty(comm.size, dmax, dtype=torch.uint8, device=comm.device)
-    # spec is set: a rank whose own state was rejected raised above
-    dist.all_gather(list(data.unbind(0)), _pack(cast(StateSpec, spec), state_tensors(state), comm.device, nbytes=dmax),
-                    group=comm.group)
+    local: _Rejected | None = None
+    try:  # every rank allocates, then all agree: one that cannot hold the data must not leave the others waiting
+        data = _allocate(comm.size * dmax, comm.device, where).view(comm.size, dmax)
+        mine_buf = _allocate(dmax, comm.device, where)
+    except _Rejected as rej:
+        local = rej
+    code = _agree(comm, local.code if local else OK)
+    if code != OK:
+        if local is not None:
+            _raise(local, where)
+        _peer_rejected(code, "every rank", where)
+    pack_into(mine_buf, state_tensors(state))  # state is valid here: a rank whose own state was rejected raised
+    dist.all_gather(list(data.unbind(0)), mine_buf, group=comm.group)
     parts = [build_state(s, unpack(data[r], s.tensor_specs())) for r, s in enumerate(specs)]
     # the layouts agree, so every part is of one container type
     out: MambaInferenceState | MambaModelState = (

@@ -17,6 +17,7 @@ from ._lazy import load_attribute, names
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use (PEP 562, below)
     from .adapters import StatefulMamba, StatefulMambaLM
     from .adapters.mamba2 import StatefulMamba2
+    from .adapters.mamba3 import StatefulMamba3
     from .errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
     from .generation import GenerationOutput, SamplingConfig, TokenStream, clear_graph_cache, generate, stream
     from .state import MambaInferenceState, MambaModelState
@@ -53,6 +54,7 @@ __all__ = [
     "zero_model_state",
     "StatefulMamba",
     "StatefulMamba2",
+    "StatefulMamba3",
     "StatefulMambaLM",
     "GenerationOutput",
     "SamplingConfig",
@@ -77,6 +79,7 @@ _EXPORTS: dict[str, str] = {
                      "zero_inference_state", "zero_model_state"], "state.interop"),
     **dict.fromkeys(["StatefulMamba", "StatefulMambaLM"], "adapters"),
     "StatefulMamba2": "adapters.mamba2",
+    "StatefulMamba3": "adapters.mamba3",
     **dict.fromkeys(["GenerationOutput", "SamplingConfig", "TokenStream", "clear_graph_cache", "generate", "stream"],
                     "generation"),
     **dict.fromkeys(["LayerTrace", "ModelTrace", "TraceSizeWarning", "trace_layer", "trace_model"], "trace"),

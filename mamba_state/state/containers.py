@@ -1,12 +1,14 @@
 """State containers: the recurrent state of one Mamba layer and of a whole model.
 
-A Mamba layer carries two tensors between tokens (the same layout upstream ``mamba_ssm`` keeps in
+A Mamba layer carries its family's named tensors between tokens (the same layout upstream ``mamba_ssm`` keeps in
 ``InferenceParams.key_value_memory_dict[layer_idx]``):
 
 * Mamba-1: ``conv_state`` ``[B, d_inner, d_conv]`` (the last ``d_conv`` inputs of the causal conv, oldest first)
   and ``ssm_state`` ``[B, d_inner, d_state]``.
 * Mamba-2: ``conv_state`` ``[B, d_inner + 2 * ngroups * d_state, d_conv]`` and ``ssm_state``
   ``[B, nheads, headdim, d_state]``.
+* Mamba-3: ``angle_dt_state`` ``[B, nheads, num_rope_angles]``, ``ssm_state`` ``[B, nheads, headdim, d_state]``,
+  ``k_state`` ``[B, mimo_rank, nheads, d_state]`` and ``v_state`` ``[B, nheads, headdim]``.
 
 Every operation validates its input first and either completes or raises a :mod:`mamba_state.errors` error
 without changing anything.
@@ -23,7 +25,7 @@ import torch
 from ..errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
 from .format import BUILD_ERRORS, atomic_write, check_save_path, inconsistent, read_state, serialize
 
-__all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex"]
+__all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex", "FAMILY_TENSORS"]
 
 BatchIndex = Union[int, slice, torch.Tensor, Sequence[int]]
 
@@ -95,23 +97,77 @@ def _zero_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return t.masked_fill(rows, 0) if t.requires_grad else t.masked_fill_(rows, 0)
 
 
+class _NoSuchTensorError(StateCompatibilityError, AttributeError):
+    """A tensor name the state's family does not carry (also an ``AttributeError``, so ``hasattr`` answers False)."""
+
+
+FAMILY_TENSORS: dict[str, tuple[str, ...]] = {
+    "mamba1": ("conv_state", "ssm_state"),
+    "mamba2": ("conv_state", "ssm_state"),
+    "mamba3": ("angle_dt_state", "ssm_state", "k_state", "v_state"),
+}
+"""The named tensors each family's layer state holds, in order."""
+
+_LAYOUT_KEYS = {"conv_state": "conv_shape", "ssm_state": "ssm_shape", "angle_dt_state": "angle_shape",
+                "k_state": "k_shape", "v_state": "v_shape"}
+
+
 class MambaInferenceState:
-    """The recurrent state of one Mamba (or Mamba-2) layer.
+    """The recurrent state of one Mamba, Mamba-2 or Mamba-3 layer: its family's named tensors, batch first.
 
     Args:
-        conv_state: ``[B, C, d_conv]`` floating tensor, the last ``d_conv`` conv inputs per channel, oldest first
-            (``C = d_inner`` for Mamba-1, ``d_inner + 2 * ngroups * d_state`` for Mamba-2).
-        ssm_state: ``[B, d_inner, d_state]`` (Mamba-1) or ``[B, nheads, headdim, d_state]`` (Mamba-2).
+        conv_state: Mamba-1/2: ``[B, C, d_conv]`` floating tensor, the last ``d_conv`` conv inputs per channel,
+            oldest first (``C = d_inner`` for Mamba-1, ``d_inner + 2 * ngroups * d_state`` for Mamba-2).
+        ssm_state: ``[B, d_inner, d_state]`` (Mamba-1) or ``[B, nheads, headdim, d_state]`` (Mamba-2, Mamba-3).
+        angle_dt_state, k_state, v_state: Mamba-3 only (give these three and ``ssm_state``, no ``conv_state``):
+            ``[B, nheads, num_rope_angles]`` (the accumulated rotary angle), ``[B, R, nheads, d_state]`` (the last
+            token's rotated key; ``R`` = mimo_rank, 1 for SISO) and ``[B, nheads, headdim]`` (its value).
+            Upstream's ``Mamba3`` layout.
 
-    Both tensors must share the batch size and the device. They are held as given (not copied).
+    ``MambaInferenceState(conv, ssm)`` is a Mamba-1/2 state as in 0.1; ``MambaInferenceState(ssm_state=ssm,
+    angle_dt_state=a, k_state=k, v_state=v)`` a Mamba-3 one. All tensors must share the batch size and the device.
+    They are held as given (not copied). :attr:`tensors` gives them by name; every batch, device and dtype
+    operation applies to all of them.
     """
 
-    __slots__ = ("conv_state", "ssm_state")
+    __slots__ = ("_t",)
 
-    def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        self._validate(conv_state, ssm_state)
-        self.conv_state = conv_state
-        self.ssm_state = ssm_state
+    _t: dict[str, torch.Tensor]
+
+    def __init__(self, conv_state: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
+                 angle_dt_state: torch.Tensor | None = None, k_state: torch.Tensor | None = None,
+                 v_state: torch.Tensor | None = None):
+        m3 = {"angle_dt_state": angle_dt_state, "k_state": k_state, "v_state": v_state}
+        if conv_state is not None or all(t is None for t in m3.values()):
+            if any(t is not None for t in m3.values()):
+                raise StateError("state: expected conv_state and ssm_state (Mamba-1/2) or angle_dt_state, "
+                                 "ssm_state, k_state and v_state (Mamba-3), found conv_state with "
+                                 f"{sorted(k for k, t in m3.items() if t is not None)}")
+            self._validate(conv_state, ssm_state)
+            object.__setattr__(self, "_t", {"conv_state": conv_state, "ssm_state": ssm_state})
+        else:
+            tensors = {"angle_dt_state": angle_dt_state, "ssm_state": ssm_state, "k_state": k_state,
+                       "v_state": v_state}
+            self._validate_mamba3(tensors)
+            object.__setattr__(self, "_t", cast(dict, tensors))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "MambaInferenceState":
+        """A state from its named tensors (the keys of one family in :data:`FAMILY_TENSORS`)."""
+        if not isinstance(tensors, Mapping):
+            raise StateError(f"tensors: expected a dict of named tensors, found {type(tensors).__name__}")
+        names = set(tensors)
+        if names == {"conv_state", "ssm_state"}:
+            return cls(tensors["conv_state"], tensors["ssm_state"])
+        if names == set(FAMILY_TENSORS["mamba3"]):
+            return cls(ssm_state=tensors["ssm_state"], angle_dt_state=tensors["angle_dt_state"],
+                       k_state=tensors["k_state"], v_state=tensors["v_state"])
+        raise StateError(f"tensors: expected the names {list(FAMILY_TENSORS['mamba1'])} or "
+                         f"{list(FAMILY_TENSORS['mamba3'])}, found {sorted(names)}")
+
+    def _rebuild(self, fn) -> "MambaInferenceState":
+        """A new state of the same family with ``fn(tensor)`` for every tensor (validated)."""
+        return MambaInferenceState.from_tensors({k: fn(t) for k, t in self._t.items()})
 
     @staticmethod
     def _validate(conv_state: Any, ssm_state: Any) -> None:
@@ -153,58 +209,160 @@ class MambaInferenceState:
                     f"{nheads * headdim} + 2*ngroups*{d_state}, found {conv_state.shape[1]}"
                 )
 
+    @staticmethod
+    def _validate_mamba3(tensors: dict[str, Any]) -> None:
+        ranks = {"angle_dt_state": (3, "[batch, nheads, num_rope_angles]"),
+                 "ssm_state": (4, "[batch, nheads, headdim, d_state]"),
+                 "k_state": (4, "[batch, mimo_rank, nheads, d_state]"), "v_state": (3, "[batch, nheads, headdim]")}
+        for name, (rank, dims) in ranks.items():
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor):
+                raise StateError(f"Mamba-3 {name}: expected a torch.Tensor, found {_describe(t)}")
+            if not t.is_floating_point():
+                raise StateError(f"Mamba-3 {name}: expected a floating dtype, found {t.dtype}")
+            if t.dim() != rank:
+                raise StateShapeError(f"Mamba-3 {name}: expected rank {rank} {dims}, found shape {list(t.shape)}")
+        a, s, k, v = (tensors[n] for n in FAMILY_TENSORS["mamba3"])
+        if len({a.shape[0], s.shape[0], k.shape[0], v.shape[0]}) != 1:
+            raise StateShapeError(
+                "batch size: expected the four Mamba-3 tensors to agree, found "
+                f"{ {n: int(tensors[n].shape[0]) for n in FAMILY_TENSORS['mamba3']} }")
+        if len({a.device, s.device, k.device, v.device}) != 1:
+            raise StateError("device: expected the four Mamba-3 tensors on one device, found "
+                             f"{ {n: str(tensors[n].device) for n in FAMILY_TENSORS['mamba3']} }")
+        _, h, p, n = s.shape
+        if a.shape[1] != h or k.shape[2] != h or v.shape[1] != h:
+            raise StateShapeError(f"Mamba-3 nheads: expected {h} (ssm_state.shape[1]) in angle_dt_state.shape[1], "
+                                  f"k_state.shape[2] and v_state.shape[1], found {a.shape[1]}, {k.shape[2]}, "
+                                  f"{v.shape[1]}")
+        if k.shape[3] != n or v.shape[2] != p:
+            raise StateShapeError(f"Mamba-3 sizes: expected k_state d_state {n} and v_state headdim {p} (as "
+                                  f"ssm_state), found {k.shape[3]} and {v.shape[2]}")
+        if not 0 < a.shape[2] <= n // 2 or k.shape[1] < 1:
+            raise StateShapeError(f"Mamba-3 sizes: expected 1 <= num_rope_angles <= d_state // 2 = {n // 2} and "
+                                  f"mimo_rank >= 1, found {a.shape[2]} and {k.shape[1]}")
+
+    # ------------------------------------------------------------------ named tensors
+    def _get(self, name: str) -> torch.Tensor:
+        try:
+            return self._t[name]
+        except KeyError:
+            raise _NoSuchTensorError(f"{name}: a {self.kind} state holds {list(self._t)}, not {name}") from None
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        if name not in self._t:
+            raise _NoSuchTensorError(f"{name}: a {self.kind} state holds {list(self._t)}, not {name}")
+        # not validated, as the plain attributes of 0.1 were not: the checks of the layers and of set_* see it
+        self._t[name] = value
+
+    @property
+    def conv_state(self) -> torch.Tensor:
+        """Mamba-1/2: ``[B, C, d_conv]``, the conv window (a Mamba-3 state has none: ``StateCompatibilityError``,
+        also an ``AttributeError``)."""
+        return self._get("conv_state")
+
+    @conv_state.setter
+    def conv_state(self, value: torch.Tensor) -> None:
+        self._set("conv_state", value)
+
+    @property
+    def ssm_state(self) -> torch.Tensor:
+        """The SSM state (every family)."""
+        return self._t["ssm_state"]
+
+    @ssm_state.setter
+    def ssm_state(self, value: torch.Tensor) -> None:
+        self._set("ssm_state", value)
+
+    @property
+    def angle_dt_state(self) -> torch.Tensor:
+        """Mamba-3: ``[B, nheads, num_rope_angles]``, the accumulated rotary angle."""
+        return self._get("angle_dt_state")
+
+    @angle_dt_state.setter
+    def angle_dt_state(self, value: torch.Tensor) -> None:
+        self._set("angle_dt_state", value)
+
+    @property
+    def k_state(self) -> torch.Tensor:
+        """Mamba-3: ``[B, mimo_rank, nheads, d_state]``, the last token's key (bias added, rotated)."""
+        return self._get("k_state")
+
+    @k_state.setter
+    def k_state(self, value: torch.Tensor) -> None:
+        self._set("k_state", value)
+
+    @property
+    def v_state(self) -> torch.Tensor:
+        """Mamba-3: ``[B, nheads, headdim]``, the last token's value."""
+        return self._get("v_state")
+
+    @v_state.setter
+    def v_state(self, value: torch.Tensor) -> None:
+        self._set("v_state", value)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The named tensors, in the family's order (a new dict holding the state's own tensors)."""
+        return dict(self._t)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The names of :attr:`tensors`."""
+        return tuple(self._t)
+
     # ------------------------------------------------------------------ description
     @property
     def kind(self) -> str:
-        """``"mamba1"`` or ``"mamba2"``, from the rank of ``ssm_state``."""
-        return "mamba1" if self.ssm_state.dim() == 3 else "mamba2"
+        """``"mamba1"``, ``"mamba2"`` (from the rank of ``ssm_state``) or ``"mamba3"``."""
+        if "angle_dt_state" in self._t:
+            return "mamba3"
+        return "mamba1" if self._t["ssm_state"].dim() == 3 else "mamba2"
 
     @property
     def batch_size(self) -> int:
-        """Rows in the batch (dimension 0 of both tensors)."""
+        """Rows in the batch (dimension 0 of every tensor)."""
         return int(self.ssm_state.shape[0])
 
     @property
     def device(self) -> torch.device:
-        """The device of both tensors."""
+        """The device of the tensors."""
         return self.ssm_state.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of ``ssm_state`` (``conv_state.dtype`` is usually the same; see ``conv_state.dtype``)."""
+        """The dtype of ``ssm_state`` (the other tensors usually share it; see each tensor's ``dtype``)."""
         return self.ssm_state.dtype
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tensors (conv and SSM; every layer for a model state)."""
-        conv, ssm = self.conv_state, self.ssm_state
-        return conv.numel() * conv.element_size() + ssm.numel() * ssm.element_size()
+        """Bytes held by the tensors (every layer for a model state)."""
+        return sum(t.numel() * t.element_size() for t in self._t.values())
 
     def layout(self) -> dict[str, Any]:
-        """Batch-free description: kind and the non-batch shapes (JSON-serialisable)."""
-        return {
-            "kind": self.kind,
-            "conv_shape": list(self.conv_state.shape[1:]),
-            "ssm_shape": list(self.ssm_state.shape[1:]),
-        }
+        """Batch-free description: kind and the non-batch shapes (JSON-serialisable). Mamba-1/2:
+        ``{kind, conv_shape, ssm_shape}``; Mamba-3: ``{kind, angle_shape, ssm_shape, k_shape, v_shape}``."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for name, t in self._t.items():
+            out[_LAYOUT_KEYS[name]] = list(t.shape[1:])
+        return out
 
     def __repr__(self) -> str:
-        return (
-            f"MambaInferenceState(kind={self.kind}, batch_size={self.batch_size}, "
-            f"conv_state={list(self.conv_state.shape)}"
-            f" {self.conv_state.dtype}, ssm_state={list(self.ssm_state.shape)} {self.ssm_state.dtype}, "
-            f"device={self.device})"
-        )
+        parts = ", ".join(f"{name}={list(t.shape)} {t.dtype}" for name, t in self._t.items())
+        return f"MambaInferenceState(kind={self.kind}, batch_size={self.batch_size}, {parts}, device={self.device})"
 
     def __reduce__(self):
         # Rebuilt by calling the class, which validates: works with torch.load(weights_only=True) once
         # the class is an allowed global (registered in mamba_state/__init__.py).
-        return (MambaInferenceState, (self.conv_state, self.ssm_state))
+        if self.kind == "mamba3":
+            t = self._t
+            return (MambaInferenceState, (None, t["ssm_state"], t["angle_dt_state"], t["k_state"], t["v_state"]))
+        return (MambaInferenceState, (self._t["conv_state"], self._t["ssm_state"]))
 
     # ------------------------------------------------------------------ copies and moves
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False, copy: bool = False) -> "MambaInferenceState":
-        """A new state object on ``device`` with both tensors cast to ``dtype`` (``None`` keeps each).
+        """A new state object on ``device`` with every tensor cast to ``dtype`` (``None`` keeps each).
 
         As with ``Tensor.to``, a tensor already on ``device`` with ``dtype`` is *shared*, not copied: with nothing
         to change, ``s.to("cpu")`` holds the very tensors of ``s`` and an in-place change to one shows in the
@@ -212,32 +370,29 @@ class MambaInferenceState:
         """
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise StateError(f"dtype: expected a floating torch.dtype, found {dtype!r}")
-        return MambaInferenceState(
-            self.conv_state.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy),
-            self.ssm_state.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy),
-        )
+        return self._rebuild(lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking, copy=copy))
 
     def clone(self) -> "MambaInferenceState":
         """A copy with new storage (same dtypes, devices; autograd history kept)."""
-        return MambaInferenceState(self.conv_state.clone(), self.ssm_state.clone())
+        return self._rebuild(torch.Tensor.clone)
 
     def detach(self) -> "MambaInferenceState":
         """A state sharing storage with this one, cut from the autograd graph."""
-        return MambaInferenceState(self.conv_state.detach(), self.ssm_state.detach())
+        return self._rebuild(torch.Tensor.detach)
 
     def zero_(self) -> "MambaInferenceState":
-        """Zero both tensors; returns self.
+        """Zero every tensor; returns self.
 
         In place, except for a tensor in an autograd graph (``requires_grad``): autograd may have saved it for
         the backward, where an in-place change would fail, so this state takes a new zero tensor in its place
         (the old tensor is left as it was). Either way ``self`` then holds zeros.
         """
-        self.conv_state, self.ssm_state = (torch.zeros_like(t) if t.requires_grad else t.zero_()
-                                           for t in (self.conv_state, self.ssm_state))
+        object.__setattr__(self, "_t", {k: (torch.zeros_like(t) if t.requires_grad else t.zero_())
+                                        for k, t in self._t.items()})
         return self
 
     def reset_(self, mask: torch.Tensor) -> "MambaInferenceState":
-        """Zero the rows where ``mask`` (bool ``[B]``) is True in both tensors; returns self.
+        """Zero the rows where ``mask`` (bool ``[B]``) is True in every tensor; returns self.
 
         In place, except for a tensor in an autograd graph (``requires_grad``, e.g. a state straight out of a
         forward in training): this state then takes a new tensor with those rows zeroed, built by a
@@ -245,8 +400,7 @@ class MambaInferenceState:
         may have saved for the backward, is left as it was). Recurrent training can reset rows between chunks.
         """
         mask = _check_mask(mask, self.batch_size).to(self.device)
-        self.conv_state = _zero_rows(self.conv_state, mask)
-        self.ssm_state = _zero_rows(self.ssm_state, mask)
+        object.__setattr__(self, "_t", {k: _zero_rows(t, mask) for k, t in self._t.items()})
         return self
 
     # ------------------------------------------------------------------ batch operations
@@ -254,9 +408,10 @@ class MambaInferenceState:
         """A new state holding the chosen rows (always copies; an int keeps a batch dimension of 1)."""
         idx = _normalize_index(index, self.batch_size)
         if isinstance(idx, slice):
-            return MambaInferenceState(self.conv_state[idx].clone(), self.ssm_state[idx].clone())
-        idx = idx.to(self.device)
-        return MambaInferenceState(self.conv_state.index_select(0, idx), self.ssm_state.index_select(0, idx))
+            sl = idx
+            return self._rebuild(lambda t: t[sl].clone())
+        rows = idx.to(self.device)
+        return self._rebuild(lambda t: t.index_select(0, rows))
 
     @staticmethod
     def cat(states: Sequence["MambaInferenceState"]) -> "MambaInferenceState":
@@ -270,15 +425,14 @@ class MambaInferenceState:
         for i, s in enumerate(states[1:], start=1):
             if s.layout() != first.layout():
                 raise StateCompatibilityError(f"cat: state {i} has layout {s.layout()}, expected {first.layout()}")
-            for name in ("conv_state", "ssm_state"):
-                a, b = getattr(first, name), getattr(s, name)
+            for name in first.tensor_names:
+                a, b = first._t[name], s._t[name]
                 if a.dtype != b.dtype or a.device != b.device:
                     raise StateCompatibilityError(
                         f"cat: state {i} {name} is {b.dtype} on {b.device}, expected {a.dtype} on {a.device}"
                     )
-        return MambaInferenceState(
-            torch.cat([s.conv_state for s in states]), torch.cat([s.ssm_state for s in states])
-        )
+        return MambaInferenceState.from_tensors({name: torch.cat([s._t[name] for s in states])
+                                                 for name in first.tensor_names})
 
     def split(self, sizes: int | Sequence[int]) -> list["MambaInferenceState"]:
         """Split along the batch (an int is a chunk size, a list gives each part's size); parts are copies."""
@@ -289,19 +443,23 @@ class MambaInferenceState:
         return out
 
     def allclose(self, other: "MambaInferenceState", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        """True when ``other`` has the same layout and both tensors agree within tolerance (compared in float64)."""
+        """True when ``other`` has the same layout and every tensor agrees within tolerance (compared in float64)."""
         if not isinstance(other, MambaInferenceState):
             return False
         if other.layout() != self.layout() or other.batch_size != self.batch_size:
             return False
-        for a, b in ((self.conv_state, other.conv_state), (self.ssm_state, other.ssm_state)):
+        for name, a in self._t.items():
+            b = other._t[name]
             if not torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(), rtol=rtol, atol=atol):
                 return False
         return True
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
-        """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`)."""
+        """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`).
+
+        Mamba-1/2 only for now: the file format (version 1) stores a conv and an SSM tensor per layer, so a
+        Mamba-3 state raises ``StateCompatibilityError`` (nothing is written)."""
         write_state_file(self, path, metadata=metadata)
 
     @staticmethod
@@ -539,6 +697,14 @@ def write_state_file(state: MambaInferenceState | MambaModelState, path: str | o
                      metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``state`` to ``path`` (see :func:`mamba_state.state.io.save_state`)."""
     where = os.fspath(path)
+    layers = state.items() if isinstance(state, MambaModelState) else [(None, state)]
+    for idx, s in layers:
+        if isinstance(s, MambaInferenceState) and s.kind == "mamba3":
+            at = "the state" if idx is None else f"layer {idx}"
+            raise StateCompatibilityError(
+                f"save: expected Mamba-1/Mamba-2 layer states (file format version 1 stores conv_state and "
+                f"ssm_state per layer), found a mamba3 state at {at}; saving Mamba-3 states needs a format "
+                "version that stores named tensors (not written yet)")
     check_save_path(where)  # before serialising: a bad path is an argument error, not a failed write
     if isinstance(state, MambaModelState):
         data = serialize("model", [(i, s.kind, s.conv_state, s.ssm_state) for i, s in state.items()],

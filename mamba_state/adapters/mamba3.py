@@ -1,0 +1,459 @@
+"""``StatefulMamba3``: an upstream ``mamba_ssm.modules.mamba3.Mamba3`` layer (SISO) with its recurrent state in and out.
+
+The adapter registers the upstream layer's own parameters and submodules under upstream's names (``dt_bias``,
+``B_bias``, ``C_bias``, ``D``, ``in_proj``, ``B_norm``, ``C_norm``, ``norm`` when ``is_outproj_norm``,
+``out_proj``): ``state_dict()`` keys equal upstream's, nothing is copied or patched, and the upstream module itself
+is not registered as a child.
+
+Per token, as upstream computes it (no causal conv; ``G`` = ngroups, ``S`` = num_rope_angles)::
+
+    z, x, B, C, dd_dt, dd_A, trap, angles = split(in_proj(u), [d_inner, d_inner, G*N, G*N, H, H, H, S])
+    dt = softplus(dd_dt + dt_bias);  A = min(-softplus(dd_A), -A_floor);  B, C = B_norm(B), C_norm(C)
+    y = Mamba-3 scan(q=C, k=B, v=x, A*dt, dt, trap, C_bias, B_bias, angles, D, z unless is_outproj_norm)
+    y = norm(y, z) if is_outproj_norm;   out = out_proj(y)
+
+(the scan: :mod:`mamba_state.kernels.mamba3`). The state is upstream's four tensors: ``angle_dt_state``
+``[B, H, S]``, ``ssm_state`` ``[B, H, headdim, N]``, ``k_state`` ``[B, 1, H, N]``, ``v_state`` ``[B, H, headdim]``.
+
+Compute paths (``backend``, see :mod:`mamba_state.kernels.backend`): on CUDA, upstream's Triton
+``mamba3_siso_combined`` with ``Input_States`` and ``return_final_states`` (resets inside a chunk become
+variable-length segments through its ``cu_seqlens``: each row is cut at its resets, the segments packed into one
+sequence, the first segment of a row starts from the row's state and the others from zeros); one token through
+upstream's Triton ``mamba3_siso_step`` when no gradient is needed. Elsewhere, or when upstream's kernels are
+missing or do not take the shapes (head sizes powers of two, an even number of angles), our pure-PyTorch
+:func:`~mamba_state.kernels.mamba3.mamba3_scan_chunked` and :func:`~mamba_state.kernels.mamba3.mamba3_step_ref`.
+Upstream's kernels compute in bfloat16 with float32 states, whatever the layer's dtype.
+
+MIMO layers (``is_mimo``) are refused with :class:`~mamba_state.errors.StateCompatibilityError`: upstream runs them
+through TileLang, whose kernel takes no initial state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mamba_state.kernels.backend import resolve_backend
+from mamba_state.kernels.mamba3 import Mamba3States, mamba3_scan_chunked, mamba3_step_ref
+from mamba_state.kernels.scan_positions import check_positions, segment_bounds
+
+from ..errors import StateCompatibilityError, StateError, StateShapeError
+from ..state import MambaInferenceState
+from ._state_checks import check_layer_state, check_reset
+from .mamba2 import GatedRMSNorm, gated_rms_norm
+
+__all__ = ["StatefulMamba3"]
+
+
+def _upstream_siso_scan():
+    """Upstream's Triton ``mamba3_siso_combined``, or None when mamba_ssm (or Triton) is missing."""
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+    except Exception:  # ImportError, or upstream failing on its compiled extension
+        return None
+    return mamba3_siso_combined
+
+
+def _upstream_siso_step():
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_step import mamba3_siso_step
+    except Exception:
+        return None
+    return mamba3_siso_step
+
+
+def _upstream_rmsnorm_fn():
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        return None
+    return rmsnorm_fn
+
+
+def _tilelang_importable() -> bool:
+    try:
+        import tilelang  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _refuse_mimo() -> None:
+    if not _tilelang_importable():
+        raise StateCompatibilityError(
+            "layer: expected a SISO Mamba3 (is_mimo=False), found is_mimo=True; MIMO layers run through TileLang, "
+            "which is not importable here (pip install tilelang on a CUDA machine)")
+    raise StateCompatibilityError(
+        "layer: expected a SISO Mamba3 (is_mimo=False), found is_mimo=True; upstream's TileLang MIMO kernel takes "
+        "no initial state, so StatefulMamba3 cannot continue a MIMO layer from a state yet")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class StatefulMamba3(nn.Module):
+    """A Mamba-3 (SISO) layer whose recurrent state is an explicit input and output.
+
+    Args:
+        layer: a ``mamba_ssm.modules.mamba3.Mamba3`` with ``is_mimo=False``.
+        state_dtype: dtype of states made by :meth:`new_state` (float32 by default); a state passed in keeps its
+            dtypes.
+        backend: ``None`` / ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`mamba_state.kernels.backend`).
+
+    Shapes: ``x`` ``[B, L, d_model]``; the state as in the module docstring.
+    """
+
+    dt_bias: nn.Parameter
+    B_bias: nn.Parameter
+    C_bias: nn.Parameter
+    D: nn.Parameter
+    in_proj: nn.Linear
+    B_norm: nn.Module
+    C_norm: nn.Module
+    norm: nn.Module
+    out_proj: nn.Linear
+
+    _NEEDED = ("d_model", "d_state", "headdim", "nheads", "d_inner", "num_bc_heads", "mimo_rank", "is_mimo",
+               "num_rope_angles", "A_floor", "is_outproj_norm", "chunk_size", "in_proj", "dt_bias", "B_bias",
+               "C_bias", "B_norm", "C_norm", "D", "out_proj")
+
+    def __init__(self, layer: nn.Module, state_dtype: torch.dtype = torch.float32, backend: str | None = None):
+        super().__init__()
+        if not isinstance(layer, nn.Module):
+            raise StateCompatibilityError(f"layer: expected a mamba_ssm Mamba3 module, found {type(layer).__name__}")
+        src: Any = layer  # duck-typed: the attributes below are checked before use
+        missing = [a for a in self._NEEDED if not hasattr(src, a)]
+        if missing:
+            raise StateCompatibilityError(
+                f"layer: expected a mamba_ssm Mamba3 module, found {type(src).__name__} without {missing}")
+        if bool(src.is_mimo):
+            _refuse_mimo()
+        if bool(src.is_outproj_norm) and not hasattr(src, "norm"):
+            raise StateCompatibilityError("layer: expected a `norm` submodule (is_outproj_norm=True), found none")
+        self._setup(d_model=int(src.d_model), d_state=int(src.d_state), headdim=int(src.headdim),
+                    nheads=int(src.nheads), ngroups=int(src.num_bc_heads), nangles=int(src.num_rope_angles),
+                    A_floor=float(src.A_floor), is_outproj_norm=bool(src.is_outproj_norm),
+                    chunk_size=int(src.chunk_size), layer_idx=getattr(src, "layer_idx", None),
+                    state_dtype=state_dtype, backend=backend)
+        self.dt_bias, self.B_bias, self.C_bias, self.D = src.dt_bias, src.B_bias, src.C_bias, src.D
+        self.in_proj = src.in_proj
+        self.B_norm, self.C_norm = src.B_norm, src.C_norm
+        if self.is_outproj_norm:
+            self.norm = src.norm
+        self.out_proj = src.out_proj
+
+    def _setup(self, *, d_model, d_state, headdim, nheads, ngroups, nangles, A_floor, is_outproj_norm, chunk_size,
+               layer_idx, state_dtype, backend) -> None:
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise StateError(f"state_dtype: expected a floating torch.dtype, found {state_dtype!r}")
+        if backend is not None:
+            from mamba_state.kernels.backend import requested_backend
+
+            requested_backend(backend)
+        self.d_model, self.d_state, self.headdim, self.nheads = d_model, d_state, headdim, nheads
+        self.d_inner = nheads * headdim
+        self.ngroups, self.num_rope_angles = ngroups, nangles
+        self.A_floor, self.is_outproj_norm, self.chunk_size = A_floor, is_outproj_norm, chunk_size
+        self.layer_idx, self.state_dtype, self.backend = layer_idx, state_dtype, backend
+        self.mimo_rank = 1
+
+    @classmethod
+    def from_config(cls, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64, ngroups: int = 1,
+                    rope_fraction: float = 0.5, dt_min: float = 0.001, dt_max: float = 0.1,
+                    dt_init_floor: float = 1e-4, A_floor: float = 1e-4, is_outproj_norm: bool = False,
+                    is_mimo: bool = False, mimo_rank: int = 4, chunk_size: int = 64, layer_idx: int | None = None,
+                    device=None, dtype=None, state_dtype: torch.dtype = torch.float32,
+                    backend: str | None = None) -> "StatefulMamba3":
+        """A fresh layer with upstream ``Mamba3``'s parameters: names, shapes, dtypes and initialisation.
+
+        Random draws happen in upstream's order (``in_proj``, ``dt_bias``, ``out_proj``), so under one seed the
+        parameters equal upstream's. mamba_ssm is not imported.
+        """
+        if is_mimo:
+            _refuse_mimo()
+        if rope_fraction not in (0.5, 1.0):
+            raise StateError(f"rope_fraction: expected 0.5 or 1.0 (as upstream), found {rope_fraction!r}")
+        d_inner = int(expand * d_model)
+        if d_inner % headdim != 0:
+            raise StateShapeError(f"headdim: expected a divisor of d_inner = expand * d_model = {d_inner}, "
+                                  f"found {headdim}")
+        split = int(d_state * rope_fraction)
+        split -= split % 2
+        nangles = split // 2
+        if nangles < 1:
+            raise StateShapeError(f"d_state: expected at least {4 if rope_fraction == 0.5 else 2} for one rotary "
+                                  f"angle, found {d_state}")
+        nheads = d_inner // headdim
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(d_model=d_model, d_state=d_state, headdim=headdim, nheads=nheads, ngroups=ngroups,
+                    nangles=nangles, A_floor=A_floor, is_outproj_norm=is_outproj_norm, chunk_size=chunk_size,
+                    layer_idx=layer_idx, state_dtype=state_dtype, backend=backend)
+        fk = {"device": device, "dtype": dtype}
+        # [z, x, B, C, dd_dt, dd_A, trap, angles]
+        d_in = 2 * d_inner + 2 * d_state * ngroups + 3 * nheads + nangles
+        in_proj = nn.Linear(d_model, d_in, bias=False, **fk)
+        dt = torch.exp(torch.rand(nheads, device=device, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}(dt), float32 as upstream
+        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]  # upstream's optimizer flag
+        self.B_bias = nn.Parameter(torch.ones(nheads, 1, d_state, dtype=torch.float32, device=device))
+        self.C_bias = nn.Parameter(torch.ones(nheads, 1, d_state, dtype=torch.float32, device=device))
+        self.D = nn.Parameter(torch.ones(nheads, device=device))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.in_proj = in_proj
+        self.B_norm = GatedRMSNorm(d_state, eps=1e-5, **fk)
+        self.C_norm = GatedRMSNorm(d_state, eps=1e-5, **fk)
+        if is_outproj_norm:
+            self.norm = GatedRMSNorm(d_inner, eps=1e-5, norm_before_gate=True, group_size=headdim, **fk)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False, **fk)
+        return self
+
+    # ------------------------------------------------------------------ description and states
+    def state_layout(self) -> dict[str, Any]:
+        return {"kind": "mamba3", "angle_shape": [self.nheads, self.num_rope_angles],
+                "ssm_shape": [self.nheads, self.headdim, self.d_state], "k_shape": [1, self.nheads, self.d_state],
+                "v_shape": [self.nheads, self.headdim]}
+
+    def new_state(self, batch_size: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> MambaInferenceState:
+        """A zero state (``state_dtype`` and the parameters' device unless given)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise StateError(f"batch_size: expected a positive int, found {batch_size!r}")
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.state_dtype if dtype is None else dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise StateError(f"dtype: expected a floating torch.dtype, found {dtype!r}")
+        b, h, p, n = batch_size, self.nheads, self.headdim, self.d_state
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=device, dtype=dtype)
+
+        return MambaInferenceState(ssm_state=zeros(b, h, p, n), angle_dt_state=zeros(b, h, self.num_rope_angles),
+                                   k_state=zeros(b, 1, h, n), v_state=zeros(b, h, p))
+
+    def resolved_backend(self, device: torch.device | str) -> tuple[str, str]:
+        """``("triton" | "reference", why)`` for inputs on ``device`` (Triton also needs upstream's kernels and
+        shapes they take)."""
+        name, why = resolve_backend(device, self.backend)
+        if name == "triton":
+            if _upstream_siso_scan() is None:
+                return "reference", "mamba_ssm's Triton Mamba-3 kernels are not importable: PyTorch reference path"
+            if not (_pow2(self.headdim) and _pow2(self.d_state) and self.num_rope_angles % 2 == 0):
+                return "reference", ("upstream's Mamba-3 kernels need power-of-two headdim and d_state and an even "
+                                     "number of rotary angles: PyTorch reference path")
+        return name, why
+
+    def check_state(self, state: Any, batch_size: int, device: torch.device | str) -> MambaInferenceState:
+        """``state`` when it fits this layer (its layout, ``batch_size`` rows, on ``device``), a zero state for
+        None; else a :class:`~mamba_state.errors.StateError` subclass naming what was expected and found."""
+        device = torch.device(device)
+        if state is None:
+            return self.new_state(batch_size, device=device)
+        return check_layer_state(state, self.state_layout(), self.layer_idx, batch_size, device)
+
+    # ------------------------------------------------------------------ pieces shared by forward and step
+    def _rms(self, norm: nn.Module, t: torch.Tensor, use_triton: bool) -> torch.Tensor:
+        weight = cast(torch.Tensor, norm.weight)
+        eps = float(getattr(norm, "eps", 1e-5))
+        fn = _upstream_rmsnorm_fn() if use_triton and t.is_cuda else None
+        if fn is not None:
+            return fn(t, weight, None, z=None, eps=eps, group_size=None, norm_before_gate=True)
+        return gated_rms_norm(t, weight, None, eps)
+
+    def _project(self, u: torch.Tensor, use_triton: bool):
+        """``u`` ``[..., d_model]`` -> the scan's inputs with upstream's activations, time/batch leading."""
+        G, N, H, S = self.ngroups, self.d_state, self.nheads, self.num_rope_angles
+        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
+            self.in_proj(u), [self.d_inner, self.d_inner, G * N, G * N, H, H, H, S], dim=-1)
+        lead = u.shape[:-1]
+        ct = torch.promote_types(u.dtype, torch.float32)
+        A = torch.clamp(-F.softplus(dd_A.to(ct)), max=-self.A_floor)
+        dt = F.softplus(dd_dt.to(ct) + self.dt_bias.to(ct))
+        B = self._rms(self.B_norm, B.reshape(*lead, G, N), use_triton)
+        C = self._rms(self.C_norm, C.reshape(*lead, G, N), use_triton)
+        angles = angles.to(ct).unsqueeze(-2).expand(*lead, H, S)
+        return (z.reshape(*lead, H, self.headdim), x.reshape(*lead, H, self.headdim), B, C, A * dt, dt, trap,
+                angles)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
+        y = y.reshape(*y.shape[:-2], self.d_inner)
+        if self.is_outproj_norm:
+            zz = z.reshape(*z.shape[:-2], self.d_inner)
+            weight = cast(torch.Tensor, self.norm.weight)
+            eps = float(getattr(self.norm, "eps", 1e-5))
+            fn = _upstream_rmsnorm_fn() if use_triton and y.is_cuda else None
+            if fn is not None:
+                y = fn(y, weight, None, z=zz, eps=eps, group_size=self.headdim, norm_before_gate=True)
+            else:
+                y = gated_rms_norm(y, weight, zz, eps, self.headdim, True)
+        return self.out_proj(y.to(dtype))
+
+    @staticmethod
+    def _states_of(state: MambaInferenceState) -> Mamba3States:
+        return Mamba3States(state.angle_dt_state, state.ssm_state, state.k_state[:, 0], state.v_state)
+
+    @staticmethod
+    def _container(st: Mamba3States, like: MambaInferenceState) -> MambaInferenceState:
+        return MambaInferenceState(ssm_state=st.ssm.to(like.ssm_state.dtype),
+                                   angle_dt_state=st.angle.to(like.angle_dt_state.dtype),
+                                   k_state=st.k[:, None].to(like.k_state.dtype), v_state=st.v.to(like.v_state.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
+                reset: torch.Tensor | None = None, return_states_at: Any = None):
+        """Run ``x`` ``[B, L, d_model]`` from ``state`` (zeros when None); returns ``(y [B, L, d_model], new state)``.
+
+        ``reset``: bool ``[B, L]``; True at ``(b, t)`` clears all four of row ``b``'s state tensors before token
+        ``t``. The new state has the input state's dtypes (``state_dtype`` when no state is given).
+
+        ``return_states_at``: None, or non-decreasing ints in ``[0, L]``; then ``(y, new_state, states)`` with
+        ``states`` the states after ``p`` tokens for each ``p`` (0: the incoming state; a reset at token ``p`` not
+        applied yet), from a scan run in segments cut at these positions.
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise StateError(f"x: expected a floating tensor, found {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
+        bsz, L, _ = x.shape
+        state = self.check_state(state, bsz, x.device)
+        check_reset(reset, [bsz, L])
+        positions = None if return_states_at is None else check_positions(return_states_at, L)
+        return self._forward(x, state, reset, positions)
+
+    def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
+                 positions: list[int] | None):
+        """:meth:`forward` on checked arguments."""
+        bsz, L, _ = x.shape
+        if state is None:
+            state = self.new_state(bsz, device=x.device)
+        if reset is not None:
+            reset = reset.to(x.device)
+        if L == 0:
+            empty = x.new_zeros(bsz, 0, self.d_model)
+            return (empty, state) if positions is None else (empty, state, [state for _ in positions])
+        backend, _ = self.resolved_backend(x.device)
+        use_triton = backend == "triton"
+        z, xs, B, C, adt, dt, trap, angles = self._project(x, use_triton)
+        zg = None if self.is_outproj_norm else z
+
+        def scan(a: int, b: int, st: Mamba3States) -> tuple[torch.Tensor, Mamba3States]:
+            r = None if reset is None else reset[:, a:b]
+            zs = None if zg is None else zg[:, a:b]
+            args = (C[:, a:b], B[:, a:b], xs[:, a:b], adt[:, a:b], dt[:, a:b], trap[:, a:b], angles[:, a:b], zs)
+            if use_triton:
+                return self._scan_upstream(*args, st, r)
+            q, k, v, adt_, dt_, trap_, ang_, z_ = args
+            return mamba3_scan_chunked(q, k, v, adt_, dt_, trap_, self.C_bias[:, 0], self.B_bias[:, 0], ang_,
+                                       self.D, z_, initial_state=st, reset=r, return_final_state=True,
+                                       chunk_size=self.chunk_size)
+
+        st = self._states_of(state)
+        if positions is None:
+            y, st = scan(0, L, st)
+            return self._output(y, z, x.dtype, use_triton), self._container(st, state)
+        at = {0: state}
+        ys = []
+        for a, b in segment_bounds(positions, L):
+            y_part, st = scan(a, b, st)
+            ys.append(y_part)
+            at[b] = self._container(st, state)
+        y = torch.cat(ys, dim=1)
+        return self._output(y, z, x.dtype, use_triton), at[L], [at[p].clone() for p in positions]
+
+    def _scan_upstream(self, q, k, v, adt, dt, trap, angles, z, st: Mamba3States, reset):
+        """Upstream's fused SISO scan from ``st``; resets inside the chunk become varlen segments (module doc)."""
+        fn = _upstream_siso_scan()
+        bsz, L, h, p = v.shape
+        kw = dict(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0], D=self.D, chunk_size=self.chunk_size,
+                  return_final_states=True)
+        # upstream's state layout: float32 (its kernels load the states as float32 anyway)
+        st = Mamba3States(*(t.float() for t in st))
+        if reset is not None and reset[:, 0].any():
+            keep = (~reset[:, 0]).float()
+            st = Mamba3States(*(t * keep.view(-1, *([1] * (t.dim() - 1))) for t in st))
+        if reset is None or not bool(reset[:, 1:].any()):
+            y, a, s, kk, vv = fn(q, k, v, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2),
+                                 Angles=angles, Z=z, Input_States=tuple(st), **kw)
+            return y, Mamba3States(a, s, kk, vv)
+        # rows cut at their resets, packed into one sequence of segments (batch 1, cu_seqlens)
+        starts_mask = reset.clone()
+        starts_mask[:, 0] = True
+        flat = starts_mask.reshape(-1)
+        starts = flat.nonzero().flatten()
+        nseg = starts.numel()
+        cu = torch.cat([starts, starts.new_tensor([bsz * L])]).to(torch.int32)
+        seg_of_token = torch.cumsum(flat.long(), 0) - 1
+        row_first = seg_of_token[torch.arange(bsz, device=v.device) * L]
+        row_last = seg_of_token[torch.arange(bsz, device=v.device) * L + (L - 1)]
+        init = []
+        for t in st:
+            full = t.new_zeros((nseg, *t.shape[1:]))
+            init.append(full.index_copy(0, row_first, t))
+
+        def pack(t):
+            return t.reshape(1, bsz * L, *t.shape[2:])
+
+        y, a, s, kk, vv = fn(pack(q), pack(k), pack(v), pack(adt).transpose(1, 2), pack(dt).transpose(1, 2),
+                             pack(trap).transpose(1, 2), Angles=pack(angles), Z=None if z is None else pack(z),
+                             Input_States=tuple(init), cu_seqlens=cu, **kw)
+        return y.reshape(bsz, L, h, p), Mamba3States(a[row_last], s[row_last], kk[row_last], vv[row_last])
+
+    # ------------------------------------------------------------------ one token
+    def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,
+             reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """One token: ``x_t`` ``[B, 1, d_model]`` or ``[B, d_model]`` -> ``(y_t`` shaped like ``x_t``, new state).
+
+        Pure function of its inputs (the given state is not modified). ``reset``: optional bool ``[B]``, clears
+        those rows' state before the token.
+        """
+        if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
+            raise StateError(f"x_t: expected a floating tensor, found {type(x_t).__name__}")
+        squeeze = x_t.dim() == 3
+        if squeeze and (x_t.shape[1] != 1 or x_t.shape[2] != self.d_model) or (
+                not squeeze and (x_t.dim() != 2 or x_t.shape[-1] != self.d_model)):
+            raise StateShapeError(
+                f"x_t: expected [batch, 1, {self.d_model}] or [batch, {self.d_model}], found {list(x_t.shape)}")
+        u = x_t[:, 0] if squeeze else x_t
+        state = self.check_state(state, u.shape[0], u.device)
+        check_reset(reset, [u.shape[0]])
+        return self._step(x_t, state, reset)
+
+    def _step(self, x_t: torch.Tensor, state: MambaInferenceState,
+              reset: torch.Tensor | None) -> tuple[torch.Tensor, MambaInferenceState]:
+        """:meth:`step` on checked arguments (``state`` not None)."""
+        squeeze = x_t.dim() == 3
+        u = x_t[:, 0] if squeeze else x_t
+        st = self._states_of(state)
+        if reset is not None:
+            keep = ~reset.to(u.device)
+            st = Mamba3States(*(t * keep.view(-1, *([1] * (t.dim() - 1))).to(t.dtype) for t in st))
+        backend, _ = self.resolved_backend(u.device)
+        use_triton = backend == "triton"
+        z, xs, B, C, adt, dt, trap, angles = self._project(u, use_triton)
+        zg = None if self.is_outproj_norm else z
+        step_fn = _upstream_siso_step() if use_triton else None
+        needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in st)
+                                                  or any(p.requires_grad for p in self.parameters()))
+        if step_fn is not None and not needs_grad:
+            y, (a, s, kk, vv) = step_fn(C, B, xs, adt, dt, trap, self.C_bias[:, 0], self.B_bias[:, 0], angles,
+                                        D=self.D, Z=zg, Input_States=tuple(t.float().contiguous() for t in st))
+            new = Mamba3States(a, s, kk, vv)
+        else:
+            ct = torch.promote_types(torch.promote_types(u.dtype, torch.float32), st.ssm.dtype)
+            y, new = mamba3_step_ref(C.to(ct), B.to(ct), xs.to(ct), adt.to(ct), dt.to(ct), trap.to(ct),
+                                     self.C_bias[:, 0].to(ct), self.B_bias[:, 0].to(ct), angles.to(ct),
+                                     self.D.to(ct), None if zg is None else zg.to(ct),
+                                     Mamba3States(*(t.to(ct) for t in st)))
+        out = self._output(y, z, u.dtype, use_triton)
+        return (out[:, None] if squeeze else out), self._container(new, state)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"d_state={self.d_state}, ngroups={self.ngroups}, num_rope_angles={self.num_rope_angles}, "
+                f"layer_idx={self.layer_idx}")

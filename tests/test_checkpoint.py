@@ -279,3 +279,90 @@ def test_interop_refuses_transformers_caches_without_transformers():
     # upstream's InferenceParams shape still works with our model
     params = type("InferenceParams", (), {"key_value_memory_dict": {}, "seqlen_offset": 0})()
     assert ms.get_model_state(lm, params) is None
+
+
+# ------------------------------------------------------------------ hostile and broken directories (issue 21)
+def _saved(tmp_path, name="ck"):
+    torch.manual_seed(0)
+    lm = _randomize(StatefulMambaLM.from_config(_cfg()))
+    lm.save_pretrained(tmp_path / name)
+    return lm, tmp_path / name
+
+
+def test_weights_checksum_catches_a_flipped_bit(tmp_path):
+    import struct
+
+    _, ck = _saved(tmp_path)
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    assert b"mamba_state_checksum" in data[8:8 + n]
+    data[8 + n + 17] ^= 0x04  # one bit of one weight
+    (ck / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(StateFormatError, match="mamba_state_checksum.*corrupted"):
+        StatefulMambaLM.from_pretrained(ck)
+
+
+def test_weights_without_a_checksum_load_with_a_warning(tmp_path):
+    from safetensors.torch import save_file
+
+    from mamba_state.adapters.checkpoint import UnverifiedWeightsWarning
+
+    lm, ck = _saved(tmp_path)
+    # as 0.1 wrote it: safetensors' own writer, no checksum
+    save_file({k: v.contiguous().clone() for k, v in lm.state_dict().items()}, ck / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.warns(UnverifiedWeightsWarning, match="cannot be verified"):
+        again = StatefulMambaLM.from_pretrained(ck)
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"d_model": "16"}, ["d_model", "'16'"]),
+    ({"d_model": None}, ["d_model"]),
+    ({"n_layer": 2.0}, ["n_layer", "2.0"]),
+    ({"n_layer": True}, ["n_layer"]),
+    ({"ssm_cfg": [1]}, ["ssm_cfg", "object"]),
+    ({"ssm_cfg": {"d_state": -4}}, ["d_state", "-4"]),
+    ({"vocab_size": 2**40}, ["vocab_size"]),
+    ({"n_layer": 10**7}, ["n_layer"]),
+    ({"rms_norm": "yes"}, ["rms_norm"]),
+])
+def test_config_fields_are_checked_before_the_model_is_built(tmp_path, change, words):
+    _, ck = _saved(tmp_path)
+    (ck / "config.json").write_text(json.dumps(_cfg(**change)))
+    with pytest.raises(StateFormatError) as info:
+        StatefulMambaLM.from_pretrained(ck)
+    assert all(w in str(info.value) for w in words) and "expected" in str(info.value), str(info.value)
+
+
+def test_config_implying_more_parameters_than_the_weights_hold(tmp_path):
+    _, ck = _saved(tmp_path)
+    (ck / "config.json").write_text(json.dumps(_cfg(d_model=4096, n_layer=64)))  # within the bounds, not the file
+    with pytest.raises(StateFormatError, match="parameters"):
+        StatefulMambaLM.from_pretrained(ck)
+
+
+def test_config_missing_fields_and_deep_json(tmp_path):
+    _, ck = _saved(tmp_path)
+    cfg = _cfg()
+    del cfg["d_model"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StateFormatError, match="d_model"):
+        StatefulMambaLM.from_pretrained(ck)
+    (ck / "config.json").write_text('{"d_model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(StateFormatError, match="nesting at most"):
+        StatefulMambaLM.from_pretrained(ck)
+    (ck / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": "64"}))
+    with pytest.raises(StateFormatError, match="hidden_size"):
+        StatefulMambaLM.from_pretrained(ck)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX FIFOs")
+def test_fifo_config_is_refused(tmp_path):
+    import os
+
+    _, ck = _saved(tmp_path)
+    os.unlink(ck / "config.json")
+    os.mkfifo(ck / "config.json")
+    with pytest.raises(StateFormatError, match="FIFO"):
+        StatefulMambaLM.from_pretrained(ck)

@@ -4,15 +4,25 @@
   ``pytorch_model.bin`` or ``model.safetensors``) or in transformers' Mamba format (``"model_type": "mamba"``;
   names mapped to upstream's). ``.bin`` files are read with ``torch.load(weights_only=True)``: no code runs.
 * :func:`adopt_hf` wraps a live transformers ``MambaForCausalLM``, sharing its modules.
-* :func:`save_pretrained` writes upstream's format (``config.json`` + ``model.safetensors``).
+* :func:`save_pretrained` writes upstream's format (``config.json`` + ``model.safetensors``), with a
+  ``mamba_state_checksum`` (SHA-256 of the header and the tensor data) in the weights' safetensors metadata that
+  :func:`read_weights` verifies; weights without one (older mamba-state, other tools) load with an
+  :class:`UnverifiedWeightsWarning`.
+
+Before any model is built, ``config.json`` is read with the state format's bounds (size, JSON depth) and its
+fields are type-checked within bounds (:func:`check_config`), and the parameter count the configuration implies is
+checked against the weights file's size: a configuration of ``n_layer = 10**7`` or a vocabulary of ``2**40`` is
+refused by name instead of being allocated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import stat
+import struct
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, cast
@@ -21,10 +31,18 @@ import torch
 import torch.nn as nn
 
 from ..errors import StateCompatibilityError, StateFormatError
-from ..state.files import open_temp_beside, replace_keeping_mode
+from ..state.files import open_temp_beside, replace_keeping_mode, sweep_stale_temps
+from ..state.format import MAX_HEADER_BYTES, _digest, _Reader, _write_all, loads_bounded, write_error
 
 __all__ = ["load_pretrained", "adopt_hf", "save_pretrained", "hf_config_to_upstream", "hf_state_dict_to_upstream",
-           "read_config", "read_weights"]
+           "read_config", "read_weights", "check_config", "UnverifiedWeightsWarning", "MAX_CONFIG_BYTES"]
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a config.json is a few hundred bytes
+_CHECKSUM_KEY = "mamba_state_checksum"
+
+
+class UnverifiedWeightsWarning(UserWarning):
+    """A weights file without a ``mamba_state_checksum`` (older mamba-state, another tool): loaded unverified."""
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -57,12 +75,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory as a dict."""
     _check_directory(path)
     file = Path(path) / "config.json"
-    if not file.is_file():
+    if not file.exists():
         raise StateFormatError(f"{os.fspath(path)}: expected a checkpoint directory with config.json, found none")
+    with _Reader(file) as f:  # a regular file (no FIFO, no device), of a bounded size
+        if f.size > MAX_CONFIG_BYTES:
+            raise StateFormatError(f"{file}: expected a config.json of at most {MAX_CONFIG_BYTES} bytes, found "
+                                   f"{f.size}")
+        raw = bytes(f.read(f.size, "config.json"))
     try:
-        cfg = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise StateFormatError(f"{file}: expected JSON, found unreadable content ({exc})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateFormatError(f"{file}: expected UTF-8 JSON, found unreadable content ({exc})") from None
+    cfg = loads_bounded(text, str(file))
     if not isinstance(cfg, dict):
         raise StateFormatError(f"{file}: expected a JSON object, found {type(cfg).__name__}")
     return cfg
@@ -75,11 +99,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         file = root / name
         if not file.is_file():
             continue
+        if name.endswith(".safetensors"):
+            return _read_safetensors(file)
         try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return dict(load_file(str(file), device="cpu"))
             sd = torch.load(str(file), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise StateFormatError(f"{file}: expected a readable weights file, found an error: {exc}") from None
@@ -87,6 +109,97 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise StateFormatError(f"{file}: expected a dict of tensors (a state_dict), found {type(sd).__name__}")
         return sd
     raise StateFormatError(f"{os.fspath(path)}: expected one of {list(_WEIGHT_FILES)}, found none")
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors weights file, its ``mamba_state_checksum`` verified when it has one."""
+    from safetensors.torch import load as st_load
+
+    with _Reader(file) as f:
+        data = bytes(f.read(f.size, "weights"))
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    if not 0 < n <= min(len(data) - 8, MAX_HEADER_BYTES):
+        raise StateFormatError(f"{file}: expected a safetensors file (a header of 1..{MAX_HEADER_BYTES} bytes), found "
+                               f"a header length of {n} in {len(data)} bytes")
+    try:
+        header = loads_bounded(data[8:8 + n].decode("utf-8"), f"{file}: safetensors header")
+    except UnicodeDecodeError as exc:
+        raise StateFormatError(f"{file}: expected a UTF-8 safetensors header, found unreadable bytes ({exc})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    recorded = meta.get(_CHECKSUM_KEY) if isinstance(meta, dict) else None
+    if recorded is None:
+        warnings.warn(f"{file}: no {_CHECKSUM_KEY} in its metadata (written by mamba-state 0.1 or another tool), so "
+                      "its data cannot be verified; save_pretrained writes one", UnverifiedWeightsWarning,
+                      stacklevel=5)  # the caller of from_pretrained / load_pretrained
+    else:
+        unchecked = dict(header)
+        unchecked["__metadata__"] = {k: v for k, v in cast(dict, meta).items() if k != _CHECKSUM_KEY}
+        actual = _digest(unchecked, memoryview(data)[8 + n:])
+        if recorded != actual:
+            raise StateFormatError(f"{file}: expected {_CHECKSUM_KEY} {str(recorded)[:80]}, found {actual} (the "
+                                   "weights file is corrupted)")
+    try:
+        return dict(st_load(data))
+    except Exception as exc:  # safetensors' own errors are plain Exceptions
+        raise StateFormatError(f"{file}: expected a readable safetensors file, found {type(exc).__name__}: "
+                               f"{str(exc)[:200]}") from None
+
+
+def _int_field(cfg: Mapping[str, Any], key: str, lo: int, hi: int, where: str, default: Any = None) -> int:
+    value = cfg.get(key, default)
+    if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+        raise StateFormatError(f"{where}: config {key}: expected an integer in {lo}..{hi}, found {value!r:.60}")
+    return value
+
+
+def _check_bool(cfg: Mapping[str, Any], key: str, where: str) -> None:
+    if key in cfg and not isinstance(cfg[key], bool):
+        raise StateFormatError(f"{where}: config {key}: expected true or false, found {cfg[key]!r:.60}")
+
+
+def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
+    """Type- and bound-check the fields of a checkpoint configuration before a model is built; returns a lower
+    bound on the parameter count it implies. ``hf``: transformers' Mamba field names, else upstream's."""
+    if hf:
+        d_model = _int_field(cfg, "hidden_size", 1, 1 << 16, where)
+        n_layer = _int_field(cfg, "num_hidden_layers", 1, 1 << 12, where)
+        vocab = _int_field(cfg, "vocab_size", 1, 1 << 24, where)
+        ssm: Mapping[str, Any] = {k: cfg[h] for k, h in (("d_state", "state_size"), ("d_conv", "conv_kernel"),
+                                                          ("expand", "expand")) if h in cfg}
+        if "intermediate_size" in cfg:
+            _int_field(cfg, "intermediate_size", 1, 1 << 20, where)
+        eps = cfg.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise StateFormatError(f"{where}: config layer_norm_epsilon: expected a number in (0, 1), found "
+                                   f"{eps!r:.60}")
+        rank = cfg.get("time_step_rank", "auto")
+        if rank != "auto":
+            _int_field(cfg, "time_step_rank", 1, 1 << 16, where)
+        for key in ("use_bias", "use_conv_bias", "residual_in_fp32", "tie_word_embeddings"):
+            _check_bool(cfg, key, where)
+    else:
+        d_model = _int_field(cfg, "d_model", 1, 1 << 16, where)
+        n_layer = _int_field(cfg, "n_layer", 1, 1 << 12, where)
+        vocab = _int_field(cfg, "vocab_size", 1, 1 << 24, where)
+        _int_field(cfg, "d_intermediate", 0, 1 << 20, where, default=0)
+        _int_field(cfg, "pad_vocab_size_multiple", 1, 1 << 12, where, default=1)
+        ssm_cfg = cfg.get("ssm_cfg", {})
+        if not isinstance(ssm_cfg, dict):
+            raise StateFormatError(f"{where}: config ssm_cfg: expected an object, found {ssm_cfg!r:.60}")
+        ssm = ssm_cfg
+        for key in ("rms_norm", "residual_in_fp32", "fused_add_norm", "tie_embeddings"):
+            _check_bool(cfg, key, where)
+        if not isinstance(cfg.get("attn_layer_idx", []), list) or not isinstance(cfg.get("attn_cfg", {}), dict):
+            raise StateFormatError(f"{where}: config attn_layer_idx / attn_cfg: expected a list and an object, found "
+                                   f"{cfg.get('attn_layer_idx')!r:.40} and {cfg.get('attn_cfg')!r:.40}")
+    _int_field(ssm, "d_state", 1, 1 << 12, where, default=16)
+    _int_field(ssm, "d_conv", 1, 1 << 10, where, default=4)
+    expand = ssm.get("expand", 2)
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not 0 < expand <= 64:
+        raise StateFormatError(f"{where}: config expand: expected a number in (0, 64], found {expand!r:.60}")
+    # a lower bound: the embedding and, per layer, in_proj (2 * d_inner rows) and out_proj, each d_model wide
+    d_inner = max(1, math.floor(expand * d_model))
+    return vocab * d_model + n_layer * 3 * d_model * d_inner
 
 
 def hf_config_to_upstream(hf: dict[str, Any]) -> dict[str, Any]:
@@ -151,13 +264,29 @@ def load_pretrained(path: str | os.PathLike, device: Any = None, dtype: torch.dt
             "(config.json with ssm_cfg {'layer': 'Mamba2'}) or a transformers Mamba (v1) checkpoint"
         )
     hf = model_type == "mamba"
+    where = os.fspath(path)
+    min_params = check_config(raw, where, hf)
+    weights = next((Path(path) / n for n in _WEIGHT_FILES if (Path(path) / n).is_file()), None)
+    if weights is not None:
+        # every parameter is stored with at least one byte (two for the float types checkpoints use): a configuration
+        # implying more than the file can hold is refused before the model is built and allocated
+        size = weights.stat().st_size
+        if min_params > size:
+            raise StateFormatError(f"{where}: config.json describes at least {min_params} parameters, found a weights "
+                                   f"file of {size} bytes ({weights.name}) that cannot hold them")
     cfg = hf_config_to_upstream(raw) if hf else raw
     sd = read_weights(path)
     if hf:
         sd = hf_state_dict_to_upstream(sd)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    params = MambaLMParameters(cfg, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend)
+    try:
+        params = MambaLMParameters(cfg, device=device, dtype=dtype, state_dtype=state_dtype, backend=backend)
+    except (StateCompatibilityError, StateFormatError):
+        raise
+    except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # a field the checks above do not know
+        raise StateFormatError(f"{where}/config.json: expected a configuration a model can be built from, found "
+                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
     if params.config["tie_embeddings"] and "lm_head.weight" not in sd and "backbone.embedding.weight" in sd:
         sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     expected = set(params.state_dict())
@@ -215,22 +344,38 @@ def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     Files are written to temporary names and renamed, so a failure leaves no half-written checkpoint. New files get
     the permissions the umask gives (as ``open(path, "w")`` would); files replaced keep their permission bits.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lm.state_dict().items()}
     cfg = dict(cast(Mapping[str, Any], lm.config))  # the normalised config dict the LM keeps
-    for target, write in (("model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-                          ("config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2) + "\n"))):
-        fd, tmp = open_temp_beside(root / target)
-        # the umask's mode, kept aside: recent safetensors releases write a temporary file of their own (0o600)
-        # and rename it over tmp
-        new_mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        os.close(fd)
+    raw = st_save(tensors, metadata={"format": "pt"})
+    del tensors
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = memoryview(raw)[8 + n:]
+    header["__metadata__"][_CHECKSUM_KEY] = _digest(header, data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
+    parts: dict[str, list[bytes | memoryview]] = {"model.safetensors": [struct.pack("<Q", len(text)) + text, data],
+             "config.json": [(json.dumps(cfg, indent=2) + "\n").encode()]}
+    for target, chunks in parts.items():
+        sweep_stale_temps(root / target)
         try:
-            write(tmp)
-            replace_keeping_mode(tmp, root / target, new_mode=new_mode)
+            fd, tmp = open_temp_beside(root / target)
+        except OSError as exc:
+            raise write_error(str(root / target), sum(len(c) for c in chunks), exc) from None
+        try:
+            try:
+                for chunk in chunks:
+                    _write_all(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            replace_keeping_mode(tmp, root / target)
+        except OSError as exc:
+            raise write_error(str(root / target), sum(len(c) for c in chunks), exc) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

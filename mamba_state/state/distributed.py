@@ -29,6 +29,12 @@ the next step (point to point: the receiver answers with a 2-word acknowledgemen
 the status), so a mismatched or corrupted header raises :class:`~mamba_state.errors.StateFormatError` on the
 receiving rank, and the sending rank raises too, instead of one side waiting forever.
 
+Bounds. A header is at most :data:`MAX_HEADER_BYTES` and its JSON within the file format's depth and size limits
+(:func:`mamba_state.state.format.loads_bounded`); the announced data at most :data:`MAX_DATA_BYTES` and what
+:func:`data_limit` gives for the receiving device. Buffers are allocated before a receiver acknowledges (point to
+point) or the ranks agree (collectives): every receive-side failure, whatever raised it, reaches the sender, and
+a sender refuses what receivers would before anything is sent.
+
 Devices: with NCCL every tensor that travels (preamble, header, acknowledgement, data) is on the rank's current
 CUDA device (``torch.cuda.current_device()``: call ``torch.cuda.set_device(local_rank)`` first); with Gloo it is
 on the CPU. States on another device are copied to that device for the transfer.

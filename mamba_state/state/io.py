@@ -14,11 +14,13 @@ import torch
 
 from ..errors import StateError
 from .containers import MambaInferenceState, MambaModelState, read_state_file, write_state_file
-from .format import FORMAT_NAME, FORMAT_VERSION, StateFileNotFoundError
+from .format import (FORMAT_NAME, FORMAT_VERSION, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_LAYERS,
+                     StateFileAccessError, StateFileNotFoundError, StateWriteError)
 from .format import _digest, read_metadata  # noqa: F401  (public here: read_metadata; the tests reach _digest)
 
 __all__ = ["save_state", "load_state", "save_model_state", "load_model_state", "StateFileNotFoundError",
-           "FORMAT_NAME", "FORMAT_VERSION"]
+           "StateFileAccessError", "StateWriteError", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES",
+           "MAX_JSON_DEPTH", "MAX_JSON_CONTAINERS", "MAX_LAYERS"]
 
 
 def save_state(state: MambaInferenceState | MambaModelState, path: str | os.PathLike, model: Any = None,
@@ -31,7 +33,11 @@ def save_state(state: MambaInferenceState | MambaModelState, path: str | os.Path
     is user data for a single-layer state (a model state carries its own ``.metadata``). Tensors are written in
     their own dtypes. An existing file is replaced only when writing succeeded, and keeps its permission bits; a
     new file gets those of the umask (``0o666 & ~umask``, as ``open(path, "wb")`` gives). ``path`` must name a
-    file in an existing directory; a directory raises ``StateError`` (nothing is written).
+    file in an existing directory; a directory raises ``StateError`` (nothing is written). A symlink is followed
+    (its target is written, the link kept); temporary files of a killed save to the same path are removed; a
+    failed write (a full disk) raises ``StateWriteError`` naming the cause, the old file unchanged. Metadata
+    beyond the reader's limits (``MAX_JSON_DEPTH``, ``MAX_HEADER_BYTES``) is refused here, so a file that saves
+    loads.
     """
     write_state_file(state, path, model=model, metadata=metadata)
 
@@ -53,7 +59,9 @@ def load_state(path: str | os.PathLike, device: torch.device | str | None = None
     Mamba layers and, when one was recorded, the same layout fingerprint; otherwise a subset), naming the first
     mismatch. The check covers layer indices, kinds and state shapes, not the weights or dtypes: a state saved
     in one dtype loads against a model of another and keeps its own. A ``device`` that is not a device, or not
-    available here (``"cuda"`` without CUDA), raises ``StateError`` before the file is read.
+    available here (``"cuda"`` without CUDA), raises ``StateError`` before the file is read. The file must be a
+    regular file (a FIFO or a device is refused without reading it); every other failure is a
+    ``StateFormatError`` naming the file (``StateFileNotFoundError``, ``StateFileAccessError`` for OS errors).
     """
     return read_state_file(path, device=device, model=model, strict=strict)
 

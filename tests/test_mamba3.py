@@ -321,3 +321,51 @@ def test_mamba3_container_validation():
         MambaInferenceState(torch.zeros(3, 8, 4), t["ssm_state"], k_state=t["k_state"])
     with pytest.raises(StateCompatibilityError, match="layout"):
         MambaInferenceState.cat([s, MambaInferenceState(torch.zeros(3, 8, 4), torch.zeros(3, 8, 16))])
+
+
+def _fake_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                        chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """Upstream ``mamba3_siso_combined``'s interface (ADT/DT/Trap ``[B, H, L]``, varlen through ``cu_seqlens`` with
+    one state per sequence), computed by our float64 oracle: stands in on the CPU to test the adapter's packing."""
+    t = lambda a: a.transpose(1, 2)  # noqa: E731
+    if cu_seqlens is None:
+        y, f = mamba3_scan_ref(Q, K, V, t(ADT), t(DT), t(Trap), Q_bias, K_bias, Angles, D, Z,
+                               initial_state=Mamba3States(*Input_States), return_final_state=True)
+        return (y, *f)
+    ys, finals = [], []
+    cu = cu_seqlens.tolist()
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        sl = slice(a, b)
+        y, f = mamba3_scan_ref(Q[:, sl], K[:, sl], V[:, sl], t(ADT)[:, sl], t(DT)[:, sl], t(Trap)[:, sl], Q_bias,
+                               K_bias, Angles[:, sl], D, None if Z is None else Z[:, sl],
+                               initial_state=Mamba3States(*(s[i:i + 1] for s in Input_States)),
+                               return_final_state=True)
+        ys.append(y)
+        finals.append(f)
+    return (torch.cat(ys, 1), *(torch.cat([f[j] for f in finals]) for j in range(4)))
+
+
+def test_cuda_path_packing_of_resets_into_segments(monkeypatch):
+    """The CUDA path's call of upstream's kernel (states in upstream's layout, resets as cu_seqlens segments), with
+    the kernel replaced by the oracle: equal to the reference path."""
+    import mamba_state.adapters.mamba3 as m3
+
+    lay = _layer(6)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 9, 16, dtype=D64, generator=g)
+    s0 = lay.new_state(3)
+    for t in s0.tensors.values():
+        t.normal_(generator=g)
+    reset = torch.zeros(3, 9, dtype=torch.bool)
+    reset[0, 0] = reset[0, 5] = reset[1, 3] = reset[1, 4] = reset[2, 8] = True
+    z, xs, B, C, adt, dt, trap, angles = lay._project(x, False)
+    monkeypatch.setattr(m3, "_upstream_siso_scan", lambda: _fake_siso_combined)
+    for r in (None, reset):
+        y, st = lay._scan_upstream(C, B, xs, adt, dt, trap, angles, z, lay._states_of(s0.to(dtype=torch.float32)),
+                                   r)
+        y_ref, st_ref = mamba3_scan_ref(C, B, xs, adt, dt, trap, lay.C_bias[:, 0], lay.B_bias[:, 0], angles, lay.D,
+                                        z, initial_state=lay._states_of(s0.to(dtype=torch.float32)), reset=r,
+                                        return_final_state=True)
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+        for a, b in zip(st, st_ref):
+            torch.testing.assert_close(a.to(D64), b.to(D64), rtol=1e-6, atol=1e-6)

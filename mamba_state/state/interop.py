@@ -263,8 +263,7 @@ def set_model_state(model: Any, state: MambaModelState, inference_params: Any) -
         )
     # each tensor's own batch size: the container checks its layers agree when it is built, but its layers'
     # tensors can be replaced afterwards, and a fresh cache would take whatever batch each layer brings
-    sizes = {(idx, name): getattr(state[idx], name).shape[0] for idx in state.layer_indices
-             for name in ("conv_state", "ssm_state")}
+    sizes = {(idx, name): t.shape[0] for idx in state.layer_indices for name, t in state[idx].tensors.items()}
     if len(set(sizes.values())) != 1:
         found = ", ".join(f"layer {i} {n} {b}" for (i, n), b in sizes.items())
         raise StateShapeError(f"batch size: expected one batch size in every layer of the state, found {found}")

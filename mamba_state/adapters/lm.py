@@ -55,6 +55,10 @@ def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: s
         )
     if hasattr(mixer, "state_layout") and hasattr(mixer, "new_state"):  # already one of our adapters
         return cast("StatefulMamba | StatefulMamba2", mixer)
+    if type(mixer).__name__ == "Mamba3" or hasattr(mixer, "num_rope_angles"):  # before Mamba-2: both have nheads
+        from .mamba3 import StatefulMamba3
+
+        return cast("StatefulMamba2", StatefulMamba3(mixer, state_dtype=state_dtype, backend=backend))
     if hasattr(mixer, "nheads") or type(mixer).__name__ in ("Mamba2", "Mamba2Simple", "Mamba2Mixer"):
         try:
             from .mamba2 import StatefulMamba2

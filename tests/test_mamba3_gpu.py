@@ -137,3 +137,27 @@ def test_gradients_into_the_initial_state_match_the_reference():
     for k in ("ssm_state", "k_state", "v_state", "angle_dt_state"):
         print(f"grad {k}: {_rel(grads[0][k], grads[1][k]):.2e}")
         assert _rel(grads[0][k], grads[1][k]) < 5e-2, k
+
+
+def test_lm_of_mamba3_blocks_continues_and_generates():
+    """The docs/mamba3.md recipe on the GPU (cuda_graph=False: the graph cache keys on conv_state for now)."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.modules.mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=256, n_layer=2, vocab_size=512, ssm_cfg={"layer": "Mamba2"}, rms_norm=True,
+                      fused_add_norm=True, residual_in_fp32=True)
+    model = MambaLMHeadModel(cfg, device=DEV, dtype=torch.bfloat16)
+    for i, block in enumerate(model.backbone.layers):
+        block.mixer = Mamba3(256, d_state=128, headdim=64, layer_idx=i, device=DEV, dtype=torch.bfloat16)
+    lm = ms.StatefulMambaLM(model)
+    ids = torch.randint(0, 512, (2, 300), device=DEV)
+    with torch.no_grad():
+        logits, s = lm(ids)
+        l1, s1 = lm(ids[:, :200])
+        l2, _ = lm(ids[:, 200:], s1)
+        out = lm.generate(ids[:, :16], max_new_tokens=8, temperature=0, cuda_graph=False)
+    print(f"LM continuation vs one call {_rel(torch.cat([l1, l2], 1), logits):.2e}")
+    assert _rel(torch.cat([l1, l2], 1), logits) < 2e-2
+    assert out.sequences.shape == (2, 24) and out.state[0].kind == "mamba3"

@@ -101,12 +101,9 @@ def test_step_matches_upstream_step_and_one_chunk():
     params = InferenceParams(max_seqlen=L0 + n, max_batch_size=b)
     with torch.no_grad():
         up(x[:, :L0], inference_params=params)  # prefill fills the cache
-        params.seqlen_offset = L0
-        ys_up = []
-        for t in range(L0, L0 + n):
-            ys_up.append(up(x[:, t:t + 1], inference_params=params))
-            params.seqlen_offset += 1
-        y_up = torch.cat(ys_up, 1)
+        cache = params.key_value_memory_dict[0]  # (angle_dt_state, ssm_state, k_state, v_state), updated in place
+        # upstream's step() on [batch, d_model] tokens (its forward hands step() the [batch, 1, d_model] input)
+        y_up = torch.stack([up.step(x[:, t], *cache)[0] for t in range(L0, L0 + n)], 1)
         _, s = ours(x[:, :L0])
         st, ys = s, []
         for t in range(L0, L0 + n):

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import StateCompatibilityError, StateFormatError
-from ..state.files import open_temp_beside, replace_keeping_mode, sweep_stale_temps
+from ..state.files import lock_temp, open_temp_beside, replace_keeping_mode, sweep_stale_temps
 from ..state.format import MAX_HEADER_BYTES, _digest, _Reader, _write_all, loads_bounded, write_error
 
 __all__ = ["load_pretrained", "adopt_hf", "save_pretrained", "hf_config_to_upstream", "hf_state_dict_to_upstream",
@@ -368,6 +368,7 @@ def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
             raise write_error(str(root / target), sum(len(c) for c in chunks), exc) from None
         try:
             try:
+                lock_temp(fd)  # kept from other saves' sweeps while it is written
                 for chunk in chunks:
                     _write_all(fd, chunk)
                 os.fsync(fd)

@@ -135,6 +135,7 @@ def inconsistent(where: str, exc: BaseException) -> StateFormatError:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+_DEEP_RUN = re.compile(rb"[\[{]{%d}" % (MAX_JSON_DEPTH + 1))  # more opening brackets in a row than the depth allows
 
 
 def check_json_bounds(text: bytes | str) -> str | None:
@@ -148,14 +149,15 @@ def check_json_bounds(text: bytes | str) -> str | None:
     skeleton = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if len(skeleton) > 2 * MAX_JSON_CONTAINERS:
         return f"at most {MAX_JSON_CONTAINERS} arrays and objects, found {len(skeleton) // 2}"
+    too_deep = f"nesting at most {MAX_JSON_DEPTH} deep, found deeper nesting (or unbalanced brackets)"
+    if _DEEP_RUN.search(skeleton):  # the common deep text, refused without the passes below
+        return too_deep
     for _ in range(MAX_JSON_DEPTH):
         if not skeleton:
             return None
         # one nesting level per pass: re.sub does not rescan the pairs its own removals bring together
         skeleton = _EMPTY_PAIR.sub(b"", skeleton)
-    if skeleton:
-        return f"nesting at most {MAX_JSON_DEPTH} deep, found deeper nesting (or unbalanced brackets)"
-    return None
+    return too_deep if skeleton else None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

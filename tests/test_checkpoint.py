@@ -366,3 +366,24 @@ def test_fifo_config_is_refused(tmp_path):
     os.mkfifo(ck / "config.json")
     with pytest.raises(StateFormatError, match="FIFO"):
         StatefulMambaLM.from_pretrained(ck)
+
+
+def test_save_pretrained_on_a_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import mamba_state.adapters.checkpoint as ckpt
+    from mamba_state.errors import StateError
+
+    lm, ck = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+
+    def full(fd, data):
+        os.write(fd, bytes(data[:32]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "_write_all", full)
+    with pytest.raises(StateError, match="disk is full") as info:
+        _randomize(lm).save_pretrained(ck)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before

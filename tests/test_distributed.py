@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from _spawn import describe_failure, free_ports, read_rank_results, spawn_ranks
 from hypothesis import strategies as st
 
@@ -557,3 +557,36 @@ def test_without_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(StateError, match="init_process_group"):
         msd.send_state(make_layer("mamba1", 1, torch.float32, 0), 1)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=settings().max_examples * 10)
+@given(container=st.sampled_from(["model", "mamba1", "mamba2"]), where=st.sampled_from(["doc", "layer"]),
+       value=_json_values, big=st.integers(2**62, 2**70), data=st.data())
+def test_any_header_is_accepted_or_rejected_never_crashes(container, where, value, big, data):
+    """A receiver's header check either accepts a header or raises ``_Rejected`` (which is acknowledged to the
+    sender): never another exception, which would leave the sender waiting out the group's timeout."""
+    import mamba_state.distributed as msd
+    from mamba_state._packing import state_spec
+
+    doc = json.loads(msd._encode_header(state_spec(make(container, 2, torch.float32, 1))))
+    if where == "doc":
+        doc[data.draw(st.sampled_from(sorted(doc) + ["extra"]))] = value
+    else:
+        entry = data.draw(st.sampled_from(doc["layers"]))
+        key = data.draw(st.sampled_from(sorted(entry)))
+        # a shape dimension beyond int64 half the time: torch itself refuses those sizes
+        entry[key] = [0, big, 4] if key.endswith("_shape") and data.draw(st.booleans()) else value
+    header = json.dumps(doc).encode()
+    words = msd._preamble_words(msd.OP_P2P, msd.OK, header, doc.get("data_nbytes") if isinstance(
+        doc.get("data_nbytes"), int) and 0 <= doc["data_nbytes"] < 2**62 else 0)
+    try:
+        msd._check_header_bytes(words, header)
+    except msd._Rejected:
+        pass

@@ -20,7 +20,7 @@ Compute paths (``backend``, see :mod:`mamba_state.kernels.backend`): on CUDA, up
 variable-length segments through its ``cu_seqlens``: each row is cut at its resets, the segments packed into one
 sequence, the first segment of a row starts from the row's state and the others from zeros); one token through
 upstream's Triton ``mamba3_siso_step`` when no gradient is needed. Elsewhere, or when upstream's kernels are
-missing or do not take the shapes (head sizes powers of two, an even number of angles), our pure-PyTorch
+missing or do not take the shapes (head sizes and chunk size powers of two >= 16, an even number of angles), our pure-PyTorch
 :func:`~mamba_state.kernels.mamba3.mamba3_scan_chunked` and :func:`~mamba_state.kernels.mamba3.mamba3_step_ref`.
 Upstream's kernels compute in bfloat16 with float32 states, whatever the layer's dtype.
 
@@ -244,9 +244,11 @@ class StatefulMamba3(nn.Module):
         if name == "triton":
             if _upstream_siso_scan() is None:
                 return "reference", "mamba_ssm's Triton Mamba-3 kernels are not importable: PyTorch reference path"
-            if not (_pow2(self.headdim) and _pow2(self.d_state) and self.num_rope_angles % 2 == 0):
-                return "reference", ("upstream's Mamba-3 kernels need power-of-two headdim and d_state and an even "
-                                     "number of rotary angles: PyTorch reference path")
+            # its kernels load [chunk, headdim] tiles by TMA and multiply them with tl.dot (every side >= 16)
+            if not (all(_pow2(v) and v >= 16 for v in (self.headdim, self.d_state, self.chunk_size))
+                    and self.num_rope_angles % 2 == 0):
+                return "reference", ("upstream's Mamba-3 kernels need headdim, d_state and chunk_size powers of two "
+                                     ">= 16 and an even number of rotary angles: PyTorch reference path")
         return name, why
 
     def check_state(self, state: Any, batch_size: int, device: torch.device | str) -> MambaInferenceState:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mamba_state.adapters import StatefulMambaLM
 from mamba_state.errors import StateCompatibilityError, StateFormatError
@@ -387,3 +390,37 @@ def test_save_pretrained_on_a_full_disk_keeps_the_old_checkpoint(tmp_path, monke
         _randomize(lm).save_pretrained(ck)
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+@settings(max_examples=settings().max_examples * 3, deadline=None)
+@given(data=st.data())
+def test_any_config_loads_or_raises_a_state_error(tmp_path_factory, data):
+    """Any config.json field replaced by arbitrary JSON: from_pretrained builds the model or raises a StateError
+    subclass (never KeyError / TypeError / RuntimeError), without building a model the weights cannot fill."""
+    from mamba_state.adapters.checkpoint import UnverifiedWeightsWarning
+    from mamba_state.errors import StateError
+
+    global _FUZZ_CK
+    if _FUZZ_CK is None:
+        _FUZZ_CK = _saved(tmp_path_factory.mktemp("fuzzck"))[1]
+    cfg = json.loads((_FUZZ_CK / "config.json").read_text())
+    values = st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats(allow_nan=False) | st.text(max_size=5) \
+        | st.lists(st.integers(0, 3), max_size=2) | st.dictionaries(st.sampled_from(["d_state", "layer", "expand"]),
+                                                                     st.integers(-2, 2**20) | st.text(max_size=6))
+    changed = dict(cfg)
+    for _ in range(data.draw(st.integers(1, 3))):
+        changed[data.draw(st.sampled_from(sorted(cfg) + ["model_type"]))] = data.draw(values)
+    path = _FUZZ_CK / "config.json"
+    original = path.read_text()
+    path.write_text(json.dumps(changed))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedWeightsWarning)
+            StatefulMambaLM.from_pretrained(_FUZZ_CK)
+    except StateError:
+        pass
+    finally:
+        path.write_text(original)
+
+
+_FUZZ_CK = None

@@ -160,6 +160,7 @@ def _check_bool(cfg: Mapping[str, Any], key: str, where: str) -> None:
 def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
     """Type- and bound-check the fields of a checkpoint configuration before a model is built; returns a lower
     bound on the parameter count it implies. ``hf``: transformers' Mamba field names, else upstream's."""
+    d_mlp = 0  # the MLP width (upstream's d_intermediate; transformers' Mamba has none)
     if hf:
         d_model = _int_field(cfg, "hidden_size", 1, 1 << 16, where)
         n_layer = _int_field(cfg, "num_hidden_layers", 1, 1 << 12, where)
@@ -181,7 +182,7 @@ def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
         d_model = _int_field(cfg, "d_model", 1, 1 << 16, where)
         n_layer = _int_field(cfg, "n_layer", 1, 1 << 12, where)
         vocab = _int_field(cfg, "vocab_size", 1, 1 << 24, where)
-        _int_field(cfg, "d_intermediate", 0, 1 << 20, where, default=0)
+        d_mlp = _int_field(cfg, "d_intermediate", 0, 1 << 20, where, default=0)
         _int_field(cfg, "pad_vocab_size_multiple", 1, 1 << 12, where, default=1)
         ssm_cfg = cfg.get("ssm_cfg", {})
         if not isinstance(ssm_cfg, dict):
@@ -197,9 +198,10 @@ def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
     expand = ssm.get("expand", 2)
     if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not 0 < expand <= 64:
         raise StateFormatError(f"{where}: config expand: expected a number in (0, 64], found {expand!r:.60}")
-    # a lower bound: the embedding and, per layer, in_proj (2 * d_inner rows) and out_proj, each d_model wide
+    # a lower bound: the embedding and, per layer, in_proj (2 * d_inner rows) and out_proj, each d_model wide, and
+    # the MLP's two projections
     d_inner = max(1, math.floor(expand * d_model))
-    return vocab * d_model + n_layer * 3 * d_model * d_inner
+    return vocab * d_model + n_layer * (3 * d_model * d_inner + 2 * d_model * d_mlp)
 
 
 def hf_config_to_upstream(hf: dict[str, Any]) -> dict[str, Any]:

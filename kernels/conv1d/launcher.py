@@ -1,6 +1,6 @@
-"""Causal depthwise conv1d with a carried window and resets: a Triton forward for inference, the reference
-(:func:`~mamba_state.kernels.conv1d.naive.causal_conv1d_ref`, differentiable) wherever gradients are needed or Triton cannot
-run."""
+"""Causal depthwise conv1d with a carried window and resets: Triton kernels forward and backward (CUDA, or anywhere
+under ``TRITON_INTERPRET=1`` when ``backend='triton'`` is forced), the reference
+(:func:`~mamba_state.kernels.conv1d.naive.causal_conv1d_ref`) for float64 or where Triton cannot run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import Tensor
 
 from mamba_state.errors import StateError, StateShapeError
 
-from .._device import launch_device
 from .._launch import needs_grad
 from ..backend import resolve_backend
 from .naive import causal_conv1d_ref
+from .ops import CausalConvFn, conv_forward
 
 __all__ = ["causal_conv1d"]
 
@@ -34,13 +34,15 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
         state_dtype: dtype of the new window when ``conv_state`` is None (default: x's); ignored otherwise.
 
     Returns:
-        ``(out [batch, channels, seqlen] contiguous in x.dtype, new_conv_state [batch, channels, width])`` in
+        ``(out [batch, channels, seqlen] in x.dtype, new_conv_state [batch, channels, width])`` in
         conv_state's dtype (``state_dtype``, else x's, when None), as :func:`~mamba_state.reference.causal_conv1d_ref`. The Triton path
-        (CUDA, no gradient needed) accumulates in float32.
+        (Triton backend, half or float32 inputs) accumulates in float32 and is differentiable in x, weight, bias
+        and conv_state (its backward recomputes the pre-activation; nothing is kept but the inputs). ``out`` takes
+        x's memory order: contiguous for a contiguous x or a channel slice of one, channel-major
+        ([channels, batch, seqlen] in memory) for a channel-major x.
     """
     w2 = weight[:, 0] if weight.dim() == 3 and weight.shape[1] == 1 else weight
     use_triton = (isinstance(x, Tensor) and x.dim() == 3 and x.dtype != torch.float64
-                  and not needs_grad(x, weight, bias, conv_state)
                   and resolve_backend(x.device, backend)[0] == "triton")
     if not use_triton:
         out, new_state = causal_conv1d_ref(x, weight, bias, conv_state=conv_state, reset=reset, activation=activation)
@@ -58,23 +60,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, conv
                               f"found {list(conv_state.shape)}")
     if reset is not None and (reset.dtype != torch.bool or list(reset.shape) != [bsz, L]):
         raise StateShapeError(f"reset: expected a bool tensor {[bsz, L]}, found {reset.dtype} {list(reset.shape)}")
-    import triton
-
-    from . import triton_kernels as K
-
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    out = torch.empty(bsz, ch, L, device=x.device, dtype=x.dtype)
-    state = conv_state.contiguous() if conv_state is not None else None
-    new_dtype = state.dtype if state is not None else (state_dtype or x.dtype)
-    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=new_dtype)
-    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
-    BD, BL = 16, 128
-    grid = (triton.cdiv(L, BL), triton.cdiv(ch, BD), bsz)
-    with launch_device(x):
-        K._causal_conv_kernel[grid](
-            x, w2.contiguous(), bias, state, rst, out, new_state,
-            ch, L, x.stride(0), x.stride(1), W=W, WP=triton.next_power_of_2(W),
-            SILU=activation is not None, BD=BD, BL=BL, num_warps=4,
-        )
-    return out, new_state
+    silu = activation is not None
+    if needs_grad(x, weight, bias, conv_state):
+        return CausalConvFn.apply(x, w2, bias, conv_state, reset, silu, state_dtype)
+    return conv_forward(x, w2, bias, conv_state, reset, silu, state_dtype)

@@ -36,6 +36,29 @@ from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_mo
 __all__ = ["scan_forward", "ScanFn"]
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements fill its memory without gaps or overlaps, in some order of its axes."""
+    expect = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _layout_of(u: Tensor) -> Tensor:
+    """u itself when its time axis has stride 1 and it is dense (contiguous, or channel-major: [dim, batch, L] in
+    memory, as a projection written as ``weight @ tokens^T`` gives it), else a contiguous copy. Every other
+    [batch, dim, L] tensor of the scan takes this layout (:func:`_like`): the kernels read them all with one pair
+    of strides."""
+    return u if u.stride(-1) == 1 and _dense(u) else u.contiguous()
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """t in ref's memory layout (no copy when it already is)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                  reset: Optional[Tensor], delta_softplus: bool, chunk: int,
@@ -49,11 +72,12 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 
     batch, dim, L = u.shape
     ngroups, dstate = B.shape[1], A.shape[1]
-    u, delta = u.contiguous(), delta.contiguous()
+    u = _layout_of(u)
+    delta = _like(delta, u)
     B = B if B.stride(-1) == 1 else B.contiguous()
     C = C if C.stride(-1) == 1 else C.contiguous()
     A = A.contiguous().float()
-    z = z.contiguous() if z is not None else None
+    z = _like(z, u) if z is not None else None
     nch = _nchunks(L, chunk)
     out = torch.empty_like(u)
     last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
@@ -72,7 +96,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         u, delta, A, B, C, D.contiguous() if D is not None else None, z,
         delta_bias.contiguous() if delta_bias is not None else None, init, rst,
         out, last, ckpt, summ, prod, ypre if store_ypre else None,
-        dim, L, dstate, dim // ngroups, nch,
+        dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
     flags = dict(SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
@@ -113,10 +137,11 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
     batch, dim, L = u.shape
     ngroups, dstate = B.shape[1], A.shape[1]
-    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    u = _layout_of(u)
+    delta, dout = _like(delta, u), _like(dout, u)
+    B, C = B.contiguous(), C.contiguous()
     Af = A.contiguous().float()
-    z = z.contiguous() if z is not None else None
-    dout = dout.contiguous()
+    z = _like(z, u) if z is not None else None
     nch = checkpoints.shape[2]
     mode = backward_mode(u, batch, dim, dstate, nch, ngroups)
     chunked = mode == "chunk"
@@ -140,7 +165,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     # absent inputs go in as None: the kernels' HAS_* flags follow from them (optional_inputs)
     Dp = D.contiguous().float() if D is not None else None
     biasp = delta_bias.contiguous().float() if delta_bias is not None else None
-    ypp = ypre.contiguous() if z is not None else None
+    ypp = _like(ypre, u) if z is not None else None
     glast = dlast.contiguous().float() if dlast is not None else None
     hin = None
     with launch_device(u):
@@ -156,7 +181,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                 bdl = min(bdl, _pow2_divisor(dim // ngroups))
             K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
                 delta, Af, C, z, biasp, rst, dout, summ, prod,
-                dim, L, dstate, dim // ngroups, nch, C.stride(0), C.stride(1), C.stride(2),
+                dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1), C.stride(0), C.stride(1), C.stride(2),
                 SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
                 num_warps=max(1, min(8, (bdl * bn) // 512)))
             block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
@@ -169,7 +194,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             checkpoints.contiguous(), dout, glast, scratch, ypp,
             du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
             None if chunked else dinit, hin,
-            dim, L, dstate, dim // ngroups, nch, batch, splits,
+            dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
             dB.stride(0), dB.stride(1), dB.stride(2),
             SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,

@@ -1,7 +1,8 @@
 """Triton kernels of Mamba-1's selective scan: the forward, the backward and their chunk-boundary passes.
 
 Layout (the wrappers in :mod:`mamba_state.kernels.selective_scan.ops` make every input contiguous in time):
-    u, delta, z, out:   [batch, dim, seqlen]
+    u, delta, z, out:   [batch, dim, seqlen], all with the same strides (sxb, sxd, 1): contiguous, or
+                        channel-major ([dim, batch, seqlen] in memory, as a projection's GEMM writes it)
     B, C:               [batch, ngroups, dstate, seqlen]
     A:                  [dim, dstate] float32
     initial_state:      [batch, dim, dstate] float32
@@ -176,7 +177,7 @@ def _steps8(x0, P, A2, d, v, b, k, c, BD: tl.constexpr, HAS_RESET: tl.constexpr,
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
     out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr,
-    dim, L, dstate, cpg, nchunks,
+    dim, L, dstate, cpg, nchunks, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
@@ -209,7 +210,7 @@ def _scan_fwd_kernel(
         else:
             x = tl.zeros((BD, BN), tl.float32)
     P = tl.full((BD, BN), 1.0, tl.float32)
-    row = (pid_b * dim + offs_d[:, None]) * L
+    row = pid_b * sxb + offs_d[:, None].to(tl.int64) * sxd
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
     C_row = pid_b * sCb + grp * sCg + offs_n[:, None] * sCn
     rst_row = pid_b * L
@@ -350,7 +351,7 @@ def _bsteps8(h, gA, A2, A, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
     ypre_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr, hin_ptr,
-    dim, L, dstate, cpg, nchunks, nbatch, nsplit,
+    dim, L, dstate, cpg, nchunks, nbatch, nsplit, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
@@ -391,7 +392,7 @@ def _scan_bwd_kernel(
     gA = tl.zeros((BD, BN), tl.float32)
     gD = tl.zeros((BD,), tl.float32)
     gbias = tl.zeros((BD,), tl.float32)
-    row = (pid_b * dim + offs_d[:, None]) * L
+    row = pid_b * sxb + offs_d[:, None].to(tl.int64) * sxd
     B_row = pid_b * sBb + grp * sBg + offs_n[:, None] * sBn
     B_row1 = pid_b * sBb + grp * sBg + offs_n * sBn
     C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
@@ -504,7 +505,7 @@ def _lsteps8(h, P, A2, d, k, g, c, HAS_RESET: tl.constexpr):
 @triton.jit
 def _scan_bwd_local_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, gout_ptr, sum_ptr, prod_ptr,
-    dim, L, dstate, cpg, nchunks, sCb, sCg, sCn,
+    dim, L, dstate, cpg, nchunks, sxb, sxd, sCb, sCg, sCn,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr,
     CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
@@ -521,7 +522,7 @@ def _scan_bwd_local_kernel(
     offs_d, offs_n, mask_d, mask_n, mask_dn, grp, _A, A2, bias, _Dv = _channel_block(
         A_ptr, bias_ptr, None, dim, dstate, cpg, BD, BN, HAS_BIAS, False)
     _st_off, ck_off = _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks)
-    row = (pid_b * dim + offs_d[:, None]) * L
+    row = pid_b * sxb + offs_d[:, None].to(tl.int64) * sxd
     C_row1 = pid_b * sCb + grp * sCg + offs_n * sCn
     rst_row = pid_b * L
     cstart = c * CHUNK

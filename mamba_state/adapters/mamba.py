@@ -51,13 +51,15 @@ def _weight_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
-def _fast_conv(xs, ops: DeviceOps, *tensors) -> bool:
-    """Whether the Triton conv serves: CUDA (Triton backend), half/float32 inputs and no gradient needed."""
-    if xs.device.type != "cuda" or xs.dtype == torch.float64:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, *tensors)):
-        return False
-    return ops.triton
+def _fast_conv(xs, ops: DeviceOps) -> bool:
+    """Whether the Triton conv serves (forward and backward): Triton backend, half/float32 inputs."""
+    return ops.triton and xs.dtype != torch.float64
+
+
+def _channel_major(x: torch.Tensor, ops: DeviceOps, positions: list[int] | None) -> bool:
+    """Whether a chunk runs the training layout (:meth:`StatefulMamba._forward_channel_major`): autograd records
+    and the Triton kernels serve (they read channel-major activations in place)."""
+    return torch.is_grad_enabled() and positions is None and ops.triton and x.dtype != torch.float64
 
 
 class Mamba1Parameters(nn.Module):
@@ -252,6 +254,8 @@ class StatefulMamba(nn.Module):
         # is materialised because it makes the reference path compute in float64)
         if reset is not None:
             reset = reset.to(x.device)
+        if _channel_major(x, ops, positions):
+            return self._forward_channel_major(x, state, reset, ops)
         # Channel-major layout throughout ([B, channels, L], what the scan takes): strided-batched GEMMs of the
         # (broadcast) weight against the transposed input write it directly, so no activation is copied.
         xt = x.transpose(1, 2)  # [B, d_model, L] (a view)
@@ -292,6 +296,43 @@ class StatefulMamba(nn.Module):
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
         return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
+    def _forward_channel_major(self, x: torch.Tensor, state: MambaInferenceState | None,
+                               reset: torch.Tensor | None, ops: DeviceOps):
+        """:meth:`_forward` in the training layout (as upstream's ``mamba_inner_fn``): every activation between
+        the projections is channel-major, ``[channels, batch * L]`` in memory, seen as ``[batch, channels, L]``
+        with time stride 1. Each projection is then one plain GEMM of the weight against the tokens (no
+        broadcast-weight batched GEMM, whose weight gradient is a batch of GEMMs and a sum), and its backward
+        is plain GEMMs too; the conv and the scan read and write that layout in place."""
+        batch, seqlen, _ = x.shape
+        n_tok = batch * seqlen
+
+        def cm(t2d: torch.Tensor) -> torch.Tensor:  # [channels, batch * L] -> [batch, channels, L] (a view)
+            return t2d.view(t2d.shape[0], batch, seqlen).permute(1, 0, 2)
+
+        def flat(t3d: torch.Tensor) -> torch.Tensor:  # the inverse (a view for channel-major t3d)
+            return t3d.permute(1, 0, 2).reshape(t3d.shape[1], n_tok)
+
+        tokens = x.reshape(n_tok, self.d_model)
+        xz = torch.mm(self.in_proj.weight, tokens.t())  # [2 * d_inner, batch * L]
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        xs, z = cm(xz[: self.d_inner]), cm(xz[self.d_inner:])
+        xc, conv_state = self._conv(xs, None if state is None else state.conv_state, reset, ops)
+        x_dbl = torch.mm(self.x_proj.weight, flat(xc))  # [dt_rank + 2 * d_state, batch * L]
+        dt = torch.mm(self.dt_proj.weight, x_dbl[: self.dt_rank])  # [d_inner, batch * L]
+        B = cm(x_dbl[self.dt_rank: self.dt_rank + self.d_state])
+        C = cm(x_dbl[self.dt_rank + self.d_state:])
+        ct = _compute_dtype(x)
+        A = -torch.exp(self.A_log.to(ct))
+        h0 = None if state is None else state.ssm_state
+        y, last = ops.selective_scan(xc, cm(dt), A, B, C, self.D.to(ct), z=z, delta_bias=self.dt_proj.bias.to(ct),
+                                     delta_softplus=True, return_last_state=True, initial_state=h0, reset=reset)
+        out = torch.mm(flat(y).t(), self.out_proj.weight.t())  # [batch * L, d_model], token-major
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        new = MambaInferenceState(conv_state, last.to(self.state_dtype if h0 is None else h0.dtype))
+        return out.view(batch, seqlen, self.d_model), new
+
     def _scan_segments(self, ops: DeviceOps, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
                        reset: torch.Tensor | None, positions: list[int]):
         """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
@@ -316,11 +357,12 @@ class StatefulMamba(nn.Module):
         """silu(causal depthwise conv) continuing ``conv_state`` (zeros when None, the new window then in
         ``state_dtype``); returns ``(out [B, d_inner, L], new conv_state)``.
 
-        With resets, the reference function (windows cleared per row). Without, one ``F.conv1d`` in the input's
+        With the Triton backend, its conv (forward and backward; resets and the window in the kernels). Otherwise,
+        with resets, the reference function (windows cleared per row); without, one ``F.conv1d`` in the input's
         dtype over the last ``d_conv - 1`` state inputs followed by the chunk (accumulation is float32 inside
         PyTorch's kernels for half inputs, as in upstream's causal-conv1d).
         """
-        if _fast_conv(xs, ops, self.conv1d.weight, self.conv1d.bias, conv_state):
+        if _fast_conv(xs, ops):
             return ops.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
                                      activation="silu", state_dtype=self.state_dtype)
         if conv_state is None:

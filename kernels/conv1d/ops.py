@@ -1,0 +1,130 @@
+"""Launches of the conv's Triton kernels and its autograd Function.
+
+* :func:`conv_forward` -> ``(out, new_conv_state)``; ``out`` takes x's memory order (``torch.empty_like``), so a
+  channel-major x ([dim, batch * L] viewed as [batch, dim, L]) gives a channel-major out that the next projection
+  reads as one GEMM.
+* :func:`conv_backward` -> ``(dx, dweight [dim, W] float32, dbias [dim] float32 or None, dstate float32 or None)``
+  from the gradients of ``out`` and of the new window.
+* :class:`CausalConvFn`: both, for autograd. Backward keeps the inputs only (x, weight, bias, state, reset): the
+  pre-activation is recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._device import launch_device
+
+__all__ = ["conv_forward", "conv_backward", "CausalConvFn"]
+
+_BD, _BL = 16, 128  # a [channels, steps] tile per program: 128 steps keep loads of a row coalesced
+
+
+def _time_stride_one(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _grid(bsz: int, ch: int, L: int) -> tuple[int, int, int]:
+    return ((L + _BL - 1) // _BL, (ch + _BD - 1) // _BD, bsz)
+
+
+def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
+                 reset: Optional[Tensor], silu: bool, state_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    """The forward launch. x [batch, dim, L] (time stride 1 or it is copied); weight [dim, W]; bias [dim] or None;
+    conv_state [batch, dim, W] or None; reset bool [batch, L] or None. Returns ``(out like x, new window)`` in
+    conv_state's dtype (else ``state_dtype``, else x's)."""
+    import triton
+
+    from . import triton_kernels as K
+
+    x = _time_stride_one(x)
+    bsz, ch, L = x.shape
+    W = weight.shape[1]
+    out = torch.empty_like(x)
+    state = conv_state.contiguous() if conv_state is not None else None
+    new_dtype = state.dtype if state is not None else (state_dtype or x.dtype)
+    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=new_dtype)
+    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    with launch_device(x):
+        K._causal_conv_kernel[_grid(bsz, ch, L)](
+            x, weight.contiguous(), bias, state, rst, out, new_state,
+            ch, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1), W=W, WP=triton.next_power_of_2(W),
+            SILU=silu, BD=_BD, BL=_BL, num_warps=4,
+        )
+    return out, new_state
+
+
+def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
+                  reset: Optional[Tensor], silu: bool, dout: Optional[Tensor], dnew: Optional[Tensor],
+                  state_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`conv_forward` (same arguments) from ``dout`` (of out; None: zeros) and ``dnew`` (of the
+    new window; None: zeros). ``dx`` takes x's memory order and dtype; dweight, dbias and dstate are float32 (dstate
+    only when ``state_grad``, dbias only with a bias)."""
+    import triton
+
+    from . import triton_kernels as K
+
+    x = _time_stride_one(x)
+    bsz, ch, L = x.shape
+    W = weight.shape[1]
+    dout = torch.zeros_like(x) if dout is None else _time_stride_one(dout)
+    grid = _grid(bsz, ch, L)
+    f32 = torch.float32
+    dx = torch.empty_like(x)
+    dw_part = torch.empty(bsz * grid[0], ch, W, device=x.device, dtype=f32)
+    db_part = torch.empty(bsz * grid[0], ch, device=x.device, dtype=f32) if bias is not None else None
+    state = conv_state.contiguous() if conv_state is not None else None
+    dstate = torch.empty(bsz, ch, W, device=x.device, dtype=f32) if state_grad else None
+    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    with launch_device(x):
+        K._causal_conv_bwd_kernel[grid](
+            x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate,
+            ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=_BD, BL=_BL, num_warps=4,
+        )
+    dw, db = dw_part.sum(0), db_part.sum(0) if db_part is not None else None
+    if dnew is not None:
+        _add_window_grad(dx, dstate, dnew, reset, L, W)
+    return dx, dw, db, dstate
+
+
+def _add_window_grad(dx: Tensor, dstate: Optional[Tensor], dnew: Tensor, reset: Optional[Tensor], L: int,
+                     W: int) -> None:
+    """Adds the new window's gradient: its column j is the input at L - W + j (0 when a reset lies in
+    (L - W + j, L - 1]), from x or, for L - W + j < 0, from the state's column L + j."""
+    for j in range(W):
+        pos = L - W + j
+        g = dnew[:, :, j].float()
+        if reset is not None and pos + 1 <= L - 1:
+            gone = reset[:, max(pos + 1, 0):L].any(dim=1)
+            g = g * (~gone).to(g.dtype)[:, None]
+        if pos >= 0:
+            dx[:, :, pos] += g.to(dx.dtype)
+        elif dstate is not None:
+            dstate[:, :, L + j] += g
+
+
+class CausalConvFn(torch.autograd.Function):
+    """Differentiable Triton conv over (x, weight [dim, W], bias, conv_state); reset, silu and state_dtype are not
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_state, reset, silu, state_dtype):
+        out, new_state = conv_forward(x, weight, bias, conv_state, reset, silu, state_dtype)
+        ctx.save_for_backward(x, weight, bias, conv_state, reset)
+        ctx.silu = silu
+        return out, new_state
+
+    @staticmethod
+    def backward(ctx, dout, dnew):
+        x, weight, bias, conv_state, reset = ctx.saved_tensors
+        want_state = conv_state is not None and ctx.needs_input_grad[3]
+        dx, dw, db, dstate = conv_backward(x, weight, bias, conv_state, reset, ctx.silu, dout, dnew, want_state)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                db.to(bias.dtype) if db is not None and ctx.needs_input_grad[2] else None,
+                dstate.to(conv_state.dtype) if dstate is not None else None,
+                None, None, None)

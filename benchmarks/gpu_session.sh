@@ -11,6 +11,9 @@
 #   trace   benchmarks/bench_trace.py                            (TRACE_TIMEOUT, 100 s)
 #   overhead benchmarks/profile_overhead.py (host cost per forward) (OVERHEAD_TIMEOUT, 150 s)
 #   train   benchmarks/bench_train.py (130m training step, ours vs upstream) (TRAIN_TIMEOUT, 150 s)
+#   ptrain  benchmarks/profile_train.py (device time per kernel of that step) (PTRAIN_TIMEOUT, 150 s)
+#   m3      tests/test_mamba3_gpu.py and benchmarks/bench_mamba3.py  (M3_TIMEOUT, 240 s)
+#   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
 # Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail
@@ -48,6 +51,11 @@ for step in ${STEPS:-tests gen cont}; do
         overhead) run_step overhead "${OVERHEAD_TIMEOUT:-150}" python3 benchmarks/profile_overhead.py --out "$OUT" ;;
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" python3 benchmarks/bench_train.py ;;
+        ptrain) run_step ptrain "${PTRAIN_TIMEOUT:-150}" python3 benchmarks/profile_train.py ;;
+        m3) run_step m3 "${M3_TIMEOUT:-240}" bash -c "python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
+                   tests/test_mamba3_gpu.py; python3 benchmarks/bench_mamba3.py" ;;
+        grad) run_step grad "${GRAD_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   tests/test_kernel_conv_grad.py tests/test_training_layout.py ;;
         *) echo "unknown step $step" ;;
     esac
 done

@@ -44,7 +44,7 @@ from mamba_state.kernels.scan_positions import check_positions, segment_bounds
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaInferenceState
 from ._state_checks import check_layer_state, check_reset
-from .mamba2 import GatedRMSNorm, gated_rms_norm
+from .mamba2 import GatedRMSNorm, _upstream_rmsnorm_fn, gated_rms_norm
 
 __all__ = ["StatefulMamba3"]
 
@@ -64,14 +64,6 @@ def _upstream_siso_step():
     except Exception:
         return None
     return mamba3_siso_step
-
-
-def _upstream_rmsnorm_fn():
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    except Exception:
-        return None
-    return rmsnorm_fn
 
 
 def _tilelang_importable() -> bool:

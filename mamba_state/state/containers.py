@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union, cast
 import torch
 
 from ..errors import LayerNotFoundError, StateCompatibilityError, StateError, StateFormatError, StateShapeError
+from .layers import FAMILY_TENSORS, TENSOR_FIELDS
 from .format import BUILD_ERRORS, atomic_write, check_save_path, inconsistent, read_state, serialize
 
 __all__ = ["MambaInferenceState", "MambaModelState", "BatchIndex", "FAMILY_TENSORS"]
@@ -101,15 +102,7 @@ class _NoSuchTensorError(StateCompatibilityError, AttributeError):
     """A tensor name the state's family does not carry (also an ``AttributeError``, so ``hasattr`` answers False)."""
 
 
-FAMILY_TENSORS: dict[str, tuple[str, ...]] = {
-    "mamba1": ("conv_state", "ssm_state"),
-    "mamba2": ("conv_state", "ssm_state"),
-    "mamba3": ("angle_dt_state", "ssm_state", "k_state", "v_state"),
-}
-"""The named tensors each family's layer state holds, in order."""
-
-_LAYOUT_KEYS = {"conv_state": "conv_shape", "ssm_state": "ssm_shape", "angle_dt_state": "angle_shape",
-                "k_state": "k_shape", "v_state": "v_shape"}
+_LAYOUT_KEYS = {name: f"{field}_shape" for name, field in TENSOR_FIELDS.items()}
 
 
 class MambaInferenceState:
@@ -456,10 +449,8 @@ class MambaInferenceState:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
-        """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`).
-
-        Mamba-1/2 only for now: the file format (version 1) stores a conv and an SSM tensor per layer, so a
-        Mamba-3 state raises ``StateCompatibilityError`` (nothing is written)."""
+        """Write this single-layer state atomically to a safetensors file (see :mod:`mamba_state.io`): its
+        family's named tensors (format version 1 for Mamba-1/2, as 0.1.0 wrote it; version 2 for Mamba-3)."""
         write_state_file(self, path, metadata=metadata)
 
     @staticmethod
@@ -697,20 +688,12 @@ def write_state_file(state: MambaInferenceState | MambaModelState, path: str | o
                      metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``state`` to ``path`` (see :func:`mamba_state.state.io.save_state`)."""
     where = os.fspath(path)
-    layers = state.items() if isinstance(state, MambaModelState) else [(None, state)]
-    for idx, s in layers:
-        if isinstance(s, MambaInferenceState) and s.kind == "mamba3":
-            at = "the state" if idx is None else f"layer {idx}"
-            raise StateCompatibilityError(
-                f"save: expected Mamba-1/Mamba-2 layer states (file format version 1 stores conv_state and "
-                f"ssm_state per layer), found a mamba3 state at {at}; saving Mamba-3 states needs a format "
-                "version that stores named tensors (not written yet)")
     check_save_path(where)  # before serialising: a bad path is an argument error, not a failed write
     if isinstance(state, MambaModelState):
-        data = serialize("model", [(i, s.kind, s.conv_state, s.ssm_state) for i, s in state.items()],
+        data = serialize("model", [(i, s.kind, s.tensors) for i, s in state.items()],
                          seqlen_offset=state.seqlen_offset, metadata=state.metadata, model=model)
     elif isinstance(state, MambaInferenceState):
-        data = serialize("layer", [(None, state.kind, state.conv_state, state.ssm_state)], seqlen_offset=0,
+        data = serialize("layer", [(None, state.kind, state.tensors)], seqlen_offset=0,
                          metadata=metadata or {}, model=model)
     else:
         raise StateError(f"state: expected a MambaInferenceState or MambaModelState, found {type(state).__name__}")
@@ -730,8 +713,8 @@ def read_state_file(path: str | os.PathLike, device: torch.device | str | None =
     parts = read_state(path, device)
     try:
         built: dict[int | None, MambaInferenceState] = {}
-        for idx, conv, ssm in parts.layers():
-            built[idx] = MambaInferenceState(conv, ssm)
+        for idx, tensors in parts.named_layers():
+            built[idx] = MambaInferenceState.from_tensors(tensors)
         if parts.container == "layer":
             state: MambaInferenceState | MambaModelState = built[None]
         else:

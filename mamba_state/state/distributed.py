@@ -19,8 +19,12 @@ Wire protocol (format version 1). Every transfer sends, in order:
    data_nbytes, preamble_crc32]``; ``preamble_crc32`` covers the first seven words, ``status`` is 0, or 1 when
    the sending rank rejected its own state (the receivers then raise ``StateError`` instead of waiting);
 2. a *header*: UTF-8 JSON describing the layout (container kind, layer indices, full shapes and dtypes,
-   ``seqlen_offset``, user metadata, for a scatter the per-rank batch sizes), checked by ``header_crc32``;
-3. the *data*, as raw bytes: point to point, one message per tensor (conv then ssm, layer by layer), posted
+   ``seqlen_offset``, user metadata, for a scatter the per-rank batch sizes), checked by ``header_crc32``. A layer
+   entry is ``{idx, conv_shape, conv_dtype, ssm_shape, ssm_dtype}`` for Mamba-1/2 (as in 0.1), and ``{idx, kind:
+   "mamba3", angle_shape, angle_dtype, ssm_shape, ssm_dtype, k_shape, k_dtype, v_shape, v_dtype}`` for Mamba-3
+   (a 0.1 receiver refuses such an entry as a malformed header, which reaches the sender);
+3. the *data*, as raw bytes: point to point, one message per tensor (each layer's named tensors in its family's
+   order, layer by layer), posted
    together with ``batch_isend_irecv`` (no packing copy; NCCL groups them into one call); collectives, one
    ``uint8`` buffer with every tensor at a 64-byte aligned offset (see :mod:`mamba_state._packing`).
 
@@ -62,6 +66,7 @@ import torch.distributed as dist
 from ..errors import StateCompatibilityError, StateError, StateFormatError
 from .containers import MambaInferenceState, MambaModelState
 from .format import check_json_bounds, loads_bounded
+from .layers import TENSOR_FIELDS, family_fields
 from .packing import (LayerSpec, StateSpec, TensorSpec, build_state, dtype_from_name, dtype_name, pack_into, state_spec,
                       state_tensors, unpack)
 
@@ -155,9 +160,15 @@ def _check_peer(comm: _Comm, peer: Any, name: str, where: str, allow_self: bool)
 def _encode_header(spec: StateSpec, extra: dict[str, Any] | None = None) -> bytes:
     from .. import __version__
 
-    layers = [{"idx": l.idx,
-               "conv_shape": list(l.conv.shape), "conv_dtype": dtype_name(l.conv.dtype),
-               "ssm_shape": list(l.ssm.shape), "ssm_dtype": dtype_name(l.ssm.dtype)} for l in spec.layers]
+    layers = []
+    for l in spec.layers:
+        entry: dict[str, Any] = {"idx": l.idx}
+        if "conv_state" not in l.names:  # Mamba-3; Mamba-1/2 entries stay as 0.1 sent them (no kind)
+            entry["kind"] = "mamba3"
+        for name, t in l.tensors:
+            entry[f"{TENSOR_FIELDS[name]}_shape"] = list(t.shape)
+            entry[f"{TENSOR_FIELDS[name]}_dtype"] = dtype_name(t.dtype)
+        layers.append(entry)
     doc = {"format": _HEADER_FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
            "container": spec.container, "seqlen_offset": spec.seqlen_offset, "metadata": spec.metadata,
            "layers": layers, "data_nbytes": spec.nbytes(), **(extra or {})}
@@ -227,15 +238,23 @@ def _decode_header(data: bytes) -> tuple[StateSpec, dict[str, Any]]:
         if container == "layer" and idx is not None:
             raise _Rejected(BAD_HEADER, f"header: single-layer state: expected idx null, found {idx!r}")
         previous = cast(int, idx) if container == "model" else previous  # an int: checked above for a model
-        specs = []
-        for name, ranks in (("conv", (3,)), ("ssm", (3, 4))):
+        kind = e.get("kind")
+        if kind is None:  # Mamba-1/2 (the kind follows from the rank of ssm_state)
+            fields = [("conv_state", "conv", (3,)), ("ssm_state", "ssm", (3, 4))]
+        elif kind == "mamba3":
+            fields = [(name, field, (rank,)) for name, field, rank in family_fields("mamba3")]
+        else:
+            raise _Rejected(BAD_HEADER, f"header: layer {idx}: expected kind absent (Mamba-1/2) or 'mamba3', found "
+                                        f"{kind!r:.40}")
+        specs: dict[str, TensorSpec] = {}
+        for tname, name, ranks in fields:
             shape = _shape(e.get(f"{name}_shape"), ranks, f"header: layer {idx}: {name}_shape")
             dtype = dtype_from_name(e.get(f"{name}_dtype"))
             if dtype is None:
                 raise _Rejected(BAD_HEADER, f"header: layer {idx}: {name}_dtype: expected a floating torch dtype "
                                             f"name, found {e.get(f'{name}_dtype')!r}")
-            specs.append(TensorSpec(shape, dtype))
-        layers.append(LayerSpec(idx, specs[0], specs[1]))
+            specs[tname] = TensorSpec(shape, dtype)
+        layers.append(LayerSpec(idx, tensors=specs))
     spec = StateSpec(container, tuple(layers), seqlen_offset, metadata if container == "model" else None)
     try:  # the containers' own checks (batch agreement, channel counts), on meta tensors: no memory touched
         build_state(spec, [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in spec.tensor_specs()])
@@ -718,10 +737,12 @@ def _layout_difference(a: StateSpec, b: StateSpec) -> str:
     if ia != ib:
         return f"layers {ib}, expected {ia}"
     for la, lb in zip(a.layers, b.layers):
-        for name in ("conv", "ssm"):
-            ta, tb = getattr(la, name), getattr(lb, name)
+        if la.names != lb.names:
+            return f"layer {la.idx} with tensors {list(lb.names)}, expected {list(la.names)}"
+        for name, ta in la.tensors:
+            tb = lb.get(name)
             if ta.shape[1:] != tb.shape[1:] or ta.dtype != tb.dtype:
-                return (f"layer {la.idx} {name}_state of [B, {', '.join(map(str, tb.shape[1:]))}] {tb.dtype}, "
+                return (f"layer {la.idx} {name} of [B, {', '.join(map(str, tb.shape[1:]))}] {tb.dtype}, "
                         f"expected [B, {', '.join(map(str, ta.shape[1:]))}] {ta.dtype}")
     return "a different layout"
 

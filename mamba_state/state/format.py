@@ -1,16 +1,18 @@
 """The state file format: safetensors with JSON metadata, written atomically, validated on load.
 
-This module knows the file, not the containers: it writes and reads plain layer entries (index, kind and the two
-tensors) with the container kind, ``seqlen_offset`` and the user metadata. The containers' ``save`` / ``load``
+This module knows the file, not the containers: it writes and reads plain layer entries (index, kind and the
+family's named tensors) with the container kind, ``seqlen_offset`` and the user metadata. The containers' ``save`` / ``load``
 (:mod:`mamba_state.state.containers`) and the public functions (:mod:`mamba_state.state.io`) are built on it.
 
-File layout (format ``mamba-state``, version 1):
+File layout (format ``mamba-state``, version 2; version 1 is the same restricted to Mamba-1/2 layers):
 
-* tensors ``layers.<idx>.conv_state`` / ``layers.<idx>.ssm_state`` (a model state) or ``conv_state`` /
-  ``ssm_state`` (a single-layer state), stored contiguous;
+* tensors ``layers.<idx>.<name>`` (a model state) or ``<name>`` (a single-layer state), one per named tensor of
+  the layer's family (:data:`~mamba_state.state.layers.FAMILY_TENSORS`: ``conv_state`` and ``ssm_state`` for
+  Mamba-1/2; ``angle_dt_state``, ``ssm_state``, ``k_state`` and ``v_state`` for Mamba-3), stored contiguous;
 * ``__metadata__`` (str -> str): ``format``, ``format_version``, ``container`` (``model`` or ``layer``),
-  ``library_version``, ``seqlen_offset``, ``layers`` (JSON list of ``{idx, kind, conv_shape, conv_dtype,
-  ssm_shape, ssm_dtype, device}``), ``user_metadata`` (JSON) and, when a model was given at save time,
+  ``library_version``, ``seqlen_offset``, ``layers`` (JSON list of ``{idx, kind, device}`` plus
+  ``<field>_shape`` and ``<field>_dtype`` for each of the family's tensors: ``conv``/``ssm`` for Mamba-1/2,
+  ``angle``/``ssm``/``k``/``v`` for Mamba-3), ``user_metadata`` (JSON) and, when a model was given at save time,
   ``model_fingerprint`` and ``model_layout`` (the layer layout and a digest of it: layer indices, kinds and state
   shapes, not the weights); ``checksum``: ``sha256:<hex>`` of the canonical JSON of the rest of
   the header followed by the tensor bytes, so that a flipped byte anywhere in the file is caught.
@@ -19,7 +21,12 @@ Reading is one front (:func:`read_state`, :func:`read_metadata`) for every loade
 blocking, refuses anything but a regular file, reads the header alone (bounded by :data:`MAX_HEADER_BYTES`),
 checks its JSON for depth and size before parsing it (:func:`loads_bounded`), type-checks every value in its
 canonical form, checks the announced tensor data against the file's size, and only then reads the data, verifies
-the checksum and builds tensors. Nothing is unpickled or evaluated; every failure, OS errors included, is a
+the checksum and builds tensors.
+
+Versions: a file with only Mamba-1/2 layers is written as version 1, byte for byte the layout of 0.1.0 (so readers
+of 0.1.0 still read it); a file with a Mamba-3 layer as version 2, which a version-1 reader refuses by its version
+("upgrade mamba-state") instead of misreading its entries. Both are read; a version-1 file may hold only Mamba-1/2
+entries. Nothing is unpickled or evaluated; every failure, OS errors included, is a
 :class:`~mamba_state.errors.StateFormatError` naming the file, what was expected and what was found.
 """
 
@@ -40,7 +47,7 @@ import torch
 
 from ..errors import StateCompatibilityError, StateError, StateFormatError
 from .files import lock_temp, open_temp_beside, replace_keeping_mode, resolve_link, sweep_stale_temps
-from .layers import layout_fingerprint, model_layout
+from .layers import FAMILY_TENSORS, TENSOR_FIELDS, family_fields, layout_fingerprint, model_layout
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_CONTAINERS",
            "MAX_LAYERS", "MAX_DIM", "StateFileNotFoundError", "StateFileAccessError", "StateWriteError",
@@ -48,7 +55,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH"
            "loads_bounded", "check_json_bounds", "inconsistent", "BUILD_ERRORS"]
 
 FORMAT_NAME = "mamba-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version read and written (files without Mamba-3 layers are written as version 1)
+_KINDS_OF_VERSION = {1: ("mamba1", "mamba2"), 2: ("mamba1", "mamba2", "mamba3")}
 
 # Limits on what a file may make a reader do (docs/persistence.md, "Limits"). A real header is a few KiB (about
 # 250 bytes per layer plus the user metadata); these bound the work and memory of a hostile one before it is parsed.
@@ -64,7 +72,9 @@ _DTYPES = {
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 _KIND_OF_RANK = {3: "mamba1", 4: "mamba2"}  # rank of ssm_state -> kind
-_ENTRY_KEYS = ("idx", "kind", "conv_shape", "conv_dtype", "ssm_shape", "ssm_dtype", "device")
+_ENTRY_KEYS = ("idx", "kind", "conv_shape", "conv_dtype", "ssm_shape", "ssm_dtype", "device")  # Mamba-1/2
+_MAMBA3_ENTRY_KEYS = ("idx", "kind", "angle_shape", "angle_dtype", "ssm_shape", "ssm_dtype", "k_shape", "k_dtype",
+                      "v_shape", "v_dtype", "device")
 _TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
 # canonical decimal integers: ASCII digits, no sign, no spaces, no leading zeros (int() would take " 1 ", "+1", "１")
 _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,18})")
@@ -117,9 +127,17 @@ def _library_version() -> str:
     return __version__
 
 
-LayerEntry = tuple[int | None, str, torch.Tensor, torch.Tensor]
-"""One layer as the format sees it: ``(idx, kind, conv_state, ssm_state)``; ``idx`` is ``None`` in a single-layer
-file."""
+LayerEntry = tuple  # (idx, kind, {name: tensor}) or, as before 0.2, (idx, kind, conv_state, ssm_state)
+"""One layer as the format sees it: ``(idx, kind, tensors)`` with ``tensors`` the family's named tensors, or the
+0.1 form ``(idx, kind, conv_state, ssm_state)`` of a Mamba-1/2 layer; ``idx`` is ``None`` in a single-layer file."""
+
+
+def _named(entry: Sequence[Any]) -> tuple[int | None, str, dict[str, torch.Tensor]]:
+    if len(entry) == 4:
+        idx, kind, conv, ssm = entry
+        return idx, kind, {"conv_state": conv, "ssm_state": ssm}
+    idx, kind, tensors = entry
+    return idx, kind, dict(tensors)
 
 # what building a state from a validated file may raise: reported as an inconsistent file (see inconsistent())
 BUILD_ERRORS = (StateError, ValueError, KeyError, TypeError, RuntimeError)
@@ -192,8 +210,8 @@ def loads_bounded(text: bytes | str, what: str, allow_constants: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------------- save
-def _entry_layout(kind: str, conv: torch.Tensor, ssm: torch.Tensor) -> dict[str, Any]:
-    return {"kind": kind, "conv_shape": list(conv.shape[1:]), "ssm_shape": list(ssm.shape[1:])}
+def _entry_layout(kind: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {"kind": kind, **{f"{TENSOR_FIELDS[name]}_shape": list(t.shape[1:]) for name, t in tensors.items()}}
 
 
 def serialize(container: str, layers: Sequence[LayerEntry], *, seqlen_offset: int, metadata: Mapping[str, Any],
@@ -208,20 +226,28 @@ def serialize(container: str, layers: Sequence[LayerEntry], *, seqlen_offset: in
 
     if len(layers) > MAX_LAYERS:
         raise StateError(f"state: expected at most {MAX_LAYERS} layers to save, found {len(layers)}")
+    named = [_named(e) for e in layers]
     tensors: dict[str, torch.Tensor] = {}
     entries = []
-    for idx, kind, conv, ssm in layers:
+    for idx, kind, layer_tensors in named:
+        if kind not in FAMILY_TENSORS or tuple(layer_tensors) != FAMILY_TENSORS[kind]:
+            raise StateError(f"state: expected a layer kind in {sorted(FAMILY_TENSORS)} with its tensors "
+                             f"{list(FAMILY_TENSORS.get(kind, ()))}, found kind {kind!r} with {list(layer_tensors)}")
         prefix = f"layers.{idx}." if container == "model" else ""
+        ssm = layer_tensors["ssm_state"]
         if ssm.device.type == "meta":
             raise StateError(f"state: expected tensors with data to save, found {ssm.device} tensors (no data)")
         entry: dict[str, Any] = {"idx": idx, "kind": kind, "device": str(ssm.device)}
-        for name, t in (("conv", conv), ("ssm", ssm)):
-            entry[f"{name}_shape"] = list(t.shape)
-            entry[f"{name}_dtype"] = _dtype_name(t.dtype)
+        for name, t in layer_tensors.items():
+            field = TENSOR_FIELDS[name]
+            entry[f"{field}_shape"] = list(t.shape)
+            entry[f"{field}_dtype"] = _dtype_name(t.dtype)
             # always a private copy: safetensors refuses tensors that share memory (one state under two layer
             # indices, or states built as views of one buffer)
-            tensors[f"{prefix}{name}_state"] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            tensors[f"{prefix}{name}"] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         entries.append(entry)
+    # the oldest version that holds these layers: Mamba-1/2 files stay readable by 0.1.0
+    version = 1 if all(kind in _KINDS_OF_VERSION[1] for _, kind, _ in named) else FORMAT_VERSION
     user = dict(metadata)
     try:
         user_json = json.dumps(user)
@@ -232,7 +258,7 @@ def serialize(container: str, layers: Sequence[LayerEntry], *, seqlen_offset: in
         raise StateError(f"metadata: expected JSON with {too_big}")
     meta = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version),
         "container": container,
         "library_version": _library_version(),
         "seqlen_offset": str(seqlen_offset),
@@ -242,7 +268,7 @@ def serialize(container: str, layers: Sequence[LayerEntry], *, seqlen_offset: in
     if model is not None:
         layout = model_layout(model)
         if container == "model":
-            have = {idx: _entry_layout(kind, conv, ssm) for idx, kind, conv, ssm in layers if idx is not None}
+            have = {idx: _entry_layout(kind, t) for idx, kind, t in named if idx is not None}
             _check_against_layout(have, layout, strict=False, where="save")
         meta["model_layout"] = json.dumps({str(k): v for k, v in layout.items()})
         meta["model_fingerprint"] = layout_fingerprint(layout)
@@ -503,13 +529,24 @@ class _Header:
     seqlen_offset: int
     user: dict[str, Any]
     entries: list[dict[str, Any]]
-    tensors: list[_TensorInfo]  # in entry order, conv then ssm
+    tensors: list[_TensorInfo]  # in entry order, each layer's in its family's order
     checksum: str
 
 
-def _check_entry(entry: Any, k: int, container: str, where: str) -> dict[str, Any]:
+def entry_tensor_names(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tensor names of a checked layer entry (its family's, :data:`FAMILY_TENSORS`)."""
+    return FAMILY_TENSORS["mamba3"] if entry["kind"] == "mamba3" else FAMILY_TENSORS["mamba1"]
+
+
+def _check_entry(entry: Any, k: int, container: str, where: str, version: int = 1) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise StateFormatError(f"{where}: layer entry {k}: expected an object, found {entry!r:.60}")
+    if entry.get("kind") == "mamba3":
+        if "mamba3" not in _KINDS_OF_VERSION[version]:
+            raise StateFormatError(f"{where}: layer entry {k} kind: expected one of "
+                                   f"{list(_KINDS_OF_VERSION[version])} in a format_version {version} file, found "
+                                   "'mamba3' (Mamba-3 layers are written as format_version 2)")
+        return _check_mamba3_entry(entry, k, container, where)
     missing = [key for key in _ENTRY_KEYS if key not in entry]
     if missing:
         raise StateFormatError(f"{where}: layer entry {k}: expected keys {list(_ENTRY_KEYS)}, found {sorted(entry)} "
@@ -531,7 +568,11 @@ def _check_entry(entry: Any, k: int, container: str, where: str) -> dict[str, An
     if entry["kind"] != kind:
         raise StateFormatError(f"{where}: layer {name} kind: expected {kind!r} (ssm_state of shape {ssm}), found "
                                f"{entry['kind']!r:.40} in the metadata")
-    device = entry["device"]
+    _check_entry_device(entry["device"], name, where)
+    return {**entry, "conv_shape": conv, "ssm_shape": ssm}
+
+
+def _check_entry_device(device: Any, name: Any, where: str) -> None:
     try:
         if not isinstance(device, str):
             raise TypeError(type(device).__name__)
@@ -539,7 +580,29 @@ def _check_entry(entry: Any, k: int, container: str, where: str) -> dict[str, An
     except (RuntimeError, TypeError, ValueError):
         raise StateFormatError(f"{where}: layer {name} device: expected a device name such as 'cpu' or 'cuda:0', "
                                f"found {device!r:.40}") from None
-    return {**entry, "conv_shape": conv, "ssm_shape": ssm}
+
+
+def _check_mamba3_entry(entry: dict[str, Any], k: int, container: str, where: str) -> dict[str, Any]:
+    """A Mamba-3 layer entry (format_version 2): its four tensors' shapes (ranks, agreeing sizes) and dtypes."""
+    missing = [key for key in _MAMBA3_ENTRY_KEYS if key not in entry]
+    if missing:
+        raise StateFormatError(f"{where}: layer entry {k}: expected keys {list(_MAMBA3_ENTRY_KEYS)}, found "
+                               f"{sorted(entry)} (missing {missing})")
+    idx = entry["idx"]
+    if container == "model" and not (_is_int(idx) and 0 <= idx <= MAX_DIM):
+        raise StateFormatError(f"{where}: expected a non-negative int layer idx, found {idx!r:.40}")
+    if container == "layer" and idx is not None:
+        raise StateFormatError(f"{where}: expected layer idx null in a single-layer file, found {idx!r:.40}")
+    name = idx if container == "model" else 0
+    out = dict(entry)
+    for _, field, rank in family_fields("mamba3"):
+        out[f"{field}_shape"] = _shape(entry[f"{field}_shape"], (rank,), f"layer {name} {field}_shape", where)
+        dtype = entry[f"{field}_dtype"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise StateFormatError(f"{where}: layer {name} {field}_dtype: expected one of {sorted(_DTYPES)}, found "
+                                   f"{dtype!r:.40}")
+    _check_entry_device(entry["device"], name, where)
+    return out
 
 
 def _check_tensor(header: Mapping[str, Any], key: str, dtype: str, shape: list[int], where: str) -> _TensorInfo:
@@ -625,14 +688,15 @@ def _check_header(header: Any, where: str, data_nbytes: int) -> _Header:
 
     entries, tensors, seen = [], [], set()
     for k, raw_entry in enumerate(layers):
-        entry = _check_entry(raw_entry, k, container, where)
+        entry = _check_entry(raw_entry, k, container, where, version)
         if entry["idx"] in seen:
             raise StateFormatError(f"{where}: expected each layer listed once, found layer {entry['idx']} twice")
         seen.add(entry["idx"])
         prefix = f"layers.{entry['idx']}." if container == "model" else ""
-        for name in ("conv", "ssm"):
-            tensors.append(_check_tensor(header, f"{prefix}{name}_state", entry[f"{name}_dtype"],
-                                         entry[f"{name}_shape"], where))
+        for name in entry_tensor_names(entry):
+            field = TENSOR_FIELDS[name]
+            tensors.append(_check_tensor(header, f"{prefix}{name}", entry[f"{field}_dtype"],
+                                         entry[f"{field}_shape"], where))
         entries.append(entry)
     extra = set(header) - {t.name for t in tensors} - {"__metadata__"}
     if extra:
@@ -747,8 +811,9 @@ def _check_against_layout(have: Mapping[int, Mapping[str, Any]], layout: Mapping
         )
     for idx in sorted(have_idx):
         got, exp = dict(have[idx]), dict(layout[idx])
-        for key in ("kind", "conv_shape", "ssm_shape"):
-            if got[key] != exp[key]:
+        # the kind first: layouts of other families have other shape keys
+        for key in ["kind"] + sorted(k for k in exp if k != "kind"):
+            if got.get(key) != exp[key]:
                 raise StateCompatibilityError(f"{where}: layer {idx} {key}: expected {exp[key]} (model), found "
                                               f"{got[key]} (state)")
 
@@ -766,14 +831,24 @@ class StateFile:
     tensors: dict[str, torch.Tensor]
     device: torch.device | None  # the device asked for (None: each layer's saved device where this process has it)
 
-    def layers(self) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
-        """``(idx, conv_state, ssm_state)`` of each layer in file order, moved to its device one at a time."""
+    def named_layers(self) -> Iterator[tuple[int | None, dict[str, torch.Tensor]]]:
+        """``(idx, {name: tensor})`` of each layer in file order (its family's named tensors), moved to its device
+        one layer at a time."""
         for entry in self.entries:
             prefix = f"layers.{entry['idx']}." if self.container == "model" else ""
             # the warning points at the caller of the public load: this generator, the containers' reader and the
             # public function lie between
             dev = _resolve_device(str(entry.get("device", "cpu")), self.device, stacklevel=5)
-            yield entry["idx"], self.tensors[prefix + "conv_state"].to(dev), self.tensors[prefix + "ssm_state"].to(dev)
+            yield entry["idx"], {name: self.tensors[prefix + name].to(dev) for name in entry_tensor_names(entry)}
+
+    def layers(self) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
+        """``(idx, conv_state, ssm_state)`` of each layer in file order (the 0.1 form: Mamba-1/2 files only; a
+        Mamba-3 layer raises ``StateCompatibilityError``, use :meth:`named_layers`)."""
+        for idx, tensors in self.named_layers():
+            if "conv_state" not in tensors:
+                raise StateCompatibilityError(f"{self.where}: layer {idx}: expected a Mamba-1/2 layer for "
+                                              "StateFile.layers(), found a mamba3 layer (use named_layers())")
+            yield idx, tensors["conv_state"], tensors["ssm_state"]
 
     def check_model(self, state_layout: Mapping[int, Mapping[str, Any]], model: Any, strict: bool) -> None:
         """Check the state read from this file (its layer layout, ``{idx: {kind, conv_shape, ssm_shape}}``)

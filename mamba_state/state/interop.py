@@ -1,7 +1,9 @@
 """Reading and writing the state that upstream keeps in ``InferenceParams.key_value_memory_dict``.
 
-Upstream stores ``key_value_memory_dict[layer_idx] = (conv_state, ssm_state)`` for every Mamba layer, allocated
-on first use by the layer's ``_get_states_from_cache``. These functions never add methods to upstream classes:
+Upstream stores ``key_value_memory_dict[layer_idx] = (conv_state, ssm_state)`` for every Mamba / Mamba2 layer and
+``(angle_dt_state, ssm_state, k_state, v_state)`` for every Mamba3 layer, allocated on first use by the layer's
+``_get_states_from_cache`` (Mamba3: angle and SSM states in float32, the key and value states in the parameters'
+dtype). These functions never add methods to upstream classes:
 they take the layer (or model) and the ``InferenceParams`` and validate everything before writing anything.
 
 transformers models keep their state in their own cache objects, which these functions do not read: given one
@@ -17,7 +19,7 @@ import torch
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from .containers import MambaInferenceState, MambaModelState
-from .layers import find_mamba_layers, layer_layout
+from .layers import FAMILY_TENSORS, find_mamba_layers, layer_layout
 
 __all__ = [
     "get_inference_state", "set_inference_state", "zero_inference_state",
@@ -41,8 +43,8 @@ def _refuse_transformers(fn: str, module: Any, inference_params: Any, layer: boo
     if not found:
         return
     if layer:
-        accepts = ("an upstream Mamba or Mamba2 layer (or a StatefulMamba / StatefulMamba2) with upstream's "
-                   "InferenceParams")
+        accepts = ("an upstream Mamba, Mamba2 or Mamba3 layer (or a StatefulMamba / StatefulMamba2 / "
+                   "StatefulMamba3) with upstream's InferenceParams")
         hint = ("for a transformers MambaMixer use layer = ms.StatefulMamba(mixer), which shares its parameters and "
                 "takes and returns the state: y, state = layer(x, state)")
     else:
@@ -67,7 +69,8 @@ def _cache_dict(inference_params: Any) -> dict:
 def _layer_info(layer: Any) -> tuple[int, dict[str, Any]]:
     layout = layer_layout(layer)
     if layout is None:
-        raise StateCompatibilityError(f"layer: expected a Mamba or Mamba2 layer, found {type(layer).__name__}")
+        raise StateCompatibilityError(f"layer: expected a Mamba, Mamba2 or Mamba3 layer, found "
+                                      f"{type(layer).__name__}")
     idx = getattr(layer, "layer_idx", None)
     if not isinstance(idx, int):
         raise StateCompatibilityError(f"layer: expected an int layer_idx (upstream needs it for caching), found "
@@ -75,15 +78,26 @@ def _layer_info(layer: Any) -> tuple[int, dict[str, Any]]:
     return idx, layout
 
 
-def _cached_pair(cache: dict, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _names(layout: dict[str, Any]) -> tuple[str, ...]:
+    """The tensor names of a layer's cache entry, in upstream's order (its family's)."""
+    return FAMILY_TENSORS[layout["kind"]]
+
+
+def _cached_pair(cache: dict, idx: int, names: tuple[str, ...] = FAMILY_TENSORS["mamba1"]
+                 ) -> tuple[torch.Tensor, ...] | None:
+    """The cached tensors of layer ``idx`` (``names``: the family's; a pair for Mamba-1/2), or None."""
     entry = cache.get(idx)
     if entry is None:
         return None
-    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(t, torch.Tensor) for t in entry)):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == len(names)
+            and all(isinstance(t, torch.Tensor) for t in entry)):
+        found = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (tuple, list))
+                 else type(entry).__name__)
         raise StateCompatibilityError(
-            f"inference cache of layer {idx}: expected a (conv_state, ssm_state) pair, found {type(entry).__name__}"
+            f"inference cache of layer {idx}: expected a ({', '.join(names)}) {'pair' if len(names) == 2 else 'tuple'}, "
+            f"found {found}"
         )
-    return entry[0], entry[1]
+    return tuple(entry)
 
 
 def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> None:
@@ -92,34 +106,38 @@ def _check_fits(idx: int, layout: dict[str, Any], state: Any, cache: dict) -> No
     if state.device.type == "meta":  # caught here, not half way through writing the layers
         raise StateError(f"layer {idx}: expected a state with data (any real device), found a {state.device} state")
     got = state.layout()
-    for key in ("kind", "conv_shape", "ssm_shape"):
-        if got[key] != layout[key]:
-            raise StateCompatibilityError(f"layer {idx} {key}: expected {layout[key]} (layer), found {got[key]} "
+    for key in ["kind"] + [k for k in layout if k != "kind"]:  # the kind first: other families, other keys
+        if got.get(key) != layout[key]:
+            raise StateCompatibilityError(f"layer {idx} {key}: expected {layout[key]} (layer), found {got.get(key)} "
                                           "(state)")
-    pair = _cached_pair(cache, idx)
+    names = _names(layout)
+    pair = _cached_pair(cache, idx, names)
     _check_dtypes(idx, state, pair)
-    _check_writable(idx, pair)
+    _check_writable(idx, pair, names)
     if pair is None:
         return
-    if pair[1].shape[0] != state.batch_size:
+    ssm_pos = names.index("ssm_state")
+    if pair[ssm_pos].shape[0] != state.batch_size:
         raise StateShapeError(
-            f"layer {idx}: expected batch size {pair[1].shape[0]} (the existing cache), found {state.batch_size}; "
-            "use a fresh InferenceParams for another batch size"
+            f"layer {idx}: expected batch size {pair[ssm_pos].shape[0]} (the existing cache), found "
+            f"{state.batch_size}; use a fresh InferenceParams for another batch size"
         )
     # a cache made by hand can disagree with its layer; caught before any layer is written
-    for name, t, want in (("conv_state", pair[0], state.conv_state), ("ssm_state", pair[1], state.ssm_state)):
+    for name, t in zip(names, pair):
+        want = state.tensors[name]
         if t.shape != want.shape:
             raise StateShapeError(f"layer {idx} cached {name}: expected {list(want.shape)} (the layer's layout), "
                                   f"found {list(t.shape)} in the existing cache")
 
 
-def _check_writable(idx: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def _check_writable(idx: int, pair: tuple[torch.Tensor, ...] | None,
+                    names: tuple[str, ...] = FAMILY_TENSORS["mamba1"]) -> None:
     """Refuse, before anything is written, a cache tensor that ``copy_`` cannot write: an inference tensor outside
     inference mode, or one whose elements share memory (a stride-0 view such as ``expand``'s: the overlap
     ``copy_`` itself refuses)."""
     if pair is None:
         return
-    for name, t in zip(("conv_state", "ssm_state"), pair):
+    for name, t in zip(names, pair):
         if t.is_inference() and not torch.is_inference_mode_enabled():
             raise StateCompatibilityError(
                 f"inference cache of layer {idx} {name}: expected a tensor that can be written in place, found an "
@@ -132,11 +150,10 @@ def _check_writable(idx: int, pair: tuple[torch.Tensor, torch.Tensor] | None) ->
                 "makes)")
 
 
-def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Both tensors real floating (complex, integer and bool are refused: ``copy_`` would drop parts of them), and
+def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor, ...] | None) -> None:
+    """Every tensor real floating (complex, integer and bool are refused: ``copy_`` would drop parts of them), and
     so is an existing cache. Floating dtypes may differ: ``_write`` casts into the cache's dtype like ``copy_``."""
-    for k, name in enumerate(("conv_state", "ssm_state")):
-        t = getattr(state, name)
+    for k, (name, t) in enumerate(state.tensors.items()):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():  # is_floating_point is False for complex
             found = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise StateCompatibilityError(
@@ -149,11 +166,18 @@ def _check_dtypes(idx: int, state: MambaInferenceState, pair: tuple[torch.Tensor
             )
 
 
-def _allocate(layer: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _allocate(layer: Any, batch_size: int) -> tuple[torch.Tensor, ...]:
     """A zero cache as upstream's ``_get_states_from_cache`` makes it (devices, dtypes and strides)."""
     mod = layer  # upstream layers and our adapters both expose conv1d / dt_proj / in_proj
     layout = layer_layout(layer)
     assert layout is not None
+    if layout["kind"] == "mamba3":  # angle and SSM states in float32, key and value in the parameters' dtype
+        w = mod.in_proj.weight
+        f32 = {"device": w.device, "dtype": torch.float32}
+        return (torch.zeros(batch_size, *layout["angle_shape"], **f32),
+                torch.zeros(batch_size, *layout["ssm_shape"], **f32),
+                torch.zeros(batch_size, *layout["k_shape"], device=w.device, dtype=w.dtype),
+                torch.zeros(batch_size, *layout["v_shape"], device=w.device, dtype=w.dtype))
     channels, width = layout["conv_shape"]
     conv_w = mod.conv1d.weight
     if layout["kind"] == "mamba1":
@@ -167,24 +191,25 @@ def _allocate(layer: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _write(layer: Any, idx: int, state: MambaInferenceState, cache: dict) -> None:
-    pair = _cached_pair(cache, idx)
+    pair = _cached_pair(cache, idx, state.tensor_names)
     if pair is None:
         pair = _allocate(layer, state.batch_size)
         cache[idx] = pair
     with torch.no_grad():
-        pair[0].copy_(state.conv_state)
-        pair[1].copy_(state.ssm_state)
+        for t, src in zip(pair, state.tensors.values()):
+            t.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------------- one layer
 def get_inference_state(layer: Any, inference_params: Any) -> MambaInferenceState | None:
     """A detached clone of ``layer``'s cached state, or ``None`` when upstream has not cached it yet."""
     _refuse_transformers("get_inference_state", layer, inference_params, layer=True)
-    idx, _ = _layer_info(layer)
-    pair = _cached_pair(_cache_dict(inference_params), idx)
+    idx, layout = _layer_info(layer)
+    names = _names(layout)
+    pair = _cached_pair(_cache_dict(inference_params), idx, names)
     if pair is None:
         return None
-    return MambaInferenceState(pair[0].detach().clone(), pair[1].detach().clone())
+    return MambaInferenceState.from_tensors({n: t.detach().clone() for n, t in zip(names, pair)})
 
 
 def set_inference_state(layer: Any, state: MambaInferenceState, inference_params: Any) -> None:
@@ -206,11 +231,11 @@ def set_inference_state(layer: Any, state: MambaInferenceState, inference_params
 def zero_inference_state(layer: Any, inference_params: Any) -> None:
     """Zero ``layer``'s cached state in place (nothing to do when none is cached)."""
     _refuse_transformers("zero_inference_state", layer, inference_params, layer=True)
-    idx, _ = _layer_info(layer)
-    pair = _cached_pair(_cache_dict(inference_params), idx)
+    idx, layout = _layer_info(layer)
+    pair = _cached_pair(_cache_dict(inference_params), idx, _names(layout))
     if pair is not None:
-        pair[0].zero_()
-        pair[1].zero_()
+        for t in pair:
+            t.zero_()
 
 
 # ---------------------------------------------------------------------------------------------- whole model

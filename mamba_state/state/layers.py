@@ -1,8 +1,13 @@
 """Recognising Mamba layers (upstream or ours) and describing the state they carry, without importing mamba_ssm.
 
 An upstream ``Mamba`` / ``Mamba2`` module is recognised by its attributes (``conv1d``, ``d_state``, ``d_conv``
-and ``dt_proj`` for Mamba-1, ``nheads``/``headdim`` for Mamba-2). Our adapters describe themselves through a
-``state_layout()`` method. Attention mixers (upstream ``MHA``) are recognised so that callers can refuse them.
+and ``dt_proj`` for Mamba-1, ``nheads``/``headdim`` for Mamba-2), an upstream ``Mamba3`` by ``num_rope_angles``,
+``nheads``, ``headdim``, ``d_state`` and ``mimo_rank`` (it has no conv). Our adapters describe themselves through a
+``state_layout()`` method.
+
+The families' named tensors and the fields that describe them (in a layout, a state file and a transfer header:
+``<field>_shape`` / ``<field>_dtype``) are defined here, the lowest layer, for the containers, the file format,
+the packing and the collectives alike. Attention mixers (upstream ``MHA``) are recognised so that callers can refuse them.
 """
 
 from __future__ import annotations
@@ -15,13 +20,44 @@ import torch.nn as nn
 
 from ..errors import StateCompatibilityError
 
-__all__ = ["layer_layout", "find_mamba_layers", "model_layout", "layout_fingerprint", "is_attention_layer"]
+__all__ = ["FAMILY_TENSORS", "TENSOR_FIELDS", "FAMILY_RANKS", "family_fields", "layer_layout", "find_mamba_layers", "model_layout", "layout_fingerprint", "is_attention_layer"]
+
+
+FAMILY_TENSORS: dict[str, tuple[str, ...]] = {
+    "mamba1": ("conv_state", "ssm_state"),
+    "mamba2": ("conv_state", "ssm_state"),
+    "mamba3": ("angle_dt_state", "ssm_state", "k_state", "v_state"),
+}
+"""The named tensors each family's layer state holds, in order."""
+
+TENSOR_FIELDS: dict[str, str] = {"conv_state": "conv", "ssm_state": "ssm", "angle_dt_state": "angle",
+                                 "k_state": "k", "v_state": "v"}
+"""Tensor name -> the field name of its ``<field>_shape`` / ``<field>_dtype`` keys (layouts, files, headers)."""
+
+FAMILY_RANKS: dict[str, tuple[int, ...]] = {"mamba1": (3, 3), "mamba2": (3, 4), "mamba3": (3, 4, 4, 3)}
+"""The rank (batch included) of each of a family's tensors, in :data:`FAMILY_TENSORS` order."""
+
+
+def family_fields(kind: str) -> list[tuple[str, str, int]]:
+    """``[(tensor name, field, rank), ...]`` of a family (``kind`` one of :data:`FAMILY_TENSORS`)."""
+    return [(name, TENSOR_FIELDS[name], rank) for name, rank in zip(FAMILY_TENSORS[kind], FAMILY_RANKS[kind])]
+
+
+def _mamba3_layout(layer: Any) -> dict[str, Any]:
+    h, p, n = int(layer.nheads), int(layer.headdim), int(layer.d_state)
+    r = int(layer.mimo_rank) if bool(getattr(layer, "is_mimo", False)) else 1
+    return {"kind": "mamba3", "angle_shape": [h, int(layer.num_rope_angles)], "ssm_shape": [h, p, n],
+            "k_shape": [r, h, n], "v_shape": [h, p]}
 
 
 def layer_layout(layer: Any) -> dict[str, Any] | None:
-    """``{"kind", "conv_shape", "ssm_shape"}`` (shapes without the batch) for a Mamba layer, else ``None``."""
+    """The state layout (shapes without the batch) of a Mamba layer, else ``None``: ``{"kind", "conv_shape",
+    "ssm_shape"}`` for Mamba-1/2, ``{"kind", "angle_shape", "ssm_shape", "k_shape", "v_shape"}`` for Mamba-3."""
     if hasattr(layer, "state_layout") and callable(layer.state_layout):
         return dict(layer.state_layout())
+    if (isinstance(layer, nn.Module) and not hasattr(layer, "conv1d")
+            and all(hasattr(layer, a) for a in ("num_rope_angles", "nheads", "headdim", "d_state", "mimo_rank"))):
+        return _mamba3_layout(layer)
     conv = getattr(layer, "conv1d", None)
     if conv is None or not hasattr(layer, "d_state") or not hasattr(layer, "d_conv"):
         return None

@@ -4,7 +4,9 @@ Used by :mod:`mamba_state.distributed` (one message carries a whole state) and :
 (one pinned host buffer per parked state). The layout is derived from the tensors' shapes and dtypes alone, so
 a receiver that knows the shapes and dtypes (from a header) computes the same offsets as the sender.
 
-Order: layer by layer (ascending ``layer_idx`` for a model state), ``conv_state`` then ``ssm_state``. Each
+Order: layer by layer (ascending ``layer_idx`` for a model state), each layer's named tensors in its family's
+order (``conv_state`` then ``ssm_state`` for Mamba-1/2; ``angle_dt_state``, ``ssm_state``, ``k_state``, ``v_state``
+for Mamba-3). Each
 tensor starts at a multiple of :data:`ALIGN` bytes, so a slice can be viewed as any dtype without a copy.
 Bytes are moved as bytes: any floating dtype (bf16 and fp8 included) round-trips bit for bit.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -56,13 +58,47 @@ class TensorSpec:
         return TensorSpec((batch,) + tuple(self.shape[1:]), self.dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LayerSpec:
-    """One layer: its index (``None`` for a single-layer state) and its two tensors."""
+    """One layer: its index (``None`` for a single-layer state) and its named tensors, in its family's order.
+
+    ``LayerSpec(idx, conv, ssm)`` is a Mamba-1/2 layer (as in 0.1); ``LayerSpec(idx, tensors={name: spec, ...})``
+    any family's."""
 
     idx: int | None
-    conv: TensorSpec
-    ssm: TensorSpec
+    tensors: tuple[tuple[str, TensorSpec], ...]
+
+    def __init__(self, idx: int | None, conv: TensorSpec | None = None, ssm: TensorSpec | None = None, *,
+                 tensors: Mapping[str, TensorSpec] | None = None):
+        if tensors is None:
+            if conv is None or ssm is None:
+                raise StateError("LayerSpec: expected conv and ssm specs, or tensors={name: spec}, found neither")
+            tensors = {"conv_state": conv, "ssm_state": ssm}
+        object.__setattr__(self, "idx", idx)
+        object.__setattr__(self, "tensors", tuple(tensors.items()))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.tensors)
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(spec for _, spec in self.tensors)
+
+    def get(self, name: str) -> TensorSpec:
+        return dict(self.tensors)[name]
+
+    @property
+    def conv(self) -> TensorSpec:
+        """Mamba-1/2: the conv window's spec (``KeyError`` for a Mamba-3 layer)."""
+        return self.get("conv_state")
+
+    @property
+    def ssm(self) -> TensorSpec:
+        return self.get("ssm_state")
+
+    def with_batch(self, batch: int) -> "LayerSpec":
+        return LayerSpec(self.idx, tensors={n: t.with_batch(batch) for n, t in self.tensors})
 
 
 @dataclass(frozen=True)
@@ -76,13 +112,13 @@ class StateSpec:
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].conv.shape[0]
+        return self.layers[0].specs[0].shape[0]
 
     def tensor_specs(self) -> list[TensorSpec]:
-        return [t for layer in self.layers for t in (layer.conv, layer.ssm)]
+        return [t for layer in self.layers for t in layer.specs]
 
     def with_batch(self, batch: int) -> "StateSpec":
-        layers = tuple(LayerSpec(l.idx, l.conv.with_batch(batch), l.ssm.with_batch(batch)) for l in self.layers)
+        layers = tuple(l.with_batch(batch) for l in self.layers)
         return StateSpec(self.container, layers, self.seqlen_offset, self.metadata)
 
     def nbytes(self) -> int:
@@ -91,7 +127,7 @@ class StateSpec:
 
     def layout_key(self) -> tuple:
         """What must agree between states that are concatenated along the batch (all but the batch size)."""
-        return (self.container, tuple((l.idx, l.conv.shape[1:], l.conv.dtype, l.ssm.shape[1:], l.ssm.dtype)
+        return (self.container, tuple((l.idx, tuple((n, t.shape[1:], t.dtype) for n, t in l.tensors))
                                       for l in self.layers))
 
 
@@ -103,21 +139,21 @@ def _check_state(state: Any, where: str) -> None:
 def state_spec(state: MambaInferenceState | MambaModelState, where: str = "state") -> StateSpec:
     """The :class:`StateSpec` of a state (validates the container type)."""
     _check_state(state, where)
+
+    def layer(idx: int | None, s: MambaInferenceState) -> LayerSpec:
+        return LayerSpec(idx, tensors={n: TensorSpec(tuple(t.shape), t.dtype) for n, t in s.tensors.items()})
+
     if isinstance(state, MambaModelState):
-        layers = tuple(LayerSpec(i, TensorSpec(tuple(s.conv_state.shape), s.conv_state.dtype),
-                                 TensorSpec(tuple(s.ssm_state.shape), s.ssm_state.dtype)) for i, s in state.items())
-        return StateSpec("model", layers, state.seqlen_offset, dict(state.metadata))
-    s = state
-    layer = LayerSpec(None, TensorSpec(tuple(s.conv_state.shape), s.conv_state.dtype),
-                      TensorSpec(tuple(s.ssm_state.shape), s.ssm_state.dtype))
-    return StateSpec("layer", (layer,), 0, None)
+        return StateSpec("model", tuple(layer(i, s) for i, s in state.items()), state.seqlen_offset,
+                         dict(state.metadata))
+    return StateSpec("layer", (layer(None, state),), 0, None)
 
 
 def state_tensors(state: MambaInferenceState | MambaModelState) -> list[torch.Tensor]:
-    """The tensors of a state in packing order (conv, ssm per layer)."""
+    """The tensors of a state in packing order (each layer's named tensors in its family's order)."""
     if isinstance(state, MambaModelState):
-        return [t for _, s in state.items() for t in (s.conv_state, s.ssm_state)]
-    return [state.conv_state, state.ssm_state]
+        return [t for _, s in state.items() for t in s.tensors.values()]
+    return list(state.tensors.values())
 
 
 def byte_offsets(specs: Sequence[TensorSpec]) -> tuple[list[int], int]:
@@ -157,7 +193,13 @@ def unpack(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tens
 
 def build_state(spec: StateSpec, tensors: Sequence[torch.Tensor]) -> MambaInferenceState | MambaModelState:
     """Rebuild a state of ``spec`` from tensors in packing order (the containers validate them)."""
-    layers = [MambaInferenceState(tensors[2 * k], tensors[2 * k + 1]) for k in range(len(spec.layers))]
+    layers, pos = [], 0
+    for layer in spec.layers:
+        n = len(layer.tensors)
+        layers.append(MambaInferenceState.from_tensors(dict(zip(layer.names, tensors[pos:pos + n]))))
+        pos += n
+    if pos != len(tensors):
+        raise StateError(f"build_state: expected {pos} tensors for the layout, found {len(tensors)}")
     if spec.container == "layer":
         return layers[0]
     by_idx = {layer.idx: s for layer, s in zip(spec.layers, layers) if layer.idx is not None}

@@ -229,14 +229,15 @@ class StateCache:
             return True
 
     def fill(self, lm: Any, token_ids: Any, *, state: MambaModelState | None = None, start: int = 0,
-             every: int | None = None, positions: Sequence[int] = (), insert_end: bool = True
-             ) -> tuple[torch.Tensor, MambaModelState]:
+             every: int | None = None, positions: Sequence[int] = (), insert_end: bool = True,
+             num_last_tokens: int = 0) -> tuple[torch.Tensor, MambaModelState]:
         """Run ``lm`` over ``token_ids[start:]`` from ``state`` (the state after ``token_ids[:start]``; None:
         zeros, with ``start`` 0) in one forward, inserting the states at the chosen absolute positions.
 
         Positions: every multiple of ``every`` in ``(start, L]``, the ``positions`` given (in ``(start, L]``) and
         ``L`` itself when ``insert_end``; taken from that one forward with ``return_states_at``. Returns
-        ``(logits [1, L - start, vocab], final_state)``.
+        ``(logits [1, L - start, vocab], final_state)`` (the last ``num_last_tokens`` positions' logits only, when
+        it is > 0).
         """
         ids = token_array(token_ids)
         n = ids.size
@@ -261,9 +262,9 @@ class StateCache:
         x = torch.as_tensor(ids[start:], device=device)[None]
         with torch.no_grad():
             if at:
-                logits, final, states = lm(x, state, return_states_at=at)
+                logits, final, states = lm(x, state, return_states_at=at, num_last_tokens=num_last_tokens)
             else:
-                logits, final = lm(x, state)
+                logits, final = lm(x, state, num_last_tokens=num_last_tokens)
                 states = []
         for p, s in zip(at, states):
             self.insert(ids[:start + p], MambaModelState(dict(s.items()), seqlen_offset=start + p))

@@ -1,0 +1,166 @@
+"""The decode batch of a continuous-batching engine: slots of one batched state that rows join and leave.
+
+The batch holds one :class:`~mamba_state.state.MambaModelState` with ``capacity`` rows, a power of two up to
+``max_batch`` (the bucket). A request that joins is written into a free row in place (an indexed copy per
+tensor); one that leaves is copied out (``select``) and its row becomes free: nothing else moves. Free rows
+decode a pad token alongside (rows of a Mamba model never mix, so they cannot disturb the others). When more
+rows are needed than the bucket has, the batch moves to the next bucket (the rows keep their slots); when at most
+a quarter of a bucket is in use, it compacts into a smaller one.
+
+On CUDA each bucket's step is a CUDA graph (the generation layer's captured decode step, with the fused Mamba-1
+step where the model qualifies): the batch state then *is* the graph's static state, and a step is one replay.
+Elsewhere (or with ``cuda_graph=False``) a step is ``lm.step`` on the batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..errors import StateError
+from ..state import MambaInferenceState, MambaModelState
+
+__all__ = ["DecodeBatch", "bucket"]
+
+
+def bucket(n: int, max_batch: int) -> int:
+    """The capacity for ``n`` rows: the smallest power of two >= n, at most ``max_batch``."""
+    if n > max_batch:
+        raise StateError(f"decode batch: expected at most max_batch={max_batch} rows, found {n}")
+    cap = 1
+    while cap < n:
+        cap *= 2
+    return min(cap, max_batch)
+
+
+def _write_row(buffers: MambaModelState, slot: int, row: MambaModelState) -> None:
+    for idx, layer in buffers.items():
+        src = row[idx].tensors
+        for name, t in layer.tensors.items():
+            t[slot].copy_(src[name][0])
+
+
+class DecodeBatch:
+    """Rows of one batched decode state.
+
+    Args:
+        lm: a :class:`~mamba_state.adapters.StatefulMambaLM` (in eval mode).
+        max_batch: most rows at once.
+        cuda_graph: replay each bucket's step as a CUDA graph on CUDA (ignored elsewhere).
+    """
+
+    def __init__(self, lm: Any, max_batch: int, cuda_graph: bool = True):
+        self.lm = lm
+        self.max_batch = max_batch
+        param = next(lm.parameters())
+        self.device = param.device
+        self.use_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.capacity = 0
+        self.slots: list[Any] = []  # owner per row (None: free)
+        self.state: MambaModelState | None = None
+        self._graph: Any = None
+        self._ids: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def add(self, owner: Any, row: MambaModelState) -> int:
+        """Write ``row`` (batch 1) into a free slot, growing the bucket if needed; returns the slot."""
+        if owner is None:
+            raise StateError("decode batch: expected an owner for the row, found None")
+        if None not in self.slots:
+            self._resize(bucket(self.active + 1, self.max_batch))
+        slot = self.slots.index(None)
+        assert self.state is not None
+        _write_row(self.state, slot, row)
+        self.slots[slot] = owner
+        return slot
+
+    def remove(self, slot: int, seqlen_offset: int) -> MambaModelState:
+        """Take the row out (a copy, with ``seqlen_offset``); the slot becomes free."""
+        assert self.state is not None and self.slots[slot] is not None
+        layers = {idx: MambaInferenceState.from_tensors({k: t[slot:slot + 1].clone() for k, t in s.tensors.items()})
+                  for idx, s in self.state.items()}
+        self.slots[slot] = None
+        return MambaModelState(layers, seqlen_offset=seqlen_offset)
+
+    def maybe_shrink(self) -> dict[int, int]:
+        """Compact into a smaller bucket when at most a quarter is used; returns ``{old slot: new slot}`` (empty
+        when nothing moved)."""
+        n = self.active
+        if self.capacity <= 1 or n * 4 > self.capacity:
+            return {}
+        if n == 0:
+            self.release()
+            return {}
+        keep = [i for i, s in enumerate(self.slots) if s is not None]
+        assert self.state is not None
+        rows = self.state.select(torch.as_tensor(keep, dtype=torch.long))
+        owners = [self.slots[i] for i in keep]
+        self._resize(bucket(n, self.max_batch), carry=False)
+        assert self.state is not None
+        for j, owner in enumerate(owners):
+            _write_row(self.state, j, rows.select(j))
+            self.slots[j] = owner
+        return {old: new for new, old in enumerate(keep)}
+
+    # ------------------------------------------------------------------ buckets
+    def _resize(self, capacity: int, carry: bool = True) -> None:
+        old_state, old_cap = self.state, self.capacity
+        template = self.lm.new_state(capacity, device=self.device)
+        if carry and old_state is not None:
+            for idx, layer in template.items():
+                src = old_state[idx].tensors
+                for name, t in layer.tensors.items():
+                    t[:old_cap].copy_(src[name][:old_cap])
+        self._release_graph()
+        self.state = template
+        if self.use_graph:
+            self._take_graph(template)
+        owners = self.slots if carry else []
+        self.slots = list(owners) + [None] * (capacity - len(owners))
+        self.capacity = capacity
+        self._ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
+
+    def _take_graph(self, template: MambaModelState) -> None:
+        from ..generation.decode import _acquire_graph, _fused_decoder
+
+        try:
+            fused = _fused_decoder(self.lm, template, torch.zeros(template.batch_size, 1, dtype=torch.long,
+                                                                  device=self.device), None)
+            graph = _acquire_graph(self.lm, template, fused, fused_auto=True)
+        except Exception as exc:  # decode eagerly rather than fail the server
+            warnings.warn(f"DecodeBatch: no CUDA graph for batch {template.batch_size} ({type(exc).__name__}: "
+                          f"{exc}); decoding eagerly", RuntimeWarning, stacklevel=3)
+            graph = None
+        if graph is None:
+            return
+        graph.load(template, fused)
+        self._graph = graph
+        self.state = graph.state  # the static buffers are the batch state from now on
+
+    def _release_graph(self) -> None:
+        if self._graph is not None:
+            self._graph.busy = False
+            self._graph = None
+
+    def release(self) -> None:
+        """Give everything back (graph included); the batch is empty afterwards."""
+        self._release_graph()
+        self.state, self.capacity, self.slots, self._ids = None, 0, [], None
+
+    # ------------------------------------------------------------------ step
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per slot (``capacity`` ints; free slots any pad id); returns logits
+        ``[capacity, vocab_padded]``, valid until the next step."""
+        assert self.state is not None and self._ids is not None and len(tokens) == self.capacity
+        self._ids.copy_(torch.as_tensor(tokens, dtype=torch.long), non_blocking=True)
+        if self._graph is not None:
+            return self._graph.run(self._ids)
+        with torch.no_grad():
+            logits, self.state = self.lm.step(self._ids, self.state)
+        return logits

@@ -1,0 +1,545 @@
+"""``Engine``: continuous batching of generation requests over one :class:`StatefulMambaLM`.
+
+Requests join and leave the decode batch between steps (:class:`~mamba_state.serve.batch.DecodeBatch`). A request:
+
+1. starts from a parked session (``session_id`` that exists: the session's state and the token it has not fed
+   yet), else from the longest cached prefix of its prompt (:class:`~mamba_state.cache.StateCache`), else from
+   zeros;
+2. prefills the tokens its state has not consumed in chunked forwards (the states after the prompt, and every
+   ``cache_every`` tokens, go into the cache); a single token goes straight to the decode batch, as in
+   :func:`~mamba_state.generation.generate`;
+3. decodes in the batch, one token per engine step, chosen by its own sampler
+   (:mod:`mamba_state.serve.sampler`, the generation layer's rule: the draw of the token at absolute position
+   ``p`` is keyed by ``(seed, p)``);
+4. leaves when it reaches ``max_new_tokens``, emits an end-of-sequence id, or is cancelled; its state (which has
+   consumed every token but the last one, the resume law of the generation layer) is parked under its
+   ``session_id`` with that last token, and inserted into the cache under prompt + output (less the last token).
+
+So a request's tokens are those of a solo ``generate(prompt, state, max_new_tokens=..., seed=...)``, whatever
+joins or leaves the batch meanwhile (up to the last-bit differences of matrix kernels between batch sizes, which
+can flip a near-tie in float32), and a session resumed later continues as ``generate(out.sequences[:, -1:] ++
+new tokens, state=out.state)`` would.
+
+Threads: :meth:`Engine.submit` may be called from any thread; the work runs in the engine's own thread
+(:meth:`Engine.start`) or in the caller's (:meth:`Engine.step`, :meth:`Engine.run_until_idle`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..cache import StateCache
+from ..cache.keys import check_session_id
+from ..errors import StateError
+from ..generation.sampling import SamplingConfig
+from ..state import MambaModelState
+from .batch import DecodeBatch
+from .sampler import RowSampler, choose_tokens
+
+__all__ = ["Engine", "RequestHandle", "EngineOverloadedError", "EngineStoppedError", "MAX_NEW_TOKENS"]
+
+MAX_NEW_TOKENS = 1 << 20
+
+
+class EngineOverloadedError(StateError):
+    """The engine's queue is full: try again later (HTTP 503)."""
+
+
+class EngineStoppedError(StateError):
+    """The engine was stopped before the request finished."""
+
+
+@dataclass
+class _Event:
+    kind: str  # "token" | "done" | "error"
+    token: int | None = None
+    info: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+class RequestHandle:
+    """A submitted request: its tokens as they come, and how it ended.
+
+    Iterate it (blocking) for the new tokens; :meth:`result` waits for all of them. ``listener`` (a callable
+    taking each event, called from the engine's thread) serves asynchronous consumers. Attributes once done:
+    ``finish_reason`` (``"length"``, ``"stop"`` or ``"cancelled"``), ``cached_tokens`` (tokens the state already
+    held: a cached prefix or the session), ``prompt_tokens``.
+    """
+
+    def __init__(self, request_id: str, listener: Callable[[_Event], None] | None = None):
+        self.id = request_id
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.cached_tokens = 0
+        self.prompt_tokens = 0
+        self.error: BaseException | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._events: queue.Queue[_Event] = queue.Queue()
+        self._listener = listener
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at its next step (its state is parked as for a finished one)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _emit(self, ev: _Event) -> None:
+        if ev.kind == "token":
+            assert ev.token is not None
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.tokens.append(ev.token)
+        elif ev.kind == "done":
+            self.finish_reason = (ev.info or {}).get("finish_reason")
+        else:
+            self.error = ev.error
+        if ev.kind != "token":
+            self._done.set()
+        self._events.put(ev)
+        if self._listener is not None:
+            self._listener(ev)
+
+    def __iter__(self):
+        while True:
+            ev = self._events.get()
+            if ev.kind == "token":
+                yield ev.token
+            elif ev.kind == "error":
+                assert ev.error is not None
+                raise ev.error
+            else:
+                return
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """All new tokens (waits up to ``timeout`` seconds; ``TimeoutError`` after that)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id}: expected it to finish within {timeout} s, found it running")
+        if self.error is not None:
+            raise self.error
+        return list(self.tokens)
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig | None
+    seed: int | None
+    eos: frozenset[int]
+    session_id: str | None
+    # filled while running
+    feed: list[int] = field(default_factory=list)  # tokens the start state has not consumed
+    history: list[int] | None = None  # every token from a zero state up to the state (when known)
+    sampler: RowSampler | None = None
+    offset: int = 0  # tokens consumed by the row's state
+    pending: int | None = None  # the last token chosen, not fed yet
+    slot: int | None = None
+    produced: int = 0
+
+
+class Engine:
+    """Continuous batching over ``lm`` (see the module docstring).
+
+    Args:
+        lm: a :class:`~mamba_state.adapters.StatefulMambaLM` (put in eval mode here).
+        cache: a :class:`~mamba_state.cache.StateCache` for prefixes and sessions (None: a new one with the
+            default budgets on the model's device; pass one with ``directory=`` for sessions that survive
+            restarts).
+        max_batch: most requests decoding at once.
+        max_queue: most requests waiting to start; beyond it :meth:`submit` raises
+            :class:`EngineOverloadedError`.
+        cache_every: also cache the prompt's states at every multiple of this many tokens (None: at the end of
+            each prompt only).
+        prefill_chunk_size: prompt tokens per forward.
+        prefill_tokens_per_step: prompt tokens prefilled between two decode steps (at least one request).
+        cuda_graph: CUDA graphs per batch bucket on CUDA.
+        max_prompt_tokens: longest prompt accepted.
+    """
+
+    def __init__(self, lm: Any, cache: StateCache | None = None, *, max_batch: int = 64, max_queue: int = 256,
+                 cache_every: int | None = None, prefill_chunk_size: int = 2048,
+                 prefill_tokens_per_step: int = 8192, cuda_graph: bool = True, max_prompt_tokens: int = 1 << 20):
+        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                            ("prefill_chunk_size", prefill_chunk_size, 1),
+                            ("prefill_tokens_per_step", prefill_tokens_per_step, 1),
+                            ("max_prompt_tokens", max_prompt_tokens, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise StateError(f"{name}: expected an int >= {lo}, found {v!r}")
+        if cache_every is not None and (not isinstance(cache_every, int) or isinstance(cache_every, bool)
+                                        or cache_every < 1):
+            raise StateError(f"cache_every: expected None or an int >= 1, found {cache_every!r}")
+        if not all(hasattr(lm, a) for a in ("step", "new_state", "config")):
+            raise StateError(f"lm: expected a StatefulMambaLM, found {type(lm).__name__}")
+        self.lm = lm.eval()
+        self.device = next(lm.parameters()).device
+        self.vocab = int(lm.config["vocab_size"])
+        self.cache = cache if cache is not None else StateCache(lm)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache_every, self.prefill_chunk_size = cache_every, prefill_chunk_size
+        self.prefill_tokens_per_step, self.max_prompt_tokens = prefill_tokens_per_step, max_prompt_tokens
+        self.batch = DecodeBatch(lm, max_batch, cuda_graph=cuda_graph)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._sessions_busy: set[str] = set()
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, prompt: Sequence[int] | torch.Tensor, *, max_new_tokens: int,
+               sampling: SamplingConfig | None = None, seed: int | None = None,
+               eos_token_id: int | Sequence[int] | None = None, session_id: str | None = None,
+               listener: Callable[[_Event], None] | None = None) -> RequestHandle:
+        """Queue a request; returns its :class:`RequestHandle` at once.
+
+        Args:
+            prompt: token ids (1-D); may be empty only to continue an existing session.
+            max_new_tokens: tokens to generate, 1 to ``MAX_NEW_TOKENS``.
+            sampling: a :class:`~mamba_state.generation.SamplingConfig` (None: greedy unless ``seed`` is given).
+            seed: None or an int (reproducible draws keyed by position).
+            eos_token_id: ids that end the request (the id is emitted).
+            session_id: continue that session when parked, and park under it at the end.
+
+        Raises ``StateError`` naming the bad argument, ``EngineOverloadedError`` when the queue is full and
+        ``EngineStoppedError`` after :meth:`stop`.
+        """
+        from ..cache.keys import token_array
+
+        ids = [int(t) for t in token_array(prompt, "prompt")]
+        if ids and max(ids) >= self.vocab:
+            raise StateError(f"prompt: expected token ids in [0, {self.vocab - 1}], found {max(ids)}")
+        if len(ids) > self.max_prompt_tokens:
+            raise StateError(f"prompt: expected at most {self.max_prompt_tokens} tokens, found {len(ids)}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not (
+                1 <= max_new_tokens <= MAX_NEW_TOKENS):
+            raise StateError(f"max_new_tokens: expected an int in [1, {MAX_NEW_TOKENS}], found {max_new_tokens!r}")
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise StateError(f"sampling: expected None or a SamplingConfig, found {type(sampling).__name__}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise StateError(f"seed: expected None or an int, found {seed!r}")
+        if eos_token_id is None:
+            eos: frozenset[int] = frozenset()
+        else:
+            raw = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            if not raw or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab for e in raw):
+                raise StateError(f"eos_token_id: expected an id or ids in [0, {self.vocab - 1}], found {eos_token_id!r}")
+            eos = frozenset(raw)
+        if session_id is not None:
+            session_id = check_session_id(session_id)
+        elif not ids:
+            raise StateError("prompt: expected at least one token (or a session_id to continue), found none")
+        # the sampling options are checked now (a bad one is the caller's error, not the engine's)
+        RowSampler.make(sampling, seed, self.vocab, [], torch.device("cpu"))
+        handle = RequestHandle(f"req-{next(self._ids)}", listener)
+        req = _Request(handle, ids, max_new_tokens, sampling, seed, eos, session_id)
+        with self._lock:
+            if self._stop:
+                raise EngineStoppedError("engine: expected a running engine, found it stopped")
+            if len(self._waiting) >= self.max_queue:
+                self.counters["rejected"] += 1
+                raise EngineOverloadedError(f"engine queue: expected fewer than max_queue={self.max_queue} waiting "
+                                            f"requests, found {len(self._waiting)}")
+            self._waiting.append(req)
+            self.counters["requests"] += 1
+            self._lock.notify_all()
+        return handle
+
+    # ------------------------------------------------------------------ running
+    def start(self) -> None:
+        """Run the engine in a background thread (daemon)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="mamba-state-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread; requests still running or waiting end with :class:`EngineStoppedError` (running
+        ones park their state first)."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._abort_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self._running:
+                    self._lock.wait(0.5)
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a bug or a device error: fail the requests in flight, keep serving
+                self._fail_all(exc)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step in this thread until nothing waits or runs (for tests and benchmarks)."""
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise StateError(f"run_until_idle: expected idle within {max_steps} steps, found work left")
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._running
+
+    def step(self) -> bool:
+        """One engine iteration: cancellations, admissions (prefills), one decode step. False when idle."""
+        with torch.no_grad():
+            self._reap_cancelled()
+            admitted = self._admit()
+            stepped = self._decode()
+        return admitted or stepped or not self.idle
+
+    # ------------------------------------------------------------------ admission
+    def _next_waiting(self) -> _Request | None:
+        with self._lock:
+            for i, req in enumerate(self._waiting):
+                if req.session_id is None or req.session_id not in self._sessions_busy:
+                    del self._waiting[i]
+                    if req.session_id is not None:
+                        self._sessions_busy.add(req.session_id)
+                    return req
+            return None
+
+    def _admit(self) -> bool:
+        budget = self.prefill_tokens_per_step
+        admitted = False
+        while budget > 0 and len(self._running) < self.max_batch:
+            req = self._next_waiting()
+            if req is None:
+                break
+            admitted = True
+            if req.handle.cancelled:
+                self._finish_unstarted(req)
+                continue
+            try:
+                budget -= self._start(req)
+            except Exception as exc:
+                self._release_session(req)
+                req.handle._emit(_Event("error", error=exc))
+        return admitted
+
+    def _start(self, req: _Request) -> int:
+        """Set up ``req``'s state, prefill it and choose its first token; returns the tokens prefilled."""
+        state: MambaModelState | None = None
+        if req.session_id is not None:
+            parked = self.cache.get_session(req.session_id, device=self.device)
+            if parked is not None:
+                state, extra = parked
+                pending = extra.get("pending")
+                req.feed = ([int(pending)] if isinstance(pending, int) else []) + req.prompt
+                hist = extra.get("history")
+                req.history = list(hist) if isinstance(hist, list) else None
+                req.handle.cached_tokens = state.seqlen_offset
+        if state is None:
+            req.feed, req.history = list(req.prompt), []
+            if len(req.prompt) >= 2:
+                n, hit = self.cache.lookup(req.prompt[:-1], device=self.device)
+                if hit is not None:
+                    state, req.feed, req.history = hit, req.prompt[n:], req.prompt[:n]
+                    req.handle.cached_tokens = n
+        if not req.feed:
+            raise StateError(f"session {req.session_id}: expected a parked session or prompt tokens, found neither "
+                             "(unknown or evicted session and an empty prompt)")
+        req.handle.prompt_tokens = len(req.prompt)
+        req.sampler = RowSampler.make(req.sampling, req.seed, self.vocab, req.feed, self.device)
+        self.counters["prompt_tokens"] += len(req.prompt)
+        self.counters["cached_tokens"] += req.handle.cached_tokens
+        if state is None:
+            state = self.lm.new_state(1, device=self.device)
+        if len(req.feed) == 1:  # one token: the decode step, as generate does
+            req.offset, req.pending = state.seqlen_offset, req.feed[0]
+            self._join(req, state)
+            return 1
+        logits, state = self._prefill(req, state)
+        req.offset = state.seqlen_offset
+        token = choose_tokens(logits, [(0, req.sampler, req.offset)])[0]
+        self.counters["prefill_tokens"] += len(req.feed)
+        if self._emit_token(req, token):
+            self._park(req, state)
+        else:
+            self._join(req, state)
+        return len(req.feed)
+
+    def _prefill(self, req: _Request, state: MambaModelState) -> tuple[torch.Tensor, MambaModelState]:
+        """Chunked forward of ``req.feed`` from ``state``; caches the states at ``cache_every`` multiples and at
+        the end (when the token history from zero is known). Returns last-token logits ``[1, vocab_padded]``."""
+        feed, start = req.feed, state.seqlen_offset
+        history = req.history
+        known = history is not None and len(history) == start
+        full = (history + feed) if known and history is not None else None
+        logits = None
+        done = 0
+        chunk = self.prefill_chunk_size
+        while done < len(feed):
+            part = feed[done:done + chunk]
+            last = done + len(part) == len(feed)
+            if full is not None:
+                logits, state = self.cache.fill(self.lm, full[:start + done + len(part)], state=None if
+                                                start + done == 0 else state, start=start + done,
+                                                every=self.cache_every, insert_end=last, num_last_tokens=1)
+            else:
+                x = torch.as_tensor(part, dtype=torch.long, device=self.device)[None]
+                logits, state = self.lm(x, state, num_last_tokens=1)
+            done += len(part)
+        assert logits is not None
+        if full is not None:
+            req.history = full
+        return logits[:, -1], MambaModelState(dict(state.items()), seqlen_offset=state.seqlen_offset)
+
+    def _join(self, req: _Request, state: MambaModelState) -> None:
+        req.slot = self.batch.add(req, state)
+        self._running.append(req)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self) -> bool:
+        if not self._running:
+            if self.batch.capacity:
+                self.batch.release()
+            return False
+        tokens = [0] * self.batch.capacity
+        for req in self._running:
+            assert req.slot is not None and req.pending is not None
+            tokens[req.slot] = req.pending
+        logits = self.batch.step(tokens)
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(self._running)
+        rows = []
+        for req in self._running:
+            req.offset += 1
+            if req.history is not None:
+                assert req.pending is not None
+                req.history.append(req.pending)
+            assert req.sampler is not None and req.slot is not None
+            rows.append((req.slot, req.sampler, req.offset))
+        chosen = choose_tokens(logits, rows)
+        still = []
+        for req, token in zip(list(self._running), chosen):
+            if self._emit_token(req, token):
+                assert req.slot is not None
+                self._park(req, self.batch.remove(req.slot, req.offset))
+            else:
+                still.append(req)
+        self._running = still
+        moved = self.batch.maybe_shrink()
+        for req in self._running:
+            if req.slot in moved:
+                req.slot = moved[req.slot]
+        return True
+
+    def _emit_token(self, req: _Request, token: int) -> bool:
+        """Emit ``token``; True when the request is finished with it."""
+        req.pending = token
+        req.produced += 1
+        self.counters["tokens"] += 1
+        now = time.perf_counter()
+        self._recent.append((now, 1))
+        while self._recent and self._recent[0][0] < now - 10.0:
+            self._recent.popleft()
+        req.handle._emit(_Event("token", token=token))
+        return req.produced >= req.max_new_tokens or token in req.eos
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens emitted per second over the last ``window`` seconds (at most 10)."""
+        now = time.perf_counter()
+        recent = [t for t, _ in list(self._recent) if t >= now - window]
+        return len(recent) / window
+
+    # ------------------------------------------------------------------ leaving
+    def _park(self, req: _Request, state: MambaModelState, reason: str | None = None) -> None:
+        """Park the finished request's state (consumed all but its last token) and tell the client."""
+        last = req.pending
+        if reason is None:
+            reason = "stop" if last in req.eos else "length"
+        try:
+            if req.history is not None and len(req.history) == state.seqlen_offset and req.history:
+                self.cache.insert(req.history, state)
+            if req.session_id is not None:
+                extra: dict[str, Any] = {"pending": last}
+                if req.history is not None and len(req.history) == state.seqlen_offset:
+                    extra["history_length"] = len(req.history)
+                self.cache.put_session(req.session_id, state, extra)
+        except Exception as exc:  # the request's tokens stand; its state could not be kept
+            self._release_session(req)
+            req.handle._emit(_Event("error", error=exc))
+            return
+        self._release_session(req)
+        self.counters["finished"] += 1
+        req.handle._emit(_Event("done", info={"finish_reason": reason, "seqlen_offset": state.seqlen_offset}))
+
+    def _release_session(self, req: _Request) -> None:
+        if req.session_id is not None:
+            with self._lock:
+                self._sessions_busy.discard(req.session_id)
+                self._lock.notify_all()
+
+    def _finish_unstarted(self, req: _Request) -> None:
+        self._release_session(req)
+        req.handle._emit(_Event("done", info={"finish_reason": "cancelled"}))
+
+    def _reap_cancelled(self) -> None:
+        keep = []
+        for req in self._running:
+            if req.handle.cancelled:
+                assert req.slot is not None
+                self._park(req, self.batch.remove(req.slot, req.offset), reason="cancelled")
+            else:
+                keep.append(req)
+        self._running = keep
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in self._running:
+            if req.slot is not None and self.batch.capacity:
+                self.batch.slots[req.slot] = None
+            self._release_session(req)
+            req.handle._emit(_Event("error", error=exc))
+        self._running = []
+        self.batch.release()
+
+    def _abort_all(self) -> None:
+        with torch.no_grad():
+            for req in list(self._running):
+                assert req.slot is not None
+                self._park(req, self.batch.remove(req.slot, req.offset), reason="cancelled")
+        self._running = []
+        self.batch.release()
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for req in waiting:
+            req.handle._emit(_Event("error", error=EngineStoppedError("engine: stopped before the request started")))
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            waiting = len(self._waiting)
+        return {**{k: self.counters.get(k, 0) for k in ("requests", "finished", "rejected", "tokens",
+                                                          "prompt_tokens", "cached_tokens", "prefill_tokens",
+                                                          "decode_steps", "decode_rows")},
+                "running": len(self._running), "waiting": waiting, "batch_capacity": self.batch.capacity,
+                "tokens_per_second": self.tokens_per_second(), "cache": self.cache.stats()}

@@ -9,6 +9,12 @@ Sweep (both controllers, every horizon, every seed; results JSON and plot under 
 
     mamba-state rl --scale --horizons H1 H2 ... --seeds 0 1 --out DIR [--resume]
 
+The original claim's command lines work as they were written (``--mode quick`` is one run, ``--mode scale`` is
+``--scale``)::
+
+    mamba-state rl --mode quick --controller mamba --horizon 20000 --num-bits 4 --total-updates 300
+    mamba-state rl --mode scale --horizons 1000 5000 10000 20000
+
 Data-parallel (DistributedDataParallel; ``--num-envs`` is the total over all processes)::
 
     torchrun --standalone --nproc_per_node=W -m mamba_state.cli rl ... [--scale ...]
@@ -32,6 +38,9 @@ D = DEFAULTS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``rl`` options on ``parser`` (defaults: :data:`mamba_state.rl.defaults.DEFAULTS`)."""
     g = parser.add_argument_group("run")
+    g.add_argument("--mode", choices=["quick", "scale"], default=None,
+                   help="the original claim's spelling: 'quick' is one run (the default), 'scale' the sweep "
+                        "(the same as --scale)")
     g.add_argument("--controller", choices=["mamba", "gru"], default=D["controller"], help="recurrent policy")
     g.add_argument("--horizon", type=int, default=D["horizon"], help="distractor steps between bits and cue")
     g.add_argument("--num-bits", type=int, default=D["num_bits"], help="bits to remember (2**K actions)")
@@ -60,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"], metavar="H",
                    help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons; "
                         "default: none)")
+    g.add_argument("--collect", choices=["auto", "eager", "graph"], default=D["collect"],
+                   help="rollout collection: 'graph' captures one step (policy, sampling, environment, storage) "
+                        "as CUDA graphs and replays them (run eagerly on a CPU, same transitions), 'eager' one "
+                        "policy.step per time step from Python (0.1's path); auto: graph on CUDA, else eager")
+    g.add_argument("--graph-steps", type=int, default=D["graph_steps"],
+                   help="time steps per captured CUDA graph with --collect graph")
     p = parser.add_argument_group("PPO")
     p.add_argument("--rollout-len", type=int, default=D["rollout_len"],
                    help="steps per rollout (default: 2*(H+2), at least 32)")
@@ -88,6 +103,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dt-max", type=float, default=D["dt_max"],
                    help="Mamba: largest initial dt; a channel keeps exp(A * dt) of its state per step, so smaller "
                         "dt starts with longer memory")
+    m.add_argument("--dt-init-floor", type=float, default=D["dt_init_floor"],
+                   help="Mamba: clamp of the initial dt (upstream's dt_init_floor); lower it for --dt-min < 1e-4")
+    m.add_argument("--dt-bias-init", choices=["upstream", "chrono"], default=D["dt_bias_init"],
+                   help="Mamba: 'chrono' draws each channel's time scale 1/dt uniformly in [1, --chrono-tmax] "
+                        "(Tallec & Ollivier 2018; docs/rl.md)")
+    m.add_argument("--chrono-tmax", type=float, default=D["chrono_tmax"],
+                   help="Mamba: the longest time scale of --dt-bias-init chrono (default: horizon + 2)")
+    m.add_argument("--a-init", choices=["upstream", "memory"], default=D["a_init"],
+                   help="Mamba: 'memory' gives --memory-fraction of the channels A such that their per-step "
+                        "retention at the initial dt lies in --memory-retention (an LRU-style ring, Orvieto et al. "
+                        "2023; docs/rl.md)")
+    m.add_argument("--memory-fraction", type=float, default=D["memory_fraction"],
+                   help="Mamba: fraction of channels re-initialised by --a-init memory")
+    m.add_argument("--memory-retention", type=float, nargs=2, default=D["memory_retention"],
+                   metavar=("R_MIN", "R_MAX"), help="Mamba: per-step retention range of --a-init memory")
     m.add_argument("--backend", choices=["auto", "reference", "triton"], default=D["backend"],
                    help="Mamba " + BACKEND_HELP)
     e = parser.add_argument_group("environment")
@@ -115,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import StateError
     from .ddp import distributed
 
+    if getattr(args, "mode", None) == "scale":  # the claim's spelling of --scale
+        args.scale = True
+    elif getattr(args, "mode", None) == "quick" and args.scale:
+        print("mamba-state rl: error: --mode quick is one run; --scale (or --mode scale) is the sweep",
+              file=sys.stderr)
+        return 2
     opts = options_from_args(args)
     resolve_device(opts.get("device"))  # a malformed device or CUDA without CUDA: one line, before any work
     where = ""

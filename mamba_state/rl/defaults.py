@@ -22,6 +22,10 @@ DEFAULTS: dict[str, Any] = {
     "backend": None, "noise_channels": 4, "noise_std": 0.1, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
     "max_seconds": None, "eval_horizons": None, "init_from": None, "dt_min": 0.001, "dt_max": 0.1,
+    "collect": "auto", "graph_steps": 16,
+    # Mamba initialisations for long memory (mamba_state.rl.memory); these defaults are upstream's
+    "dt_init_floor": 1e-4, "dt_bias_init": "upstream", "chrono_tmax": None, "a_init": "upstream",
+    "memory_fraction": 0.5, "memory_retention": [0.999, 0.99999],
 }
 
 # The defaults of version 0.1.0 where they differ ("threads": 0 is torch's own thread count). On the command line:

@@ -110,6 +110,12 @@ class RecurrentPolicy(nn.Module):
 
     forward = forward_sequence
 
+    def collect_step(self, obs: torch.Tensor, state: PolicyState, reset: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, PolicyState]:
+        """:meth:`step` as the graph-ready collection runs it (:mod:`mamba_state.rl.collect`): the same result,
+        built only from ops a CUDA graph can hold (no host synchronisation). The default is :meth:`step`."""
+        return self.step(obs, state, reset)
+
     def _core_step(self, obs, state, reset):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -134,21 +140,32 @@ class MambaPolicy(RecurrentPolicy):
         backend: the scan backend of the layers (``None``/``"auto"``, ``"reference"``, ``"triton"``).
         dt_min, dt_max: range of the initial step sizes (upstream's initialisation: log-uniform); a channel
             keeps ``exp(A * dt)`` of its state per step, so a smaller range starts with longer memory.
+        dt_init_floor: upstream's clamp of the initial step sizes (1e-4; lower it to let ``dt_min`` go below).
+        dt_bias_init, chrono_tmax, a_init, memory_fraction, memory_retention: initialisations for long memory
+            (:mod:`mamba_state.rl.memory`; the defaults keep upstream's).
     """
 
     def __init__(self, observation_size: int, num_actions: int, d_model: int = 64, num_layers: int = 2,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, backend: str | None = None,
-                 dt_min: float = 0.001, dt_max: float = 0.1):
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 dt_bias_init: str = "upstream", chrono_tmax: float | None = None, a_init: str = "upstream",
+                 memory_fraction: float = 0.5, memory_retention: Any = (0.999, 0.99999)):
         from ..adapters.mamba import StatefulMamba
+        from .memory import apply_memory_init, check_memory_options
 
+        memory = {"dt_bias_init": dt_bias_init, "chrono_tmax": chrono_tmax, "a_init": a_init,
+                  "memory_fraction": memory_fraction, "memory_retention": memory_retention}
+        check_memory_options(dt_init_floor, **memory)
         super().__init__(observation_size, num_actions, d_model)
         self.d_model = d_model
         self.embed = nn.Linear(observation_size, d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_layers))
         self.layers = nn.ModuleList(
             StatefulMamba.from_config(d_model, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
-                                      backend=backend, dt_min=dt_min, dt_max=dt_max)
+                                      backend=backend, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
             for i in range(num_layers))
+        for layer in self.layers:  # re-initialisations for long memory (mamba_state.rl.memory); off by default
+            apply_memory_init(layer, **memory)
         self.final_norm = nn.LayerNorm(d_model)
 
     def initial_state(self, batch_size: int, device: Any = None) -> PolicyState:
@@ -226,6 +243,24 @@ class GRUPolicy(RecurrentPolicy):
     def _core_step(self, obs, state, reset):
         y, h = self._one(self.embed(obs), self._h(state), reset)
         return y, (h,)
+
+    def collect_step(self, obs: torch.Tensor, state: PolicyState, reset: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, PolicyState]:
+        """One step through ``torch.gru_cell`` per layer with the GRU's own weights: on the CPU bit-identical to
+        :meth:`step` (``nn.GRU`` over one step; tested), on CUDA the fused GRU-cell kernel rather than cuDNN's
+        RNN (equal up to float rounding), which a CUDA graph can capture."""
+        self._check(obs, reset, seq=False)
+        h0 = self._h(state)
+        h = h0 * (~reset).to(h0.dtype)[:, None, None]
+        x = self.embed(obs)
+        layers = []
+        for i in range(self.num_layers):
+            g = self.gru
+            x = torch.gru_cell(x, h[:, i], getattr(g, f"weight_ih_l{i}"), getattr(g, f"weight_hh_l{i}"),
+                               getattr(g, f"bias_ih_l{i}"), getattr(g, f"bias_hh_l{i}"))
+            layers.append(x)
+        logits, value = self._heads(x)
+        return logits, value, (torch.stack(layers, dim=1),)
 
     def _core_sequence(self, obs, state, reset):
         # Cut every row at its resets into independent segments and run them all through ONE nn.GRU call on a

@@ -134,7 +134,8 @@ class PPOTrainer:
         config: :class:`PPOConfig`.
     """
 
-    def __init__(self, policy: RecurrentPolicy, env: DelayedRecall, config: PPOConfig | None = None):
+    def __init__(self, policy: RecurrentPolicy, env: DelayedRecall, config: PPOConfig | None = None,
+                 collect: str = "eager", steps_per_graph: int = 16):
         self.policy = policy
         self.env = env
         self.config = config or PPOConfig()
@@ -148,16 +149,36 @@ class PPOTrainer:
         self.state = policy.initial_state(n, device=self.device)
         self.updates = 0
         self.env_steps = 0  # over all environments (all ranks when data-parallel)
+        self.train_seconds = 0.0  # collection + training time of all updates so far (across resumes)
         self.global_num_envs = n  # a data-parallel subclass sets the count over all ranks
         self.age = torch.zeros(n, dtype=torch.long, device=self.device)  # steps since the episode began
         self.history_len = 2 * getattr(env, "episode_length", self.config.rollout_len)
         self.history: collections.deque = collections.deque(maxlen=self.history_len)
         self.window: collections.deque = collections.deque(maxlen=self.config.stats_window)
+        self._collector: Any = None
+        self.set_collect(collect, steps_per_graph)
 
     # ------------------------------------------------------------------ collection
-    @torch.no_grad()
+    def set_collect(self, mode: str = "eager", steps_per_graph: int = 16) -> None:
+        """How :meth:`collect` runs: ``"eager"`` (one ``policy.step`` and ``env.step`` per time step from Python,
+        the 0.1 path), ``"graph"`` (:class:`~mamba_state.rl.collect.GraphCollector`: the graph-ready step,
+        captured and replayed as CUDA graphs on CUDA, run eagerly elsewhere; the same transitions), or
+        ``"auto"`` (graph on CUDA, eager elsewhere)."""
+        from .collect import GraphCollector, resolve_collect
+
+        self.collect_mode = resolve_collect(mode, self.device)
+        self._collector = (GraphCollector(self, capture=self.device.type == "cuda", steps_per_graph=steps_per_graph)
+                           if self.collect_mode == "graph" else None)
+
     def collect(self) -> Rollout:
         """Run ``rollout_len`` steps in every environment; returns the :class:`Rollout` (GAE filled in)."""
+        if self._collector is not None:
+            return self._collector.collect()
+        return self.collect_eager()
+
+    @torch.no_grad()
+    def collect_eager(self) -> Rollout:
+        """:meth:`collect` on the eager path (one ``policy.step``, sampling and ``env.step`` per time step)."""
         cfg, env, policy = self.config, self.env, self.policy
         n, t_len = env.num_envs, cfg.rollout_len
         prefix_obs = prefix_resets = None
@@ -304,7 +325,9 @@ class PPOTrainer:
         stats = {**ro.stats, "steps": ro.obs.shape[0] * ro.obs.shape[1], "collect_s": t1 - t0, "total_s": t2 - t0}
         stats, losses = self._reduce(stats, losses)
         self.window.append((stats["successes"], stats["episodes"], stats["return_sum"]))
-        return update_metrics(stats, self.window, losses, self.updates, self.env_steps)
+        self.train_seconds += float(stats["total_s"])
+        return {**update_metrics(stats, self.window, losses, self.updates, self.env_steps),
+                "train_seconds": self.train_seconds}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -324,6 +347,7 @@ class PPOTrainer:
             "state": [cpu(t) for t in self.state],
             "updates": self.updates,
             "env_steps": self.env_steps,
+            "train_seconds": self.train_seconds,
             "age": cpu(self.age),
             "history_obs": [cpu(o) for o, _ in self.history],
             "history_resets": [cpu(r) for _, r in self.history],
@@ -355,6 +379,7 @@ class PPOTrainer:
         self.state = state
         self.updates = int(ckpt["updates"])
         self.env_steps = int(ckpt["env_steps"])
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))  # absent in checkpoints before 0.2
         self.age = ckpt["age"].to(dev)
         self.history = collections.deque(
             ((o.to(dev), r.to(dev)) for o, r in zip(ckpt["history_obs"], ckpt["history_resets"])),

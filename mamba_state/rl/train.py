@@ -37,7 +37,8 @@ __all__ = ["DEFAULTS", "train", "auto_rollout_len", "build"]
 _IDENTITY = ("controller", "horizon", "num_bits", "num_envs", "seed", "rollout_len", "lr", "epochs", "minibatches",
              "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "bptt", "d_model",
              "num_layers", "d_state", "gru_hidden", "gru_layers", "noise_channels", "noise_std", "distractor_bits",
-             "shaping", "dt_min", "dt_max")
+             "shaping", "dt_min", "dt_max", "dt_init_floor", "dt_bias_init", "chrono_tmax", "a_init",
+             "memory_fraction", "memory_retention")
 
 
 def auto_rollout_len(horizon: int) -> int:
@@ -75,7 +76,11 @@ def build(opts: dict[str, Any], ctx: DistContext | None = None) -> tuple[Delayed
                         distractor_bits=o["distractor_bits"], shaping=o["shaping"])
     if o["controller"] == "mamba":
         kw = {"d_model": o["d_model"], "num_layers": o["num_layers"], "d_state": o["d_state"], "backend": o["backend"],
-              "dt_min": o["dt_min"], "dt_max": o["dt_max"]}
+              "dt_min": o["dt_min"], "dt_max": o["dt_max"], "dt_init_floor": o["dt_init_floor"],
+              "dt_bias_init": o["dt_bias_init"], "a_init": o["a_init"], "memory_fraction": o["memory_fraction"],
+              "memory_retention": tuple(o["memory_retention"]),
+              # chrono: characteristic times up to the episode length unless --chrono-tmax says otherwise
+              "chrono_tmax": o["chrono_tmax"] if o["chrono_tmax"] is not None else o["horizon"] + 2}
     else:
         kw = {"hidden_size": o["gru_hidden"], "num_layers": o["gru_layers"]}
     policy = make_policy(o["controller"], env.observation_size, env.num_actions, **kw).to(device)
@@ -84,9 +89,10 @@ def build(opts: dict[str, Any], ctx: DistContext | None = None) -> tuple[Delayed
                     ent_coef=o["ent_coef"], lr=o["lr"], epochs=o["epochs"], num_minibatches=o["minibatches"],
                     max_grad_norm=o["max_grad_norm"], bptt=o["bptt"],
                     seed=rank_seed(int(o["seed"]) + 2, ctx.rank, "trainer"))
-    if ctx.enabled:
-        return env, policy, DistributedPPOTrainer(policy, env, cfg, ctx, int(o["num_envs"]))
-    return env, policy, PPOTrainer(policy, env, cfg)
+    trainer = (DistributedPPOTrainer(policy, env, cfg, ctx, int(o["num_envs"])) if ctx.enabled
+               else PPOTrainer(policy, env, cfg))
+    trainer.set_collect(o["collect"], int(o["graph_steps"]))  # auto: CUDA graphs on CUDA, eager elsewhere
+    return env, policy, trainer
 
 
 def _init_policy_from(policy: Any, source: str, log) -> None:
@@ -197,7 +203,7 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     config = {**o, "device": str(env.device), "rollout_len": trainer.config.rollout_len,
               "parameters": count_parameters(policy), "torch": torch.__version__,
               "world_size": ctx.world_size, "envs_per_rank": counts, "backend": ctx.backend,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "collect_resolved": trainer.collect_mode}
     if main:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     total = int(o["total_updates"])
@@ -213,6 +219,7 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
         except ImportError:
             bar = None
     sps: list[float] = []
+    csps: list[float] = []
     first_update = trainer.updates
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
@@ -222,6 +229,7 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
         while trainer.updates < total:
             last = trainer.train_update()  # metrics already reduced over the ranks
             sps.append(last["steps_per_s"])
+            csps.append(last["collect_steps_per_s"])
             mf.write(json.dumps(_json_safe(last)) + "\n")
             mf.flush()
             post = {"success": _fmt(last["window_success_rate"], ".3f"),
@@ -252,6 +260,9 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
     if main:  # the parameters are the same on every rank: one evaluation, the same as a single process's
         summary = _summarise(o, env, policy, trainer, last, sps, train_seconds, ctx)
         summary["stopped_early"] = stopped_early
+        summary["collect"] = trainer.collect_mode
+        summary["collect_steps_per_s_median"] = sorted(csps)[len(csps) // 2] if csps else None
+        summary["train_seconds_total"] = trainer.train_seconds
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log(f"{o['controller']} H={o['horizon']} seed={o['seed']}: eval success {summary['eval_success_rate']:.3f} "
             f"(chance {summary['chance']:.3f}), train steps/s {_fmt(summary['train_steps_per_s_median'], '.0f')}"

@@ -1,0 +1,307 @@
+"""Rollout collection at GPU speed: one collection step written so that it can be captured as a CUDA graph.
+
+:meth:`PPOTrainer.collect <mamba_state.rl.ppo.PPOTrainer.collect>` with ``collect="eager"`` (the 0.1 path) runs
+``policy.step``, the sampler and ``env.step`` for every time step from Python: on a GPU that is about 80-200
+small kernel launches per step plus the Python around them, whatever the number of environments, so collection is
+launch-bound. :class:`GraphCollector` runs the same step written for capture:
+
+* **static buffers**: the carried policy state, the last observation and reset flags, the environment's phases,
+  bits and episode accumulators, and the rollout storage ``[T, N, ...]`` live in tensors allocated once; a
+  step reads them and writes its results back into them in place (``copy_``, ``index_copy_`` at a device-side
+  step counter), so a replayed graph sees the next step's inputs where the capture saw them;
+* **no host synchronisation and no data-dependent Python control flow** inside a step: resets are masks
+  (``where``), the per-environment autoreset is a ``where`` over phases and bits, the statistics accumulate in
+  device scalars read once per rollout;
+* **randomness from the generators CUDA graphs support**: actions are drawn as ``argmax(probs / E)`` with ``E``
+  exponential from the trainer's ``torch.Generator`` (exactly what ``torch.multinomial(probs, 1)`` computes,
+  without its host-side validity checks), the environment draws its bits and noise from its own generator in the
+  same order as :meth:`DelayedRecall.step <mamba_state.rl.envs.DelayedRecall.step>`; both generators are
+  registered with every captured graph (``CUDAGraph.register_generator_state``), so each replay advances their
+  philox offsets as the eager ops would, and checkpoints of the generators stay exact;
+* **the environment step vectorised in torch** (:meth:`GraphCollector._env_step`), written apart from
+  :class:`~mamba_state.rl.envs.DelayedRecall` and tested against it.
+
+With ``capture=False`` (every CPU run) the same step runs eagerly; a test checks that it gives the very same
+transitions as the eager path for a fixed seed (actions, log-probabilities, values, rewards, resets,
+observations, carried state, generator states). With ``capture=True`` (CUDA) ``steps_per_graph`` consecutive
+steps are captured as one graph (and the remainder of the rollout as a second one) and replayed; a GPU test checks
+the replay against the eager run of the same step.
+
+The GRU's graph step is ``torch.gru_cell`` per layer (:meth:`GRUPolicy.collect_step
+<mamba_state.rl.policies.GRUPolicy.collect_step>`): on the CPU it is bit-identical to ``nn.GRU`` over one
+step (tested); on CUDA it is the fused GRU-cell kernel instead of cuDNN's RNN, equal up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import StateError
+from .envs import DelayedRecall
+
+if TYPE_CHECKING:
+    from .ppo import PPOTrainer, Rollout
+
+__all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions"]
+
+COLLECT_MODES = ("auto", "eager", "graph")
+
+
+def resolve_collect(mode: str | None, device: torch.device) -> str:
+    """``"auto"`` (or None) -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"eager"``/``"graph"`` as given."""
+    if mode in (None, "auto"):
+        return "graph" if torch.device(device).type == "cuda" else "eager"
+    if mode not in ("eager", "graph"):
+        raise StateError(f"collect: expected one of {list(COLLECT_MODES)}, found {mode!r}")
+    return mode
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One action per row from ``softmax(logits)``: ``argmax(probs / E)``, ``E ~ Exp(1)`` from ``generator``.
+
+    The same draws and the same result as ``torch.multinomial(probs, 1, generator=generator)`` (which computes
+    exactly this for one sample, after host-side checks of the probabilities that a CUDA graph cannot hold).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
+
+
+class GraphCollector:
+    """Graph-ready collection for a :class:`~mamba_state.rl.ppo.PPOTrainer` on a
+    :class:`~mamba_state.rl.envs.DelayedRecall` (see the module docstring).
+
+    Args:
+        trainer: the trainer whose policy, environment, generators and carried state are used; :meth:`collect`
+            reads the carried state from it and writes the new one back, so checkpoints and the eager path see
+            the same attributes as after an eager collection.
+        capture: capture the step as CUDA graphs (needs a CUDA device); False runs the same step eagerly.
+        steps_per_graph: time steps per captured graph (the rollout is ``T // k`` replays of it and one replay
+            of a graph of the ``T % k`` remaining steps).
+    """
+
+    def __init__(self, trainer: "PPOTrainer", capture: bool = False, steps_per_graph: int = 16):
+        if not isinstance(trainer.env, DelayedRecall):
+            raise StateError(f"graph collection: expected a DelayedRecall environment, found "
+                             f"{type(trainer.env).__name__} (use collect='eager')")
+        if capture and trainer.device.type != "cuda":
+            raise StateError(f"graph collection: capturing CUDA graphs needs a CUDA device, found "
+                             f"{trainer.device} (capture=False runs the same step eagerly)")
+        if int(steps_per_graph) < 1:
+            raise StateError(f"steps_per_graph: expected a positive int, found {steps_per_graph!r}")
+        self.trainer = trainer
+        self.capture = bool(capture)
+        self.steps_per_graph = int(steps_per_graph)
+        self._graphs: dict[int, Any] = {}
+        self._rollout_len = -1
+
+    # ------------------------------------------------------------------ buffers
+    def _allocate(self, t_len: int) -> None:
+        tr, env = self.trainer, self.trainer.env
+        n, o, k, dev = env.num_envs, env.observation_size, env.num_bits, tr.device
+        self.obs = torch.zeros(n, o, dtype=torch.float32, device=dev)
+        self.reset = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.state = tuple(torch.zeros_like(t) for t in tr.policy.initial_state(n, device=dev))
+        self.phase = torch.zeros(n, dtype=torch.long, device=dev)
+        self.bits = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self.ep_return = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.ep_steps = torch.zeros(n, dtype=torch.long, device=dev)
+        self.age = torch.zeros(n, dtype=torch.long, device=dev)
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.successes = torch.zeros((), dtype=torch.long, device=dev)
+        self.episodes = torch.zeros((), dtype=torch.long, device=dev)
+        self.return_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.buf = {
+            "obs": torch.zeros(t_len, n, o, dtype=torch.float32, device=dev),
+            "actions": torch.zeros(t_len, n, dtype=torch.long, device=dev),
+            "logprobs": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
+            "values": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
+            "rewards": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
+            "dones": torch.zeros(t_len, n, dtype=torch.bool, device=dev),
+            "resets": torch.zeros(t_len, n, dtype=torch.bool, device=dev),
+        }
+        self._graphs = {}
+        self._rollout_len = t_len
+
+    def _load(self) -> None:
+        """Copy the trainer's and the environment's carried tensors into the static buffers."""
+        tr, env = self.trainer, self.trainer.env
+        if not env._started:
+            raise StateError("graph collection: expected the environment to be reset first, found no reset yet")
+        self.obs.copy_(tr.obs)
+        self.reset.copy_(tr.reset_flags)
+        for dst, src in zip(self.state, tr.state):
+            dst.copy_(src)
+        self.phase.copy_(env.phase)
+        self.bits.copy_(env.bits)
+        self.ep_return.copy_(env.episode_return)
+        self.ep_steps.copy_(env.episode_steps)
+        self.age.copy_(tr.age)
+        self.t.zero_()
+        self.successes.zero_()
+        self.episodes.zero_()
+        self.return_sum.zero_()
+
+    # ------------------------------------------------------------------ one step
+    def _observe(self) -> torch.Tensor:
+        """The observation of the current phases and bits (DelayedRecall's layout and random draws, in order)."""
+        env = self.trainer.env
+        k, horizon = env.num_bits, env.horizon
+        shown = self.phase == 0
+        signs = self.bits.float() * 2 - 1
+        if env.distractor_bits:
+            noise_bits = torch.randint(0, 2, (env.num_envs, k), generator=env._generator,
+                                       device=self.obs.device).float() * 2 - 1
+            distract = ((self.phase >= 1) & (self.phase <= horizon))[:, None]
+            bit_channels = torch.where(distract, noise_bits, 0.0)
+        else:
+            bit_channels = torch.zeros_like(signs)
+        parts = [torch.where(shown[:, None], signs, bit_channels), shown.float()[:, None],
+                 (self.phase == horizon + 1).float()[:, None]]
+        if env.noise_channels:
+            noise = torch.randn(env.num_envs, env.noise_channels, generator=env._generator, device=self.obs.device)
+            parts.append(noise * env.noise_std)
+        return torch.cat(parts, dim=1)
+
+    def _env_step(self, action: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """DelayedRecall's step on the static buffers: ``(obs, reward, terminated, success, episode_return)``."""
+        env = self.trainer.env
+        at_cue = self.phase == env.horizon + 1
+        correct = action == (self.bits * env._powers).sum(-1)
+        reward = correct.float()
+        if env.shaping > 0:
+            answered = (action[:, None] // env._powers) % 2
+            frac = (answered == self.bits).float().mean(-1)
+            reward = (1 - env.shaping) * reward + env.shaping * frac
+        reward = torch.where(at_cue, reward, 0.0)
+        ret = self.ep_return + reward
+        ep_return = torch.where(at_cue, ret, 0.0)
+        success = at_cue & correct
+        new_bits = torch.randint(0, 2, (env.num_envs, env.num_bits), generator=env._generator,
+                                 device=self.obs.device)
+        self.bits.copy_(torch.where(at_cue[:, None], new_bits, self.bits))
+        self.phase.copy_(torch.where(at_cue, 0, self.phase + 1))
+        self.ep_return.copy_(torch.where(at_cue, 0.0, ret))
+        self.ep_steps.copy_(torch.where(at_cue, 0, self.ep_steps + 1))
+        return self._observe(), reward, at_cue, success, ep_return
+
+    def step(self) -> None:
+        """One collection step on the static buffers (what a graph captures): policy step, sampling, storage,
+        environment step, statistics, and the carried state, observation and reset flags for the next step."""
+        tr = self.trainer
+        logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
+        action = sample_actions(logits, tr.generator)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
+        b, t = self.buf, self.t
+        b["obs"].index_copy_(0, t, self.obs[None])
+        b["resets"].index_copy_(0, t, self.reset[None])
+        b["actions"].index_copy_(0, t, action[None])
+        b["logprobs"].index_copy_(0, t, logp[None])
+        b["values"].index_copy_(0, t, value.float()[None])
+        if tr.config.bptt == "episode":
+            self.age.copy_(torch.where(self.reset, 1, self.age + 1))
+        obs, reward, done, success, ep_return = self._env_step(action)
+        b["rewards"].index_copy_(0, t, reward[None])
+        b["dones"].index_copy_(0, t, done[None])
+        self.successes.add_(success.sum())
+        self.episodes.add_(done.sum())
+        self.return_sum.add_(ep_return.sum())
+        for dst, src in zip(self.state, new_state):
+            dst.copy_(src)
+        self.obs.copy_(obs)
+        self.reset.copy_(done)
+        t.add_(1)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph(self, steps: int) -> Any:
+        graph = self._graphs.get(steps)
+        if graph is not None:
+            return graph
+        tr = self.trainer
+        gens = (tr.generator, tr.env._generator)
+        saved = [g.get_state() for g in gens]
+        with torch.cuda.device(tr.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile Triton kernels, settle the allocator, outside the capture
+                for _ in range(2):
+                    self.t.zero_()
+                    for _ in range(steps):
+                        self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.t.zero_()
+            graph = torch.cuda.CUDAGraph()
+            for g in gens:
+                graph.register_generator_state(g)
+            with torch.cuda.graph(graph):
+                for _ in range(steps):
+                    self.step()
+            torch.cuda.synchronize()
+        for g, s in zip(gens, saved):  # the warm-up drew numbers: back to where the eager path would be
+            g.set_state(s)
+        self._graphs[steps] = graph
+        return graph
+
+    def invalidate(self) -> None:
+        """Drop the captured graphs (after replacing the policy's parameter tensors, not needed after in-place
+        optimizer steps or ``load_state_dict``)."""
+        self._graphs = {}
+
+    # ------------------------------------------------------------------ one rollout
+    @torch.no_grad()
+    def collect(self) -> "Rollout":
+        """One rollout of ``trainer.config.rollout_len`` steps; the trainer's and environment's carried tensors
+        are updated as :meth:`PPOTrainer.collect <mamba_state.rl.ppo.PPOTrainer.collect>` would."""
+        from .policies import clone_state
+        from .ppo import Rollout, compute_gae
+
+        tr, env, policy = self.trainer, self.trainer.env, self.trainer.policy
+        cfg = tr.config
+        t_len = cfg.rollout_len
+        if t_len != self._rollout_len:
+            self._allocate(t_len)
+        prefix_obs = prefix_resets = None
+        if cfg.bptt == "episode":
+            prefix_obs, prefix_resets = tr._prefix()
+        init_state = clone_state(tr.state)
+        was_training = policy.training
+        policy.eval()
+        try:
+            if self.capture:
+                k = min(self.steps_per_graph, t_len)
+                full, rest = divmod(t_len, k)
+                big = self._graph(k)
+                small = self._graph(rest) if rest else None
+                self._load()
+                for _ in range(full):
+                    big.replay()
+                if small is not None:
+                    small.replay()
+            else:
+                self._load()
+                for _ in range(t_len):
+                    self.step()
+            _, last_value, _ = policy.step(self.obs, self.state, self.reset)  # bootstrap only
+        finally:
+            policy.train(was_training)
+        b = self.buf
+        nt = {name: b[name].transpose(0, 1).contiguous() for name in b}  # [N, T, ...], private copies
+        tr.state = tuple(s.clone() for s in self.state)
+        tr.obs, tr.reset_flags = self.obs.clone(), self.reset.clone()
+        env.phase, env.bits = self.phase.clone(), self.bits.clone()
+        env.episode_return, env.episode_steps = self.ep_return.clone(), self.ep_steps.clone()
+        if cfg.bptt == "episode":
+            tr.age = self.age.clone()
+            keep = min(t_len, tr.history_len)
+            tr.history.extend((nt["obs"][:, t], nt["resets"][:, t]) for t in range(t_len - keep, t_len))
+        tr.env_steps += tr.global_num_envs * t_len
+        ro = Rollout(nt["obs"], nt["actions"], nt["logprobs"], nt["values"], nt["rewards"], nt["dones"],
+                     nt["resets"], init_state, last_value.float(), prefix_obs=prefix_obs, prefix_resets=prefix_resets)
+        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.dones, ro.last_value, cfg.gamma,
+                                                cfg.gae_lambda)
+        ro.stats = {"successes": int(self.successes), "episodes": int(self.episodes),
+                    "return_sum": float(self.return_sum)}
+        return ro

@@ -1,4 +1,4 @@
-"""The ``mamba-state`` command line: ``info``, ``demo``, ``rl`` and ``trace`` (subcommands register in ``_COMMANDS``).
+"""The ``mamba-state`` command line: ``info``, ``demo``, ``rl``, ``trace`` and ``serve`` (subcommands register in ``_COMMANDS``).
 
 Building the parser imports no torch (``mamba-state --help`` and every subcommand's ``--help`` answer at once):
 each subcommand's options live in a module without torch at import time, and the work is imported when the
@@ -24,7 +24,8 @@ __all__ = ["build_parser", "main", "cmd_info"]
 
 # Optional dependencies the subcommands may need: top-level module -> what to pip install.
 _OPTIONAL = {"matplotlib": "matplotlib", "tqdm": "tqdm", "transformers": "transformers", "mamba_ssm": "mamba-ssm",
-             "causal_conv1d": "causal-conv1d", "triton": "triton"}
+             "causal_conv1d": "causal-conv1d", "triton": "triton",
+             "fastapi": "mamba-state[serve]", "uvicorn": "mamba-state[serve]"}
 
 
 def _version(dist: str) -> str:
@@ -90,6 +91,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
            "recurrent PPO on the delayed-recall memory task (Mamba vs GRU)"),
     "trace": ("mamba_state.trace_cli", "mamba_state.trace_cli:run",
               "trace a model's states over an input and write the plots (PNG)"),
+    "serve": ("mamba_state.serve.cli", "mamba_state.serve.cli:run",
+              "serve a checkpoint over HTTP (/v1/completions, sessions, state cache; pip install mamba-state[serve])"),
 }
 
 

@@ -17,7 +17,7 @@ from .._cli_util import CommandLineError, add_backend_argument, add_device_argum
 
 __all__ = ["add_arguments", "run"]
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     add_device_argument(parser)
-    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype")
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype (float64: the states too; for tests)")
     add_backend_argument(parser)
     parser.add_argument("--max-batch", type=int, default=64, help="most requests decoding at once")
     parser.add_argument("--max-queue", type=int, default=256,
@@ -96,8 +96,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             raise CommandLineError(f"--{name.replace('_', '-')}: expected a non-negative int, found "
                                    f"{getattr(args, name)}")
     device = resolve_device(args.device)
-    lm = StatefulMambaLM.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype),
-                                         backend=args.backend).eval()
+    dtype = getattr(torch, args.dtype)
+    lm = StatefulMambaLM.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend,
+                                         state_dtype=torch.float64 if dtype == torch.float64 else torch.float32
+                                         ).eval()
     cache = StateCache(lm, device_bytes=args.device_cache_bytes, host_bytes=args.host_cache_bytes,
                        directory=args.cache_dir, disk_bytes=args.disk_cache_bytes, device=device)
     engine = Engine(lm, cache, max_batch=args.max_batch, max_queue=args.max_queue, cache_every=args.cache_every,

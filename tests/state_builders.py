@@ -10,8 +10,16 @@ from mamba_state import MambaInferenceState, MambaModelState
 def rand_state(kind: str = "mamba1", batch: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
                d_inner: int = 6, d_conv: int = 4, d_state: int = 5, nheads: int = 2, headdim: int = 3,
                ngroups: int = 1) -> MambaInferenceState:
-    """A state of random (never zero) values; Mamba-2 conv channels = nheads*headdim + 2*ngroups*d_state."""
+    """A state of random (never zero) values; Mamba-2 conv channels = nheads*headdim + 2*ngroups*d_state; Mamba-3:
+    ``d_state // 2`` rotary angles (``d_inner`` and ``d_conv`` unused)."""
     g = torch.Generator().manual_seed(seed)
+    if kind == "mamba3":
+        def r(*shape):
+            return torch.randn(shape, generator=g).to(dtype)
+
+        return MambaInferenceState(ssm_state=r(batch, nheads, headdim, d_state),
+                                   angle_dt_state=r(batch, nheads, max(1, d_state // 2)),
+                                   k_state=r(batch, 1, nheads, d_state), v_state=r(batch, nheads, headdim))
     if kind == "mamba1":
         conv, ssm = (batch, d_inner, d_conv), (batch, d_inner, d_state)
     else:
@@ -31,8 +39,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def bit_identical(a: MambaInferenceState, b: MambaInferenceState) -> bool:
-    return all(x.dtype == y.dtype and x.shape == y.shape and x.device == y.device and torch.equal(bits(x), bits(y))
-               for x, y in ((a.conv_state, b.conv_state), (a.ssm_state, b.ssm_state)))
+    """Same family, and every named tensor with the same dtype, shape, device and bytes."""
+    return a.tensor_names == b.tensor_names and all(
+        x.dtype == y.dtype and x.shape == y.shape and x.device == y.device and torch.equal(bits(x), bits(y))
+        for x, y in zip(a.tensors.values(), b.tensors.values()))
 
 
 def model_bit_identical(a: MambaModelState, b: MambaModelState) -> bool:

@@ -43,6 +43,10 @@ def make_layer(kind: str, batch: int, dtype: torch.dtype, seed: int, conv_dtype=
     conv_dtype = conv_dtype or dtype
     if kind == "mamba1":  # d_inner 6, d_conv 4, d_state 3
         return MambaInferenceState(_fill((batch, 6, 4), conv_dtype, gen), _fill((batch, 6, 3), dtype, gen))
+    if kind == "mamba3":  # nheads 2, headdim 3, d_state 4, 2 rotary angles; angle and ssm float32 as upstream
+        return MambaInferenceState(ssm_state=_fill((batch, 2, 3, 4), torch.float32, gen),
+                                   angle_dt_state=_fill((batch, 2, 2), torch.float32, gen),
+                                   k_state=_fill((batch, 1, 2, 4), dtype, gen), v_state=_fill((batch, 2, 3), dtype, gen))
     # Mamba-2: nheads 2, headdim 3, d_state 2, ngroups 1 -> conv channels 6 + 2*1*2
     return MambaInferenceState(_fill((batch, 10, 4), conv_dtype, gen), _fill((batch, 2, 3, 2), dtype, gen))
 
@@ -50,7 +54,8 @@ def make_layer(kind: str, batch: int, dtype: torch.dtype, seed: int, conv_dtype=
 def make_model(batch: int, dtype: torch.dtype, seed: int) -> MambaModelState:
     layers = {0: make_layer("mamba1", batch, dtype, seed),
               3: make_layer("mamba2", batch, dtype, seed + 1),
-              7: make_layer("mamba1", batch, dtype, seed + 2, conv_dtype=torch.float32)}
+              7: make_layer("mamba1", batch, dtype, seed + 2, conv_dtype=torch.float32),
+              9: make_layer("mamba3", batch, dtype, seed + 3)}
     return MambaModelState(layers, seqlen_offset=17 + seed % 5, metadata={"seed": seed, "note": "übertragen"})
 
 
@@ -76,8 +81,9 @@ def assert_same_state(got, want) -> None:
     else:
         pairs = [(got, want)]
     for g, w in pairs:
-        assert same_bits(g.conv_state, w.conv_state), "conv_state differs"
-        assert same_bits(g.ssm_state, w.ssm_state), "ssm_state differs"
+        assert g.tensor_names == w.tensor_names, (g.tensor_names, w.tensor_names)
+        for name in w.tensor_names:
+            assert same_bits(g.tensors[name], w.tensors[name]), f"{name} differs"
 
 
 def expect_raise(cls, fn, match: str | None = None):
@@ -96,7 +102,7 @@ def check_p2p_round_trips(rank):
     import mamba_state.distributed as msd
 
     for k, dtype in enumerate(DTYPES):
-        for j, container in enumerate(("mamba1", "mamba2", "model")):
+        for j, container in enumerate(("mamba1", "mamba2", "mamba3", "model")):
             seed = 100 * k + 10 * j
             for sender in (0, 1):
                 state = make(container, 2 + sender, dtype, seed + sender)
@@ -157,7 +163,7 @@ def check_broadcast(rank):
     import mamba_state.distributed as msd
 
     for src, container, dtype in ((0, "model", torch.bfloat16), (1, "mamba2", torch.float16),
-                                  (0, "mamba1", torch.float64)):
+                                  (0, "mamba1", torch.float64), (1, "mamba3", torch.bfloat16)):
         want = make(container, 3, dtype, 7 + src)
         got = msd.broadcast_state(want if rank == src else None, src)
         if rank == src:
@@ -168,7 +174,8 @@ def check_broadcast(rank):
 def check_all_gather_uneven(rank):
     import mamba_state.distributed as msd
 
-    for container, dtype in (("model", torch.float32), ("mamba2", torch.bfloat16), ("mamba1", torch.float16)):
+    for container, dtype in (("model", torch.float32), ("mamba2", torch.bfloat16), ("mamba1", torch.float16),
+                             ("mamba3", torch.bfloat16)):
         sizes = [3, 1]
         parts = [make(container, sizes[r], dtype, 40 + r) for r in range(WORLD)]
         got = msd.all_gather_states(parts[rank])
@@ -199,7 +206,8 @@ def check_scatter(rank):
     assert msd.even_sizes(5, 2) == [3, 2] and msd.even_sizes(10, 4) == [3, 3, 2, 2]
     assert msd.even_sizes(1, 3) == [1, 0, 0]
     for src, container, dtype, sizes in ((0, "model", torch.bfloat16, None), (1, "mamba1", torch.float32, [1, 4]),
-                                         (0, "mamba2", torch.float64, [0, 5]), (1, "model", torch.float16, [5, 0])):
+                                         (0, "mamba2", torch.float64, [0, 5]), (1, "model", torch.float16, [5, 0]),
+                                         (0, "mamba3", torch.float16, [2, 3])):
         full = make(container, 5, dtype, 60 + src)
         got = msd.scatter_state(full if rank == src else None, src, sizes=sizes if rank == src else [9, 9])
         parts = full.split(sizes or msd.even_sizes(5, WORLD))
@@ -516,7 +524,16 @@ def test_header_round_trip_and_rejections():
         msd._decode_header(msd._encode_header(state_spec(state)).replace(b'"idx":3', b'"idx":0', 1))
 
 
-@given(layers=st.lists(st.tuples(st.sampled_from(["mamba1", "mamba2"]), st.sampled_from(DTYPES),
+def _empty_layer(kind, batch, cd, sd):
+    if kind == "mamba3":
+        return MambaInferenceState(ssm_state=torch.empty(batch, 2, 3, 4, dtype=sd),
+                                   angle_dt_state=torch.empty(batch, 2, 2, dtype=sd),
+                                   k_state=torch.empty(batch, 1, 2, 4, dtype=cd), v_state=torch.empty(batch, 2, 3, dtype=cd))
+    return MambaInferenceState(torch.empty((batch, 6, 4) if kind == "mamba1" else (batch, 10, 4), dtype=cd),
+                               torch.empty((batch, 6, 3) if kind == "mamba1" else (batch, 2, 3, 2), dtype=sd))
+
+
+@given(layers=st.lists(st.tuples(st.sampled_from(["mamba1", "mamba2", "mamba3"]), st.sampled_from(DTYPES),
                                  st.sampled_from(DTYPES)), min_size=1, max_size=4),
        batch=st.integers(0, 3), container=st.sampled_from(["model", "layer"]), offset=st.integers(0, 10**6),
        note=st.text(max_size=20), data=st.data())
@@ -526,9 +543,7 @@ def test_header_properties(layers, batch, container, offset, note, data):
     import mamba_state.distributed as msd
     from mamba_state._packing import state_spec
 
-    built = {3 * k: MambaInferenceState(torch.empty((batch, 6, 4) if kind == "mamba1" else (batch, 10, 4), dtype=cd),
-                                        torch.empty((batch, 6, 3) if kind == "mamba1" else (batch, 2, 3, 2), dtype=sd))
-             for k, (kind, cd, sd) in enumerate(layers)}
+    built = {3 * k: _empty_layer(kind, batch, cd, sd) for k, (kind, cd, sd) in enumerate(layers)}
     state = (MambaModelState(built, seqlen_offset=offset, metadata={"note": note}) if container == "model"
              else built[0])
     spec = state_spec(state)
@@ -567,7 +582,7 @@ _json_values = st.recursive(
 
 
 @settings(max_examples=settings().max_examples * 10)
-@given(container=st.sampled_from(["model", "mamba1", "mamba2"]), where=st.sampled_from(["doc", "layer"]),
+@given(container=st.sampled_from(["model", "mamba1", "mamba2", "mamba3"]), where=st.sampled_from(["doc", "layer"]),
        value=_json_values, big=st.integers(2**62, 2**70), data=st.data())
 def test_any_header_is_accepted_or_rejected_never_crashes(container, where, value, big, data):
     """A receiver's header check either accepts a header or raises ``_Rejected`` (which is acknowledged to the

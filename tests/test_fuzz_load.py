@@ -32,6 +32,10 @@ _SOURCES = [
     rand_model_state(batch=1, dtype=torch.bfloat16, seed=2, seqlen_offset=0),
     rand_state("mamba2", batch=2, dtype=torch.float16, seed=3),
     rand_state("mamba1", batch=0, dtype=torch.float64, seed=4),
+    # format version 2: a Mamba-3 layer beside Mamba-1/2 ones, and a single Mamba-3 layer
+    MambaModelState({0: rand_state("mamba1", 2, seed=5), 1: rand_state("mamba3", 2, torch.bfloat16, seed=6),
+                     4: rand_state("mamba2", 2, seed=7)}, seqlen_offset=9, metadata={"m3": True}),
+    rand_state("mamba3", batch=1, dtype=torch.float32, seed=8),
 ]
 
 

@@ -299,11 +299,11 @@ def test_mamba3_container_operations(tmp_path):
     assert torch.load(buf, weights_only=True).allclose(s, rtol=0, atol=0)
     model = ms.MambaModelState({0: s, 1: _m3_state(seed=1)})
     assert model.select([0, 2]).batch_size == 2 and model.layout()[1]["kind"] == "mamba3"
-    with pytest.raises(StateCompatibilityError, match="mamba3"):
-        s.save(tmp_path / "x.safetensors")
-    with pytest.raises(StateCompatibilityError, match="layer 0"):
-        model.save(tmp_path / "m.safetensors")
-    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+    # state files (format version 2; tests/test_mamba3_state.py has the property tests and the hostile files)
+    s.save(tmp_path / "x.safetensors")
+    model.save(tmp_path / "m.safetensors")
+    assert MambaInferenceState.load(tmp_path / "x.safetensors").allclose(s, rtol=0, atol=0)
+    assert ms.MambaModelState.load(tmp_path / "m.safetensors").allclose(model, rtol=0, atol=0)
 
 
 def test_mamba3_container_validation():

@@ -31,13 +31,19 @@ def make_layer(kind, batch, dtype, seed, device="cpu", d_inner=6):
     if kind == "mamba1":
         return MambaInferenceState(_fill((batch, d_inner, 4), dtype, gen, device),
                                    _fill((batch, d_inner, 3), dtype, gen, device))
+    if kind == "mamba3":  # nheads 2, headdim 3, d_state 4, 2 angles; angle and ssm in float32 as upstream keeps them
+        return MambaInferenceState(ssm_state=_fill((batch, 2, 3, 4), torch.float32, gen, device),
+                                   angle_dt_state=_fill((batch, 2, 2), torch.float32, gen, device),
+                                   k_state=_fill((batch, 1, 2, 4), dtype, gen, device),
+                                   v_state=_fill((batch, 2, 3), dtype, gen, device))
     return MambaInferenceState(_fill((batch, 10, 4), dtype, gen, device), _fill((batch, 2, 3, 2), dtype, gen, device))
 
 
 def make_model(batch, dtype, seed, device="cpu"):
     return MambaModelState({1: make_layer("mamba1", batch, dtype, seed, device),
                             4: make_layer("mamba2", batch, dtype, seed + 1, device),
-                            5: make_layer("mamba1", batch, torch.float32, seed + 2, device, d_inner=5)},
+                            5: make_layer("mamba1", batch, torch.float32, seed + 2, device, d_inner=5),
+                            6: make_layer("mamba3", batch, dtype, seed + 4, device)},
                            seqlen_offset=seed + 3, metadata={"stream": f"s{seed}"})
 
 
@@ -58,13 +64,13 @@ def assert_same_state(got, want):
     if isinstance(want, MambaModelState):
         assert got.layer_indices == want.layer_indices
         assert got.seqlen_offset == want.seqlen_offset and got.metadata == want.metadata
-    for g, w in zip(state_tensors(got), state_tensors(want)):
+    for g, w in zip(state_tensors(got), state_tensors(want), strict=True):
         assert same_bits(g, w)
 
 
 # ---------------------------------------------------------------------------------------------- CPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("container", ["mamba1", "mamba2", "model"])
+@pytest.mark.parametrize("container", ["mamba1", "mamba2", "mamba3", "model"])
 def test_offload_restore_round_trip_cpu(container, dtype):
     state = make(container, 3, dtype, seed=11)
     handle = offload_state(state)
@@ -181,7 +187,7 @@ def test_pool_max_bytes():
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("container", ["mamba1", "mamba2", "model"])
+@pytest.mark.parametrize("container", ["mamba1", "mamba2", "mamba3", "model"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_offload_pinned_round_trip(container, dtype):
     state = make(container, 4, dtype, 21, device="cuda")

@@ -1,0 +1,304 @@
+"""Mamba-3 states outside the layer: state files (format version 2), upstream's InferenceParams cache, tracing,
+the command line and the decode loop's routing. Collectives and host offload of Mamba-3 states are tested in
+tests/test_distributed.py and tests/test_offload.py beside the other families; the layer itself in
+tests/test_mamba3.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mamba_state as ms
+from mamba_state import (MambaInferenceState, MambaModelState, StateCompatibilityError, StateError, StateFormatError,
+                         StateShapeError)
+from mamba_state.io import FORMAT_VERSION, _digest, load_state, read_metadata
+from state_builders import bit_identical, bits, model_bit_identical, rand_state
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+D64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def m3_state(batch=2, nheads=2, headdim=3, d_state=4, nangles=2, rank=1, dtypes=(torch.float32,) * 4, seed=0):
+    """A Mamba-3 state of random values (angle, ssm, k, v dtypes in ``dtypes``), NaN / -0.0 / inf included."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(shape, dtype):
+        t = torch.randn(shape, generator=g, dtype=D64).to(dtype)
+        flat = t.view(-1)
+        if flat.numel() >= 3:
+            flat[0], flat[1], flat[2] = float("nan"), -0.0, float("inf")
+        return t
+
+    a, s, k, v = dtypes
+    return MambaInferenceState(ssm_state=r((batch, nheads, headdim, d_state), s),
+                               angle_dt_state=r((batch, nheads, nangles), a),
+                               k_state=r((batch, rank, nheads, d_state), k), v_state=r((batch, nheads, headdim), v))
+
+
+@st.composite
+def layer_states(draw, batch):
+    kind = draw(st.sampled_from(["mamba1", "mamba2", "mamba3"]))
+    seed = draw(st.integers(0, 2**16))
+    if kind == "mamba3":
+        d_state = draw(st.sampled_from([2, 4, 8]))
+        return m3_state(batch, nheads=draw(st.integers(1, 3)), headdim=draw(st.integers(1, 4)), d_state=d_state,
+                        nangles=draw(st.integers(1, d_state // 2)), rank=draw(st.integers(1, 2)),
+                        dtypes=tuple(draw(st.sampled_from(DTYPES)) for _ in range(4)), seed=seed)
+    return rand_state(kind, batch, draw(st.sampled_from(DTYPES)), seed=seed, d_inner=draw(st.integers(1, 5)),
+                      d_state=draw(st.integers(1, 4)), nheads=draw(st.integers(1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------- files
+@given(data=st.data(), batch=st.integers(0, 3), container=st.sampled_from(["model", "layer"]),
+       offset=st.integers(0, 10**9), note=st.text(max_size=12))
+def test_round_trip_every_family_bit_for_bit(tmp_path_factory, data, batch, container, offset, note):
+    """Law 3 for files: any mix of Mamba-1/2/3 layers (dtypes per tensor, batch 0 included) loads back bit for bit;
+    the version written is 1 without Mamba-3 layers (0.1.0 reads those files) and 2 with one."""
+    path = tmp_path_factory.mktemp("rt") / "s.safetensors"
+    if container == "layer":
+        state = data.draw(layer_states(batch))
+        state.save(path, metadata={"note": note})
+        back = MambaInferenceState.load(path)
+        assert bit_identical(back, state) and back.kind == state.kind
+        kinds = [state.kind]
+    else:
+        idx = data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=4, unique=True))
+        state = MambaModelState({i: data.draw(layer_states(batch)) for i in idx}, seqlen_offset=offset,
+                                metadata={"note": note})
+        ms.save_model_state(state, path)
+        assert model_bit_identical(ms.load_model_state(path), state)
+        assert model_bit_identical(load_state(path, device="cpu"), state)
+        kinds = [s.kind for _, s in state.items()]
+    meta = read_metadata(path)
+    assert int(meta["format_version"]) == (FORMAT_VERSION if "mamba3" in kinds else 1)
+    assert [e["kind"] for e in meta["layers"]] == kinds
+
+
+def _fixture_values():
+    # the values tests/fixtures/format2-mamba3-*.safetensors were written with (format version 2)
+    g = torch.Generator().manual_seed(2027)
+
+    def st_(shape, dtype):
+        return torch.randn(shape, generator=g, dtype=D64).to(dtype)
+
+    m3 = MambaInferenceState(ssm_state=st_((2, 2, 4, 8), torch.float32), angle_dt_state=st_((2, 2, 2), torch.float32),
+                             k_state=st_((2, 1, 2, 8), torch.bfloat16), v_state=st_((2, 2, 4), torch.bfloat16))
+    m1 = MambaInferenceState(st_((2, 6, 4), torch.float16), st_((2, 6, 5), torch.float32))
+    model = MambaModelState({0: m3, 2: m1, 5: m3.clone()}, seqlen_offset=7, metadata={"family": "mamba3", "n": [1]})
+    layer = MambaInferenceState(ssm_state=st_((1, 2, 4, 8), D64), angle_dt_state=st_((1, 2, 1), D64),
+                                k_state=st_((1, 1, 2, 8), D64), v_state=st_((1, 2, 4), D64))
+    return model, layer
+
+
+def test_format2_fixtures_load_bit_for_bit():
+    """Files of format version 2 (tests/fixtures/format2-*) keep loading, as the 0.1.0 fixtures do."""
+    model, layer = _fixture_values()
+    assert model_bit_identical(MambaModelState.load(os.path.join(FIXTURES, "format2-mamba3-model.safetensors")), model)
+    path = os.path.join(FIXTURES, "format2-mamba3-layer.safetensors")
+    assert bit_identical(MambaInferenceState.load(path), layer)
+    meta = read_metadata(path)
+    assert meta["format_version"] == "2" and meta["user_metadata"] == {"who": "format 2"}
+
+
+def _split(path):
+    data = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _forge(src, dst, meta=None, layers=None, tensors=None):
+    """A copy of ``src`` with metadata / layer entries / tensor entries changed and a valid checksum."""
+    header, body = _split(src)
+    m = header["__metadata__"]
+    m.pop("checksum")
+    m.update(meta or {})
+    if layers is not None:
+        m["layers"] = json.dumps(layers(json.loads(m["layers"])))
+    for name, change in (tensors or {}).items():
+        header[name] = {**header[name], **change}
+    m["checksum"] = _digest(header, body)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+
+
+def _edit(k, **fields):
+    def f(L):
+        L = [dict(e) for e in L]
+        L[k].update(fields)
+        return L
+    return f
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"meta": {"format_version": "1"}}, ["format_version 1", "'mamba3'"]),
+    ({"meta": {"format_version": "3"}}, ["format_version <= 2", "upgrade"]),
+    ({"layers": _edit(0, k_shape=[2, 2, 8])}, ["k_shape", "4 integers"]),
+    ({"layers": _edit(0, angle_dtype="int8")}, ["angle_dtype", "int8"]),
+    ({"layers": lambda L: [{k: v for k, v in L[0].items() if k != "v_dtype"}] + L[1:]}, ["missing", "v_dtype"]),
+    ({"layers": _edit(0, kind="mamba2")}, ["conv_shape", "missing"]),
+    ({"layers": _edit(1, kind="mamba3")}, ["angle_shape", "missing"]),
+    ({"layers": _edit(0, device=7)}, ["device"]),
+    ({"tensors": {"layers.0.k_state": {"shape": [2, 1, 2, 9]}}}, ["layers.0.k_state", "shape"]),
+    ({"tensors": {"layers.5.angle_dt_state": {"dtype": "F16"}}}, ["layers.5.angle_dt_state", "dtype"]),
+])
+def test_hostile_mamba3_entries_are_refused(tmp_path, change, words):
+    """The reader's checks cover the Mamba-3 layout: every forged entry (valid checksum) is refused by name."""
+    bad = tmp_path / "bad.st"
+    _forge(os.path.join(FIXTURES, "format2-mamba3-model.safetensors"), bad, **change)
+    for load in (load_state, MambaModelState.load, read_metadata):
+        with pytest.raises(StateFormatError) as info:
+            load(bad)
+        text = str(info.value)
+        assert str(bad) in text and "expected" in text and "found" in text, text
+        assert all(w in text for w in words), (words, text)
+
+
+def test_inconsistent_mamba3_shapes_and_flipped_bytes_are_refused(tmp_path):
+    src = os.path.join(FIXTURES, "format2-mamba3-model.safetensors")
+    bad = tmp_path / "bad.st"
+    # v_state's headdim disagrees with ssm_state's, shapes and offsets kept consistent in the file itself
+    header, body = _split(src)
+    _forge(src, bad, layers=_edit(0, v_shape=[2, 4, 2]), tensors={"layers.0.v_state": {"shape": [2, 4, 2]}})
+    with pytest.raises(StateFormatError, match="consistent mamba-state file.*nheads"):
+        MambaModelState.load(bad)
+    data = bytearray(open(src, "rb").read())
+    data[-5] ^= 0x40
+    bad.write_bytes(bytes(data))
+    with pytest.raises(StateFormatError, match="checksum"):
+        MambaModelState.load(bad)
+    with pytest.raises(StateFormatError, match="expected a model state, found a single-layer state"):
+        MambaModelState.load(os.path.join(FIXTURES, "format2-mamba3-layer.safetensors"))
+
+
+def _upstream_m3(d_model=32, d_state=16, headdim=8, layer_idx=0, dtype=torch.float32):
+    from mamba_ssm.modules.mamba3 import Mamba3
+
+    torch.manual_seed(layer_idx)
+    return Mamba3(d_model, d_state=d_state, headdim=headdim, layer_idx=layer_idx, dtype=dtype)
+
+
+def _m3_lm(n_layer=2, dtype=D64):
+    """docs/mamba3.md's recipe: upstream's MambaLMHeadModel with every mixer replaced by a Mamba3."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.modules.mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=n_layer, vocab_size=64,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 8}, rms_norm=True, fused_add_norm=False,
+                      residual_in_fp32=True, pad_vocab_size_multiple=8)
+    model = MambaLMHeadModel(cfg)
+    for i, block in enumerate(model.backbone.layers):
+        block.mixer = Mamba3(32, d_state=16, headdim=8, layer_idx=i)
+    return model.to(dtype)
+
+
+def test_save_with_model_records_and_checks_the_mamba3_layout(upstream, tmp_path):
+    model = _m3_lm()
+    lm = ms.StatefulMambaLM(model, state_dtype=D64)
+    state = lm(torch.randint(0, 64, (2, 5)))[1]
+    path = tmp_path / "s.st"
+    state.save(path, model=lm)
+    assert model_bit_identical(MambaModelState.load(path, model=lm), state)
+    assert model_bit_identical(MambaModelState.load(path, model=model), state)  # the upstream model's layout too
+    layout = json.loads(_split(path)[0]["__metadata__"]["model_layout"])
+    assert layout["0"] == {"kind": "mamba3", "angle_shape": [8, 4], "ssm_shape": [8, 8, 16], "k_shape": [1, 8, 16],
+                           "v_shape": [8, 8]}
+    other = _m3_lm(n_layer=2)
+    other.backbone.layers[1].mixer = type(other.backbone.layers[1].mixer)(32, d_state=32, headdim=8, layer_idx=1)
+    with pytest.raises(StateCompatibilityError, match=r"layer 1 angle_shape: expected \[8, 8\] \(model\), found "
+                                                      r"\[8, 4\]"):
+        MambaModelState.load(path, model=other)
+    with pytest.raises(StateCompatibilityError, match="layer 1 angle_shape"):
+        state.save(tmp_path / "no.st", model=other)
+    assert not (tmp_path / "no.st").exists()
+
+
+# ---------------------------------------------------------------------------------------------- interop
+def test_interop_with_upstream_mamba3_cache(upstream):
+    """get / set / zero on upstream's InferenceParams for a Mamba3 layer: the 4-tuple upstream's
+    ``_get_states_from_cache`` keeps (angle and ssm float32, k and v in the parameters' dtype), copied in place."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    layer = _upstream_m3(dtype=torch.bfloat16)
+    ip = InferenceParams(max_seqlen=16, max_batch_size=3)
+    assert ms.get_inference_state(layer, ip) is None
+    want = layer._get_states_from_cache(InferenceParams(max_seqlen=16, max_batch_size=3), 3)  # upstream's allocation
+    state = m3_state(3, nheads=8, headdim=8, d_state=16, nangles=4, seed=1, dtypes=(D64,) * 4)
+    ms.set_inference_state(layer, state, ip)
+    cached = ip.key_value_memory_dict[0]
+    assert len(cached) == 4
+    assert [(t.shape, t.dtype) for t in cached] == [(t.shape, t.dtype) for t in want]
+    ptrs = [t.data_ptr() for t in cached]
+    got = ms.get_inference_state(layer, ip)
+    assert got.kind == "mamba3" and got.tensor_names == ms.state.containers.FAMILY_TENSORS["mamba3"]
+    for name, t in got.tensors.items():  # cast into upstream's dtypes, as Tensor.copy_ casts (NaN, inf kept)
+        assert torch.equal(bits(t), bits(state.tensors[name].to(t.dtype))), name
+    second = m3_state(3, nheads=8, headdim=8, d_state=16, nangles=4, seed=2, dtypes=(torch.float32,) * 4)
+    ms.set_inference_state(layer, second, ip)  # in place: upstream's step reads these very tensors
+    assert [t.data_ptr() for t in ip.key_value_memory_dict[0]] == ptrs
+    ms.zero_inference_state(layer, ip)
+    assert all(t.abs().sum() == 0 for t in ip.key_value_memory_dict[0])
+    # wrong family, wrong shape, wrong batch: refused by name, the cache unchanged
+    ms.set_inference_state(layer, second, ip)
+    before = [t.clone() for t in ip.key_value_memory_dict[0]]
+    with pytest.raises(StateCompatibilityError, match="kind: expected mamba3 .layer., found mamba1"):
+        ms.set_inference_state(layer, rand_state("mamba1", 3), ip)
+    with pytest.raises(StateCompatibilityError, match="angle_shape: expected \\[8, 4\\]"):
+        ms.set_inference_state(layer, m3_state(3, nheads=8, headdim=8, d_state=16, nangles=2), ip)
+    with pytest.raises(StateShapeError, match="batch size 3"):
+        ms.set_inference_state(layer, m3_state(2, nheads=8, headdim=8, d_state=16, nangles=4), ip)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, ip.key_value_memory_dict[0]))
+    ip.key_value_memory_dict[0] = before[:2]
+    with pytest.raises(StateCompatibilityError, match="angle_dt_state, ssm_state, k_state, v_state. tuple"):
+        ms.get_inference_state(layer, ip)
+
+
+def test_model_interop_over_mamba3_blocks(upstream):
+    """get_model_state / set_model_state over an upstream model of Mamba3 blocks and over its StatefulMambaLM: the
+    state a forward of ours returns goes into upstream's cache and comes back equal (cast into upstream's dtypes)."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    model = _m3_lm(dtype=torch.float32)
+    lm = ms.StatefulMambaLM(model)
+    _, state = lm(torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0)))
+    state.seqlen_offset = 6
+    for target in (model, lm):
+        ip = InferenceParams(max_seqlen=32, max_batch_size=2)
+        assert ms.get_model_state(target, ip) is None
+        ms.set_model_state(target, state, ip)
+        assert ip.seqlen_offset == 6 and len(ip.key_value_memory_dict[1]) == 4
+        back = ms.get_model_state(target, ip)
+        assert back.seqlen_offset == 6 and back.allclose(state, rtol=0, atol=0)
+        ms.zero_model_state(target, ip)
+        assert ip.seqlen_offset == 0 and all(t.abs().sum() == 0 for t in ip.key_value_memory_dict[0])
+    # all or nothing: layer 1 of the wrong family leaves layer 0's cache as it was
+    ip = InferenceParams(max_seqlen=32, max_batch_size=2)
+    ms.set_model_state(model, state, ip)
+    before = [t.clone() for t in ip.key_value_memory_dict[0]]
+    bad = MambaModelState({0: state[0].clone().zero_(), 1: rand_state("mamba2", 2)})
+    with pytest.raises(StateCompatibilityError, match="layer 1 kind"):
+        ms.set_model_state(model, bad, ip)
+    assert all(torch.equal(a, b) for a, b in zip(before, ip.key_value_memory_dict[0]))
+
+
+def test_bad_state_arguments_keep_naming_expected_and_found(upstream):
+    from mamba_ssm.utils.generation import InferenceParams
+
+    layer = _upstream_m3()
+    with pytest.raises(StateError, match="expected a MambaInferenceState, found str"):
+        ms.set_inference_state(layer, "state", InferenceParams(max_seqlen=4, max_batch_size=1))
+    s = m3_state(1, nheads=8, headdim=8, d_state=16, nangles=4)
+    s.k_state = s.k_state.to(torch.int32)
+    with pytest.raises(StateCompatibilityError, match="k_state dtype: expected a real floating dtype"):
+        ms.set_inference_state(layer, s, InferenceParams(max_seqlen=4, max_batch_size=1))

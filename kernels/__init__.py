@@ -3,7 +3,7 @@
 * :func:`selective_scan_fn` — drop-in superset of upstream's ``selective_scan_fn`` (initial state, final state,
   per-step resets; differentiable in every input).
 * :func:`selective_state_update` — one decoding step, state updated in place.
-* :func:`add_rms_norm` — residual add and RMSNorm in one pass (upstream's fused add-norm), for inference.
+* :func:`add_rms_norm` — residual add and RMSNorm in one pass (upstream's fused add-norm), differentiable.
 * :func:`causal_conv1d` — causal depthwise conv1d continuing a carried window, with resets (Triton forward for
   inference; the differentiable reference where gradients are needed).
 

@@ -10,6 +10,7 @@ import triton.language as tl
 
 # exp(x) = exp2(x * LOG2E): the scan kernels fold LOG2E into A once and then call the cheaper exp2 per step
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # 1 / LOG2E
 # time steps per tile in the scan kernels: each input is read as [rows, TILE] and split into its columns in
 # registers (selective_scan/triton_kernels.py's _split8 and _join8 are written for 8); chunks are multiples of it
 TILE: tl.constexpr = tl.constexpr(8)

@@ -122,3 +122,26 @@ def test_gpu_conv_gradients_at_model_size():
     for name, a, r in zip(("weight", "bias", "conv_state"), got[1:], ref[1:]):
         # float32 sums over batch * L bf16-exact products
         torch.testing.assert_close(a, r, atol=1e-2, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("W", [2, 3, 4, 5])
+@pytest.mark.parametrize("silu", [True, False])
+def test_each_backward_kernel_matches_float64_reference(W, silu):
+    """Widths up to 4 take the 4-tap backward kernel, wider ones the general kernel: both with a state, resets
+    (one at step 0, adjacent ones), a bias, and a time block boundary inside the sequence (L > 128)."""
+    g = torch.Generator().manual_seed(100 + W)
+    batch, ch, L = 2, 11, 140
+    x = torch.randn(batch, ch, L, generator=g)
+    w = torch.randn(ch, 1, W, generator=g)
+    b = torch.randn(ch, generator=g)
+    state = torch.randn(batch, ch, W, generator=g)
+    reset = torch.rand(batch, L, generator=g) < 0.15
+    reset[0, 0] = True
+    reset[1, 127:130] = True
+    weights = (torch.randn(batch, ch, L, generator=g, dtype=torch.float64),
+               torch.randn(batch, ch, W, generator=g, dtype=torch.float64))
+    _, _, grads = _grads(x, w, b, state, reset, silu, "slice", weights)
+    _, _, ref = _grads(x, w, b, state, reset, silu, "float64", weights)
+    for name, got, want in zip(("x", "weight", "bias", "conv_state"), grads, ref):
+        scale = 1e-5 * (1 + (batch * L if name in ("weight", "bias") else W))
+        torch.testing.assert_close(got, want, atol=scale, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -27,8 +27,13 @@ def _time_stride_one(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(bsz: int, ch: int, L: int) -> tuple[int, int, int]:
-    return ((L + _BL - 1) // _BL, (ch + _BD - 1) // _BD, bsz)
+# the backward for widths <= 4 keeps 7 shifted input tiles and 4 pre-activations live: 8 channels a program, so
+# that each thread holds 8 elements a tile
+_BD_BWD4 = 8
+
+
+def _grid(bsz: int, ch: int, L: int, bd: int = _BD) -> tuple[int, int, int]:
+    return ((L + _BL - 1) // _BL, (ch + bd - 1) // bd, bsz)
 
 
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
@@ -71,7 +76,9 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     bsz, ch, L = x.shape
     W = weight.shape[1]
     dout = torch.zeros_like(x) if dout is None else _time_stride_one(dout)
-    grid = _grid(bsz, ch, L)
+    narrow = W <= 4  # Mamba's d_conv: every shifted load and pre-activation once (_causal_conv_bwd4_kernel)
+    bd = _BD_BWD4 if narrow else _BD
+    grid = _grid(bsz, ch, L, bd)
     f32 = torch.float32
     dx = torch.empty_like(x)
     dw_part = torch.empty(bsz * grid[0], ch, W, device=x.device, dtype=f32)
@@ -80,10 +87,11 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     dstate = torch.empty(bsz, ch, W, device=x.device, dtype=f32) if state_grad else None
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     with launch_device(x):
-        K._causal_conv_bwd_kernel[grid](
+        kernel = K._causal_conv_bwd4_kernel if narrow else K._causal_conv_bwd_kernel
+        kernel[grid](
             x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate,
             ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=_BD, BL=_BL, num_warps=4,
+            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=_BL, num_warps=4,
         )
     dw, db = dw_part.sum(0), db_part.sum(0) if db_part is not None else None
     if dnew is not None:

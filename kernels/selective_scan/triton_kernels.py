@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import LOG2E, TILE, _channel_offsets, _sigmoid, _softplus, optional_inputs
+from .._jit import LN2, LOG2E, TILE, _channel_offsets, _sigmoid, _softplus, optional_inputs
 
 
 @triton.jit
@@ -299,14 +299,16 @@ def _cols8(ptr, row1, t0, L, mask_n):
 
 
 @triton.jit
-def _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.constexpr):
+def _bstep(h, gA, A2, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.constexpr):
     """Reverse of step I of a tile (xs: the tile's 9 states, xs[I] before the step; d, v, b, c, k, g: the
     columns of dt, dt*u, B, C, keep and gy). h enters as dL/dx after the step from later steps only and leaves as
     dL/dx before it.
 
     ``gy`` is the gradient reaching y = C . x (after the gate). The decay exp(dt*A) (times keep) is recomputed
     here rather than kept from the forward recompute: fewer live registers.
-    Returns (h, gA, gC [BN], gB [BN], hb [BD] = sum_n h*B, gdt_state [BD] = sum_n h*x_prev*a*A).
+    Returns (h, gA, gC [BN], gB [BN], hb [BD] = sum_n h*B, gdt_state [BD] = sum_n h*x_prev*a*A2, which is
+    LOG2E times the gradient reaching dt through the decay: the caller scales it, so that A itself need not stay
+    live next to A2).
     """
     dt = d[I]
     a = tl.exp2(dt[:, None] * A2)
@@ -319,27 +321,27 @@ def _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.co
     hb = tl.sum(h * b[I][None, :], 1)
     hx = h * (xs[I] * a)
     gA = gA + hx * dt[:, None]
-    gdt = tl.sum(hx * A, 1)
+    gdt = tl.sum(hx * A2, 1)
     h = h * a
     return h, gA, gC, gB, hb, gdt
 
 
 @triton.jit
-def _bsteps8(h, gA, A2, A, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.constexpr,
+def _bsteps8(h, gA, A2, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.constexpr,
              HAS_RESET: tl.constexpr):
     """The 8 reverse steps of a tile, last step first (arguments as _bstep's; u and dt: the tile's [BD, 8]).
     Returns (h, gA, and as tiles: the gradient reaching dt through the state and u through the state
     [BD, 8], gC and gB [BN, 8])."""
-    h, gA, gC7, gB7, hb7, gt7 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 7, HAS_RESET)
-    h, gA, gC6, gB6, hb6, gt6 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 6, HAS_RESET)
-    h, gA, gC5, gB5, hb5, gt5 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 5, HAS_RESET)
-    h, gA, gC4, gB4, hb4, gt4 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 4, HAS_RESET)
-    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 3, HAS_RESET)
-    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 2, HAS_RESET)
-    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 1, HAS_RESET)
-    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, A, xs, d, v, b, c, k, g, 0, HAS_RESET)
+    h, gA, gC7, gB7, hb7, gt7 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 7, HAS_RESET)
+    h, gA, gC6, gB6, hb6, gt6 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 6, HAS_RESET)
+    h, gA, gC5, gB5, hb5, gt5 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 5, HAS_RESET)
+    h, gA, gC4, gB4, hb4, gt4 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 4, HAS_RESET)
+    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 3, HAS_RESET)
+    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 2, HAS_RESET)
+    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 1, HAS_RESET)
+    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 0, HAS_RESET)
     hb = _join8(hb0, hb1, hb2, hb3, hb4, hb5, hb6, hb7, BD)
-    gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) + u * hb
+    gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) * LN2 + u * hb
     gu = dt * hb
     gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
     gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
@@ -451,7 +453,7 @@ def _scan_bwd_kernel(
             k = _split8(keep, 1)
             gs = _split8(gy, BD)
             xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
-            h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, A, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
+            h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
             if HAS_D:
                 gu = gu + Dv[:, None] * gy
                 gD += tl.sum(tl.where(m2, gy * u, 0.0), 1)

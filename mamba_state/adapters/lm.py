@@ -73,23 +73,20 @@ def _wrap_mixer(mixer: nn.Module, idx: int, state_dtype: torch.dtype, backend: s
 
 @functools.lru_cache(maxsize=None)
 def _kernel_add_norm():
-    """The Triton launch of ``mamba_state.kernels.add_rms_norm``, or None without Triton (cached: asked by every
-    block)."""
+    """The Triton launches of ``mamba_state.kernels.add_rms_norm`` as ``(inference, autograd)``, or None without
+    Triton (cached: asked by every block)."""
     try:
-        from mamba_state.kernels.add_norm import add_rms_norm_triton
+        from mamba_state.kernels.add_norm import add_rms_norm_autograd, add_rms_norm_triton
     except Exception:  # triton missing
         return None
-    return add_rms_norm_triton
+    return add_rms_norm_triton, add_rms_norm_autograd
 
 
 def _one_pass_add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
                        ops: DeviceOps) -> bool:
-    """Whether the add + RMSNorm of a ``fused_add_norm`` block runs as one Triton kernel: an RMSNorm without bias,
-    no gradient needed, not float64, and the Triton backend for ``hidden``'s device (CUDA, or forced)."""
+    """Whether the add + RMSNorm of a ``fused_add_norm`` block runs as one Triton kernel each way: an RMSNorm
+    without bias, not float64, and the Triton backend for ``hidden``'s device (CUDA, or forced)."""
     if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None or hidden.dtype == torch.float64:
-        return False
-    weight = cast(torch.Tensor, norm.weight)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, residual, weight)):
         return False
     return ops.triton and _kernel_add_norm() is not None
 
@@ -114,8 +111,12 @@ class _Block(nn.Module):
         """``(norm(hidden + residual), hidden + residual)`` with upstream's dtypes for either variant."""
         if self.fused_add_norm and _one_pass_add_norm(hidden, residual, norm, ops):
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
-            return _kernel_add_norm()(hidden, residual, norm.weight, eps,
-                                      torch.float32 if self.residual_in_fp32 else hidden.dtype)
+            weight = cast(torch.Tensor, norm.weight)
+            infer, train = _kernel_add_norm()
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                   for t in (hidden, residual, weight))
+            return (train if grad else infer)(hidden, residual, weight, eps,
+                                              torch.float32 if self.residual_in_fp32 else hidden.dtype)
         if self.fused_add_norm:  # upstream's kernel adds in float32 and normalises in float32
             ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             r = hidden.to(ct) if residual is None else hidden.to(ct) + residual.to(ct)

@@ -1,0 +1,214 @@
+"""The continuous-batching engine (issue 19): every request's tokens equal a solo ``generate`` with the same
+options and seed whatever joins or leaves the batch, prefixes served from the cache, sessions resumed by the
+resume law, cancellation, overload and argument errors. A tiny float64 model on the CPU (float64, so that the
+last-bit differences of matrix kernels between batch sizes cannot flip a token)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mamba_state.adapters import StatefulMambaLM
+from mamba_state.cache import StateCache
+from mamba_state.errors import StateError
+from mamba_state.generation import SamplingConfig, generate
+from mamba_state.serve import Engine, EngineOverloadedError
+
+VOCAB = 29
+
+
+def _lm(seed=0):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=16, n_layer=2, vocab_size=VOCAB, d_intermediate=0, ssm_cfg={"d_state": 4}, rms_norm=True,
+               fused_add_norm=True, residual_in_fp32=True, tie_embeddings=True, pad_vocab_size_multiple=8)
+    lm = StatefulMambaLM.from_config(cfg, dtype=torch.float64, state_dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+    return lm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _lm()
+
+
+SAMPLINGS = [None, SamplingConfig(temperature=0.7), SamplingConfig(top_k=5, temperature=1.3),
+             SamplingConfig(top_p=0.8), SamplingConfig(min_p=0.1), SamplingConfig(repetition_penalty=1.5),
+             SamplingConfig(do_sample=True, top_k=3, repetition_penalty=0.8)]
+
+
+def _solo(lm, prompt, k, sampling, seed, eos, state=None):
+    out = generate(lm, torch.tensor([prompt]), state, max_new_tokens=k, sampling=sampling, seed=seed,
+                   eos_token_id=eos)
+    return out.sequences[0, len(prompt):].tolist(), out
+
+
+request = st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12),  # prompt
+                    st.integers(1, 10),  # max_new_tokens
+                    st.integers(0, len(SAMPLINGS) - 1),
+                    st.one_of(st.none(), st.integers(0, 2**40)),  # seed
+                    st.one_of(st.none(), st.integers(0, VOCAB - 1)),  # eos
+                    st.integers(0, 4))  # engine steps to run before submitting the next one
+
+
+@settings(max_examples=8)
+@given(st.lists(request, min_size=1, max_size=12), st.integers(1, 5))
+def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_batch):
+    engine = Engine(lm, StateCache(lm), max_batch=max_batch, max_queue=100)
+    handles = []
+    for prompt, k, si, seed, eos, wait in requests:
+        sampling = SAMPLINGS[si]
+        if seed is None and sampling is not None and not sampling.do_sample:
+            seed = 5  # unseeded sampling draws from the global generator: not reproducible, not comparable
+        handles.append((prompt, k, sampling, seed, eos, engine.submit(prompt, max_new_tokens=k, sampling=sampling,
+                                                                      seed=seed, eos_token_id=eos)))
+        for _ in range(wait):
+            engine.step()
+    engine.run_until_idle()
+    for prompt, k, sampling, seed, eos, h in handles:
+        if sampling is not None and sampling.do_sample and seed is None:
+            assert len(h.result()) <= k
+            continue
+        expected, _ = _solo(lm, prompt, k, sampling, seed, eos)
+        assert h.result() == expected, (prompt, k, sampling, seed, eos)
+        assert h.finish_reason == ("stop" if eos is not None and expected[-1] == eos else "length")
+
+
+def test_many_requests_through_growing_and_shrinking_buckets(lm):
+    engine = Engine(lm, StateCache(lm), max_batch=8)
+    g = torch.Generator().manual_seed(3)
+    reqs = []
+    for i in range(20):
+        prompt = torch.randint(0, VOCAB, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        k = 1 + (i * 7) % 13
+        reqs.append((prompt, k, engine.submit(prompt, max_new_tokens=k, seed=i, sampling=SAMPLINGS[i % 7])))
+        if i % 3 == 0:
+            engine.step()
+    capacities = set()
+    while not engine.idle:
+        engine.step()
+        capacities.add(engine.batch.capacity)
+    assert {1, 2, 4, 8} & capacities and max(capacities) <= 8
+    for i, (prompt, k, h) in enumerate(reqs):
+        assert h.result() == _solo(lm, prompt, k, SAMPLINGS[i % 7], i, None)[0]
+
+
+def test_prefix_from_cache_gives_the_same_tokens(lm):
+    cache = StateCache(lm)
+    engine = Engine(lm, cache, cache_every=4)
+    system = list(range(1, 11))
+    first = engine.submit(system + [3, 4], max_new_tokens=5, seed=1, sampling=SAMPLINGS[1])
+    engine.run_until_idle()
+    second = engine.submit(system + [7, 8, 9], max_new_tokens=5, seed=2, sampling=SAMPLINGS[2])
+    engine.run_until_idle()
+    assert second.cached_tokens == 8  # the state at 8 (every 4) of the shared 10 tokens
+    assert second.result() == _solo(lm, system + [7, 8, 9], 5, SAMPLINGS[2], 2, None)[0]
+    # a chat turn extending the first conversation starts from where it stopped
+    convo = system + [3, 4] + first.result()
+    third = engine.submit(convo + [5], max_new_tokens=4)
+    engine.run_until_idle()
+    assert third.cached_tokens == len(convo) - 1
+    assert third.result() == _solo(lm, convo + [5], 4, None, None, None)[0]
+
+
+def test_session_resumes_by_the_resume_law(lm, tmp_path):
+    cache = StateCache(lm, directory=tmp_path)
+    engine = Engine(lm, cache)
+    a = engine.submit([1, 2, 3, 4], max_new_tokens=6, seed=9, sampling=SAMPLINGS[1], session_id="chat")
+    engine.run_until_idle()
+    parked, extra = cache.get_session("chat")
+    expected_a, out = _solo(lm, [1, 2, 3, 4], 6, SAMPLINGS[1], 9, None)
+    assert parked.seqlen_offset == out.state.seqlen_offset and extra["pending"] == expected_a[-1]
+    assert parked.allclose(out.state, rtol=1e-10, atol=1e-12)  # the state the solo call returns
+    b = engine.submit([5, 6], max_new_tokens=5, seed=9, sampling=SAMPLINGS[1], session_id="chat")
+    engine.run_until_idle()
+    assert a.result() == expected_a
+    nxt = torch.cat([out.sequences[:, -1:], torch.tensor([[5, 6]])], 1)
+    resumed = generate(lm, nxt, out.state, max_new_tokens=5, sampling=SAMPLINGS[1], seed=9)
+    assert b.result() == resumed.sequences[0, 3:].tolist() and b.cached_tokens == 4 + 6 - 1
+    # an empty prompt continues the session from its last token; a restarted engine finds it on disk
+    engine2 = Engine(lm, StateCache(lm, directory=tmp_path))
+    c = engine2.submit([], max_new_tokens=3, session_id="chat")
+    engine2.run_until_idle()
+    again = generate(lm, resumed.sequences[:, -1:], resumed.state, max_new_tokens=3)
+    assert c.result() == again.sequences[0, 1:].tolist()
+
+
+def test_two_requests_of_one_session_run_one_after_the_other(lm):
+    engine = Engine(lm, StateCache(lm))
+    a = engine.submit([1, 2], max_new_tokens=4, session_id="s")
+    b = engine.submit([3], max_new_tokens=4, session_id="s")
+    engine.run_until_idle()
+    _, out = _solo(lm, [1, 2], 4, None, None, None)
+    ref = generate(lm, torch.cat([out.sequences[:, -1:], torch.tensor([[3]])], 1), out.state, max_new_tokens=4)
+    assert b.result() == ref.sequences[0, 2:].tolist() and a.result() == out.sequences[0, 2:].tolist()
+
+
+def test_cancel_parks_the_state(lm):
+    engine = Engine(lm, StateCache(lm))
+    h = engine.submit([1, 2, 3], max_new_tokens=50, session_id="c")
+    for _ in range(4):
+        engine.step()
+    h.cancel()
+    engine.run_until_idle()
+    got = h.result()
+    assert h.finish_reason == "cancelled" and 0 < len(got) < 50
+    full, _ = _solo(lm, [1, 2, 3], 50, None, None, None)
+    assert got == full[:len(got)]
+    cont = engine.submit([], max_new_tokens=5, session_id="c")
+    engine.run_until_idle()
+    assert cont.result() == full[len(got):len(got) + 5]
+
+
+def test_overload_and_bad_arguments(lm):
+    engine = Engine(lm, StateCache(lm), max_queue=2)
+    engine.submit([1], max_new_tokens=1)
+    engine.submit([1], max_new_tokens=1)
+    with pytest.raises(EngineOverloadedError, match="max_queue=2"):
+        engine.submit([1], max_new_tokens=1)
+    engine.run_until_idle()
+    assert engine.stats()["rejected"] == 1 and engine.stats()["finished"] == 2
+    with pytest.raises(StateError, match=r"prompt: expected token ids in \[0, 28\], found 29"):
+        engine.submit([29], max_new_tokens=1)
+    with pytest.raises(StateError, match="max_new_tokens: expected an int in"):
+        engine.submit([1], max_new_tokens=0)
+    with pytest.raises(StateError, match="at least one token"):
+        engine.submit([], max_new_tokens=1)
+    with pytest.raises(StateError, match="seed"):
+        engine.submit([1], max_new_tokens=1, seed=1.5)
+    with pytest.raises(StateError, match="eos_token_id"):
+        engine.submit([1], max_new_tokens=1, eos_token_id=[99])
+    h = engine.submit([], max_new_tokens=1, session_id="never-parked")
+    engine.run_until_idle()
+    with pytest.raises(StateError, match="expected a parked session or prompt tokens"):
+        h.result()
+
+
+def test_engine_thread_serves_concurrent_submitters(lm):
+    import threading
+
+    engine = Engine(lm, StateCache(lm), max_batch=4)
+    engine.start()
+    results: dict[int, list[int]] = {}
+
+    def client(i):
+        results[i] = list(engine.submit([i + 1, 2], max_new_tokens=6, seed=i, sampling=SAMPLINGS[1]))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.stop()
+    for i in range(10):
+        assert results[i] == _solo(lm, [i + 1, 2], 6, SAMPLINGS[1], i, None)[0]

@@ -25,8 +25,7 @@ SHAPES = [(8, 1536, 2048), (8, 2048, 2048), (4, 5120, 2048), (1, 1536, 16384)]
 VARIANTS = [
     {},
     {"BWD": "seq"}, {"BWD": "chunk"},
-    {"BWD_BD": 4}, {"BWD_BD": 16},
-    {"BWD_WARPS": 2}, {"BWD_BD": 16, "BWD_WARPS": 2},
+    {"BWD_BD": 8}, {"BWD_BD": 32},
     {"chunk_size": 64}, {"chunk_size": 256},
 ]
 

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"],
                    help="write the checkpoint every this many updates (0: only at the end)")
     g.add_argument("--eval-envs", type=int, default=D["eval_envs"], help="greedy evaluation episodes at the end")
+    g.add_argument("--eval-mode", choices=["step", "open-loop"], default=D["eval_mode"],
+                   help="final evaluation at the training horizon: step by step, or open loop (whole episodes "
+                        "through forward_sequence in chunks; the same episodes and answers, fast at long horizons)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (tqdm, with an ETA; without tqdm a line every 10 updates)")
     g.add_argument("--threads", type=int, default=D["threads"],

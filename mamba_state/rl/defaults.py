@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "backend": None, "noise_channels": 4, "noise_std": 0.1, "distractor_bits": False, "shaping": 0.0,
     "checkpoint_every": 10, "resume": False, "eval_envs": 256, "progress": True, "threads": None,
     "max_seconds": None, "eval_horizons": None, "init_from": None, "dt_min": 0.001, "dt_max": 0.1,
-    "collect": "auto", "graph_steps": 16,
+    "collect": "auto", "graph_steps": 16, "eval_mode": "step",
     # Mamba initialisations for long memory (mamba_state.rl.memory); these defaults are upstream's
     "dt_init_floor": 1e-4, "dt_bias_init": "upstream", "chrono_tmax": None, "a_init": "upstream",
     "memory_fraction": 0.5, "memory_retention": [0.999, 0.99999],

@@ -137,6 +137,8 @@ def train(opts: dict[str, Any], log=print) -> dict[str, Any]:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise StateError(f"{key}: expected a number >= 0, found {value!r}")
+    if o["eval_mode"] not in ("step", "open-loop"):
+        raise StateError(f"eval_mode: expected 'step' or 'open-loop', found {o['eval_mode']!r}")
     with distributed(o["device"]) as ctx:
         with _cpu_threads(o["threads"], ctx.device if ctx.enabled else resolve_device(o["device"])):
             return _train(o, ctx, log)
@@ -272,9 +274,11 @@ def _train(o: dict[str, Any], ctx: DistContext, log) -> dict[str, Any]:
 
 def _summarise(o: dict[str, Any], env: DelayedRecall, policy: Any, trainer: PPOTrainer, last: dict[str, Any],
                sps: list[float], train_seconds: float, ctx: DistContext) -> dict[str, Any]:
-    ev = evaluate(policy, o["horizon"], o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
-                  noise_channels=o["noise_channels"], noise_std=o["noise_std"],
-                  distractor_bits=o["distractor_bits"], shaping=o["shaping"])
+    # open loop: the same episodes and answers through forward_sequence in chunks (fast at long horizons)
+    ev = (evaluate if o["eval_mode"] == "step" else evaluate_open_loop)(
+        policy, o["horizon"], o["num_bits"], num_envs=int(o["eval_envs"]), seed=int(o["seed"]) + 1000,
+        noise_channels=o["noise_channels"], noise_std=o["noise_std"], distractor_bits=o["distractor_bits"],
+        shaping=o["shaping"])
     summary = {
         "controller": o["controller"], "horizon": o["horizon"], "num_bits": o["num_bits"], "seed": o["seed"],
         "num_envs": o["num_envs"], "rollout_len": trainer.config.rollout_len, "updates": trainer.updates,
@@ -282,7 +286,7 @@ def _summarise(o: dict[str, Any], env: DelayedRecall, policy: Any, trainer: PPOT
         "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
         "world_size": ctx.world_size,
         "eval_success_rate": ev["success_rate"], "eval_episodes": ev["episodes"],
-        "eval_steps_per_s": ev["steps_per_s"],
+        "eval_steps_per_s": ev["steps_per_s"], "eval_mode": o["eval_mode"],
         "train_success_rate_last": last.get("window_success_rate", math.nan),
         "train_steps_per_s_median": sorted(sps)[len(sps) // 2] if sps else math.nan,
         "train_seconds_this_session": train_seconds,

@@ -1,0 +1,44 @@
+"""benchmarks/rl_long_horizon.py: a run spans several calls (--max-seconds and --resume), the report has a row
+for every planned run with its status, and finished runs lose their checkpoint (the folder stays small)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("rl_long_horizon", ROOT / "benchmarks" / "rl_long_horizon.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_run_spans_two_calls_and_the_report_states_what_ran(tmp_path, capsys):
+    drv = _driver()
+    out = tmp_path / "lh"
+    plan = ["--out", str(out), "--smoke", "--horizons", "2", "--bits", "1", "--seeds", "0", "--variants", "gru",
+            "mamba", "--run-seconds", "6", "--grace", "30"]
+    # call 1: only room for part of the first run (share = budget - reserve = 5 s of its 6)
+    assert drv.main(["run", *plan, "--budget", "11", "--reserve", "6", "--min-slot", "5"]) == 0
+    gru = out / "gru_h2_b1_s0"
+    first = [json.loads(x) for x in (gru / "metrics.jsonl").read_text().splitlines()]
+    assert (gru / "checkpoint.pt").exists() and not (gru / "FINISHED").exists()
+    rows = {r["name"]: r for r in drv.rows(out)}
+    assert rows["gru_h2_b1_s0"]["status"] == "in progress" and rows["mamba_h2_b1_s0"]["status"] == "not run"
+    # call 2: the same run continues from its checkpoint and finishes (its checkpoint is then deleted)
+    assert drv.main(["run", "--out", str(out), "--budget", "12", "--reserve", "2", "--min-slot", "9",
+                     "--smoke"]) == 0
+    lines = [json.loads(x) for x in (gru / "metrics.jsonl").read_text().splitlines()]
+    assert [m["update"] for m in lines] == list(range(1, len(lines) + 1)) and len(lines) > len(first)
+    assert lines[-1]["train_seconds"] >= 6 and (gru / "FINISHED").exists() and not (gru / "checkpoint.pt").exists()
+    assert "resumed from" in (gru / "stdout.log").read_text()
+    capsys.readouterr()
+    assert drv.main(["report", "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "2 runs planned: 1 finished, 0 in progress" in md and "1 not run" in md
+    assert "| gru | 2 | 1 | 0 | finished |" in md and "| mamba | 2 | 1 | 0 | not run | 0 | 0 | - |" in md
+    assert json.loads((out / "plan.json").read_text())["runs"][0]["run_seconds"] == 6

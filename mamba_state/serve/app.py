@@ -124,8 +124,10 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
                         headers={"Retry-After": "1"} if status == 503 else None)
 
 
-def build_app(engine: Engine, tokenizer: Any = None, model_name: str = "mamba-state") -> Any:
-    """The FastAPI app serving ``engine`` (started and stopped with the app's lifespan)."""
+def build_app(engine: Engine, tokenizer: Any = None, model_name: str = "mamba-state",
+              on_stop: Any = None) -> Any:
+    """The FastAPI app serving ``engine`` (started and stopped with the app's lifespan; ``on_stop()``, when
+    given, is called once the engine has stopped and parked the requests in flight)."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -135,6 +137,8 @@ def build_app(engine: Engine, tokenizer: Any = None, model_name: str = "mamba-st
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            if on_stop is not None:
+                on_stop()
 
     app = FastAPI(title="mamba-state serve", lifespan=lifespan)
 

@@ -105,12 +105,19 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     engine = Engine(lm, cache, max_batch=args.max_batch, max_queue=args.max_queue, cache_every=args.cache_every,
                     cuda_graph=not args.no_cuda_graph)
     tokenizer = _tokenizer(args.tokenizer, args.model)
-    app = build_app(engine, tokenizer=tokenizer, model_name=os.path.basename(os.path.abspath(args.model)))
+    def stopped() -> None:
+        s = engine.stats()
+        print(f"mamba-state serve: stopped after {s['finished']} requests ({len(engine.cache)} cached entries)",
+              flush=True)
+
+    app = build_app(engine, tokenizer=tokenizer, model_name=os.path.basename(os.path.abspath(args.model)),
+                    on_stop=stopped)
     return engine, app
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; returns the exit status."""
+    """Serve until interrupted; returns the exit status. On SIGTERM / SIGINT uvicorn shuts down gracefully (the
+    engine parks what is in flight) and then re-raises the signal, so the process ends by that signal."""
     engine, app = build(args)
     import uvicorn
 

@@ -229,8 +229,8 @@ def markdown(out: Path, table: list[dict[str, Any]]) -> str:
              "`mamba-memory` adds `" + " ".join(next((r['extra'] for r in plan['runs']
                                                        if r['variant'] == 'mamba-memory'), [])) + "`.",
              "", "*eval success*: greedy, on `--eval-envs` fresh episodes at the training horizon after the last "
-             "update trained (open loop); *80% after*: cumulative training seconds (collection + updates) when the 10-update "
-             "training success window first reached 0.8.", "",
+             "update trained (open loop); *80% after*: cumulative training seconds (collection + updates) when "
+             "the 10-update training success window first reached 0.8.", "",
              "| variant | horizon | bits | seed | status | updates | env steps | train s | eval success (chance) "
              "| last train success | env steps/s (train) | env steps/s (collect) | 80% after |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -94,7 +94,7 @@ class GraphCollector:
         self.trainer = trainer
         self.capture = bool(capture)
         self.steps_per_graph = int(steps_per_graph)
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[tuple[str, int], Any] = {}
         self._rollout_len = -1
 
     # ------------------------------------------------------------------ buffers
@@ -113,11 +113,16 @@ class GraphCollector:
         self.successes = torch.zeros((), dtype=torch.long, device=dev)
         self.episodes = torch.zeros((), dtype=torch.long, device=dev)
         self.return_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        # values with one more row: the bootstrap value after the last step (GAE reads row t + 1)
+        self.values_ext = torch.zeros(t_len + 1, n, dtype=torch.float32, device=dev)
+        self.adv = torch.zeros(t_len, n, dtype=torch.float32, device=dev)
+        self.gae_last = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.gae_t = torch.zeros(1, dtype=torch.long, device=dev)
         self.buf = {
             "obs": torch.zeros(t_len, n, o, dtype=torch.float32, device=dev),
             "actions": torch.zeros(t_len, n, dtype=torch.long, device=dev),
             "logprobs": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
-            "values": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
+            "values": self.values_ext[:t_len],
             "rewards": torch.zeros(t_len, n, dtype=torch.float32, device=dev),
             "dones": torch.zeros(t_len, n, dtype=torch.bool, device=dev),
             "resets": torch.zeros(t_len, n, dtype=torch.bool, device=dev),
@@ -214,35 +219,56 @@ class GraphCollector:
         self.reset.copy_(done)
         t.add_(1)
 
+    def gae_step(self) -> None:
+        """One step of :func:`~mamba_state.rl.ppo.compute_gae`, backwards in time at the device counter
+        ``gae_t`` (the same float operations in the same order, so the same advantages bit for bit)."""
+        cfg, t = self.trainer.config, self.gae_t
+        gamma, gae_lambda = cfg.gamma, cfg.gae_lambda
+        next_value = self.values_ext.index_select(0, t + 1)[0]
+        nonterminal = (~self.buf["dones"].index_select(0, t)[0]).float()
+        delta = (self.buf["rewards"].index_select(0, t)[0] + gamma * next_value * nonterminal
+                 - self.values_ext.index_select(0, t)[0])
+        self.gae_last.copy_(delta + gamma * gae_lambda * nonterminal * self.gae_last)
+        self.adv.index_copy_(0, t, self.gae_last[None])
+        t.sub_(1)
+
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph(self, steps: int) -> Any:
-        graph = self._graphs.get(steps)
+    def _graph(self, steps: int, gae: bool = False) -> Any:
+        key = ("gae" if gae else "step", steps)
+        graph = self._graphs.get(key)
         if graph is not None:
             return graph
+        if gae:
+            graph = self._capture(steps, self.gae_step, lambda: self.gae_t.fill_(steps - 1), generators=())
+        else:
+            tr = self.trainer
+            graph = self._capture(steps, self.step, self.t.zero_, generators=(tr.generator, tr.env._generator))
+        self._graphs[key] = graph
+        return graph
+
+    def _capture(self, steps: int, fn: Any, rewind: Any, generators: tuple) -> Any:
         tr = self.trainer
-        gens = (tr.generator, tr.env._generator)
-        saved = [g.get_state() for g in gens]
+        saved = [g.get_state() for g in generators]
         with torch.cuda.device(tr.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile Triton kernels, settle the allocator, outside the capture
                 for _ in range(2):
-                    self.t.zero_()
+                    rewind()
                     for _ in range(steps):
-                        self.step()
+                        fn()
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
-            self.t.zero_()
+            rewind()
             graph = torch.cuda.CUDAGraph()
-            for g in gens:
+            for g in generators:
                 graph.register_generator_state(g)
             with torch.cuda.graph(graph):
                 for _ in range(steps):
-                    self.step()
+                    fn()
             torch.cuda.synchronize()
-        for g, s in zip(gens, saved):  # the warm-up drew numbers: back to where the eager path would be
+        for g, s in zip(generators, saved):  # the warm-up drew numbers: back to where the eager path would be
             g.set_state(s)
-        self._graphs[steps] = graph
         return graph
 
     def invalidate(self) -> None:
@@ -256,7 +282,7 @@ class GraphCollector:
         """One rollout of ``trainer.config.rollout_len`` steps; the trainer's and environment's carried tensors
         are updated as :meth:`PPOTrainer.collect <mamba_state.rl.ppo.PPOTrainer.collect>` would."""
         from .policies import clone_state
-        from .ppo import Rollout, compute_gae
+        from .ppo import Rollout
 
         tr, env, policy = self.trainer, self.trainer.env, self.trainer.policy
         cfg = tr.config
@@ -285,6 +311,23 @@ class GraphCollector:
                 for _ in range(t_len):
                     self.step()
             _, last_value, _ = policy.step(self.obs, self.state, self.reset)  # bootstrap only
+            self.values_ext[t_len].copy_(last_value.float())
+            # GAE backwards over the time-major buffers (graphs of k steps on CUDA, like the collection)
+            if self.capture:
+                k = min(self.steps_per_graph, t_len)
+                full, rest = divmod(t_len, k)
+                big, small = self._graph(k, gae=True), (self._graph(rest, gae=True) if rest else None)
+                self.gae_last.zero_()  # after the capture's warm-up, which ran the steps on these buffers
+                self.gae_t.fill_(t_len - 1)
+                for _ in range(full):
+                    big.replay()
+                if small is not None:
+                    small.replay()
+            else:
+                self.gae_last.zero_()
+                self.gae_t.fill_(t_len - 1)
+                for _ in range(t_len):
+                    self.gae_step()
         finally:
             policy.train(was_training)
         b = self.buf
@@ -300,8 +343,8 @@ class GraphCollector:
         tr.env_steps += tr.global_num_envs * t_len
         ro = Rollout(nt["obs"], nt["actions"], nt["logprobs"], nt["values"], nt["rewards"], nt["dones"],
                      nt["resets"], init_state, last_value.float(), prefix_obs=prefix_obs, prefix_resets=prefix_resets)
-        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.dones, ro.last_value, cfg.gamma,
-                                                cfg.gae_lambda)
+        ro.advantages = self.adv.transpose(0, 1).contiguous()
+        ro.returns = ro.advantages + ro.values  # as compute_gae returns them
         ro.stats = {"successes": int(self.successes), "episodes": int(self.episodes),
                     "return_sum": float(self.return_sum)}
         return ro

@@ -1,4 +1,5 @@
-"""The ``mamba-state`` command line: ``info``, ``demo``, ``rl``, ``trace`` and ``serve`` (subcommands register in ``_COMMANDS``).
+"""The ``mamba-state`` command line: ``info``, ``demo``, ``rl``, ``trace`` and ``serve`` (subcommands register in
+``_COMMANDS``).
 
 Building the parser imports no torch (``mamba-state --help`` and every subcommand's ``--help`` answer at once):
 each subcommand's options live in a module without torch at import time, and the work is imported when the

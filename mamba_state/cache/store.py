@@ -31,7 +31,7 @@ import threading
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -374,7 +374,8 @@ class StateCache:
                 continue
             state = self._memory_state(victim)
             self._leave_memory(victim)
-            if tier == "device" and self.budgets["host"] != 0 and self._fits("host", victim.nbytes) and state is not None:
+            to_host = self.budgets["host"] != 0 and self._fits("host", victim.nbytes)
+            if tier == "device" and to_host and state is not None:
                 self._park_host(victim, state)
                 self._counts["demotions"] += 1
             elif victim.path is None:
@@ -387,7 +388,7 @@ class StateCache:
         if entry.tier == "device":
             return entry.state
         if entry.tier == "host" and entry.handle is not None:
-            return entry.handle.wait()
+            return cast(MambaModelState, entry.handle.wait())
         return None
 
     def _leave_memory(self, entry: _Entry) -> None:

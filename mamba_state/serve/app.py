@@ -99,11 +99,11 @@ def parse_completion_request(body: Any, tokenizer: Any = None, vocab: int | None
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise RequestError("top_k", f"top_k: expected an int >= 0 or null, found {json.dumps(top_k)[:60]}")
-    options = {"temperature": _number(body, "temperature", 0.0), "top_p": _number(body, "top_p", 0.0),
-               "min_p": _number(body, "min_p", 0.0), "top_k": top_k}
-    penalty = _number(body, "repetition_penalty")
+    temperature, top_p = _number(body, "temperature", 0.0), _number(body, "top_p", 0.0)
+    min_p, penalty = _number(body, "min_p", 0.0), _number(body, "repetition_penalty")
     try:
-        sampling = SamplingConfig(repetition_penalty=1.0 if penalty is None else penalty, **options)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=1.0 if penalty is None else penalty)
     except StateError as exc:
         param = str(exc).split(":", 1)[0].split()[0]
         raise RequestError(param if param in body else None, str(exc)) from None

@@ -34,7 +34,8 @@ def _bytes(text: str) -> int | None:
     try:
         value = int(float(t) * mult)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824, 512M, 4G or none, found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected bytes such as 1073741824, 512M, 4G or none, found {text!r}") \
+            from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative size, found {text!r}")
     return value
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     add_device_argument(parser)
-    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype (float64: the states too; for tests)")
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES,
+                        help="parameter dtype (float64: the states too; for tests)")
     add_backend_argument(parser)
     parser.add_argument("--max-batch", type=int, default=64, help="most requests decoding at once")
     parser.add_argument("--max-queue", type=int, default=256,

@@ -243,7 +243,8 @@ class Engine:
         else:
             raw = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             if not raw or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab for e in raw):
-                raise StateError(f"eos_token_id: expected an id or ids in [0, {self.vocab - 1}], found {eos_token_id!r}")
+                raise StateError(f"eos_token_id: expected an id or ids in [0, {self.vocab - 1}], found "
+                                 f"{eos_token_id!r}")
             eos = frozenset(raw)
         if session_id is not None:
             session_id = check_session_id(session_id)

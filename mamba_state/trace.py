@@ -1,7 +1,8 @@
 """Introspection: the recurrent state of a Mamba layer (or of every layer of a model) over a sequence.
 
-* :func:`trace_layer` runs one layer over ``x`` and keeps its conv and SSM states after every token (a *full
-  trace*), or only after chosen token counts (``positions``) or every ``stride`` tokens.
+* :func:`trace_layer` runs one layer over ``x`` and keeps its states after every token (a *full trace*), or only
+  after chosen token counts (``positions``) or every ``stride`` tokens: the conv and SSM states of a Mamba-1/2
+  layer, the four named tensors of a Mamba-3 layer (``angle_dt_state``, ``ssm_state``, ``k_state``, ``v_state``).
 * :func:`trace_model` does the same for every layer of a :class:`~mamba_state.adapters.lm.StatefulMambaLM`.
 
 States come straight from the layer's forward with ``return_states_at`` (the scan is cut into segments at the
@@ -9,7 +10,7 @@ requested positions, each continuing from the previous segment's final state: ev
 Row ``i`` of a trace's state tensors is the state after ``positions[i]`` tokens; a full trace has
 ``positions = [0, 1, ..., L]``, so row 0 is the initial state and row ``L`` the final one.
 
-Memory: a full trace holds ``(L + 1) * B * (conv + ssm elements per row)`` numbers. Before allocating one larger
+Memory: a full trace holds ``(L + 1) * B * (state elements per row)`` numbers. Before allocating one larger
 than ``warn_bytes`` (default :data:`FULL_TRACE_WARN_BYTES`, 256 MiB) a :class:`TraceSizeWarning` names the size;
 pass ``positions`` or ``stride`` to keep fewer states.
 """
@@ -49,39 +50,70 @@ class LayerTrace:
 
     Attributes:
         outputs: ``[L, B, d_model]`` the layer's output at every token.
-        ssm_states: ``[T, B, d_inner, d_state]`` (Mamba-1) or ``[T, B, nheads, headdim, d_state]`` (Mamba-2).
-        conv_states: ``[T, B, conv_channels, d_conv]`` (the conv window: last ``d_conv`` conv inputs, oldest first).
+        ssm_states: ``[T, B, d_inner, d_state]`` (Mamba-1) or ``[T, B, nheads, headdim, d_state]`` (Mamba-2,
+            Mamba-3).
+        conv_states: ``[T, B, conv_channels, d_conv]`` (the conv window: last ``d_conv`` conv inputs, oldest
+            first); ``None`` for a Mamba-3 layer, which has no conv.
         positions: the ``T`` token counts the state rows follow (``[0, 1, ..., L]`` for a full trace).
         layer_idx: the layer's index (None for an unindexed layer).
+        states: every named tensor of the layer's family, ``{name: [T, B, ...]}`` (Mamba-1/2: ``conv_state`` and
+            ``ssm_state``, the two tensors above; Mamba-3: ``angle_dt_state``, ``ssm_state``, ``k_state``,
+            ``v_state``). Filled from ``conv_states`` / ``ssm_states`` when not given.
     """
 
     outputs: torch.Tensor
     ssm_states: torch.Tensor
-    conv_states: torch.Tensor
+    conv_states: torch.Tensor | None
     positions: list[int]
     layer_idx: int | None = None
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.states:
+            if self.conv_states is None:
+                raise StateError("LayerTrace: expected conv_states (Mamba-1/2) or states={name: tensor} (Mamba-3), "
+                                 "found neither")
+            self.states = {"conv_state": self.conv_states, "ssm_state": self.ssm_states}
 
     def __len__(self) -> int:
         return len(self.positions)
 
     @property
+    def kind(self) -> str:
+        """The layer's family: ``"mamba1"``, ``"mamba2"`` or ``"mamba3"``."""
+        if "angle_dt_state" in self.states:
+            return "mamba3"
+        return "mamba1" if self.ssm_states.dim() == 4 else "mamba2"
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the outputs and states."""
-        return sum(t.numel() * t.element_size() for t in (self.outputs, self.ssm_states, self.conv_states))
+        return sum(t.numel() * t.element_size() for t in (self.outputs, *self.states.values()))
 
     def state_at(self, i: int) -> MambaInferenceState:
         """Row ``i`` as a :class:`MambaInferenceState` (views; the state after ``positions[i]`` tokens)."""
         if not -len(self) <= i < len(self):
             raise StateError(f"trace row: expected an index in [{-len(self)}, {len(self)}), found {i}")
-        return MambaInferenceState(self.conv_states[i], self.ssm_states[i])
+        return MambaInferenceState.from_tensors({name: t[i] for name, t in self.states.items()})
+
+    def norms(self, name: str) -> torch.Tensor:
+        """``[T, B]``: the L2 norm of each row's tensor ``name`` (one of :attr:`states`; float64 on CPU)."""
+        if name not in self.states:
+            raise StateCompatibilityError(f"trace: expected one of the layer's tensors {list(self.states)}, found "
+                                          f"{name!r}")
+        return self.states[name].detach().double().flatten(2).norm(dim=-1).cpu()
 
     def ssm_norms(self) -> torch.Tensor:
         """``[T, B]``: the L2 norm of each row's SSM state (float64 on CPU)."""
-        return self.ssm_states.detach().double().flatten(2).norm(dim=-1).cpu()
+        return self.norms("ssm_state")
 
     def conv_norms(self) -> torch.Tensor:
-        """``[T, B]``: the L2 norm of each row's conv window (float64 on CPU)."""
-        return self.conv_states.detach().double().flatten(2).norm(dim=-1).cpu()
+        """``[T, B]``: the L2 norm of each row's conv window (float64 on CPU); a Mamba-3 trace has none
+        (``StateCompatibilityError``; see :meth:`norms`)."""
+        if self.conv_states is None:
+            raise StateCompatibilityError(f"trace: expected a Mamba-1/2 layer for conv_norms(), found a {self.kind} "
+                                          f"layer, which has no conv (its tensors: {list(self.states)})")
+        return self.norms("conv_state")
 
 
 @dataclass
@@ -133,14 +165,19 @@ def trace_positions(seqlen: int, positions: Any = None, stride: int | None = Non
 
 
 def _wrap_layer(layer: Any) -> Any:
-    """Our adapter for ``layer`` (adapters pass through; upstream Mamba / Mamba2 layers get wrapped)."""
+    """Our adapter for ``layer`` (adapters pass through; upstream Mamba / Mamba2 / Mamba3 layers get wrapped)."""
     if hasattr(layer, "state_layout") and hasattr(layer, "new_state"):
         return layer
     from .state.layers import layer_layout
 
     layout = layer_layout(layer)
     if layout is None and not hasattr(layer, "num_heads"):
-        raise StateCompatibilityError(f"layer: expected a Mamba or Mamba-2 layer, found {type(layer).__name__}")
+        raise StateCompatibilityError(f"layer: expected a Mamba, Mamba-2 or Mamba-3 layer, found "
+                                      f"{type(layer).__name__}")
+    if layout is not None and layout["kind"] == "mamba3":
+        from .adapters.mamba3 import StatefulMamba3
+
+        return StatefulMamba3(layer)
     if layout is not None and layout["kind"] == "mamba1":
         from .adapters.mamba import StatefulMamba
 
@@ -152,7 +189,7 @@ def _wrap_layer(layer: Any) -> Any:
 
 def _state_bytes(layer: Any, batch: int, rows: int, dtype: Any) -> int:
     layout = layer.state_layout()
-    per_row = math.prod(layout["conv_shape"]) + math.prod(layout["ssm_shape"])
+    per_row = sum(math.prod(shape) for key, shape in layout.items() if key.endswith("_shape"))
     return rows * batch * per_row * torch.empty((), dtype=dtype).element_size()
 
 
@@ -173,13 +210,12 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, state: MambaInferenceState | N
     """One layer's forward with states at ``positions``: ``(y [B, L, d_model], new_state, trace)``."""
     y, new, states = layer(x, state=state, reset=reset, return_states_at=positions)
     if positions:
-        conv = torch.stack([s.conv_state for s in states])
-        ssm = torch.stack([s.ssm_state for s in states])
+        stacked = {name: torch.stack([s.tensors[name] for s in states]) for name in new.tensor_names}
     else:  # no rows: empty tensors with the right trailing shape
-        conv = new.conv_state.new_zeros((0, *new.conv_state.shape))
-        ssm = new.ssm_state.new_zeros((0, *new.ssm_state.shape))
-    trace = LayerTrace(outputs=y.transpose(0, 1), ssm_states=ssm, conv_states=conv, positions=list(positions),
-                       layer_idx=getattr(layer, "layer_idx", None))
+        stacked = {name: t.new_zeros((0, *t.shape)) for name, t in new.tensors.items()}
+    trace = LayerTrace(outputs=y.transpose(0, 1), ssm_states=stacked["ssm_state"],
+                       conv_states=stacked.get("conv_state"), positions=list(positions),
+                       layer_idx=getattr(layer, "layer_idx", None), states=stacked)
     return y, new, trace
 
 
@@ -190,8 +226,9 @@ def trace_layer(layer: nn.Module, x: torch.Tensor, state: MambaInferenceState | 
     """Run ``layer`` over ``x`` and keep its states after every token (or after chosen token counts).
 
     Args:
-        layer: a :class:`~mamba_state.StatefulMamba` / :class:`~mamba_state.StatefulMamba2`, or an upstream
-            ``Mamba`` / ``Mamba2`` layer (wrapped on the fly; parameters shared).
+        layer: a :class:`~mamba_state.StatefulMamba` / :class:`~mamba_state.StatefulMamba2` /
+            :class:`~mamba_state.StatefulMamba3`, or an upstream ``Mamba`` / ``Mamba2`` / ``Mamba3`` layer (wrapped
+            on the fly; parameters shared).
         x: ``[B, L, d_model]``.
         state: the state before ``x`` (zeros when None); not modified.
         positions: token counts in ``[0, L]``, non-decreasing: keep only the states after those.

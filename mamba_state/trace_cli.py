@@ -5,8 +5,9 @@ Examples::
     mamba-state trace --out trace_out                      # a small random model, 128 random tokens
     mamba-state trace --model ./mamba-130m --tokenizer ./mamba-130m --text "The cat sat" --out trace_out
     mamba-state trace --model ./ckpt --tokens "5 17 2 9" --layer 3 --channels 0,1,2 --out trace_out
+    mamba-state trace --mixer mamba3 --out trace_out        # a small random model of upstream Mamba3 blocks
 
-Writes ``norms.png`` (conv and SSM state norms of every layer), and for the chosen layer
+Writes ``norms.png`` (conv -- Mamba-3: key and value -- and SSM state norms of every layer), and for the chosen layer
 ``ssm_heatmap_layer{K}.png``, ``pca2d_layer{K}.png`` and ``pca3d_layer{K}.png``.
 """
 
@@ -34,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--n-layer", type=int, default=4, help="random model: layers (upstream's n_layer)")
     src.add_argument("--d-state", type=int, default=16, help="random model: SSM state size")
     src.add_argument("--vocab-size", type=int, default=256, help="random model: vocabulary")
+    src.add_argument("--mixer", choices=("mamba1", "mamba2", "mamba3"), default="mamba1",
+                     help="random model: the blocks' mixer (mamba3: upstream's Mamba3 in upstream's blocks, as in "
+                          "docs/mamba3.md; needs mamba_ssm)")
+    src.add_argument("--headdim", type=int, default=16, help="random model: head size (mamba2, mamba3)")
     inp = parser.add_argument_group("input (one of --tokens, --text, --length)")
     inp.add_argument("--tokens", help="token ids separated by spaces or commas (default: --length random tokens)")
     inp.add_argument("--text", help="text, encoded with --tokenizer (default: none)")
@@ -68,9 +73,42 @@ def _model(args: argparse.Namespace):
             raise StateError(f"--model: expected a checkpoint directory, found {args.model!r} (no such directory)")
         return StatefulMambaLM.from_pretrained(args.model, device=args.device, dtype=dtype)
     torch.manual_seed(args.seed)
+    for name in ("d_model", "n_layer", "d_state", "vocab_size", "headdim"):
+        if getattr(args, name) < 1:
+            raise StateError(f"--{name.replace('_', '-')}: expected a positive int, found {getattr(args, name)}")
+    mixer = getattr(args, "mixer", "mamba1")
+    if mixer == "mamba3":
+        return _random_mamba3_lm(args, dtype)
+    ssm_cfg: dict = {"d_state": args.d_state}
+    if mixer == "mamba2":
+        ssm_cfg.update(layer="Mamba2", headdim=args.headdim)
     cfg = dict(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size,
-               ssm_cfg={"d_state": args.d_state}, pad_vocab_size_multiple=8)
+               ssm_cfg=ssm_cfg, pad_vocab_size_multiple=8)
     return StatefulMambaLM.from_config(cfg, device=args.device, dtype=dtype)
+
+
+def _random_mamba3_lm(args: argparse.Namespace, dtype):
+    """docs/mamba3.md's recipe: upstream's ``MambaLMHeadModel`` with a ``Mamba3`` mixer in every block."""
+    require_module("mamba_ssm", "--mixer mamba3", "mamba-ssm")
+    if 2 * args.d_model % args.headdim:
+        raise StateError(f"--headdim: expected a divisor of 2 * d_model = {2 * args.d_model}, found {args.headdim}")
+    if args.d_state < 4:
+        raise StateError(f"--d-state: expected at least 4 for a Mamba3 mixer (one rotary angle), found "
+                         f"{args.d_state}")
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.modules.mamba3 import Mamba3
+
+    from .adapters.lm import StatefulMambaLM
+
+    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size,
+                      ssm_cfg={"layer": "Mamba2", "d_state": args.d_state, "headdim": args.headdim},
+                      rms_norm=True, fused_add_norm=False, residual_in_fp32=True, pad_vocab_size_multiple=8)
+    model = MambaLMHeadModel(cfg, device=args.device, dtype=dtype)
+    for i, block in enumerate(model.backbone.layers):
+        block.mixer = Mamba3(args.d_model, d_state=args.d_state, headdim=args.headdim, layer_idx=i,
+                             device=args.device, dtype=dtype)
+    return StatefulMambaLM(model)
 
 
 def _input_ids(args: argparse.Namespace, vocab: int):

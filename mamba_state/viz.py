@@ -1,7 +1,7 @@
 """Plots of traced states (matplotlib, the optional ``viz`` extra; imported on first use).
 
 * :func:`plot_ssm_heatmap` — SSM state values over time for chosen channels (every state dimension of each).
-* :func:`plot_state_norms` — L2 norms of the conv and SSM states of every layer over time.
+* :func:`plot_state_norms` — L2 norms of the conv (Mamba-3: key and value) and SSM states of every layer over time.
 * :func:`plot_state_pca` — the state trajectory projected on its first 2 or 3 principal components (numpy SVD).
 
 Each takes a :class:`~mamba_state.trace.LayerTrace` (or a :class:`~mamba_state.trace.ModelTrace` where noted),
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import StateError
+from .errors import StateCompatibilityError, StateError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -58,6 +58,9 @@ def _rows(trace: "LayerTrace", batch: int, which: str) -> np.ndarray:
     if which not in ("ssm", "conv"):
         raise StateError(f"which: expected 'ssm' or 'conv', found {which!r}")
     states = trace.ssm_states if which == "ssm" else trace.conv_states
+    if states is None:
+        raise StateCompatibilityError(f"which: expected 'ssm' for a Mamba-3 layer, which has no conv, found "
+                                      f"{which!r}")
     _check_batch(states.shape[1], batch)
     s = states[:, batch].detach().double().cpu().numpy()
     return s.reshape(s.shape[0], -1, s.shape[-1])  # Mamba-2 [T, h, p, n] -> [T, h*p, n]
@@ -126,7 +129,8 @@ def _layer_traces(trace: Any) -> dict[Any, "LayerTrace"]:
 
 def plot_state_norms(trace: "LayerTrace | ModelTrace | Mapping[int, LayerTrace]", batch: int = 0,
                      path: str | os.PathLike | None = None, title: str | None = None) -> "Figure":
-    """L2 norms of the conv and SSM states over time, one line per layer (two panels).
+    """L2 norms of the conv and SSM states over time, one line per layer (two panels). A Mamba-3 layer has no
+    conv: its top-panel line is the norm of its last token's key and value (``k_state`` and ``v_state`` together).
 
     Args:
         trace: a :class:`ModelTrace`, a :class:`LayerTrace` or ``{layer_idx: LayerTrace}`` (string keys are used
@@ -144,12 +148,19 @@ def plot_state_norms(trace: "LayerTrace | ModelTrace | Mapping[int, LayerTrace]"
         t = layers[idx]
         _check_batch(t.ssm_states.shape[1], batch)
         label = idx if isinstance(idx, str) else (f"layer {idx}" if idx is not None else "layer")
-        ax_conv.plot(t.positions, t.conv_norms()[:, batch].numpy(), label=label, linewidth=1.2)
+        if t.conv_states is None:  # Mamba-3
+            top = (t.norms("k_state") ** 2 + t.norms("v_state") ** 2).sqrt()
+        else:
+            top = t.conv_norms()
+        ax_conv.plot(t.positions, top[:, batch].numpy(), label=label, linewidth=1.2)
         ax_ssm.plot(t.positions, t.ssm_norms()[:, batch].numpy(), label=label, linewidth=1.2)
-    ax_conv.set_ylabel("conv state L2 norm")
+    m3 = [layers[k].conv_states is None for k in keys]
+    ax_conv.set_ylabel("conv state L2 norm" if not any(m3) else
+                       "k/v state L2 norm" if all(m3) else "conv / k,v state L2 norm")
     ax_ssm.set_ylabel("SSM state L2 norm")
     ax_ssm.set_xlabel("tokens processed (position)")
-    ax_conv.set_title("conv window")
+    ax_conv.set_title("conv window" if not any(m3) else "last key and value (Mamba-3)" if all(m3)
+                      else "conv window (Mamba-1/2), last key and value (Mamba-3)")
     ax_ssm.set_title("SSM state")
     if len(layers) <= 12:
         ax_ssm.legend(fontsize="small", ncols=min(4, len(layers)))

@@ -302,3 +302,135 @@ def test_bad_state_arguments_keep_naming_expected_and_found(upstream):
     s.k_state = s.k_state.to(torch.int32)
     with pytest.raises(StateCompatibilityError, match="k_state dtype: expected a real floating dtype"):
         ms.set_inference_state(layer, s, InferenceParams(max_seqlen=4, max_batch_size=1))
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+def _m3_layer(seed=0):
+    torch.manual_seed(seed)
+    lay = ms.StatefulMamba3.from_config(16, d_state=8, headdim=4, chunk_size=4, layer_idx=0, dtype=D64,
+                                        state_dtype=D64)
+    with torch.no_grad():  # fresh random parameters (biases and norms are ones at init)
+        for p in lay.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return lay
+
+
+def _random_m3_state(layer, batch, seed):
+    s = layer.new_state(batch)
+    g = torch.Generator().manual_seed(seed)
+    for t in s.tensors.values():
+        t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return s
+
+
+def test_full_trace_of_a_mamba3_layer_equals_stepping():
+    """Row t of every named tensor of a full trace is the state after t tokens (step by step, float64)."""
+    from mamba_state.trace import trace_layer
+
+    layer = _m3_layer(1)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2), dtype=D64)
+    s = _random_m3_state(layer, 2, 3)
+    tr = trace_layer(layer, x, s)
+    assert tr.kind == "mamba3" and tr.conv_states is None and tr.positions == list(range(8))
+    assert list(tr.states) == list(s.tensor_names) and tr.ssm_states is tr.states["ssm_state"]
+    assert tr.nbytes == tr.outputs.numel() * 8 + sum(t.numel() * 8 for t in tr.states.values())
+    assert tr.state_at(0).allclose(s, rtol=0, atol=0)
+    for t in range(7):
+        y_t, s = layer.step(x[:, t], s)
+        torch.testing.assert_close(tr.outputs[t], y_t, rtol=1e-9, atol=1e-10)
+        assert tr.state_at(t + 1).allclose(s, rtol=1e-9, atol=1e-10)
+    assert tr.norms("k_state").shape == (8, 2) and tr.ssm_norms().dtype == D64
+    with pytest.raises(StateCompatibilityError, match="no conv"):
+        tr.conv_norms()
+    with pytest.raises(StateCompatibilityError, match="conv_state"):
+        tr.norms("conv_state")
+    part = trace_layer(layer, x, tr.state_at(0), positions=[0, 3, 7])
+    for row, p in enumerate([0, 3, 7]):
+        assert part.state_at(row).allclose(tr.state_at(p), rtol=1e-9, atol=1e-10)
+
+
+def test_trace_wraps_an_upstream_mamba3_layer(upstream):
+    from mamba_state.trace import trace_layer
+
+    layer = _upstream_m3(dtype=D64)
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4), dtype=D64)
+    tr = trace_layer(layer, x, stride=2)
+    y, s = ms.StatefulMamba3(layer)(x)
+    torch.testing.assert_close(tr.outputs.transpose(0, 1), y, rtol=1e-9, atol=1e-10)
+    assert tr.positions == [0, 2, 4] and tr.state_at(0).ssm_state.abs().sum() == 0
+
+
+def test_trace_model_over_mamba3_blocks(upstream):
+    from mamba_state.trace import trace_model
+
+    lm = ms.StatefulMambaLM(_m3_lm(), state_dtype=D64)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    start = lm(ids[:, :3])[1]
+    mt = trace_model(lm, ids[:, 3:], start)
+    logits, final = lm(ids[:, 3:], start)
+    torch.testing.assert_close(mt.logits, logits, rtol=1e-9, atol=1e-10)
+    assert mt.final_state.allclose(final, rtol=1e-9, atol=1e-10) and mt.final_state.seqlen_offset == 6
+    assert mt.state_at(-1).allclose(final, rtol=1e-9, atol=1e-10) and mt.state_at(-1).seqlen_offset == 6
+    assert mt.state_at(0).allclose(start, rtol=0, atol=0)
+    assert [mt.layers[i].kind for i in mt.layer_indices] == ["mamba3", "mamba3"]
+
+
+def test_trace_cli_on_a_mamba3_model(upstream, tmp_path, capsys):
+    """``mamba-state trace --mixer mamba3``: a random model of upstream Mamba3 blocks, traced and plotted."""
+    pytest.importorskip("matplotlib")
+    from mamba_state import cli
+
+    out = tmp_path / "plots"
+    code = cli.main(["trace", "--mixer", "mamba3", "--d-model", "32", "--n-layer", "2", "--d-state", "16",
+                     "--headdim", "8", "--vocab-size", "64", "--length", "9", "--stride", "3", "--device", "cpu",
+                     "--layer", "1", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "traced 9 tokens through 2 layers" in printed.out
+    for name in ("norms.png", "ssm_heatmap_layer1.png", "pca2d_layer1.png", "pca3d_layer1.png"):
+        assert (out / name).stat().st_size > 0
+    assert cli.main(["trace", "--mixer", "mamba3", "--d-model", "32", "--headdim", "7", "--out", str(out),
+                     "--device", "cpu"]) == 2
+    assert "--headdim: expected a divisor of 2 * d_model = 64, found 7" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def test_decode_graph_buffers_hold_every_mamba3_tensor(upstream):
+    """What the CUDA-graph decode step keeps (the static state, the graph key, the copy back after lm.step) covers
+    all four Mamba-3 tensors; the copy back is checked here on the CPU against lm.step itself."""
+    from mamba_state.generation import decode
+
+    lm = ms.StatefulMambaLM(_m3_lm(), state_dtype=D64)
+    ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(6))
+    state = lm(ids)[1]
+    buffers = decode._private_copy(state, seqlen_offset=0)
+    assert buffers.allclose(state, rtol=0, atol=0) and buffers.seqlen_offset == 0
+    assert all(a.data_ptr() != b.data_ptr() for i in state.layer_indices
+               for a, b in zip(buffers[i].tensors.values(), state[i].tensors.values()))
+    key = decode._graph_key(lm, state, False)
+    assert ("k_state", D64, (1, 8, 16)) in key[4][0][1] and key[0] == 2
+    other = state.clone()
+    other[0].k_state = other[0].k_state.float()
+    assert decode._graph_key(lm, other, False) != key  # another dtype of one tensor: another graph
+    g = decode._GraphStep.__new__(decode._GraphStep)  # the step a capture records, run eagerly
+    g.fused, g.ids, g.state = False, ids[:, -1].clone(), decode._private_copy(state)
+    ptrs = [t.data_ptr() for _, s in g.state.items() for t in s.tensors.values()]
+    logits = g._step_into_state(lm)
+    want_logits, want = lm.step(ids[:, -1], state)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+    assert g.state.allclose(want, rtol=0, atol=0)
+    assert [t.data_ptr() for _, s in g.state.items() for t in s.tensors.values()] == ptrs  # in place
+    g.load(state)
+    assert g.state.allclose(state, rtol=0, atol=0)
+
+
+def test_generate_and_stream_resume_over_mamba3_blocks(upstream):
+    """The resume law on a Mamba-3 LM: two calls, the second from the first one's state, equal one longer call."""
+    lm = ms.StatefulMambaLM(_m3_lm(), state_dtype=D64)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(7))
+    full = lm.generate(ids, max_new_tokens=6, temperature=0)
+    first = lm.generate(ids, max_new_tokens=3, temperature=0)
+    rest = lm.generate(first.sequences[:, -1:], state=first.state, max_new_tokens=3, temperature=0)
+    assert torch.equal(torch.cat([first.sequences, rest.sequences[:, 1:]], 1), full.sequences)
+    streamed = list(lm.stream(ids, max_new_tokens=6, temperature=0))
+    assert torch.equal(torch.stack(streamed, 1), full.sequences[:, 5:])

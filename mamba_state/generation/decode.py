@@ -9,6 +9,9 @@ How a call runs:
    :mod:`mamba_state.fused_decode` (``fused_step``); both use the single-step Triton kernel there. On CUDA the
    step runs as a CUDA graph captured once per (model, batch size, state layout, parameter dtype, device, step
    kind) and replayed with static buffers; ``cuda_graph=False`` turns that off. CPU runs ``lm.step`` eagerly.
+   Models of Mamba-3 blocks take ``lm.step`` (upstream's Triton ``mamba3_siso_step`` on CUDA; the fused step is
+   Mamba-1 only), captured the same way: the static buffers and the graph key hold every named tensor of the state
+   (angle, SSM, key and value states). A capture that fails warns and decodes eagerly.
 
 **Resume law.** ``out.sequences`` is ``input_ids`` followed by the new tokens and ``out.state`` has consumed every
 token of ``out.sequences`` except the last one. Because a one-token input takes the very same decode step as the
@@ -270,8 +273,7 @@ class _GraphStep:
             return FusedDecoder(lm).step(self.ids, self.state, self.consts)
         logits, new = lm.step(self.ids, self.state)
         for idx, layer in new.items():  # the next replay starts from the state after this token
-            self.state[idx].conv_state.copy_(layer.conv_state)
-            self.state[idx].ssm_state.copy_(layer.ssm_state)
+            _copy_state_into(self.state[idx], layer)
         return logits
 
     def _capture(self, lm: Any, warmups: int) -> None:
@@ -296,8 +298,7 @@ class _GraphStep:
         if self.fused and fused is not None:
             fused.refresh(self.consts)
         for idx, layer in state.items():
-            self.state[idx].conv_state.copy_(layer.conv_state)
-            self.state[idx].ssm_state.copy_(layer.ssm_state)
+            _copy_state_into(self.state[idx], layer)
 
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(tokens)
@@ -309,13 +310,19 @@ class _GraphStep:
         return _snapshot(self.state, seqlen_offset, metadata)
 
 
+def _copy_state_into(dst: Any, src: Any) -> None:
+    """Copy every named tensor of the layer state ``src`` into ``dst``'s tensors, in place (any family)."""
+    for name, t in dst.tensors.items():
+        t.copy_(src.tensors[name])
+
+
 def _private_copy(state: MambaModelState, seqlen_offset: int | None = None) -> MambaModelState:
-    """Contiguous copies of every tensor of ``state`` (buffers that decoding may update in place)."""
+    """Contiguous copies of every tensor of ``state`` (buffers that decoding may update in place; any family)."""
     from ..state import MambaInferenceState
 
     return MambaModelState(
-        {i: MambaInferenceState(s.conv_state.clone(memory_format=torch.contiguous_format),
-                                s.ssm_state.clone(memory_format=torch.contiguous_format)) for i, s in state.items()},
+        {i: MambaInferenceState.from_tensors({n: t.clone(memory_format=torch.contiguous_format)
+                                              for n, t in s.tensors.items()}) for i, s in state.items()},
         seqlen_offset=state.seqlen_offset if seqlen_offset is None else seqlen_offset, metadata=dict(state.metadata))
 
 
@@ -335,8 +342,9 @@ def _graphs_supported(device: torch.device) -> bool:
 
 def _graph_key(lm: Any, state: MambaModelState, fused: bool) -> tuple:
     p = next(lm.parameters())
-    layout = tuple((i, s.conv_state.dtype, s.ssm_state.dtype, tuple(s.conv_state.shape[1:]),
-                    tuple(s.ssm_state.shape[1:])) for i, s in state.items())
+    # every named tensor's dtype and non-batch shape (Mamba-1/2: conv and ssm; Mamba-3: angle, ssm, k, v)
+    layout = tuple((i, tuple((n, t.dtype, tuple(t.shape[1:])) for n, t in s.tensors.items()))
+                   for i, s in state.items())
     return (state.batch_size, str(state.device), p.dtype, str(p.device), layout, fused)
 
 

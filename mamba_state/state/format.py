@@ -1,8 +1,9 @@
 """The state file format: safetensors with JSON metadata, written atomically, validated on load.
 
 This module knows the file, not the containers: it writes and reads plain layer entries (index, kind and the
-family's named tensors) with the container kind, ``seqlen_offset`` and the user metadata. The containers' ``save`` / ``load``
-(:mod:`mamba_state.state.containers`) and the public functions (:mod:`mamba_state.state.io`) are built on it.
+family's named tensors) with the container kind, ``seqlen_offset`` and the user metadata. The containers'
+``save`` / ``load`` (:mod:`mamba_state.state.containers`) and the public functions (:mod:`mamba_state.state.io`)
+are built on it.
 
 File layout (format ``mamba-state``, version 2; version 1 is the same restricted to Mamba-1/2 layers):
 

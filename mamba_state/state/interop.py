@@ -93,9 +93,9 @@ def _cached_pair(cache: dict, idx: int, names: tuple[str, ...] = FAMILY_TENSORS[
             and all(isinstance(t, torch.Tensor) for t in entry)):
         found = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (tuple, list))
                  else type(entry).__name__)
+        what = "pair" if len(names) == 2 else "tuple"
         raise StateCompatibilityError(
-            f"inference cache of layer {idx}: expected a ({', '.join(names)}) {'pair' if len(names) == 2 else 'tuple'}, "
-            f"found {found}"
+            f"inference cache of layer {idx}: expected a ({', '.join(names)}) {what}, found {found}"
         )
     return tuple(entry)
 

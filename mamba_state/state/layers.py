@@ -7,7 +7,8 @@ and ``dt_proj`` for Mamba-1, ``nheads``/``headdim`` for Mamba-2), an upstream ``
 
 The families' named tensors and the fields that describe them (in a layout, a state file and a transfer header:
 ``<field>_shape`` / ``<field>_dtype``) are defined here, the lowest layer, for the containers, the file format,
-the packing and the collectives alike. Attention mixers (upstream ``MHA``) are recognised so that callers can refuse them.
+the packing and the collectives alike. Attention mixers (upstream ``MHA``) are recognised so that callers can
+refuse them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn as nn
 
 from ..errors import StateCompatibilityError
 
-__all__ = ["FAMILY_TENSORS", "TENSOR_FIELDS", "FAMILY_RANKS", "family_fields", "layer_layout", "find_mamba_layers", "model_layout", "layout_fingerprint", "is_attention_layer"]
+__all__ = ["FAMILY_TENSORS", "TENSOR_FIELDS", "FAMILY_RANKS", "family_fields", "layer_layout", "find_mamba_layers",
+           "model_layout", "layout_fingerprint", "is_attention_layer"]
 
 
 FAMILY_TENSORS: dict[str, tuple[str, ...]] = {

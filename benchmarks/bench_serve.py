@@ -1,0 +1,270 @@
+"""Serving: time to first token from a cached prefix, continuous-batching decode throughput, a multi-turn chat trace.
+
+GPU run (issue 19, item 5): a 130m-shaped model (d_model 768, 24 layers, vocab 50277, bf16 weights, float32
+states, random init) behind :class:`mamba_state.serve.Engine` and :class:`mamba_state.cache.StateCache`, all in
+one process, the engine stepped in this thread (no HTTP):
+
+(a) TTFT of a 4096-token prompt whose first 4000 tokens are cached (the state at 4000 inserted by
+    ``StateCache.fill``) vs the same prompt cold (nothing cached): ``submit`` to the first token, greedy. Every
+    repeat uses a new 96-token tail (warm) or a new prompt (cold), so no repeat hits what the previous inserted.
+    Target: >= 10x faster.
+(b) decode throughput with 64 concurrent sessions (128-token prompts, 256 new tokens each, greedy) through the
+    engine, vs 64 sequential ``generate`` calls (batch 1 each) and vs one static batch of 64
+    (``generate`` on ``[64, 128]``). End to end (prefills included) and decode only. Target: engine >= 0.8x the
+    static batch's tokens/s.
+(c) a multi-turn chat trace: 8 conversations x 6 turns; each turn's prompt is the whole conversation so far (its
+    prompts and replies) plus 64-192 new tokens, 64 new tokens per reply, the 8 conversations' turns submitted
+    together. Cache hit rate (lookups that hit; prompt tokens served from the cache) and mean TTFT per turn, with
+    the cache vs without it (budgets 0).
+
+Writes ``benchmarks/results/serve_gpu.json`` and the "Serving" section of ``docs/benchmarks.md``. Without CUDA
+the script says so and exits 0; ``--quick`` runs every part at tiny sizes on the CPU to check the script (nothing
+written unless ``--write``, then to ``serve_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LM_130M, environment, environment_line, markdown_table, replace_section, write_json  # noqa: E402
+
+from mamba_state.adapters import StatefulMambaLM  # noqa: E402
+from mamba_state.cache import StateCache  # noqa: E402
+from mamba_state.generation import generate  # noqa: E402
+from mamba_state.serve import Engine  # noqa: E402
+
+SECTION = "Serving"
+TINY = dict(d_model=32, n_layer=2, vocab_size=97, ssm_cfg={}, rms_norm=True, fused_add_norm=True,
+            residual_in_fp32=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- (a) TTFT
+def bench_ttft(lm, vocab: int, prompt: int, cached: int, repeats: int, device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    cache = StateCache(lm, device=device)
+    engine = Engine(lm, cache, max_batch=1)
+    prefix = _ids(cached, vocab, gen)
+    cache.fill(lm, prefix, num_last_tokens=1)  # the state at `cached`
+
+    def one(ids: list[int]) -> tuple[float, int]:
+        _sync(device)
+        t0 = time.perf_counter()
+        h = engine.submit(ids, max_new_tokens=1)
+        engine.run_until_idle()
+        h.result()
+        assert h.first_token_at is not None
+        return h.first_token_at - t0, h.cached_tokens
+
+    for _ in range(2):  # warm-up: kernels, allocator, both paths
+        one(_ids(prompt, vocab, gen))
+        one(prefix + _ids(prompt - cached, vocab, gen))
+    cold, warm, hits = [], [], []
+    for _ in range(repeats):
+        cold.append(one(_ids(prompt, vocab, gen))[0])
+        t, n = one(prefix + _ids(prompt - cached, vocab, gen))
+        warm.append(t)
+        hits.append(n)
+    assert all(n == cached for n in hits), hits
+    c, w = statistics.median(cold), statistics.median(warm)
+    return dict(prompt=prompt, cached=cached, cold_ttft_s=c, cached_ttft_s=w, speedup=c / w, repeats=repeats)
+
+
+# ---------------------------------------------------------------------------------------------- (b) decode
+def bench_decode(lm, vocab: int, sessions: int, prompt: int, new: int, device: torch.device,
+                 sequential: bool) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    prompts = [_ids(prompt, vocab, gen) for _ in range(sessions)]
+    batch_ids = torch.tensor(prompts, device=device)
+
+    def engine_run(cache_budget: int = 0) -> tuple[float, float, list[list[int]]]:
+        engine = Engine(lm, StateCache(lm, device_bytes=cache_budget, host_bytes=0, device=device),
+                        max_batch=sessions, prefill_tokens_per_step=sessions * prompt)
+        _sync(device)
+        t0 = time.perf_counter()
+        handles = [engine.submit(p, max_new_tokens=new) for p in prompts]
+        engine.step()  # admits (prefills) every session and runs the first decode step
+        _sync(device)
+        t1 = time.perf_counter()
+        engine.run_until_idle()
+        _sync(device)
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1, [h.result() for h in handles]
+
+    def static_run(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = generate(lm, batch_ids, max_new_tokens=n, temperature=0)
+        _sync(device)
+        assert out.sequences.shape == (sessions, prompt + n)
+        return time.perf_counter() - t0
+
+    engine_run()  # warm-up: one CUDA graph per bucket size
+    static_run(new)
+    static_run(1)
+    e_total, e_decode, e_tokens = engine_run()
+    s_total, s_ttft = static_run(new), static_run(1)
+    static = generate(lm, batch_ids, max_new_tokens=new, temperature=0).sequences[:, prompt:].tolist()
+    agree = sum(a == b for ea, sa in zip(e_tokens, static) for a, b in zip(ea, sa)) / (sessions * new)
+    out = dict(sessions=sessions, prompt=prompt, new_tokens=new, engine_total_s=e_total,
+               engine_tok_s=sessions * new / e_total, engine_decode_tok_s=sessions * (new - 1) / e_decode,
+               static_total_s=s_total, static_tok_s=sessions * new / s_total,
+               static_decode_tok_s=sessions * (new - 1) / max(s_total - s_ttft, 1e-9),
+               greedy_token_agreement_engine_vs_static=agree)
+    if sequential:
+        generate(lm, batch_ids[:1], max_new_tokens=new, temperature=0)  # warm-up at batch 1
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(sessions):
+            generate(lm, batch_ids[i:i + 1], max_new_tokens=new, temperature=0)
+        _sync(device)
+        out.update(sequential_total_s=time.perf_counter() - t0)
+        out["sequential_tok_s"] = sessions * new / out["sequential_total_s"]
+    out["engine_over_static"] = out["engine_tok_s"] / out["static_tok_s"]
+    out["engine_decode_over_static_decode"] = out["engine_decode_tok_s"] / out["static_decode_tok_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- (c) chat trace
+def bench_chat(lm, vocab: int, conversations: int, turns: int, new: int, user: tuple[int, int],
+               device: torch.device) -> dict:
+    def run(with_cache: bool) -> dict:
+        gen = torch.Generator().manual_seed(3)
+        budget = {} if with_cache else dict(device_bytes=0, host_bytes=0)
+        cache = StateCache(lm, device=device, **budget)
+        engine = Engine(lm, cache, max_batch=conversations)
+        convo: list[list[int]] = [[] for _ in range(conversations)]
+        ttft: list[list[float]] = []
+        prompt_tokens = cached_tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(turns):
+            handles = []
+            for c in range(conversations):
+                n = int(torch.randint(user[0], user[1] + 1, (1,), generator=gen))
+                convo[c] = convo[c] + _ids(n, vocab, gen)
+                handles.append(engine.submit(convo[c], max_new_tokens=new))
+            engine.run_until_idle()
+            row = []
+            for c, h in enumerate(handles):
+                convo[c] = convo[c] + h.result()
+                assert h.first_token_at is not None
+                row.append(h.first_token_at - h.submitted_at)
+                prompt_tokens += h.prompt_tokens
+                cached_tokens += h.cached_tokens
+            ttft.append(row)
+        total = time.perf_counter() - t0
+        s = cache.stats()
+        lookups = s["hits"] + s["misses"]
+        return dict(mean_ttft_s_per_turn=[statistics.mean(r) for r in ttft],
+                    mean_ttft_s=statistics.mean(t for r in ttft for t in r), total_s=total,
+                    hit_rate=s["hits"] / lookups if lookups else 0.0,
+                    cached_token_fraction=cached_tokens / prompt_tokens, final_conversation_tokens=len(convo[0]),
+                    cache_bytes=s["bytes"])
+
+    run(True)  # warm-up
+    warm, cold = run(True), run(False)
+    return dict(conversations=conversations, turns=turns, new_tokens=new, user_tokens=list(user), cached=warm,
+                uncached=cold, ttft_speedup=cold["mean_ttft_s"] / warm["mean_ttft_s"])
+
+
+# ---------------------------------------------------------------------------------------------- main
+@torch.no_grad()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", "--tiny", action="store_true", help="tiny model and sizes on the CPU")
+    p.add_argument("--parts", default="a,b,c", help="which parts to run (comma-separated of a, b, c)")
+    p.add_argument("--repeats", type=int, default=None, help="TTFT repeats (default 10; quick 2)")
+    p.add_argument("--no-sequential", action="store_true", help="(b): skip the 64 sequential generate calls")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--write", action="store_true", help="with --quick: write serve_quick.json (never the doc)")
+    args = p.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("bench_serve: needs a CUDA GPU (the 130m-shaped model); nothing measured. Use --quick to check the "
+              "script on the CPU.")
+        return 0
+    device = torch.device("cpu" if args.quick else "cuda")
+    cfg = TINY if args.quick else dict(LM_130M)
+    torch.manual_seed(0)
+    lm = StatefulMambaLM.from_config(cfg, device=device, dtype=torch.float32 if args.quick else torch.bfloat16
+                                     ).eval()
+    vocab = cfg["vocab_size"]
+    parts = set(args.parts.split(","))
+    q = args.quick
+    result: dict = {"model": "tiny (quick)" if q else "130m-shaped, bf16 weights, float32 states"}
+    if "a" in parts:
+        result["ttft"] = bench_ttft(lm, vocab, 64 if q else 4096, 56 if q else 4000, args.repeats or (2 if q else 10),
+                                    device)
+        print("(a)", result["ttft"], flush=True)
+    if "b" in parts:
+        result["decode"] = bench_decode(lm, vocab, 4 if q else 64, 8 if q else 128, 8 if q else 256, device,
+                                        sequential=not args.no_sequential)
+        print("(b)", result["decode"], flush=True)
+    if "c" in parts:
+        result["chat"] = bench_chat(lm, vocab, 2 if q else 8, 3 if q else 6, 4 if q else 64,
+                                    (4, 8) if q else (64, 192), device)
+        print("(c)", {k: v for k, v in result["chat"].items()}, flush=True)
+
+    tables = []
+    if "ttft" in result:
+        a = result["ttft"]
+        tables.append(f"(a) Time to first token, {a['prompt']}-token prompt (median of {a['repeats']}); target "
+                      ">= 10x\n\n" + markdown_table(
+                          ["cold (ms)", f"first {a['cached']} tokens cached (ms)", "speedup"],
+                          [[f"{a['cold_ttft_s'] * 1e3:.2f}", f"{a['cached_ttft_s'] * 1e3:.2f}",
+                            f"{a['speedup']:.1f}x"]]))
+    if "decode" in result:
+        b = result["decode"]
+        rows = [["engine (continuous batching)", f"{b['engine_tok_s']:.0f}", f"{b['engine_decode_tok_s']:.0f}"],
+                ["one static batch (`generate`)", f"{b['static_tok_s']:.0f}", f"{b['static_decode_tok_s']:.0f}"]]
+        if "sequential_tok_s" in b:
+            rows.append([f"{b['sessions']} sequential `generate` calls", f"{b['sequential_tok_s']:.0f}", "-"])
+        tables.append(f"(b) Decode, {b['sessions']} sessions x {b['new_tokens']} new tokens ({b['prompt']}-token "
+                      f"prompts, greedy); engine / static = {b['engine_over_static']:.2f} end to end, "
+                      f"{b['engine_decode_over_static_decode']:.2f} decode only (target >= 0.8); greedy tokens "
+                      f"equal between engine and static batch: {b['greedy_token_agreement_engine_vs_static']:.3f}"
+                      "\n\n" + markdown_table(["contender", "tokens/s end to end", "tokens/s decode only"], rows))
+    if "chat" in result:
+        c = result["chat"]
+        rows = [[name, f"{r['hit_rate']:.2f}", f"{r['cached_token_fraction']:.2f}", f"{r['mean_ttft_s'] * 1e3:.2f}",
+                 " / ".join(f"{t * 1e3:.1f}" for t in r["mean_ttft_s_per_turn"])]
+                for name, r in (("with the state cache", c["cached"]), ("without (budgets 0)", c["uncached"]))]
+        tables.append(f"(c) Multi-turn chat trace: {c['conversations']} conversations x {c['turns']} turns, "
+                      f"{c['user_tokens'][0]}-{c['user_tokens'][1]} new prompt tokens and {c['new_tokens']} reply "
+                      f"tokens per turn (conversation length at the end: "
+                      f"{c['cached']['final_conversation_tokens']}); mean TTFT {c['ttft_speedup']:.1f}x faster "
+                      "with the cache\n\n" + markdown_table(
+                          ["run", "lookup hit rate", "prompt tokens from cache", "mean TTFT (ms)",
+                           "mean TTFT per turn (ms)"], rows))
+    body = "\n\n".join(tables)
+    print(body)
+    if args.no_write or (q and not args.write):
+        return 0
+    env = environment()
+    path = write_json("serve_quick" if q else "serve_gpu", result, env)
+    print(f"wrote {path}")
+    if not q:
+        intro = ("`benchmarks/bench_serve.py` (issue 19): `mamba_state.serve.Engine` over `mamba_state.cache.StateCache`, "
+                 "the engine stepped in the benchmark's thread (no HTTP), " + result["model"] + ". "
+                 + environment_line(env))
+        replace_section(SECTION, intro + "\n\n" + body)
+        print("updated docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

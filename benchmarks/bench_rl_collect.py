@@ -203,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, Any]],
             replay: list[dict[str, Any]], json_name: str) -> str:
-    where = "a CUDA graph replay" if env["gpu"] else "the same step run eagerly (no graphs on a CPU)"
+    where = "CUDA graph replays" if env["gpu"] else "the same step run eagerly: no graphs on a CPU"
     text = [environment_line(env), "",
             f"`python benchmarks/bench_rl_collect.py{' --quick' if config['quick'] else ''}`: one rollout of "
             f"{config['rollout_len']} steps in {config['num_envs']} DelayedRecall environments (horizon "
             f"{config['horizon']}, GAE included), median of {config['repeats']}; eager = `--collect eager` (0.1's "
             f"path), graph = `--collect graph` ({where}, {config['graph_steps']} steps per graph). "
-            f"Raw numbers: `benchmarks/results/{json_name}`.", "",
+            f"Raw numbers: `benchmarks/results/{json_name}`. *Same transitions*: one rollout of each path from "
+            "identical trainers, compared bit for bit (on CUDA the GRU's graph step is the fused GRU cell, not "
+            "cuDNN's RNN, so it may differ there by float rounding).", "",
             markdown_table(["controller", "policy", "parameters", "eager env steps/s", "graph env steps/s",
                             "graph / eager", "same transitions"],
                            [[r["controller"], r["size"], f"{r['parameters']:,}", f"{r['eager_steps_per_s']:,.0f}",
@@ -224,8 +226,9 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
                                   f"{r['steps_per_s']:,.0f}" if "error" not in r else "-",
                                   f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"] for r in replay])]
     if not env["gpu"]:
-        text += ["", "A CPU figure: it shows the refactor costs nothing there; the speed-up that matters is the "
-                 "GPU one (not measured on this machine)."]
+        text += ["", "A CPU figure: it shows that the graph-ready step costs nothing there. The speed-up that "
+                 "matters is the GPU one: **not measured yet** (`python benchmarks/bench_rl_collect.py --replay` "
+                 "on the H200 writes it here)."]
     return "\n".join(text)
 
 

@@ -308,13 +308,18 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     table = rows(out)
     md = markdown(out, table)
+    if args.img:
+        paths = plot(table, Path(args.img))
+        for p in paths:
+            print(f"wrote {p}")
+        if args.doc:  # image links relative to the doc
+            rel = [os.path.relpath(p, Path(args.doc).resolve().parent) for p in (q.resolve() for q in paths)]
+            md += ("\n![Training success vs training seconds, per horizon and bits](" + rel[0] + ")\n\n"
+                   "![Greedy success at the training horizon](" + rel[1] + ")\n")
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in table],
                                                 indent=2) + "\n")
     print(md)
-    if args.img:
-        for p in plot(table, Path(args.img)):
-            print(f"wrote {p}")
     if args.doc:
         sys.path.insert(0, str(ROOT))
         from mamba_state.rl.scale import update_markdown_section

@@ -212,3 +212,17 @@ def test_engine_thread_serves_concurrent_submitters(lm):
         engine.stop()
     for i in range(10):
         assert results[i] == _solo(lm, [i + 1, 2], 6, SAMPLINGS[1], i, None)[0]
+
+
+def test_serving_page_snippets_run(tmp_path, monkeypatch):
+    """The ```python blocks of docs/serving.md run (in page order, one namespace)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, re.S | re.M)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_snippet_serving"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/serving.md[block {i}]", "exec"), namespace)

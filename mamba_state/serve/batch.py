@@ -56,7 +56,9 @@ class DecodeBatch:
         self.max_batch = max_batch
         param = next(lm.parameters())
         self.device = param.device
-        self.use_graph = bool(cuda_graph) and self.device.type == "cuda"
+        kinds = {layout.get("kind") for layout in lm.state_layouts().values()}
+        # the captured decode step copies conv_state / ssm_state: Mamba-1/2 layers only
+        self.use_graph = bool(cuda_graph) and self.device.type == "cuda" and kinds <= {"mamba1", "mamba2"}
         self.capacity = 0
         self.slots: list[Any] = []  # owner per row (None: free)
         self.state: MambaModelState | None = None

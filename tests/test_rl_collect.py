@@ -139,3 +139,50 @@ def test_graph_collection_checkpoint_resume_is_exact_on_cuda():
     b.load_state_dict(saved)
     rb = b.collect()
     _assert_same(a, b, ra, rb, "resume")
+
+
+class _ReplayEagerly:
+    """Stands in for a captured graph on the CPU: a replay runs the captured function ``steps`` times."""
+
+    def __init__(self, fn, steps):
+        self.fn, self.steps = fn, steps
+
+    def replay(self):
+        for _ in range(self.steps):
+            self.fn()
+
+
+@pytest.mark.parametrize("steps_per_graph", [4, 11, 64])
+def test_graph_replay_schedule_with_warm_ups_equals_eager(monkeypatch, steps_per_graph, one_torch_thread):
+    """The capture logic without CUDA: warm-ups that write the buffers and draw random numbers (then restore the
+    generators), a graph of k steps replayed T // k times and one of T % k, for the collection and for GAE."""
+    def fake_capture(self, steps, fn, rewind, generators):
+        saved = [g.get_state() for g in generators]
+        for _ in range(2):  # what _capture's warm-up does to the buffers and generators
+            rewind()
+            for _ in range(steps):
+                fn()
+        for g, s in zip(generators, saved):
+            g.set_state(s)
+        return _ReplayEagerly(fn, steps)
+
+    monkeypatch.setattr(GraphCollector, "_capture", fake_capture)
+    a, b = _trainer("mamba", "eager"), _trainer("mamba", "graph", steps_per_graph=steps_per_graph)
+    b._collector.capture = True  # replays through the schedule above
+    for u in range(2):
+        ra, rb = a.collect(), b.collect()
+        _assert_same(a, b, ra, rb, f"k={steps_per_graph} update {u}")
+    assert len(b._collector._graphs) == (2 if 11 % min(steps_per_graph, 11) == 0 else 4)
+
+
+def test_a_failed_capture_falls_back_to_the_eager_step(monkeypatch, one_torch_thread):
+    def broken(self, steps, fn, rewind, generators):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphCollector, "_capture", broken)
+    a, b = _trainer("gru", "eager"), _trainer("gru", "graph")
+    b._collector.capture = True
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        rb = b.collect()
+    assert not b._collector.capture
+    _assert_same(a, b, a.collect(), rb, "fallback")

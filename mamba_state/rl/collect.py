@@ -249,27 +249,64 @@ class GraphCollector:
     def _capture(self, steps: int, fn: Any, rewind: Any, generators: tuple) -> Any:
         tr = self.trainer
         saved = [g.get_state() for g in generators]
-        with torch.cuda.device(tr.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compile Triton kernels, settle the allocator, outside the capture
-                for _ in range(2):
-                    rewind()
+        try:
+            with torch.cuda.device(tr.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compile Triton kernels, settle the allocator, outside the capture
+                    for _ in range(2):
+                        rewind()
+                        for _ in range(steps):
+                            fn()
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                rewind()
+                graph = torch.cuda.CUDAGraph()
+                for g in generators:
+                    graph.register_generator_state(g)
+                # thread_local: other threads' CUDA calls (e.g. a process group's watchdog) do not break the capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     for _ in range(steps):
                         fn()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            rewind()
-            graph = torch.cuda.CUDAGraph()
-            for g in generators:
-                graph.register_generator_state(g)
-            with torch.cuda.graph(graph):
-                for _ in range(steps):
-                    fn()
-            torch.cuda.synchronize()
-        for g, s in zip(generators, saved):  # the warm-up drew numbers: back to where the eager path would be
-            g.set_state(s)
+                torch.cuda.synchronize()
+        finally:
+            for g, s in zip(generators, saved):  # the warm-up drew numbers: back to where the eager path would be
+                g.set_state(s)
         return graph
+
+    def _run(self, t_len: int, gae: bool) -> None:
+        """``t_len`` collection steps (or GAE steps) from the start: graph replays when capturing, else eager."""
+        if self.capture:
+            k = min(self.steps_per_graph, t_len)
+            full, rest = divmod(t_len, k)
+            try:  # the first rollout captures the graphs (before the buffers are loaded: the warm-up writes them)
+                graphs = [self._graph(k, gae)] * full + ([self._graph(rest, gae)] if rest else [])
+            except Exception as exc:  # the same step eagerly from here on (same transitions, slower)
+                self._capture_failed(exc)
+            else:
+                self._rewind(t_len, gae)
+                for graph in graphs:
+                    graph.replay()
+                return
+        self._rewind(t_len, gae)
+        fn = self.gae_step if gae else self.step
+        for _ in range(t_len):
+            fn()
+
+    def _rewind(self, t_len: int, gae: bool) -> None:
+        if gae:
+            self.gae_last.zero_()
+            self.gae_t.fill_(t_len - 1)
+        else:
+            self._load()
+
+    def _capture_failed(self, exc: Exception) -> None:
+        import warnings
+
+        warnings.warn(f"graph collection: CUDA graph capture failed ({type(exc).__name__}: {exc}); running the "
+                      "same step eagerly from now on", RuntimeWarning, stacklevel=3)
+        self.capture = False
+        self._graphs = {}
 
     def invalidate(self) -> None:
         """Drop the captured graphs (after replacing the policy's parameter tensors, not needed after in-place
@@ -296,38 +333,10 @@ class GraphCollector:
         was_training = policy.training
         policy.eval()
         try:
-            if self.capture:
-                k = min(self.steps_per_graph, t_len)
-                full, rest = divmod(t_len, k)
-                big = self._graph(k)
-                small = self._graph(rest) if rest else None
-                self._load()
-                for _ in range(full):
-                    big.replay()
-                if small is not None:
-                    small.replay()
-            else:
-                self._load()
-                for _ in range(t_len):
-                    self.step()
+            self._run(t_len, gae=False)
             _, last_value, _ = policy.step(self.obs, self.state, self.reset)  # bootstrap only
             self.values_ext[t_len].copy_(last_value.float())
-            # GAE backwards over the time-major buffers (graphs of k steps on CUDA, like the collection)
-            if self.capture:
-                k = min(self.steps_per_graph, t_len)
-                full, rest = divmod(t_len, k)
-                big, small = self._graph(k, gae=True), (self._graph(rest, gae=True) if rest else None)
-                self.gae_last.zero_()  # after the capture's warm-up, which ran the steps on these buffers
-                self.gae_t.fill_(t_len - 1)
-                for _ in range(full):
-                    big.replay()
-                if small is not None:
-                    small.replay()
-            else:
-                self.gae_last.zero_()
-                self.gae_t.fill_(t_len - 1)
-                for _ in range(t_len):
-                    self.gae_step()
+            self._run(t_len, gae=True)  # GAE backwards over the time-major buffers
         finally:
             policy.train(was_training)
         b = self.buf

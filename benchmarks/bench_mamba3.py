@@ -14,12 +14,24 @@ Targets: continue / step loop <= 1/100; our prefill / upstream's forward <= 1.05
 
 ``--smoke`` runs a tiny layer of ours on the CPU (no upstream columns; our ``step()`` loop is the baseline) and
 writes nothing unless ``--write`` is given.
+
+Compile cost: upstream's Triton kernels autotune (27 configurations each) once per autotune key, which holds the
+head sizes, the chunk size, which optional inputs are present and the tensor dtypes, not the batch or the length.
+This run needs three keys: ``mamba3_siso_fwd`` with states (every forward of ours), without (upstream's forward) and
+``mamba3_siso_step`` (our step, when upstream's CuTe step is missing), plus upstream's CuTe step. One warm-up pass
+over every path, before anything is timed, pays for all of them (its time is printed). Lengths must be multiples
+of 16 (Triton specialises integer arguments on divisibility by 16: other lengths compile new variants); batch 1
+and batch 8 differ only in that specialisation. ``--cache-autotuning`` sets ``TRITON_CACHE_AUTOTUNING=1`` so that
+a later run reuses the autotune results from disk (they were tuned for this run's shapes: use it for repeated runs
+of the same command only).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,13 +75,20 @@ def main(argv=None) -> int:
     p.add_argument("--step-tokens", type=int, default=64, help="tokens over which the step loop is timed")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--write", action="store_true", help="with --smoke: still write the JSON and the doc section")
+    p.add_argument("--cache-autotuning", action="store_true",
+                   help="set TRITON_CACHE_AUTOTUNING=1 (reuse upstream's autotune results of an earlier run)")
     args = p.parse_args(argv)
+    if args.cache_autotuning:  # before upstream's Triton modules are imported (_layers imports them)
+        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     batches = [int(b) for b in (args.batches or ("1,2" if args.smoke else "1,8")).split(",")]
     N = args.tokens or (64 if args.smoke else 2048)
     prefills = [int(n) for n in (args.prefill or ("64" if args.smoke else "2048,8192")).split(",")]
+    bad = [n for n in [N, *prefills, args.step_tokens] if n % 16 or n < 16]
+    if bad:
+        p.error(f"lengths must be multiples of 16 (no new kernel variants to compile), found {bad}")
     up, ours, cfg, why_not = _layers(args.smoke, device, dtype)
     d = cfg["d_model"]
     step_fn_ok = False
@@ -77,6 +96,22 @@ def main(argv=None) -> int:
         from mamba_ssm.modules import mamba3 as up_mod
 
         step_fn_ok = up_mod.mamba3_step_fn is not None
+    # one pass over every kernel path before anything is timed: compiles and autotuning happen here
+    t0 = time.perf_counter()
+    for B in batches:
+        xw = torch.randn(B, 64, d, device=device, dtype=dtype)
+        _, sw = ours(xw)
+        ours(xw, sw)
+        ours.step(xw[:, 0], sw)
+        if up is not None:
+            up(xw)
+            if step_fn_ok:
+                cache = [t.clone() for t in sw.tensors.values()]
+                cache[2], cache[3] = cache[2].to(dtype), cache[3].to(dtype)
+                up.step(xw[:, 0], *cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"warm-up (compiles, autotuning) {time.perf_counter() - t0:.1f} s", flush=True)
     rows, raw = [], []
     for B in batches:
         _, state = ours(torch.randn(B, 512, d, device=device, dtype=dtype))

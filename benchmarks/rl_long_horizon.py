@@ -14,6 +14,11 @@ keeps it), so the folder stays small enough to carry between calls.
     python benchmarks/rl_long_horizon.py report --out DIR --doc docs/rl.md --img docs/img
     python benchmarks/rl_long_horizon.py run --out /tmp/x --smoke --budget 60  # CPU dry run of the pipeline
 
+A device call returns only a few files, so ``--pack TGZ`` writes the whole folder as one archive at the end and
+``--unpack TGZ`` extracts it (when it exists) before the next call::
+
+    python benchmarks/rl_long_horizon.py run --out out/rl_long --unpack out/rl_long.tgz --pack "$OUT/rl_long.tgz"
+
 ``DIR/plan.json`` fixes the plan at the first call (later calls read it, so the run identities stay the same);
 ``DIR/driver.jsonl`` logs every invocation of every run. ``report`` turns the finished and unfinished runs into
 the markdown table of docs/rl.md (between ``<!-- rl-long-horizon:start -->`` and ``<!-- rl-long-horizon:end -->``)
@@ -123,8 +128,42 @@ def _finish_if_done(out: Path, run: dict[str, Any], keep: bool) -> bool:
     return False
 
 
+def unpack(archive: Path, out: Path) -> None:
+    """Extract ``archive`` (written by :func:`pack`) so that its folder becomes ``out``."""
+    import tarfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        if any(n.startswith(("/", "..")) or "/../" in n for n in names):
+            raise SystemExit(f"{archive}: refusing an archive with absolute or parent paths")
+        try:
+            tar.extractall(out.parent, filter="data")
+        except TypeError:  # Python without extraction filters (the names were checked above)
+            tar.extractall(out.parent)
+    root = {n.split("/", 1)[0] for n in names}
+    if root != {out.name}:
+        raise SystemExit(f"{archive}: expected one folder {out.name!r}, found {sorted(root)}")
+
+
+def pack(out: Path, archive: Path) -> None:
+    """``out`` as one gzipped tar (device calls return a few files only), written atomically."""
+    import tarfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    tmp.replace(archive)
+
+
 def cmd_run(args) -> int:
     out = Path(args.out)
+    if args.unpack and Path(args.unpack).exists():
+        if out.exists():
+            raise SystemExit(f"--unpack {args.unpack}: {out} exists already (unpack into a fresh place)")
+        unpack(Path(args.unpack), out)
+        print(f"unpacked {args.unpack} into {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():
@@ -187,6 +226,9 @@ def cmd_run(args) -> int:
     left = [r["name"] for r in plan["runs"] if not run_state(out, r)["finished"]]
     print(f"{len(plan['runs']) - len(left)} of {len(plan['runs'])} runs finished"
           + (f"; next call continues {left[0]} ..." if left else "; all done"), flush=True)
+    if args.pack:
+        pack(out, Path(args.pack))
+        print(f"packed {out} into {args.pack} ({Path(args.pack).stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
     return 0
 
 
@@ -225,9 +267,9 @@ def markdown(out: Path, table: list[dict[str, Any]]) -> str:
     lines = [f"Produced by `benchmarks/rl_long_horizon.py report` from `{out.name}` (plan of "
              f"{plan['created']}; device: {', '.join(devices) or 'none yet'}). {len(table)} runs planned: {done} "
              f"finished, {prog} in progress (trained so far, not to their budget), "
-             f"{len(table) - done - prog} not run. Common options: `{' '.join(plan['common'])}`; "
-             "`mamba-memory` adds `" + " ".join(next((r['extra'] for r in plan['runs']
-                                                       if r['variant'] == 'mamba-memory'), [])) + "`.",
+             f"{len(table) - done - prog} not run. Common options: `{' '.join(plan['common'])}`"
+             + "".join(f"; `{v}` adds `{' '.join(extra)}`" for v, extra in
+                       {r["variant"]: r["extra"] for r in plan["runs"] if r["extra"]}.items()) + ".",
              "", "*eval success*: greedy, on `--eval-envs` fresh episodes at the training horizon after the last "
              "update trained (open loop); *80% after*: cumulative training seconds (collection + updates) when "
              "the 10-update training success window first reached 0.8.", "",
@@ -306,6 +348,8 @@ def plot(table: list[dict[str, Any]], img: Path) -> list[Path]:
 
 def cmd_report(args) -> int:
     out = Path(args.out)
+    if args.unpack:
+        unpack(Path(args.unpack), out)
     table = rows(out)
     md = markdown(out, table)
     if args.img:
@@ -359,8 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--grace", type=float, default=40, help="stop a run this long past the budget")
     r.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
     r.add_argument("--smoke", action="store_true", help="tiny CPU settings (for a dry run of the pipeline)")
+    r.add_argument("--unpack", default=None, metavar="TGZ",
+                   help="first extract this archive of an earlier call (if it exists) as --out")
+    r.add_argument("--pack", default=None, metavar="TGZ", help="at the end, write --out as this one archive")
     rep = sub.add_parser("report", help="the markdown table (and plots) of the runs under --out")
     rep.add_argument("--out", required=True)
+    rep.add_argument("--unpack", default=None, metavar="TGZ", help="first extract this archive as --out")
     rep.add_argument("--doc", default=None, help="update this markdown file's rl-long-horizon section")
     rep.add_argument("--img", default=None, help="write the plots into this folder")
     st = sub.add_parser("status", help="one line per planned run")

@@ -42,3 +42,8 @@ def test_a_run_spans_two_calls_and_the_report_states_what_ran(tmp_path, capsys):
     assert "2 runs planned: 1 finished, 0 in progress" in md and "1 not run" in md
     assert "| gru | 2 | 1 | 0 | finished |" in md and "| mamba | 2 | 1 | 0 | not run | 0 | 0 | - |" in md
     assert json.loads((out / "plan.json").read_text())["runs"][0]["run_seconds"] == 6
+    # one archive carries the folder from call to call (a device call returns a few files only)
+    drv.pack(out, tmp_path / "lh.tgz")
+    drv.unpack(tmp_path / "lh.tgz", tmp_path / "again" / "lh")
+    assert (tmp_path / "again" / "lh" / "gru_h2_b1_s0" / "metrics.jsonl").read_text() == (
+        gru / "metrics.jsonl").read_text()

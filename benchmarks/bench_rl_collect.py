@@ -15,6 +15,8 @@ the reset mask; GRU: one call over the reset-cut segments).
     python benchmarks/bench_rl_collect.py                   # GPU: 512 envs, both sizes, JSON + docs table
     python benchmarks/bench_rl_collect.py --replay          # + replay at 2,000-40,000 steps
     python benchmarks/bench_rl_collect.py --quick           # a CPU-sized smoke run (seconds)
+    python benchmarks/bench_rl_collect.py --replay --no-doc --json "$OUT/bench_rl_collect_h200.json"   # on a device
+    python benchmarks/bench_rl_collect.py --doc-from benchmarks/results/bench_rl_collect_h200.json     # then here
 
 Writes ``benchmarks/results/bench_rl_collect_<device>.json`` (``_quick`` appended with ``--quick``) and the
 ``## RL collection`` section of docs/benchmarks.md (not with ``--no-doc``).
@@ -155,7 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads on a CPU device (0: torch's own)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--json", default=None, help="write the JSON here instead of benchmarks/results/")
+    p.add_argument("--doc-from", default=None, metavar="JSON",
+                   help="measure nothing: rewrite the docs section from a JSON this script wrote (e.g. on a GPU)")
     args = p.parse_args(argv)
+    if args.doc_from:
+        import json
+
+        doc = json.loads(Path(args.doc_from).read_text())
+        replace_section("RL collection", section(doc["environment"], doc["config"], doc["collect"], doc["replay"],
+                                                 Path(args.doc_from).name))
+        print(f"rewrote the RL collection section of docs/benchmarks.md from {args.doc_from}")
+        return 0
     device = torch.device(args.device)
     if args.quick:
         args.num_envs, args.rollout_len, args.horizon, args.repeats = 16, 24, 6, 2

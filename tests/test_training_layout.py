@@ -20,6 +20,7 @@ def _run(layer, x, state, reset):
                                     state.ssm_state.detach().clone().requires_grad_(True))
     layer.zero_grad(set_to_none=True)
     y, new = layer(xl, st, reset=reset)
+    _run.last_fn = y.grad_fn.next_functions[0][0] if y.grad_fn is not None else None
     g = torch.Generator().manual_seed(99)
     weight = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
     loss = (y.double() * weight).sum() + (new.ssm_state * 0.3).sum() + (new.conv_state * 0.7).sum()
@@ -31,14 +32,14 @@ def _run(layer, x, state, reset):
     return y.detach(), new, grads
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_training_layout_matches_reference(with_state, monkeypatch):
+@pytest.mark.parametrize("with_state,bias", [(False, False), (True, False), (True, True)])
+def test_training_layout_matches_reference(with_state, bias, monkeypatch):
     calls = []
     original = ms.StatefulMamba._forward_channel_major
     monkeypatch.setattr(ms.StatefulMamba, "_forward_channel_major",
                         lambda self, *a: calls.append(self.backend) or original(self, *a))
     torch.manual_seed(0)
-    fast = ms.StatefulMamba.from_config(d_model=8, d_state=4, backend="triton")
+    fast = ms.StatefulMamba.from_config(d_model=8, d_state=4, bias=bias, backend="triton")
     ref = ms.StatefulMamba(fast, backend="reference")  # the same parameters
     batch, L = 2, 21
     x = torch.randn(batch, L, 8)
@@ -49,8 +50,10 @@ def test_training_layout_matches_reference(with_state, monkeypatch):
         reset = torch.zeros(batch, L, dtype=torch.bool)
         reset[0, 5] = reset[1, 0] = reset[1, 13] = True
     y, new, grads = _run(fast, x, state, reset)
+    y_fn = _run.last_fn
     y_ref, new_ref, grads_ref = _run(ref, x, state, reset)
     assert calls == ["triton"]  # the Triton layer took the training layout, the reference one did not
+    assert type(y_fn).__name__ == "MambaInnerFnBackward"  # and its fused inner Function
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(new.conv_state, new_ref.conv_state, atol=1e-6, rtol=0)
     torch.testing.assert_close(new.ssm_state, new_ref.ssm_state, atol=1e-5, rtol=1e-4)

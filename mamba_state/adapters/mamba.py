@@ -302,34 +302,21 @@ class StatefulMamba(nn.Module):
         the projections is channel-major, ``[channels, batch * L]`` in memory, seen as ``[batch, channels, L]``
         with time stride 1. Each projection is then one plain GEMM of the weight against the tokens (no
         broadcast-weight batched GEMM, whose weight gradient is a batch of GEMMs and a sum), and its backward
-        is plain GEMMs too; the conv and the scan read and write that layout in place."""
+        is plain GEMMs too; the conv and the scan read and write that layout in place. Everything after
+        ``in_proj`` is one autograd Function (:mod:`mamba_state.adapters.mamba_inner`) that keeps what upstream
+        keeps and recomputes the conv output, dt and the gated output in the backward."""
+        from mamba_state.kernels._launch import default_chunk
+
+        from .mamba_inner import mamba_inner
+
         batch, seqlen, _ = x.shape
-        n_tok = batch * seqlen
-
-        def cm(t2d: torch.Tensor) -> torch.Tensor:  # [channels, batch * L] -> [batch, channels, L] (a view)
-            return t2d.view(t2d.shape[0], batch, seqlen).permute(1, 0, 2)
-
-        def flat(t3d: torch.Tensor) -> torch.Tensor:  # the inverse (a view for channel-major t3d)
-            return t3d.permute(1, 0, 2).reshape(t3d.shape[1], n_tok)
-
-        tokens = x.reshape(n_tok, self.d_model)
+        tokens = x.reshape(batch * seqlen, self.d_model)
         xz = torch.mm(self.in_proj.weight, tokens.t())  # [2 * d_inner, batch * L]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        xs, z = cm(xz[: self.d_inner]), cm(xz[self.d_inner:])
-        xc, conv_state = self._conv(xs, None if state is None else state.conv_state, reset, ops)
-        x_dbl = torch.mm(self.x_proj.weight, flat(xc))  # [dt_rank + 2 * d_state, batch * L]
-        dt = torch.mm(self.dt_proj.weight, x_dbl[: self.dt_rank])  # [d_inner, batch * L]
-        B = cm(x_dbl[self.dt_rank: self.dt_rank + self.d_state])
-        C = cm(x_dbl[self.dt_rank + self.d_state:])
-        ct = _compute_dtype(x)
-        A = -torch.exp(self.A_log.to(ct))
         h0 = None if state is None else state.ssm_state
-        y, last = ops.selective_scan(xc, cm(dt), A, B, C, self.D.to(ct), z=z, delta_bias=self.dt_proj.bias.to(ct),
-                                     delta_softplus=True, return_last_state=True, initial_state=h0, reset=reset)
-        out = torch.mm(flat(y).t(), self.out_proj.weight.t())  # [batch * L, d_model], token-major
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias
+        out, conv_state, last = mamba_inner(xz, self, None if state is None else state.conv_state, h0, reset,
+                                            batch, seqlen, default_chunk(seqlen))
         new = MambaInferenceState(conv_state, last.to(self.state_dtype if h0 is None else h0.dtype))
         return out.view(batch, seqlen, self.d_model), new
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -77,8 +78,11 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     W = weight.shape[1]
     dout = torch.zeros_like(x) if dout is None else _time_stride_one(dout)
     narrow = W <= 4  # Mamba's d_conv: every shifted load and pre-activation once (_causal_conv_bwd4_kernel)
-    bd = _BD_BWD4 if narrow else _BD
-    grid = _grid(bsz, ch, L, bd)
+    bd, bl, warps = (_BD_BWD4 if narrow else _BD), _BL, 4
+    tile = os.environ.get("MAMBA_STATE_CONV_BWD_TILE") if narrow else None  # "BD,BL,warps", for sweeps
+    if tile:
+        bd, bl, warps = (int(v) for v in tile.split(","))
+    grid = ((L + bl - 1) // bl, (ch + bd - 1) // bd, bsz)
     f32 = torch.float32
     dx = torch.empty_like(x)
     dw_part = torch.empty(bsz * grid[0], ch, W, device=x.device, dtype=f32)
@@ -91,7 +95,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
         kernel[grid](
             x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate,
             ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=_BL, num_warps=4,
+            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=bl, num_warps=warps,
         )
     dw, db = dw_part.sum(0), db_part.sum(0) if db_part is not None else None
     if dnew is not None:

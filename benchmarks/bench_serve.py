@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     path = write_json("serve_quick" if q else "serve_gpu", result, env)
     print(f"wrote {path}")
     if not q:
-        intro = ("`benchmarks/bench_serve.py` (issue 19): `mamba_state.serve.Engine` over `mamba_state.cache.StateCache`, "
-                 "the engine stepped in the benchmark's thread (no HTTP), " + result["model"] + ". "
+        intro = ("`benchmarks/bench_serve.py` (issue 19): `mamba_state.serve.Engine` over "
+                 "`mamba_state.cache.StateCache`, the engine stepped in the benchmark's thread (no HTTP), " + result["model"] + ". "
                  + environment_line(env))
         replace_section(SECTION, intro + "\n\n" + body)
         print("updated docs/benchmarks.md")

@@ -60,9 +60,10 @@ request = st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12)
 
 
 @settings(max_examples=8)
-@given(st.lists(request, min_size=1, max_size=12), st.integers(1, 5))
-def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_batch):
-    engine = Engine(lm, StateCache(lm), max_batch=max_batch, max_queue=100)
+@given(st.lists(request, min_size=1, max_size=12), st.integers(1, 5), st.booleans())
+def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_batch, overlap):
+    """Both ways of emitting: synchronous steps and steps whose tokens are emitted during the next one."""
+    engine = Engine(lm, StateCache(lm), max_batch=max_batch, max_queue=100, overlap=overlap)
     handles = []
     for prompt, k, si, seed, eos, wait in requests:
         sampling = SAMPLINGS[si]
@@ -82,8 +83,9 @@ def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_
         assert h.finish_reason == ("stop" if eos is not None and expected[-1] == eos else "length")
 
 
-def test_many_requests_through_growing_and_shrinking_buckets(lm):
-    engine = Engine(lm, StateCache(lm), max_batch=8)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_many_requests_through_growing_and_shrinking_buckets(lm, overlap):
+    engine = Engine(lm, StateCache(lm), max_batch=8, overlap=overlap)
     g = torch.Generator().manual_seed(3)
     reqs = []
     for i in range(20):
@@ -101,9 +103,10 @@ def test_many_requests_through_growing_and_shrinking_buckets(lm):
         assert h.result() == _solo(lm, prompt, k, SAMPLINGS[i % 7], i, None)[0]
 
 
-def test_prefix_from_cache_gives_the_same_tokens(lm):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefix_from_cache_gives_the_same_tokens(lm, overlap):
     cache = StateCache(lm)
-    engine = Engine(lm, cache, cache_every=4)
+    engine = Engine(lm, cache, cache_every=4, overlap=overlap)
     system = list(range(1, 11))
     first = engine.submit(system + [3, 4], max_new_tokens=5, seed=1, sampling=SAMPLINGS[1])
     engine.run_until_idle()
@@ -119,9 +122,10 @@ def test_prefix_from_cache_gives_the_same_tokens(lm):
     assert third.result() == _solo(lm, convo + [5], 4, None, None, None)[0]
 
 
-def test_session_resumes_by_the_resume_law(lm, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_session_resumes_by_the_resume_law(lm, tmp_path, overlap):
     cache = StateCache(lm, directory=tmp_path)
-    engine = Engine(lm, cache)
+    engine = Engine(lm, cache, overlap=overlap)
     a = engine.submit([1, 2, 3, 4], max_new_tokens=6, seed=9, sampling=SAMPLINGS[1], session_id="chat")
     engine.run_until_idle()
     parked, extra = cache.get_session("chat")
@@ -152,8 +156,9 @@ def test_two_requests_of_one_session_run_one_after_the_other(lm):
     assert b.result() == ref.sequences[0, 2:].tolist() and a.result() == out.sequences[0, 2:].tolist()
 
 
-def test_cancel_parks_the_state(lm):
-    engine = Engine(lm, StateCache(lm))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cancel_parks_the_state(lm, overlap):
+    engine = Engine(lm, StateCache(lm), overlap=overlap)
     h = engine.submit([1, 2, 3], max_new_tokens=50, session_id="c")
     for _ in range(4):
         engine.step()
@@ -163,6 +168,11 @@ def test_cancel_parks_the_state(lm):
     assert h.finish_reason == "cancelled" and 0 < len(got) < 50
     full, _ = _solo(lm, [1, 2, 3], 50, None, None, None)
     assert got == full[:len(got)]
+    consumed = [1, 2, 3] + got[:-1]  # the parked state's tokens, also cached as a prefix
+    n, cached = engine.cache.lookup(consumed)
+    with torch.no_grad():
+        _, ref = lm(torch.tensor([consumed]))
+    assert n == len(consumed) and cached.allclose(ref, rtol=1e-9, atol=1e-11)
     cont = engine.submit([], max_new_tokens=5, session_id="c")
     engine.run_until_idle()
     assert cont.result() == full[len(got):len(got) + 5]

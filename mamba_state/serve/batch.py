@@ -63,22 +63,24 @@ class DecodeBatch:
         self.slots: list[Any] = []  # owner per row (None: free)
         self.state: MambaModelState | None = None
         self._graph: Any = None
-        self._ids: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None  # int64 [capacity] on the device: each slot's next input token
 
     # ------------------------------------------------------------------ rows
     @property
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
 
-    def add(self, owner: Any, row: MambaModelState) -> int:
-        """Write ``row`` (batch 1) into a free slot, growing the bucket if needed; returns the slot."""
+    def add(self, owner: Any, row: MambaModelState, token: int) -> int:
+        """Write ``row`` (batch 1) into a free slot, growing the bucket if needed, with ``token`` as the slot's
+        next input; returns the slot."""
         if owner is None:
             raise StateError("decode batch: expected an owner for the row, found None")
         if None not in self.slots:
             self._resize(bucket(self.active + 1, self.max_batch))
         slot = self.slots.index(None)
-        assert self.state is not None
+        assert self.state is not None and self.ids is not None
         _write_row(self.state, slot, row)
+        self.ids[slot] = token
         self.slots[slot] = owner
         return slot
 
@@ -100,19 +102,22 @@ class DecodeBatch:
             self.release()
             return {}
         keep = [i for i, s in enumerate(self.slots) if s is not None]
-        assert self.state is not None
-        rows = self.state.select(torch.as_tensor(keep, dtype=torch.long))
+        assert self.state is not None and self.ids is not None
+        index = torch.as_tensor(keep, dtype=torch.long)
+        rows = self.state.select(index)
+        ids = self.ids.index_select(0, index.to(self.ids.device))
         owners = [self.slots[i] for i in keep]
         self._resize(bucket(n, self.max_batch), carry=False)
-        assert self.state is not None
+        assert self.state is not None and self.ids is not None
         for j, owner in enumerate(owners):
             _write_row(self.state, j, rows.select(j))
             self.slots[j] = owner
+        self.ids[:n].copy_(ids)
         return {old: new for new, old in enumerate(keep)}
 
     # ------------------------------------------------------------------ buckets
     def _resize(self, capacity: int, carry: bool = True) -> None:
-        old_state, old_cap = self.state, self.capacity
+        old_state, old_cap, old_ids = self.state, self.capacity, self.ids
         template = self.lm.new_state(capacity, device=self.device)
         if carry and old_state is not None:
             for idx, layer in template.items():
@@ -121,12 +126,14 @@ class DecodeBatch:
                     t[:old_cap].copy_(src[name][:old_cap])
         self._release_graph()
         self.state = template
+        self.ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         if self.use_graph:
             self._take_graph(template)
+        if carry and old_ids is not None:
+            self.ids[:old_cap].copy_(old_ids[:old_cap])
         owners = self.slots if carry else []
         self.slots = list(owners) + [None] * (capacity - len(owners))
         self.capacity = capacity
-        self._ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
 
     def _take_graph(self, template: MambaModelState) -> None:
         from ..generation.decode import _acquire_graph, _fused_decoder
@@ -143,7 +150,8 @@ class DecodeBatch:
             return
         graph.load(template, fused)
         self._graph = graph
-        self.state = graph.state  # the static buffers are the batch state from now on
+        self.state = graph.state  # the static buffers are the batch state (and ids) from now on
+        self.ids = graph.ids
 
     def _release_graph(self) -> None:
         if self._graph is not None:
@@ -153,16 +161,18 @@ class DecodeBatch:
     def release(self) -> None:
         """Give everything back (graph included); the batch is empty afterwards."""
         self._release_graph()
-        self.state, self.capacity, self.slots, self._ids = None, 0, [], None
+        self.state, self.capacity, self.slots, self.ids = None, 0, [], None
 
     # ------------------------------------------------------------------ step
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per slot (``capacity`` ints; free slots any pad id); returns logits
-        ``[capacity, vocab_padded]``, valid until the next step."""
-        assert self.state is not None and self._ids is not None and len(tokens) == self.capacity
-        self._ids.copy_(torch.as_tensor(tokens, dtype=torch.long), non_blocking=True)
+    def step(self) -> torch.Tensor:
+        """Feed :attr:`ids` (one token per slot; free slots hold any id) through the model; returns logits
+        ``[capacity, vocab_padded]``, valid until the next step. Write the next inputs into :attr:`ids` (on the
+        device, e.g. ``ids.copy_(chosen)``): no host transfer is needed between steps."""
+        assert self.state is not None and self.ids is not None
         if self._graph is not None:
-            return self._graph.run(self._ids)
+            self._graph._replay()
+            assert self._graph.logits is not None
+            return self._graph.logits
         with torch.no_grad():
-            logits, self.state = self.lm.step(self._ids, self.state)
+            logits, self.state = self.lm.step(self.ids, self.state)
         return logits

@@ -42,7 +42,7 @@ from ..errors import StateError
 from ..generation.sampling import SamplingConfig
 from ..state import MambaModelState
 from .batch import DecodeBatch
-from .sampler import RowSampler, choose_tokens
+from .sampler import RowSampler, choose_device, choose_tokens
 
 __all__ = ["Engine", "RequestHandle", "EngineOverloadedError", "EngineStoppedError", "MAX_NEW_TOKENS"]
 
@@ -155,6 +155,18 @@ class _Request:
     produced: int = 0
 
 
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(host copy, event)`` of device ``tokens``: on CUDA an asynchronous copy into pinned memory and the event
+    recorded after it; on the CPU the tensor itself and None."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class Engine:
     """Continuous batching over ``lm`` (see the module docstring).
 
@@ -172,11 +184,14 @@ class Engine:
         prefill_tokens_per_step: prompt tokens prefilled between two decode steps (at least one request).
         cuda_graph: CUDA graphs per batch bucket on CUDA.
         max_prompt_tokens: longest prompt accepted.
+        overlap: emit each step's tokens during the next step (None: on CUDA). Steps with a request that has an
+            ``eos_token_id`` are synchronous either way.
     """
 
     def __init__(self, lm: Any, cache: StateCache | None = None, *, max_batch: int = 64, max_queue: int = 256,
                  cache_every: int | None = None, prefill_chunk_size: int = 2048,
-                 prefill_tokens_per_step: int = 8192, cuda_graph: bool = True, max_prompt_tokens: int = 1 << 20):
+                 prefill_tokens_per_step: int = 8192, cuda_graph: bool = True, max_prompt_tokens: int = 1 << 20,
+                 overlap: bool | None = None):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                             ("prefill_chunk_size", prefill_chunk_size, 1),
                             ("prefill_tokens_per_step", prefill_tokens_per_step, 1),
@@ -196,6 +211,9 @@ class Engine:
         self.cache_every, self.prefill_chunk_size = cache_every, prefill_chunk_size
         self.prefill_tokens_per_step, self.max_prompt_tokens = prefill_tokens_per_step, max_prompt_tokens
         self.batch = DecodeBatch(lm, max_batch, cuda_graph=cuda_graph)
+        self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
+        # the step whose tokens are still on their way to the host: (host tensor, CUDA event, rows)
+        self._pending: tuple[torch.Tensor, Any, list[tuple[_Request, int, MambaModelState | None]]] | None = None
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._sessions_busy: set[str] = set()
@@ -288,7 +306,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and self._pending is None:
                     self._lock.wait(0.5)
                 if self._stop:
                     return
@@ -307,7 +325,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting and not self._running
+            return not self._waiting and not self._running and self._pending is None
 
     def step(self) -> bool:
         """One engine iteration: cancellations, admissions (prefills), one decode step. False when idle."""
@@ -375,17 +393,19 @@ class Engine:
         if state is None:
             state = self.lm.new_state(1, device=self.device)
         if len(req.feed) == 1:  # one token: the decode step, as generate does
-            req.offset, req.pending = state.seqlen_offset, req.feed[0]
-            self._join(req, state)
+            req.offset = state.seqlen_offset
+            self._join(req, state, req.feed[0])
             return 1
         logits, state = self._prefill(req, state)
         req.offset = state.seqlen_offset
         token = choose_tokens(logits, [(0, req.sampler, req.offset)])[0]
         self.counters["prefill_tokens"] += len(req.feed)
-        if self._emit_token(req, token):
+        req.produced += 1
+        self._emit_token(req, token)
+        if req.produced >= req.max_new_tokens or token in req.eos:
             self._park(req, state)
         else:
-            self._join(req, state)
+            self._join(req, state, token)
         return len(req.feed)
 
     def _prefill(self, req: _Request, state: MambaModelState) -> tuple[torch.Tensor, MambaModelState]:
@@ -414,57 +434,95 @@ class Engine:
             req.history = full
         return logits[:, -1], MambaModelState(dict(state.items()), seqlen_offset=state.seqlen_offset)
 
-    def _join(self, req: _Request, state: MambaModelState) -> None:
-        req.slot = self.batch.add(req, state)
+    def _join(self, req: _Request, state: MambaModelState, token: int) -> None:
+        """Put ``req`` into the decode batch with ``token`` as its next input (its state will consume it)."""
+        req.slot = self.batch.add(req, state, token)
+        if req.history is not None:
+            req.history.append(token)
         self._running.append(req)
 
     # ------------------------------------------------------------------ decoding
     def _decode(self) -> bool:
+        """One batched decode step. The tokens go back into the batch's inputs on the device; the host reads them
+        (one copy) and emits them either now (``sync``) or during the next step (``overlap``), so the host's
+        bookkeeping runs while the GPU computes. A request that ends by its length leaves at once (its row copied
+        out before the next step); one with ``eos_token_id`` makes the step synchronous, so that it leaves
+        before its EOS token is fed."""
         if not self._running:
+            self._flush()
             if self.batch.capacity:
                 self.batch.release()
             return False
-        tokens = [0] * self.batch.capacity
-        for req in self._running:
-            assert req.slot is not None and req.pending is not None
-            tokens[req.slot] = req.pending
-        logits = self.batch.step(tokens)
+        logits = self.batch.step()
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(self._running)
         rows = []
         for req in self._running:
             req.offset += 1
-            if req.history is not None:
-                assert req.pending is not None
-                req.history.append(req.pending)
             assert req.sampler is not None and req.slot is not None
             rows.append((req.slot, req.sampler, req.offset))
-        chosen = choose_tokens(logits, rows)
+        chosen = choose_device(logits, rows)
+        assert self.batch.ids is not None
+        self.batch.ids.copy_(chosen)  # the next step's inputs, without a host round trip
+        host, event = _to_host(chosen)
+        entries: list[tuple[_Request, int, MambaModelState | None]] = []
         still = []
-        for req, token in zip(list(self._running), chosen):
-            if self._emit_token(req, token):
-                assert req.slot is not None
-                self._park(req, self.batch.remove(req.slot, req.offset))
+        sync = not self.overlap
+        for req in self._running:
+            assert req.slot is not None
+            req.produced += 1
+            sync = sync or bool(req.eos)
+            if req.produced >= req.max_new_tokens:  # ends by its length: its row leaves now
+                entries.append((req, req.slot, self.batch.remove(req.slot, req.offset)))
+                req.slot = None
             else:
+                entries.append((req, req.slot, None))
                 still.append(req)
         self._running = still
+        self._flush()  # the previous step's tokens (their copy is done or nearly)
+        self._pending = (host, event, entries)
+        if sync:
+            self._flush()
         moved = self.batch.maybe_shrink()
         for req in self._running:
             if req.slot in moved:
                 req.slot = moved[req.slot]
         return True
 
-    def _emit_token(self, req: _Request, token: int) -> bool:
-        """Emit ``token``; True when the request is finished with it."""
+    def _flush(self) -> None:
+        """Emit the tokens of the step still pending (waiting for their copy to the host)."""
+        if self._pending is None:
+            return
+        host, event, entries = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        values = host.tolist()
+        ended = []
+        for req, slot, parked in entries:
+            token = int(values[slot])
+            self._emit_token(req, token)
+            if parked is not None:
+                self._park(req, parked)
+            elif token in req.eos:  # only in a synchronous step: the token has not been fed yet
+                assert req.slot is not None
+                ended.append(req)
+                self._park(req, self.batch.remove(req.slot, req.offset))
+                req.slot = None
+            elif req.history is not None:
+                req.history.append(token)  # it is the row's next input
+        if ended:
+            self._running = [r for r in self._running if r not in ended]
+
+    def _emit_token(self, req: _Request, token: int) -> None:
+        """Hand ``token`` to the client (``req.pending`` is the last token emitted)."""
         req.pending = token
-        req.produced += 1
         self.counters["tokens"] += 1
         now = time.perf_counter()
         self._recent.append((now, 1))
         while self._recent and self._recent[0][0] < now - 10.0:
             self._recent.popleft()
         req.handle._emit(_Event("token", token=token))
-        return req.produced >= req.max_new_tokens or token in req.eos
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         """Tokens emitted per second over the last ``window`` seconds (at most 10)."""
@@ -505,16 +563,24 @@ class Engine:
         req.handle._emit(_Event("done", info={"finish_reason": "cancelled"}))
 
     def _reap_cancelled(self) -> None:
+        if not any(req.handle.cancelled for req in self._running):
+            return
+        self._flush()  # emit what was chosen; the rows' states have consumed all but their last token
         keep = []
         for req in self._running:
             if req.handle.cancelled:
                 assert req.slot is not None
+                if req.history:
+                    req.history.pop()  # the row's next input, not consumed
                 self._park(req, self.batch.remove(req.slot, req.offset), reason="cancelled")
             else:
                 keep.append(req)
         self._running = keep
 
     def _fail_all(self, exc: BaseException) -> None:
+        if self._pending is not None:
+            self._running += [req for req, _, parked in self._pending[2] if parked is not None]
+            self._pending = None
         for req in self._running:
             if req.slot is not None and self.batch.capacity:
                 self.batch.slots[req.slot] = None
@@ -525,8 +591,11 @@ class Engine:
 
     def _abort_all(self) -> None:
         with torch.no_grad():
+            self._flush()
             for req in list(self._running):
                 assert req.slot is not None
+                if req.history:
+                    req.history.pop()  # the row's next input, not consumed
                 self._park(req, self.batch.remove(req.slot, req.offset), reason="cancelled")
         self._running = []
         self.batch.release()

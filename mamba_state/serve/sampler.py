@@ -18,7 +18,7 @@ import torch
 from ..errors import StateError
 from ..generation.sampling import SamplingConfig, _choose, _process, _Sampling, _sampling_config
 
-__all__ = ["RowSampler", "choose_tokens"]
+__all__ = ["RowSampler", "choose_device", "choose_tokens"]
 
 
 @dataclass
@@ -62,30 +62,34 @@ class RowSampler:
         x = _process(logits_row, self.cfg, None if self.seen is None else self.seen[None, :self.cfg.vocab])
         return _choose(x, self.cfg, None if self.seed is None else [self.seed], position, self.generator)
 
-    def observe(self, token: int) -> None:
+    def observe(self, token: torch.Tensor) -> None:
+        """Mark ``token`` (int64 ``[1]`` on the device) as seen, without a host sync."""
         if self.seen is not None:
-            self.seen[min(token, self.cfg.vocab)] = True
+            self.seen.index_fill_(0, token.clamp(max=self.cfg.vocab), True)
+
+
+def choose_device(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, int]]) -> torch.Tensor:
+    """int64 ``[R]`` on the logits' device: for each ``(row index, sampler, absolute position)`` of ``rows`` its
+    next token at that row (other rows: the argmax, meaningless). No host sync.
+
+    ``logits``: ``[R, vocab_padded]`` raw logits of the decode batch (any float dtype). When every listed row is
+    greedy without a penalty this is one argmax over the batch.
+    """
+    if not rows:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    vocab = rows[0][1].cfg.vocab
+    tokens = logits[:, :vocab].to(torch.float32).argmax(-1)  # greedy rows, as _process + _choose compute them
+    for r, sampler, position in rows:
+        if not sampler.batched_greedy:
+            tok = sampler.choose(logits[r:r + 1], position)
+            tokens[r:r + 1] = tok
+            sampler.observe(tok)
+    return tokens
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, int]]) -> list[int]:
-    """The next token of each ``(row index into logits, sampler, absolute position)``; one host sync in all.
-
-    ``logits``: ``[R, vocab_padded]`` raw logits of the decode batch (any float dtype).
-    """
+    """The next token of each ``(row index into logits, sampler, absolute position)`` as host ints (one sync)."""
     if not rows:
         return []
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    greedy = [i for i, (_, s, _) in enumerate(rows) if s.batched_greedy]
-    if greedy:
-        vocab = rows[greedy[0]][1].cfg.vocab
-        index = torch.as_tensor([rows[i][0] for i in greedy], dtype=torch.long, device=logits.device)
-        picked = logits.index_select(0, index)[:, :vocab].to(torch.float32).argmax(-1)
-        for j, i in enumerate(greedy):
-            out[i] = picked[j:j + 1]
-    for i, (r, sampler, position) in enumerate(rows):
-        if out[i] is None:
-            out[i] = sampler.choose(logits[r:r + 1], position)
-    tokens = torch.cat([t for t in out if t is not None]).tolist()
-    for (_, sampler, _), tok in zip(rows, tokens):
-        sampler.observe(int(tok))
-    return [int(t) for t in tokens]
+    host = choose_device(logits, rows).tolist()
+    return [int(host[r]) for r, _, _ in rows]

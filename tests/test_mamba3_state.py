@@ -434,3 +434,25 @@ def test_generate_and_stream_resume_over_mamba3_blocks(upstream):
     assert torch.equal(torch.cat([first.sequences, rest.sequences[:, 1:]], 1), full.sequences)
     streamed = list(lm.stream(ids, max_new_tokens=6, temperature=0))
     assert torch.equal(torch.stack(streamed, 1), full.sequences[:, 5:])
+
+
+def test_fused_decode_step_refuses_a_mamba3_model_by_name(upstream):
+    """The fused in-place decode step is Mamba-1 only: asked for on a Mamba-3 model it says why; left to choose,
+    decoding takes lm.step."""
+    lm = ms.StatefulMambaLM(_m3_lm(), state_dtype=D64)
+    ids = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(StateError, match="fused_step=True: expected a model the fused decode step supports"):
+        lm.generate(ids, max_new_tokens=2, fused_step=True)
+    assert lm.generate(ids, max_new_tokens=2, fused_step=None).sequences.shape == (1, 5)
+
+
+@pytest.mark.gpu
+def test_gpu_mamba3_state_files_restore_the_device(tmp_path):
+    """A CUDA Mamba-3 state saves from the GPU and loads back onto it (device=None), bit for bit."""
+    s = m3_state(2, nheads=4, headdim=8, d_state=16, nangles=4, dtypes=(torch.float32, torch.float32,
+                                                                       torch.bfloat16, torch.bfloat16)).to("cuda")
+    model = MambaModelState({0: s, 1: rand_state("mamba2", 2).to("cuda")}, seqlen_offset=3)
+    model.save(tmp_path / "g.st")
+    back = MambaModelState.load(tmp_path / "g.st")
+    assert back.device.type == "cuda" and model_bit_identical(back, model)
+    assert MambaModelState.load(tmp_path / "g.st", device="cpu").device == torch.device("cpu")

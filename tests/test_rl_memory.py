@@ -113,3 +113,21 @@ def test_the_claims_command_lines_parse_as_aliases(tmp_path, monkeypatch):
     assert calls[1] == ("one", 20000, 4)
     assert main(["rl", "--mode", "quick", "--scale", "--device", "cpu"]) == 2
     assert main(["rl", "--mode", "quick", "--horizons", "4", "--device", "cpu"]) == 2  # sweep options need a sweep
+
+
+@pytest.mark.parametrize("memory", [{"dt_bias_init": "chrono", "chrono_tmax": 6.0}, {"a_init": "memory"},
+                                    {"dt_min": 1e-5, "dt_max": 1e-2, "dt_init_floor": 1e-6}],
+                         ids=["chrono", "memory-A", "dt-floor"])
+def test_each_memory_initialisation_learns_the_task_at_a_short_horizon(memory, one_torch_thread):
+    """Each option still learns DelayedRecall at horizon 4 with PPO (30 updates of 16 environments, seconds on a
+    CPU): the re-initialisations do not break learning; their effect at long horizons is the GPU table's job."""
+    from mamba_state.rl.envs import DelayedRecall
+    from mamba_state.rl.ppo import PPOConfig, PPOTrainer, evaluate
+
+    torch.manual_seed(0)
+    env = DelayedRecall(16, 4, 1, seed=1)
+    policy = MambaPolicy(env.observation_size, env.num_actions, **SMALL, backend="reference", **memory)
+    trainer = PPOTrainer(policy, env, PPOConfig(rollout_len=32, lr=3e-3, num_minibatches=2, seed=2))
+    for _ in range(30):
+        trainer.train_update()
+    assert evaluate(policy, 4, 1, num_envs=128, seed=7)["success_rate"] >= 0.9

@@ -63,7 +63,8 @@ request = st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12)
 @given(st.lists(request, min_size=1, max_size=12), st.integers(1, 5), st.booleans())
 def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_batch, overlap):
     """Both ways of emitting: synchronous steps and steps whose tokens are emitted during the next one."""
-    engine = Engine(lm, StateCache(lm), max_batch=max_batch, max_queue=100, overlap=overlap)
+    engine = Engine(lm, StateCache(lm), max_batch=max_batch, max_queue=100, overlap=overlap,
+                    prefill_graphs=overlap, prefill_graph_tokens=8)
     handles = []
     for prompt, k, si, seed, eos, wait in requests:
         sampling = SAMPLINGS[si]
@@ -103,10 +104,11 @@ def test_many_requests_through_growing_and_shrinking_buckets(lm, overlap):
         assert h.result() == _solo(lm, prompt, k, SAMPLINGS[i % 7], i, None)[0]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_prefix_from_cache_gives_the_same_tokens(lm, overlap):
+@pytest.mark.parametrize("overlap,prefill_graphs", [(False, False), (True, True)])
+def test_prefix_from_cache_gives_the_same_tokens(lm, overlap, prefill_graphs):
+    """(prefill_graphs on the CPU: the tails run as the same power-of-two pieces, eagerly)"""
     cache = StateCache(lm)
-    engine = Engine(lm, cache, cache_every=4, overlap=overlap)
+    engine = Engine(lm, cache, cache_every=4, overlap=overlap, prefill_graphs=prefill_graphs, prefill_graph_tokens=4)
     system = list(range(1, 11))
     first = engine.submit(system + [3, 4], max_new_tokens=5, seed=1, sampling=SAMPLINGS[1])
     engine.run_until_idle()
@@ -236,3 +238,10 @@ def test_serving_page_snippets_run(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "docs_snippet_serving"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/serving.md[block {i}]", "exec"), namespace)
+
+
+def test_prefill_pieces():
+    from mamba_state.serve.prefill_graphs import pieces
+
+    assert pieces(96, 256) == [64, 32] and pieces(1, 4) == [1] and pieces(7, 4) == [4, 2, 1]
+    assert all(sum(pieces(n, 8)) == n for n in range(1, 9))

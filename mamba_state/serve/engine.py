@@ -42,6 +42,7 @@ from ..errors import StateError
 from ..generation.sampling import SamplingConfig
 from ..state import MambaModelState
 from .batch import DecodeBatch
+from .prefill_graphs import PrefillGraphs
 from .sampler import RowSampler, choose_device, choose_tokens
 
 __all__ = ["Engine", "RequestHandle", "EngineOverloadedError", "EngineStoppedError", "MAX_NEW_TOKENS"]
@@ -186,12 +187,16 @@ class Engine:
         max_prompt_tokens: longest prompt accepted.
         overlap: emit each step's tokens during the next step (None: on CUDA). Steps with a request that has an
             ``eos_token_id`` are synchronous either way.
+        prefill_graphs: run prefills of at most ``prefill_graph_tokens`` tokens (the tail after a cached prefix)
+            as replays of CUDA graphs, :class:`~mamba_state.serve.prefill_graphs.PrefillGraphs` (None: on CUDA
+            with ``cuda_graph``; True elsewhere runs the same pieces eagerly).
+        prefill_graph_tokens: the longest such prefill (a power of two).
     """
 
     def __init__(self, lm: Any, cache: StateCache | None = None, *, max_batch: int = 64, max_queue: int = 256,
                  cache_every: int | None = None, prefill_chunk_size: int = 2048,
                  prefill_tokens_per_step: int = 8192, cuda_graph: bool = True, max_prompt_tokens: int = 1 << 20,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prefill_graphs: bool | None = None, prefill_graph_tokens: int = 256):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                             ("prefill_chunk_size", prefill_chunk_size, 1),
                             ("prefill_tokens_per_step", prefill_tokens_per_step, 1),
@@ -212,6 +217,13 @@ class Engine:
         self.prefill_tokens_per_step, self.max_prompt_tokens = prefill_tokens_per_step, max_prompt_tokens
         self.batch = DecodeBatch(lm, max_batch, cuda_graph=cuda_graph)
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
+        if prefill_graphs is None:
+            prefill_graphs = self.device.type == "cuda" and cuda_graph
+        if (not isinstance(prefill_graph_tokens, int) or prefill_graph_tokens < 1
+                or prefill_graph_tokens & (prefill_graph_tokens - 1)):
+            raise StateError(f"prefill_graph_tokens: expected a power of two >= 1, found {prefill_graph_tokens!r}")
+        self.prefill_graphs = (PrefillGraphs(lm, prefill_graph_tokens, use_graphs=cuda_graph) if prefill_graphs
+                               else None)
         # the step whose tokens are still on their way to the host: (host tensor, CUDA event, rows)
         self._pending: tuple[torch.Tensor, Any, list[tuple[_Request, int, MambaModelState | None]]] | None = None
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -415,7 +427,15 @@ class Engine:
         history = req.history
         known = history is not None and len(history) == start
         full = (history + feed) if known and history is not None else None
-        logits = None
+        every = self.cache_every
+        inside = every is not None and (start + len(feed) - 1) // every > start // every
+        if self.prefill_graphs is not None and self.prefill_graphs.handles(len(feed)) and not inside:
+            tail, state = self.prefill_graphs.run(feed, state)  # a short tail: a few graph replays
+            if full is not None:
+                self.cache.insert(full, state)
+                req.history = full
+            return tail, state
+        logits: torch.Tensor | None = None
         done = 0
         chunk = self.prefill_chunk_size
         while done < len(feed):

@@ -19,13 +19,17 @@ launch-bound. :class:`GraphCollector` runs the same step written for capture:
   registered with every captured graph (``CUDAGraph.register_generator_state``), so each replay advances their
   philox offsets as the eager ops would, and checkpoints of the generators stay exact;
 * **the environment step vectorised in torch** (:meth:`GraphCollector._env_step`), written apart from
-  :class:`~mamba_state.rl.envs.DelayedRecall` and tested against it.
+  :class:`~mamba_state.rl.envs.DelayedRecall` and tested against it;
+* **GAE on the device too**: after the rollout, :meth:`GraphCollector.gae_step` runs backwards over the
+  time-major buffers at a device counter (captured like the step), with the float operations of
+  :func:`~mamba_state.rl.ppo.compute_gae` in the same order, so the advantages are the same bit for bit.
 
 With ``capture=False`` (every CPU run) the same step runs eagerly; a test checks that it gives the very same
 transitions as the eager path for a fixed seed (actions, log-probabilities, values, rewards, resets,
 observations, carried state, generator states). With ``capture=True`` (CUDA) ``steps_per_graph`` consecutive
 steps are captured as one graph (and the remainder of the rollout as a second one) and replayed; a GPU test checks
-the replay against the eager run of the same step.
+the replay against the eager run of the same step. Should a capture fail, a warning says so and the same step
+runs eagerly from then on (the same transitions, slower).
 
 The GRU's graph step is ``torch.gru_cell`` per layer (:meth:`GRUPolicy.collect_step
 <mamba_state.rl.policies.GRUPolicy.collect_step>`): on the CPU it is bit-identical to ``nn.GRU`` over one

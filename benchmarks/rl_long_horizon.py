@@ -160,10 +160,11 @@ def pack(out: Path, archive: Path) -> None:
 def cmd_run(args) -> int:
     out = Path(args.out)
     if args.unpack and Path(args.unpack).exists():
-        if out.exists():
-            raise SystemExit(f"--unpack {args.unpack}: {out} exists already (unpack into a fresh place)")
-        unpack(Path(args.unpack), out)
-        print(f"unpacked {args.unpack} into {out}", flush=True)
+        if out.exists():  # a warm machine kept the folder: it is at least as new as the archive packed from it
+            print(f"--unpack: {out} exists already; continuing it (not unpacking {args.unpack})", flush=True)
+        else:
+            unpack(Path(args.unpack), out)
+            print(f"unpacked {args.unpack} into {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():

@@ -33,7 +33,7 @@ from .._device import launch_device
 from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_mode,
                        backward_splits, block_sizes, triton_next_pow2, use_sequence_parallel)
 
-__all__ = ["scan_forward", "ScanFn"]
+__all__ = ["scan_forward", "scan_backward", "ScanFn"]
 
 
 def _dense(t: Tensor) -> bool:
@@ -132,6 +132,19 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
              delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, ypre: Tensor, dout: Tensor,
              dlast: Optional[Tensor], delta_softplus: bool, chunk: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = scan_backward(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, ypre, dout, dlast,
+                          delta_softplus, chunk)
+    return grads[:9]  # type: ignore[return-value]
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor,
+                  ypre: Tensor, dout: Tensor, dlast: Optional[Tensor], delta_softplus: bool, chunk: int,
+                  want_y: bool = False) -> tuple[Tensor, ...]:
+    """The backward launches behind ``mamba_state::scan_bwd`` (same arguments and first nine outputs). With
+    ``want_y`` and z, a tenth output: the gated output ``y = ypre * silu(z)`` in u's layout and dtype, which the
+    kernel recomputes where it reads ypre and z anyway (as upstream's ``recompute_out_z``), for a caller that
+    did not keep y (:class:`mamba_state.adapters.mamba_inner.MambaInnerFn`)."""
     from .._jit import TILE
     from . import triton_kernels as K
 
@@ -155,6 +168,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    y_out = torch.empty_like(u) if want_y and z is not None else None
     dA_part = torch.empty(parts, dim, dstate, device=dev, dtype=f32)
     dB = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
     dC = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
@@ -191,7 +205,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
             glast = None  # the carry pass has taken it
         K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
             u, delta, Af, B, C, Dp, z, biasp, rst,
-            checkpoints.contiguous(), dout, glast, scratch, ypp,
+            checkpoints.contiguous(), dout, glast, scratch, ypp, y_out,
             du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
             None if chunked else dinit, hin,
             dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
@@ -203,7 +217,8 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)
     dbias = (dbias_part.sum(0).to(delta_bias.dtype) if dbias_part is not None and delta_bias is not None
              else u.new_empty(0))
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit
+    grads = (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit)
+    return grads + ((y_out,) if want_y else ())
 
 
 @scan_bwd.register_fake

@@ -348,16 +348,17 @@ def _bsteps8(h, gA, A2, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.co
     return h, gA, gdt, gu, gCt, gBt
 
 
-@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_GLAST="glast_ptr", HAS_RESET="reset_ptr")
+@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_GLAST="glast_ptr", HAS_RESET="reset_ptr",
+                 STORE_Y="yout_ptr")
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
-    ypre_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr, hin_ptr,
+    ypre_ptr, yout_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr, hin_ptr,
     dim, L, dstate, cpg, nchunks, nbatch, nsplit, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, STORE_Y: tl.constexpr,
 ):
     """Reverse sweep over chunks. For each chunk: recompute the state at every 8-step tile boundary from the
     chunk's checkpoint (written to a small per-program scratch), then walk the tiles backwards, recomputing the
@@ -373,7 +374,7 @@ def _scan_bwd_kernel(
     partial sums dA [parts, dim, dstate], dD and ddelta_bias [parts, dim] with parts = batch (MODE 0) or
     nsplit * batch (MODE 1, part g * batch + b); the scratch has the same parts. z_ptr, ypre_ptr and dz_ptr are
     None together (no z), as D_ptr and dD_ptr, bias_ptr and dbias_ptr; hin_ptr is None in MODE 0, dinit_ptr in
-    MODE 1.
+    MODE 1. With z, yout_ptr (else None) receives the gated output ypre * silu(z) (u's layout).
     """
     SUB: tl.constexpr = CHUNK // TILE
     pid_b = tl.program_id(1).to(tl.int64)
@@ -441,6 +442,9 @@ def _scan_bwd_kernel(
                 sz = _sigmoid(zt)
                 gz = g * yp * sz * (1.0 + zt * (1.0 - sz))
                 tl.store(dz_ptr + row + offs_t[None, :], gz.to(dz_ptr.dtype.element_ty), mask=m2)
+                if STORE_Y:  # the gated output, for a caller that did not keep it (yout_ptr None otherwise)
+                    tl.store(yout_ptr + row + offs_t[None, :], (yp * zt * sz).to(yout_ptr.dtype.element_ty),
+                             mask=m2)
                 gy = g * zt * sz
             else:
                 gy = g

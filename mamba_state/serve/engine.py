@@ -146,6 +146,7 @@ class _Request:
     seed: int | None
     eos: frozenset[int]
     session_id: str | None
+    prompt_np: Any = None  # the prompt as int64 numpy (cache keys are computed from it without conversions)
     # filled while running
     feed: list[int] = field(default_factory=list)  # tokens the start state has not consumed
     history: list[int] | None = None  # every token from a zero state up to the state (when known)
@@ -256,7 +257,8 @@ class Engine:
         """
         from ..cache.keys import token_array
 
-        ids = [int(t) for t in token_array(prompt, "prompt")]
+        ids_np = token_array(prompt, "prompt")
+        ids: list[int] = ids_np.tolist()
         if ids and max(ids) >= self.vocab:
             raise StateError(f"prompt: expected token ids in [0, {self.vocab - 1}], found {max(ids)}")
         if len(ids) > self.max_prompt_tokens:
@@ -283,7 +285,7 @@ class Engine:
         # the sampling options are checked now (a bad one is the caller's error, not the engine's)
         RowSampler.make(sampling, seed, self.vocab, [], torch.device("cpu"))
         handle = RequestHandle(f"req-{next(self._ids)}", listener)
-        req = _Request(handle, ids, max_new_tokens, sampling, seed, eos, session_id)
+        req = _Request(handle, ids, max_new_tokens, sampling, seed, eos, session_id, prompt_np=ids_np)
         with self._lock:
             if self._stop:
                 raise EngineStoppedError("engine: expected a running engine, found it stopped")
@@ -391,7 +393,7 @@ class Engine:
         if state is None:
             req.feed, req.history = list(req.prompt), []
             if len(req.prompt) >= 2:
-                n, hit = self.cache.lookup(req.prompt[:-1], device=self.device)
+                n, hit = self.cache.lookup(req.prompt_np[:-1], device=self.device)
                 if hit is not None:
                     state, req.feed, req.history = hit, req.prompt[n:], req.prompt[:n]
                     req.handle.cached_tokens = n
@@ -427,12 +429,15 @@ class Engine:
         history = req.history
         known = history is not None and len(history) == start
         full = (history + feed) if known and history is not None else None
+        # the ids as numpy for the cache (the prompt itself when the history is the prompt's start)
+        full_np = (req.prompt_np if full is not None and req.prompt_np is not None and len(full) == len(req.prompt)
+                   and req.session_id is None else full)
         every = self.cache_every
         inside = every is not None and (start + len(feed) - 1) // every > start // every
         if self.prefill_graphs is not None and self.prefill_graphs.handles(len(feed)) and not inside:
             tail, state = self.prefill_graphs.run(feed, state)  # a short tail: a few graph replays
             if full is not None:
-                self.cache.insert(full, state)
+                self.cache.insert(full_np, state)
                 req.history = full
             return tail, state
         logits: torch.Tensor | None = None
@@ -442,7 +447,8 @@ class Engine:
             part = feed[done:done + chunk]
             last = done + len(part) == len(feed)
             if full is not None:
-                logits, state = self.cache.fill(self.lm, full[:start + done + len(part)], state=None if
+                assert full_np is not None
+                logits, state = self.cache.fill(self.lm, full_np[:start + done + len(part)], state=None if
                                                 start + done == 0 else state, start=start + done,
                                                 every=self.cache_every, insert_end=last, num_last_tokens=1)
             else:

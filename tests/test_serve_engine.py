@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from mamba_state.adapters import StatefulMambaLM
 from mamba_state.cache import StateCache
@@ -59,7 +59,6 @@ request = st.tuples(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12)
                     st.integers(0, 4))  # engine steps to run before submitting the next one
 
 
-@settings(max_examples=8)
 @given(st.lists(request, min_size=1, max_size=12), st.integers(1, 5), st.booleans())
 def test_engine_equals_solo_generate_whatever_joins_or_leaves(lm, requests, max_batch, overlap):
     """Both ways of emitting: synchronous steps and steps whose tokens are emitted during the next one."""

@@ -236,6 +236,7 @@ class Engine:
         self._stop = False
         self.counters: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
+        self._recent_lock = threading.Lock()
 
     # ------------------------------------------------------------------ submitting
     def submit(self, prompt: Sequence[int] | torch.Tensor, *, max_new_tokens: int,
@@ -545,16 +546,18 @@ class Engine:
         req.pending = token
         self.counters["tokens"] += 1
         now = time.perf_counter()
-        self._recent.append((now, 1))
-        while self._recent and self._recent[0][0] < now - 10.0:
-            self._recent.popleft()
+        with self._recent_lock:
+            self._recent.append((now, 1))
+            while self._recent and self._recent[0][0] < now - 10.0:
+                self._recent.popleft()
         req.handle._emit(_Event("token", token=token))
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         """Tokens emitted per second over the last ``window`` seconds (at most 10)."""
         now = time.perf_counter()
-        recent = [t for t, _ in list(self._recent) if t >= now - window]
-        return len(recent) / window
+        with self._recent_lock:  # read from other threads (/metrics) while the engine appends
+            recent = sum(1 for t, _ in self._recent if t >= now - window)
+        return recent / window
 
     # ------------------------------------------------------------------ leaving
     def _park(self, req: _Request, state: MambaModelState, reason: str | None = None) -> None:

@@ -50,7 +50,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| horizon | seed | variant | flags | learned at (update) | greedy at H | greedy at 4H |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['horizon']} | {r['seed']} | {r['variant']} | `{FLAGS[r['variant']]}` | "
+        flags = f"`{FLAGS[r['variant']]}`" if FLAGS[r["variant"]] else "(none)"
+        lines.append(f"| {r['horizon']} | {r['seed']} | {r['variant']} | {flags} | "
                      f"{r['learned_at'] if r['learned_at'] is not None else 'never'} | {r['eval']:.3f} | "
                      f"{r['eval_4h']:.3f} |")
     return "\n".join(lines) + "\n"

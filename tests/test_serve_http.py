@@ -212,3 +212,34 @@ def test_server_streams_concurrent_clients_errors_metrics_and_restart(model_dir,
     finally:
         assert server.stop() in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises SIGTERM after its shutdown
         assert "mamba-state serve: stopped after" in server.output(), server.output()
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer: one id per character ('a' = 1, ...)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) - ord("a") + 1 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 1 + ord("a")) for i in ids)
+
+
+def test_text_prompts_with_a_tokenizer_and_body_limits(lm, monkeypatch):
+    """In process (FastAPI's TestClient): text in and out through a tokenizer, the same tokens as the ids."""
+    from fastapi.testclient import TestClient
+
+    from mamba_state.cache import StateCache
+    from mamba_state.serve import Engine
+    from mamba_state.serve import app as app_module
+
+    engine = Engine(lm, StateCache(lm), max_batch=4)
+    with TestClient(app_module.build_app(engine, tokenizer=_CharTokenizer(), model_name="tiny")) as client:
+        text = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5}).json()
+        ids = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5}).json()
+        assert text["choices"][0]["token_ids"] == ids["choices"][0]["token_ids"]
+        assert text["choices"][0]["text"] == _CharTokenizer().decode(ids["choices"][0]["token_ids"])
+        r = client.post("/v1/completions", json={"prompt": "~", "max_tokens": 1})  # an id beyond the vocabulary
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 100)
+        r = client.post("/v1/completions", json={"prompt": [1] * 100, "max_tokens": 1})
+        assert r.status_code == 413 and "at most 100 bytes" in r.json()["error"]["message"]

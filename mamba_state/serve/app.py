@@ -12,7 +12,7 @@ Routes:
 * ``GET /health``: ``{"status": "ok", ...}``, 503 when the engine thread is not running.
 
 Errors are JSON ``{"error": {"message", "type", "param"}}``: 400 for a bad field (``param`` names it), 404 for
-an unknown session to delete, 503 when the queue is full.
+an unknown session to delete, 413 for a body over ``MAX_BODY_BYTES``, 503 when the queue is full.
 
 This module imports FastAPI (the ``serve`` extra: ``pip install mamba-state[serve]``).
 """
@@ -32,7 +32,9 @@ from ..generation.sampling import SamplingConfig
 from .engine import MAX_NEW_TOKENS, Engine, EngineOverloadedError, EngineStoppedError, _Event
 from .metrics import CONTENT_TYPE, render_metrics
 
-__all__ = ["build_app", "parse_completion_request", "RequestError"]
+__all__ = ["build_app", "parse_completion_request", "RequestError", "MAX_BODY_BYTES"]
+
+MAX_BODY_BYTES = 64 << 20  # a request body larger than this is refused (413) before it is parsed
 
 
 class RequestError(StateError):
@@ -170,8 +172,16 @@ def build_app(engine: Engine, tokenizer: Any = None, model_name: str = "mamba-st
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found {declared}")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                return _error(413, f"body: expected at most {MAX_BODY_BYTES} bytes, found more")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(400, f"body: expected JSON, found invalid JSON ({exc})")
         try:

@@ -259,8 +259,8 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     if not q:
         intro = ("`benchmarks/bench_serve.py` (issue 19): `mamba_state.serve.Engine` over "
-                 "`mamba_state.cache.StateCache`, the engine stepped in the benchmark's thread (no HTTP), " + result["model"] + ". "
-                 + environment_line(env))
+                 "`mamba_state.cache.StateCache`, the engine stepped in the benchmark's thread (no HTTP), "
+                 + result["model"] + ". " + environment_line(env))
         replace_section(SECTION, intro + "\n\n" + body)
         print("updated docs/benchmarks.md")
     return 0

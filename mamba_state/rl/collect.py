@@ -38,15 +38,12 @@ step (tested); on CUDA it is the fused GRU-cell kernel instead of cuDNN's RNN, e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import StateError
 from .envs import DelayedRecall
-
-if TYPE_CHECKING:
-    from .ppo import PPOTrainer, Rollout
 
 __all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions"]
 
@@ -86,7 +83,7 @@ class GraphCollector:
             of a graph of the ``T % k`` remaining steps).
     """
 
-    def __init__(self, trainer: "PPOTrainer", capture: bool = False, steps_per_graph: int = 16):
+    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16):
         if not isinstance(trainer.env, DelayedRecall):
             raise StateError(f"graph collection: expected a DelayedRecall environment, found "
                              f"{type(trainer.env).__name__} (use collect='eager')")
@@ -319,11 +316,11 @@ class GraphCollector:
 
     # ------------------------------------------------------------------ one rollout
     @torch.no_grad()
-    def collect(self) -> "Rollout":
-        """One rollout of ``trainer.config.rollout_len`` steps; the trainer's and environment's carried tensors
-        are updated as :meth:`PPOTrainer.collect <mamba_state.rl.ppo.PPOTrainer.collect>` would."""
+    def collect(self) -> dict[str, Any]:
+        """One rollout of ``trainer.config.rollout_len`` steps: the fields of a :class:`~mamba_state.rl.ppo.Rollout`
+        (GAE filled in) as a dict; the trainer's and environment's carried tensors are updated as
+        :meth:`PPOTrainer.collect <mamba_state.rl.ppo.PPOTrainer.collect>` would."""
         from .policies import clone_state
-        from .ppo import Rollout
 
         tr, env, policy = self.trainer, self.trainer.env, self.trainer.policy
         cfg = tr.config
@@ -354,10 +351,9 @@ class GraphCollector:
             keep = min(t_len, tr.history_len)
             tr.history.extend((nt["obs"][:, t], nt["resets"][:, t]) for t in range(t_len - keep, t_len))
         tr.env_steps += tr.global_num_envs * t_len
-        ro = Rollout(nt["obs"], nt["actions"], nt["logprobs"], nt["values"], nt["rewards"], nt["dones"],
-                     nt["resets"], init_state, last_value.float(), prefix_obs=prefix_obs, prefix_resets=prefix_resets)
-        ro.advantages = self.adv.transpose(0, 1).contiguous()
-        ro.returns = ro.advantages + ro.values  # as compute_gae returns them
-        ro.stats = {"successes": int(self.successes), "episodes": int(self.episodes),
-                    "return_sum": float(self.return_sum)}
-        return ro
+        advantages = self.adv.transpose(0, 1).contiguous()
+        return {**nt, "init_state": init_state, "last_value": last_value.float(), "advantages": advantages,
+                "returns": advantages + nt["values"],  # as compute_gae returns them
+                "prefix_obs": prefix_obs, "prefix_resets": prefix_resets,
+                "stats": {"successes": int(self.successes), "episodes": int(self.episodes),
+                          "return_sum": float(self.return_sum)}}

@@ -173,7 +173,7 @@ class PPOTrainer:
     def collect(self) -> Rollout:
         """Run ``rollout_len`` steps in every environment; returns the :class:`Rollout` (GAE filled in)."""
         if self._collector is not None:
-            return self._collector.collect()
+            return Rollout(**self._collector.collect())
         return self.collect_eager()
 
     @torch.no_grad()

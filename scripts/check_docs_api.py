@@ -19,6 +19,8 @@ PAGES = {
     "mamba_state.state.distributed": "reference/distributed/index.html",
     "mamba_state.state.offload": "reference/distributed/index.html",
     "mamba_state.rl": "reference/rl/index.html",
+    "mamba_state.cache": "reference/serving/index.html",
+    "mamba_state.serve": "reference/serving/index.html",
     "mamba_state.kernels.selective_scan.naive": "reference/scans/index.html",
     "mamba_state.kernels.selective_scan.chunked": "reference/scans/index.html",
     "mamba_state.kernels.conv1d.naive": "reference/scans/index.html",

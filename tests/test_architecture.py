@@ -19,9 +19,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("state", ("mamba_state.state",)),
     ("adapters", ("mamba_state.adapters",)),
     ("generation", ("mamba_state.generation",)),
+    ("serving", ("mamba_state.cache", "mamba_state.serve")),
     ("applications", ("mamba_state.trace", "mamba_state.trace_cli", "mamba_state.viz", "mamba_state.cli",
                       "mamba_state._cli_util", "mamba_state.demo", "mamba_state.demo_cli", "mamba_state.__main__",
-                      "mamba_state.rl")),
+                      "mamba_state.rl", "mamba_state.serve.cli")),
 ]
 # 0.1 import paths kept as thin re-exports (module -> where it lives now); the library itself never uses them
 COMPAT = {

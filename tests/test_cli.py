@@ -13,7 +13,7 @@ import pytest
 import mamba_state
 from mamba_state import cli
 
-SUBCOMMANDS = ["info", "demo", "rl", "trace"]
+SUBCOMMANDS = ["info", "demo", "rl", "trace", "serve"]
 
 
 def _cli(*args: str, code: str | None = None, env: dict | None = None, timeout: int = 120):
@@ -45,7 +45,7 @@ import mamba_state, mamba_state.cli as c
 parser = c.build_parser()
 helps = [p.format_help() for p in [parser, *[a for a in parser._actions if hasattr(a, 'choices') and
                                             isinstance(a.choices, dict)][0].choices.values()]]
-assert len(helps) == 5, len(helps)
+assert len(helps) == 6, len(helps)
 loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))
 print('torch loaded:', loaded[:3])
 """
@@ -66,7 +66,8 @@ def test_every_option_of_every_subcommand_shows_its_default():
             if action.help == argparse.SUPPRESS or action.nargs == 0 or not action.option_strings:
                 continue  # --help, flags, hidden aliases
             text = formatter._expand_help(action)
-            assert "default" in text, (name, action.option_strings, text)
+            # a required option has no default: its help says it is required instead
+            assert ("required" in text) if action.required else ("default" in text), (name, action.option_strings, text)
 
 
 def test_one_spelling_and_one_device_rule_across_subcommands():

@@ -217,8 +217,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)
     dbias = (dbias_part.sum(0).to(delta_bias.dtype) if dbias_part is not None and delta_bias is not None
              else u.new_empty(0))
-    grads = (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit)
-    return grads + ((y_out,) if want_y else ())
+    grads: tuple[Tensor, ...] = (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit)
+    if want_y:
+        grads += (y_out if y_out is not None else u.new_empty(0),)  # no gate, no gated output
+    return grads
 
 
 @scan_bwd.register_fake

@@ -126,8 +126,8 @@ class MambaInnerFn(torch.autograd.Function):
                 (dA * A).to(A_log.dtype) if need[6] else None,  # A = -exp(A_log): dA_log = dA * A
                 dD.to(D.dtype) if need[7] else None,
                 d_out_w.to(out_dtype) if need[8] else None,
-                d_out_b.to(out_proj_b.dtype) if out_proj_b is not None and need[9] else None,
-                dstate.to(conv_state.dtype) if dstate is not None else None,
+                d_out_b.to(out_proj_b.dtype) if d_out_b is not None and out_proj_b is not None and need[9] else None,
+                dstate.to(conv_state.dtype) if dstate is not None and conv_state is not None else None,
                 dinit.to(h0.dtype) if h0 is not None and need[11] else None,
                 None, None)
 

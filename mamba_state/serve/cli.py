@@ -43,8 +43,9 @@ def _bytes(text: str) -> int | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``serve`` options on ``parser``."""
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint directory (upstream's config.json + weights, or a transformers Mamba)")
+    parser.add_argument(
+        "--model", required=True, metavar="DIR",
+        help="checkpoint directory (upstream's config.json + weights, or a transformers Mamba; required)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     add_device_argument(parser)

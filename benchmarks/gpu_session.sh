@@ -13,6 +13,7 @@
 #   train   benchmarks/bench_train.py (130m training step, ours vs upstream) (TRAIN_TIMEOUT, 150 s)
 #   ptrain  benchmarks/profile_train.py (device time per kernel of that step) (PTRAIN_TIMEOUT, 150 s)
 #   m3      tests/test_mamba3_gpu.py and benchmarks/bench_mamba3.py  (M3_TIMEOUT, 240 s)
+#   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
 # Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
@@ -54,6 +55,8 @@ for step in ${STEPS:-tests gen cont}; do
         ptrain) run_step ptrain "${PTRAIN_TIMEOUT:-150}" python3 benchmarks/profile_train.py ;;
         m3) run_step m3 "${M3_TIMEOUT:-240}" bash -c "python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_gpu.py; python3 benchmarks/bench_mamba3.py" ;;
+        prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \
+                   --shapes ${PREFILL_SHAPES:-1x16384 1x65536} --out "$OUT" ;;
         grad) run_step grad "${GRAD_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_conv_grad.py tests/test_training_layout.py ;;
         *) echo "unknown step $step" ;;

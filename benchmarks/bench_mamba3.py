@@ -22,14 +22,20 @@ This run needs three keys: ``mamba3_siso_fwd`` with states (every forward of our
 over every path, before anything is timed, pays for all of them (its time is printed). Lengths must be multiples
 of 16 (Triton specialises integer arguments on divisibility by 16: other lengths compile new variants); batch 1
 and batch 8 differ only in that specialisation. ``--cache-autotuning`` sets ``TRITON_CACHE_AUTOTUNING=1`` so that
-a later run reuses the autotune results from disk (they were tuned for this run's shapes: use it for repeated runs
-of the same command only).
+a later run reuses the autotune results from disk; ``tests/test_mamba3_gpu.py`` shares this run's keys (same head
+sizes and chunk), so run it after this script, both with the variable set, and it autotunes only what it adds.
+
+Progress: every step prints a line with the UTC time and the seconds since the start (each warm-up path timed on
+its own), and the JSON (``"complete": false`` until the last row) and the doc section are rewritten after every
+row, so a run stopped by a time limit keeps what it measured. The commit comes from ``git`` where the tree is a
+checkout, else from ``$MAMBA_STATE_COMMIT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +71,56 @@ def _layers(smoke: bool, device: torch.device, dtype: torch.dtype):
     return None, ours, cfg, why
 
 
+def _commit() -> str:
+    """The checkout's commit (``git rev-parse``), else ``$MAMBA_STATE_COMMIT`` (a device copy of the tree may have
+    no ``.git``), else "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() + (" (with local changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("MAMBA_STATE_COMMIT", "unknown")
+
+
+class _Progress:
+    """Timestamped progress lines (a killed run still shows how far it got and where the time went)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.strftime("%H:%M:%S", time.gmtime())
+        print(f"[{now} UTC +{time.perf_counter() - self.t0:6.1f} s] {what}", flush=True)
+
+
+HEADERS = ["batch", "N", "ours: continue (ms)", "step loop (ms)", "continue / step loop", "prefill tokens",
+           "ours: prefill (ms)", "upstream forward (ms)", "ours / upstream prefill"]
+
+
+def _write(args, cfg, dtype, up, why_not, raw, rows, planned: int, warmup_s: dict[str, float]) -> None:
+    """JSON and doc section of the rows measured so far (called after every row: a timeout keeps them)."""
+    env = {**environment(), "commit": _commit()}
+    done = len(rows) == planned
+    table = markdown_table(HEADERS, rows)
+    note = "" if up is not None else f"\n\nUpstream columns not measured: {why_not}."
+    partial = "" if done else f"\n\n**Partial run**: {len(rows)} of {planned} rows measured (the run stopped early)."
+    baseline = raw[0]["step_baseline"] if raw else "n/a"
+    body = (f"{environment_line(env)} Commit {env['commit']}.\n\nOne Mamba-3 SISO layer (d_model {cfg['d_model']}, "
+            f"d_state {cfg['d_state']}, headdim {cfg['headdim']}, expand 2), {str(dtype).replace('torch.', '')}, "
+            f"state from a 512-token prefill. Targets: continue / step loop <= 1/100; our prefill <= 1.05x "
+            f"upstream's forward. Ours continues N tokens from the state in one call; the step loop ({baseline}) "
+            f"is timed over {args.step_tokens} tokens and scaled to N. Both sides under `torch.no_grad()`; medians "
+            f"of {args.repeats} rounds, the two prefills timed in turns. Raw numbers: "
+            f"`benchmarks/results/bench_mamba3.json`.{note}{partial}\n\n{table}\n")
+    write_json("bench_mamba3", {"config": cfg, "dtype": str(dtype), "complete": done, "rows_planned": planned,
+                                "warmup_s": warmup_s, "results": raw}, env)
+    replace_section(SECTION, body)
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,6 +136,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cache_autotuning:  # before upstream's Triton modules are imported (_layers imports them)
         os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    log = _Progress()
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -89,6 +146,7 @@ def main(argv=None) -> int:
     bad = [n for n in [N, *prefills, args.step_tokens] if n % 16 or n < 16]
     if bad:
         p.error(f"lengths must be multiples of 16 (no new kernel variants to compile), found {bad}")
+    write = not args.smoke or args.write
     up, ours, cfg, why_not = _layers(args.smoke, device, dtype)
     d = cfg["d_model"]
     step_fn_ok = False
@@ -96,23 +154,38 @@ def main(argv=None) -> int:
         from mamba_ssm.modules import mamba3 as up_mod
 
         step_fn_ok = up_mod.mamba3_step_fn is not None
-    # one pass over every kernel path before anything is timed: compiles and autotuning happen here
-    t0 = time.perf_counter()
+    log(f"device {device}, layers built; upstream {'yes' if up is not None else 'no: ' + why_not}; "
+        f"upstream CuTe step {'yes' if step_fn_ok else 'no'}; TRITON_CACHE_AUTOTUNING="
+        f"{os.environ.get('TRITON_CACHE_AUTOTUNING', '')!r}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    # one pass over every kernel path before anything is timed: compiles and autotuning happen here, each timed
+    warmup_s: dict[str, float] = {}
+
+    def warm(name: str, fn) -> None:
+        t = time.perf_counter()
+        fn()
+        sync()
+        warmup_s[name] = warmup_s.get(name, 0.0) + time.perf_counter() - t
+        log(f"warm-up {name}: {time.perf_counter() - t:.1f} s")
+
     for B in batches:
         xw = torch.randn(B, 64, d, device=device, dtype=dtype)
-        _, sw = ours(xw)
-        ours(xw, sw)
-        ours.step(xw[:, 0], sw)
+        sw = ours(xw)[1]
+        warm(f"ours forward (states in and out), batch {B}", lambda: ours(xw, sw))
         if up is not None:
-            up(xw)
-            if step_fn_ok:
+            warm(f"upstream forward, batch {B}", lambda: up(xw))
+        if step_fn_ok:
+            def up_step():
                 cache = [t.clone() for t in sw.tensors.values()]
                 cache[2], cache[3] = cache[2].to(dtype), cache[3].to(dtype)
                 up.step(xw[:, 0], *cache)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    print(f"warm-up (compiles, autotuning) {time.perf_counter() - t0:.1f} s", flush=True)
-    rows, raw = [], []
+            warm(f"upstream step (CuTe), batch {B}", up_step)
+        else:  # our step() is the baseline
+            warm(f"our step, batch {B}", lambda: ours.step(xw[:, 0], sw))
+    rows: list[list] = []
+    raw: list[dict] = []
+    planned = len(batches) * len(prefills)
     for B in batches:
         _, state = ours(torch.randn(B, 512, d, device=device, dtype=dtype))
         x = torch.randn(B, N, d, device=device, dtype=dtype)
@@ -133,9 +206,12 @@ def main(argv=None) -> int:
             baseline = "our step() loop" + ("" if up is None else " (upstream's CuTe step kernel not importable)")
         t_step = median_time(step_loop, repeats=1) * N / k
         t_cont = interleaved_median_times({"cont": lambda: ours(x, state)}, repeats=args.repeats)["cont"]
+        log(f"batch {B}: continue {N} tokens {t_cont * 1e3:.2f} ms, {baseline} {t_step * 1e3:.0f} ms "
+            f"(ratio {t_cont / t_step:.5f})")
         scaled = " (per-token x N)" if k < N else ""
         row = dict(batch=B, tokens=N, ours_continue_s=t_cont, step_loop_s=t_step, step_loop_measured_tokens=k,
                    step_baseline=baseline)
+        raw.append(row)
         for P in prefills:
             xp = torch.randn(B, P, d, device=device, dtype=dtype)
             fns = {"ours": lambda: ours(xp)}
@@ -147,23 +223,11 @@ def main(argv=None) -> int:
             rows.append([B, N, f"{t_cont * 1e3:.2f}", f"{t_step * 1e3:.0f}{scaled}", f"{t_cont / t_step:.5f}", P,
                          f"{t['ours'] * 1e3:.2f}", "n/a" if up is None else f"{t['up'] * 1e3:.2f}",
                          "n/a" if up is None else f"{t['ours'] / t['up']:.3f}"])
-            print(" | ".join(map(str, rows[-1])), flush=True)
-        raw.append(row)
-    headers = ["batch", "N", "ours: continue (ms)", "step loop (ms)", "continue / step loop", "prefill tokens",
-               "ours: prefill (ms)", "upstream forward (ms)", "ours / upstream prefill"]
-    table = markdown_table(headers, rows)
-    print(table)
-    if not args.smoke or args.write:
-        env = environment()
-        note = "" if up is not None else f"\n\nUpstream columns not measured: {why_not}."
-        body = (f"{environment_line(env)}\n\nOne Mamba-3 SISO layer (d_model {d}, d_state {cfg['d_state']}, headdim "
-                f"{cfg['headdim']}, expand 2), {str(dtype).replace('torch.', '')}, state from a 512-token prefill. "
-                f"Targets: continue / step loop <= 1/100; our prefill <= 1.05x upstream's forward. Ours continues "
-                f"N tokens from the state in one call; the step loop ({raw[0]['step_baseline']}) is timed over "
-                f"{args.step_tokens} tokens and scaled to N. Both sides under `torch.no_grad()`; medians of "
-                f"{args.repeats} rounds, the two prefills timed in turns.{note}\n\n{table}\n")
-        write_json("bench_mamba3", {"config": cfg, "dtype": str(dtype), "results": raw}, env)
-        replace_section(SECTION, body)
+            log(" | ".join(map(str, rows[-1])))
+            if write:
+                _write(args, cfg, dtype, up, why_not, raw, rows, planned, warmup_s)
+    print(markdown_table(HEADERS, rows))
+    log("done" + (": benchmarks/results/bench_mamba3.json and docs/benchmarks.md written" if write else ""))
     return 0
 
 

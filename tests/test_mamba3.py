@@ -371,6 +371,38 @@ def test_cuda_path_packing_of_resets_into_segments(monkeypatch):
             torch.testing.assert_close(a.to(D64), b.to(D64), rtol=1e-6, atol=1e-6)
 
 
+def test_cuda_path_passes_no_grad_inputs_to_upstream_under_no_grad(monkeypatch):
+    """Upstream's autograd Function takes its training forward (chunk states saved) whenever an input requires grad,
+    even under no_grad: the adapter passes detached inputs there, and parameters (gradients intact) otherwise."""
+    import mamba_state.adapters.mamba3 as m3
+
+    seen = []
+
+    def spy(*args, **kw):
+        tensors = [t for t in (*args, *kw.values(), *(kw.get("Input_States") or ())) if isinstance(t, torch.Tensor)]
+        seen.append(any(t.requires_grad for t in tensors))
+        return _fake_siso_combined(*args, **kw)
+
+    lay = _layer(7)
+    x = torch.randn(2, 6, 16, dtype=D64)
+    s0 = lay.new_state(2)
+    leaves = {k: t.normal_().requires_grad_() for k, t in s0.tensors.items()}
+    s0 = MambaInferenceState.from_tensors(leaves)
+    monkeypatch.setattr(m3, "_upstream_siso_scan", lambda: spy)
+
+    def run():  # what _forward does on the CUDA path
+        z, xs, B, C, adt, dt, trap, angles = lay._project(x, False)
+        return lay._scan_upstream(C, B, xs, adt, dt, trap, angles, z, lay._states_of(s0), None)
+
+    with torch.no_grad():
+        y0, _ = run()
+    y1, st1 = run()
+    assert seen == [False, True]
+    torch.testing.assert_close(y0, y1.detach(), rtol=0, atol=0)
+    (y1.square().sum() + st1.ssm.sum()).backward()
+    assert lay.D.grad is not None and leaves["ssm_state"].grad is not None and leaves["k_state"].grad is not None
+
+
 def test_lm_over_mamba3_blocks(upstream):
     """The recipe of docs/mamba3.md: upstream's MambaLMHeadModel with each block's mixer replaced by a Mamba3."""
     from mamba_ssm.models.config_mamba import MambaConfig

@@ -364,10 +364,15 @@ class StatefulMamba3(nn.Module):
         """Upstream's fused SISO scan from ``st``; resets inside the chunk become varlen segments (module doc)."""
         fn = _upstream_siso_scan()
         bsz, L, h, p = v.shape
-        kw = dict(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0], D=self.D, chunk_size=self.chunk_size,
-                  return_final_states=True)
+        q_bias, k_bias, D = self.C_bias[:, 0], self.B_bias[:, 0], cast(torch.Tensor, self.D)
         # upstream's state layout: float32 (its kernels load the states as float32 anyway)
         st = Mamba3States(*(t.float() for t in st))
+        if not torch.is_grad_enabled():
+            # upstream's autograd Function saves its chunk states for a backward whenever an input requires grad,
+            # grad mode or not (ctx.needs_input_grad): detached inputs give its inference-only forward
+            q_bias, k_bias, D = q_bias.detach(), k_bias.detach(), D.detach()
+            st = Mamba3States(*(t.detach() for t in st))
+        kw = dict(Q_bias=q_bias, K_bias=k_bias, D=D, chunk_size=self.chunk_size, return_final_states=True)
         if reset is not None and reset[:, 0].any():
             keep = (~reset[:, 0]).float()
             st = Mamba3States(*(t * keep.view(-1, *([1] * (t.dim() - 1))) for t in st))

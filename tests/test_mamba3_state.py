@@ -6,6 +6,7 @@ tests/test_mamba3.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -392,6 +393,75 @@ def test_trace_cli_on_a_mamba3_model(upstream, tmp_path, capsys):
     assert cli.main(["trace", "--mixer", "mamba3", "--d-model", "32", "--headdim", "7", "--out", str(out),
                      "--device", "cpu"]) == 2
     assert "--headdim: expected a divisor of 2 * d_model = 64, found 7" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_of_a_mamba3_model_round_trips_and_serves(upstream, tmp_path, capsys):
+    """save_pretrained of docs/mamba3.md's recipe writes ssm_cfg {"layer": "Mamba3", ...}; from_pretrained builds
+    Mamba-3 mixers from it without upstream's model classes, with the same weights, logits, state layout and greedy
+    tokens; `mamba-state trace --model DIR` and the serving engine run on the loaded model."""
+    from mamba_state.cache import StateCache
+    from mamba_state.serve import Engine
+
+    model = _m3_lm(dtype=torch.float32)
+    with torch.no_grad():  # biases and norms off their constant init, so a lost parameter shows
+        for p_ in model.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+    lm = ms.StatefulMambaLM(model)
+    ckpt = tmp_path / "ckpt"
+    lm.save_pretrained(ckpt)
+    ssm = json.loads((ckpt / "config.json").read_text())["ssm_cfg"]
+    assert ssm == {"layer": "Mamba3", "d_state": 16, "expand": 2, "headdim": 8, "ngroups": 1, "rope_fraction": 0.5,
+                   "A_floor": 1e-4, "is_outproj_norm": False, "chunk_size": 64}
+    back = ms.StatefulMambaLM.from_pretrained(ckpt)
+    assert all(isinstance(b.mixer, ms.StatefulMamba3) for b in back.backbone.blocks())
+    a, b = lm.state_dict(), back.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        la, sa = lm(ids)
+        lb, sb = back(ids)
+    # the same float32 weights through the same reference path: equal up to float32 op order
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    assert sb.layout() == sa.layout() and sb.allclose(sa, rtol=1e-5, atol=1e-5)
+    greedy = lm.generate(ids[:, :4], max_new_tokens=5, temperature=0).sequences
+    assert torch.equal(back.generate(ids[:, :4], max_new_tokens=5, temperature=0).sequences, greedy)
+    # the serving engine (what `mamba-state serve --model DIR` runs), greedy: the same tokens
+    engine = Engine(back, StateCache(back), max_batch=2)
+    handles = [engine.submit(ids[r, :4], max_new_tokens=5) for r in range(2)]
+    engine.run_until_idle()
+    assert [h.result(timeout=0) for h in handles] == greedy[:, 4:].tolist()
+    # the trace command on the checkpoint directory
+    if importlib.util.find_spec("matplotlib") is not None:
+        from mamba_state import cli
+
+        code = cli.main(["trace", "--model", str(ckpt), "--tokens", "1 2 3 4 5", "--device", "cpu",
+                         "--out", str(tmp_path / "plots")])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        assert "traced 5 tokens through 2 layers" in printed.out
+
+
+def test_checkpoint_config_of_mamba3_mixers_is_checked(upstream, tmp_path):
+    """One ssm_cfg describes every layer: unlike Mamba-3 mixers are refused by name; forged Mamba-3 fields in a
+    config.json are refused before a model is built."""
+    model = _m3_lm(dtype=torch.float32)
+    lm = ms.StatefulMambaLM(model)
+    lm.backbone.blocks()[1].mixer.chunk_size = 32
+    with pytest.raises(StateCompatibilityError, match="configured alike.*chunk_size"):
+        lm.save_pretrained(tmp_path / "bad")
+    lm.backbone.blocks()[1].mixer.chunk_size = 64
+    ckpt = tmp_path / "ckpt"
+    lm.save_pretrained(ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    for change, words in (({"rope_fraction": 0.3}, "rope_fraction: expected 0.5 or 1.0"),
+                          ({"headdim": "8"}, "headdim: expected an integer"),
+                          ({"is_outproj_norm": 1}, "is_outproj_norm: expected true or false"),
+                          ({"layer": "Mamba4"}, "layer: expected 'Mamba1', 'Mamba2' or 'Mamba3'"),
+                          ({"headdim": 7}, "headdim: expected a divisor")):
+        (ckpt / "config.json").write_text(json.dumps({**raw, "ssm_cfg": {**raw["ssm_cfg"], **change}}))
+        with pytest.raises(StateError, match=words):
+            ms.StatefulMambaLM.from_pretrained(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -194,6 +194,18 @@ def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
             raise StateFormatError(f"{where}: config attn_layer_idx / attn_cfg: expected a list and an object, found "
                                    f"{cfg.get('attn_layer_idx')!r:.40} and {cfg.get('attn_cfg')!r:.40}")
     _int_field(ssm, "d_state", 1, 1 << 12, where, default=16)
+    if ssm.get("layer", "Mamba1") not in ("Mamba1", "Mamba2", "Mamba3"):
+        raise StateFormatError(f"{where}: config ssm_cfg layer: expected 'Mamba1', 'Mamba2' or 'Mamba3', found "
+                               f"{ssm.get('layer')!r:.60}")
+    if ssm.get("layer") == "Mamba3":  # the fields StatefulMamba3.config() writes
+        for key, hi in (("headdim", 1 << 12), ("ngroups", 1 << 12), ("chunk_size", 1 << 16)):
+            if key in ssm:
+                _int_field(ssm, key, 1, hi, where)
+        if ssm.get("rope_fraction", 0.5) not in (0.5, 1.0) or isinstance(ssm.get("rope_fraction"), bool):
+            raise StateFormatError(f"{where}: config rope_fraction: expected 0.5 or 1.0, found "
+                                   f"{ssm.get('rope_fraction')!r:.60}")
+        _check_bool(ssm, "is_outproj_norm", where)
+        _check_bool(ssm, "is_mimo", where)
     _int_field(ssm, "d_conv", 1, 1 << 10, where, default=4)
     expand = ssm.get("expand", 2)
     if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not 0 < expand <= 64:
@@ -340,8 +352,32 @@ def adopt_hf(hf_model: nn.Module) -> Any:
     return view
 
 
+def _mamba3_ssm_cfg(lm: nn.Module) -> dict[str, Any] | None:
+    """``ssm_cfg`` ``{"layer": "Mamba3", ...}`` for an LM whose mixers are all alike Mamba-3 layers, None for one
+    without Mamba-3 mixers; ``StateCompatibilityError`` when one config cannot describe them."""
+    from .mamba3 import StatefulMamba3
+
+    mixers = [b.mixer for b in cast(Any, lm).backbone.blocks()]
+    if not any(isinstance(m, StatefulMamba3) for m in mixers):
+        return None
+    if not all(isinstance(m, StatefulMamba3) for m in mixers):
+        kinds = sorted({type(m).__name__ for m in mixers})
+        raise StateCompatibilityError(f"lm: expected every mixer a Mamba3 (config.json holds one ssm_cfg for all "
+                                      f"layers), found {kinds}")
+    cfgs = [cast(StatefulMamba3, m).config() for m in mixers]
+    for i, c in enumerate(cfgs):
+        if c != cfgs[0]:
+            raise StateCompatibilityError(f"lm: expected every Mamba3 mixer configured alike (config.json holds one "
+                                          f"ssm_cfg), found layer 0 {cfgs[0]} and layer {i} {c}")
+    return {"layer": "Mamba3", **cfgs[0]}
+
+
 def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     """Write ``config.json`` and ``model.safetensors`` (upstream names; tied weights written once per key).
+
+    A model of upstream blocks with ``Mamba3`` mixers gets ``ssm_cfg`` ``{"layer": "Mamba3", ...}`` (the mixers'
+    :meth:`~mamba_state.adapters.mamba3.StatefulMamba3.config`), which :func:`load_pretrained` reads and upstream's
+    ``MambaLMHeadModel`` does not.
 
     Files are written to temporary names and renamed, so a failure leaves no half-written checkpoint. New files get
     the permissions the umask gives (as ``open(path, "w")`` would); files replaced keep their permission bits.
@@ -352,6 +388,9 @@ def save_pretrained(lm: nn.Module, path: str | os.PathLike) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lm.state_dict().items()}
     cfg = dict(cast(Mapping[str, Any], lm.config))  # the normalised config dict the LM keeps
+    m3 = _mamba3_ssm_cfg(lm)
+    if m3 is not None:  # upstream blocks with Mamba3 mixers: the model's own config says Mamba1/Mamba2
+        cfg["ssm_cfg"] = m3
     raw = st_save(tensors, metadata={"format": "pt"})
     del tensors
     (n,) = struct.unpack("<Q", raw[:8])

@@ -84,6 +84,12 @@ def _refuse_mimo() -> None:
         "no initial state, so StatefulMamba3 cannot continue a MIMO layer from a state yet")
 
 
+def _rope_angles(d_state: int, rope_fraction: float) -> int:
+    """Upstream's number of rotary angles: ``int(d_state * rope_fraction)`` rounded down to even, halved."""
+    split = int(d_state * rope_fraction)
+    return (split - split % 2) // 2
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -174,9 +180,7 @@ class StatefulMamba3(nn.Module):
         if d_inner % headdim != 0:
             raise StateShapeError(f"headdim: expected a divisor of d_inner = expand * d_model = {d_inner}, "
                                   f"found {headdim}")
-        split = int(d_state * rope_fraction)
-        split -= split % 2
-        nangles = split // 2
+        nangles = _rope_angles(d_state, rope_fraction)
         if nangles < 1:
             raise StateShapeError(f"d_state: expected at least {4 if rope_fraction == 0.5 else 2} for one rotary "
                                   f"angle, found {d_state}")
@@ -208,6 +212,20 @@ class StatefulMamba3(nn.Module):
         return self
 
     # ------------------------------------------------------------------ description and states
+    def config(self) -> dict[str, Any]:
+        """The :meth:`from_config` arguments that rebuild this layer's shapes and forward (not its initialisation
+        ranges): ``d_state``, ``expand``, ``headdim``, ``ngroups``, ``rope_fraction``, ``A_floor``,
+        ``is_outproj_norm``, ``chunk_size``; JSON-ready (``ssm_cfg`` of a checkpoint's ``config.json``)."""
+        fractions = [f for f in (0.5, 1.0) if _rope_angles(self.d_state, f) == self.num_rope_angles]
+        if not fractions:
+            raise StateCompatibilityError(
+                f"layer: expected num_rope_angles of rope_fraction 0.5 or 1.0 ({_rope_angles(self.d_state, 0.5)} or "
+                f"{_rope_angles(self.d_state, 1.0)} at d_state {self.d_state}), found {self.num_rope_angles}")
+        expand: float = self.d_inner / self.d_model
+        return {"d_state": self.d_state, "expand": int(expand) if expand.is_integer() else expand,
+                "headdim": self.headdim, "ngroups": self.ngroups, "rope_fraction": fractions[0],
+                "A_floor": self.A_floor, "is_outproj_norm": self.is_outproj_norm, "chunk_size": self.chunk_size}
+
     def state_layout(self) -> dict[str, Any]:
         return {"kind": "mamba3", "angle_shape": [self.nheads, self.num_rope_angles],
                 "ssm_shape": [self.nheads, self.headdim, self.d_state], "k_shape": [1, self.nheads, self.d_state],

@@ -9,6 +9,10 @@ Config: a dict with upstream ``MambaConfig``'s fields (``d_model``, ``d_intermed
 ``vocab_size``, ``ssm_cfg``, ``attn_layer_idx``, ``attn_cfg``, ``rms_norm``, ``residual_in_fp32``,
 ``fused_add_norm``, ``pad_vocab_size_multiple``, ``tie_embeddings``) plus an optional ``norm_epsilon``
 (upstream always uses 1e-5).
+``ssm_cfg["layer"]`` may also be ``"Mamba3"`` (the other ``ssm_cfg`` fields then are
+:meth:`~mamba_state.adapters.mamba3.StatefulMamba3.from_config`'s): upstream's ``create_block`` builds Mamba-1/2
+mixers only, so this is how :meth:`~mamba_state.adapters.lm.StatefulMambaLM.save_pretrained` describes a model of
+upstream blocks with ``Mamba3`` mixers (docs/mamba3.md's recipe).
 """
 
 from __future__ import annotations
@@ -134,7 +138,12 @@ def _make_mixer(d_model: int, ssm_cfg: dict, layer_idx: int, fk: dict, state_dty
             ) from None
         return StatefulMamba2.from_config(d_model, layer_idx=layer_idx, state_dtype=state_dtype, backend=backend,
                                           **cfg, **fk)
-    raise StateCompatibilityError(f"ssm_cfg layer: expected 'Mamba1' or 'Mamba2', found {kind!r}")
+    if kind == "Mamba3":  # our extension of upstream's config (its create_block builds Mamba1/Mamba2 only)
+        from .mamba3 import StatefulMamba3
+
+        return StatefulMamba3.from_config(d_model, layer_idx=layer_idx, state_dtype=state_dtype, backend=backend,
+                                          **cfg, **fk)
+    raise StateCompatibilityError(f"ssm_cfg layer: expected 'Mamba1', 'Mamba2' or 'Mamba3', found {kind!r}")
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,

@@ -380,6 +380,41 @@ def test_mamba3_container_operations(tmp_path):
     assert ms.MambaModelState.load(tmp_path / "m.safetensors").allclose(model, rtol=0, atol=0)
 
 
+def test_mamba3_model_state_operations_over_mixed_families():
+    """Every MambaModelState operation on a model state of Mamba-1 and Mamba-3 layers acts on all named tensors of
+    every layer; detach cuts the graph; select commutes with running the layer (law 3)."""
+    g = torch.Generator().manual_seed(11)
+    m1 = MambaInferenceState(torch.randn(3, 6, 4, generator=g), torch.randn(3, 6, 5, generator=g))
+    m3 = _m3_state(seed=4)
+    model = ms.MambaModelState({0: m1, 3: m3}, seqlen_offset=5)
+    leaf = {k: t.clone().requires_grad_() for k, t in m3.tensors.items()}
+    d = ms.MambaModelState({0: m1, 3: MambaInferenceState.from_tensors(
+        {k: t * 2 for k, t in leaf.items()})}).detach()
+    assert not any(t.requires_grad for t in d[3].tensors.values())
+    assert all(torch.equal(d[3].tensors[k], 2 * m3.tensors[k]) for k in leaf)
+    c = model.clone()
+    assert c.allclose(model, rtol=0, atol=0) and c[3].v_state.data_ptr() != m3.v_state.data_ptr()
+    c.reset_(torch.tensor([True, False, False]))
+    assert all(t[0].abs().sum() == 0 for _, lay_ in c.items() for t in lay_.tensors.values())
+    assert all(torch.equal(t[1:], model[i].tensors[k][1:]) for i, lay_ in c.items() for k, t in lay_.tensors.items())
+    assert model.to(dtype=D64)[3].angle_dt_state.dtype == D64 and model.to(dtype=D64).seqlen_offset == 5
+    parts = model.split([2, 1])
+    assert [p_.batch_size for p_ in parts] == [2, 1] and ms.MambaModelState.cat(parts).allclose(model, 0, 0)
+    assert model.clone().zero_().nbytes == model.nbytes and all(
+        t.abs().sum() == 0 for _, lay_ in model.clone().zero_().items() for t in lay_.tensors.values())
+    assert model.nbytes == m1.nbytes + m3.nbytes
+    lay = _layer(3)
+    x = torch.randn(3, 5, 16, dtype=D64, generator=g)
+    s0 = lay.new_state(3)
+    for t in s0.tensors.values():
+        t.normal_(generator=g)
+    idx = torch.tensor([2, 0])
+    y, s = lay(x, s0)
+    y_sel, s_sel = lay(x[idx], s0.select(idx))
+    torch.testing.assert_close(y_sel, y[idx], rtol=1e-12, atol=1e-12)
+    assert s_sel.allclose(s.select(idx), rtol=1e-12, atol=1e-12)
+
+
 def test_mamba3_container_validation():
     s = _m3_state()
     t = s.tensors

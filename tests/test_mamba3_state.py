@@ -526,3 +526,34 @@ def test_gpu_mamba3_state_files_restore_the_device(tmp_path):
     back = MambaModelState.load(tmp_path / "g.st")
     assert back.device.type == "cuda" and model_bit_identical(back, model)
     assert MambaModelState.load(tmp_path / "g.st", device="cpu").device == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- benchmark script
+def test_bench_mamba3_smoke_writes_after_every_row(monkeypatch, capsys):
+    """benchmarks/bench_mamba3.py --smoke --write on the CPU: timestamped progress, and the JSON and the doc section
+    rewritten after every row (``complete`` false until the last), so a run cut short keeps its rows."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_mamba3_under_test", bench_dir / "bench_mamba3.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_mamba3_under_test", bench)
+    spec.loader.exec_module(bench)
+    written, sections = [], []
+    monkeypatch.setattr(bench, "write_json",  # a copy: the script keeps appending to the lists it wrote
+                        lambda name, payload, env: written.append((name, json.loads(json.dumps(payload)), env)))
+    monkeypatch.setattr(bench, "replace_section", lambda title, body: sections.append((title, body)))
+    monkeypatch.setattr(bench, "_commit", lambda: "abc123")
+    assert bench.main(["--smoke", "--write", "--repeats", "1", "--batches", "1,2", "--tokens", "16",
+                       "--prefill", "16,32", "--step-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "warm-up ours forward" in out and " UTC +" in out
+    assert [w[1]["complete"] for w in written] == [False, False, False, True]  # 2 batches x 2 prefill lengths
+    assert [len(w[1]["results"]) for w in written] == [1, 1, 2, 2] and written[-1][2]["commit"] == "abc123"
+    assert all(t == "Mamba-3 layer" for t, _ in sections) and "Partial run**: 1 of 4" in sections[0][1]
+    assert "Partial" not in sections[-1][1] and "Commit abc123" in sections[-1][1]
+    row = written[-1][1]["results"][1]
+    assert row["batch"] == 2 and row["ours_continue_s"] > 0 and "ours_prefill_32_s" in row

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mamba_state.errors import StateError
 
 from .naive import _finish, _prepare
+from .packed import check_varlen_state, seq_bounds
 
 __all__ = ["selective_scan_chunked"]
 
@@ -225,7 +226,8 @@ def _check_size(name: str, value) -> None:
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, initial_state=None, reset=None, chunk_size=None, block_size=None):
+                           return_last_state=False, initial_state=None, reset=None, chunk_size=None, block_size=None,
+                           cu_seqlens=None):
     """Selective scan computed in chunks: same arguments, results and dtypes as :func:`selective_scan_ref`.
 
     The sequence is processed in blocks of ``block_size`` tokens (default: sized so that a ``[batch, dim, block,
@@ -234,16 +236,32 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     O(batch * dim * block * dstate) for the forward; for the backward every block keeps its states and decays
     (two float tensors of [batch, dim, block, dstate]). Differentiable in every tensor input, ``initial_state``
     included (once: the backward is hand-written and not itself differentiable).
+
+    With ``cu_seqlens`` (packed sequences, batch 1; ``initial_state`` and the last state [num_seqs, dim, dstate])
+    the sequences are laid side by side as a batch of num_seqs rows padded to the longest, the padded steps made
+    no-ops (dt = 0: decay 1, input 0), so every row ends on its own final state (see :func:`_chunked_packed`).
     """
+    if cu_seqlens is not None:
+        return _chunked_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                               initial_state, reset, chunk_size, block_size, cu_seqlens)
     shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
     _check_size("chunk_size", chunk_size)
     _check_size("block_size", block_size)
-    L = shape.seqlen
-    Lb = block_size if block_size is not None else _default_block(shape.batch, shape.dim, shape.dstate)
     G = math.lcm(max(1, _groups(B)), max(1, _groups(C)))  # every group of B and of C is a union of these
-    Bg, Cg, Af, uf = _bc_groups(B, G, ct), _bc_groups(C, G, ct), A.to(ct), u.to(ct)
+    Bg, Cg = _bc_groups(B, G, ct), _bc_groups(C, G, ct)
     keep = ~reset if reset is not None else None
     state = initial_state.to(ct) if initial_state is not None else None
+    y, state = _scan_blocks(dt, u.to(ct), A.to(ct), Bg, Cg, state, keep, chunk_size, block_size, shape.dstate)
+    out = _finish(y, u, D, z, ct, u.dtype)
+    return (out, state) if return_last_state else out
+
+
+def _scan_blocks(dt, uf, Af, Bg, Cg, state, keep, chunk_size, block_size, dstate):
+    """The bare recurrence (no D, no gate) in blocks of ``block_size`` steps, each continuing from the previous
+    block's last state: ``(y [batch, dim, L], last state)``. Inputs in the compute dtype, B/C as
+    :func:`_bc_groups` gives them, ``keep`` bool [batch, L] (False at resets) or None."""
+    batch, dim, L = uf.shape
+    Lb = block_size if block_size is not None else _default_block(batch, dim, dstate)
 
     def part(t, s):  # time slice of a time-varying input; constant B/C and None pass through
         return t[..., s] if t is not None and t.dim() >= 3 else t
@@ -256,5 +274,42 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         y, state = _ChunkedScan.apply(dt[..., s], uf[..., s], Af, part(Bg, s), part(Cg, s), state,
                                       keep[:, s] if keep is not None else None, T)
         ys.append(y)
-    out = _finish(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1), u, D, z, ct, u.dtype)
-    return (out, state) if return_last_state else out
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)), state
+
+
+def _chunked_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, reset,
+                    chunk_size, block_size, cu_seqlens):
+    """:func:`selective_scan_chunked` with ``cu_seqlens``: one padded batch of sequences, gathered in and out."""
+    shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, reset)
+    _check_size("chunk_size", chunk_size)
+    _check_size("block_size", block_size)
+    bounds = seq_bounds(cu_seqlens, shape.seqlen, shape.batch)
+    nseq = len(bounds) - 1
+    check_varlen_state(initial_state, nseq, shape.dim, shape.dstate)
+    dev, L = u.device, shape.seqlen
+    starts = torch.tensor(bounds[:-1], device=dev)
+    lens = torch.tensor(bounds[1:], device=dev) - starts
+    M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))  # >= 1: seqlen >= 1
+    steps = torch.arange(M, device=dev)
+    valid = steps < lens[:, None]  # [nseq, M]
+    idx = (starts[:, None] + steps).clamp_(max=L - 1)  # padded steps read any valid step: dt = 0 there
+
+    def rows(t):  # [1, ..., L] -> [nseq, ..., M]
+        g = t[0][..., idx]  # [..., nseq, M]
+        return g.movedim(-2, 0)
+
+    dtp = rows(dt) * valid[:, None].to(ct)
+    G = math.lcm(max(1, _groups(B)), max(1, _groups(C)))
+    Bg, Cg = _bc_groups(B, G, ct), _bc_groups(C, G, ct)
+    Bp = rows(Bg) if Bg.dim() == 4 else Bg
+    Cp = rows(Cg) if Cg.dim() == 4 else Cg
+    keep = None if reset is None else torch.where(valid, ~reset[0][idx], True)
+    state = (initial_state.to(ct) if initial_state is not None
+             else torch.zeros(nseq, shape.dim, shape.dstate, dtype=ct, device=dev))
+    y, last = _scan_blocks(dtp, rows(u.to(ct)), A.to(ct), Bp, Cp, state, keep, chunk_size, block_size,
+                           shape.dstate)
+    seq_of = torch.repeat_interleave(torch.arange(nseq, device=dev), lens, output_size=L)
+    flat = seq_of * M + torch.arange(L, device=dev) - starts[seq_of]  # packed step t -> (its row, its offset)
+    y = y.transpose(0, 1).reshape(shape.dim, nseq * M)[:, flat][None]
+    out = _finish(y, u, D, z, ct, u.dtype)
+    return (out, last) if return_last_state else out

@@ -19,6 +19,7 @@ from ..scan_positions import check_positions, run_segments, use_dense_states
 from .all_states import selective_scan_all_states
 from .chunked import selective_scan_chunked
 from .ops import ScanFn, scan_forward
+from .packed import check_varlen_positions, check_varlen_state, seq_bounds, step_marks
 
 __all__ = ["selective_scan_fn"]
 
@@ -29,7 +30,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False, initial_state: Optional[Tensor] = None,
                       reset: Optional[Tensor] = None, backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                      return_states_at=None):
+                      return_states_at=None, cu_seqlens: Optional[Tensor] = None):
     """Mamba-1 selective scan with initial state, final state, per-step resets and states at chosen positions.
 
     Args:
@@ -51,6 +52,14 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             token is processed once (no replay) and gradients flow through the returned states. Many dense
             positions (see :func:`mamba_state.scan_positions.use_dense_states`) take one PyTorch pass that keeps
             every state instead (:func:`mamba_state.scan_states.selective_scan_all_states`).
+        cu_seqlens: None, or int32/int64 [num_seqs + 1] (starts at 0, non-decreasing, ends at seqlen; read on the
+            host): the inputs are ``num_seqs`` sequences packed along the time axis of a batch of 1, sequence
+            ``s`` being steps ``cu_seqlens[s]:cu_seqlens[s + 1]`` (possibly empty). Each runs from its own row of
+            ``initial_state`` [num_seqs, dim, dstate] (or zeros); ``last_state`` is [num_seqs, dim, dstate] (an
+            empty sequence returns its initial state); ``reset`` [1, seqlen] still works inside sequences. With
+            ``return_states_at``, positions are given per sequence: a list of ``num_seqs`` lists of token counts
+            within each sequence (``[[0, 3], [], [5]]``), and ``states`` is a list of ``num_seqs`` tensors
+            ``[len(positions[s]), dim, dstate]``. See docs/varlen.md.
 
     Returns:
         out [batch, dim, seqlen] in u.dtype, or (out, last_state [batch, dim, dstate] float32) when
@@ -59,6 +68,9 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         compute dtype (float32; float64 for float64 inputs). Differentiable in every tensor input, initial_state
         included.
     """
+    if cu_seqlens is not None:
+        return _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                            reset, backend, chunk_size, return_states_at, cu_seqlens)
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     if return_states_at is not None:
         return _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
@@ -107,3 +119,88 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
 
     out, last, states = run_segments(run, shape.seqlen, positions, init, time_dim=-1, state_dtype=ct)
     return (out, last, states) if return_last_state else (out, states)
+
+
+def _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, reset,
+                 backend, chunk_size, return_states_at, cu_seqlens):
+    """:func:`selective_scan_fn` with ``cu_seqlens``: every check first, then one launch over the packed row (the
+    kernels treat a sequence start as a reset to that sequence's initial state and store its final state at its
+    last step), or the chunked path on the reference backend."""
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, None, reset)
+    bounds = seq_bounds(cu_seqlens, shape.seqlen, shape.batch)
+    nseq = len(bounds) - 1
+    check_varlen_state(initial_state, nseq, shape.dim, shape.dstate)
+    if return_states_at is not None:
+        positions = check_varlen_positions(return_states_at, bounds)
+        return _packed_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    initial_state, reset, backend, chunk_size, positions, bounds, shape)
+    which = backend_name(u.device, backend)
+    constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
+    if which == "reference" or constant_bc or u.dtype == torch.float64 or (
+            initial_state is not None and initial_state.dtype == torch.float64):
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state, reset, cu_seqlens=cu_seqlens)
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype not in _HALF_OR_FLOAT:
+            raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
+    if chunk < 8 or chunk % 8:
+        raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
+    seq_start, seq_end = step_marks(bounds, u.device)
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
+    if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        out, last, _, _ = ScanFn.apply(*args, seq_start, seq_end, nseq)
+    else:
+        out, last, _, _ = scan_forward(*args, keep_ypre=False, seq_start=seq_start, seq_end=seq_end, nseq=nseq)
+    if not return_last_state:
+        return out
+    empty = [s for s in range(nseq) if bounds[s] == bounds[s + 1]]
+    if empty and initial_state is not None:  # no step of theirs ran: their final state is their initial state
+        mask = torch.zeros(nseq, 1, 1, dtype=torch.bool)
+        mask[empty] = True
+        last = torch.where(mask.to(u.device, non_blocking=True), initial_state.float(), last)
+    return out, last
+
+
+def _packed_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                         reset, backend, chunk_size, positions, bounds, shape):
+    """Packed sequences with states at positions per sequence: the packed row is cut at every requested position
+    (``cu_seqlens[s] + p``) and scanned segment by segment, each segment itself packed (its pieces of the
+    sequences it overlaps), a sequence continuing from the state its previous piece left. Every token is scanned
+    once; gradients flow through the chained states."""
+    L, nseq = shape.seqlen, len(bounds) - 1
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    h0 = (initial_state.to(ct) if initial_state is not None
+          else torch.zeros(nseq, shape.dim, shape.dstate, dtype=ct, device=u.device))
+    cur = list(h0.unbind(0))
+    wanted: dict[int, list[int]] = {}  # global position -> sequences whose state is wanted right after it
+    for s, ps in enumerate(positions):
+        for p in ps:
+            if p > 0:
+                wanted.setdefault(bounds[s] + p, []).append(s)
+    at: dict[tuple[int, int], Tensor] = {(s, 0): h0[s] for s in range(nseq)}
+    edges = [0, *sorted(g for g in wanted if 0 < g < L), L]
+
+    def part(t, a, b):  # time slice of a time-varying input; constant B/C, D, bias and None pass through
+        return t[..., a:b] if t is not None and t.dim() >= 3 else t
+
+    outs = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        lo = next(s for s in range(nseq) if bounds[s + 1] > a)  # the sequences this segment overlaps
+        hi = max(s for s in range(nseq) if bounds[s] < b)
+        local = [min(max(bounds[s], a), b) - a for s in range(lo, hi + 2)]
+        out, last = selective_scan_fn(part(u, a, b), part(delta, a, b), A, part(B, a, b), part(C, a, b), D,
+                                      part(z, a, b), delta_bias, delta_softplus, True, torch.stack(cur[lo:hi + 1]),
+                                      None if reset is None else reset[:, a:b], backend, chunk_size,
+                                      cu_seqlens=torch.tensor(local, dtype=torch.int32))
+        outs.append(out)
+        for i, s in enumerate(range(lo, hi + 1)):
+            cur[s] = last[i].to(ct)
+        for s in wanted.get(b, []):
+            at[(s, b - bounds[s])] = cur[s]
+    states = [torch.stack([at[(s, p)] for p in ps]) if ps else h0.new_zeros(0, shape.dim, shape.dstate)
+              for s, ps in enumerate(positions)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return (out, torch.stack(cur), states) if return_last_state else (out, states)

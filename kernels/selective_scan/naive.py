@@ -10,6 +10,10 @@ Recurrence, per batch row ``b``, channel ``d``, state ``n`` and step ``t``::
 
 with ``x_{-1} = initial_state`` (zeros when absent). Arithmetic runs in float32 for half and float32 inputs,
 float64 when any input is float64; the output has ``u``'s dtype and the last state the compute dtype.
+
+With ``cu_seqlens`` (packed sequences, batch 1) the same recurrence runs over each sequence on its own, from its
+row of ``initial_state`` [num_seqs, dim, dstate]; the last state is one row per sequence (an empty sequence keeps
+its initial state).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..scan_inputs import check_scan_inputs, compute_dtype
+from .packed import check_varlen_state, seq_bounds
 
 __all__ = ["selective_scan_ref"]
 
@@ -53,12 +58,16 @@ def _finish(y, u, D, z, ct, out_dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None, reset=None):
+                       return_last_state=False, initial_state=None, reset=None, cu_seqlens=None):
     """Sequential selective scan (the oracle). Shapes as in :mod:`mamba_state.scan_inputs`.
 
     Returns ``out`` [batch, dim, seqlen] in ``u.dtype``, or ``(out, last_state)`` with ``last_state``
-    [batch, dim, dstate] in the compute dtype (float32, or float64 for float64 inputs).
+    [batch, dim, dstate] in the compute dtype (float32, or float64 for float64 inputs). With ``cu_seqlens``
+    (int32/int64 [num_seqs + 1], batch 1): ``initial_state`` and ``last_state`` are [num_seqs, dim, dstate].
     """
+    if cu_seqlens is not None:
+        return _ref_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                           reset, cu_seqlens)
     shape, ct, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
     Bt = _bc_at(B.to(ct), shape.dim)
     Ct = _bc_at(C.to(ct), shape.dim)
@@ -75,3 +84,32 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         ys.append((x * Ct[:, :, min(t, Ct.shape[2] - 1)]).sum(-1))
     out = _finish(torch.stack(ys, dim=2), u, D, z, ct, u.dtype)
     return (out, x) if return_last_state else out
+
+
+def _ref_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, reset,
+                cu_seqlens):
+    """:func:`selective_scan_ref` with ``cu_seqlens``: every sequence scanned alone from its own initial state."""
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, None, reset)
+    bounds = seq_bounds(cu_seqlens, shape.seqlen, shape.batch)
+    nseq = len(bounds) - 1
+    check_varlen_state(initial_state, nseq, shape.dim, shape.dstate)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    h0 = (initial_state.to(ct) if initial_state is not None
+          else torch.zeros(nseq, shape.dim, shape.dstate, dtype=ct, device=u.device))
+
+    def part(t, a, b):  # time slice of a time-varying input; constant B/C, D, bias and None pass through
+        return t[..., a:b] if t is not None and t.dim() >= 3 else t
+
+    outs, lasts = [], []
+    for s in range(nseq):
+        a, b = bounds[s], bounds[s + 1]
+        if a == b:  # an empty sequence: no output, its state unchanged
+            lasts.append(h0[s])
+            continue
+        out, last = selective_scan_ref(part(u, a, b), part(delta, a, b), A, part(B, a, b), part(C, a, b), D,
+                                       part(z, a, b), delta_bias, delta_softplus, True, h0[s:s + 1],
+                                       None if reset is None else reset[:, a:b])
+        outs.append(out)
+        lasts.append(last[0])
+    out = torch.cat(outs, dim=-1)
+    return (out, torch.stack(lasts)) if return_last_state else out

@@ -17,6 +17,12 @@ and, during the backward kernel only, a scratch of ``chunk / 8`` fp32 states per
 row (one row per batch row; ``backward_splits`` rows in the chunk-parallel backward, which also holds three
 [batch, dim, nchunks, dstate] fp32 buffers while it runs: local adjoints, decay products, incoming adjoints).
 
+Packed sequences (``cu_seqlens``, batch 1): the launcher passes the per-step marks ``seq_start`` / ``seq_end``
+(int32, see :func:`mamba_state.kernels.selective_scan.packed.step_marks`) and ``nseq``; ``initial_state``, the
+last state, ``dlast`` and ``dinitial_state`` are then [nseq, dim, dstate], and ``scan_bwd`` also takes
+``initial_state`` (the backward's recompute puts it in at each sequence's first step). Without the marks every
+launch is the one it was before.
+
 The backward has two schedules (``backward_mode``, ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto``): ``seq``, one program
 per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-parallel (small grids, or a
 part-empty last wave).
@@ -62,12 +68,14 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                  reset: Optional[Tensor], delta_softplus: bool, chunk: int,
-                 keep_ypre: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 keep_ypre: bool = True, seq_start: Optional[Tensor] = None, seq_end: Optional[Tensor] = None,
+                 nseq: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward launches (see the module docstring for the outputs); registered below as the custom op
     ``mamba_state::scan_fwd``, and called directly for inference, where no autograd or tracing is needed
     (``keep_ypre=False`` then skips writing the pre-gate output, which only the backward reads: ``ypre`` comes
     back empty). B and C may be strided views (time stride 1), D and delta_bias any float dtype: read as they
-    are, no copies."""
+    are, no copies. With ``seq_start`` / ``seq_end`` (packed sequences) the last state is [nseq, dim, dstate]
+    and an empty sequence's row is left zero (the launcher puts its initial state there)."""
     from . import triton_kernels as K
 
     batch, dim, L = u.shape
@@ -80,7 +88,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     z = _like(z, u) if z is not None else None
     nch = _nchunks(L, chunk)
     out = torch.empty_like(u)
-    last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    varlen = seq_start is not None
+    if varlen:  # rows of the sequences, written at their last steps (an empty sequence has none: zeros)
+        last = torch.zeros(nseq, dim, dstate, device=u.device, dtype=torch.float32)
+    else:
+        last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, nch, dstate, device=u.device, dtype=torch.float32)
     bd0, _, _ = block_sizes(dim, dstate, ngroups, batch=batch, device=u.device)
     seqpar = use_sequence_parallel(u, batch, _cdiv(dim, bd0), nch)
@@ -95,7 +107,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     common = (
         u, delta, A, B, C, D.contiguous() if D is not None else None, z,
         delta_bias.contiguous() if delta_bias is not None else None, init, rst,
-        out, last, ckpt, summ, prod, ypre if store_ypre else None,
+        out, last, ckpt, summ, prod, ypre if store_ypre else None, seq_start, seq_end,
         dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
@@ -107,8 +119,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
             # chunk summaries in parallel, a short pass over chunk boundaries, then every chunk's outputs
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
             block = 256
+            # packed: chunk 0 starts a sequence (its initial state enters there), and the carry's final value is not
+            # a sequence's final state (MODE 2 stores those)
             K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
-                init, summ, prod, ckpt, last, dim, dstate, nch, REVERSE=False, BLOCK=block, num_warps=4)
+                None if varlen else init, summ, prod, ckpt, torch.empty_like(ckpt[:, :, 0]) if varlen else last,
+                dim, dstate, nch, REVERSE=False, BLOCK=block, num_warps=4)
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre
 
@@ -118,11 +133,12 @@ scan_fwd = torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())(sca
 
 @scan_fwd.register_fake
 def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk,
-                   keep_ypre=True):
+                   keep_ypre=True, seq_start=None, seq_end=None, nseq=0):
     batch, dim, L = u.shape
     dstate = A.shape[1]
     nch = (L + chunk - 1) // chunk
-    return (torch.empty_like(u), u.new_empty((batch, dim, dstate), dtype=torch.float32),
+    rows = nseq if seq_start is not None else batch
+    return (torch.empty_like(u), u.new_empty((rows, dim, dstate), dtype=torch.float32),
             u.new_empty((batch, dim, nch, dstate), dtype=torch.float32),
             torch.empty_like(u) if z is not None and keep_ypre else u.new_empty(0))
 
@@ -130,21 +146,26 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, de
 @torch.library.custom_op("mamba_state::scan_bwd", mutates_args=())
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor, ypre: Tensor, dout: Tensor,
-             dlast: Optional[Tensor], delta_softplus: bool, chunk: int
+             dlast: Optional[Tensor], delta_softplus: bool, chunk: int, initial_state: Optional[Tensor] = None,
+             seq_start: Optional[Tensor] = None, seq_end: Optional[Tensor] = None, nseq: int = 0
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = scan_backward(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, ypre, dout, dlast,
-                          delta_softplus, chunk)
+                          delta_softplus, chunk, initial_state=initial_state, seq_start=seq_start, seq_end=seq_end,
+                          nseq=nseq)
     return grads[:9]  # type: ignore[return-value]
 
 
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor,
                   ypre: Tensor, dout: Tensor, dlast: Optional[Tensor], delta_softplus: bool, chunk: int,
-                  want_y: bool = False) -> tuple[Tensor, ...]:
+                  want_y: bool = False, initial_state: Optional[Tensor] = None, seq_start: Optional[Tensor] = None,
+                  seq_end: Optional[Tensor] = None, nseq: int = 0) -> tuple[Tensor, ...]:
     """The backward launches behind ``mamba_state::scan_bwd`` (same arguments and first nine outputs). With
     ``want_y`` and z, a tenth output: the gated output ``y = ypre * silu(z)`` in u's layout and dtype, which the
     kernel recomputes where it reads ypre and z anyway (as upstream's ``recompute_out_z``), for a caller that
-    did not keep y (:class:`mamba_state.adapters.mamba_inner.MambaInnerFn`)."""
+    did not keep y (:class:`mamba_state.adapters.mamba_inner.MambaInnerFn`). With ``seq_start`` / ``seq_end``
+    (packed sequences): ``initial_state`` (or None: zeros) and ``dlast`` are [nseq, dim, dstate], and so is the
+    initial states' gradient (zero for an empty sequence: the launcher routes its final state's gradient)."""
     from .._jit import TILE
     from . import triton_kernels as K
 
@@ -174,13 +195,20 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dC = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
     dD_part = torch.empty(parts, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(parts, dim, device=dev, dtype=f32) if delta_bias is not None else None
-    dinit = torch.empty(batch, dim, dstate, device=dev, dtype=f32)
+    varlen = seq_start is not None
+    # packed: every sequence's row is written at its first step; an empty sequence's stays zero
+    dinit = (torch.zeros(nseq, dim, dstate, device=dev, dtype=f32) if varlen
+             else torch.empty(batch, dim, dstate, device=dev, dtype=f32))
     rst = _reset_bytes(reset)
     # absent inputs go in as None: the kernels' HAS_* flags follow from them (optional_inputs)
     Dp = D.contiguous().float() if D is not None else None
     biasp = delta_bias.contiguous().float() if delta_bias is not None else None
     ypp = _like(ypre, u) if z is not None else None
     glast = dlast.contiguous().float() if dlast is not None else None
+    vinit = vlast = None
+    if varlen:  # the final states' gradients enter at the sequences' last steps, not at the end of the row
+        vlast, glast = glast, None
+        vinit = initial_state.contiguous().float() if initial_state is not None else None
     hin = None
     with launch_device(u):
         if chunked:
@@ -194,20 +222,21 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             if ngroups > 1:
                 bdl = min(bdl, _pow2_divisor(dim // ngroups))
             K._scan_bwd_local_kernel[(_cdiv(dim, bdl), batch, nch)](
-                delta, Af, C, z, biasp, rst, dout, summ, prod,
+                delta, Af, C, z, biasp, rst, dout, summ, prod, seq_start, seq_end, vlast,
                 dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1), C.stride(0), C.stride(1), C.stride(2),
                 SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdl, BN=bn,
                 num_warps=max(1, min(8, (bdl * bn) // 512)))
             block = 64  # many small programs: this pass is latency-bound (nchunks dependent steps)
             K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
-                glast, summ, prod, hin, dinit, dim, dstate, nch, REVERSE=True, BLOCK=block, num_warps=2)
+                glast, summ, prod, hin, torch.empty_like(summ[:, :, 0]) if varlen else dinit, dim, dstate, nch,
+                REVERSE=True, BLOCK=block, num_warps=2)
             del summ, prod
             glast = None  # the carry pass has taken it
         K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
             u, delta, Af, B, C, Dp, z, biasp, rst,
             checkpoints.contiguous(), dout, glast, scratch, ypp, y_out,
             du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
-            None if chunked else dinit, hin,
+            None if chunked and not varlen else dinit, hin, seq_start, seq_end, vinit, vlast,
             dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
             dB.stride(0), dB.stride(1), dB.stride(2),
@@ -225,24 +254,35 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 @scan_bwd.register_fake
 def _scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, reset, checkpoints, ypre, dout, dlast, delta_softplus,
-                   chunk):
+                   chunk, initial_state=None, seq_start=None, seq_end=None, nseq=0):
     batch, dim, L = u.shape
     dstate = A.shape[1]
+    rows = nseq if seq_start is not None else batch
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), torch.empty_like(D) if D is not None else u.new_empty(0),
             torch.empty_like(z) if z is not None else u.new_empty(0),
             torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0),
-            u.new_empty((batch, dim, dstate), dtype=torch.float32))
+            u.new_empty((rows, dim, dstate), dtype=torch.float32))
 
 
 class ScanFn(torch.autograd.Function):
-    """Differentiable Triton scan over (u, delta, A, B, C, D, z, delta_bias, initial_state); B/C 4-D."""
+    """Differentiable Triton scan over (u, delta, A, B, C, D, z, delta_bias, initial_state); B/C 4-D. With
+    ``seq_start`` / ``seq_end`` / ``nseq``, packed sequences (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk):
-        out, last, ckpt, ypre = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                                               reset, delta_softplus, chunk)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk,
+                seq_start=None, seq_end=None, nseq=0):
+        if seq_start is None:  # the call as before packed sequences existed (the same custom-op schema use)
+            out, last, ckpt, ypre = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                                   initial_state, reset, delta_softplus, chunk)
+        else:
+            out, last, ckpt, ypre = torch.ops.mamba_state.scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                                   initial_state, reset, delta_softplus, chunk,
+                                                                   True, seq_start, seq_end, nseq)
+        ctx.nseq = nseq if seq_start is not None else None
+        # packed: the backward's recompute needs the initial states and the marks
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre,
+                              *((initial_state, seq_start, seq_end) if seq_start is not None else ()))
         ctx.delta_softplus = delta_softplus
         ctx.chunk = chunk
         ctx.has_init = initial_state is not None
@@ -252,14 +292,20 @@ class ScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast, _dckpt, _dypre):
-        u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre, *marks = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.mamba_state.scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre, dout, dlast, ctx.delta_softplus, ctx.chunk)
+        if ctx.nseq is None:
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.mamba_state.scan_bwd(
+                u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre, dout, dlast, ctx.delta_softplus, ctx.chunk)
+        else:
+            h0, seq_start, seq_end = marks
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.mamba_state.scan_bwd(
+                u, delta, A, B, C, D, z, delta_bias, reset, ckpt, ypre, dout, dlast, ctx.delta_softplus, ctx.chunk,
+                h0, seq_start, seq_end, ctx.nseq)
         return (du, ddelta, dA, dB, dC,
                 dD if D is not None else None,
                 dz if z is not None else None,
                 dbias if delta_bias is not None else None,
                 dinit.to(ctx.init_dtype) if ctx.has_init else None,
-                None, None, None)
+                None, None, None, None, None, None)

@@ -20,6 +20,14 @@ travel as tuples of 8 and the step index as a constant, so after inlining each i
 as written out by hand: values stay in registers.
 
 Optional inputs are ``None`` when absent; ``optional_inputs`` derives each ``HAS_*`` flag from its pointer.
+
+Packed sequences (``cu_seqlens``, batch 1; VARLEN, set when the per-step marks ``vs_ptr`` / ``ve_ptr`` are given):
+``vs[t]`` is the sequence whose first step is t (else -1), ``ve[t]`` the sequence whose last step is t (else -1),
+int32, padded with -1 to whole tiles. A sequence start acts as a reset after which the state is that sequence's
+initial state instead of zero ([num_seqs, dim, dstate]), and a sequence end stores the state as that sequence's
+final state ([num_seqs, dim, dstate]). Both are linear in the state, so the chunk summaries, the carry pass and
+the chunk-parallel backward keep their form. The ``_v*`` helpers wrap the step functions with these per-step
+events (one scalar load and a warp-uniform branch each); without VARLEN the kernels compile exactly as before.
 """
 
 from __future__ import annotations
@@ -171,17 +179,71 @@ def _steps8(x0, P, A2, d, v, b, k, c, BD: tl.constexpr, HAS_RESET: tl.constexpr,
     return (x0, x1, x2, x3, x4, x5, x6, x7, x8), P, y
 
 
+@triton.jit
+def _vstep(x, P, A2, d, v, b, k, c, I: tl.constexpr, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd, mask_dn,
+           HAS_RESET: tl.constexpr, PROD: tl.constexpr, OUT: tl.constexpr, HAS_INIT: tl.constexpr,
+           STORE_LAST: tl.constexpr):
+    """Step I of a tile of packed sequences (VARLEN; ``sd`` = dim * dstate, the stride of a sequence's state):
+    where step t0 + I starts sequence s, the state before it is s's initial state (zeros without HAS_INIT) and
+    P restarts at 0 (nothing from before the start survives); where it ends sequence e, the state after it is
+    stored as e's final state (STORE_LAST). Returns (state before the step, state after it, P, y)."""
+    s = tl.load(vs_ptr + t0 + I)
+    if s >= 0:
+        if HAS_INIT:
+            x = tl.load(init_ptr + s.to(tl.int64) * sd + st_off, mask=mask_dn, other=0.0)
+        else:
+            x = tl.zeros_like(x)
+        if PROD:
+            P = tl.zeros_like(P)
+    xb = x
+    x, Pa, y = _step(x, P, A2, d, v, b, k, c, I, HAS_RESET, PROD, OUT)
+    if STORE_LAST:
+        e = tl.load(ve_ptr + t0 + I)
+        if e >= 0:
+            tl.store(last_ptr + e.to(tl.int64) * sd + st_off, x, mask=mask_dn)
+    return xb, x, Pa, y
+
+
+@triton.jit
+def _vsteps8(x, P, A2, d, v, b, k, c, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd, mask_dn,
+             BD: tl.constexpr, HAS_RESET: tl.constexpr, PROD: tl.constexpr, OUT: tl.constexpr,
+             HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr):
+    """_steps8 over packed sequences (see _vstep). Returns (the 8 states before each step, after a sequence's
+    initial state was put in; the 8 states after each step; P; the outputs): _steps8's returns, with the states
+    before and after as two tuples of 8, since at a sequence start one step's "after" is not the next's "before"."""
+    b0, a0, P, y0 = _vstep(x, P, A2, d, v, b, k, c, 0, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd, mask_dn,
+                           HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b1, a1, P, y1 = _vstep(a0, P, A2, d, v, b, k, c, 1, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b2, a2, P, y2 = _vstep(a1, P, A2, d, v, b, k, c, 2, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b3, a3, P, y3 = _vstep(a2, P, A2, d, v, b, k, c, 3, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b4, a4, P, y4 = _vstep(a3, P, A2, d, v, b, k, c, 4, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b5, a5, P, y5 = _vstep(a4, P, A2, d, v, b, k, c, 5, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b6, a6, P, y6 = _vstep(a5, P, A2, d, v, b, k, c, 6, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    b7, a7, P, y7 = _vstep(a6, P, A2, d, v, b, k, c, 7, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd,
+                           mask_dn, HAS_RESET, PROD, OUT, HAS_INIT, STORE_LAST)
+    y = 0.0
+    if OUT:
+        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BD)
+    return (b0, b1, b2, b3, b4, b5, b6, b7), (a0, a1, a2, a3, a4, a5, a6, a7), P, y
+
+
 @optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_INIT="init_ptr", HAS_RESET="reset_ptr",
-                 STORE_YPRE="ypre_ptr")
+                 STORE_YPRE="ypre_ptr", VARLEN="vs_ptr")
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
-    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr,
+    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr, vs_ptr, ve_ptr,
     dim, L, dstate, cpg, nchunks, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """MODE 0: the whole sequence in one program (grid [channel blocks, batch]); writes out, checkpoints, last.
     With z and ypre_ptr given (STORE_YPRE), also writes the output before the gate (for the backward; inference
@@ -189,6 +251,9 @@ def _scan_fwd_kernel(
     its end state -> sum_ptr and the product of its decays -> prod_ptr (both [batch, dim, nchunks, dstate]).
     MODE 2: outputs of each chunk from its checkpoint (grid as MODE 1), after _carry_kernel filled them.
     sum_ptr and prod_ptr are read in MODE 1 only (None otherwise).
+    VARLEN (batch 1, vs_ptr/ve_ptr given): init_ptr and last_ptr are per sequence [num_seqs, dim, dstate]; the
+    initial states enter at the sequences' first steps and the final states are stored at their last steps
+    (MODE 0 and 2; MODE 1's chunks start from zero, so it stores none).
     """
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv = _channel_block(
@@ -223,13 +288,24 @@ def _scan_fwd_kernel(
                                            offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
         d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
         if MODE == 1:
-            xs, P, _y = _steps8(x, P, A2, d, v, b, k, None, BD, HAS_RESET, True, False)
-            x = xs[8]
+            if VARLEN:
+                _xb, xa, P, _y = _vsteps8(x, P, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, init_ptr, last_ptr,
+                                          st_off, dim * dstate, mask_dn, BD, HAS_RESET, True, False, HAS_INIT, False)
+                x = xa[7]
+            else:
+                xs, P, _y = _steps8(x, P, A2, d, v, b, k, None, BD, HAS_RESET, True, False)
+                x = xs[8]
         else:
             Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & mt[None, :],
                          other=0.0).to(tl.float32)
-            xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
-            x = xs[8]
+            if VARLEN:
+                _xb, xa, _P, y = _vsteps8(x, None, A2, d, v, b, k, _split8(Ct, BN), t0, vs_ptr, ve_ptr, init_ptr,
+                                          last_ptr, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, True,
+                                          HAS_INIT, True)
+                x = xa[7]
+            else:
+                xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
+                x = xs[8]
             if HAS_D:
                 y = y + Dv[:, None] * u
             if HAS_Z:
@@ -239,7 +315,8 @@ def _scan_fwd_kernel(
                 y = y * zt * _sigmoid(zt)
             tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
     if MODE == 0:
-        tl.store(last_ptr + st_off, x, mask=mask_dn)
+        if not VARLEN:  # packed sequences stored theirs at their last steps
+            tl.store(last_ptr + st_off, x, mask=mask_dn)
     if MODE == 1:
         tl.store(sum_ptr + ck_off + c * dstate, x, mask=mask_dn)
         tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
@@ -310,16 +387,20 @@ def _bstep(h, gA, A2, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.const
     LOG2E times the gradient reaching dt through the decay: the caller scales it, so that A itself need not stay
     live next to A2).
     """
-    dt = d[I]
+    return _bstep_core(h, gA, A2, xs[I], xs[I + 1], d[I], v[I], b[I], c[I], k[I], g[I], HAS_RESET)
+
+
+@triton.jit
+def _bstep_core(h, gA, A2, x_prev, x_new, dt, dtu, Bc, Cc, keep, gy, HAS_RESET: tl.constexpr):
+    """_bstep on one step's values: the states before (x_prev) and after (x_new) the step, and its columns."""
     a = tl.exp2(dt[:, None] * A2)
     if HAS_RESET:
-        a = a * k[I][:, None]
-    gy = g[I]
-    h = h + gy[:, None] * c[I][None, :]
-    gC = tl.sum(gy[:, None] * xs[I + 1], 0)
-    gB = tl.sum(h * v[I][:, None], 0)
-    hb = tl.sum(h * b[I][None, :], 1)
-    hx = h * (xs[I] * a)
+        a = a * keep[:, None]
+    h = h + gy[:, None] * Cc[None, :]
+    gC = tl.sum(gy[:, None] * x_new, 0)
+    gB = tl.sum(h * dtu[:, None], 0)
+    hb = tl.sum(h * Bc[None, :], 1)
+    hx = h * (x_prev * a)
     gA = gA + hx * dt[:, None]
     gdt = tl.sum(hx * A2, 1)
     h = h * a
@@ -348,17 +429,66 @@ def _bsteps8(h, gA, A2, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.co
     return h, gA, gdt, gu, gCt, gBt
 
 
+@triton.jit
+def _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, I: tl.constexpr, t0, vs_ptr, ve_ptr, vlast_ptr, dinit_ptr, st_off,
+            sd, mask_dn, HAS_RESET: tl.constexpr, HAS_VLAST: tl.constexpr):
+    """Reverse of step I over packed sequences (xb, xa: the tile's states before and after each step, from
+    _vsteps8). Where the step ends sequence e, the gradient of e's final state joins h first (HAS_VLAST); where
+    it starts sequence s, h after the step is the gradient of s's initial state: stored, then zero (nothing
+    before a start reaches the states after it)."""
+    if HAS_VLAST:
+        e = tl.load(ve_ptr + t0 + I)
+        if e >= 0:
+            h = h + tl.load(vlast_ptr + e.to(tl.int64) * sd + st_off, mask=mask_dn, other=0.0)
+    h, gA, gC, gB, hb, gdt = _bstep_core(h, gA, A2, xb[I], xa[I], d[I], v[I], b[I], c[I], k[I], g[I], HAS_RESET)
+    s = tl.load(vs_ptr + t0 + I)
+    if s >= 0:
+        tl.store(dinit_ptr + s.to(tl.int64) * sd + st_off, h, mask=mask_dn)
+        h = tl.zeros_like(h)
+    return h, gA, gC, gB, hb, gdt
+
+
+@triton.jit
+def _vbsteps8(h, gA, A2, xb, xa, d, v, b, c, k, g, u, dt, t0, vs_ptr, ve_ptr, vlast_ptr, dinit_ptr, st_off, sd,
+              mask_dn, BD: tl.constexpr, BN: tl.constexpr, HAS_RESET: tl.constexpr, HAS_VLAST: tl.constexpr):
+    """_bsteps8 over packed sequences (see _vbstep); same returns."""
+    h, gA, gC7, gB7, hb7, gt7 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 7, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC6, gB6, hb6, gt6 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 6, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC5, gB5, hb5, gt5 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 5, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC4, gB4, hb4, gt4 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 4, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC3, gB3, hb3, gt3 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 3, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC2, gB2, hb2, gt2 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 2, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC1, gB1, hb1, gt1 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 1, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, gA, gC0, gB0, hb0, gt0 = _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, 0, t0, vs_ptr, ve_ptr, vlast_ptr,
+                                        dinit_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    hb = _join8(hb0, hb1, hb2, hb3, hb4, hb5, hb6, hb7, BD)
+    gdt = _join8(gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7, BD) * LN2 + u * hb
+    gu = dt * hb
+    gCt = _join8(gC0, gC1, gC2, gC3, gC4, gC5, gC6, gC7, BN)
+    gBt = _join8(gB0, gB1, gB2, gB3, gB4, gB5, gB6, gB7, BN)
+    return h, gA, gdt, gu, gCt, gBt
+
+
 @optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_GLAST="glast_ptr", HAS_RESET="reset_ptr",
-                 STORE_Y="yout_ptr")
+                 STORE_Y="yout_ptr", VARLEN="vs_ptr", HAS_VINIT="vinit_ptr", HAS_VLAST="vlast_ptr")
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ckpt_ptr, gout_ptr, glast_ptr, scr_ptr,
     ypre_ptr, yout_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dinit_ptr, hin_ptr,
+    vs_ptr, ve_ptr, vinit_ptr, vlast_ptr,
     dim, L, dstate, cpg, nchunks, nbatch, nsplit, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn, sdBb, sdBg, sdBn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, STORE_Y: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, STORE_Y: tl.constexpr, VARLEN: tl.constexpr, HAS_VINIT: tl.constexpr,
+    HAS_VLAST: tl.constexpr,
 ):
     """Reverse sweep over chunks. For each chunk: recompute the state at every 8-step tile boundary from the
     chunk's checkpoint (written to a small per-program scratch), then walk the tiles backwards, recomputing the
@@ -375,6 +505,10 @@ def _scan_bwd_kernel(
     nsplit * batch (MODE 1, part g * batch + b); the scratch has the same parts. z_ptr, ypre_ptr and dz_ptr are
     None together (no z), as D_ptr and dD_ptr, bias_ptr and dbias_ptr; hin_ptr is None in MODE 0, dinit_ptr in
     MODE 1. With z, yout_ptr (else None) receives the gated output ypre * silu(z) (u's layout).
+    VARLEN (batch 1, vs_ptr/ve_ptr given; glast_ptr None): the recompute puts each sequence's initial state
+    (vinit_ptr [num_seqs, dim, dstate], or None for zeros) in at its first step; both modes write the gradient
+    of each sequence's initial state into dinit [num_seqs, dim, dstate] at its first step, and add the gradient
+    of each sequence's final state (vlast_ptr [num_seqs, dim, dstate], or None) at its last step.
     """
     SUB: tl.constexpr = CHUNK // TILE
     pid_b = tl.program_id(1).to(tl.int64)
@@ -423,8 +557,14 @@ def _scan_bwd_kernel(
             u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
                                                offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
             d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
-            xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
-            x = xs[8]
+            if VARLEN:
+                _xb, xa, _P, _y = _vsteps8(x, None, A2, d, v, b, k, None, cstart + TILE * s, vs_ptr, ve_ptr,
+                                           vinit_ptr, None, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False,
+                                           False, HAS_VINIT, False)
+                x = xa[7]
+            else:
+                xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+                x = xs[8]
         tl.debug_barrier()
         # pass 2: tiles backwards
         for ss in range(0, ntiles):
@@ -456,8 +596,16 @@ def _scan_bwd_kernel(
             c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
             k = _split8(keep, 1)
             gs = _split8(gy, BD)
-            xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
-            h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
+            if VARLEN:
+                xb, xa, _P, _y = _vsteps8(x0, None, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, vinit_ptr, None,
+                                          st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, False, HAS_VINIT,
+                                          False)
+                h, gA, gdt, gu, gCt, gBt = _vbsteps8(h, gA, A2, xb, xa, d, v, b, c8, k, gs, u, dt, t0, vs_ptr, ve_ptr,
+                                                     vlast_ptr, dinit_ptr, st_off, dim * dstate, mask_dn, BD, BN,
+                                                     HAS_RESET, HAS_VLAST)
+            else:
+                xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+                h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
             if HAS_D:
                 gu = gu + Dv[:, None] * gy
                 gD += tl.sum(tl.where(m2, gy * u, 0.0), 1)
@@ -475,7 +623,8 @@ def _scan_bwd_kernel(
             tl.atomic_add(dC_ptr + dB_row + offs_t[None, :], gCt, mask=mb)
         tl.debug_barrier()
     if MODE == 0:
-        tl.store(dinit_ptr + st_off, h, mask=mask_dn)
+        if not VARLEN:  # packed sequences stored theirs at their first steps
+            tl.store(dinit_ptr + st_off, h, mask=mask_dn)
     tl.store(dA_ptr + part_off, gA, mask=mask_dn)
     if HAS_D:
         tl.store(dD_ptr + part * dim + offs_d, gD, mask=mask_d)
@@ -507,13 +656,45 @@ def _lsteps8(h, P, A2, d, k, g, c, HAS_RESET: tl.constexpr):
     return h, P
 
 
-@optional_inputs(HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_RESET="reset_ptr")
+@triton.jit
+def _vlstep(h, P, A2, d, k, g, c, I: tl.constexpr, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn,
+            HAS_RESET: tl.constexpr, HAS_VLAST: tl.constexpr):
+    """_lstep over packed sequences: a sequence end adds the gradient of its final state (HAS_VLAST), a
+    sequence start stops the adjoint (h and P to zero)."""
+    if HAS_VLAST:
+        e = tl.load(ve_ptr + t0 + I)
+        if e >= 0:
+            h = h + tl.load(vlast_ptr + e.to(tl.int64) * sd + st_off, mask=mask_dn, other=0.0)
+    h, P = _lstep(h, P, A2, d, k, g, c, I, HAS_RESET)
+    s = tl.load(vs_ptr + t0 + I)
+    if s >= 0:
+        h = tl.zeros_like(h)
+        P = tl.zeros_like(P)
+    return h, P
+
+
+@triton.jit
+def _vlsteps8(h, P, A2, d, k, g, c, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET: tl.constexpr,
+              HAS_VLAST: tl.constexpr):
+    """_lsteps8 over packed sequences (see _vlstep)."""
+    h, P = _vlstep(h, P, A2, d, k, g, c, 7, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 6, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 5, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 4, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 3, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 2, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 1, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    h, P = _vlstep(h, P, A2, d, k, g, c, 0, t0, vs_ptr, ve_ptr, vlast_ptr, st_off, sd, mask_dn, HAS_RESET, HAS_VLAST)
+    return h, P
+
+
+@optional_inputs(HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_RESET="reset_ptr", VARLEN="vs_ptr", HAS_VLAST="vlast_ptr")
 @triton.jit
 def _scan_bwd_local_kernel(
-    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, gout_ptr, sum_ptr, prod_ptr,
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, gout_ptr, sum_ptr, prod_ptr, vs_ptr, ve_ptr, vlast_ptr,
     dim, L, dstate, cpg, nchunks, sxb, sxd, sCb, sCg, sCn,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr, HAS_VLAST: tl.constexpr,
 ):
     """Phase 1 of the chunk-parallel backward, grid [channel blocks, batch, chunks].
 
@@ -521,6 +702,8 @@ def _scan_bwd_local_kernel(
     the left is P_c * (adjoint entering from the right) + S_c. This kernel sweeps chunk c backwards from a
     zero adjoint: S_c -> sum_ptr, P_c = prod of the chunk's decays (0 after a reset) -> prod_ptr, both
     [batch, dim, nchunks, dstate] float32. It needs no states, only dt, reset, C and the output gradient.
+    VARLEN: the final states' gradients (vlast_ptr, or None) enter at the sequences' last steps, and a
+    sequence's first step stops the adjoint (S_c and P_c then hold only what lies after it).
     """
     SUB: tl.constexpr = CHUNK // TILE
     pid_b = tl.program_id(1).to(tl.int64)
@@ -548,6 +731,10 @@ def _scan_bwd_local_kernel(
         gs = _split8(g, BD)
         k = _split8(keep, 1)
         c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
-        h, P = _lsteps8(h, P, A2, d, k, gs, c8, HAS_RESET)
+        if VARLEN:
+            h, P = _vlsteps8(h, P, A2, d, k, gs, c8, t0, vs_ptr, ve_ptr, vlast_ptr, _st_off, dim * dstate, mask_dn,
+                             HAS_RESET, HAS_VLAST)
+        else:
+            h, P = _lsteps8(h, P, A2, d, k, gs, c8, HAS_RESET)
     tl.store(sum_ptr + ck_off + c * dstate, h, mask=mask_dn)
     tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)

@@ -25,6 +25,7 @@ EXECUTED_PAGES = [
     "docs/howto-devices.md",
     "docs/persistence.md",
     "docs/tracing.md",
+    "docs/howto-serving.md",
 ]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 

@@ -26,6 +26,7 @@ EXECUTED_PAGES = [
     "docs/persistence.md",
     "docs/tracing.md",
     "docs/howto-serving.md",
+    "docs/varlen.md",
 ]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 

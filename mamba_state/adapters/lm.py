@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from mamba_state.kernels.dispatch import DeviceOps, device_ops
 from mamba_state.kernels.scan_positions import check_positions
+from mamba_state.kernels.selective_scan.packed import check_varlen_positions, seq_bounds
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaModelState
@@ -126,13 +127,19 @@ class _Block(nn.Module):
         out = norm_apply(norm, r.to(cast(torch.Tensor, norm.weight).dtype))  # every supported norm has a weight
         return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
-    def forward(self, hidden, residual, state, reset, one_step: bool, ops: DeviceOps, positions=None):
-        """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given."""
+    def forward(self, hidden, residual, state, reset, one_step: bool, ops: DeviceOps, positions=None,
+                bounds: list[int] | None = None):
+        """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given.
+        ``bounds``: packed sequences (``cu_seqlens`` as a list; the mixer's ``_forward_packed``)."""
         hidden, residual = self.add_norm(hidden, residual, self.norm, ops)
         states_at = None
         # the mixers' unchecked internals: StatefulMambaLM.check_state has checked the state, ids, reset and
         # positions once for every layer
-        if one_step:
+        if bounds is not None:
+            out = cast(Any, self.mixer)._forward_packed(hidden, state, reset, bounds, positions)
+            hidden, state = out[0], out[1]
+            states_at = out[2] if positions is not None else None
+        elif one_step:
             if state is None:
                 state = self.mixer.new_state(hidden.shape[0], device=hidden.device)
             hidden, state = self.mixer._step(hidden, state, None if reset is None else reset[:, 0])
@@ -310,7 +317,10 @@ class StatefulMambaLM(nn.Module):
             raise StateShapeError(f"input_ids: expected token ids in [0, {rows - 1}] (the embedding's rows), found "
                                   f"ids from {lo_i} to {hi_i}")
 
-    def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0, return_states_at=None):
+    def _run(self, input_ids, state, reset, one_step: bool, num_last_tokens: int = 0, return_states_at=None,
+             cu_seqlens=None):
+        if cu_seqlens is not None:
+            return self._run_packed(input_ids, state, reset, num_last_tokens, return_states_at, cu_seqlens)
         batch, seqlen = input_ids.shape
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
         check_reset(reset, [batch, seqlen])
@@ -345,8 +355,52 @@ class StatefulMambaLM(nn.Module):
                      for i, p in enumerate(positions)]
         return logits, new_state, states_at
 
+    def _run_packed(self, input_ids, state, reset, num_last_tokens: int, return_states_at, cu_seqlens):
+        """:meth:`forward` with ``cu_seqlens``: every check first (boundaries, positions, reset, a state with one
+        row per sequence, mixers that run packed sequences), then the layers' ``_forward_packed``."""
+        batch, seqlen = input_ids.shape
+        bounds = seq_bounds(cu_seqlens, seqlen, batch)
+        nseq = len(bounds) - 1
+        if num_last_tokens:
+            raise StateError(f"num_last_tokens: expected 0 with cu_seqlens (take logits[0, cu_seqlens[1:] - 1] for "
+                             f"each sequence's last token), found {num_last_tokens}")
+        positions = None if return_states_at is None else check_varlen_positions(return_states_at, bounds)
+        check_reset(reset, [1, seqlen])
+        unpacked = [type(layer.mixer).__name__ for layer in self.backbone.blocks()
+                    if not hasattr(layer.mixer, "_forward_packed")]
+        if unpacked:
+            raise StateCompatibilityError(f"cu_seqlens: expected mixers that run packed sequences (Mamba-1), found "
+                                          f"{sorted(set(unpacked))}")
+        if state is not None and isinstance(state, MambaModelState) and state.batch_size != nseq:
+            raise StateShapeError(f"state: expected {nseq} rows (one per sequence of cu_seqlens), found "
+                                  f"{state.batch_size}")
+        state = self.check_state(state, nseq, input_ids.device)
+        offset, metadata = state.seqlen_offset, state.metadata
+        ops = device_ops(input_ids.device, self.backend)
+        hidden = self.backbone.embedding(input_ids)
+        residual = None
+        new_layers = {}
+        layers_at: dict[int, list] = {}
+        for layer in self.backbone.blocks():
+            idx = _layer_idx(layer)
+            out = layer(hidden, residual, state[idx], reset, False, ops, positions, bounds=bounds)
+            hidden, residual, new_layers[idx] = out[0], out[1], out[2]
+            if positions is not None:
+                layers_at[idx] = out[3]
+        hidden, _ = self.backbone.blocks()[0].add_norm(hidden, residual, self.backbone.norm_f, ops)
+        logits = self.lm_head(hidden)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        new_state = MambaModelState(new_layers, seqlen_offset=offset + longest, metadata=dict(metadata))
+        if positions is None:
+            return logits, new_state
+        states_at = [[MambaModelState({idx: layers_at[idx][s][i] for idx in layers_at}, seqlen_offset=offset + p,
+                                      metadata=dict(metadata)) for i, p in enumerate(ps)]
+                     for s, ps in enumerate(positions)]
+        return logits, new_state, states_at
+
     def forward(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
-                reset: torch.Tensor | None = None, num_last_tokens: int = 0, return_states_at: Any = None):
+                reset: torch.Tensor | None = None, num_last_tokens: int = 0, return_states_at: Any = None,
+                cu_seqlens: torch.Tensor | None = None):
         """Run a chunk of tokens from ``state`` (zeros when None); ``state`` is not modified.
 
         Args:
@@ -359,6 +413,14 @@ class StatefulMambaLM(nn.Module):
                 ``p`` tokens of this chunk for each ``p`` (0: ``state``; a reset at token ``p`` is not applied
                 yet), taken from segmented scans (no token is processed twice). For rollback (speculative
                 decoding) and prefix caching at arbitrary positions.
+            cu_seqlens: None, or int32/int64 ``[num_seqs + 1]`` (starts at 0, non-decreasing, ends at L):
+                ``input_ids`` ``[1, L]`` holds ``num_seqs`` sequences packed one after another (sequence ``s`` is
+                tokens ``cu_seqlens[s]:cu_seqlens[s + 1]``, possibly none) and ``state`` has one row per sequence
+                (zeros when None). Each sequence runs exactly as it would alone from its row (Mamba-1 mixers);
+                the new state has one row per sequence and ``seqlen_offset`` advanced by the longest
+                sequence's length (one offset is kept for all rows). ``reset`` is ``[1, L]``;
+                ``return_states_at`` is one list of positions per sequence, and ``states`` one list per sequence
+                of batch-1 :class:`MambaModelState`. ``num_last_tokens`` must be 0. See docs/varlen.md.
 
         Returns:
             ``(logits [B, L, vocab], new_state)`` with ``new_state.seqlen_offset = state.seqlen_offset + L``.
@@ -367,7 +429,7 @@ class StatefulMambaLM(nn.Module):
         """
         self._check_ids(input_ids)
         return self._run(input_ids, state, reset, one_step=False, num_last_tokens=num_last_tokens,
-                         return_states_at=return_states_at)
+                         return_states_at=return_states_at, cu_seqlens=cu_seqlens)
 
     def step(self, input_ids: torch.Tensor, state: MambaModelState | None = None,
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaModelState]:

@@ -18,6 +18,8 @@ window; ``dt, B, C = x_proj(x)``; ``dt = dt_proj.weight @ dt``; selective scan w
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -29,6 +31,7 @@ from mamba_state.kernels.dispatch import DeviceOps, device_ops
 from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
 from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
 from mamba_state.kernels.selective_scan.all_states import selective_scan_all_states
+from mamba_state.kernels.selective_scan.packed import check_varlen_positions, seq_bounds
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaInferenceState
@@ -218,7 +221,8 @@ class StatefulMamba(nn.Module):
 
     # ------------------------------------------------------------------ chunked forward
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
-                reset: torch.Tensor | None = None, return_states_at: Any = None):
+                reset: torch.Tensor | None = None, return_states_at: Any = None,
+                cu_seqlens: torch.Tensor | None = None):
         """Run a chunk from ``state`` (zeros when None).
 
         Args:
@@ -228,12 +232,21 @@ class StatefulMamba(nn.Module):
             return_states_at: None, or non-decreasing ints in ``[0, L]``: also return the state after ``p``
                 tokens of this chunk for each ``p`` (0: ``state`` itself; a reset at token ``p`` is not applied
                 yet). The scan runs in segments cut at these positions (no token is processed twice).
+            cu_seqlens: None, or int32/int64 ``[num_seqs + 1]``: ``x`` is ``[1, total, d_model]`` holding
+                ``num_seqs`` sequences packed one after another (sequence ``s`` is tokens
+                ``cu_seqlens[s]:cu_seqlens[s + 1]``, possibly none), and ``state`` has one row per sequence
+                (zeros when None). Each sequence runs exactly as it would alone from its own row; the new state
+                has one row per sequence. ``reset`` is ``[1, total]``; ``return_states_at`` is then one list of
+                positions per sequence (token counts within it) and ``states`` one list per sequence of
+                batch-1 states. See :meth:`forward_packed`.
 
         Returns:
             ``(y [B, L, d_model], new_state)``; the new state has the incoming state's dtypes. With
             ``return_states_at``: ``(y, new_state, states)``, ``states`` a list of :class:`MambaInferenceState`
             (one per position, the incoming state's dtypes; differentiable).
         """
+        if cu_seqlens is not None:
+            return self.forward_packed(x, cu_seqlens, state, reset, return_states_at)
         self._check_input(x)
         batch, seqlen, _ = x.shape
         positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
@@ -367,6 +380,98 @@ class StatefulMamba(nn.Module):
             new = torch.cat([conv_state[:, :, L:], xs.to(conv_state.dtype)], dim=-1)
         return out, new.to(conv_state.dtype).contiguous()
 
+    # ------------------------------------------------------------------ packed sequences
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, state: MambaInferenceState | None = None,
+                       reset: torch.Tensor | None = None, return_states_at: Any = None):
+        """:meth:`forward` over packed variable-length sequences (``cu_seqlens``, batch 1): checks, then
+        :meth:`_forward_packed`. Returns ``(y [1, total, d_model], new_state [num_seqs rows])``, plus the states
+        at positions (one list per sequence of batch-1 :class:`MambaInferenceState`) when asked."""
+        self._check_input(x)
+        bounds = seq_bounds(cu_seqlens, x.shape[1], x.shape[0])
+        nseq = len(bounds) - 1
+        positions = None if return_states_at is None else check_varlen_positions(return_states_at, bounds)
+        if state is not None and isinstance(state, MambaInferenceState) and state.batch_size != nseq:
+            raise StateShapeError(f"state: expected {nseq} rows (one per sequence of cu_seqlens), found "
+                                  f"{state.batch_size}")
+        state = self.check_state(state, nseq, x.device)
+        check_reset(reset, [1, x.shape[1]])
+        return self._forward_packed(x, state, reset, bounds, positions)
+
+    def _forward_packed(self, x: torch.Tensor, state: MambaInferenceState, reset: torch.Tensor | None,
+                        bounds: list[int], positions: list[list[int]] | None):
+        """:meth:`forward_packed` on checked arguments: ``state`` has one row per sequence, ``bounds`` is
+        ``cu_seqlens`` as a list. The math of :meth:`_forward` in its inference layout (channel-major
+        activations; autograd records through the scan's and conv's own backward passes), with the conv run per
+        sequence (:meth:`_conv_packed`) and one packed scan."""
+        from mamba_state.kernels.selective_scan.launcher import selective_scan_fn
+
+        ops = device_ops(x.device, self.backend)
+        if reset is not None:
+            reset = reset.to(x.device)
+        cu = torch.tensor(bounds, dtype=torch.int32)  # checked; the kernels read it on the host
+        xt = x.transpose(1, 2)
+        w_in = self.in_proj.weight
+        xs = _weight_matmul(w_in[: self.d_inner], xt)  # [1, d_inner, total]
+        z = _weight_matmul(w_in[self.d_inner:], xt)
+        if self.in_proj.bias is not None:
+            xs = xs + self.in_proj.bias[: self.d_inner, None]
+            z = z + self.in_proj.bias[self.d_inner:, None]
+        conv_in = xs
+        xs, conv_state = self._conv_packed(xs, state.conv_state, reset, bounds, cu, ops)
+        x_dbl = _weight_matmul(self.x_proj.weight, xs)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = _weight_matmul(self.dt_proj.weight, dt)
+        ct = _compute_dtype(x)
+        A = -torch.exp(self.A_log.to(ct))
+        dt_bias = self.dt_proj.bias if not torch.is_grad_enabled() else self.dt_proj.bias.to(ct)
+        h0 = state.ssm_state
+        res = selective_scan_fn(xs, dt, A, B, C, self.D.to(ct), z=z, delta_bias=dt_bias, delta_softplus=True,
+                                return_last_state=True, initial_state=h0, reset=reset, backend=ops.backend,
+                                cu_seqlens=cu, return_states_at=positions)
+        y, last = res[0], res[1]
+        out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(1, -1, -1))
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        new = MambaInferenceState(conv_state, last.to(h0.dtype))
+        if positions is None:
+            return out, new
+        ssm_at = res[2]
+        states_at = []
+        for s, ps in enumerate(positions):  # the conv windows of each sequence at its own positions
+            a, b = bounds[s], bounds[s + 1]
+            conv_at = conv_windows_at(state.conv_state[s:s + 1], conv_in[:, :, a:b], ps,
+                                      None if reset is None else reset[:, a:b])
+            states_at.append([MambaInferenceState(conv_at[i], ssm_at[s][i:i + 1].to(h0.dtype))
+                              for i in range(len(ps))])
+        return out, new, states_at
+
+    def _conv_packed(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None,
+                     bounds: list[int], cu: torch.Tensor, ops: DeviceOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """silu(causal conv) of packed sequences, each continuing its own row of ``conv_state`` ``[num_seqs,
+        d_inner, d_conv]``: ``(out [1, d_inner, total], new windows [num_seqs, d_inner, d_conv])``.
+
+        The conv kernel's packed path (``causal_conv1d(..., cu_seqlens=)``, one launch) where the installed
+        kernels have it, else :meth:`_conv_per_sequence`."""
+        if _conv_takes_cu_seqlens():
+            return ops.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                     activation="silu", cu_seqlens=cu)
+        return self._conv_per_sequence(xs, conv_state, reset, bounds, ops)
+
+    def _conv_per_sequence(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None,
+                           bounds: list[int], ops: DeviceOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_conv_packed` as one :meth:`_conv` call per non-empty sequence (a host loop; exact, and the
+        fallback while the conv kernel has no packed path)."""
+        outs, windows = [], []
+        for s in range(len(bounds) - 1):
+            a, b = bounds[s], bounds[s + 1]
+            if a == b:  # an empty sequence keeps its window
+                windows.append(conv_state[s:s + 1])
+                continue
+            out, win = self._conv(xs[:, :, a:b], conv_state[s:s + 1], None if reset is None else reset[:, a:b], ops)
+            outs.append(out)
+            windows.append(win.to(conv_state.dtype))
+        return torch.cat(outs, dim=-1), torch.cat(windows, dim=0)
+
     # ------------------------------------------------------------------ one token
     def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,
              reset: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaInferenceState]:
@@ -421,6 +526,14 @@ class StatefulMamba(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
                 f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
+
+
+@functools.lru_cache(maxsize=1)
+def _conv_takes_cu_seqlens() -> bool:
+    """Whether :func:`mamba_state.kernels.causal_conv1d` has its packed path (``cu_seqlens``)."""
+    from mamba_state.kernels.conv1d.launcher import causal_conv1d
+
+    return "cu_seqlens" in inspect.signature(causal_conv1d).parameters
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,130 @@
+"""Packed prefill of many sessions (``cu_seqlens``) vs a padded batch vs one call per session: the selective scan.
+
+The 130m shape (d_inner 1536, dstate 16, bf16, the layer's configuration: D, z, delta_bias, softplus), 64
+sessions, each from its own initial state, lengths drawn from 16 to 4096 tokens in two ways: uniform (mean about
+max / 2) and log-uniform (mean under max / 4, the case of issue 18's target). Contenders, timed in turns
+(:func:`common.interleaved_median_times`):
+
+* ``packed``: one call over the packed row with ``cu_seqlens`` (every session's final state returned);
+* ``padded``: one batch of 64 rows right-padded to the longest session (its cost only: the padded rows' final
+  states would be wrong, which makes it a lower bound of what padding costs);
+* ``per-session``: 64 calls, one per session (batch 1);
+* ``equal``: one batch of 64 rows of the mean length (the sum-of-tokens cost packing aims at: issue 18 asks
+  packed <= 1.1x this).
+
+Forward only by default (prefill); ``--backward`` also times forward + backward. Writes
+benchmarks/results/bench_varlen.json and the section "Packed sequences (cu_seqlens)" of docs/benchmarks.md.
+
+    python benchmarks/bench_varlen.py            # on a GPU
+    python benchmarks/bench_varlen.py --backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, environment_line, interleaved_median_times, markdown_table, replace_section, write_json  # noqa: E402,E501
+
+DIM, DSTATE, SESSIONS, LO, HI = 1536, 16, 64, 16, 4096
+TITLE = "Packed sequences (cu_seqlens)"
+
+
+def draw_lengths(kind: str, seed: int = 0) -> list[int]:
+    """64 session lengths in [16, 4096]: uniform, or log-uniform (more short sessions)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.randint(LO, HI + 1, (SESSIONS,), generator=g).tolist()
+    logs = torch.rand(SESSIONS, generator=g) * (math.log(HI) - math.log(LO)) + math.log(LO)
+    return [int(v) for v in logs.exp().round().clamp(LO, HI).tolist()]
+
+
+def layer_inputs(batch: int, L: int, device, dtype, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+    return dict(u=r(batch, DIM, L).to(dtype), delta=(0.5 * r(batch, DIM, L) - 1.0).to(dtype),
+                A=-torch.exp(0.5 * r(DIM, DSTATE)), B=r(batch, DSTATE, L).to(dtype), C=r(batch, DSTATE, L).to(dtype),
+                D=r(DIM), z=r(batch, DIM, L).to(dtype), delta_bias=0.1 * r(DIM), delta_softplus=True,
+                return_last_state=True)
+
+
+def contenders(lens: list[int], device, dtype, backward: bool) -> dict:
+    from mamba_state.kernels import selective_scan_fn
+
+    total, longest, mean = sum(lens), max(lens), round(sum(lens) / len(lens))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # on the host: no sync
+    packed = layer_inputs(1, total, device, dtype, 1)
+    padded = layer_inputs(SESSIONS, longest, device, dtype, 2)
+    equal = layer_inputs(SESSIONS, mean, device, dtype, 3)
+    h0 = torch.randn(SESSIONS, DIM, DSTATE, device=device)
+    starts = cu.tolist()
+    pieces = [{k: (v[..., a:b] if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in packed.items()}
+              for a, b in zip(starts[:-1], starts[1:])]
+    grads = ("u", "delta", "B", "C", "z")
+
+    def run(inp, **kw):
+        if not backward:
+            with torch.no_grad():
+                return selective_scan_fn(**inp, **kw)
+        leaves = {k: (v.detach().requires_grad_() if k in grads else v) for k, v in inp.items()}
+        out, last = selective_scan_fn(**leaves, **kw)
+        (out.float().sum() + last.sum()).backward()
+
+    return {
+        "packed": lambda: run(packed, initial_state=h0, cu_seqlens=cu),
+        "padded": lambda: run(padded, initial_state=h0),
+        "per-session": lambda: [run(p, initial_state=h0[s:s + 1]) for s, p in enumerate(pieces)],
+        "equal": lambda: run(equal, initial_state=h0),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_varlen.py needs a CUDA GPU (the Triton kernels; the CPU path is not what it measures)")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    env = environment()
+    rows, results = [], []
+    for kind in ("uniform", "log-uniform"):
+        lens = draw_lengths(kind)
+        for mode in (["fwd", "fwd+bwd"] if args.backward else ["fwd"]):
+            times = interleaved_median_times(contenders(lens, device, dtype, mode == "fwd+bwd"),
+                                             repeats=args.repeats, warmup=2)
+            ms = {k: 1e3 * v for k, v in times.items()}
+            res = dict(lengths=kind, mode=mode, total_tokens=sum(lens), max_len=max(lens),
+                       mean_len=sum(lens) / len(lens), ms=ms, padded_over_packed=ms["padded"] / ms["packed"],
+                       packed_over_equal=ms["packed"] / ms["equal"])
+            results.append(res)
+            rows.append([kind, mode, sum(lens), f"{res['mean_len']:.0f} / {max(lens)}",
+                         *(f"{ms[k]:.2f}" for k in ("packed", "padded", "per-session", "equal")),
+                         f"{res['padded_over_packed']:.2f}x", f"{res['packed_over_equal']:.2f}"])
+            print(rows[-1], flush=True)
+    write_json("bench_varlen", {"shape": dict(sessions=SESSIONS, dim=DIM, dstate=DSTATE, dtype="bf16"),
+                                "results": results}, env)
+    body = "\n".join([
+        f"`benchmarks/bench_varlen.py`: {SESSIONS} sessions of {LO}-{HI} tokens, each from its own state, "
+        f"through the selective scan at the 130m shape (d_inner {DIM}, dstate {DSTATE}, bf16, D/z/delta_bias/"
+        "softplus). `packed`: one call with `cu_seqlens`; `padded`: one batch right-padded to the longest "
+        "(its cost only, a lower bound: its padded rows' final states would be wrong); `per-session`: one "
+        "call per session; `equal`: one batch of the mean length (the sum-of-tokens cost). Times in ms, "
+        "medians of runs in turns. Targets (issue 18): padded / packed >= 2 when mean < max / 4; packed / "
+        "equal <= 1.1.",
+        "",
+        environment_line(env),
+        "",
+        markdown_table(["lengths", "mode", "tokens", "mean / max", "packed", "padded", "per-session", "equal",
+                        "padded / packed", "packed / equal"], rows),
+    ])
+    replace_section(TITLE, body)
+
+
+if __name__ == "__main__":
+    main()

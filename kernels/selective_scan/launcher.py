@@ -20,6 +20,7 @@ from .all_states import selective_scan_all_states
 from .chunked import selective_scan_chunked
 from .ops import ScanFn, scan_forward
 from .packed import check_varlen_positions, check_varlen_state, seq_bounds, step_marks
+from .positions import scan_states_at_one_pass
 
 __all__ = ["selective_scan_fn"]
 
@@ -47,11 +48,13 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         chunk_size: checkpoint interval of the Triton path (a multiple of 8; default about sqrt(8 * seqlen)).
         return_states_at: None, or non-decreasing ints in [0, seqlen] (any iterable of ints, or a 1-D integer tensor):
             also return the state after ``p`` tokens for each ``p`` (0: the initial state; seqlen: the final
-            state; the state at ``p`` is taken before a reset at token ``p`` is applied). The sequence is scanned
-            in segments cut at these positions, each continuing from the previous one's final state: every
-            token is processed once (no replay) and gradients flow through the returned states. Many dense
-            positions (see :func:`mamba_state.scan_positions.use_dense_states`) take one PyTorch pass that keeps
-            every state instead (:func:`mamba_state.scan_states.selective_scan_all_states`).
+            state; the state at ``p`` is taken before a reset at token ``p`` is applied). On the Triton path the
+            kernels store these states during their one pass over the sequence (each position costs one state
+            store); on the reference path the sequence is scanned in segments cut at these positions, each
+            continuing from the previous one's final state, or, for many dense positions (see
+            :func:`mamba_state.scan_positions.use_dense_states`), in one PyTorch pass that keeps every state
+            (:func:`mamba_state.scan_states.selective_scan_all_states`). Every token is processed once (no
+            replay) and gradients flow through the returned states.
         cu_seqlens: None, or int32/int64 [num_seqs + 1] (starts at 0, non-decreasing, ends at seqlen; read on the
             host): the inputs are ``num_seqs`` sequences packed along the time axis of a batch of 1, sequence
             ``s`` being steps ``cu_seqlens[s]:cu_seqlens[s + 1]`` (possibly empty). Each runs from its own row of
@@ -98,12 +101,30 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
                        reset, backend, chunk_size, return_states_at, shape):
-    """:func:`selective_scan_fn` with ``return_states_at``: one scan per segment between positions."""
+    """:func:`selective_scan_fn` with ``return_states_at``: on the Triton path one pass that stores the states at
+    the positions (:mod:`.positions`); elsewhere one scan per segment between positions, or for many dense
+    positions one PyTorch pass keeping every state."""
     positions = check_positions(return_states_at, shape.seqlen)
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     init = (initial_state if initial_state is not None
             else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
 
+    which = backend_name(u.device, backend)
+    if which == "triton" and shape.ngroups_B > 0 and shape.ngroups_C > 0 and u.dtype in _HALF_OR_FLOAT and (
+            initial_state is None or initial_state.dtype != torch.float64):
+        # one pass of the kernels, storing the states at the positions as it goes (positions.py)
+        chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
+        if chunk < 8 or chunk % 8:
+            raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
+        for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+            if t is not None and t.dtype not in _HALF_OR_FLOAT:
+                raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
+        B4 = B if B.dim() == 4 else B.unsqueeze(1)
+        C4 = C if C.dim() == 4 else C.unsqueeze(1)
+        grad = torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        out, last, states = scan_states_at_one_pass(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
+                                                    delta_softplus, chunk, positions, grad)
+        return (out, last, states) if return_last_state else (out, states)
     if use_dense_states(positions, shape.seqlen):  # many positions: one pass keeping every state
         out, every = selective_scan_all_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init, reset)
         states = every[positions]

@@ -287,6 +287,8 @@ class ScanFn(torch.autograd.Function):
         ctx.chunk = chunk
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        # states at positions (positions.py) read the initial states of the first rows only of nseq
+        ctx.init_rows = initial_state.shape[0] if initial_state is not None else 0
         ctx.mark_non_differentiable(ckpt, ypre)
         return out, last, ckpt, ypre
 
@@ -307,5 +309,5 @@ class ScanFn(torch.autograd.Function):
                 dD if D is not None else None,
                 dz if z is not None else None,
                 dbias if delta_bias is not None else None,
-                dinit.to(ctx.init_dtype) if ctx.has_init else None,
+                dinit[:ctx.init_rows].to(ctx.init_dtype) if ctx.has_init else None,
                 None, None, None, None, None, None)

@@ -1,0 +1,70 @@
+"""States at chosen positions from one pass of the Triton scan (issue 19, item 6).
+
+The packed-sequence machinery of the kernels (``VARLEN``: per-step marks, see
+:mod:`mamba_state.kernels.selective_scan.packed`) stores the state after a marked step into row ``e`` of a buffer
+of states, at address ``e * dim * dstate`` plus the program's own ``(row, channel, n)`` offset, and adds the
+gradient of that row back into the adjoint at the same step. For states at positions of a batch the marks are
+the same for every row, so a position's states for all rows are one block ``[batch, dim, dstate]``: mark ``k``
+is written as ``k * batch``, and the buffer ``[K * batch, dim, dstate]`` is ``[K, batch, dim, dstate]``. Step 0
+carries a start mark 0, so the kernels take the initial state there (row b at ``b * dim * dstate``) and the
+backward stores its gradient there. No sequence ends anywhere else, no state is reset, and the scan runs once
+over the whole row: the cost of K positions is K extra state stores (and K extra loads in the backward), not K
+launches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .ops import ScanFn, scan_forward
+
+__all__ = ["position_marks", "scan_states_at_one_pass"]
+
+
+def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.device,
+                   multiple: int = 8) -> tuple[Tensor, Tensor]:
+    """``(starts, ends)`` int32 marks, ``seqlen`` rounded up to ``multiple`` and padded with -1: ``starts[0] = 0``
+    (the initial state enters there); ``ends[p - 1] = k * batch`` for the k-th of ``stops`` (distinct
+    increasing token counts in ``[1, seqlen]``)."""
+    n = -(-seqlen // multiple) * multiple
+    starts = torch.full((n,), -1, dtype=torch.int32)
+    ends = torch.full((n,), -1, dtype=torch.int32)
+    if seqlen > 0:
+        starts[0] = 0
+    if stops:
+        ends[torch.tensor([p - 1 for p in stops])] = torch.arange(len(stops), dtype=torch.int32) * batch
+    return starts.to(device, non_blocking=True), ends.to(device, non_blocking=True)
+
+
+def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
+                            z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                            reset: Optional[Tensor], delta_softplus: bool, chunk: int, positions: Sequence[int],
+                            differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton scan of ``u`` [batch, dim, L] (B4/C4 [batch, ngroups, dstate, L]) with the states after each
+    of ``positions`` (non-decreasing token counts in [0, L], checked by the caller).
+
+    Returns ``(out [batch, dim, L] in u.dtype, last [batch, dim, dstate] float32, states [len(positions), batch,
+    dim, dstate] float32)``; differentiable in every input through ``ScanFn`` when ``differentiable``.
+    """
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    stops = sorted({p for p in positions if p > 0} | {L}) if L > 0 else []
+    starts, ends = position_marks(stops, L, batch, u.device)
+    nrows = max(1, len(stops)) * batch
+    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
+    if differentiable:
+        out, buf, _, _ = ScanFn.apply(*args, starts, ends, nrows)
+    else:
+        out, buf, _, _ = scan_forward(*args, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
+    h0 = (initial_state.float() if initial_state is not None
+          else torch.zeros(batch, dim, dstate, device=u.device, dtype=torch.float32))
+    if L == 0:
+        return out, h0, torch.stack([h0 for _ in positions]) if positions else h0.new_zeros(0, batch, dim, dstate)
+    by_stop = buf.view(len(stops), batch, dim, dstate)
+    index = {p: k for k, p in enumerate(stops)}
+    picked = [h0 if p == 0 else by_stop[index[p]] for p in positions]
+    states = torch.stack(picked) if picked else h0.new_zeros(0, batch, dim, dstate)
+    return out, by_stop[index[L]], states

@@ -1,0 +1,134 @@
+"""States at positions from one pass of the Triton scan (kernels/selective_scan/positions.py; issue 19 item 6):
+values and gradients of every input equal those of the float64 oracle run segment by segment (stopping at each
+position), over batches, channel groups, resets, duplicate positions, 0 and the length, both forward schedules
+and both backward schedules; one forward launch whatever the number of positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mamba_state.kernels import selective_scan_fn
+from mamba_state.kernels.selective_scan import ops, positions as positions_mod
+from mamba_state.kernels.selective_scan.naive import selective_scan_ref
+
+F64 = torch.float64
+
+
+def _inputs(seed, b, d, n, L, groups):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    bc = (b, groups, n, L) if groups > 1 else (b, n, L)
+    return dict(u=r(b, d, L), delta=0.5 * r(b, d, L) - 1.0, A=-torch.exp(0.5 * r(d, n)), B=r(*bc), C=r(*bc),
+                D=r(d), z=r(b, d, L), delta_bias=0.1 * r(d))
+
+
+def _oracle(inp, h0, reset, pos):
+    """Outputs, final state and states at ``pos`` by running the float64 oracle segment by segment."""
+    L = inp["u"].shape[-1]
+    cuts = sorted({p for p in pos if 0 < p < L})
+    edges = [0, *cuts, L]
+    state, outs, at = h0, [], {0: h0}
+
+    def part(t, a, b):
+        return t[..., a:b] if t.dim() >= 3 else t
+
+    for a, b in zip(edges[:-1], edges[1:]):
+        out, state = selective_scan_ref(**{k: part(v, a, b) for k, v in inp.items()}, delta_softplus=True,
+                                        return_last_state=True, initial_state=state,
+                                        reset=None if reset is None else reset[:, a:b])
+        outs.append(out)
+        at[b] = state
+    states = torch.stack([at[p] for p in pos]) if pos else h0.new_zeros(0, *h0.shape)
+    return torch.cat(outs, -1), state, states
+
+
+def _loss(out, last, states, w):
+    return (out * w["out"]).sum() + (last * w["last"]).sum() + (states * w["states"]).sum()
+
+
+def _weights(seed, b, d, n, L, k):
+    g = torch.Generator().manual_seed(seed)
+    return dict(out=torch.randn(b, d, L, generator=g, dtype=F64), last=torch.randn(b, d, n, generator=g, dtype=F64),
+                states=torch.randn(k, b, d, n, generator=g, dtype=F64))
+
+
+def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True):
+    inp = _inputs(seed, b, d, n, L, groups)
+    g = torch.Generator().manual_seed(seed + 1)
+    h0 = torch.randn(b, d, n, generator=g, dtype=F64) if with_h0 else torch.zeros(b, d, n, dtype=F64)
+    reset = (torch.rand(b, L, generator=g) < 0.15) if with_reset else None
+    w = _weights(seed + 2, b, d, n, L, len(pos))
+
+    leaves64 = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    h64 = h0.clone().requires_grad_()
+    out64, last64, st64 = _oracle(leaves64, h64, reset, pos)
+    grads64 = torch.autograd.grad(_loss(out64, last64, st64, w), [*leaves64.values(), h64])
+
+    leaves = {k: v.float().clone().requires_grad_() for k, v in inp.items()}
+    h32 = h0.float().clone().requires_grad_()
+    out, last, states = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True,
+                                          initial_state=h32 if with_h0 else None, reset=reset, backend="triton",
+                                          chunk_size=8, return_states_at=pos)
+    assert states.shape == (len(pos), b, d, n) and states.dtype == torch.float32
+    wanted = [*leaves.values(), h32] if with_h0 else list(leaves.values())
+    grads = torch.autograd.grad(_loss(out.double(), last.double(), states.double(), w), wanted)
+    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last.double(), last64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states.double(), st64, rtol=1e-4, atol=1e-5)
+    names = [*leaves, "initial_state"]
+    for name, got, ref in zip(names, grads, grads64):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("seqpar, bwd", [("0", "seq"), ("1", "chunk")])
+def test_one_pass_states_match_the_oracle_by_segments(monkeypatch, seqpar, bwd):
+    monkeypatch.setenv("MAMBA_STATE_SCAN_SEQPAR", seqpar)
+    monkeypatch.setenv("MAMBA_STATE_SCAN_BWD", bwd)
+    # duplicates, 0, a position inside a tile, at a tile edge, at a reset, and the length
+    _check(5, 2, 4, 4, 21, 2, [0, 3, 8, 8, 13, 21])
+
+
+def test_one_pass_without_initial_state_or_resets():
+    _check(6, 3, 4, 4, 16, 1, [1, 16, 16], with_reset=False, with_h0=False)
+
+
+@settings(max_examples=6)
+@given(L=st.integers(1, 19), data=st.data())
+def test_one_pass_property_over_positions(L, data):
+    pos = sorted(data.draw(st.lists(st.integers(0, L), min_size=0, max_size=5)))
+    _check(7 + L, 1, 4, 4, L, 1, pos)
+
+
+def test_one_forward_launch_for_many_positions(monkeypatch):
+    """Eight positions cost one forward call of the kernels (not one per segment), without autograd too."""
+    calls = []
+    real = positions_mod.scan_forward
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(positions_mod, "scan_forward", spy)
+    inp = {k: v.float() for k, v in _inputs(8, 2, 4, 4, 40, 1).items()}
+    ref_out = selective_scan_fn(**inp, delta_softplus=True, backend="triton", chunk_size=8)
+    out, states = selective_scan_fn(**inp, delta_softplus=True, backend="triton", chunk_size=8,
+                                    return_states_at=[5, 10, 15, 20, 25, 30, 35, 40])
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the marks do not touch the outputs
+    last = selective_scan_fn(**inp, delta_softplus=True, backend="triton", chunk_size=8, return_last_state=True)[1]
+    torch.testing.assert_close(states[-1], last, rtol=0, atol=0)
+
+
+def test_scanfn_returns_initial_state_gradients_of_the_callers_rows():
+    """ScanFn's initial-state gradient has the rows of the initial state it was given (the positions buffer has
+    more rows than the batch)."""
+    inp = {k: v.float() for k, v in _inputs(9, 2, 4, 4, 16, 1).items()}
+    h0 = torch.randn(2, 4, 4, requires_grad=True)
+    _, states = selective_scan_fn(**inp, delta_softplus=True, initial_state=h0, backend="triton", chunk_size=8,
+                                  return_states_at=[4, 12])
+    (g,) = torch.autograd.grad(states.sum(), [h0])
+    assert g.shape == h0.shape and g.abs().sum() > 0
+    assert ops.ScanFn is positions_mod.ScanFn

@@ -7,6 +7,10 @@
   from the gradients of ``out`` and of the new window.
 * :class:`CausalConvFn`: both, for autograd. Backward keeps the inputs only (x, weight, bias, state, reset): the
   pre-activation is recomputed.
+
+Each takes ``cu_seqlens`` (keyword, default None): packed sequences, batch 1, ``conv_state`` and the new windows
+[num_seqs, dim, W], one launch whatever the number of sequences; the new windows' gradient then goes into dx and
+the state's gradient inside the backward kernel (unpacked, it is added afterwards in PyTorch).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .._device import launch_device
 __all__ = ["conv_forward", "conv_backward", "CausalConvFn"]
 
 _BD, _BL = 16, 128  # a [channels, steps] tile per program: 128 steps keep loads of a row coalesced
+# packed: the windows of 16 sequences per [channels, 16 * padded width] tile (the new windows, their gradients)
+_BS = 16
 
 
 def _time_stride_one(t: Tensor) -> Tensor:
@@ -37,11 +43,22 @@ def _grid(bsz: int, ch: int, L: int, bd: int = _BD) -> tuple[int, int, int]:
     return ((L + _BL - 1) // _BL, (ch + bd - 1) // bd, bsz)
 
 
+def _packed(cu_seqlens: Optional[Tensor], device: torch.device) -> tuple[Optional[Tensor], int, int]:
+    """(cu_seqlens as int32 on the device, num_seqs, binary-search halvings), or (None, 1, 0) unpacked."""
+    if cu_seqlens is None:
+        return None, 1, 0
+    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    nseq = cu.numel() - 1
+    return cu, nseq, max(1, (nseq - 1).bit_length())
+
+
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
-                 reset: Optional[Tensor], silu: bool, state_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+                 reset: Optional[Tensor], silu: bool, state_dtype: Optional[torch.dtype],
+                 cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The forward launch. x [batch, dim, L] (time stride 1 or it is copied); weight [dim, W]; bias [dim] or None;
     conv_state [batch, dim, W] or None; reset bool [batch, L] or None. Returns ``(out like x, new window)`` in
-    conv_state's dtype (else ``state_dtype``, else x's)."""
+    conv_state's dtype (else ``state_dtype``, else x's). With ``cu_seqlens`` (checked int [num_seqs + 1], batch 1)
+    conv_state and the new windows are [num_seqs, dim, W]."""
     import triton
 
     from . import triton_kernels as K
@@ -52,23 +69,29 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: 
     out = torch.empty_like(x)
     state = conv_state.contiguous() if conv_state is not None else None
     new_dtype = state.dtype if state is not None else (state_dtype or x.dtype)
-    new_state = torch.empty(bsz, ch, W, device=x.device, dtype=new_dtype)
+    cu, nseq, niter = _packed(cu_seqlens, x.device)
+    new_state = torch.empty(bsz if cu is None else nseq, ch, W, device=x.device, dtype=new_dtype)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    grid = _grid(bsz, ch, L)
+    if cu is not None:  # at least one time block: the new windows are written even when every sequence is empty
+        grid = (max(1, grid[0]), grid[1], grid[2])
     with launch_device(x):
-        K._causal_conv_kernel[_grid(bsz, ch, L)](
-            x, weight.contiguous(), bias, state, rst, out, new_state,
-            ch, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1), W=W, WP=triton.next_power_of_2(W),
-            SILU=silu, BD=_BD, BL=_BL, num_warps=4,
+        K._causal_conv_kernel[grid](
+            x, weight.contiguous(), bias, state, rst, out, new_state, cu,
+            ch, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1), nseq, niter,
+            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=_BD, BL=_BL, BS=_BS, num_warps=4,
         )
     return out, new_state
 
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
                   reset: Optional[Tensor], silu: bool, dout: Optional[Tensor], dnew: Optional[Tensor],
-                  state_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+                  state_grad: bool, cu_seqlens: Optional[Tensor] = None,
+                  ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`conv_forward` (same arguments) from ``dout`` (of out; None: zeros) and ``dnew`` (of the
     new window; None: zeros). ``dx`` takes x's memory order and dtype; dweight, dbias and dstate are float32 (dstate
-    only when ``state_grad``, dbias only with a bias)."""
+    only when ``state_grad``, dbias only with a bias). With ``cu_seqlens``, dnew and dstate are [num_seqs, dim,
+    W]."""
     import triton
 
     from . import triton_kernels as K
@@ -82,23 +105,27 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     tile = os.environ.get("MAMBA_STATE_CONV_BWD_TILE") if narrow else None  # "BD,BL,warps", for sweeps
     if tile:
         bd, bl, warps = (int(v) for v in tile.split(","))
+    cu, nseq, niter = _packed(cu_seqlens, x.device)
     grid = ((L + bl - 1) // bl, (ch + bd - 1) // bd, bsz)
+    if cu is not None:  # at least one time block: it writes the windows' gradients
+        grid = (max(1, grid[0]), grid[1], grid[2])
     f32 = torch.float32
     dx = torch.empty_like(x)
     dw_part = torch.empty(bsz * grid[0], ch, W, device=x.device, dtype=f32)
     db_part = torch.empty(bsz * grid[0], ch, device=x.device, dtype=f32) if bias is not None else None
     state = conv_state.contiguous() if conv_state is not None else None
-    dstate = torch.empty(bsz, ch, W, device=x.device, dtype=f32) if state_grad else None
+    dstate = torch.empty(bsz if cu is None else nseq, ch, W, device=x.device, dtype=f32) if state_grad else None
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    dnew_k = dnew.contiguous() if cu is not None and dnew is not None else None  # packed: added in the kernel
     with launch_device(x):
         kernel = K._causal_conv_bwd4_kernel if narrow else K._causal_conv_bwd_kernel
         kernel[grid](
-            x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate,
-            ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=bl, num_warps=warps,
+            x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate, cu, dnew_k,
+            ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), nseq, niter,
+            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=bl, BS=_BS, num_warps=warps,
         )
     dw, db = dw_part.sum(0), db_part.sum(0) if db_part is not None else None
-    if dnew is not None:
+    if dnew is not None and cu is None:
         _add_window_grad(dx, dstate, dnew, reset, L, W)
     return dx, dw, db, dstate
 
@@ -120,23 +147,24 @@ def _add_window_grad(dx: Tensor, dstate: Optional[Tensor], dnew: Tensor, reset: 
 
 
 class CausalConvFn(torch.autograd.Function):
-    """Differentiable Triton conv over (x, weight [dim, W], bias, conv_state); reset, silu and state_dtype are not
-    differentiable."""
+    """Differentiable Triton conv over (x, weight [dim, W], bias, conv_state); reset, silu, state_dtype and
+    cu_seqlens are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv_state, reset, silu, state_dtype):
-        out, new_state = conv_forward(x, weight, bias, conv_state, reset, silu, state_dtype)
-        ctx.save_for_backward(x, weight, bias, conv_state, reset)
+    def forward(ctx, x, weight, bias, conv_state, reset, silu, state_dtype, cu_seqlens=None):
+        out, new_state = conv_forward(x, weight, bias, conv_state, reset, silu, state_dtype, cu_seqlens=cu_seqlens)
+        ctx.save_for_backward(x, weight, bias, conv_state, reset, cu_seqlens)
         ctx.silu = silu
         return out, new_state
 
     @staticmethod
     def backward(ctx, dout, dnew):
-        x, weight, bias, conv_state, reset = ctx.saved_tensors
+        x, weight, bias, conv_state, reset, cu_seqlens = ctx.saved_tensors
         want_state = conv_state is not None and ctx.needs_input_grad[3]
-        dx, dw, db, dstate = conv_backward(x, weight, bias, conv_state, reset, ctx.silu, dout, dnew, want_state)
+        dx, dw, db, dstate = conv_backward(x, weight, bias, conv_state, reset, ctx.silu, dout, dnew, want_state,
+                                           cu_seqlens=cu_seqlens)
         return (dx if ctx.needs_input_grad[0] else None,
                 dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
                 db.to(bias.dtype) if db is not None and ctx.needs_input_grad[2] else None,
                 dstate.to(conv_state.dtype) if dstate is not None else None,
-                None, None, None)
+                None, None, None, None)

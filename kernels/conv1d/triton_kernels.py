@@ -10,6 +10,15 @@ partial sums (no atomics), and the gradient of the state's inputs the same way a
 
 x, out, dout and dx are [batch, dim, L] with any batch and channel strides and time stride 1 (passed per tensor), so
 channel-major slices of a projection ([dim, batch * L] viewed as [batch, dim, L]) run without copies.
+
+Packed sequences (``VARLEN``, set by a ``cu_seqlens`` argument; batch 1, ``L`` the packed length): every position
+finds its sequence by a binary search over ``cu_seqlens`` and its window then starts at the sequence's start
+``st`` instead of 0: inputs before ``st`` come from that sequence's row of the state ([num_seqs, dim, W]), resets
+before ``st`` do not count, and steps past the sequence's end ``en`` do not see it. The helpers take ``st`` and
+``en`` as arguments: 0 and L without VARLEN, so the unpacked kernels compile to what they were. The new windows
+(forward) and the gradients of the incoming windows (backward) are computed per sequence by a loop in which the
+programs along the time axis share the sequences out in blocks of BS (program t takes blocks t, t + programs,
+...), each block one [BD, BS * WP] tile.
 """
 
 from __future__ import annotations
@@ -21,26 +30,43 @@ from .._jit import optional_inputs
 
 
 @triton.jit
-def _inputs_at(x_rows, s_rows, state_ptr, pos, valid, mask_d, W: tl.constexpr, HAS_STATE: tl.constexpr):
-    """The conv inputs at positions ``pos`` [P] as [BD, P] float32: x where pos >= 0, the state where -W <= pos < 0
-    (zeros without one), 0 where not ``valid``."""
-    m = mask_d[:, None] & (valid & (pos >= 0))[None, :]
+def _seq_of(cu_ptr, q, nseq, NITER):
+    """[P] int32: the packed sequence holding position ``q`` [P], the last i with cu[i] <= q (empty sequences
+    share their start with the next one and are skipped). ``NITER`` >= log2(nseq) halvings; every load stays
+    inside cu[0 : nseq] whatever q is, so masked positions are safe."""
+    lo = tl.zeros(q.shape, tl.int32)
+    hi = tl.zeros(q.shape, tl.int32) + (nseq - 1)
+    for _ in range(NITER):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(cu_ptr + mid) <= q
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _inputs_at(x_rows, s_rows, state_ptr, pos, st, valid, mask_d, W: tl.constexpr, HAS_STATE: tl.constexpr):
+    """The conv inputs at positions ``pos`` [P] as [BD, P] float32: x where pos >= st (the sequence's start), the
+    state where st - W <= pos < st (zeros without one), 0 where not ``valid``. ``s_rows`` [BD, 1] (one state row
+    per channel) or [BD, P] (packed: the row of each position's sequence)."""
+    rel = pos - st
+    m = mask_d[:, None] & (valid & (rel >= 0))[None, :]
     v = tl.load(x_rows + pos[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_STATE:
-        ms = mask_d[:, None] & (valid & (pos < 0) & (pos >= -W))[None, :]
-        v += tl.load(state_ptr + s_rows + (W + pos)[None, :], mask=ms, other=0.0).to(tl.float32)
+        ms = mask_d[:, None] & (valid & (rel < 0) & (rel >= -W))[None, :]
+        v += tl.load(state_ptr + s_rows + (W + rel)[None, :], mask=ms, other=0.0).to(tl.float32)
     return v
 
 
 @triton.jit
-def _reset_at(reset_ptr, rst_row, pos, valid, L):
-    """[P] int1: a reset at step ``pos`` (none outside [0, L))."""
-    r = tl.load(reset_ptr + rst_row + pos, mask=valid & (pos >= 0) & (pos < L), other=0)
+def _reset_at(reset_ptr, rst_row, pos, st, valid, en):
+    """[P] int1: a reset at step ``pos`` (none outside the sequence [st, en))."""
+    r = tl.load(reset_ptr + rst_row + pos, mask=valid & (pos >= st) & (pos < en), other=0)
     return r != 0
 
 
 @triton.jit
-def _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, q, valid, L,
+def _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, q, st, valid, en,
             BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
             HAS_RESET: tl.constexpr):
     """The pre-activation at steps ``q`` [P] as [BD, P] float32 (garbage-free 0 inputs where not ``valid``)."""
@@ -49,8 +75,8 @@ def _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs
     for s in range(W):  # shift s: the input at step q - s, weighted by w[:, W - 1 - s]
         if HAS_RESET:
             if s > 0:
-                blocked = blocked | _reset_at(reset_ptr, rst_row, q - s + 1, valid, L)
-        v = _inputs_at(x_rows, s_rows, state_ptr, q - s, valid, mask_d, W, HAS_STATE)
+                blocked = blocked | _reset_at(reset_ptr, rst_row, q - s + 1, st, valid, en)
+        v = _inputs_at(x_rows, s_rows, state_ptr, q - s, st, valid, mask_d, W, HAS_STATE)
         if HAS_RESET:
             v = tl.where(blocked[None, :], 0.0, v)
         wk = tl.load(w_ptr + offs_d * W + (W - 1 - s), mask=mask_d, other=0.0).to(tl.float32)
@@ -61,34 +87,34 @@ def _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs
 
 
 @triton.jit
-def _dpreact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, q, L,
+def _dpreact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, q, st, en,
              BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
              HAS_RESET: tl.constexpr, SILU: tl.constexpr):
-    """d loss / d pre at steps ``q`` [P] as [BD, P] float32 (0 outside [0, L))."""
-    valid = (q >= 0) & (q < L)
+    """d loss / d pre at steps ``q`` [P] as [BD, P] float32 (0 outside the sequence [st, en))."""
+    valid = (q >= st) & (q < en)
     g = tl.load(g_rows + q[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0).to(tl.float32)
     if SILU:
-        pre = _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, q, valid, L,
-                      BD, W, HAS_BIAS, HAS_STATE, HAS_RESET)
+        pre = _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, q, st, valid,
+                      en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET)
         sig = 1.0 / (1.0 + tl.exp(-pre))
         g = g * sig * (1.0 + pre * (1.0 - sig))
     return g
 
 
 @triton.jit
-def _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, p, L,
+def _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, p, st, en,
              BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
              HAS_RESET: tl.constexpr, SILU: tl.constexpr):
-    """d loss / d input at positions ``p`` [P] (negative: the state's inputs) as [BD, P] float32: the sum over the
-    steps p + s that see p (no reset in (p, p + s]) of w[W - 1 - s] * dpre[p + s]."""
+    """d loss / d input at positions ``p`` [P] (before ``st``: the state's inputs) as [BD, P] float32: the sum over
+    the steps p + s of the sequence [st, en) that see p (no reset in (p, p + s]) of w[W - 1 - s] * dpre[p + s]."""
     acc = tl.zeros((BD, p.shape[0]), tl.float32)
     blocked = tl.zeros(p.shape, tl.int1)  # a reset lies in (p, p + s]
     for s in range(W):
         if HAS_RESET:
             if s > 0:
-                blocked = blocked | _reset_at(reset_ptr, rst_row, p + s, p == p, L)
+                blocked = blocked | _reset_at(reset_ptr, rst_row, p + s, st, p == p, en)
         g = _dpreact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d,
-                     p + s, L, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
+                     p + s, st, en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
         if HAS_RESET:
             g = tl.where(blocked[None, :], 0.0, g)
         wk = tl.load(w_ptr + offs_d * W + (W - 1 - s), mask=mask_d, other=0.0).to(tl.float32)
@@ -96,17 +122,67 @@ def _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_r
     return acc
 
 
-@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr")
+@triton.jit
+def _positions(cu_ptr, b, offs_d, offs_t, dim, L, nseq, NITER, W: tl.constexpr, VARLEN: tl.constexpr):
+    """Per tile position: the start and end of its sequence and the state rows it reads before the start:
+    (st, en, s_rows) = (0, L, [BD, 1] rows of batch row b) unpacked, ([P], [P], [BD, P]) packed."""
+    if VARLEN:
+        sq = _seq_of(cu_ptr, offs_t, nseq, NITER)
+        st = tl.load(cu_ptr + sq)
+        en = tl.load(cu_ptr + sq + 1)
+        s_rows = (sq[None, :] * dim + offs_d[:, None]) * W
+        return st, en, s_rows
+    else:
+        return 0, L, (b * dim + offs_d[:, None]) * W
+
+
+@triton.jit
+def _seq_block(cu_ptr, i0, dim, nseq, offs_d, W: tl.constexpr, WP: tl.constexpr, BS: tl.constexpr):
+    """A block of BS sequences from i0, laid out as BS * WP columns (sequence i0 + k // WP, window column
+    k % WP): (column jj, its mask, st, en, state rows [BD, BS * WP]). Masked columns get st = en = 0, an empty
+    sequence, so everything they would read is masked too."""
+    k = tl.arange(0, BS * WP)
+    jj = k % WP
+    i = i0 + k // WP
+    mask_j = (jj < W) & (i < nseq)
+    st = tl.load(cu_ptr + i, mask=i < nseq, other=0)
+    en = tl.load(cu_ptr + i + 1, mask=i < nseq, other=0)
+    return jj, mask_j, st, en, (i[None, :] * dim + offs_d[:, None]) * W
+
+
+@triton.jit
+def _final_window(x_rows, s_rows, state_ptr, reset_ptr, rst_row, new_state_ptr, offs_d, mask_d, jj, mask_j, st, en,
+                  W: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Writes the window after the sequence [st, en) at window columns ``jj`` (``st``, ``en`` scalars or one per
+    column, ``s_rows`` the rows of the window in state and new_state, [., dim, W] contiguous): the inputs at
+    en - W + jj (before st from the incoming window), zeroed where a reset of the sequence lies in
+    (position, en - 1]."""
+    pos = en - W + jj
+    gone = jj != jj  # a reset lies in (pos, en - 1]
+    if HAS_RESET:
+        for s in range(1, W):
+            q = en - s
+            r = tl.load(reset_ptr + rst_row + q, mask=q >= st, other=0)  # masked columns: st = en = 0
+            gone = gone | ((r != 0) & (jj < W - s))
+    v = _inputs_at(x_rows, s_rows, state_ptr, pos, st, mask_j, mask_d, W, HAS_STATE)
+    v = tl.where(gone[None, :], 0.0, v)
+    tl.store(new_state_ptr + s_rows + jj[None, :], v.to(new_state_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & mask_j[None, :])
+
+
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", VARLEN="cu_ptr")
 @triton.jit
 def _causal_conv_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, new_state_ptr,
-    dim, L, sxb, sxd, sob, sod, W: tl.constexpr, WP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
-    BD: tl.constexpr, BL: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, new_state_ptr, cu_ptr,
+    dim, L, sxb, sxd, sob, sod, nseq, NITER, W: tl.constexpr, WP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, VARLEN: tl.constexpr,
+    SILU: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, BS: tl.constexpr,
 ):
     """Grid (time blocks, channel blocks, batch). x [batch, dim, L] with strides (sxb, sxd, 1), out with (sob, sod,
     1); state/new_state [batch, dim, W] contiguous float32 or x's dtype; reset uint8 [batch, L]. The programs of the
-    first time block also write the new window."""
+    first time block also write the new window. VARLEN (cu_ptr int32 [nseq + 1], batch 1): state/new_state
+    [nseq, dim, W], one window per sequence, the new ones written by the time blocks in turn; ``NITER`` the
+    binary search's halvings."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -115,43 +191,99 @@ def _causal_conv_kernel(
     mask_d = offs_d < dim
     mask_t = offs_t < L
     x_rows = x_ptr + b * sxb + offs_d[:, None].to(tl.int64) * sxd
-    s_rows = (b * dim + offs_d[:, None]) * W  # rows of the state (read only when HAS_STATE: state_ptr may be None)
+    # rows of the state (read only when HAS_STATE: state_ptr may be None)
+    st, en, s_rows = _positions(cu_ptr, b, offs_d, offs_t, dim, L, nseq, NITER, W, VARLEN)
     rst_row = b * L
-    acc = _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, offs_t, mask_t, L,
-                  BD, W, HAS_BIAS, HAS_STATE, HAS_RESET)
+    acc = _preact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, offs_d, mask_d, offs_t, st, mask_t,
+                  en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     out_rows = out_ptr + b * sob + offs_d[:, None].to(tl.int64) * sod
     tl.store(out_rows + offs_t[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
 
-    if pid_t == 0:  # the window after the chunk: inputs at positions L - W + j, j = 0..W-1
-        jj = tl.arange(0, WP)
-        mask_j = jj < W
-        pos = L - W + jj
-        gone = tl.zeros((WP,), tl.int1)  # a reset lies in (pos, L - 1]
-        if HAS_RESET:
-            for s in range(1, W):
-                q = L - s
-                r = tl.load(reset_ptr + rst_row + q, mask=q >= 0, other=0)
-                gone = gone | ((r != 0) & (jj < W - s))
-        v = _inputs_at(x_rows, s_rows, state_ptr, pos, mask_j, mask_d, W, HAS_STATE)
-        v = tl.where(gone[None, :], 0.0, v)
-        ns_rows = new_state_ptr + (b * dim + offs_d[:, None]) * W
-        tl.store(ns_rows + jj[None, :], v.to(new_state_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_j[None, :])
+    if VARLEN:  # the window after each sequence, BS sequences at a time, the blocks shared out over the time blocks
+        for i0 in range(pid_t * BS, nseq, tl.num_programs(0) * BS):
+            jj, mask_j, st_i, en_i, rows_i = _seq_block(cu_ptr, i0, dim, nseq, offs_d, W, WP, BS)
+            _final_window(x_rows, rows_i, state_ptr, reset_ptr, rst_row, new_state_ptr, offs_d, mask_d, jj, mask_j,
+                          st_i, en_i, W, HAS_STATE, HAS_RESET)
+    else:
+        if pid_t == 0:  # the window after the chunk
+            jj = tl.arange(0, WP)
+            _final_window(x_rows, s_rows, state_ptr, reset_ptr, rst_row, new_state_ptr, offs_d, mask_d, jj, jj < W,
+                          0, L, W, HAS_STATE, HAS_RESET)
 
 
-@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", STATE_GRAD="dstate_ptr")
+@triton.jit
+def _dnew_at(dnew_ptr, s_rows, reset_ptr, rst_row, offs_d, mask_d, p, st, en, mask_t, W: tl.constexpr,
+             HAS_RESET: tl.constexpr):
+    """Packed: the gradient reaching the inputs at positions ``p`` [P] through their sequence's new window, as
+    [BD, P] float32: column p - en + W of the window when p >= en - W and no reset of the sequence lies in
+    (p, en - 1]. ``s_rows`` [BD, P]: the sequence's rows (dnew is laid out as the state)."""
+    j = p - en + W
+    seen = mask_t & (j >= 0)
+    if HAS_RESET:
+        for s in range(1, W):
+            seen = seen & ~_reset_at(reset_ptr, rst_row, p + s, st, mask_t, en)
+    return tl.load(dnew_ptr + s_rows + j[None, :], mask=mask_d[:, None] & seen[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dwindow(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr, offs_d,
+             mask_d, jj, mask_j, st, en, BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr, HAS_DNEW: tl.constexpr):
+    """Writes the gradient of the window entering the sequence [st, en) at window columns ``jj`` (as
+    :func:`_final_window`; the window's inputs sit at positions st - W + jj) to dstate: through the outputs
+    (column 0 is never read: 0) and, with HAS_DNEW (packed), through the new window, which keeps column jj at
+    jj - (en - st) when the sequence is shorter than W and has no reset."""
+    ds = _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d,
+                  st - W + jj, st, en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
+    ds = tl.where((jj >= 1)[None, :], ds, 0.0)
+    if HAS_DNEW:
+        c = jj - (en - st)
+        kept = mask_j & (c >= 0)
+        if HAS_RESET:  # only a sequence shorter than W keeps any: its steps are among the first W - 1
+            for k in range(W - 1):
+                r = tl.load(reset_ptr + rst_row + st + k, mask=kept & (st + k < en), other=0)
+                kept = kept & (r == 0)
+        ds += tl.load(dnew_ptr + s_rows + c[None, :], mask=mask_d[:, None] & kept[None, :], other=0.0).to(tl.float32)
+    tl.store(dstate_ptr + s_rows + jj[None, :], ds, mask=mask_d[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _state_grads(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
+                 cu_ptr, pid_t, offs_d, mask_d, dim, L, nseq, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
+                 VARLEN: tl.constexpr, HAS_DNEW: tl.constexpr, BS: tl.constexpr):
+    """The incoming windows' gradients: the batch row's by the first time block, or (VARLEN) every sequence's,
+    BS sequences at a time, the blocks shared out over the time blocks."""
+    if VARLEN:
+        for i0 in range(pid_t * BS, nseq, tl.num_programs(0) * BS):
+            jj, mask_j, st_i, en_i, rows_i = _seq_block(cu_ptr, i0, dim, nseq, offs_d, W, WP, BS)
+            _dwindow(x_rows, rows_i, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
+                     offs_d, mask_d, jj, mask_j, st_i, en_i, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU, HAS_DNEW)
+    else:
+        if pid_t == 0:
+            jj = tl.arange(0, WP)
+            _dwindow(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
+                     offs_d, mask_d, jj, jj < W, 0, L, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU, False)
+
+
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", STATE_GRAD="dstate_ptr",
+                 VARLEN="cu_ptr", HAS_DNEW="dnew_ptr")
 @triton.jit
 def _causal_conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, dout_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, dstate_ptr,
-    dim, L, sxb, sxd, sgb, sgd, sdb, sdd, W: tl.constexpr, WP: tl.constexpr,
+    cu_ptr, dnew_ptr, dim, L, sxb, sxd, sgb, sgd, sdb, sdd, nseq, NITER, W: tl.constexpr, WP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
-    STATE_GRAD: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    STATE_GRAD: tl.constexpr, VARLEN: tl.constexpr, HAS_DNEW: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    BS: tl.constexpr,
 ):
     """Grid (time blocks, channel blocks, batch), as the forward. dout [batch, dim, L] strides (sgb, sgd, 1), dx
     (sdb, sdd, 1). Partial sums per program: dw_part [batch * time blocks, dim, W] and dbias_part [batch * time
     blocks, dim] float32. dstate [batch, dim, W] float32 (the gradient of the state's inputs through the outputs;
-    its column 0 is never read by the conv: 0), written by the first time block when STATE_GRAD."""
+    its column 0 is never read by the conv: 0), written by the first time block when STATE_GRAD. VARLEN (as the
+    forward): dstate [nseq, dim, W] written per sequence by the time blocks in turn, and dnew [nseq, dim, W] (the
+    new windows' gradient, HAS_DNEW only with VARLEN) added inside the kernel, to dx and dstate."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -161,23 +293,25 @@ def _causal_conv_bwd_kernel(
     mask_t = offs_t < L
     x_rows = x_ptr + b * sxb + offs_d[:, None].to(tl.int64) * sxd
     g_rows = dout_ptr + b * sgb + offs_d[:, None].to(tl.int64) * sgd
-    s_rows = (b * dim + offs_d[:, None]) * W
+    st, en, s_rows = _positions(cu_ptr, b, offs_d, offs_t, dim, L, nseq, NITER, W, VARLEN)
     rst_row = b * L
-    dx = _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, offs_t, L,
-                  BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
+    dx = _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, offs_t,
+                  st, en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
+    if HAS_DNEW:
+        dx += _dnew_at(dnew_ptr, s_rows, reset_ptr, rst_row, offs_d, mask_d, offs_t, st, en, mask_t, W, HAS_RESET)
     dx_rows = dx_ptr + b * sdb + offs_d[:, None].to(tl.int64) * sdd
     tl.store(dx_rows + offs_t[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
 
     # dw[W - 1 - s] = sum over this tile's steps q of dpre[q] * input[q - s] (visible); dbias = sum of dpre
-    g = _dpreact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, offs_t, L,
-                 BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
+    g = _dpreact(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d, offs_t,
+                 st, en, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
     part = b * tl.num_programs(0) + pid_t
     blocked = tl.zeros((BL,), tl.int1)
     for s in range(W):
         if HAS_RESET:
             if s > 0:
-                blocked = blocked | _reset_at(reset_ptr, rst_row, offs_t - s + 1, mask_t, L)
-        v = _inputs_at(x_rows, s_rows, state_ptr, offs_t - s, mask_t, mask_d, W, HAS_STATE)
+                blocked = blocked | _reset_at(reset_ptr, rst_row, offs_t - s + 1, st, mask_t, en)
+        v = _inputs_at(x_rows, s_rows, state_ptr, offs_t - s, st, mask_t, mask_d, W, HAS_STATE)
         if HAS_RESET:
             v = tl.where(blocked[None, :], 0.0, v)
         tl.store(dw_part_ptr + (part * dim + offs_d) * W + (W - 1 - s), tl.sum(g * v, 1), mask=mask_d)
@@ -185,13 +319,9 @@ def _causal_conv_bwd_kernel(
         tl.store(dbias_part_ptr + part * dim + offs_d, tl.sum(g, 1), mask=mask_d)
 
     if STATE_GRAD:
-        if pid_t == 0:  # the state's inputs sit at positions j - W, j = 0..W-1
-            jj = tl.arange(0, WP)
-            ds = _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d,
-                          jj - W, L, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
-            ds = tl.where((jj >= 1)[None, :], ds, 0.0)
-            ds_rows = dstate_ptr + (b * dim + offs_d[:, None]) * W
-            tl.store(ds_rows + jj[None, :], ds, mask=mask_d[:, None] & (jj < W)[None, :])
+        _state_grads(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
+                     cu_ptr, pid_t, offs_d, mask_d, dim, L, nseq, BD, W, WP, HAS_BIAS, HAS_STATE, HAS_RESET, SILU,
+                     VARLEN, HAS_DNEW, BS)
 
 
 # --- backward for widths up to 4 (Mamba's d_conv is 4): every shifted load once, every pre-activation once per use --
@@ -208,16 +338,18 @@ def _tap(w_ptr, offs_d, mask_d, k: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _input4(x_rows, s_rows, state_ptr, p, k: tl.constexpr, L, mask_d, W: tl.constexpr, HAS_STATE: tl.constexpr):
-    """The conv input at positions p + k as [BD, BL] float32 (0 at or past L, and before the state's W columns)."""
-    return _inputs_at(x_rows, s_rows, state_ptr, p + k, p + k < L, mask_d, W, HAS_STATE)
+def _input4(x_rows, s_rows, state_ptr, p, k: tl.constexpr, st, en, mask_d, W: tl.constexpr,
+            HAS_STATE: tl.constexpr):
+    """The conv input at positions p + k as [BD, BL] float32 (0 at or past the sequence's end en, and before the
+    state's W columns)."""
+    return _inputs_at(x_rows, s_rows, state_ptr, p + k, st, p + k < en, mask_d, W, HAS_STATE)
 
 
 @triton.jit
-def _rst4(reset_ptr, rst_row, p, k: tl.constexpr, L, HAS_RESET: tl.constexpr):
-    """[BL] int1: a reset at step p + k (False without resets or outside [0, L))."""
+def _rst4(reset_ptr, rst_row, p, k: tl.constexpr, st, en, HAS_RESET: tl.constexpr):
+    """[BL] int1: a reset at step p + k (False without resets or outside the sequence [st, en))."""
     if HAS_RESET:
-        return _reset_at(reset_ptr, rst_row, p + k, p == p, L)
+        return _reset_at(reset_ptr, rst_row, p + k, st, p == p, en)
     else:
         return p != p
 
@@ -249,13 +381,15 @@ def _dpre4(g, xa, xb, xc, xd, ra, rb, rc, w0, w1, w2, w3, bias, HAS_BIAS: tl.con
     return g
 
 
-@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", STATE_GRAD="dstate_ptr")
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", STATE_GRAD="dstate_ptr",
+                 VARLEN="cu_ptr", HAS_DNEW="dnew_ptr")
 @triton.jit
 def _causal_conv_bwd4_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, dout_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, dstate_ptr,
-    dim, L, sxb, sxd, sgb, sgd, sdb, sdd, W: tl.constexpr, WP: tl.constexpr,
+    cu_ptr, dnew_ptr, dim, L, sxb, sxd, sgb, sgd, sdb, sdd, nseq, NITER, W: tl.constexpr, WP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
-    STATE_GRAD: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    STATE_GRAD: tl.constexpr, VARLEN: tl.constexpr, HAS_DNEW: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    BS: tl.constexpr,
 ):
     """_causal_conv_bwd_kernel (same arguments, grid and outputs) for W <= 4, with the weight padded to 4 taps.
 
@@ -272,7 +406,7 @@ def _causal_conv_bwd4_kernel(
     mask_t = p < L
     x_rows = x_ptr + b * sxb + offs_d[:, None].to(tl.int64) * sxd
     g_rows = dout_ptr + b * sgb + offs_d[:, None].to(tl.int64) * sgd
-    s_rows = (b * dim + offs_d[:, None]) * W
+    st, en, s_rows = _positions(cu_ptr, b, offs_d, p, dim, L, nseq, NITER, W, VARLEN)
     rst_row = b * L
     w0 = _tap(w_ptr, offs_d, mask_d, 0, W)
     w1 = _tap(w_ptr, offs_d, mask_d, 1, W)
@@ -281,13 +415,13 @@ def _causal_conv_bwd4_kernel(
     bias = tl.zeros((BD,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    xm3 = _input4(x_rows, s_rows, state_ptr, p, -3, L, mask_d, W, HAS_STATE)
-    xm2 = _input4(x_rows, s_rows, state_ptr, p, -2, L, mask_d, W, HAS_STATE)
-    xm1 = _input4(x_rows, s_rows, state_ptr, p, -1, L, mask_d, W, HAS_STATE)
-    x0 = _input4(x_rows, s_rows, state_ptr, p, 0, L, mask_d, W, HAS_STATE)
-    r0 = _rst4(reset_ptr, rst_row, p, 0, L, HAS_RESET)
-    rm1 = _rst4(reset_ptr, rst_row, p, -1, L, HAS_RESET)
-    rm2 = _rst4(reset_ptr, rst_row, p, -2, L, HAS_RESET)
+    xm3 = _input4(x_rows, s_rows, state_ptr, p, -3, st, en, mask_d, W, HAS_STATE)
+    xm2 = _input4(x_rows, s_rows, state_ptr, p, -2, st, en, mask_d, W, HAS_STATE)
+    xm1 = _input4(x_rows, s_rows, state_ptr, p, -1, st, en, mask_d, W, HAS_STATE)
+    x0 = _input4(x_rows, s_rows, state_ptr, p, 0, st, en, mask_d, W, HAS_STATE)
+    r0 = _rst4(reset_ptr, rst_row, p, 0, st, en, HAS_RESET)
+    rm1 = _rst4(reset_ptr, rst_row, p, -1, st, en, HAS_RESET)
+    rm2 = _rst4(reset_ptr, rst_row, p, -2, st, en, HAS_RESET)
     # step p itself: its dpre feeds dx (tap 3), dw and dbias
     m2 = mask_d[:, None] & mask_t[None, :]
     g0 = tl.load(g_rows + p[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -307,32 +441,30 @@ def _causal_conv_bwd4_kernel(
         tl.store(dbias_part_ptr + part * dim + offs_d, tl.sum(d0, 1), mask=mask_d)
     dx = d0 * w3[:, None]
     # steps p+1 .. p+3: each sees p unless a reset lies in (p, p + j]
-    x1 = _input4(x_rows, s_rows, state_ptr, p, 1, L, mask_d, W, HAS_STATE)
-    r1 = _rst4(reset_ptr, rst_row, p, 1, L, HAS_RESET)
-    m1 = mask_d[:, None] & (p + 1 < L)[None, :]
+    x1 = _input4(x_rows, s_rows, state_ptr, p, 1, st, en, mask_d, W, HAS_STATE)
+    r1 = _rst4(reset_ptr, rst_row, p, 1, st, en, HAS_RESET)
+    m1 = mask_d[:, None] & (p + 1 < en)[None, :]
     g1 = tl.load(g_rows + (p + 1)[None, :], mask=m1, other=0.0).to(tl.float32)
     d1 = _dpre4(g1, x1, x0, xm1, xm2, r1, r0, rm1, w0, w1, w2, w3, bias, HAS_BIAS, HAS_RESET, SILU)
     dx += _vis(d1, r1, HAS_RESET) * w2[:, None]
-    x2 = _input4(x_rows, s_rows, state_ptr, p, 2, L, mask_d, W, HAS_STATE)
-    r2 = _rst4(reset_ptr, rst_row, p, 2, L, HAS_RESET)
-    m2b = mask_d[:, None] & (p + 2 < L)[None, :]
+    x2 = _input4(x_rows, s_rows, state_ptr, p, 2, st, en, mask_d, W, HAS_STATE)
+    r2 = _rst4(reset_ptr, rst_row, p, 2, st, en, HAS_RESET)
+    m2b = mask_d[:, None] & (p + 2 < en)[None, :]
     g2 = tl.load(g_rows + (p + 2)[None, :], mask=m2b, other=0.0).to(tl.float32)
     d2 = _dpre4(g2, x2, x1, x0, xm1, r2, r1, r0, w0, w1, w2, w3, bias, HAS_BIAS, HAS_RESET, SILU)
     dx += _vis(d2, r1 | r2, HAS_RESET) * w1[:, None]
-    x3 = _input4(x_rows, s_rows, state_ptr, p, 3, L, mask_d, W, HAS_STATE)
-    r3 = _rst4(reset_ptr, rst_row, p, 3, L, HAS_RESET)
-    m3 = mask_d[:, None] & (p + 3 < L)[None, :]
+    x3 = _input4(x_rows, s_rows, state_ptr, p, 3, st, en, mask_d, W, HAS_STATE)
+    r3 = _rst4(reset_ptr, rst_row, p, 3, st, en, HAS_RESET)
+    m3 = mask_d[:, None] & (p + 3 < en)[None, :]
     g3 = tl.load(g_rows + (p + 3)[None, :], mask=m3, other=0.0).to(tl.float32)
     d3 = _dpre4(g3, x3, x2, x1, x0, r3, r2, r1, w0, w1, w2, w3, bias, HAS_BIAS, HAS_RESET, SILU)
     dx += _vis(d3, r1 | r2 | r3, HAS_RESET) * w0[:, None]
+    if HAS_DNEW:
+        dx += _dnew_at(dnew_ptr, s_rows, reset_ptr, rst_row, offs_d, mask_d, p, st, en, mask_t, W, HAS_RESET)
     dx_rows = dx_ptr + b * sdb + offs_d[:, None].to(tl.int64) * sdd
     tl.store(dx_rows + p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
-    if STATE_GRAD:
-        if pid_t == 0:  # the state's inputs sit at positions j - W, j = 0..W-1 (few: the general helper)
-            jj = tl.arange(0, WP)
-            ds = _dinputs(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, offs_d, mask_d,
-                          jj - W, L, BD, W, HAS_BIAS, HAS_STATE, HAS_RESET, SILU)
-            ds = tl.where((jj >= 1)[None, :], ds, 0.0)
-            ds_rows = dstate_ptr + (b * dim + offs_d[:, None]) * W
-            tl.store(ds_rows + jj[None, :], ds, mask=mask_d[:, None] & (jj < W)[None, :])
+    if STATE_GRAD:  # the state's inputs are few: the general helper
+        _state_grads(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
+                     cu_ptr, pid_t, offs_d, mask_d, dim, L, nseq, BD, W, WP, HAS_BIAS, HAS_STATE, HAS_RESET, SILU,
+                     VARLEN, HAS_DNEW, BS)

@@ -12,13 +12,14 @@ Shapes (upstream ``selective_scan_fn`` plus our additions):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
-__all__ = ["ScanShape", "check_scan_inputs", "compute_dtype"]
+__all__ = ["ScanShape", "check_scan_inputs", "compute_dtype", "with_groups", "match_groups"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,25 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are computed in float32, as upstream does)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def with_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """B or C with its group axis (axis 1) widened to ``groups`` (a multiple of its own count): group j of the
+    result is group ``j // (groups // k)`` of t. One group becomes a stride-0 view (no copy); more are repeated."""
+    k = t.shape[1]
+    if k == groups:
+        return t
+    if k == 1:
+        return t.expand(t.shape[0], groups, *t.shape[2:])
+    return t.repeat_interleave(groups // k, dim=1)
+
+
+def match_groups(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (group axis 1) with one group count, the least common multiple of theirs (it divides dim, since
+    both counts do): the Triton kernels read both with one group index per channel block. Channel c reads group
+    ``c // (dim // g)`` of each, so widening by repetition keeps every channel's B and C as they were."""
+    gb, gc = B.shape[1], C.shape[1]
+    if gb == gc:
+        return B, C
+    g = gb * gc // math.gcd(gb, gc)
+    return with_groups(B, g), with_groups(C, g)

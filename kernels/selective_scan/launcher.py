@@ -14,7 +14,7 @@ from mamba_state.errors import StateError
 
 from .._launch import default_chunk, needs_grad
 from ..backend import backend_name
-from ..scan_inputs import check_scan_inputs, compute_dtype
+from ..scan_inputs import check_scan_inputs, compute_dtype, match_groups
 from ..scan_positions import check_positions, run_segments, use_dense_states
 from .all_states import selective_scan_all_states
 from .chunked import selective_scan_chunked
@@ -89,8 +89,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
     if chunk < 8 or chunk % 8:
         raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
-    B4 = B if B.dim() == 4 else B.unsqueeze(1)
-    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args)
@@ -119,8 +118,7 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
         for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
             if t is not None and t.dtype not in _HALF_OR_FLOAT:
                 raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
-        B4 = B if B.dim() == 4 else B.unsqueeze(1)
-        C4 = C if C.dim() == 4 else C.unsqueeze(1)
+        B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
         grad = torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
         out, last, states = scan_states_at_one_pass(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                                     delta_softplus, chunk, positions, grad)
@@ -168,8 +166,7 @@ def _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
     if chunk < 8 or chunk % 8:
         raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
     seq_start, seq_end = step_marks(bounds, u.device)
-    B4 = B if B.dim() == 4 else B.unsqueeze(1)
-    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args, seq_start, seq_end, nseq)

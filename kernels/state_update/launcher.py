@@ -12,6 +12,7 @@ from mamba_state.errors import StateError, StateShapeError
 
 from .._launch import needs_grad
 from ..backend import backend_name
+from ..scan_inputs import match_groups
 from .naive import selective_state_update_ref
 from .ops import state_update  # noqa: F401  (registers torch.ops.mamba_state.state_update)
 
@@ -77,8 +78,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     bsz, n = state.shape[0], state.shape[-1]
     flat = state.reshape(bsz, -1, n) if state.is_contiguous() else None
     work = flat if flat is not None else state.reshape(bsz, -1, n).contiguous()
-    B3 = B if B.dim() == 3 else B.unsqueeze(1)
-    C3 = C if C.dim() == 3 else C.unsqueeze(1)
+    B3, C3 = match_groups(B if B.dim() == 3 else B.unsqueeze(1), C if C.dim() == 3 else C.unsqueeze(1))
     out = torch.ops.mamba_state.state_update(
         work, x.reshape(bsz, -1), dt.reshape(bsz, -1), A.reshape(-1, n), B3, C3,
         D.reshape(-1) if D is not None else None, z.reshape(bsz, -1) if z is not None else None,

@@ -132,3 +132,43 @@ def test_scanfn_returns_initial_state_gradients_of_the_callers_rows():
     (g,) = torch.autograd.grad(states.sum(), [h0])
     assert g.shape == h0.shape and g.abs().sum() > 0
     assert ops.ScanFn is positions_mod.ScanFn
+
+
+def test_layer_on_triton_states_at_positions_equal_stopping_there(monkeypatch):
+    """A Mamba-1 layer on the Triton backend (interpreted here) takes the one-pass states: the states it returns
+    at positions equal the states of running the chunk cut there, values and gradients into the input."""
+    from mamba_state.adapters import StatefulMamba
+    from mamba_state.state import MambaInferenceState
+
+    calls = []
+    real = positions_mod.scan_states_at_one_pass
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(positions_mod, "scan_states_at_one_pass", spy)
+    monkeypatch.setattr("mamba_state.kernels.selective_scan.launcher.scan_states_at_one_pass", spy)
+    torch.manual_seed(0)
+    layer = StatefulMamba.from_config(8, d_state=4, d_conv=3, layer_idx=0, backend="triton")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 14, 8, generator=g, requires_grad=True)
+    s0 = MambaInferenceState(torch.randn(2, 16, 3, generator=g), torch.randn(2, 16, 4, generator=g))
+    reset = torch.zeros(2, 14, dtype=torch.bool)
+    reset[1, 6] = True
+    pos = [0, 6, 9, 14]
+    y, new, states = layer(x, s0, reset, return_states_at=pos)
+    assert calls, "the layer did not take the one-pass path"
+    ys, cur = [], s0
+    for a, b in zip([0, 6, 9], [6, 9, 14]):
+        yy, cur = layer(x[:, a:b], cur, reset[:, a:b])
+        ys.append(yy)
+        i = pos.index(b)
+        torch.testing.assert_close(states[i].ssm_state, cur.ssm_state, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(states[i].conv_state, cur.conv_state, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states[0].ssm_state, s0.ssm_state)
+    torch.testing.assert_close(y, torch.cat(ys, 1), rtol=1e-4, atol=1e-5)
+    (gx,) = torch.autograd.grad(sum(s.ssm_state.sum() for s in states) + y.sum(), [x])
+    (gx_ref,) = torch.autograd.grad(cur.ssm_state.sum() + torch.cat(ys, 1).sum() + sum(
+        layer(x[:, :p], s0, reset[:, :p])[1].ssm_state.sum() for p in (6, 9)), [x])
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)

@@ -231,7 +231,8 @@ class StatefulMamba(nn.Module):
             reset: bool ``[B, L]``; True at ``t`` makes row ``b`` start afresh at token ``t``.
             return_states_at: None, or non-decreasing ints in ``[0, L]``: also return the state after ``p``
                 tokens of this chunk for each ``p`` (0: ``state`` itself; a reset at token ``p`` is not applied
-                yet). The scan runs in segments cut at these positions (no token is processed twice).
+                yet). On Triton the scan stores them in its one pass; elsewhere it runs in segments cut at these
+                positions (no token is processed twice either way).
             cu_seqlens: None, or int32/int64 ``[num_seqs + 1]``: ``x`` is ``[1, total, d_model]`` holding
                 ``num_seqs`` sequences packed one after another (sequence ``s`` is tokens
                 ``cu_seqlens[s]:cu_seqlens[s + 1]``, possibly none), and ``state`` has one row per sequence
@@ -335,8 +336,13 @@ class StatefulMamba(nn.Module):
 
     def _scan_segments(self, ops: DeviceOps, args: _ScanArgs, kwargs: dict[str, Any], initial_state: torch.Tensor,
                        reset: torch.Tensor | None, positions: list[int]):
-        """The scan cut at ``positions``: ``(y, last, states [P, B, d_inner, d_state])`` (see scan_positions)."""
+        """The scan with the states at ``positions``: ``(y, last, states [P, B, d_inner, d_state])``. On Triton the
+        kernels store them in their one pass (kernels/selective_scan/positions.py); elsewhere the scan is cut at
+        the positions (see scan_positions), or one pass keeps every state for many dense positions."""
         L = args[0].shape[-1]
+        if ops.triton:
+            return ops.selective_scan(*args, **kwargs, return_last_state=True, initial_state=initial_state,
+                                      reset=reset, return_states_at=positions)
         if use_dense_states(positions, L):  # many positions (full traces): one pass keeping every state
             h0 = initial_state.to(_compute_dtype(args[0]))
             y, every = selective_scan_all_states(*args, **kwargs, initial_state=h0, reset=reset)

@@ -86,3 +86,35 @@ def test_gpu_training_layout_matches_float64():
                  "conv_state", "ssm_state"):
         err = (grads[name].double() - grads_ref[name]).norm() / grads_ref[name].norm()
         assert err < 5e-2, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("used", ["output", "ssm_state", "conv_state"])
+def test_training_layout_with_one_output_used(used):
+    """A loss on one output alone (the others' gradients are None, not zeros, inside the autograd Functions):
+    the gradients equal the reference path's."""
+    torch.manual_seed(1)
+    fast = ms.StatefulMamba.from_config(d_model=8, d_state=4, backend="triton")
+    ref = ms.StatefulMamba(fast, backend="reference")
+    x = torch.randn(2, 13, 8)
+    state = ms.MambaInferenceState(torch.randn(2, fast.d_inner, fast.d_conv),
+                                   torch.randn(2, fast.d_inner, fast.d_state))
+    reset = torch.zeros(2, 13, dtype=torch.bool)
+    reset[1, 4] = True
+    grads = []
+    for layer in (fast, ref):
+        xl = x.clone().requires_grad_(True)
+        st = ms.MambaInferenceState(state.conv_state.clone().requires_grad_(True),
+                                    state.ssm_state.clone().requires_grad_(True))
+        layer.zero_grad(set_to_none=True)
+        y, new = layer(xl, st, reset=reset)
+        picked = {"output": y, "ssm_state": new.ssm_state, "conv_state": new.conv_state}[used]
+        (picked.double() ** 2).sum().backward()
+        found = {n: p.grad for n, p in layer.named_parameters()}
+        found.update(x=xl.grad, conv_state=st.conv_state.grad, ssm_state=st.ssm_state.grad)
+        grads.append(found)
+    for name, g_ref in grads[1].items():
+        g = grads[0][name]
+        if g_ref is None or not g_ref.abs().any():
+            assert g is None or not g.abs().any(), name
+            continue
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3, msg=name)

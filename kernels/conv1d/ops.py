@@ -153,6 +153,7 @@ class CausalConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_state, reset, silu, state_dtype, cu_seqlens=None):
         out, new_state = conv_forward(x, weight, bias, conv_state, reset, silu, state_dtype, cu_seqlens=cu_seqlens)
+        ctx.set_materialize_grads(False)  # an unused new window's gradient stays None (no zeros added in)
         ctx.save_for_backward(x, weight, bias, conv_state, reset, cu_seqlens)
         ctx.silu = silu
         return out, new_state
@@ -160,6 +161,8 @@ class CausalConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dnew):
         x, weight, bias, conv_state, reset, cu_seqlens = ctx.saved_tensors
+        if dout is None:  # only the new window is used
+            dout = torch.zeros_like(x)
         want_state = conv_state is not None and ctx.needs_input_grad[3]
         dx, dw, db, dstate = conv_backward(x, weight, bias, conv_state, reset, ctx.silu, dout, dnew, want_state,
                                            cu_seqlens=cu_seqlens)

@@ -290,6 +290,7 @@ class ScanFn(torch.autograd.Function):
         # states at positions (positions.py) read the initial states of the first rows only of nseq
         ctx.init_rows = initial_state.shape[0] if initial_state is not None else 0
         ctx.mark_non_differentiable(ckpt, ypre)
+        ctx.set_materialize_grads(False)  # an unused last state's gradient stays None: the kernels skip it
         return out, last, ckpt, ypre
 
     @staticmethod

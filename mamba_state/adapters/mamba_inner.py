@@ -74,6 +74,9 @@ class MambaInnerFn(torch.autograd.Function):
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_c, dt_proj_c, dt_bias, A_log, D, out_proj_c, out_proj_b,
                               conv_state, h0, reset, x_dbl, ckpt, ypre)
         ctx.weight_dtypes = (x_proj_w.dtype, dt_proj_w.dtype, out_proj_w.dtype)
+        # unused outputs (the new conv window, the last state: a loss on the logits alone) get None gradients,
+        # not zeros that the backward would add in (a few small kernels per layer, and the scan reading zeros)
+        ctx.set_materialize_grads(False)
         ctx.sizes = sizes
         return out, new_conv, last
 

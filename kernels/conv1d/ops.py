@@ -86,12 +86,13 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: 
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor],
                   reset: Optional[Tensor], silu: bool, dout: Optional[Tensor], dnew: Optional[Tensor],
-                  state_grad: bool, cu_seqlens: Optional[Tensor] = None,
+                  state_grad: bool, cu_seqlens: Optional[Tensor] = None, dx_out: Optional[Tensor] = None,
                   ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`conv_forward` (same arguments) from ``dout`` (of out; None: zeros) and ``dnew`` (of the
-    new window; None: zeros). ``dx`` takes x's memory order and dtype; dweight, dbias and dstate are float32 (dstate
-    only when ``state_grad``, dbias only with a bias). With ``cu_seqlens``, dnew and dstate are [num_seqs, dim,
-    W]."""
+    new window; None: zeros). ``dx`` takes x's memory order and dtype, or is written into ``dx_out`` (x's shape,
+    any strides with time stride 1; a caller's slice of a larger gradient, which saves a copy); dweight, dbias and
+    dstate are float32 (dstate only when ``state_grad``, dbias only with a bias). With ``cu_seqlens``, dnew and
+    dstate are [num_seqs, dim, W]."""
     import triton
 
     from . import triton_kernels as K
@@ -110,7 +111,10 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     if cu is not None:  # at least one time block: it writes the windows' gradients
         grid = (max(1, grid[0]), grid[1], grid[2])
     f32 = torch.float32
-    dx = torch.empty_like(x)
+    if dx_out is not None and (dx_out.shape != x.shape or dx_out.stride(-1) != 1):
+        raise ValueError(f"dx_out: expected {list(x.shape)} with time stride 1, found {list(dx_out.shape)} "
+                         f"strides {dx_out.stride()}")
+    dx = torch.empty_like(x) if dx_out is None else dx_out
     dw_part = torch.empty(bsz * grid[0], ch, W, device=x.device, dtype=f32)
     db_part = torch.empty(bsz * grid[0], ch, device=x.device, dtype=f32) if bias is not None else None
     state = conv_state.contiguous() if conv_state is not None else None
@@ -161,8 +165,6 @@ class CausalConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dnew):
         x, weight, bias, conv_state, reset, cu_seqlens = ctx.saved_tensors
-        if dout is None:  # only the new window is used
-            dout = torch.zeros_like(x)
         want_state = conv_state is not None and ctx.needs_input_grad[3]
         dx, dw, db, dstate = conv_backward(x, weight, bias, conv_state, reset, ctx.silu, dout, dnew, want_state,
                                            cu_seqlens=cu_seqlens)

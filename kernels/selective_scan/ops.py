@@ -159,13 +159,16 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   z: Optional[Tensor], delta_bias: Optional[Tensor], reset: Optional[Tensor], checkpoints: Tensor,
                   ypre: Tensor, dout: Tensor, dlast: Optional[Tensor], delta_softplus: bool, chunk: int,
                   want_y: bool = False, initial_state: Optional[Tensor] = None, seq_start: Optional[Tensor] = None,
-                  seq_end: Optional[Tensor] = None, nseq: int = 0) -> tuple[Tensor, ...]:
+                  seq_end: Optional[Tensor] = None, nseq: int = 0, dz_out: Optional[Tensor] = None
+                  ) -> tuple[Tensor, ...]:
     """The backward launches behind ``mamba_state::scan_bwd`` (same arguments and first nine outputs). With
     ``want_y`` and z, a tenth output: the gated output ``y = ypre * silu(z)`` in u's layout and dtype, which the
     kernel recomputes where it reads ypre and z anyway (as upstream's ``recompute_out_z``), for a caller that
     did not keep y (:class:`mamba_state.adapters.mamba_inner.MambaInnerFn`). With ``seq_start`` / ``seq_end``
     (packed sequences): ``initial_state`` (or None: zeros) and ``dlast`` are [nseq, dim, dstate], and so is the
-    initial states' gradient (zero for an empty sequence: the launcher routes its final state's gradient)."""
+    initial states' gradient (zero for an empty sequence: the launcher routes its final state's gradient).
+    ``dz_out``: z's gradient is written there (z's shape, in u's layout: a caller's slice of a larger gradient,
+    which saves a copy)."""
     from .._jit import TILE
     from . import triton_kernels as K
 
@@ -188,7 +191,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.stride() != z.stride()):
+        raise ValueError(f"dz_out: expected z's shape and layout {list(z.shape) if z is not None else None} "
+                         f"{z.stride() if z is not None else ''}, found {list(dz_out.shape)} {dz_out.stride()}")
+    dz = dz_out if dz_out is not None else torch.empty_like(z) if z is not None else u.new_empty(0)
     y_out = torch.empty_like(u) if want_y and z is not None else None
     dA_part = torch.empty(parts, dim, dstate, device=dev, dtype=f32)
     dB = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)

@@ -104,9 +104,11 @@ class MambaInnerFn(torch.autograd.Function):
         dout = dout.to(cdt)
         dy = torch.mm(out_proj_w.t(), dout.t())  # [d_inner, batch * L]: channel-major, the scan's layout
         # the scan's backward also recomputes the gated output y where it reads ypre and z (for out_proj's weight)
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit, y = scan_backward(
+        # xz's gradient is written in place by its two producers: z's half by the scan, x's half by the conv
+        dxz = torch.empty_like(xz)
+        du, ddelta, dA, dB, dC, dD, _dz, dbias, dinit, y = scan_backward(
             xc, _cm(dt, batch, seqlen), A, B, C, D.float(), z, dt_bias.float(), reset, ckpt, ypre,
-            _cm(dy, batch, seqlen), dlast, True, chunk, want_y=True)
+            _cm(dy, batch, seqlen), dlast, True, chunk, want_y=True, dz_out=_cm(dxz[d_inner:], batch, seqlen))
         d_out_w = torch.mm(dout.t(), _flat(y).t())
         d_out_b = dout.sum(0) if out_proj_b is not None else None
         dd = _flat(ddelta)  # [d_inner, batch * L]
@@ -116,9 +118,9 @@ class MambaInnerFn(torch.autograd.Function):
         d_x_w = torch.mm(dx_dbl, _flat(xc).t())
         dxc = torch.addmm(_flat(du), x_proj_w.t(), dx_dbl)  # through x_proj and through the scan's u
         want_state = conv_state is not None and ctx.needs_input_grad[10]
-        dxs, dcw, dcb, dstate = conv_backward(xs, conv_w, conv_b, conv_state, reset, True,
-                                              _cm(dxc, batch, seqlen), dnew_conv, want_state)
-        dxz = torch.cat([_flat(dxs), _flat(dz)], dim=0)
+        _dxs, dcw, dcb, dstate = conv_backward(xs, conv_w, conv_b, conv_state, reset, True,
+                                               _cm(dxc, batch, seqlen), dnew_conv, want_state,
+                                               dx_out=_cm(dxz[:d_inner], batch, seqlen))
         need = ctx.needs_input_grad
         return (dxz if need[0] else None,
                 dcw.to(conv_w.dtype) if need[1] else None,

@@ -4,6 +4,7 @@ as :func:`~mamba_state.kernels.ssd.naive.ssd_scan_ref`."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,6 +14,7 @@ from mamba_state.errors import StateError
 
 from ..scan_inputs import compute_dtype
 from .naive import _NO_LIMIT, _finish, _heads, _prep_dt, check_ssd_inputs
+from .packed import ssd_scan_packed
 
 __all__ = ["ssd_scan_chunked"]
 
@@ -36,8 +38,12 @@ def _default_chunk(seqlen: int) -> int:
 
 
 def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, reset=None, dt_bias=None,
-                     dt_softplus=False, dt_limit=_NO_LIMIT, return_final_state=False, chunk_size=None):
+                     dt_softplus=False, dt_limit=_NO_LIMIT, return_final_state=False, chunk_size=None,
+                     cu_seqlens=None):
     """SSD scan by blocks: same arguments, results and dtypes as :func:`ssd_scan_ref`.
+
+    With ``cu_seqlens`` (packed sequences, batch 1; ``initial_state`` and the final state one row per sequence)
+    it runs :func:`~mamba_state.kernels.ssd.packed.ssd_scan_packed` over this function.
 
     Inside a chunk of ``T`` steps the output is a masked ``T x T`` mixing (decays from a segment sum); each
     chunk's end state from zero is one contraction; a short loop over chunks carries the true state in.
@@ -45,6 +51,10 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, initial_state=None, reset=N
     connect positions of the same segment, the initial state belonging to segment 0. Masks multiply finite
     decays, so gradients stay finite. Memory O(batch * nheads * seqlen * (T + headdim * dstate / T)).
     """
+    if cu_seqlens is not None:
+        return ssd_scan_packed(x, dt, A, B, C, D, z, initial_state, reset, dt_bias, dt_softplus, dt_limit,
+                               return_final_state, cu_seqlens=cu_seqlens,
+                               scan=functools.partial(ssd_scan_chunked, chunk_size=chunk_size))
     s = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, reset)
     b, L, h, p, _, n = s
     ct = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)

@@ -25,7 +25,7 @@ fast CPU path is :func:`~mamba_state.kernels.ssd.chunked.ssd_scan_chunked`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from mamba_state.errors import StateError, StateShapeError
 
 from ..scan_inputs import compute_dtype
 
-__all__ = ["ssd_scan_ref", "check_ssd_inputs", "SSDShape"]
+__all__ = ["ssd_scan_ref", "check_ssd_inputs", "check_packed_states", "SSDShape"]
 
 _NO_LIMIT = (0.0, float("inf"))
 
@@ -120,12 +120,19 @@ def _finish(y, x, D, z, ct, out_dtype):
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None, reset=None, dt_bias=None,
-                 dt_softplus=False, dt_limit=_NO_LIMIT, return_final_state=False):
+                 dt_softplus=False, dt_limit=_NO_LIMIT, return_final_state=False, cu_seqlens=None):
     """Sequential SSD scan (the oracle); see the module docstring for shapes and the recurrence.
 
     Returns ``y`` ``[batch, seqlen, nheads, headdim]`` in ``x.dtype``, or ``(y, final_state)`` with
     ``final_state`` ``[batch, nheads, headdim, dstate]`` in the compute dtype when ``return_final_state``.
+
+    ``cu_seqlens`` (int32/int64 ``[num_seqs + 1]``): packed sequences in a batch of 1, ``initial_state`` and the
+    final state ``[num_seqs, nheads, headdim, dstate]``; the oracle runs each sequence alone, one after another
+    (an empty sequence returns its initial state).
     """
+    if cu_seqlens is not None:
+        return _ref_by_sequence(x, dt, A, B, C, D, z, initial_state, reset, dt_bias, dt_softplus, dt_limit,
+                                return_final_state, cu_seqlens)
     s = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, reset)
     ct = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     dtc = _prep_dt(dt, dt_bias, dt_softplus, dt_limit, ct)  # [b, L, h]
@@ -145,3 +152,40 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, initial_state=None, reset=None,
     y = torch.stack(ys, dim=1) if ys else xc.new_zeros(xc.shape)
     y = _finish(y, x, D, z, ct, x.dtype)
     return (y, state) if return_final_state else y
+
+
+def _ref_by_sequence(x, dt, A, B, C, D, z, initial_state, reset, dt_bias, dt_softplus, dt_limit, return_final_state,
+                     cu_seqlens):
+    """The packed form by its definition: :func:`ssd_scan_ref` on every sequence from its own initial state."""
+    from ..varlen import check_cu_seqlens
+
+    s = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, None, reset)
+    n = check_cu_seqlens(cu_seqlens, s.seqlen, s.batch)
+    check_packed_states(initial_state, n, s.nheads, s.headdim, s.dstate)
+    ct = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    ys, finals = [], []
+    for i in range(n):
+        a, b = bounds[i], bounds[i + 1]
+        h0 = (initial_state[i:i + 1].to(ct) if initial_state is not None
+              else torch.zeros(1, s.nheads, s.headdim, s.dstate, dtype=ct, device=x.device))
+        if a == b:
+            finals.append(h0)
+            continue
+        y, h = ssd_scan_ref(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], D, None if z is None else z[:, a:b],
+                            h0, None if reset is None else reset[:, a:b], dt_bias, dt_softplus, dt_limit, True)
+        ys.append(y)
+        finals.append(h)
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)
+    final = torch.cat(finals, dim=0)
+    return (y, final) if return_final_state else y
+
+
+def check_packed_states(initial_state: Any, num_seqs: int, nheads: int, headdim: int, dstate: int,
+                        name: str = "initial_state") -> None:
+    """Raise :class:`StateShapeError` unless ``initial_state`` is None or [num_seqs, nheads, headdim, dstate]."""
+    shape = [num_seqs, nheads, headdim, dstate]
+    if initial_state is not None and (not isinstance(initial_state, torch.Tensor) or list(initial_state.shape) != shape):
+        found = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+        raise StateShapeError(f"{name}: expected one state per packed sequence, [num_seqs, nheads, headdim, "
+                              f"dstate] = {shape}, found {found}")

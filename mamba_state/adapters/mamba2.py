@@ -34,7 +34,8 @@ from mamba_state.kernels.backend import resolve_backend
 from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
 from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
 from mamba_state.kernels.selective_scan.all_states import selective_scan_all_states
-from mamba_state.kernels.ssd import ssd_scan_chunked
+from mamba_state.kernels.ssd import ssd_scan_chunked, ssd_scan_packed
+from mamba_state.kernels.varlen import check_cu_seqlens
 
 from ..errors import StateCompatibilityError, StateError, StateShapeError
 from ..state import MambaInferenceState
@@ -369,8 +370,12 @@ class StatefulMamba2(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, state: MambaInferenceState | None = None,
-                reset: torch.Tensor | None = None, return_states_at: Any = None):
+                reset: torch.Tensor | None = None, return_states_at: Any = None,
+                cu_seqlens: torch.Tensor | None = None):
         """Run ``x`` ``[B, L, d_model]`` from ``state`` (zeros when None); returns ``(y [B, L, d_model], new state)``.
+
+        ``cu_seqlens``: None, or int32/int64 ``[num_seqs + 1]``: packed sequences (batch 1), one state row per
+        sequence in and out; see :meth:`forward_packed`.
 
         ``reset``: bool ``[B, L]``; True at ``(b, t)`` clears row ``b``'s conv window and SSM state before token
         ``t``. The new state has the input state's dtype (``state_dtype`` when no state is given).
@@ -380,6 +385,8 @@ class StatefulMamba2(nn.Module):
         incoming state; a reset at token ``p`` not applied yet). The SSD scan runs in segments cut at these
         positions, each continuing from the previous segment's final state (no token is processed twice).
         """
+        if cu_seqlens is not None:
+            return self.forward_packed(x, cu_seqlens, state, reset, return_states_at)
         self._check_x(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
@@ -438,6 +445,114 @@ class StatefulMamba2(nn.Module):
         ssm_at = ssm_at.to(state.ssm_state.dtype)
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
         return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
+
+    # ------------------------------------------------------------------ packed sequences
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, state: MambaInferenceState | None = None,
+                       reset: torch.Tensor | None = None, return_states_at: Any = None):
+        """:meth:`forward` over packed variable-length sequences: checks, then :meth:`_forward_packed`.
+
+        ``x`` ``[1, total, d_model]`` holds ``num_seqs`` sequences one after another (sequence s is tokens
+        ``cu_seqlens[s]:cu_seqlens[s + 1]``, possibly none); ``state`` has one row per sequence (None: zeros);
+        ``reset`` ``[1, total]`` still restarts a sequence inside it. Returns ``(y [1, total, d_model], new
+        state)`` with one row per sequence: each sequence's outputs, new state and gradients (of the weights and
+        of its state row) are those of running it alone from its row. ``return_states_at`` is not supported
+        with ``cu_seqlens`` for Mamba-2 (:class:`~mamba_state.errors.StateError`).
+
+        Raises ``StateShapeError`` (nothing computed) for bad boundaries (not int32/int64, not 1-D, not starting
+        at 0, decreasing, not ending at ``total``), a batch other than 1, a state whose rows are not num_seqs,
+        or a reset that is not ``[1, total]``.
+        """
+        self._check_x(x, "x")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise StateShapeError(f"x: expected [1, total, {self.d_model}], found {list(x.shape)}")
+        nseq = check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
+        if return_states_at is not None:
+            raise StateError("return_states_at: not supported with cu_seqlens for Mamba-2 layers (run the packed "
+                             "call without it, or the sequences unpacked)")
+        if isinstance(state, MambaInferenceState) and state.batch_size != nseq:
+            raise StateShapeError(f"state: expected {nseq} rows (one per sequence of cu_seqlens), found "
+                                  f"{state.batch_size}")
+        fresh = state is None
+        state = self.check_state(state, nseq, x.device)
+        check_reset(reset, [1, x.shape[1]])
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        return self._forward_packed(x, state, reset, bounds, None, fresh=fresh)
+
+    def _forward_packed(self, x: torch.Tensor, state: MambaInferenceState, reset: torch.Tensor | None,
+                        bounds: list[int], positions: Any = None, fresh: bool = False):
+        """:meth:`forward_packed` on checked arguments (``state`` with one row per sequence, ``bounds``:
+        cu_seqlens as a list; the same signature as ``StatefulMamba._forward_packed``, which the LM calls).
+
+        The conv runs through :func:`mamba_state.kernels.causal_conv1d` with ``cu_seqlens`` (its Triton kernels
+        on CUDA, one launch). The SSD: on the Triton backend, upstream's native packed path (one call over the
+        packed row, sequences as ``seq_idx``, final states by ``return_varlen_states``) when it computes what is
+        asked: a fresh state (``fresh``: no state was passed), no resets, no gradients, no empty sequence;
+        otherwise :func:`~mamba_state.kernels.ssd.ssd_scan_packed`, a batch of one row per sequence padded to
+        the longest, through upstream's ``mamba_chunk_scan_combined`` (initial and final states per row,
+        differentiable) on the Triton backend and :func:`ssd_scan_chunked` elsewhere."""
+        if positions is not None:
+            raise StateError("return_states_at: not supported with cu_seqlens for Mamba-2 layers")
+        from mamba_state.kernels.conv1d.launcher import causal_conv1d
+
+        total = x.shape[1]
+        if reset is not None:
+            reset = reset.to(x.device)
+        backend, _ = self.resolved_backend(x.device)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
+        z0, x0, z, xBC, dt = self._split_in(self.in_proj(x))
+        conv_state = state.conv_state
+        xBC, new_conv = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                      conv_state=None if fresh else conv_state, reset=reset, activation="silu",
+                                      backend=backend, cu_seqlens=cu, state_dtype=conv_state.dtype)
+        xBC = xBC.transpose(1, 2)
+        g_n = self.ngroups * self.d_state
+        xs, B, C = torch.split(xBC, [self.d_ssm, g_n, g_n], dim=-1)
+        xs = xs.reshape(1, total, self.nheads, self.headdim)
+        B = B.reshape(1, total, self.ngroups, self.d_state)
+        C = C.reshape(1, total, self.ngroups, self.d_state)
+        zh = None if self.rmsnorm else z.reshape(1, total, self.nheads, self.headdim)
+        h0 = state.ssm_state
+        native = (backend == "triton" and fresh and reset is None and total > 0
+                  and min(b - a for a, b in zip(bounds[:-1], bounds[1:])) > 0
+                  and not (torch.is_grad_enabled() and (x.requires_grad
+                                                        or any(t.requires_grad for t in self.parameters()))))
+        if native:  # upstream's varlen states have no backward: only without autograd
+            y, ssm_state = self._scan_triton_varlen(xs, dt, B, C, zh, cu, bounds)
+        else:
+            ssd_args = (xs, dt, self._A(), B, C, self._D(), zh, None if fresh else h0, reset, self.dt_bias, True,
+                        self.dt_limit, True)
+            if backend == "triton":
+                y, ssm_state = ssd_scan_packed(*ssd_args, cu_seqlens=cu, scan=self._padded_rows_triton)
+            else:
+                y, ssm_state = ssd_scan_chunked(*ssd_args, cu_seqlens=cu)
+        y = y.reshape(1, total, self.d_ssm)
+        out = self._output(y, z, z0, x0, backend == "triton")
+        return out, MambaInferenceState(new_conv.to(conv_state.dtype), ssm_state.to(h0.dtype))
+
+    def _padded_rows_triton(self, x, dt, A, B, C, D=None, z=None, initial_state=None, reset=None, dt_bias=None,
+                            dt_softplus=False, return_final_state=True):
+        """The unpacked scan :func:`ssd_scan_packed` runs over its padded rows, by upstream's Triton kernels:
+        ``dt`` arrives processed (so ``dt_bias`` is None and no softplus or limit is applied again), the
+        padded steps have dt = 0 (no-ops); resets become ``seq_idx`` per row."""
+        scan = _upstream_chunk_scan()
+        seq_idx = None if reset is None else torch.cumsum(reset, dim=1, dtype=torch.int32)
+        h0 = None if initial_state is None else initial_state.float()
+        y, final = scan(x, dt, A, B, C, self.chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=h0,
+                        seq_idx=seq_idx, dt_softplus=dt_softplus, return_final_states=True)
+        return y, final
+
+    def _scan_triton_varlen(self, xs, dt, B, C, zh, cu, bounds):
+        """Upstream's own packed forward from zero states: the sequences as ``seq_idx`` (sequence ids, so no
+        state passes between them), each sequence's final state from ``return_varlen_states``."""
+        scan = _upstream_chunk_scan()
+        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=xs.device)
+        seq_idx = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=xs.device, dtype=torch.int32),
+                                          lengths, output_size=xs.shape[1])[None]
+        kwargs = {} if self.dt_limit == _NO_LIMIT else {"dt_limit": self.dt_limit}
+        y, varlen_states = scan(xs, dt, self._A(), B, C, self.chunk_size, D=self._D(), z=zh, dt_bias=self.dt_bias,
+                                seq_idx=seq_idx, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True,
+                                **kwargs)
+        return y, varlen_states
 
     def _scan_all_states(self, xs, dt, B, C, zh, h0, reset):
         """The SSD recurrence as a Mamba-1 scan over ``nheads * headdim`` channels, keeping every state.

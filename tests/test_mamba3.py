@@ -233,14 +233,16 @@ def test_from_config_matches_upstream_parameters(upstream):
         assert wrapped.state_layout() == ours.state_layout() and wrapped.num_rope_angles == up.num_rope_angles
 
 
-def test_mimo_is_refused(upstream):
-    with pytest.raises(StateCompatibilityError, match="is_mimo"):
-        ms.StatefulMamba3.from_config(16, d_state=8, headdim=4, is_mimo=True)
+def test_malformed_mimo_is_refused(upstream):
+    """MIMO layers are supported (tests/test_mamba3_mimo.py); a layer flagged MIMO without its projections, or
+    with an odd d_state, is refused by name."""
+    with pytest.raises(StateCompatibilityError, match="even d_state"):
+        ms.StatefulMamba3.from_config(16, d_state=7, headdim=4, is_mimo=True)
     from mamba_ssm.modules.mamba3 import Mamba3
 
     up = Mamba3(16, d_state=8, headdim=4)
-    up.is_mimo = True  # (constructing a MIMO Mamba3 needs TileLang; the flag is what the adapter reads)
-    with pytest.raises(StateCompatibilityError, match="is_mimo"):
+    up.is_mimo = True  # a SISO layer with the flag set: no mimo_x / mimo_z / mimo_o
+    with pytest.raises(StateCompatibilityError, match="mimo_x"):
         ms.StatefulMamba3(up)
 
 

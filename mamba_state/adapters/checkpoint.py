@@ -198,7 +198,7 @@ def check_config(cfg: Mapping[str, Any], where: str, hf: bool) -> int:
         raise StateFormatError(f"{where}: config ssm_cfg layer: expected 'Mamba1', 'Mamba2' or 'Mamba3', found "
                                f"{ssm.get('layer')!r:.60}")
     if ssm.get("layer") == "Mamba3":  # the fields StatefulMamba3.config() writes
-        for key, hi in (("headdim", 1 << 12), ("ngroups", 1 << 12), ("chunk_size", 1 << 16)):
+        for key, hi in (("headdim", 1 << 12), ("ngroups", 1 << 12), ("chunk_size", 1 << 16), ("mimo_rank", 1 << 6)):
             if key in ssm:
                 _int_field(ssm, key, 1, hi, where)
         if ssm.get("rope_fraction", 0.5) not in (0.5, 1.0) or isinstance(ssm.get("rope_fraction"), bool):

@@ -15,6 +15,7 @@
 #   m3      benchmarks/bench_mamba3.py (M3_BENCH_TIMEOUT, 170 s), then tests/test_mamba3_gpu.py without its gradient
 #           test (M3_TEST_TIMEOUT, 180 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
+#   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
 # Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
@@ -61,6 +62,8 @@ for step in ${STEPS:-tests gen cont}; do
                    tests/test_mamba3_gpu.py -k 'not gradients'" ;;
         m3grad) TRITON_CACHE_AUTOTUNING=1 run_step m3grad "${M3GRAD_TIMEOUT:-500}" python3 -m pytest -v -s -m gpu \
                    -p no:cacheprovider -rfE tests/test_mamba3_gpu.py -k gradients ;;
+        probes) run_step probes "${PROBE_TIMEOUT:-200}" bash -c "python3 benchmarks/probe_conv_fwd.py; \
+                   python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;
         prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \
                    --shapes ${PREFILL_SHAPES:-1x16384 1x65536} --out "$OUT" ;;
         grad) run_step grad "${GRAD_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \

@@ -12,7 +12,7 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # 1 / LOG2E
 # time steps per tile in the scan kernels: each input is read as [rows, TILE] and split into its columns in
-# registers (selective_scan/triton_kernels.py's _split8 and _join8 are written for 8); chunks are multiples of it
+# registers (_split8 and _join8 below are written for 8); chunks are multiples of it
 TILE: tl.constexpr = tl.constexpr(8)
 
 
@@ -55,3 +55,33 @@ def _softplus(x):
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _split8(x, R: tl.constexpr):
+    """[R, 8] -> its 8 columns, each [R], in order."""
+    e, o = tl.split(tl.reshape(x, (R, 4, 2)))
+    ee, eo = tl.split(tl.reshape(e, (R, 2, 2)))
+    oe, oo = tl.split(tl.reshape(o, (R, 2, 2)))
+    c0, c4 = tl.split(ee)
+    c2, c6 = tl.split(eo)
+    c1, c5 = tl.split(oe)
+    c3, c7 = tl.split(oo)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, R: tl.constexpr):
+    """8 columns [R] -> [R, 8] (inverse of _split8)."""
+    e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (R, 4))
+    o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (R, 4))
+    return tl.reshape(tl.join(e, o), (R, 8))
+
+
+@triton.jit
+def _split4(x, R: tl.constexpr):
+    """[R, 4] -> its 4 columns, each [R], in order (register moves: the column axis stays inside a thread)."""
+    e, o = tl.split(tl.reshape(x, (R, 2, 2)))
+    c0, c2 = tl.split(e)
+    c1, c3 = tl.split(o)
+    return c0, c1, c2, c3

@@ -28,6 +28,9 @@ __all__ = ["conv_forward", "conv_backward", "CausalConvFn"]
 _BD, _BL = 16, 128  # a [channels, steps] tile per program: 128 steps keep loads of a row coalesced
 # packed: the windows of 16 sequences per [channels, 16 * padded width] tile (the new windows, their gradients)
 _BS = 16
+# the aligned forward for widths <= 4: rows of 8-step groups, G groups (8 * G steps) per channel and program;
+# MAMBA_STATE_CONV_FWD=generic takes the general kernel instead (for comparisons)
+_G4 = 16
 
 
 def _time_stride_one(t: Tensor) -> Tensor:
@@ -72,6 +75,21 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: 
     cu, nseq, niter = _packed(cu_seqlens, x.device)
     new_state = torch.empty(bsz if cu is None else nseq, ch, W, device=x.device, dtype=new_dtype)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    if L == 0 and cu is None:  # no step, no program: the window is the incoming one
+        if state is not None:
+            new_state.copy_(state)
+        else:
+            new_state.zero_()
+        return out, new_state
+    if W <= 4 and cu is None and os.environ.get("MAMBA_STATE_CONV_FWD", "aligned") != "generic":
+        # Mamba's widths: aligned loads, every shifted input from registers (_causal_conv_fwd4_kernel)
+        with launch_device(x):
+            K._causal_conv_fwd4_kernel[((L + 8 * _G4 - 1) // (8 * _G4), (ch + _BD - 1) // _BD, bsz)](
+                x, weight.contiguous(), bias, state, rst, out, new_state,
+                ch, L, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=_BD, G=_G4, num_warps=4,
+            )
+        return out, new_state
     grid = _grid(bsz, ch, L)
     if cu is not None:  # at least one time block: the new windows are written even when every sequence is empty
         grid = (max(1, grid[0]), grid[1], grid[2])
@@ -106,6 +124,16 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     tile = os.environ.get("MAMBA_STATE_CONV_BWD_TILE") if narrow else None  # "BD,BL,warps", for sweeps
     if tile:
         bd, bl, warps = (int(v) for v in tile.split(","))
+    if L == 0 and cu_seqlens is None:  # no step: the new window is the incoming one, its gradient passes through
+        f32 = torch.float32
+        dx = torch.empty_like(x) if dx_out is None else dx_out
+        dw = torch.zeros(ch, W, device=x.device, dtype=f32)
+        db = torch.zeros(ch, device=x.device, dtype=f32) if bias is not None else None
+        dstate0 = None
+        if state_grad:
+            dstate0 = (dnew.float().clone() if dnew is not None
+                       else torch.zeros(bsz, ch, W, device=x.device, dtype=f32))
+        return dx, dw, db, dstate0
     cu, nseq, niter = _packed(cu_seqlens, x.device)
     grid = ((L + bl - 1) // bl, (ch + bd - 1) // bd, bsz)
     if cu is not None:  # at least one time block: it writes the windows' gradients

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import optional_inputs
+from .._jit import _join8, _split4, _split8, optional_inputs
 
 
 @triton.jit
@@ -468,3 +468,99 @@ def _causal_conv_bwd4_kernel(
         _state_grads(x_rows, s_rows, state_ptr, reset_ptr, rst_row, w_ptr, bias_ptr, g_rows, dnew_ptr, dstate_ptr,
                      cu_ptr, pid_t, offs_d, mask_d, dim, L, nseq, BD, W, WP, HAS_BIAS, HAS_STATE, HAS_RESET, SILU,
                      VARLEN, HAS_DNEW, BS)
+
+
+# ------------------------------------------------------------------------------------- aligned forward, W <= 4
+@triton.jit
+def _out_col(xs, rs, w0, w1, w2, w3, bias, I: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Output column I of an 8-step group as [R] float32 (before the activation): xs and rs are the inputs and
+    reset flags at the group's steps t0 - 3 .. t0 + 7 (11 columns each), taps w3..w0 weigh the inputs at
+    t, t - 1, t - 2, t - 3 (t = t0 + I); an input is hidden when a reset lies in (its step, t]."""
+    acc = bias + w3 * xs[I + 3]
+    if HAS_RESET:
+        hidden = rs[I + 3] != 0
+        acc += tl.where(hidden, 0.0, w2 * xs[I + 2])
+        hidden = hidden | (rs[I + 2] != 0)
+        acc += tl.where(hidden, 0.0, w1 * xs[I + 1])
+        hidden = hidden | (rs[I + 1] != 0)
+        acc += tl.where(hidden, 0.0, w0 * xs[I])
+    else:
+        acc += w2 * xs[I + 2] + w1 * xs[I + 1] + w0 * xs[I]
+    return acc
+
+
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr")
+@triton.jit
+def _causal_conv_fwd4_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, out_ptr, new_state_ptr,
+    dim, L, sxb, sxd, sob, sod, W: tl.constexpr, WP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
+    BD: tl.constexpr, G: tl.constexpr,
+):
+    """_causal_conv_kernel (unpacked; same arguments but the packed ones, same outputs) for W <= 4, with aligned
+    loads. Grid (time blocks of 8 * G steps, channel blocks of BD, batch).
+
+    The general kernel loads the input at W shifts (t, t - 1, ...): a shifted address is not aligned, so those
+    loads cannot be vectorised. Here each program row is one (channel, 8-step group) pair: the group's 8 inputs
+    are one aligned load [BD * G, 8] and the 4 steps before it one aligned load [BD * G, 4] (from the carried
+    window before step 0); both are split into their columns in registers, and every shifted input is one of
+    those 12 columns. The reset flags are read the same way. The weight is padded in front to 4 taps (_tap)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    R: tl.constexpr = BD * G
+    rows = tl.arange(0, R)
+    d = pid_d * BD + rows // G  # [R] the channel of each row
+    t0 = pid_t * (8 * G) + (rows % G) * 8  # [R] the first step of each row's group
+    mask_d = d < dim
+    x_row = x_ptr + b * sxb + d.to(tl.int64) * sxd  # [R]
+    s_row = (b * dim + d) * W  # [R] the row's window in state / new_state (read only when HAS_STATE)
+    j8 = tl.arange(0, 8)
+    j4 = tl.arange(0, 4)
+    pos = t0[:, None] + j8[None, :]  # [R, 8]
+    pre = t0[:, None] - 4 + j4[None, :]  # [R, 4]: steps t0 - 4 .. t0 - 1
+    m8 = mask_d[:, None] & (pos < L)
+    cur = tl.load(x_row[:, None] + pos, mask=m8, other=0.0).to(tl.float32)
+    mp = mask_d[:, None] & (pre >= 0)
+    prev = tl.load(x_row[:, None] + pre, mask=mp, other=0.0).to(tl.float32)
+    if HAS_STATE:  # steps before 0 come from the carried window (its columns are steps -W .. -1)
+        ms = mask_d[:, None] & (pre < 0) & (pre >= -W)
+        prev += tl.load(state_ptr + s_row[:, None] + (W + pre), mask=ms, other=0.0).to(tl.float32)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _split8(cur, R)
+    _p0, p1, p2, p3 = _split4(prev, R)
+    xs = (p1, p2, p3, c0, c1, c2, c3, c4, c5, c6, c7)
+    if HAS_RESET:
+        rc = tl.load(reset_ptr + b * L + pos, mask=pos < L, other=0).to(tl.int32)
+        rp = tl.load(reset_ptr + b * L + pre, mask=pre >= 0, other=0).to(tl.int32)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(rc, R)
+        _q0, q1, q2, q3 = _split4(rp, R)
+        rs = (q1, q2, q3, r0, r1, r2, r3, r4, r5, r6, r7)
+    else:
+        rs = xs  # not read
+    w0 = _tap(w_ptr, d, mask_d, 0, W)  # [R]: each row's channel's taps (cached loads)
+    w1 = _tap(w_ptr, d, mask_d, 1, W)
+    w2 = _tap(w_ptr, d, mask_d, 2, W)
+    w3 = _tap(w_ptr, d, mask_d, 3, W)
+    bias = tl.zeros((R,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    y = _join8(_out_col(xs, rs, w0, w1, w2, w3, bias, 0, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 1, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 2, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 3, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 4, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 5, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 6, HAS_RESET),
+               _out_col(xs, rs, w0, w1, w2, w3, bias, 7, HAS_RESET), R)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    out_row = out_ptr + b * sob + d.to(tl.int64) * sod
+    tl.store(out_row[:, None] + pos, y.to(out_ptr.dtype.element_ty), mask=m8)
+    if pid_t == 0:  # the window after the chunk, as the general kernel writes it
+        offs = pid_d * BD + tl.arange(0, BD)
+        mask_o = offs < dim
+        x_rows = x_ptr + b * sxb + offs[:, None].to(tl.int64) * sxd
+        s_rows = (b * dim + offs[:, None]) * W
+        jj = tl.arange(0, WP)
+        _final_window(x_rows, s_rows, state_ptr, reset_ptr, b * L, new_state_ptr, offs, mask_o, jj, jj < W,
+                      0, L, W, HAS_STATE, HAS_RESET)

@@ -35,28 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import LN2, LOG2E, TILE, _channel_offsets, _sigmoid, _softplus, optional_inputs
-
-
-@triton.jit
-def _split8(x, R: tl.constexpr):
-    """[R, 8] -> its 8 columns, each [R], in order."""
-    e, o = tl.split(tl.reshape(x, (R, 4, 2)))
-    ee, eo = tl.split(tl.reshape(e, (R, 2, 2)))
-    oe, oo = tl.split(tl.reshape(o, (R, 2, 2)))
-    c0, c4 = tl.split(ee)
-    c2, c6 = tl.split(eo)
-    c1, c5 = tl.split(oe)
-    c3, c7 = tl.split(oo)
-    return c0, c1, c2, c3, c4, c5, c6, c7
-
-
-@triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7, R: tl.constexpr):
-    """8 columns [R] -> [R, 8] (inverse of _split8)."""
-    e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (R, 4))
-    o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (R, 4))
-    return tl.reshape(tl.join(e, o), (R, 8))
+from .._jit import LN2, LOG2E, TILE, _channel_offsets, _join8, _sigmoid, _softplus, _split8, optional_inputs
 
 
 @triton.jit

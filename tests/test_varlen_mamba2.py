@@ -408,3 +408,31 @@ def test_lm_of_mamba2_mixers_runs_packed():
             for i in new.layer_indices:
                 torch.testing.assert_close(new[i].ssm_state[s:s + 1], alone[i].ssm_state, atol=1e-10, rtol=1e-10)
                 torch.testing.assert_close(new[i].conv_state[s:s + 1], alone[i].conv_state, atol=1e-10, rtol=1e-10)
+
+
+def test_lm_of_mamba2_mixers_refuses_packed_positions_before_running(monkeypatch):
+    """States at positions of packed sequences are a Mamba-1 feature: an LM with Mamba-2 mixers refuses them by
+    name before any layer runs; without a state (every sequence fresh) the packed forward equals zeros passed."""
+    from mamba_state.adapters.lm import StatefulMambaLM
+    from mamba_state.adapters.mamba2 import StatefulMamba2
+    from mamba_state.errors import StateCompatibilityError
+
+    torch.manual_seed(5)
+    cfg = dict(d_model=16, n_layer=2, vocab_size=64, d_intermediate=0, rms_norm=True, fused_add_norm=True,
+               residual_in_fp32=True, tie_embeddings=True, pad_vocab_size_multiple=8,
+               ssm_cfg={"d_state": 8, "layer": "Mamba2", "headdim": 8, "chunk_size": 4})
+    lm = StatefulMambaLM.from_config(cfg).double()
+    lengths = [3, 5]
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(6))
+    ran = []
+    real = StatefulMamba2._forward_packed
+    monkeypatch.setattr(StatefulMamba2, "_forward_packed", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    with pytest.raises(StateCompatibilityError, match="StatefulMamba2"):
+        lm(ids, cu_seqlens=_cu(lengths), return_states_at=[[1], [2]])
+    assert not ran
+    with torch.no_grad():
+        fresh_logits, fresh = lm(ids, cu_seqlens=_cu(lengths))
+        zero_logits, zero = lm(ids, lm.new_state(2), cu_seqlens=_cu(lengths))  # the default state dtype
+    torch.testing.assert_close(fresh_logits, zero_logits, rtol=0, atol=1e-12)
+    for i in fresh.layer_indices:
+        torch.testing.assert_close(fresh[i].ssm_state, zero[i].ssm_state, rtol=0, atol=1e-12)

@@ -128,15 +128,16 @@ class _Block(nn.Module):
         return out, (r.to(torch.promote_types(r.dtype, torch.float32)) if self.residual_in_fp32 else r)
 
     def forward(self, hidden, residual, state, reset, one_step: bool, ops: DeviceOps, positions=None,
-                bounds: list[int] | None = None):
+                bounds: list[int] | None = None, fresh: bool = False):
         """``(hidden, residual, new_state)``, plus the mixer's states at ``positions`` when they are given.
-        ``bounds``: packed sequences (``cu_seqlens`` as a list; the mixer's ``_forward_packed``)."""
+        ``bounds``: packed sequences (``cu_seqlens`` as a list; the mixer's ``_forward_packed``; ``fresh``: the
+        caller passed no state, every row starts from zeros)."""
         hidden, residual = self.add_norm(hidden, residual, self.norm, ops)
         states_at = None
         # the mixers' unchecked internals: StatefulMambaLM.check_state has checked the state, ids, reset and
         # positions once for every layer
         if bounds is not None:
-            out = cast(Any, self.mixer)._forward_packed(hidden, state, reset, bounds, positions)
+            out = cast(Any, self.mixer)._forward_packed(hidden, state, reset, bounds, positions, fresh=fresh)
             hidden, state = out[0], out[1]
             states_at = out[2] if positions is not None else None
         elif one_step:
@@ -369,8 +370,14 @@ class StatefulMambaLM(nn.Module):
         unpacked = [type(layer.mixer).__name__ for layer in self.backbone.blocks()
                     if not hasattr(layer.mixer, "_forward_packed")]
         if unpacked:
-            raise StateCompatibilityError(f"cu_seqlens: expected mixers that run packed sequences (Mamba-1), found "
-                                          f"{sorted(set(unpacked))}")
+            raise StateCompatibilityError(f"cu_seqlens: expected mixers that run packed sequences (Mamba-1, "
+                                          f"Mamba-2), found {sorted(set(unpacked))}")
+        no_positions = [type(layer.mixer).__name__ for layer in self.backbone.blocks()
+                        if not getattr(layer.mixer, "packed_states_at", False)]
+        if positions is not None and no_positions:  # refused before any layer runs
+            raise StateCompatibilityError(f"return_states_at with cu_seqlens: expected Mamba-1 mixers (states at "
+                                          f"positions of packed sequences), found {sorted(set(no_positions))}")
+        fresh = state is None
         if state is not None and isinstance(state, MambaModelState) and state.batch_size != nseq:
             raise StateShapeError(f"state: expected {nseq} rows (one per sequence of cu_seqlens), found "
                                   f"{state.batch_size}")
@@ -383,7 +390,7 @@ class StatefulMambaLM(nn.Module):
         layers_at: dict[int, list] = {}
         for layer in self.backbone.blocks():
             idx = _layer_idx(layer)
-            out = layer(hidden, residual, state[idx], reset, False, ops, positions, bounds=bounds)
+            out = layer(hidden, residual, state[idx], reset, False, ops, positions, bounds=bounds, fresh=fresh)
             hidden, residual, new_layers[idx] = out[0], out[1], out[2]
             if positions is not None:
                 layers_at[idx] = out[3]

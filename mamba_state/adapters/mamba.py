@@ -403,8 +403,10 @@ class StatefulMamba(nn.Module):
         check_reset(reset, [1, x.shape[1]])
         return self._forward_packed(x, state, reset, bounds, positions)
 
+    packed_states_at = True  # _forward_packed takes states at positions per sequence (the LM checks this)
+
     def _forward_packed(self, x: torch.Tensor, state: MambaInferenceState, reset: torch.Tensor | None,
-                        bounds: list[int], positions: list[list[int]] | None):
+                        bounds: list[int], positions: list[list[int]] | None, fresh: bool = False):
         """:meth:`forward_packed` on checked arguments: ``state`` has one row per sequence, ``bounds`` is
         ``cu_seqlens`` as a list. The math of :meth:`_forward` in its inference layout (channel-major
         activations; autograd records through the scan's and conv's own backward passes), with the conv run per

@@ -121,6 +121,10 @@ def distributed(device: str | None = "auto") -> Iterator[DistContext]:
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         yield DistContext(rank, world, local, dev, backend)
+        # every rank reaches the end before any tears the group down: a rank that left first closed its Gloo
+        # connections under one still finishing its last writes, which then aborted ("terminate called without
+        # an active exception", seen under load in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -15,6 +15,11 @@
 #   m3      benchmarks/bench_mamba3.py (M3_BENCH_TIMEOUT, 170 s), then tests/test_mamba3_gpu.py without its gradient
 #           test (M3_TEST_TIMEOUT, 180 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
+#   varlen  packed sequences: tests/test_varlen_gpu.py, test_varlen_conv.py, test_varlen_mamba2.py (gpu-marked), then
+#           benchmarks/bench_varlen.py --backward                (VARLEN_TIMEOUT, 300 s)
+#   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
+#   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
+#   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection)             (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
@@ -46,7 +51,8 @@ for step in ${STEPS:-tests gen cont}; do
                    tests/test_generation_gpu.py tests/test_trace.py tests/test_adapters_mamba.py \
                    tests/test_adapters_lm.py tests/test_adapters_mamba2.py tests/test_kernel_conv.py \
                    tests/test_backend.py tests/test_offload.py tests/test_rl_ppo.py tests/test_rl_env.py \
-                   tests/test_inplace_states.py tests/test_io.py tests/test_kernel_add_norm.py tests/test_kernel_device.py ;;
+                   tests/test_inplace_states.py tests/test_io.py tests/test_kernel_add_norm.py tests/test_kernel_device.py \
+                   tests/test_training_layout.py tests/test_kernel_conv_grad.py tests/test_mamba3_state.py ;;
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;
@@ -62,6 +68,13 @@ for step in ${STEPS:-tests gen cont}; do
                    tests/test_mamba3_gpu.py -k 'not gradients'" ;;
         m3grad) TRITON_CACHE_AUTOTUNING=1 run_step m3grad "${M3GRAD_TIMEOUT:-500}" python3 -m pytest -v -s -m gpu \
                    -p no:cacheprovider -rfE tests/test_mamba3_gpu.py -k gradients ;;
+        varlen) run_step varlen "${VARLEN_TIMEOUT:-300}" bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   tests/test_varlen_gpu.py tests/test_varlen_conv.py tests/test_varlen_mamba2.py; \
+                   python3 benchmarks/bench_varlen.py --backward" ;;
+        mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
+                   tests/test_mamba3_mimo_gpu.py ;;
+        serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;
+        rlc) run_step rlc "${RLC_TIMEOUT:-200}" python3 benchmarks/bench_rl_collect.py ;;
         probes) run_step probes "${PROBE_TIMEOUT:-200}" bash -c "python3 benchmarks/probe_conv_fwd.py; \
                    python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;
         prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \

@@ -27,6 +27,27 @@ __all__ = ["selective_scan_fn"]
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _on_triton(u: Tensor, backend: Optional[str], shape, initial_state: Optional[Tensor] = None) -> bool:
+    """Whether the Triton kernels run a call: the Triton backend for u's device, time-varying B and C, no float64
+    u (nor a float64 initial state, where the caller passes it: those paths then compute in float64)."""
+    return (backend_name(u.device, backend) == "triton" and shape.ngroups_B > 0 and shape.ngroups_C > 0
+            and u.dtype != torch.float64 and (initial_state is None or initial_state.dtype != torch.float64))
+
+
+def _triton_inputs(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], chunk_size: Optional[int],
+                   seqlen: int) -> tuple[int, Tensor, Tensor]:
+    """``(chunk, B4, C4)`` for the kernels: the dtypes they read checked, the checkpoint interval checked (default
+    about sqrt(8 * seqlen)), B and C with a group axis and one group count (:func:`match_groups`)."""
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype not in _HALF_OR_FLOAT:
+            raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk(seqlen)
+    if chunk < 8 or chunk % 8:
+        raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
+    B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
+    return chunk, B4, C4
+
+
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False, initial_state: Optional[Tensor] = None,
@@ -78,18 +99,10 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if return_states_at is not None:
         return _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state, reset, backend, chunk_size, return_states_at, shape)
-    which = backend_name(u.device, backend)
-    constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
-    if which == "reference" or constant_bc or u.dtype == torch.float64:
+    if not _on_triton(u, backend, shape):
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state, reset)
-    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
-        if t is not None and t.dtype not in _HALF_OR_FLOAT:
-            raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
-    if chunk < 8 or chunk % 8:
-        raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
-    B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
+    chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args)
@@ -108,17 +121,9 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
     init = (initial_state if initial_state is not None
             else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
 
-    which = backend_name(u.device, backend)
-    if which == "triton" and shape.ngroups_B > 0 and shape.ngroups_C > 0 and u.dtype in _HALF_OR_FLOAT and (
-            initial_state is None or initial_state.dtype != torch.float64):
+    if _on_triton(u, backend, shape, initial_state):
         # one pass of the kernels, storing the states at the positions as it goes (positions.py)
-        chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
-        if chunk < 8 or chunk % 8:
-            raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
-        for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
-            if t is not None and t.dtype not in _HALF_OR_FLOAT:
-                raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
-        B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
+        chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
         grad = torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
         out, last, states = scan_states_at_one_pass(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                                     delta_softplus, chunk, positions, grad)
@@ -153,20 +158,11 @@ def _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
         positions = check_varlen_positions(return_states_at, bounds)
         return _packed_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     initial_state, reset, backend, chunk_size, positions, bounds, shape)
-    which = backend_name(u.device, backend)
-    constant_bc = shape.ngroups_B == 0 or shape.ngroups_C == 0
-    if which == "reference" or constant_bc or u.dtype == torch.float64 or (
-            initial_state is not None and initial_state.dtype == torch.float64):
+    if not _on_triton(u, backend, shape, initial_state):
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state, reset, cu_seqlens=cu_seqlens)
-    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
-        if t is not None and t.dtype not in _HALF_OR_FLOAT:
-            raise StateError(f"{name}: expected float32, float16 or bfloat16 on the Triton path, found {t.dtype}")
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk(shape.seqlen)
-    if chunk < 8 or chunk % 8:
-        raise StateError(f"chunk_size: expected a positive multiple of 8, found {chunk_size}")
+    chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
     seq_start, seq_end = step_marks(bounds, u.device)
-    B4, C4 = match_groups(B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last, _, _ = ScanFn.apply(*args, seq_start, seq_end, nseq)

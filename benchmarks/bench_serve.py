@@ -16,6 +16,11 @@ one process, the engine stepped in this thread (no HTTP):
     prompts and replies) plus 64-192 new tokens, 64 new tokens per reply, the 8 conversations' turns submitted
     together. Cache hit rate (lookups that hit; prompt tokens served from the cache) and mean TTFT per turn, with
     the cache vs without it (budgets 0).
+(d) a burst: N requests (``--burst``, default 64) with prompts of mixed lengths (log-uniform in 16-2048 tokens,
+    nothing cached) submitted at once, one new token each, greedy, all admitted in one engine step: TTFT (mean,
+    median, the last request's) with packed prefill (``Engine(packed_prefill=True)``: packed forwards of at most
+    ``prefill_chunk_size`` tokens) vs one request at a time (``packed_prefill=False``, short prompts through the
+    prefill graphs). New prompts every repeat.
 
 Writes ``benchmarks/results/serve_gpu.json`` and the "Serving" section of ``docs/benchmarks.md``. Without CUDA
 the script says so and exits 0; ``--quick`` runs every part at tiny sizes on the CPU to check the script (nothing
@@ -29,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -145,7 +151,7 @@ def bench_chat(lm, vocab: int, conversations: int, turns: int, new: int, user: t
                device: torch.device) -> dict:
     def run(with_cache: bool) -> dict:
         gen = torch.Generator().manual_seed(3)
-        budget = {} if with_cache else dict(device_bytes=0, host_bytes=0)
+        budget: dict[str, Any] = {} if with_cache else dict(device_bytes=0, host_bytes=0)
         cache = StateCache(lm, device=device, **budget)
         engine = Engine(lm, cache, max_batch=conversations)
         convo: list[list[int]] = [[] for _ in range(conversations)]
@@ -182,12 +188,67 @@ def bench_chat(lm, vocab: int, conversations: int, turns: int, new: int, user: t
                 uncached=cold, ttft_speedup=cold["mean_ttft_s"] / warm["mean_ttft_s"])
 
 
+# ---------------------------------------------------------------------------------------------- (d) burst
+def bench_burst(lm, vocab: int, requests: int, lengths: tuple[int, int], repeats: int, device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(4)
+    lo, hi = lengths
+
+    def prompts() -> list[list[int]]:
+        u = torch.rand(requests, generator=gen)
+        ns = torch.exp(torch.log(torch.tensor(float(lo))) + u * (torch.log(torch.tensor(float(hi))) -
+                                                                 torch.log(torch.tensor(float(lo)))))
+        return [_ids(int(n), vocab, gen) for n in ns.round().long().tolist()]
+
+    def run(packed: bool, batch: list[list[int]]) -> tuple[list[float], list[int], dict]:
+        engine = Engine(lm, StateCache(lm, device=device), max_batch=requests, packed_prefill=packed,
+                        prefill_tokens_per_step=sum(len(p) for p in batch))
+        _sync(device)
+        handles = [engine.submit(p, max_new_tokens=1) for p in batch]
+        engine.run_until_idle()
+        ttft = []
+        for h in handles:
+            h.result()
+            assert h.first_token_at is not None
+            ttft.append(h.first_token_at - h.submitted_at)
+        return ttft, [h.tokens[0] for h in handles], engine.stats()
+
+    for packed in (True, False):  # warm-up: kernels, graphs, allocator
+        run(packed, prompts())
+    out: dict = dict(requests=requests, lengths=list(lengths), repeats=repeats)
+    stats: dict[bool, list[float]] = {True: [], False: []}
+    means: dict[bool, list[float]] = {True: [], False: []}
+    agree = total = 0
+    seqs_per_batch = []
+    for _ in range(repeats):
+        batch = prompts()
+        results = {packed: run(packed, batch) for packed in (True, False)}
+        for packed, (ttft, _, _) in results.items():
+            means[packed].append(statistics.mean(ttft))
+            stats[packed].extend(ttft)
+        agree += sum(a == b for a, b in zip(results[True][1], results[False][1]))
+        total += requests
+        st = results[True][2]
+        seqs_per_batch.append(st["prefill_batch_sequences"] / max(st["prefill_batches"], 1))
+        out.setdefault("prompt_tokens", []).append(sum(len(p) for p in batch))
+    for packed, name in ((True, "packed"), (False, "one_at_a_time")):
+        out[f"{name}_mean_ttft_s"] = statistics.median(means[packed])
+        out[f"{name}_median_ttft_s"] = statistics.median(stats[packed])
+        out[f"{name}_last_ttft_s"] = max(stats[packed]) if repeats == 1 else statistics.median(
+            [max(stats[packed][i * requests:(i + 1) * requests]) for i in range(repeats)])
+    out["mean_ttft_speedup"] = out["one_at_a_time_mean_ttft_s"] / out["packed_mean_ttft_s"]
+    out["last_ttft_speedup"] = out["one_at_a_time_last_ttft_s"] / out["packed_last_ttft_s"]
+    out["sequences_per_packed_forward"] = statistics.mean(seqs_per_batch)
+    out["first_token_agreement"] = agree / total
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 @torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", "--tiny", action="store_true", help="tiny model and sizes on the CPU")
-    p.add_argument("--parts", default="a,b,c", help="which parts to run (comma-separated of a, b, c)")
+    p.add_argument("--parts", default="a,b,c,d", help="which parts to run (comma-separated of a, b, c, d)")
+    p.add_argument("--burst", type=int, default=None, help="(d): requests arriving at once (default 64; quick 6)")
     p.add_argument("--repeats", type=int, default=None, help="TTFT repeats (default 10; quick 2)")
     p.add_argument("--no-sequential", action="store_true", help="(b): skip the 64 sequential generate calls")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -202,7 +263,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     lm = StatefulMambaLM.from_config(cfg, device=device, dtype=torch.float32 if args.quick else torch.bfloat16
                                      ).eval()
-    vocab = cfg["vocab_size"]
+    vocab = int(cast(int, cfg["vocab_size"]))
     parts = set(args.parts.split(","))
     q = args.quick
     result: dict = {"model": "tiny (quick)" if q else "130m-shaped, bf16 weights, float32 states"}
@@ -218,6 +279,11 @@ def main(argv=None) -> int:
         result["chat"] = bench_chat(lm, vocab, 2 if q else 8, 3 if q else 6, 4 if q else 64,
                                     (4, 8) if q else (64, 192), device)
         print("(c)", {k: v for k, v in result["chat"].items()}, flush=True)
+
+    if "d" in parts:
+        result["burst"] = bench_burst(lm, vocab, args.burst or (6 if q else 64), (2, 24) if q else (16, 2048),
+                                      args.repeats or (2 if q else 5), device)
+        print("(d)", result["burst"], flush=True)
 
     tables = []
     if "ttft" in result:
@@ -250,6 +316,19 @@ def main(argv=None) -> int:
                       "with the cache\n\n" + markdown_table(
                           ["run", "lookup hit rate", "prompt tokens from cache", "mean TTFT (ms)",
                            "mean TTFT per turn (ms)"], rows))
+    if "burst" in result:
+        d = result["burst"]
+        rows = [[name, f"{d[k + '_mean_ttft_s'] * 1e3:.2f}", f"{d[k + '_median_ttft_s'] * 1e3:.2f}",
+                 f"{d[k + '_last_ttft_s'] * 1e3:.2f}"]
+                for name, k in (("packed prefill", "packed"), ("one request at a time", "one_at_a_time"))]
+        tables.append(f"(d) Burst: {d['requests']} requests arriving at once, prompts of "
+                      f"{d['lengths'][0]}-{d['lengths'][1]} tokens (log-uniform, mean "
+                      f"{statistics.mean(d['prompt_tokens']) / d['requests']:.0f}), nothing cached, one new token "
+                      f"each (medians over {d['repeats']} bursts); packed: {d['mean_ttft_speedup']:.2f}x faster mean "
+                      f"TTFT, {d['last_ttft_speedup']:.2f}x faster last TTFT, "
+                      f"{d['sequences_per_packed_forward']:.1f} sequences per packed forward; first tokens equal "
+                      f"between the two: {d['first_token_agreement']:.3f}\n\n" + markdown_table(
+                          ["prefill", "mean TTFT (ms)", "median TTFT (ms)", "last TTFT (ms)"], rows))
     body = "\n\n".join(tables)
     print(body)
     if args.no_write or (q and not args.write):

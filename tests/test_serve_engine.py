@@ -244,3 +244,224 @@ def test_prefill_pieces():
 
     assert pieces(96, 256) == [64, 32] and pieces(1, 4) == [1] and pieces(7, 4) == [4, 2, 1]
     assert all(sum(pieces(n, 8)) == n for n in range(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------- packed prefill
+def _count_solo_prefills(engine):
+    """Wrap the engine's one-request prefill: returns the list of feed lengths prefilled alone, per step."""
+    calls: list[int] = []
+    solo = engine._prefill_one
+
+    def spy(req, state):
+        calls.append(len(req.feed))
+        return solo(req, state)
+
+    engine._prefill_one = spy
+    return calls
+
+
+def _cached_prefixes(cache, sequences):
+    """Every prefix of ``sequences`` that ``cache`` holds, with its state (a lookup of exactly that prefix)."""
+    out = {}
+    for seq in sequences:
+        for n in range(1, len(seq) + 1):
+            ids = tuple(seq[:n])
+            if list(ids) in cache:
+                got, state = cache.lookup(list(ids))
+                assert got == n
+                out[ids] = state
+    return out
+
+
+packed_request = st.tuples(st.one_of(st.none(), st.integers(0, 2)),  # which cached prefix the prompt extends
+                           st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=9),  # the rest of the prompt
+                           st.integers(1, 6),  # max_new_tokens
+                           st.integers(0, len(SAMPLINGS) - 1),
+                           st.integers(0, 2**40))  # seed
+
+
+@given(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10), min_size=3, max_size=3),
+       st.lists(packed_request, min_size=2, max_size=9), st.integers(1, 3), st.integers(1, 8),
+       st.one_of(st.none(), st.integers(1, 5)), st.booleans())
+def test_requests_admitted_together_equal_solo_generate(lm, prefixes, requests, running, chunk, every, overlap):
+    """Several requests admitted in one step (cached prefixes of different lengths or none, tails of 1 or more
+    tokens, prompts cut into packed forwards of ``chunk`` tokens, cache fills every ``every``) while others
+    decode: each one's tokens equal a solo generate, and they are prefilled together (at most one request of a
+    step alone: the lone member of its group)."""
+    cache = StateCache(lm)
+    for p in prefixes:
+        cache.fill(lm, p)  # the state after the whole prefix
+    engine = Engine(lm, cache, max_batch=16, prefill_chunk_size=chunk, cache_every=every, overlap=overlap,
+                    prefill_graphs=overlap, prefill_graph_tokens=4)
+    early = [engine.submit([i + 1, 2, 3], max_new_tokens=8, seed=i, sampling=SAMPLINGS[1]) for i in range(running)]
+    engine.step()
+    solo_prefills = _count_solo_prefills(engine)
+    handles = []
+    for which, tail, k, si, seed in requests:
+        prompt = (prefixes[which] if which is not None else []) + tail
+        handles.append((prompt, k, SAMPLINGS[si], seed, engine.submit(prompt, max_new_tokens=k,
+                                                                      sampling=SAMPLINGS[si], seed=seed)))
+    while engine.stats()["waiting"]:
+        before = len(solo_prefills)
+        engine.step()
+        assert len(solo_prefills) - before <= 1
+    engine.run_until_idle()
+    for i, h in enumerate(early):
+        assert h.result() == _solo(lm, [i + 1, 2, 3], 8, SAMPLINGS[1], i, None)[0]
+    for prompt, k, sampling, seed, h in handles:
+        assert h.result() == _solo(lm, prompt, k, sampling, seed, None)[0], (prompt, k, sampling, seed)
+    stats = engine.stats()
+    assert stats["prefill_batch_sequences"] >= stats["prefill_batches"]
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_packed_prefill_fills_the_cache_as_one_at_a_time(lm, chunk):
+    """The same requests through a packed engine and through one that prefills one request at a time: the same
+    tokens, the same cached prefixes (states equal), the same cached_tokens per request; a prompt that would
+    start from a state another request of its step is about to cache waits one step for it."""
+    system = [3, 1, 4, 1, 5, 9, 2, 6]
+    prompts = [system + [5, 3], system + [5, 3, 5, 8, 9], [7, 7], system[:5] + [8, 8, 8, 8], [2],
+               system + [1] * 9, [4, 4, 4]]
+    results = {}
+    for packed in (True, False):
+        cache = StateCache(lm)
+        cache.fill(lm, system[:4])
+        engine = Engine(lm, cache, cache_every=3, prefill_chunk_size=chunk, packed_prefill=packed)
+        hs = [engine.submit(p, max_new_tokens=3, seed=i, sampling=SAMPLINGS[i % 7]) for i, p in enumerate(prompts)]
+        engine.run_until_idle()
+        stats = engine.stats()
+        outs = [h.result() for h in hs]
+        keys = _cached_prefixes(cache, [p + o for p, o in zip(prompts, outs)])
+        results[packed] = (outs, [h.cached_tokens for h in hs], keys, stats)
+    (outs, cached, keys, stats), (outs1, cached1, keys1, stats1) = results[True], results[False]
+    assert outs == outs1 == [_solo(lm, p, 3, SAMPLINGS[i % 7], i, None)[0] for i, p in enumerate(prompts)]
+    assert cached == cached1
+    assert cached[1] == 10  # system + [5, 3] cached by the first request (its end), in the step after it
+    assert keys.keys() == keys1.keys()
+    for ids, state in keys.items():
+        assert state.allclose(keys1[ids], rtol=1e-10, atol=1e-12), ids
+    assert stats["prefill_batches"] >= 1 and stats["prefill_batch_sequences"] >= 3
+    assert stats1["prefill_batches"] == 0 and stats["prefill_tokens"] == stats1["prefill_tokens"]
+    from mamba_state.serve.metrics import render_metrics
+
+    text = render_metrics(stats)
+    assert f"mamba_state_prefill_batches_total {stats['prefill_batches']}\n" in text
+    assert f"mamba_state_prefill_batch_sequences_total {stats['prefill_batch_sequences']}\n" in text
+
+
+def test_packed_prefill_falls_back_by_capability(lm, monkeypatch):
+    """A model that refuses cu_seqlens (StateCompatibilityError, as a model with Mamba-3 mixers does) is
+    prefilled one request at a time; one that refuses states at positions with cu_seqlens (as Mamba-2's packed
+    path does) packs only the requests with no cache fill inside their prompt. Tokens and cache as always."""
+    from mamba_state.errors import StateCompatibilityError
+    from mamba_state.serve.packed_prefill import packed_capabilities
+
+    assert packed_capabilities(lm) == (True, True)
+    run_packed = lm._run_packed
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [3, 3, 3], [5, 6, 7, 8, 9, 10, 11, 12]]
+
+    def run(refuse):
+        def patched(input_ids, state, reset, num_last_tokens, return_states_at, cu_seqlens):
+            if refuse == "all":
+                raise StateCompatibilityError("cu_seqlens: expected mixers that run packed sequences, found Mamba3")
+            if refuse == "positions" and return_states_at is not None:
+                raise StateError("return_states_at: not supported with cu_seqlens for these layers")
+            return run_packed(input_ids, state, reset, num_last_tokens, return_states_at, cu_seqlens)
+
+        monkeypatch.setattr(lm, "_run_packed", patched)
+        try:
+            engine = Engine(lm, StateCache(lm), cache_every=4)
+            solo = _count_solo_prefills(engine)
+            hs = [engine.submit(p, max_new_tokens=4, seed=i, sampling=SAMPLINGS[2]) for i, p in enumerate(prompts)]
+            engine.run_until_idle()
+            return [h.result() for h in hs], solo, engine
+        finally:
+            monkeypatch.setattr(lm, "_run_packed", run_packed)
+
+    expected = [_solo(lm, p, 4, SAMPLINGS[2], i, None)[0] for i, p in enumerate(prompts)]
+    outs, solo, engine = run("all")
+    assert outs == expected and solo == [7, 2, 3, 8] and engine._pack_caps == (False, False)
+    assert engine.stats()["prefill_batches"] == 0
+    outs, solo, engine = run("positions")
+    # 7 and 8 tokens from zero cross the multiple 4: alone (fill at 4 inside); [8, 9] and [3, 3, 3] packed
+    assert outs == expected and solo == [7, 8] and engine._pack_caps == (True, False)
+    assert engine.stats()["prefill_batches"] == 1 and engine.stats()["prefill_batch_sequences"] == 2
+    for p in prompts:
+        assert p in engine.cache and (len(p) <= 4 or p[:4] in engine.cache)
+
+
+def test_packed_prefill_with_sessions_and_cancellation(lm):
+    """Two sessions resumed in one step (one parked with its history, one a new turn of several tokens) and a
+    request cancelled while waiting: each session continues by the resume law."""
+    engine = Engine(lm, StateCache(lm))
+    a = engine.submit([1, 2, 3], max_new_tokens=4, seed=1, sampling=SAMPLINGS[1], session_id="a")
+    b = engine.submit([4, 5, 6, 7, 8], max_new_tokens=3, session_id="b")
+    engine.run_until_idle()
+    _, out_a = _solo(lm, [1, 2, 3], 4, SAMPLINGS[1], 1, None)
+    _, out_b = _solo(lm, [4, 5, 6, 7, 8], 3, None, None, None)
+    assert a.result() == out_a.sequences[0, 3:].tolist() and b.result() == out_b.sequences[0, 5:].tolist()
+    solo = _count_solo_prefills(engine)
+    batches = engine.stats()["prefill_batches"]
+    a2 = engine.submit([9, 10, 11], max_new_tokens=5, seed=1, sampling=SAMPLINGS[1], session_id="a")
+    gone = engine.submit([1, 2, 3, 4], max_new_tokens=5)
+    gone.cancel()
+    b2 = engine.submit([12], max_new_tokens=3, session_id="b")  # pending token + 1: two tokens to feed
+    c = engine.submit([6, 5, 4, 3], max_new_tokens=2)
+    engine.run_until_idle()
+    assert solo == [] and gone.finish_reason == "cancelled" and gone.result() == []
+    ra = generate(lm, torch.cat([out_a.sequences[:, -1:], torch.tensor([[9, 10, 11]])], 1), out_a.state,
+                  max_new_tokens=5, sampling=SAMPLINGS[1], seed=1)
+    rb = generate(lm, torch.cat([out_b.sequences[:, -1:], torch.tensor([[12]])], 1), out_b.state, max_new_tokens=3)
+    assert a2.result() == ra.sequences[0, 4:].tolist() and a2.cached_tokens == 3 + 4 - 1
+    assert b2.result() == rb.sequences[0, 2:].tolist()
+    assert c.result() == _solo(lm, [6, 5, 4, 3], 2, None, None, None)[0]
+    assert engine.stats()["prefill_batches"] == batches + 1 and engine.stats()["prefill_batch_sequences"] == 2 + 3
+
+
+def test_packed_prefill_of_mamba2_mixers_equals_solo_generate():
+    """An LM of Mamba-2 mixers: packed where its layers run packed sequences (asked of the model), one at a time
+    otherwise; either way every request's tokens equal a solo generate, cache fills included."""
+    torch.manual_seed(2)
+    cfg = dict(d_model=16, n_layer=2, vocab_size=VOCAB, d_intermediate=0, rms_norm=True, fused_add_norm=True,
+               residual_in_fp32=True, tie_embeddings=True, pad_vocab_size_multiple=8,
+               ssm_cfg={"d_state": 8, "layer": "Mamba2", "headdim": 8, "chunk_size": 4})
+    lm2 = StatefulMambaLM.from_config(cfg, dtype=torch.float64, state_dtype=torch.float64).eval()
+    engine = Engine(lm2, StateCache(lm2), cache_every=3, prefill_chunk_size=5)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [3, 3], [5, 6, 7, 8, 9, 10, 11, 12], [4]]
+    hs = [engine.submit(p, max_new_tokens=4, seed=i, sampling=SAMPLINGS[i % 7]) for i, p in enumerate(prompts)]
+    engine.run_until_idle()
+    for i, (p, h) in enumerate(zip(prompts, hs)):
+        assert h.result() == _solo(lm2, p, 4, SAMPLINGS[i % 7], i, None)[0]
+    packed, _ = engine._pack_caps
+    assert (engine.stats()["prefill_batches"] > 0) == packed
+
+
+def test_prefill_packing_plan():
+    from mamba_state.serve.packed_prefill import cache_positions, first_insert, plan_forwards
+
+    plan = plan_forwards([3, 5, 0, 2], 4)
+    assert [[(p.seq, p.lo, p.hi) for p in f] for f in plan] == [[(0, 0, 3), (1, 0, 1)], [(1, 1, 5)], [(3, 0, 2)]]
+    for lengths in ([1] * 9, [9], [4, 4], [2, 7, 1]):
+        for chunk in (1, 3, 4, 16):
+            forwards = plan_forwards(lengths, chunk)
+            assert all(sum(p.hi - p.lo for p in f) <= chunk for f in forwards)
+            for s, n in enumerate(lengths):  # each feed covered once, in order
+                covered = [(p.lo, p.hi) for f in forwards for p in f if p.seq == s]
+                assert [lo for lo, _ in covered] == [0] + [hi for _, hi in covered[:-1]] and covered[-1][1] == n
+    assert cache_positions(2, 0, 5, 9, 3) == [3, 6, 7][:2] and cache_positions(2, 5, 9, 9, 3) == [9, 11]
+    assert cache_positions(0, 0, 4, 4, None) == [4] and cache_positions(0, 0, 3, 4, None) == []
+    assert first_insert(2, 9, 3) == 3 and first_insert(2, 9, None) == 11 and first_insert(10, 1, 4) == 11
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_repetition_penalty_sees_the_cached_prefix(lm, packed):
+    """generate's penalty covers the whole prompt: so does the engine's when the prompt starts from a cached
+    prefix (a one-token tail, as a decode step, and longer tails, prefilled alone or packed)."""
+    cache = StateCache(lm)
+    cache.fill(lm, [0, 1])
+    engine = Engine(lm, cache, packed_prefill=packed)
+    prompts = [[0, 1, 0], [0, 1, 0, 2], [0, 1, 7, 7, 1]]
+    hs = [engine.submit(p, max_new_tokens=3, sampling=SAMPLINGS[6], seed=1) for p in prompts]
+    engine.run_until_idle()
+    assert [h.cached_tokens for h in hs] == [2, 2, 2]
+    assert [h.result() for h in hs] == [_solo(lm, p, 3, SAMPLINGS[6], 1, None)[0] for p in prompts]

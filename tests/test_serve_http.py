@@ -168,6 +168,8 @@ def test_server_streams_concurrent_clients_errors_metrics_and_restart(model_dir,
         expected_tokens = sum(b["max_tokens"] for b in bodies) + 5
         assert f"mamba_state_generated_tokens_total {expected_tokens}" in metrics
         assert 'mamba_state_cache_bytes{tier="disk"}' in metrics and "# TYPE mamba_state_tokens_per_second gauge" in metrics
+        assert "# TYPE mamba_state_prefill_batches_total counter" in metrics
+        assert "# TYPE mamba_state_prefill_batch_sequences_total counter" in metrics
         assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
     finally:
         assert server.stop() in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises SIGTERM after its shutdown

@@ -6,8 +6,9 @@ Requests join and leave the decode batch between steps (:class:`~mamba_state.ser
    yet), else from the longest cached prefix of its prompt (:class:`~mamba_state.cache.StateCache`), else from
    zeros;
 2. prefills the tokens its state has not consumed in chunked forwards (the states after the prompt, and every
-   ``cache_every`` tokens, go into the cache); a single token goes straight to the decode batch, as in
-   :func:`~mamba_state.generation.generate`;
+   ``cache_every`` tokens, go into the cache), packed with the other requests admitted in the same step where the
+   model runs packed sequences (:mod:`mamba_state.serve.packed_prefill`); a single token goes straight to the
+   decode batch, as in :func:`~mamba_state.generation.generate`;
 3. decodes in the batch, one token per engine step, chosen by its own sampler
    (:mod:`mamba_state.serve.sampler`, the generation layer's rule: the draw of the token at absolute position
    ``p`` is keyed by ``(seed, p)``);
@@ -34,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..cache import StateCache
@@ -42,6 +44,8 @@ from ..errors import StateError
 from ..generation.sampling import SamplingConfig
 from ..state import MambaModelState
 from .batch import DecodeBatch
+from .packed_prefill import (cache_positions, first_insert, packed_capabilities, plan_forwards, rows_view,
+                             serves_prefix, write_rows)
 from .prefill_graphs import PrefillGraphs
 from .sampler import RowSampler, choose_device, choose_tokens
 
@@ -192,12 +196,17 @@ class Engine:
             as replays of CUDA graphs, :class:`~mamba_state.serve.prefill_graphs.PrefillGraphs` (None: on CUDA
             with ``cuda_graph``; True elsewhere runs the same pieces eagerly).
         prefill_graph_tokens: the longest such prefill (a power of two).
+        packed_prefill: prefill the requests admitted in one step together, in packed forwards of at most
+            ``prefill_chunk_size`` tokens (``cu_seqlens``), when the model runs packed sequences (asked of it
+            once); a request alone in its step still prefills alone (and its short tail through the prefill
+            graphs). False: one request at a time (the comparison in ``bench_serve.py``).
     """
 
     def __init__(self, lm: Any, cache: StateCache | None = None, *, max_batch: int = 64, max_queue: int = 256,
                  cache_every: int | None = None, prefill_chunk_size: int = 2048,
                  prefill_tokens_per_step: int = 8192, cuda_graph: bool = True, max_prompt_tokens: int = 1 << 20,
-                 overlap: bool | None = None, prefill_graphs: bool | None = None, prefill_graph_tokens: int = 256):
+                 overlap: bool | None = None, prefill_graphs: bool | None = None, prefill_graph_tokens: int = 256,
+                 packed_prefill: bool = True):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                             ("prefill_chunk_size", prefill_chunk_size, 1),
                             ("prefill_tokens_per_step", prefill_tokens_per_step, 1),
@@ -225,6 +234,8 @@ class Engine:
             raise StateError(f"prefill_graph_tokens: expected a power of two >= 1, found {prefill_graph_tokens!r}")
         self.prefill_graphs = (PrefillGraphs(lm, prefill_graph_tokens, use_graphs=cuda_graph) if prefill_graphs
                                else None)
+        self.packed_prefill = bool(packed_prefill)
+        self._pack_caps: tuple[bool, bool] | None = None  # (packed forwards, with states at positions)
         # the step whose tokens are still on their way to the host: (host tensor, CUDA event, rows)
         self._pending: tuple[torch.Tensor, Any, list[tuple[_Request, int, MambaModelState | None]]] | None = None
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -362,9 +373,18 @@ class Engine:
             return None
 
     def _admit(self) -> bool:
+        """Take waiting requests (up to ``prefill_tokens_per_step`` prompt tokens and ``max_batch`` rows), set up
+        their states and prefill them: together in packed forwards when there are several and the model runs
+        packed sequences (:meth:`_prefill_packed`), else one at a time."""
         budget = self.prefill_tokens_per_step
         admitted = False
-        while budget > 0 and len(self._running) < self.max_batch:
+        with self._lock:
+            several = len(self._waiting) >= 2
+        pack, positions = self._packing() if several else (False, False)
+        group: list[tuple[_Request, MambaModelState]] = []
+        marks: list[tuple[Any, int]] = []  # per group member: its ids from zero, the first position it caches
+        held: list[_Request] = []
+        while budget > 0 and len(self._running) + len(group) < self.max_batch:
             req = self._next_waiting()
             if req is None:
                 break
@@ -372,16 +392,71 @@ class Engine:
             if req.handle.cancelled:
                 self._finish_unstarted(req)
                 continue
+            if marks and self._waits_for(req, marks):
+                held.append(req)
+                continue
             try:
-                budget -= self._start(req)
+                state = self._setup(req)
+                budget -= len(req.feed)
+                if len(req.feed) == 1:  # one token: the decode step, as generate does
+                    self._join(req, state, req.feed[0])
+                elif pack and (positions or not self._fills_inside(req, state)):
+                    group.append((req, state))
+                    ids = self._known_ids(req, state.seqlen_offset)[1]
+                    if ids is not None:
+                        marks.append((np.asarray(ids, dtype=np.int64),
+                                      first_insert(state.seqlen_offset, len(req.feed), self.cache_every)))
+                else:
+                    self._prefill_one(req, state)
             except Exception as exc:
                 self._release_session(req)
                 req.handle._emit(_Event("error", error=exc))
+        if held:  # first in line at the next step, whose lookup will find the states cached meanwhile
+            for req in held:
+                self._release_session(req)
+            with self._lock:
+                self._waiting.extendleft(reversed(held))
+        if len(group) == 1:
+            req, state = group[0]
+            try:
+                self._prefill_one(req, state)
+            except Exception as exc:
+                self._release_session(req)
+                req.handle._emit(_Event("error", error=exc))
+        elif group:
+            self._prefill_packed(group)
         return admitted
 
-    def _start(self, req: _Request) -> int:
-        """Set up ``req``'s state, prefill it and choose its first token; returns the tokens prefilled."""
+    def _packing(self) -> tuple[bool, bool]:
+        """``(packed, positions)``: whether prefills run packed, and with states at positions (asked of the
+        model once, :func:`~mamba_state.serve.packed_prefill.packed_capabilities`)."""
+        if not self.packed_prefill:
+            return False, False
+        if self._pack_caps is None:
+            self._pack_caps = packed_capabilities(self.lm)
+        return self._pack_caps
+
+    @staticmethod
+    def _waits_for(req: _Request, marks: list[tuple[Any, int]]) -> bool:
+        """Whether ``req``'s prompt would start from a state that a request packed in this step is about to
+        cache (``marks``: its ids from zero and the first position it caches). Then ``req`` waits a step and
+        starts from that state, as it would have prefilled after that request one at a time."""
+        if req.prompt_np is None or len(req.prompt) < 2:
+            return False
+        return any(serves_prefix(req.prompt_np, ids, first) for ids, first in marks)
+
+    def _fills_inside(self, req: _Request, state: MambaModelState) -> bool:
+        """Whether ``req``'s prefill caches a state strictly inside its feed (a ``cache_every`` multiple before
+        its end), which a packed forward can give only where the model has packed states at positions."""
+        every, start = self.cache_every, state.seqlen_offset
+        known = req.history is not None and len(req.history) == start
+        return bool(known and every and (start // every + 1) * every < start + len(req.feed))
+
+    def _setup(self, req: _Request) -> MambaModelState:
+        """``req``'s start state (batch 1: its parked session, the longest cached prefix of its prompt, or
+        zeros); sets ``req.feed`` (the tokens that state has not consumed), its history and sampler."""
         state: MambaModelState | None = None
+        parked = None
         if req.session_id is not None:
             parked = self.cache.get_session(req.session_id, device=self.device)
             if parked is not None:
@@ -402,18 +477,26 @@ class Engine:
             raise StateError(f"session {req.session_id}: expected a parked session or prompt tokens, found neither "
                              "(unknown or evicted session and an empty prompt)")
         req.handle.prompt_tokens = len(req.prompt)
-        req.sampler = RowSampler.make(req.sampling, req.seed, self.vocab, req.feed, self.device)
+        # the repetition penalty sees generate's input: the whole prompt (a cached prefix included), or for a
+        # resumed session the pending token and the new prompt (the resume law's input)
+        context = req.feed if parked is not None else req.prompt
+        req.sampler = RowSampler.make(req.sampling, req.seed, self.vocab, context, self.device)
         self.counters["prompt_tokens"] += len(req.prompt)
         self.counters["cached_tokens"] += req.handle.cached_tokens
         if state is None:
             state = self.lm.new_state(1, device=self.device)
-        if len(req.feed) == 1:  # one token: the decode step, as generate does
-            req.offset = state.seqlen_offset
-            self._join(req, state, req.feed[0])
-            return 1
+        req.offset = state.seqlen_offset
+        return state
+
+    def _prefill_one(self, req: _Request, state: MambaModelState) -> None:
+        """Prefill ``req`` alone from ``state`` and choose its first token."""
         logits, state = self._prefill(req, state)
         req.offset = state.seqlen_offset
-        token = choose_tokens(logits, [(0, req.sampler, req.offset)])[0]
+        assert req.sampler is not None
+        self._first_token(req, choose_tokens(logits, [(0, req.sampler, req.offset)])[0], state)
+
+    def _first_token(self, req: _Request, token: int, state: MambaModelState) -> None:
+        """``req`` prefilled (``state`` has consumed its feed): emit ``token``, then park or join the batch."""
         self.counters["prefill_tokens"] += len(req.feed)
         req.produced += 1
         self._emit_token(req, token)
@@ -421,18 +504,89 @@ class Engine:
             self._park(req, state)
         else:
             self._join(req, state, token)
-        return len(req.feed)
+
+    def _known_ids(self, req: _Request, start: int) -> tuple[list[int] | None, Any]:
+        """``(history + feed, the same as int64 numpy)`` when the tokens from zero up to ``start`` are known
+        (the cache is filled only then), else ``(None, None)``."""
+        history = req.history
+        if history is None or len(history) != start:
+            return None, None
+        full = history + req.feed
+        # the prompt's own array when the history is the prompt's start (no conversion)
+        full_np = (req.prompt_np if req.prompt_np is not None and len(full) == len(req.prompt)
+                   and req.session_id is None else full)
+        return full, full_np
+
+    def _prefill_packed(self, group: list[tuple[_Request, MambaModelState]]) -> None:
+        """Prefill the requests of ``group`` (each with its start state, batch 1) together: packed forwards of at
+        most ``prefill_chunk_size`` tokens (:func:`~mamba_state.serve.packed_prefill.plan_forwards`), each
+        request's piece from its own row of one group state; the cache gets the states ``_prefill`` would put
+        there (the rows at the end of a piece, and ``return_states_at`` per sequence inside one). A request takes
+        its first token (``logits[0, cu[1:] - 1]``) after the forward holding its last piece."""
+        reqs = [req for req, _ in group]
+        starts = [state.seqlen_offset for _, state in group]
+        known = [self._known_ids(req, start) for req, start in zip(reqs, starts)]
+        rows = MambaModelState.cat([MambaModelState(dict(s.items())) for _, s in group])  # [n, ...]
+        feeds = [np.asarray(req.feed, dtype=np.int64) for req in reqs]
+        finished: set[int] = set()
+        try:
+            for pieces in plan_forwards([f.size for f in feeds], self.prefill_chunk_size):
+                first, last = pieces[0].seq, pieces[-1].seq
+                lengths = [p.hi - p.lo for p in pieces]
+                ids = torch.from_numpy(np.concatenate([feeds[p.seq][p.lo:p.hi] for p in pieces]))
+                cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+                fills = [cache_positions(starts[p.seq], p.lo, p.hi, feeds[p.seq].size, self.cache_every)
+                         if known[p.seq][0] is not None else [] for p in pieces]
+                base = [starts[p.seq] + p.lo for p in pieces]
+                inside = [[q - b for q in fs if q < b + n] for fs, b, n in zip(fills, base, lengths)]
+                x = ids.to(self.device, non_blocking=True)[None]
+                sub = rows_view(rows, first, last + 1)
+                if any(inside):
+                    logits, new, states_at = self.lm(x, sub, cu_seqlens=cu, return_states_at=inside)
+                else:
+                    logits, new = self.lm(x, sub, cu_seqlens=cu)
+                    states_at = [[] for _ in pieces]
+                write_rows(rows, first, new)
+                self.counters["prefill_batches"] += 1
+                self.counters["prefill_batch_sequences"] += len(pieces)
+                for j, p in enumerate(pieces):
+                    full_np = known[p.seq][1]
+                    for q, s in zip(inside[j], states_at[j]):
+                        self.cache.insert(full_np[:base[j] + q], MambaModelState(dict(s.items()),
+                                                                                 seqlen_offset=base[j] + q))
+                    if fills[j] and fills[j][-1] == base[j] + lengths[j]:
+                        self.cache.insert(full_np[:fills[j][-1]], rows_view(rows, p.seq, p.seq + 1,
+                                                                            fills[j][-1]))
+                done = [j for j, p in enumerate(pieces) if p.hi == feeds[p.seq].size]
+                if not done:
+                    continue
+                ends = torch.as_tensor([int(cu[j + 1]) - 1 for j in done], device=logits.device)
+                choose = []
+                for k, j in enumerate(done):
+                    req = reqs[pieces[j].seq]
+                    req.offset = starts[pieces[j].seq] + feeds[pieces[j].seq].size
+                    assert req.sampler is not None
+                    choose.append((k, req.sampler, req.offset))
+                tokens = choose_tokens(logits[0].index_select(0, ends), choose)
+                for k, j in enumerate(done):
+                    s = pieces[j].seq
+                    req = reqs[s]
+                    finished.add(s)
+                    full = known[s][0]
+                    if full is not None:
+                        req.history = full
+                    self._first_token(req, tokens[k], rows_view(rows, s, s + 1, req.offset))
+        except Exception as exc:  # the requests not prefilled yet fail; those already decoding go on
+            for s, req in enumerate(reqs):
+                if s not in finished:
+                    self._release_session(req)
+                    req.handle._emit(_Event("error", error=exc))
 
     def _prefill(self, req: _Request, state: MambaModelState) -> tuple[torch.Tensor, MambaModelState]:
         """Chunked forward of ``req.feed`` from ``state``; caches the states at ``cache_every`` multiples and at
         the end (when the token history from zero is known). Returns last-token logits ``[1, vocab_padded]``."""
         feed, start = req.feed, state.seqlen_offset
-        history = req.history
-        known = history is not None and len(history) == start
-        full = (history + feed) if known and history is not None else None
-        # the ids as numpy for the cache (the prompt itself when the history is the prompt's start)
-        full_np = (req.prompt_np if full is not None and req.prompt_np is not None and len(full) == len(req.prompt)
-                   and req.session_id is None else full)
+        full, full_np = self._known_ids(req, start)
         every = self.cache_every
         inside = every is not None and (start + len(feed) - 1) // every > start // every
         if self.prefill_graphs is not None and self.prefill_graphs.handles(len(feed)) and not inside:
@@ -639,6 +793,7 @@ class Engine:
             waiting = len(self._waiting)
         return {**{k: self.counters.get(k, 0) for k in ("requests", "finished", "rejected", "tokens",
                                                           "prompt_tokens", "cached_tokens", "prefill_tokens",
-                                                          "decode_steps", "decode_rows")},
+                                                          "decode_steps", "decode_rows", "prefill_batches",
+                                                          "prefill_batch_sequences")},
                 "running": len(self._running), "waiting": waiting, "batch_capacity": self.batch.capacity,
                 "tokens_per_second": self.tokens_per_second(), "cache": self.cache.stats()}

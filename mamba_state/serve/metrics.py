@@ -17,6 +17,10 @@ _ENGINE = [
     ("prompt_tokens_total", "counter", "Prompt tokens received.", "prompt_tokens"),
     ("cached_prompt_tokens_total", "counter", "Prompt tokens served from the cache or a session.", "cached_tokens"),
     ("prefill_tokens_total", "counter", "Tokens run through a prefill forward.", "prefill_tokens"),
+    ("prefill_batches_total", "counter", "Packed prefill forwards (several requests' prompts in one forward).",
+     "prefill_batches"),
+    ("prefill_batch_sequences_total", "counter", "Request pieces in packed prefill forwards (divided by "
+     "prefill_batches_total: sequences per forward).", "prefill_batch_sequences"),
     ("decode_steps_total", "counter", "Batched decode steps.", "decode_steps"),
     ("running_requests", "gauge", "Requests in the decode batch.", "running"),
     ("waiting_requests", "gauge", "Requests queued.", "waiting"),

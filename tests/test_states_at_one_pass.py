@@ -172,3 +172,47 @@ def test_layer_on_triton_states_at_positions_equal_stopping_there(monkeypatch):
     (gx_ref,) = torch.autograd.grad(cur.ssm_state.sum() + torch.cat(ys, 1).sum() + sum(
         layer(x[:, :p], s0, reset[:, :p])[1].ssm_state.sum() for p in (6, 9)), [x])
     torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqpar, bwd", [("0", "seq"), ("1", "chunk")])
+def test_packed_states_at_positions_in_one_pass(monkeypatch, seqpar, bwd):
+    """Packed sequences with states at positions per sequence (0, interior, repeated, the length, an empty
+    sequence): the Triton one pass against the float64 segment path of the reference backend, values and
+    gradients of every input (the initial states included), in one forward launch."""
+    monkeypatch.setenv("MAMBA_STATE_SCAN_SEQPAR", seqpar)
+    monkeypatch.setenv("MAMBA_STATE_SCAN_BWD", bwd)
+    lens = [6, 0, 11, 1, 9]
+    positions = [[0, 2, 2, 6], [0], [5, 11], [1], [3, 8]]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    L = sum(lens)
+    inp = _inputs(11, 1, 4, 4, L, 1)
+    g = torch.Generator().manual_seed(12)
+    h0 = torch.randn(len(lens), 4, 4, generator=g, dtype=F64)
+    reset = torch.rand(1, L, generator=g) < 0.1
+    results = []
+    calls = []
+    real = positions_mod.scan_forward
+    monkeypatch.setattr(positions_mod, "scan_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for backend, dtype in (("triton", torch.float32), ("reference", F64)):
+        leaves = {k: v.to(dtype).clone().requires_grad_() for k, v in inp.items()}
+        h = h0.to(dtype).clone().requires_grad_()
+        out, last, states = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, initial_state=h,
+                                              reset=reset, cu_seqlens=cu, return_states_at=positions,
+                                              backend=backend, chunk_size=8)
+        w = torch.Generator().manual_seed(13)
+        loss = (out.double() * torch.randn(out.shape, generator=w, dtype=F64)).sum() + last.double().sum()
+        loss = loss + sum((st.double() * torch.randn(st.shape, generator=w, dtype=F64)).sum() for st in states)
+        grads = torch.autograd.grad(loss, [*leaves.values(), h])
+        results.append((out, last, states, grads))
+    (out, last, states, grads), (rout, rlast, rstates, rgrads) = results
+    torch.testing.assert_close(out.double(), rout, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last.double(), rlast, rtol=1e-4, atol=1e-5)
+    for st, rst in zip(states, rstates):
+        torch.testing.assert_close(st.double(), rst, rtol=1e-4, atol=1e-5)
+    for name, got, ref in zip([*inp, "initial_state"], grads, rgrads):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
+    assert len(calls) == 0  # the differentiable call goes through ScanFn, not scan_forward directly
+    with torch.no_grad():
+        selective_scan_fn(**{k: v.float() for k, v in inp.items()}, delta_softplus=True, initial_state=h0.float(),
+                          reset=reset, cu_seqlens=cu, return_states_at=positions, backend="triton", chunk_size=8)
+    assert len(calls) == 1  # inference: one forward launch for every position of every sequence

@@ -20,7 +20,7 @@ from .all_states import selective_scan_all_states
 from .chunked import selective_scan_chunked
 from .ops import ScanFn, scan_forward
 from .packed import check_varlen_positions, check_varlen_state, seq_bounds, step_marks
-from .positions import scan_states_at_one_pass
+from .positions import scan_packed_states_at_one_pass, scan_states_at_one_pass
 
 __all__ = ["selective_scan_fn"]
 
@@ -183,7 +183,14 @@ def _packed_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, re
     """Packed sequences with states at positions per sequence: the packed row is cut at every requested position
     (``cu_seqlens[s] + p``) and scanned segment by segment, each segment itself packed (its pieces of the
     sequences it overlaps), a sequence continuing from the state its previous piece left. Every token is scanned
-    once; gradients flow through the chained states."""
+    once; gradients flow through the chained states. On the Triton path one pass instead, which stores the
+    states at the positions as it goes (:func:`.positions.scan_packed_states_at_one_pass`)."""
+    if _on_triton(u, backend, shape, initial_state):
+        chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
+        grad = torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        out, last, states = scan_packed_states_at_one_pass(u, delta, A, B4, C4, D, z, delta_bias, initial_state,
+                                                           reset, delta_softplus, chunk, bounds, positions, grad)
+        return (out, last, states) if return_last_state else (out, states)
     L, nseq = shape.seqlen, len(bounds) - 1
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     h0 = (initial_state.to(ct) if initial_state is not None

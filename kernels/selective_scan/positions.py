@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .ops import ScanFn, scan_forward
 
-__all__ = ["position_marks", "scan_states_at_one_pass"]
+__all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
 
 
 def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.device,
@@ -68,3 +68,72 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     picked = [h0 if p == 0 else by_stop[index[p]] for p in positions]
     states = torch.stack(picked) if picked else h0.new_zeros(0, batch, dim, dstate)
     return out, by_stop[index[L]], states
+
+
+def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[int]], device: torch.device,
+                          multiple: int = 8) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """Marks of packed sequences (``bounds``: cu_seqlens as a list) with states at ``positions`` (one list of
+    token counts per sequence): ``(starts, ends, rows)``. Row s of the stored states is sequence s's final state
+    (marked at its last step, as :func:`~.packed.step_marks` does); each distinct interior position
+    ``0 < p < length`` of sequence s gets a row of its own after those, marked at step ``bounds[s] + p - 1``
+    (never a sequence's last step, so no step carries two marks). ``rows[s][i]`` is the row of
+    ``positions[s][i]``: -1 for p = 0 (the sequence's initial state), s for its length."""
+    nseq = len(bounds) - 1
+    n = -(-bounds[-1] // multiple) * multiple
+    starts = torch.full((n,), -1, dtype=torch.int32)
+    ends = torch.full((n,), -1, dtype=torch.int32)
+    rows: list[list[int]] = []
+    extra = nseq
+    for s in range(nseq):
+        a, b = bounds[s], bounds[s + 1]
+        if b > a:
+            starts[a] = s
+            ends[b - 1] = s
+        inner: dict[int, int] = {}
+        mine = []
+        for p in positions[s]:
+            if p == 0:
+                mine.append(-1)
+            elif p == b - a:
+                mine.append(s)
+            else:
+                if p not in inner:
+                    inner[p] = extra
+                    ends[a + p - 1] = extra
+                    extra += 1
+                mine.append(inner[p])
+        rows.append(mine)
+    return starts.to(device, non_blocking=True), ends.to(device, non_blocking=True), rows
+
+
+def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
+                                   z: Optional[Tensor], delta_bias: Optional[Tensor],
+                                   initial_state: Optional[Tensor], reset: Optional[Tensor], delta_softplus: bool,
+                                   chunk: int, bounds: Sequence[int], positions: Sequence[Sequence[int]],
+                                   differentiable: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The Triton scan of packed sequences (batch 1; ``bounds`` cu_seqlens as a list, ``initial_state``
+    [num_seqs, dim, dstate] or None) with each sequence's states at its ``positions`` (checked by the caller),
+    in one pass: ``(out [1, dim, L], last [num_seqs, dim, dstate] float32, states)``, ``states[s]``
+    [len(positions[s]), dim, dstate] float32. An empty sequence's final state is its initial state."""
+    dim, dstate = u.shape[1], A.shape[1]
+    nseq = len(bounds) - 1
+    starts, ends, rows = packed_position_marks(bounds, positions, u.device)
+    nrows = max(nseq + len({r for rs in rows for r in rs if r >= nseq}), 1)
+    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
+    if differentiable:
+        out, buf, _, _ = ScanFn.apply(*args, starts, ends, nrows)
+    else:
+        out, buf, _, _ = scan_forward(*args, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
+    h0 = (initial_state.float() if initial_state is not None
+          else torch.zeros(nseq, dim, dstate, device=u.device, dtype=torch.float32))
+    empty = [s for s in range(nseq) if bounds[s] == bounds[s + 1]]
+    last = buf[:nseq]
+    if empty:  # no step of theirs ran: their final state is their initial state
+        mask = torch.zeros(nseq, 1, 1, dtype=torch.bool)
+        mask[empty] = True
+        last = torch.where(mask.to(u.device, non_blocking=True), h0, last)
+    states = []
+    for s, rs in enumerate(rows):
+        picked = [h0[s] if r < 0 else last[s] if r == s else buf[r] for r in rs]
+        states.append(torch.stack(picked) if picked else h0.new_zeros(0, dim, dstate))
+    return out, last, states

@@ -465,3 +465,27 @@ def test_repetition_penalty_sees_the_cached_prefix(lm, packed):
     engine.run_until_idle()
     assert [h.cached_tokens for h in hs] == [2, 2, 2]
     assert [h.result() for h in hs] == [_solo(lm, p, 3, SAMPLINGS[6], 1, None)[0] for p in prompts]
+
+
+def test_failed_packed_forward_fails_its_requests_only(lm, monkeypatch):
+    """A packed forward that raises ends the requests it was prefilling with that error (their sessions freed);
+    a request already decoding and the requests after it are served as usual."""
+    engine = Engine(lm, StateCache(lm))
+    assert engine._packing() == (True, True)
+    early = engine.submit([1, 2, 3], max_new_tokens=6)
+    engine.step()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(lm, "_run_packed", broken)
+    failing = [engine.submit([4, 5, 6], max_new_tokens=3, session_id="s"), engine.submit([7, 8], max_new_tokens=3)]
+    engine.step()
+    monkeypatch.undo()
+    for h in failing:
+        with pytest.raises(RuntimeError, match="device lost"):
+            h.result(timeout=1)
+    again = engine.submit([9, 9], max_new_tokens=3, session_id="s")
+    engine.run_until_idle()
+    assert early.result() == _solo(lm, [1, 2, 3], 6, None, None, None)[0]
+    assert again.result() == _solo(lm, [9, 9], 3, None, None, None)[0]

@@ -571,11 +571,11 @@ class Engine:
                 for k, j in enumerate(done):
                     s = pieces[j].seq
                     req = reqs[s]
-                    finished.add(s)
                     full = known[s][0]
                     if full is not None:
                         req.history = full
                     self._first_token(req, tokens[k], rows_view(rows, s, s + 1, req.offset))
+                    finished.add(s)
         except Exception as exc:  # the requests not prefilled yet fail; those already decoding go on
             for s, req in enumerate(reqs):
                 if s not in finished:

@@ -24,6 +24,25 @@ from .ops import ScanFn, scan_forward
 __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
 
 
+def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differentiable: bool) -> tuple[Tensor, Tensor]:
+    """``(out, stored states [nrows, dim, dstate] float32)`` of the kernels with the marks: through ScanFn when
+    autograd is needed, else the forward launches directly."""
+    *inputs, softplus, chunk = args
+    full = (*inputs, bool(softplus), chunk)
+    if differentiable:
+        out, buf, _, _ = ScanFn.apply(*full, starts, ends, nrows)
+    else:
+        out, buf, _, _ = scan_forward(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
+    return out, buf
+
+
+def _initial(initial_state: Optional[Tensor], rows: int, dim: int, dstate: int, device: torch.device) -> Tensor:
+    """The initial states as float32 [rows, dim, dstate] (zeros when None)."""
+    if initial_state is not None:
+        return initial_state.float()
+    return torch.zeros(rows, dim, dstate, device=device, dtype=torch.float32)
+
+
 def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.device,
                    multiple: int = 8) -> tuple[Tensor, Tensor]:
     """``(starts, ends)`` int32 marks, ``seqlen`` rounded up to ``multiple`` and padded with -1: ``starts[0] = 0``
@@ -54,13 +73,9 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     stops = sorted({p for p in positions if p > 0} | {L}) if L > 0 else []
     starts, ends = position_marks(stops, L, batch, u.device)
     nrows = max(1, len(stops)) * batch
-    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
-    if differentiable:
-        out, buf, _, _ = ScanFn.apply(*args, starts, ends, nrows)
-    else:
-        out, buf, _, _ = scan_forward(*args, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
-    h0 = (initial_state.float() if initial_state is not None
-          else torch.zeros(batch, dim, dstate, device=u.device, dtype=torch.float32))
+    out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
+                            starts, ends, nrows, differentiable)
+    h0 = _initial(initial_state, batch, dim, dstate, u.device)
     if L == 0:
         return out, h0, torch.stack([h0 for _ in positions]) if positions else h0.new_zeros(0, batch, dim, dstate)
     by_stop = buf.view(len(stops), batch, dim, dstate)
@@ -119,13 +134,9 @@ def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tens
     nseq = len(bounds) - 1
     starts, ends, rows = packed_position_marks(bounds, positions, u.device)
     nrows = max(nseq + len({r for rs in rows for r in rs if r >= nseq}), 1)
-    args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
-    if differentiable:
-        out, buf, _, _ = ScanFn.apply(*args, starts, ends, nrows)
-    else:
-        out, buf, _, _ = scan_forward(*args, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
-    h0 = (initial_state.float() if initial_state is not None
-          else torch.zeros(nseq, dim, dstate, device=u.device, dtype=torch.float32))
+    out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
+                            starts, ends, nrows, differentiable)
+    h0 = _initial(initial_state, nseq, dim, dstate, u.device)
     empty = [s for s in range(nseq) if bounds[s] == bounds[s + 1]]
     last = buf[:nseq]
     if empty:  # no step of theirs ran: their final state is their initial state

@@ -189,11 +189,31 @@ def test_lm_packed_bad_input():
         lm(torch.cat([ids, ids]), cu_seqlens=_cu([4, 5]))
     with pytest.raises(StateShapeError, match="non-decreasing"):
         lm(ids, state=state, cu_seqlens=torch.tensor([0, 6, 4, 9], dtype=torch.int32))
-    with pytest.raises(StateError, match="num_last_tokens: expected 0 with cu_seqlens"):
-        lm(ids, state=state, cu_seqlens=_cu([4, 5, 0]), num_last_tokens=1)
+    with pytest.raises(StateError, match=r"num_last_tokens: expected 0 \(every position\) or 1"):
+        lm(ids, state=state, cu_seqlens=_cu([4, 5, 0]), num_last_tokens=2)
     with pytest.raises(StateShapeError, match=r"reset: expected a bool tensor \[batch, seqlen\] = \[1, 9\]"):
         lm(ids, state=state, cu_seqlens=_cu([4, 5, 0]), reset=torch.zeros(3, 9, dtype=torch.bool))
     assert state.allclose(before, rtol=0, atol=0)  # nothing changed
     layer = lm.backbone.blocks()[0].mixer
     with pytest.raises(StateShapeError, match="expected 2 rows"):
         layer(torch.randn(1, 9, D_MODEL), state=layer.new_state(3), cu_seqlens=_cu([4, 5]))
+
+
+def test_lm_packed_last_token_logits_only():
+    """num_last_tokens=1 with cu_seqlens: each sequence's last-token logits, [1, num_seqs, vocab] (an empty
+    sequence's row NaN), equal to those rows of the full logits; the states are the same."""
+    lm = _lm(torch.float64, "reference")
+    lengths = [4, 0, 6, 1]
+    ids = torch.randint(0, 32, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    state = lm.new_state(len(lengths), dtype=torch.float64)
+    cu = _cu(lengths)
+    with torch.no_grad():
+        full, new_full = lm(ids, state=state, cu_seqlens=cu)
+        last, new_last = lm(ids, state=state, cu_seqlens=cu, num_last_tokens=1)
+    assert last.shape == (1, len(lengths), full.shape[-1])
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if b > a:
+            torch.testing.assert_close(last[0, s], full[0, b - 1], rtol=1e-12, atol=1e-12)
+        else:
+            assert torch.isnan(last[0, s]).all()
+    assert new_last.allclose(new_full, rtol=0, atol=0)

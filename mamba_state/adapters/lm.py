@@ -362,9 +362,9 @@ class StatefulMambaLM(nn.Module):
         batch, seqlen = input_ids.shape
         bounds = seq_bounds(cu_seqlens, seqlen, batch)
         nseq = len(bounds) - 1
-        if num_last_tokens:
-            raise StateError(f"num_last_tokens: expected 0 with cu_seqlens (take logits[0, cu_seqlens[1:] - 1] for "
-                             f"each sequence's last token), found {num_last_tokens}")
+        if num_last_tokens not in (0, 1):
+            raise StateError(f"num_last_tokens: expected 0 (every position) or 1 (each sequence's last token) with "
+                             f"cu_seqlens, found {num_last_tokens}")
         positions = None if return_states_at is None else check_varlen_positions(return_states_at, bounds)
         check_reset(reset, [1, seqlen])
         unpacked = [type(layer.mixer).__name__ for layer in self.backbone.blocks()
@@ -394,8 +394,17 @@ class StatefulMambaLM(nn.Module):
             hidden, residual, new_layers[idx] = out[0], out[1], out[2]
             if positions is not None:
                 layers_at[idx] = out[3]
+        lasts = [b - 1 for a, b in zip(bounds[:-1], bounds[1:]) if b > a] if num_last_tokens else None
+        if lasts is not None:  # only each sequence's last token reaches the norm and the head
+            at = torch.tensor(lasts, device=hidden.device)
+            hidden = hidden.index_select(1, at)
+            residual = residual.index_select(1, at) if residual is not None else None
         hidden, _ = self.backbone.blocks()[0].add_norm(hidden, residual, self.backbone.norm_f, ops)
         logits = self.lm_head(hidden)
+        if lasts is not None and len(lasts) < nseq:  # an empty sequence has no last token: NaN logits mark it
+            full = logits.new_full((1, nseq, logits.shape[-1]), float("nan"))
+            keep = torch.tensor([s for s in range(nseq) if bounds[s + 1] > bounds[s]], device=logits.device)
+            logits = full.index_copy(1, keep, logits)
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         new_state = MambaModelState(new_layers, seqlen_offset=offset + longest, metadata=dict(metadata))
         if positions is None:
@@ -427,7 +436,9 @@ class StatefulMambaLM(nn.Module):
                 the new state has one row per sequence and ``seqlen_offset`` advanced by the longest
                 sequence's length (one offset is kept for all rows). ``reset`` is ``[1, L]``;
                 ``return_states_at`` is one list of positions per sequence, and ``states`` one list per sequence
-                of batch-1 :class:`MambaModelState`. ``num_last_tokens`` must be 0. See docs/varlen.md.
+                of batch-1 :class:`MambaModelState`. ``num_last_tokens`` is 0 (logits ``[1, L, vocab]``) or 1:
+                each sequence's last-token logits only, ``[1, num_seqs, vocab]`` (NaN for an empty sequence,
+                which has no last token). See docs/varlen.md.
 
         Returns:
             ``(logits [B, L, vocab], new_state)`` with ``new_state.seqlen_offset = state.seqlen_offset + L``.

@@ -541,10 +541,12 @@ class Engine:
                 inside = [[q - b for q in fs if q < b + n] for fs, b, n in zip(fills, base, lengths)]
                 x = ids.to(self.device, non_blocking=True)[None]
                 sub = rows_view(rows, first, last + 1)
+                # logits of each piece's last token only ([1, pieces, vocab]), not of every packed position
                 if any(inside):
-                    logits, new, states_at = self.lm(x, sub, cu_seqlens=cu, return_states_at=inside)
+                    logits, new, states_at = self.lm(x, sub, cu_seqlens=cu, return_states_at=inside,
+                                                     num_last_tokens=1)
                 else:
-                    logits, new = self.lm(x, sub, cu_seqlens=cu)
+                    logits, new = self.lm(x, sub, cu_seqlens=cu, num_last_tokens=1)
                     states_at = [[] for _ in pieces]
                 write_rows(rows, first, new)
                 self.counters["prefill_batches"] += 1
@@ -560,7 +562,7 @@ class Engine:
                 done = [j for j, p in enumerate(pieces) if p.hi == feeds[p.seq].size]
                 if not done:
                     continue
-                ends = torch.as_tensor([int(cu[j + 1]) - 1 for j in done], device=logits.device)
+                ends = torch.as_tensor(done, device=logits.device)  # the pieces are non-empty: row j is piece j
                 choose = []
                 for k, j in enumerate(done):
                     req = reqs[pieces[j].seq]

@@ -201,14 +201,14 @@ def test_packed_states_at_positions_in_one_pass(monkeypatch, seqpar, bwd):
                                               backend=backend, chunk_size=8)
         w = torch.Generator().manual_seed(13)
         loss = (out.double() * torch.randn(out.shape, generator=w, dtype=F64)).sum() + last.double().sum()
-        loss = loss + sum((st.double() * torch.randn(st.shape, generator=w, dtype=F64)).sum() for st in states)
+        loss = loss + sum((x.double() * torch.randn(x.shape, generator=w, dtype=F64)).sum() for x in states)
         grads = torch.autograd.grad(loss, [*leaves.values(), h])
         results.append((out, last, states, grads))
     (out, last, states, grads), (rout, rlast, rstates, rgrads) = results
     torch.testing.assert_close(out.double(), rout, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last.double(), rlast, rtol=1e-4, atol=1e-5)
-    for st, rst in zip(states, rstates):
-        torch.testing.assert_close(st.double(), rst, rtol=1e-4, atol=1e-5)
+    for got_s, ref_s in zip(states, rstates):
+        torch.testing.assert_close(got_s.double(), ref_s, rtol=1e-4, atol=1e-5)
     for name, got, ref in zip([*inp, "initial_state"], grads, rgrads):
         torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
     assert len(calls) == 0  # the differentiable call goes through ScanFn, not scan_forward directly

@@ -27,8 +27,8 @@ __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks",
 def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differentiable: bool) -> tuple[Tensor, Tensor]:
     """``(out, stored states [nrows, dim, dstate] float32)`` of the kernels with the marks: through ScanFn when
     autograd is needed, else the forward launches directly."""
-    *inputs, softplus, chunk = args
-    full = (*inputs, bool(softplus), chunk)
+    u, delta, A, B4, C4, D, z, delta_bias, h0, reset, softplus, chunk = args
+    full = (u, delta, A, B4, C4, D, z, delta_bias, h0, reset, bool(softplus), chunk)
     if differentiable:
         out, buf, _, _ = ScanFn.apply(*full, starts, ends, nrows)
     else:

@@ -1,6 +1,9 @@
-"""Probe of the causal conv's backward on a GPU: ours (tile variants through MAMBA_STATE_CONV_BWD_TILE) next to
-upstream's causal-conv1d, at the 130m training shape (8 x 2048 tokens, 1536 channels, width 4, silu, bias),
-channel-major as the training layout gives it. A diagnostic for choosing tiles, not a benchmark of record.
+"""Probe of the causal conv's backward on a GPU: ours next to upstream's causal-conv1d, at the 130m training shape
+(8 x 2048 tokens, 1536 channels, width 4, silu, bias), channel-major as the training layout gives it. Ours: the
+default bwd4 kernel (tile variants through MAMBA_STATE_CONV_BWD_TILE="BD,BL,warps") and the opt-in aligned kernel
+(MAMBA_STATE_CONV_BWD=aligned, tile variants through MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps"), with the
+aligned kernel's gradients checked against the default kernel's first. A diagnostic for choosing tiles and
+kernels, not a benchmark of record.
 
     python benchmarks/probe_conv_bwd.py
 """
@@ -13,6 +16,8 @@ import torch
 import triton.testing
 
 TILES = [None, "8,128,4", "4,128,2", "4,256,4", "8,256,8", "16,128,8", "16,64,4", "2,512,4", "1,1024,4"]
+# the aligned kernel: BD channels x G 8-step groups a program (BD * G a power of 2)
+ALIGNED_TILES = [None, "16,8,4", "8,16,4", "16,16,8", "32,8,8", "8,8,2", "4,32,4", "32,16,8"]
 
 
 def main() -> None:
@@ -33,14 +38,33 @@ def main() -> None:
         print(f"upstream causal_conv1d_bwd (contiguous): {up:.4f} ms")
     except Exception as exc:  # noqa: BLE001
         print(f"upstream: not run ({type(exc).__name__}: {exc})")
+    def run() -> tuple:
+        return conv_backward(x, w, bias, None, None, True, dout, None, False)
+
+    os.environ.pop("MAMBA_STATE_CONV_BWD", None)
     for tile in TILES:
         if tile:
             os.environ["MAMBA_STATE_CONV_BWD_TILE"] = tile
         else:
             os.environ.pop("MAMBA_STATE_CONV_BWD_TILE", None)
-        ms = triton.testing.do_bench(lambda: conv_backward(x, w, bias, None, None, True, dout, None, False),
-                                     return_mode="median")
-        print(f"ours tile {tile or 'default'}: {ms:.4f} ms")
+        ms = triton.testing.do_bench(run, return_mode="median")
+        print(f"ours bwd4 tile {tile or 'default'}: {ms:.4f} ms")
+    os.environ.pop("MAMBA_STATE_CONV_BWD_TILE", None)
+    want = run()
+    os.environ["MAMBA_STATE_CONV_BWD"] = "aligned"
+    for tile in ALIGNED_TILES:
+        if tile:
+            os.environ["MAMBA_STATE_CONV_BWD_ALIGNED_TILE"] = tile
+        else:
+            os.environ.pop("MAMBA_STATE_CONV_BWD_ALIGNED_TILE", None)
+        got = run()
+        # dx is bf16 (one rounding of a float32 sum apart); dw and dbias float32 sums over 16k steps
+        errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(got[:3], want[:3])]
+        ms = triton.testing.do_bench(run, return_mode="median")
+        print(f"ours aligned tile {tile or 'default'}: {ms:.4f} ms  (max |diff| vs bwd4: dx {errs[0]:.2e}, "
+              f"dw {errs[1]:.2e}, dbias {errs[2]:.2e})")
+    os.environ.pop("MAMBA_STATE_CONV_BWD", None)
+    os.environ.pop("MAMBA_STATE_CONV_BWD_ALIGNED_TILE", None)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def _time_stride_one(t: Tensor) -> Tensor:
 # the backward for widths <= 4 keeps 7 shifted input tiles and 4 pre-activations live: 8 channels a program, so
 # that each thread holds 8 elements a tile
 _BD_BWD4 = 8
+# the aligned backward for widths <= 4 (opt-in, MAMBA_STATE_CONV_BWD=aligned, until measured on a GPU): rows of
+# 8-step groups as the aligned forward, BD channels and G groups (8 * G steps) a program; its tile for sweeps is
+# MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps" (MAMBA_STATE_CONV_BWD_TILE is the other kernels' "BD,BL,warps")
+_BD_BWD4A, _G_BWD4A = 16, 16
 
 
 def _grid(bsz: int, ch: int, L: int, bd: int = _BD) -> tuple[int, int, int]:
@@ -120,10 +124,18 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     W = weight.shape[1]
     dout = torch.zeros_like(x) if dout is None else _time_stride_one(dout)
     narrow = W <= 4  # Mamba's d_conv: every shifted load and pre-activation once (_causal_conv_bwd4_kernel)
-    bd, bl, warps = (_BD_BWD4 if narrow else _BD), _BL, 4
-    tile = os.environ.get("MAMBA_STATE_CONV_BWD_TILE") if narrow else None  # "BD,BL,warps", for sweeps
-    if tile:
-        bd, bl, warps = (int(v) for v in tile.split(","))
+    aligned = narrow and cu_seqlens is None and os.environ.get("MAMBA_STATE_CONV_BWD") == "aligned"
+    bd, bl, warps, g4 = (_BD_BWD4 if narrow else _BD), _BL, 4, _G_BWD4A
+    if aligned:  # bl: the steps of a program, 8 per group
+        bd = _BD_BWD4A
+        tile = os.environ.get("MAMBA_STATE_CONV_BWD_ALIGNED_TILE")  # "BD,G,warps", for sweeps
+        if tile:
+            bd, g4, warps = (int(v) for v in tile.split(","))
+        bl = 8 * g4
+    elif narrow:
+        tile = os.environ.get("MAMBA_STATE_CONV_BWD_TILE")  # "BD,BL,warps", for sweeps
+        if tile:
+            bd, bl, warps = (int(v) for v in tile.split(","))
     if L == 0 and cu_seqlens is None:  # no step: the new window is the incoming one, its gradient passes through
         f32 = torch.float32
         dx = torch.empty_like(x) if dx_out is None else dx_out
@@ -150,12 +162,19 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     dnew_k = dnew.contiguous() if cu is not None and dnew is not None else None  # packed: added in the kernel
     with launch_device(x):
-        kernel = K._causal_conv_bwd4_kernel if narrow else K._causal_conv_bwd_kernel
-        kernel[grid](
-            x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate, cu, dnew_k,
-            ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), nseq, niter,
-            W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=bl, BS=_BS, num_warps=warps,
-        )
+        if aligned:
+            K._causal_conv_bwd4_aligned_kernel[grid](
+                x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate,
+                ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+                W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, G=g4, num_warps=warps,
+            )
+        else:
+            kernel = K._causal_conv_bwd4_kernel if narrow else K._causal_conv_bwd_kernel
+            kernel[grid](
+                x, weight.contiguous(), bias, state, rst, dout, dx, dw_part, db_part, dstate, cu, dnew_k,
+                ch, L, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), nseq,
+                niter, W=W, WP=triton.next_power_of_2(W), SILU=silu, BD=bd, BL=bl, BS=_BS, num_warps=warps,
+            )
     dw, db = dw_part.sum(0), db_part.sum(0) if db_part is not None else None
     if dnew is not None and cu is None:
         _add_window_grad(dx, dstate, dnew, reset, L, W)

@@ -521,7 +521,8 @@ def _causal_conv_fwd4_kernel(
     pre = t0[:, None] - 4 + j4[None, :]  # [R, 4]: steps t0 - 4 .. t0 - 1
     m8 = mask_d[:, None] & (pos < L)
     cur = tl.load(x_row[:, None] + pos, mask=m8, other=0.0).to(tl.float32)
-    mp = mask_d[:, None] & (pre >= 0)
+    inside = (pre >= 0) & (pre < L)  # past L only in groups past L, but those must not read past the tensor
+    mp = mask_d[:, None] & inside
     prev = tl.load(x_row[:, None] + pre, mask=mp, other=0.0).to(tl.float32)
     if HAS_STATE:  # steps before 0 come from the carried window (its columns are steps -W .. -1)
         ms = mask_d[:, None] & (pre < 0) & (pre >= -W)
@@ -531,7 +532,7 @@ def _causal_conv_fwd4_kernel(
     xs = (p1, p2, p3, c0, c1, c2, c3, c4, c5, c6, c7)
     if HAS_RESET:
         rc = tl.load(reset_ptr + b * L + pos, mask=pos < L, other=0).to(tl.int32)
-        rp = tl.load(reset_ptr + b * L + pre, mask=pre >= 0, other=0).to(tl.int32)
+        rp = tl.load(reset_ptr + b * L + pre, mask=inside, other=0).to(tl.int32)
         r0, r1, r2, r3, r4, r5, r6, r7 = _split8(rc, R)
         _q0, q1, q2, q3 = _split4(rp, R)
         rs = (q1, q2, q3, r0, r1, r2, r3, r4, r5, r6, r7)
@@ -564,3 +565,180 @@ def _causal_conv_fwd4_kernel(
         jj = tl.arange(0, WP)
         _final_window(x_rows, s_rows, state_ptr, reset_ptr, b * L, new_state_ptr, offs, mask_o, jj, jj < W,
                       0, L, W, HAS_STATE, HAS_RESET)
+
+
+# ------------------------------------------------------------------------------------ aligned backward, W <= 4
+@triton.jit
+def _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, I: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr):
+    """d loss / d pre at step t0 + I as [R] float32: xs and rs the inputs and reset flags at t0 - 3 .. t0 + 11
+    (15 columns, step t0 + I at column I + 3), gs the output gradients at t0 .. t0 + 11 (0 at or past L)."""
+    g = gs[I]
+    if SILU:
+        pre = _out_col(xs, rs, w0, w1, w2, w3, bias, I, HAS_RESET)
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _dx_col(ds, rs, w0, w1, w2, w3, I: tl.constexpr, HAS_RESET: tl.constexpr):
+    """dx at position t0 + I as [R] float32: ds the dpre at t0 .. t0 + 10 (11 columns), rs as in _dpre_col. Step
+    t0 + I + j weighs the input at t0 + I by tap 3 - j and sees it unless a reset lies in (t0 + I, t0 + I + j]."""
+    acc = w3 * ds[I]
+    if HAS_RESET:
+        hidden = rs[I + 4] != 0
+        acc += tl.where(hidden, 0.0, w2 * ds[I + 1])
+        hidden = hidden | (rs[I + 5] != 0)
+        acc += tl.where(hidden, 0.0, w1 * ds[I + 2])
+        hidden = hidden | (rs[I + 6] != 0)
+        acc += tl.where(hidden, 0.0, w0 * ds[I + 3])
+    else:
+        acc += w2 * ds[I + 1] + w1 * ds[I + 2] + w0 * ds[I + 3]
+    return acc
+
+
+@triton.jit
+def _seen(xs, rs, I: tl.constexpr, S: tl.constexpr, HAS_RESET: tl.constexpr):
+    """The input at step t0 + I - S as step t0 + I sees it, [R]: 0 when a reset lies in (t0 + I - S, t0 + I]."""
+    v = xs[I + 3 - S]
+    if HAS_RESET:
+        if S >= 1:
+            v = tl.where(rs[I + 3] != 0, 0.0, v)
+        if S >= 2:
+            v = tl.where(rs[I + 2] != 0, 0.0, v)
+        if S >= 3:
+            v = tl.where(rs[I + 1] != 0, 0.0, v)
+    return v
+
+
+@triton.jit
+def _dw_rows(ds, xs, rs, S: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Each row's part of the gradient of tap 3 - S, [R]: the sum over its group's 8 steps q of dpre[q] times the
+    input at q - S as q sees it."""
+    acc = ds[0] * _seen(xs, rs, 0, S, HAS_RESET) + ds[1] * _seen(xs, rs, 1, S, HAS_RESET)
+    acc += ds[2] * _seen(xs, rs, 2, S, HAS_RESET) + ds[3] * _seen(xs, rs, 3, S, HAS_RESET)
+    acc += ds[4] * _seen(xs, rs, 4, S, HAS_RESET) + ds[5] * _seen(xs, rs, 5, S, HAS_RESET)
+    acc += ds[6] * _seen(xs, rs, 6, S, HAS_RESET) + ds[7] * _seen(xs, rs, 7, S, HAS_RESET)
+    return acc
+
+
+@triton.jit
+def _per_channel(v, BD: tl.constexpr, G: tl.constexpr):
+    """[BD * G] row values -> [BD], the sum over each channel's G rows (rows are channel-major: row = c * G + g)."""
+    return tl.sum(tl.reshape(v, (BD, G)), 1)
+
+
+@optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr", STATE_GRAD="dstate_ptr")
+@triton.jit
+def _causal_conv_bwd4_aligned_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, reset_ptr, dout_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, dstate_ptr,
+    dim, L, sxb, sxd, sgb, sgd, sdb, sdd, W: tl.constexpr, WP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SILU: tl.constexpr,
+    STATE_GRAD: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
+):
+    """_causal_conv_bwd4_kernel (unpacked; same arguments but the packed ones, same outputs) with aligned loads, as
+    _causal_conv_fwd4_kernel. Grid (time blocks of 8 * G steps, channel blocks of BD, batch); dw_part [batch * time
+    blocks, dim, W] and dbias_part [batch * time blocks, dim] float32, one partial sum per program and channel;
+    dstate [batch, dim, W] float32 written by the first time block when STATE_GRAD. The new window's gradient is
+    added afterwards in PyTorch (ops._add_window_grad), as for the unpacked bwd4 kernel.
+
+    Each program row is one (channel, 8-step group at t0) pair. The gradient at the group's positions needs dpre at
+    t0 .. t0 + 10 and so the inputs at t0 - 3 .. t0 + 10 and the output gradients at t0 .. t0 + 10: the inputs are
+    three aligned loads (the 4 steps before the group, from the carried window before step 0; its 8; the 4 after),
+    the output gradients and reset flags the same way, all split into columns in registers, and every shifted value
+    is one of those columns. Each dpre is computed once (silu recomputed from the pre-activation); dw and dbias are
+    summed over a row's 8 steps in registers and then over the G rows of each channel."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    R: tl.constexpr = BD * G
+    rows = tl.arange(0, R)
+    d = pid_d * BD + rows // G  # [R] the channel of each row
+    t0 = pid_t * (8 * G) + (rows % G) * 8  # [R] the first step of each row's group
+    mask_d = d < dim
+    x_row = x_ptr + b * sxb + d.to(tl.int64) * sxd  # [R]
+    g_row = dout_ptr + b * sgb + d.to(tl.int64) * sgd
+    s_row = (b * dim + d) * W  # [R] the row's incoming window (read only when HAS_STATE)
+    j8 = tl.arange(0, 8)
+    j4 = tl.arange(0, 4)
+    pos = t0[:, None] + j8[None, :]  # [R, 8] the group's steps
+    pre = t0[:, None] - 4 + j4[None, :]  # [R, 4] the 4 before it
+    nxt = t0[:, None] + 8 + j4[None, :]  # [R, 4] the 4 after it
+    m8 = mask_d[:, None] & (pos < L)
+    mn = mask_d[:, None] & (nxt < L)
+    cur = tl.load(x_row[:, None] + pos, mask=m8, other=0.0).to(tl.float32)
+    aft = tl.load(x_row[:, None] + nxt, mask=mn, other=0.0).to(tl.float32)
+    inside = (pre >= 0) & (pre < L)  # past L only in groups past L, but those must not read past the tensor
+    prev = tl.load(x_row[:, None] + pre, mask=mask_d[:, None] & inside, other=0.0).to(tl.float32)
+    if HAS_STATE:  # steps before 0 come from the carried window (its columns are steps -W .. -1)
+        ms = mask_d[:, None] & (pre < 0) & (pre >= -W)
+        prev += tl.load(state_ptr + s_row[:, None] + (W + pre), mask=ms, other=0.0).to(tl.float32)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _split8(cur, R)
+    _p0, p1, p2, p3 = _split4(prev, R)
+    a0, a1, a2, a3 = _split4(aft, R)
+    xs = (p1, p2, p3, c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3)  # steps t0 - 3 .. t0 + 11
+    gc = tl.load(g_row[:, None] + pos, mask=m8, other=0.0).to(tl.float32)
+    ga = tl.load(g_row[:, None] + nxt, mask=mn, other=0.0).to(tl.float32)  # 0 past L: those steps do not exist
+    h0, h1, h2, h3, h4, h5, h6, h7 = _split8(gc, R)
+    e0, e1, e2, e3 = _split4(ga, R)
+    gs = (h0, h1, h2, h3, h4, h5, h6, h7, e0, e1, e2, e3)  # steps t0 .. t0 + 11
+    if HAS_RESET:
+        rrow = reset_ptr + b * L
+        rc = tl.load(rrow + pos, mask=pos < L, other=0).to(tl.int32)
+        rp = tl.load(rrow + pre, mask=inside, other=0).to(tl.int32)
+        ra = tl.load(rrow + nxt, mask=nxt < L, other=0).to(tl.int32)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(rc, R)
+        _q0, q1, q2, q3 = _split4(rp, R)
+        n0, n1, n2, n3 = _split4(ra, R)
+        rs = (q1, q2, q3, r0, r1, r2, r3, r4, r5, r6, r7, n0, n1, n2, n3)
+    else:
+        rs = xs  # not read
+    w0 = _tap(w_ptr, d, mask_d, 0, W)  # [R]: each row's channel's taps (cached loads)
+    w1 = _tap(w_ptr, d, mask_d, 1, W)
+    w2 = _tap(w_ptr, d, mask_d, 2, W)
+    w3 = _tap(w_ptr, d, mask_d, 3, W)
+    bias = tl.zeros((R,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    ds = (_dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 0, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 1, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 2, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 3, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 4, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 5, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 6, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 7, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 8, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 9, HAS_RESET, SILU),
+          _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 10, HAS_RESET, SILU))  # steps t0 .. t0 + 10
+    dx = _join8(_dx_col(ds, rs, w0, w1, w2, w3, 0, HAS_RESET), _dx_col(ds, rs, w0, w1, w2, w3, 1, HAS_RESET),
+                _dx_col(ds, rs, w0, w1, w2, w3, 2, HAS_RESET), _dx_col(ds, rs, w0, w1, w2, w3, 3, HAS_RESET),
+                _dx_col(ds, rs, w0, w1, w2, w3, 4, HAS_RESET), _dx_col(ds, rs, w0, w1, w2, w3, 5, HAS_RESET),
+                _dx_col(ds, rs, w0, w1, w2, w3, 6, HAS_RESET), _dx_col(ds, rs, w0, w1, w2, w3, 7, HAS_RESET), R)
+    dx_row = dx_ptr + b * sdb + d.to(tl.int64) * sdd
+    tl.store(dx_row[:, None] + pos, dx.to(dx_ptr.dtype.element_ty), mask=m8)
+
+    # dw[tap 3 - s] and dbias: per row over its 8 steps (0 past L: dpre is), then over each channel's G rows
+    offs = pid_d * BD + tl.arange(0, BD)
+    mask_o = offs < dim
+    part = b * tl.num_programs(0) + pid_t
+    dw_rows = dw_part_ptr + (part * dim + offs) * W
+    tl.store(dw_rows + (W - 1), _per_channel(_dw_rows(ds, xs, rs, 0, HAS_RESET), BD, G), mask=mask_o)
+    if W >= 2:
+        tl.store(dw_rows + (W - 2), _per_channel(_dw_rows(ds, xs, rs, 1, HAS_RESET), BD, G), mask=mask_o)
+    if W >= 3:
+        tl.store(dw_rows + (W - 3), _per_channel(_dw_rows(ds, xs, rs, 2, HAS_RESET), BD, G), mask=mask_o)
+    if W >= 4:
+        tl.store(dw_rows + (W - 4), _per_channel(_dw_rows(ds, xs, rs, 3, HAS_RESET), BD, G), mask=mask_o)
+    if HAS_BIAS:
+        db = ds[0] + ds[1] + ds[2] + ds[3] + ds[4] + ds[5] + ds[6] + ds[7]
+        tl.store(dbias_part_ptr + part * dim + offs, _per_channel(db, BD, G), mask=mask_o)
+
+    if STATE_GRAD:  # the window's W inputs: the general helper on a [BD, WP] tile, as the bwd4 kernel
+        x_rows = x_ptr + b * sxb + offs[:, None].to(tl.int64) * sxd
+        g_rows = dout_ptr + b * sgb + offs[:, None].to(tl.int64) * sgd
+        s_rows = (b * dim + offs[:, None]) * W
+        # cu_ptr and dnew_ptr are read only when VARLEN / HAS_DNEW (both False here): dstate_ptr stands in
+        _state_grads(x_rows, s_rows, state_ptr, reset_ptr, b * L, w_ptr, bias_ptr, g_rows, dstate_ptr, dstate_ptr,
+                     dstate_ptr, pid_t, offs, mask_o, dim, L, 1, BD, W, WP, HAS_BIAS, HAS_STATE, HAS_RESET, SILU,
+                     False, False, 1)

@@ -489,6 +489,20 @@ def _out_col(xs, rs, w0, w1, w2, w3, bias, I: tl.constexpr, HAS_RESET: tl.conste
     return acc
 
 
+@triton.jit
+def _group_rows(x_ptr, b, pid_t, pid_d, dim, sxb, sxd, W: tl.constexpr, BD: tl.constexpr, G: tl.constexpr):
+    """The rows of an aligned program (one per channel and 8-step group): ``(d, t0, mask_d, x_row, s_row, pos,
+    pre)``, each row's channel, first step, channel mask, row of x, row of the [batch, dim, W] window, and the
+    [R, 8] group steps and [R, 4] steps before it (R = BD * G)."""
+    rows = tl.arange(0, BD * G)
+    d = pid_d * BD + rows // G
+    t0 = pid_t * (8 * G) + (rows % G) * 8
+    x_row = x_ptr + b * sxb + d.to(tl.int64) * sxd
+    pos = t0[:, None] + tl.arange(0, 8)[None, :]
+    pre = t0[:, None] - 4 + tl.arange(0, 4)[None, :]
+    return d, t0, d < dim, x_row, (b * dim + d) * W, pos, pre
+
+
 @optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _causal_conv_fwd4_kernel(
@@ -509,16 +523,7 @@ def _causal_conv_fwd4_kernel(
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     R: tl.constexpr = BD * G
-    rows = tl.arange(0, R)
-    d = pid_d * BD + rows // G  # [R] the channel of each row
-    t0 = pid_t * (8 * G) + (rows % G) * 8  # [R] the first step of each row's group
-    mask_d = d < dim
-    x_row = x_ptr + b * sxb + d.to(tl.int64) * sxd  # [R]
-    s_row = (b * dim + d) * W  # [R] the row's window in state / new_state (read only when HAS_STATE)
-    j8 = tl.arange(0, 8)
-    j4 = tl.arange(0, 4)
-    pos = t0[:, None] + j8[None, :]  # [R, 8]
-    pre = t0[:, None] - 4 + j4[None, :]  # [R, 4]: steps t0 - 4 .. t0 - 1
+    d, t0, mask_d, x_row, s_row, pos, pre = _group_rows(x_ptr, b, pid_t, pid_d, dim, sxb, sxd, W, BD, G)
     m8 = mask_d[:, None] & (pos < L)
     cur = tl.load(x_row[:, None] + pos, mask=m8, other=0.0).to(tl.float32)
     inside = (pre >= 0) & (pre < L)  # past L only in groups past L, but those must not read past the tensor
@@ -652,17 +657,9 @@ def _causal_conv_bwd4_aligned_kernel(
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     R: tl.constexpr = BD * G
-    rows = tl.arange(0, R)
-    d = pid_d * BD + rows // G  # [R] the channel of each row
-    t0 = pid_t * (8 * G) + (rows % G) * 8  # [R] the first step of each row's group
-    mask_d = d < dim
-    x_row = x_ptr + b * sxb + d.to(tl.int64) * sxd  # [R]
+    d, t0, mask_d, x_row, s_row, pos, pre = _group_rows(x_ptr, b, pid_t, pid_d, dim, sxb, sxd, W, BD, G)
     g_row = dout_ptr + b * sgb + d.to(tl.int64) * sgd
-    s_row = (b * dim + d) * W  # [R] the row's incoming window (read only when HAS_STATE)
-    j8 = tl.arange(0, 8)
     j4 = tl.arange(0, 4)
-    pos = t0[:, None] + j8[None, :]  # [R, 8] the group's steps
-    pre = t0[:, None] - 4 + j4[None, :]  # [R, 4] the 4 before it
     nxt = t0[:, None] + 8 + j4[None, :]  # [R, 4] the 4 after it
     m8 = mask_d[:, None] & (pos < L)
     mn = mask_d[:, None] & (nxt < L)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mamba_state.adapters.mamba as mamba_mod
 from mamba_state import MambaInferenceState, MambaModelState
 from mamba_state.adapters import StatefulMamba, StatefulMambaLM
 from mamba_state.errors import StateError, StateShapeError
@@ -50,13 +49,8 @@ def _close(a, b, tol):
 CASES = [(torch.float64, "reference", 1e-10), (torch.float32, "triton", 2e-5)]  # float32: one rounding per op
 
 
-@pytest.mark.parametrize("packed_conv", [True, False], ids=["conv-kernel", "conv-per-sequence"])
 @pytest.mark.parametrize("dtype,backend,tol", CASES, ids=["reference-f64", "triton-f32"])
-def test_layer_packed_equals_each_sequence_alone(monkeypatch, dtype, backend, tol, packed_conv):
-    if not packed_conv:
-        monkeypatch.setattr(mamba_mod, "_conv_takes_cu_seqlens", lambda: False)
-    elif not mamba_mod._conv_takes_cu_seqlens():
-        pytest.skip("the conv kernels have no packed path in this tree (the per-sequence conv runs instead)")
+def test_layer_packed_equals_each_sequence_alone(dtype, backend, tol):
     layer = _layer(dtype, backend)
     L = sum(LENS)
     g = torch.Generator().manual_seed(1)

@@ -18,8 +18,6 @@ window; ``dt, B, C = x_proj(x)``; ``dt = dt_proj.weight @ dt``; selective scan w
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from typing import Any
 
@@ -425,7 +423,7 @@ class StatefulMamba(nn.Module):
             xs = xs + self.in_proj.bias[: self.d_inner, None]
             z = z + self.in_proj.bias[self.d_inner:, None]
         conv_in = xs
-        xs, conv_state = self._conv_packed(xs, state.conv_state, reset, bounds, cu, ops)
+        xs, conv_state = self._conv_packed(xs, state.conv_state, reset, cu, ops)
         x_dbl = _weight_matmul(self.x_proj.weight, xs)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _weight_matmul(self.dt_proj.weight, dt)
@@ -454,31 +452,12 @@ class StatefulMamba(nn.Module):
         return out, new, states_at
 
     def _conv_packed(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None,
-                     bounds: list[int], cu: torch.Tensor, ops: DeviceOps) -> tuple[torch.Tensor, torch.Tensor]:
+                     cu: torch.Tensor, ops: DeviceOps) -> tuple[torch.Tensor, torch.Tensor]:
         """silu(causal conv) of packed sequences, each continuing its own row of ``conv_state`` ``[num_seqs,
-        d_inner, d_conv]``: ``(out [1, d_inner, total], new windows [num_seqs, d_inner, d_conv])``.
-
-        The conv kernel's packed path (``causal_conv1d(..., cu_seqlens=)``, one launch) where the installed
-        kernels have it, else :meth:`_conv_per_sequence`."""
-        if _conv_takes_cu_seqlens():
-            return ops.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
-                                     activation="silu", cu_seqlens=cu)
-        return self._conv_per_sequence(xs, conv_state, reset, bounds, ops)
-
-    def _conv_per_sequence(self, xs: torch.Tensor, conv_state: torch.Tensor, reset: torch.Tensor | None,
-                           bounds: list[int], ops: DeviceOps) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_conv_packed` as one :meth:`_conv` call per non-empty sequence (a host loop; exact, and the
-        fallback while the conv kernel has no packed path)."""
-        outs, windows = [], []
-        for s in range(len(bounds) - 1):
-            a, b = bounds[s], bounds[s + 1]
-            if a == b:  # an empty sequence keeps its window
-                windows.append(conv_state[s:s + 1])
-                continue
-            out, win = self._conv(xs[:, :, a:b], conv_state[s:s + 1], None if reset is None else reset[:, a:b], ops)
-            outs.append(out)
-            windows.append(win.to(conv_state.dtype))
-        return torch.cat(outs, dim=-1), torch.cat(windows, dim=0)
+        d_inner, d_conv]``: ``(out [1, d_inner, total], new windows [num_seqs, d_inner, d_conv])``, through the
+        conv's packed path (``causal_conv1d(..., cu_seqlens=)``, one launch)."""
+        return ops.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias, conv_state=conv_state, reset=reset,
+                                 activation="silu", cu_seqlens=cu)
 
     # ------------------------------------------------------------------ one token
     def step(self, x_t: torch.Tensor, state: MambaInferenceState | None = None,
@@ -536,12 +515,6 @@ class StatefulMamba(nn.Module):
                 f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
 
 
-@functools.lru_cache(maxsize=1)
-def _conv_takes_cu_seqlens() -> bool:
-    """Whether :func:`mamba_state.kernels.causal_conv1d` has its packed path (``cu_seqlens``)."""
-    from mamba_state.kernels.conv1d.launcher import causal_conv1d
-
-    return "cu_seqlens" in inspect.signature(causal_conv1d).parameters
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -503,6 +503,16 @@ def _group_rows(x_ptr, b, pid_t, pid_d, dim, sxb, sxd, W: tl.constexpr, BD: tl.c
     return d, t0, d < dim, x_row, (b * dim + d) * W, pos, pre
 
 
+@triton.jit
+def _row_taps(w_ptr, bias_ptr, d, mask_d, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Each row's channel's 4 padded taps (_tap) and bias as [R] float32 (cached loads; bias 0 without one)."""
+    bias = tl.zeros(d.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    return (_tap(w_ptr, d, mask_d, 0, W), _tap(w_ptr, d, mask_d, 1, W), _tap(w_ptr, d, mask_d, 2, W),
+            _tap(w_ptr, d, mask_d, 3, W), bias)
+
+
 @optional_inputs(HAS_BIAS="bias_ptr", HAS_STATE="state_ptr", HAS_RESET="reset_ptr")
 @triton.jit
 def _causal_conv_fwd4_kernel(
@@ -543,13 +553,7 @@ def _causal_conv_fwd4_kernel(
         rs = (q1, q2, q3, r0, r1, r2, r3, r4, r5, r6, r7)
     else:
         rs = xs  # not read
-    w0 = _tap(w_ptr, d, mask_d, 0, W)  # [R]: each row's channel's taps (cached loads)
-    w1 = _tap(w_ptr, d, mask_d, 1, W)
-    w2 = _tap(w_ptr, d, mask_d, 2, W)
-    w3 = _tap(w_ptr, d, mask_d, 3, W)
-    bias = tl.zeros((R,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _row_taps(w_ptr, bias_ptr, d, mask_d, W, HAS_BIAS)
     y = _join8(_out_col(xs, rs, w0, w1, w2, w3, bias, 0, HAS_RESET),
                _out_col(xs, rs, w0, w1, w2, w3, bias, 1, HAS_RESET),
                _out_col(xs, rs, w0, w1, w2, w3, bias, 2, HAS_RESET),
@@ -690,13 +694,7 @@ def _causal_conv_bwd4_aligned_kernel(
         rs = (q1, q2, q3, r0, r1, r2, r3, r4, r5, r6, r7, n0, n1, n2, n3)
     else:
         rs = xs  # not read
-    w0 = _tap(w_ptr, d, mask_d, 0, W)  # [R]: each row's channel's taps (cached loads)
-    w1 = _tap(w_ptr, d, mask_d, 1, W)
-    w2 = _tap(w_ptr, d, mask_d, 2, W)
-    w3 = _tap(w_ptr, d, mask_d, 3, W)
-    bias = tl.zeros((R,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _row_taps(w_ptr, bias_ptr, d, mask_d, W, HAS_BIAS)
     ds = (_dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 0, HAS_RESET, SILU),
           _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 1, HAS_RESET, SILU),
           _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, 2, HAS_RESET, SILU),

@@ -117,10 +117,6 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
     the positions (:mod:`.positions`); elsewhere one scan per segment between positions, or for many dense
     positions one PyTorch pass keeping every state."""
     positions = check_positions(return_states_at, shape.seqlen)
-    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    init = (initial_state if initial_state is not None
-            else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
-
     if _on_triton(u, backend, shape, initial_state):
         # one pass of the kernels, storing the states at the positions as it goes (positions.py)
         chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
@@ -128,6 +124,9 @@ def _scan_at_positions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
         out, last, states = scan_states_at_one_pass(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                                     delta_softplus, chunk, positions, grad)
         return (out, last, states) if return_last_state else (out, states)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    init = (initial_state if initial_state is not None
+            else torch.zeros(shape.batch, shape.dim, shape.dstate, dtype=ct, device=u.device))
     if use_dense_states(positions, shape.seqlen):  # many positions: one pass keeping every state
         out, every = selective_scan_all_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init, reset)
         states = every[positions]

@@ -55,7 +55,7 @@ def _weights(seed, b, d, n, L, k):
                 states=torch.randn(k, b, d, n, generator=g, dtype=F64))
 
 
-def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True):
+def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True, device="cpu"):
     inp = _inputs(seed, b, d, n, L, groups)
     g = torch.Generator().manual_seed(seed + 1)
     h0 = torch.randn(b, d, n, generator=g, dtype=F64) if with_h0 else torch.zeros(b, d, n, dtype=F64)
@@ -67,20 +67,21 @@ def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True):
     out64, last64, st64 = _oracle(leaves64, h64, reset, pos)
     grads64 = torch.autograd.grad(_loss(out64, last64, st64, w), [*leaves64.values(), h64])
 
-    leaves = {k: v.float().clone().requires_grad_() for k, v in inp.items()}
-    h32 = h0.float().clone().requires_grad_()
+    leaves = {k: v.float().to(device).requires_grad_() for k, v in inp.items()}
+    h32 = h0.float().to(device).requires_grad_()
     out, last, states = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True,
-                                          initial_state=h32 if with_h0 else None, reset=reset, backend="triton",
+                                          initial_state=h32 if with_h0 else None,
+                                          reset=None if reset is None else reset.to(device), backend="triton",
                                           chunk_size=8, return_states_at=pos)
     assert states.shape == (len(pos), b, d, n) and states.dtype == torch.float32
     wanted = [*leaves.values(), h32] if with_h0 else list(leaves.values())
     grads = torch.autograd.grad(_loss(out.double(), last.double(), states.double(), w), wanted)
-    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(last.double(), last64, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(states.double(), st64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), out64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last.double().cpu(), last64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states.double().cpu(), st64, rtol=1e-4, atol=1e-5)
     names = [*leaves, "initial_state"]
     for name, got, ref in zip(names, grads, grads64):
-        torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=2e-4, atol=2e-4, msg=name)
 
 
 @pytest.mark.parametrize("seqpar, bwd", [("0", "seq"), ("1", "chunk")])
@@ -89,6 +90,18 @@ def test_one_pass_states_match_the_oracle_by_segments(monkeypatch, seqpar, bwd):
     monkeypatch.setenv("MAMBA_STATE_SCAN_BWD", bwd)
     # duplicates, 0, a position inside a tile, at a tile edge, at a reset, and the length
     _check(5, 2, 4, 4, 21, 2, [0, 3, 8, 8, 13, 21])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seqpar, bwd", [("0", "seq"), ("1", "chunk")])
+def test_gpu_one_pass_states_match_the_oracle_by_segments(monkeypatch, seqpar, bwd):
+    """The compiled kernels (not the interpreter): positions at tile edges and inside, resets, channel groups, and
+    a sequence long enough for several chunks of the default schedule."""
+    monkeypatch.setenv("MAMBA_STATE_SCAN_SEQPAR", seqpar)
+    monkeypatch.setenv("MAMBA_STATE_SCAN_BWD", bwd)
+    _check(21, 2, 16, 16, 300, 2, [0, 3, 64, 64, 129, 200, 300], device="cuda")
+    _check(22, 3, 8, 16, 77, 1, [1, 77], with_reset=False, with_h0=False, device="cuda")
 
 
 def test_one_pass_without_initial_state_or_resets():

@@ -121,14 +121,19 @@ def test_continuation_from_a_state_equals_one_call(ours, ref, x):
             y2, s2 = ours(x[:, SPLIT:], s1)
             y_ref, s_ref = ref(x.double(), None if s0 is None else s0.to(dtype=torch.float64))
         cont = _rel(torch.cat([y1, y2], 1), y)
-        print(f"continued vs one call {cont:.2e}, vs float64 {_rel(y2, y_ref[:, SPLIT:]):.2e}")
-        assert cont < 2e-2 and _rel(y2, y_ref[:, SPLIT:]) < 3e-2
-        for name in ("ssm_state", "k_state", "v_state"):
-            assert _rel(s2.tensors[name], s.tensors[name]) < 2e-2, name
-            assert _rel(s2.tensors[name], s_ref.tensors[name]) < 3e-2, name
+        errs = {name: (_rel(s2.tensors[name], s.tensors[name]), _rel(s2.tensors[name], s_ref.tensors[name]))
+                for name in ("ssm_state", "k_state", "v_state")}
         # angles as points on the circle (both sides wrap to [0, 2 pi); a value at the seam may land either side)
-        for f in (torch.cos, torch.sin):
-            assert _rel(f(s2.angle_dt_state), f(s_ref.angle_dt_state)) < 1e-3
+        circle = lambda a: torch.stack([a.cos(), a.sin()])  # noqa: E731
+        errs["angle_dt_state"] = (_rel(circle(s2.angle_dt_state), circle(s.angle_dt_state)),
+                                  _rel(circle(s2.angle_dt_state), circle(s_ref.angle_dt_state)))
+        print(f"continued vs one call {cont:.2e}, vs float64 {_rel(y2, y_ref[:, SPLIT:]):.2e}; states (vs one call, "
+              f"vs float64): " + ", ".join(f"{k} {a:.1e} {b:.1e}" for k, (a, b) in errs.items()))
+        assert cont < 2e-2 and _rel(y2, y_ref[:, SPLIT:]) < 3e-2
+        for name, (vs_one_call, vs_f64) in errs.items():
+            # against one call of ours: the same bf16 projections, only the order of the fp32 sums differs; against
+            # float64: every input carries bf16 rounding (2^-9), the angle a sum of 256 such terms
+            assert vs_one_call < 2e-2 and vs_f64 < 3e-2, (name, vs_one_call, vs_f64)
 
 
 def test_resets_inside_the_chunk_match_the_reference(ours, ref, x):

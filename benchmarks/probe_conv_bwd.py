@@ -1,8 +1,8 @@
 """Probe of the causal conv's backward on a GPU: ours next to upstream's causal-conv1d, at the 130m training shape
 (8 x 2048 tokens, 1536 channels, width 4, silu, bias), channel-major as the training layout gives it. Ours: the
-default bwd4 kernel (tile variants through MAMBA_STATE_CONV_BWD_TILE="BD,BL,warps") and the opt-in aligned kernel
-(MAMBA_STATE_CONV_BWD=aligned, tile variants through MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps"), with the
-aligned kernel's gradients checked against the default kernel's first. A diagnostic for choosing tiles and
+bwd4 kernel (MAMBA_STATE_CONV_BWD=generic; tile variants through MAMBA_STATE_CONV_BWD_TILE="BD,BL,warps") and the
+default aligned kernel (tile variants through MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps"), with the aligned
+kernel's gradients checked against the bwd4 kernel's. A diagnostic for choosing tiles and
 kernels, not a benchmark of record.
 
     python benchmarks/probe_conv_bwd.py
@@ -29,11 +29,11 @@ def main() -> None:
     w = torch.randn(ch, W, device="cuda", generator=g)
     bias = torch.randn(ch, device="cuda", generator=g)
     dout = torch.randn(ch, b, L, device="cuda", generator=g).bfloat16().permute(1, 0, 2)
-    try:
-        import causal_conv1d_cuda
+    try:  # causal-conv1d 1.7's wrapper (its extension takes the output buffers as arguments)
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
 
         xc, dc = x.contiguous(), dout.contiguous()
-        up = triton.testing.do_bench(lambda: causal_conv1d_cuda.causal_conv1d_bwd(
+        up = triton.testing.do_bench(lambda: causal_conv1d_bwd_function(
             xc, w, bias, dc, None, None, None, None, False, True), return_mode="median")
         print(f"upstream causal_conv1d_bwd (contiguous): {up:.4f} ms")
     except Exception as exc:  # noqa: BLE001
@@ -41,7 +41,7 @@ def main() -> None:
     def run() -> tuple:
         return conv_backward(x, w, bias, None, None, True, dout, None, False)
 
-    os.environ.pop("MAMBA_STATE_CONV_BWD", None)
+    os.environ["MAMBA_STATE_CONV_BWD"] = "generic"  # the bwd4 kernel
     for tile in TILES:
         if tile:
             os.environ["MAMBA_STATE_CONV_BWD_TILE"] = tile

@@ -1,8 +1,8 @@
-"""The aligned conv backward for widths <= 4 (``_causal_conv_bwd4_aligned_kernel``, opt-in with
-``MAMBA_STATE_CONV_BWD=aligned``), under the interpreter on CPU: every gradient (x, weight, bias, the incoming
-window, through both outputs: out and the new window) equals autograd through the float64 reference and the
-default bwd4 kernel's, on channel-major slices with a carried window and resets; the switch picks it only where it
-applies (W <= 4, unpacked), and each tile variable reaches only its own kernel."""
+"""The aligned conv backward for widths <= 4 (``_causal_conv_bwd4_aligned_kernel``, the default unpacked;
+``MAMBA_STATE_CONV_BWD=generic`` takes the bwd4 kernel), under the interpreter on CPU: every gradient (x, weight,
+bias, the incoming window, through both outputs: out and the new window) equals autograd through the float64
+reference and the bwd4 kernel's, on channel-major slices with a carried window and resets; the switch picks it only
+where it applies (W <= 4, unpacked), and each tile variable reaches only its own kernel."""
 
 from __future__ import annotations
 
@@ -97,12 +97,12 @@ def _check(case):
     x, w, b, state, reset, silu, weights = case
     batch, _, L = x.shape
     W = w.shape[-1]
-    with _bwd("aligned") as launched:
+    with _bwd(None) as launched:
         out, new, grads = _triton_grads(*case)
-    assert launched, "the aligned kernel did not run"
-    with _bwd(None) as launched_default:
+    assert launched, "the aligned kernel is not the default"
+    with _bwd("generic") as launched_generic:
         _, _, current = _triton_grads(*case)
-    assert not launched_default, "the aligned kernel ran without MAMBA_STATE_CONV_BWD=aligned"
+    assert not launched_generic, "the aligned kernel ran under MAMBA_STATE_CONV_BWD=generic"
     _, _, ref = _grads(x, w, b, state, reset, silu, "float64", weights)
     for name, got, cur, want in zip(NAMES, grads, current, ref):
         if want is None:
@@ -159,11 +159,11 @@ def test_aligned_backward_writes_into_dx_out_and_leaves_the_rest():
 
 
 def test_switch_applies_only_where_the_aligned_kernel_does():
-    """Packed calls and widths over 4 keep their kernels under MAMBA_STATE_CONV_BWD=aligned."""
+    """Packed calls and widths over 4 keep their kernels (the aligned one is the default for the rest)."""
     g = torch.Generator().manual_seed(4)
     x, dout = torch.randn(1, 6, 50, generator=g), torch.randn(1, 6, 50, generator=g)
     cu = torch.tensor([0, 20, 50], dtype=torch.int32)
-    with _bwd("aligned") as launched:
+    with _bwd(None) as launched:
         ops.conv_backward(x, torch.randn(6, 4, generator=g), None, torch.randn(2, 6, 4, generator=g), None, True,
                           dout, None, True, cu_seqlens=cu)
         ops.conv_backward(x, torch.randn(6, 5, generator=g), None, None, None, True, dout, None, False)
@@ -188,8 +188,11 @@ def test_each_tile_variable_reaches_only_its_kernel():
         same = ops.conv_backward(*args)
     with _bwd("aligned", MAMBA_STATE_CONV_BWD_ALIGNED_TILE="4,2,2") as launched_small:
         small = ops.conv_backward(*args)
-    assert launched_other == launched  # the default grid: 128 steps, 16 channels a program
-    assert launched == [(1, 1, 2)] and launched_small == [(5, 3, 2)]  # 16 steps, 4 channels a program
+    assert launched_other == launched  # the default grid: 256 steps, 4 channels a program
+    assert launched == [(1, 3, 2)] and launched_small == [(5, 3, 2)]  # 16 steps, 4 channels a program
+    with _bwd(None) as launched_default:
+        ops.conv_backward(*args)
+    assert launched_default == launched  # "aligned" names the default
     for a, c, s in zip(want, same, small):
         torch.testing.assert_close(c, a, rtol=0, atol=0)
         torch.testing.assert_close(s, a, rtol=1e-6, atol=1e-5)

@@ -40,10 +40,12 @@ def _time_stride_one(t: Tensor) -> Tensor:
 # the backward for widths <= 4 keeps 7 shifted input tiles and 4 pre-activations live: 8 channels a program, so
 # that each thread holds 8 elements a tile
 _BD_BWD4 = 8
-# the aligned backward for widths <= 4 (opt-in, MAMBA_STATE_CONV_BWD=aligned, until measured on a GPU): rows of
-# 8-step groups as the aligned forward, BD channels and G groups (8 * G steps) a program; its tile for sweeps is
-# MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps" (MAMBA_STATE_CONV_BWD_TILE is the other kernels' "BD,BL,warps")
-_BD_BWD4A, _G_BWD4A = 16, 16
+# the aligned backward for widths <= 4 (the default unpacked; MAMBA_STATE_CONV_BWD=generic takes bwd4): rows of
+# 8-step groups as the aligned forward, BD channels and G groups (8 * G steps) a program. 4 x 32 (256 steps) was
+# the fastest tile of probe_conv_bwd.py at the 130m training shape on the H200 (0.083 ms; bwd4 0.164-0.19 ms,
+# 2026-12-03); its tile for sweeps is MAMBA_STATE_CONV_BWD_ALIGNED_TILE="BD,G,warps"
+# (MAMBA_STATE_CONV_BWD_TILE is the other kernels' "BD,BL,warps")
+_BD_BWD4A, _G_BWD4A = 4, 32
 
 
 def _grid(bsz: int, ch: int, L: int, bd: int = _BD) -> tuple[int, int, int]:
@@ -124,7 +126,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state:
     W = weight.shape[1]
     dout = torch.zeros_like(x) if dout is None else _time_stride_one(dout)
     narrow = W <= 4  # Mamba's d_conv: every shifted load and pre-activation once (_causal_conv_bwd4_kernel)
-    aligned = narrow and cu_seqlens is None and os.environ.get("MAMBA_STATE_CONV_BWD") == "aligned"
+    aligned = narrow and cu_seqlens is None and os.environ.get("MAMBA_STATE_CONV_BWD", "aligned") != "generic"
     bd, bl, warps, g4 = (_BD_BWD4 if narrow else _BD), _BL, 4, _G_BWD4A
     if aligned:  # bl: the steps of a program, 8 per group
         bd = _BD_BWD4A

@@ -1,0 +1,65 @@
+"""Where states at positions spend their time on a GPU (issue 19, item 6): a 130m-shaped Mamba-1 layer (d_model
+768, d_state 16, bf16, 2048 tokens, batch 1 and 8) and its scan alone, each plain and with 8 positions. Prints
+the wall time per call (median of 20, synchronised), the device time per call and the top kernels by device
+time, so a gap splits into kernel time (which kernels grew) and host time (wall minus device). A diagnostic,
+not a benchmark of record: ``bench_trace.py`` writes the table.
+
+    python benchmarks/profile_positions.py [--rows 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time  # noqa: E402
+from profile_prefill import _kernel_table  # noqa: E402
+
+from mamba_state import StatefulMamba  # noqa: E402
+from mamba_state.kernels import selective_scan_fn  # noqa: E402
+
+
+def _scan_inputs(batch: int, dim: int, L: int, n: int, dev: str) -> dict:
+    g = torch.Generator(dev).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
+    return dict(u=r(batch, dim, L).bfloat16(), delta=(0.5 * r(batch, dim, L) - 1).bfloat16(),
+                A=-torch.exp(0.5 * r(dim, n)), B=r(batch, n, L).bfloat16(), C=r(batch, n, L).bfloat16(),
+                D=r(dim), z=r(batch, dim, L).bfloat16(), delta_bias=0.1 * r(dim))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8)
+    args = ap.parse_args(argv)
+    dev, d_model, L = "cuda", 768, 2048
+    torch.manual_seed(0)
+    layer = StatefulMamba.from_config(d_model, d_state=16, layer_idx=0, device=dev, dtype=torch.bfloat16)
+    eight = [round(i * L / 8) for i in range(1, 9)]
+    for batch in (1, 8):
+        x = torch.randn(batch, L, d_model, device=dev, dtype=torch.bfloat16)
+        s0 = layer.new_state(batch)
+        inp = _scan_inputs(batch, 2 * d_model, L, 16, dev)
+        h0 = torch.zeros(batch, 2 * d_model, 16, device=dev)
+        cases = {
+            "layer": lambda: layer(x, s0),
+            "layer + 8 positions": lambda: layer(x, s0, return_states_at=eight),
+            "scan": lambda: selective_scan_fn(**inp, delta_softplus=True, initial_state=h0, return_last_state=True,
+                                              backend="triton"),
+            "scan + 8 positions": lambda: selective_scan_fn(**inp, delta_softplus=True, initial_state=h0,
+                                                            return_last_state=True, backend="triton",
+                                                            return_states_at=eight),
+        }
+        with torch.no_grad():
+            for name, fn in cases.items():
+                wall = 1e3 * median_time(fn, repeats=20, warmup=2)
+                dev_ms, table = _kernel_table(fn, args.rows)
+                print(f"## batch {batch}, {name}: wall {wall:.3f} ms, device {dev_ms:.3f} ms\n{table}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,6 +19,7 @@ Usage (GPU machine with upstream's kernels): ``python benchmarks/bench_train.py 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,13 @@ GIB = 1024 ** 3
 
 
 def _commit() -> str:
+    """The checkout's commit, else ``$MAMBA_STATE_COMMIT`` (a device copy of the tree may have no .git)."""
+    fallback = os.environ.get("MAMBA_STATE_COMMIT", "unknown")
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "unknown"
+                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or fallback
     except Exception:
-        return "unknown"
+        return fallback
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Where states at positions spend their time on a GPU (issue 19, item 6): a 130m-shaped Mamba-1 layer (d_model
-768, d_state 16, bf16, 2048 tokens, batch 1 and 8) and its scan alone, each plain and with 8 positions. Prints
-the wall time per call (median of 20, synchronised), the device time per call and the top kernels by device
-time, so a gap splits into kernel time (which kernels grew) and host time (wall minus device). A diagnostic,
-not a benchmark of record: ``bench_trace.py`` writes the table.
+768, d_state 16, bf16, 2048 tokens, batch 1 and 8) and its scan alone, each plain and with 8 positions, and the
+layer's full trace. Prints the wall time per call (median of 20, synchronised), the device time per call and the
+top kernels by device time, so a gap splits into kernel time (which kernels grew) and host time (wall minus
+device). A diagnostic, not a benchmark of record: ``bench_trace.py`` writes the table.
 
     python benchmarks/profile_positions.py [--rows 8]
 """
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
             "scan + 8 positions": lambda: selective_scan_fn(**inp, delta_softplus=True, initial_state=h0,
                                                             return_last_state=True, backend="triton",
                                                             return_states_at=eight),
+            f"layer, full trace ({L + 1} states)": lambda: layer(x, s0, return_states_at=range(L + 1)),
         }
         with torch.no_grad():
             for name, fn in cases.items():

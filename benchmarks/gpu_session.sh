@@ -15,7 +15,8 @@
 #   m3      benchmarks/bench_mamba3.py (M3_BENCH_TIMEOUT, 170 s), then tests/test_mamba3_gpu.py without its gradient
 #           test (M3_TEST_TIMEOUT, 180 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
-#   varlen  packed sequences and one-pass positions: tests/test_varlen_{gpu,conv,mamba2}.py, test_states_at_one_pass.py (gpu), then
+#   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
+#           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow), then
 #           benchmarks/bench_varlen.py --backward                (VARLEN_TIMEOUT, 300 s)
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
@@ -45,6 +46,7 @@ run_step() {  # name, timeout, command...
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
+    tar cf "$OUT/results.tar" benchmarks/results docs/benchmarks.md  # after every step: a cut-off call keeps them
 }
 
 for step in ${STEPS:-tests gen cont}; do
@@ -71,8 +73,8 @@ for step in ${STEPS:-tests gen cont}; do
         m3grad) TRITON_CACHE_AUTOTUNING=1 run_step m3grad "${M3GRAD_TIMEOUT:-500}" python3 -m pytest -v -s -m gpu \
                    -p no:cacheprovider -rfE tests/test_mamba3_gpu.py -k gradients ;;
         varlen) run_step varlen "${VARLEN_TIMEOUT:-300}" bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
-                   tests/test_varlen_gpu.py tests/test_varlen_conv.py tests/test_varlen_mamba2.py tests/test_states_at_one_pass.py; \
-                   python3 benchmarks/bench_varlen.py --backward" ;;
+                   --durations=5 ${VARLEN_TESTS:-tests/test_states_at_one_pass.py tests/test_varlen_gpu.py \
+                   tests/test_varlen_conv.py tests/test_varlen_mamba2.py}; python3 benchmarks/bench_varlen.py --backward" ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;
         serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;

@@ -184,6 +184,17 @@ def _vstep(x, P, A2, d, v, b, k, c, I: tl.constexpr, t0, vs_ptr, ve_ptr, init_pt
 
 
 @triton.jit
+def _tile_marked(vs_ptr, ve_ptr, t0, L):
+    """Whether a sequence starts or ends at one of the 8 steps from t0 (VARLEN): one vector load of each mark
+    array. Tiles without a mark (most of them: packed sequences are long next to 8 steps, and states at positions
+    are few) take the unmarked steps, whose per-step scalar loads and branches would stall the dependent chain."""
+    offs = t0 + tl.arange(0, 8)
+    inside = offs < L
+    m = tl.maximum(tl.load(vs_ptr + offs, mask=inside, other=-1), tl.load(ve_ptr + offs, mask=inside, other=-1))
+    return tl.max(m, 0) >= 0
+
+
+@triton.jit
 def _vsteps8(x, P, A2, d, v, b, k, c, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st_off, sd, mask_dn,
              BD: tl.constexpr, HAS_RESET: tl.constexpr, PROD: tl.constexpr, OUT: tl.constexpr,
              HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr):
@@ -268,9 +279,15 @@ def _scan_fwd_kernel(
         d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
         if MODE == 1:
             if VARLEN:
-                _xb, xa, P, _y = _vsteps8(x, P, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, init_ptr, last_ptr,
-                                          st_off, dim * dstate, mask_dn, BD, HAS_RESET, True, False, HAS_INIT, False)
-                x = xa[7]
+                # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
+                # unmarked steps, whose chain has no per-step scalar loads and branches
+                if _tile_marked(vs_ptr, ve_ptr, t0, L):
+                    _xb, xa, P, _y = _vsteps8(x, P, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, init_ptr, last_ptr,
+                                              st_off, dim * dstate, mask_dn, BD, HAS_RESET, True, False, HAS_INIT, False)
+                    x = xa[7]
+                else:
+                    xs, P, _y = _steps8(x, P, A2, d, v, b, k, None, BD, HAS_RESET, True, False)
+                    x = xs[8]
             else:
                 xs, P, _y = _steps8(x, P, A2, d, v, b, k, None, BD, HAS_RESET, True, False)
                 x = xs[8]
@@ -278,10 +295,16 @@ def _scan_fwd_kernel(
             Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & mt[None, :],
                          other=0.0).to(tl.float32)
             if VARLEN:
-                _xb, xa, _P, y = _vsteps8(x, None, A2, d, v, b, k, _split8(Ct, BN), t0, vs_ptr, ve_ptr, init_ptr,
-                                          last_ptr, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, True,
-                                          HAS_INIT, True)
-                x = xa[7]
+                # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
+                # unmarked steps, whose chain has no per-step scalar loads and branches
+                if _tile_marked(vs_ptr, ve_ptr, t0, L):
+                    _xb, xa, _P, y = _vsteps8(x, None, A2, d, v, b, k, _split8(Ct, BN), t0, vs_ptr, ve_ptr, init_ptr,
+                                              last_ptr, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, True,
+                                              HAS_INIT, True)
+                    x = xa[7]
+                else:
+                    xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
+                    x = xs[8]
             else:
                 xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
                 x = xs[8]
@@ -537,10 +560,16 @@ def _scan_bwd_kernel(
                                                offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
             d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
             if VARLEN:
-                _xb, xa, _P, _y = _vsteps8(x, None, A2, d, v, b, k, None, cstart + TILE * s, vs_ptr, ve_ptr,
-                                           vinit_ptr, None, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False,
-                                           False, HAS_VINIT, False)
-                x = xa[7]
+                # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
+                # unmarked steps, whose chain has no per-step scalar loads and branches
+                if _tile_marked(vs_ptr, ve_ptr, cstart + TILE * s, L):
+                    _xb, xa, _P, _y = _vsteps8(x, None, A2, d, v, b, k, None, cstart + TILE * s, vs_ptr, ve_ptr,
+                                               vinit_ptr, None, st_off, dim * dstate, mask_dn, BD, HAS_RESET, False,
+                                               False, HAS_VINIT, False)
+                    x = xa[7]
+                else:
+                    xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+                    x = xs[8]
             else:
                 xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
                 x = xs[8]
@@ -576,12 +605,18 @@ def _scan_bwd_kernel(
             k = _split8(keep, 1)
             gs = _split8(gy, BD)
             if VARLEN:
-                xb, xa, _P, _y = _vsteps8(x0, None, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, vinit_ptr, None,
-                                          st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, False, HAS_VINIT,
-                                          False)
-                h, gA, gdt, gu, gCt, gBt = _vbsteps8(h, gA, A2, xb, xa, d, v, b, c8, k, gs, u, dt, t0, vs_ptr, ve_ptr,
-                                                     vlast_ptr, dinit_ptr, st_off, dim * dstate, mask_dn, BD, BN,
-                                                     HAS_RESET, HAS_VLAST)
+                # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
+                # unmarked steps, whose chain has no per-step scalar loads and branches
+                if _tile_marked(vs_ptr, ve_ptr, t0, L):
+                    xb, xa, _P, _y = _vsteps8(x0, None, A2, d, v, b, k, None, t0, vs_ptr, ve_ptr, vinit_ptr, None,
+                                              st_off, dim * dstate, mask_dn, BD, HAS_RESET, False, False, HAS_VINIT,
+                                              False)
+                    h, gA, gdt, gu, gCt, gBt = _vbsteps8(h, gA, A2, xb, xa, d, v, b, c8, k, gs, u, dt, t0, vs_ptr, ve_ptr,
+                                                         vlast_ptr, dinit_ptr, st_off, dim * dstate, mask_dn, BD, BN,
+                                                         HAS_RESET, HAS_VLAST)
+                else:
+                    xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+                    h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
             else:
                 xs, _P, _y = _steps8(x0, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
                 h, gA, gdt, gu, gCt, gBt = _bsteps8(h, gA, A2, xs, d, v, b, c8, k, gs, u, dt, BD, BN, HAS_RESET)
@@ -711,8 +746,13 @@ def _scan_bwd_local_kernel(
         k = _split8(keep, 1)
         c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
         if VARLEN:
-            h, P = _vlsteps8(h, P, A2, d, k, gs, c8, t0, vs_ptr, ve_ptr, vlast_ptr, _st_off, dim * dstate, mask_dn,
-                             HAS_RESET, HAS_VLAST)
+            # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
+            # unmarked steps, whose chain has no per-step scalar loads and branches
+            if _tile_marked(vs_ptr, ve_ptr, t0, L):
+                h, P = _vlsteps8(h, P, A2, d, k, gs, c8, t0, vs_ptr, ve_ptr, vlast_ptr, _st_off, dim * dstate, mask_dn,
+                                 HAS_RESET, HAS_VLAST)
+            else:
+                h, P = _lsteps8(h, P, A2, d, k, gs, c8, HAS_RESET)
         else:
             h, P = _lsteps8(h, P, A2, d, k, gs, c8, HAS_RESET)
     tl.store(sum_ptr + ck_off + c * dstate, h, mask=mask_dn)

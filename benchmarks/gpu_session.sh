@@ -56,7 +56,7 @@ for step in ${STEPS:-tests gen cont}; do
                    tests/test_adapters_lm.py tests/test_adapters_mamba2.py tests/test_kernel_conv.py \
                    tests/test_backend.py tests/test_offload.py tests/test_rl_ppo.py tests/test_rl_env.py \
                    tests/test_inplace_states.py tests/test_io.py tests/test_kernel_add_norm.py tests/test_kernel_device.py \
-                   tests/test_training_layout.py tests/test_kernel_conv_grad.py tests/test_mamba3_state.py ;;
+                   tests/test_training_layout.py tests/test_kernel_conv_grad.py tests/test_mamba3_state.py tests/test_host_copy.py ;;
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;

@@ -22,6 +22,8 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
+from ._host import host_tensor
+
 __all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at", "use_dense_states"]
 
 DENSE_MIN_SEGMENTS = 32
@@ -121,7 +123,7 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
                               f"found {list(conv_state.shape)} and {list(x.shape)}")
     bsz, ch, W = conv_state.shape
     full = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)  # [B, C, W + L]
-    idx = torch.as_tensor(list(positions), dtype=torch.long, device=x.device)[:, None] + torch.arange(
+    idx = host_tensor(positions, torch.long, x.device)[:, None] + torch.arange(
         W, device=x.device)  # [P, W]: window after p tokens = full[p : p + W]
     win = full[:, :, idx].permute(2, 0, 1, 3)  # [P, B, C, W]
     if reset is not None and idx.numel():

@@ -16,6 +16,7 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
+from .._host import to_device
 from ..varlen import check_cu_seqlens
 
 __all__ = ["seq_bounds", "check_varlen_state", "step_marks", "check_varlen_positions"]
@@ -58,7 +59,7 @@ def step_marks(bounds: Sequence[int], device: torch.device, multiple: int = 8) -
         idx = torch.tensor(nonempty, dtype=torch.int32)
         starts[torch.tensor([bounds[s] for s in nonempty])] = idx
         ends[torch.tensor([bounds[s + 1] - 1 for s in nonempty])] = idx
-    return starts.to(device, non_blocking=True), ends.to(device, non_blocking=True)
+    return to_device(starts, device), to_device(ends, device)
 
 
 def check_varlen_positions(positions: Any, bounds: Sequence[int], name: str = "return_states_at") -> list[list[int]]:

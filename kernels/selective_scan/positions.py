@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._host import to_device
 from .ops import ScanFn, scan_forward
 
 __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
@@ -55,7 +56,7 @@ def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.
         starts[0] = 0
     if stops:
         ends[torch.tensor([p - 1 for p in stops])] = torch.arange(len(stops), dtype=torch.int32) * batch
-    return starts.to(device, non_blocking=True), ends.to(device, non_blocking=True)
+    return to_device(starts, device), to_device(ends, device)
 
 
 def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
@@ -118,7 +119,7 @@ def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[in
                     extra += 1
                 mine.append(inner[p])
         rows.append(mine)
-    return starts.to(device, non_blocking=True), ends.to(device, non_blocking=True), rows
+    return to_device(starts, device), to_device(ends, device), rows
 
 
 def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
@@ -142,7 +143,7 @@ def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tens
     if empty:  # no step of theirs ran: their final state is their initial state
         mask = torch.zeros(nseq, 1, 1, dtype=torch.bool)
         mask[empty] = True
-        last = torch.where(mask.to(u.device, non_blocking=True), h0, last)
+        last = torch.where(to_device(mask, u.device), h0, last)
     states = []
     for s, rs in enumerate(rows):
         picked = [h0[s] if r < 0 else last[s] if r == s else buf[r] for r in rs]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .._host import host_tensor
 from ..scan_inputs import compute_dtype
 from ..varlen import check_cu_seqlens
 from .naive import _NO_LIMIT, _prep_dt, check_packed_states, check_ssd_inputs
@@ -32,7 +33,7 @@ class PackedLayout:
     ``valid`` bool [num_seqs, longest], and for every packed step its row ``seq`` and column ``col`` [total]."""
 
     def __init__(self, bounds: list[int], device: torch.device):
-        cu = torch.tensor(bounds, dtype=torch.long, device=device)
+        cu = host_tensor(bounds, torch.long, device)
         starts, lengths = cu[:-1], cu[1:] - cu[:-1]
         self.num_seqs = len(bounds) - 1
         self.total = bounds[-1]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import torch
 import torch.nn as nn
 
+from mamba_state.kernels._host import host_tensor
 from mamba_state.kernels.dispatch import DeviceOps, device_ops
 from mamba_state.kernels.scan_positions import check_positions
 from mamba_state.kernels.selective_scan.packed import check_varlen_positions, seq_bounds
@@ -396,14 +397,14 @@ class StatefulMambaLM(nn.Module):
                 layers_at[idx] = out[3]
         lasts = [b - 1 for a, b in zip(bounds[:-1], bounds[1:]) if b > a] if num_last_tokens else None
         if lasts is not None:  # only each sequence's last token reaches the norm and the head
-            at = torch.tensor(lasts, device=hidden.device)
+            at = host_tensor(lasts, torch.long, hidden.device)
             hidden = hidden.index_select(1, at)
             residual = residual.index_select(1, at) if residual is not None else None
         hidden, _ = self.backbone.blocks()[0].add_norm(hidden, residual, self.backbone.norm_f, ops)
         logits = self.lm_head(hidden)
         if lasts is not None and len(lasts) < nseq:  # an empty sequence has no last token: NaN logits mark it
             full = logits.new_full((1, nseq, logits.shape[-1]), float("nan"))
-            keep = torch.tensor([s for s in range(nseq) if bounds[s + 1] > bounds[s]], device=logits.device)
+            keep = host_tensor([s for s in range(nseq) if bounds[s + 1] > bounds[s]], torch.long, logits.device)
             logits = full.index_copy(1, keep, logits)
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         new_state = MambaModelState(new_layers, seqlen_offset=offset + longest, metadata=dict(metadata))

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mamba_state.kernels._host import host_tensor
 from mamba_state.kernels.backend import resolve_backend
 from mamba_state.kernels.conv1d.naive import causal_conv1d_ref
 from mamba_state.kernels.scan_positions import check_positions, conv_windows_at, run_segments, use_dense_states
@@ -498,7 +499,7 @@ class StatefulMamba2(nn.Module):
         if reset is not None:
             reset = reset.to(x.device)
         backend, _ = self.resolved_backend(x.device)
-        cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
+        cu = host_tensor(bounds, torch.int32, x.device)
         z0, x0, z, xBC, dt = self._split_in(self.in_proj(x))
         conv_state = state.conv_state
         xBC, new_conv = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
@@ -545,7 +546,7 @@ class StatefulMamba2(nn.Module):
         """Upstream's own packed forward from zero states: the sequences as ``seq_idx`` (sequence ids, so no
         state passes between them), each sequence's final state from ``return_varlen_states``."""
         scan = _upstream_chunk_scan()
-        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=xs.device)
+        lengths = host_tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], torch.long, xs.device)
         seq_idx = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=xs.device, dtype=torch.int32),
                                           lengths, output_size=xs.shape[1])[None]
         kwargs = {} if self.dt_limit == _NO_LIMIT else {"dt_limit": self.dt_limit}

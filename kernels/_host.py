@@ -17,7 +17,9 @@ def to_device(t: Tensor, device: Union[torch.device, str]) -> Tensor:
     kernel queued before it, and the GPU then idles while the host catches up (once per layer, in a forward that
     asks for states at positions). The pinned block is held by PyTorch's host allocator until the copy is done."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        # under CUDA graph capture the copy would be recorded from a pinned block the allocator later reuses (a
+        # replay would read whatever is there then): the blocking copy refuses capture, as it always did
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -208,10 +208,14 @@ def _grad_mode(requires_grad: bool):
 def _run_layer(layer: nn.Module, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
                positions: list[int]) -> tuple[torch.Tensor, MambaInferenceState, LayerTrace]:
     """One layer's forward with states at ``positions``: ``(y [B, L, d_model], new_state, trace)``."""
-    y, new, states = layer(x, state=state, reset=reset, return_states_at=positions)
-    if positions:
+    fast = getattr(layer, "_forward_stacked_states", None)
+    if positions and fast is not None:  # the states come stacked: no state object per position
+        y, new, stacked = fast(x, state, reset, positions)
+    elif positions:
+        y, new, states = layer(x, state=state, reset=reset, return_states_at=positions)
         stacked = {name: torch.stack([s.tensors[name] for s in states]) for name in new.tensor_names}
     else:  # no rows: empty tensors with the right trailing shape
+        y, new, _ = layer(x, state=state, reset=reset, return_states_at=positions)
         stacked = {name: t.new_zeros((0, *t.shape)) for name, t in new.tensors.items()}
     trace = LayerTrace(outputs=y.transpose(0, 1), ssm_states=stacked["ssm_state"],
                        conv_states=stacked.get("conv_state"), positions=list(positions),

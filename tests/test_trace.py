@@ -528,3 +528,30 @@ def test_gpu_trace_model_matches_the_model():
     torch.testing.assert_close(mt.logits, logits, rtol=1e-3, atol=1e-3)
     assert mt.final_state.allclose(final, rtol=1e-3, atol=1e-3)
     assert mt.layers[2].ssm_states.shape == (11, 2, 128, 16) and mt.layers[2].ssm_states.is_cuda
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_trace_of_a_mamba1_layer_takes_the_stacked_states_and_equals_the_forward(monkeypatch, backend):
+    """trace_layer on a Mamba-1 layer gets the states stacked from the layer (no state object per position) and
+    they equal the forward's states at the same positions, every tensor, with resets and an initial state."""
+    torch.manual_seed(3)
+    layer = StatefulMamba.from_config(16, d_state=4, d_conv=4, layer_idx=0, backend=backend)
+    x = torch.randn(2, 21, 16)
+    s0 = layer.new_state(2)
+    for t in s0.tensors.values():
+        t.copy_(torch.randn_like(t))
+    reset = torch.zeros(2, 21, dtype=torch.bool)
+    reset[1, 7] = True
+    calls = []
+    real = StatefulMamba._forward_stacked_states
+    monkeypatch.setattr(StatefulMamba, "_forward_stacked_states",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    tr = trace_layer(layer, x, s0, reset=reset)
+    assert calls == [1]
+    with torch.no_grad():
+        y, new, states = layer(x, s0, reset=reset, return_states_at=list(range(22)))
+    torch.testing.assert_close(tr.outputs, y.transpose(0, 1), rtol=0, atol=0)
+    for name in ("conv_state", "ssm_state"):
+        want = torch.stack([s.tensors[name] for s in states])
+        torch.testing.assert_close(tr.states[name], want, rtol=0, atol=0)
+    torch.testing.assert_close(tr.ssm_states[-1], new.ssm_state, rtol=0, atol=0)

@@ -254,10 +254,25 @@ class StatefulMamba(nn.Module):
         check_reset(reset, [batch, seqlen])
         return self._forward(x, state, reset, positions)
 
+    def _forward_stacked_states(self, x: torch.Tensor, state: MambaInferenceState | None,
+                                reset: torch.Tensor | None, positions: Any):
+        """:meth:`forward` with ``return_states_at=positions`` (a non-empty list), the states returned stacked:
+        ``(y, new_state, {"conv_state": [P, B, d_inner, d_conv], "ssm_state": [P, B, d_inner, d_state]})``.
+        What a trace keeps, without building one state object per position (for a full trace of 2048 tokens
+        those cost tens of ms of host time)."""
+        self._check_input(x)
+        batch, seqlen, _ = x.shape
+        positions = check_positions(positions, seqlen)
+        if state is not None:
+            state = self.check_state(state, batch, x.device)
+        check_reset(reset, [batch, seqlen])
+        return self._forward(x, state, reset, positions, stacked=True)
+
     def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
-                 positions: list[int] | None):
+                 positions: list[int] | None, stacked: bool = False):
         """:meth:`forward` on checked arguments (its caller checked them: forward, or the LM after its
-        ``check_state``); ``positions`` a checked list or None."""
+        ``check_state``); ``positions`` a checked list or None; ``stacked``: the states at positions as stacked
+        tensors by name (:meth:`_forward_stacked_states`)."""
         ops = device_ops(x.device, self.backend)  # which kernels this call runs, decided once
         batch, seqlen, _ = x.shape
         if state is None and (positions is not None or self.state_dtype == torch.float64):
@@ -305,6 +320,8 @@ class StatefulMamba(nn.Module):
         assert state is not None
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
+        if stacked:
+            return out, new, {"conv_state": conv_at, "ssm_state": ssm_at}
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
         return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 

@@ -323,7 +323,8 @@ class StatefulMamba(nn.Module):
         if stacked:
             return out, new, {"conv_state": conv_at, "ssm_state": ssm_at}
         # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
-        return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
+        # rows of tensors shaped from the checked state: no per-position validation
+        return out, new, [MambaInferenceState._of_checked(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
     def _forward_channel_major(self, x: torch.Tensor, state: MambaInferenceState | None,
                                reset: torch.Tensor | None, ops: DeviceOps):

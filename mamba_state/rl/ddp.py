@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -121,12 +122,16 @@ def distributed(device: str | None = "auto") -> Iterator[DistContext]:
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         yield DistContext(rank, world, local, dev, backend)
+        # DDP's reducer sits in reference cycles that hold its communication work and buckets: collected at
+        # interpreter exit, after the group is gone, their destructors abort the process ("terminate called
+        # without an active exception", seen under load in CI). Collect them while the group is alive.
+        gc.collect()
         # every rank reaches the end before any tears the group down: a rank that left first closed its Gloo
-        # connections under one still finishing its last writes, which then aborted ("terminate called without
-        # an active exception", seen under load in CI)
+        # connections under one still finishing its last writes
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
 
 
 def rank_seed(seed: int, rank: int, purpose: str = "", salt: str = "") -> int:

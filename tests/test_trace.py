@@ -530,26 +530,34 @@ def test_gpu_trace_model_matches_the_model():
     assert mt.layers[2].ssm_states.shape == (11, 2, 128, 16) and mt.layers[2].ssm_states.is_cuda
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_trace_of_a_mamba1_layer_takes_the_stacked_states_and_equals_the_forward(monkeypatch, backend):
-    """trace_layer on a Mamba-1 layer gets the states stacked from the layer (no state object per position) and
-    they equal the forward's states at the same positions, every tensor, with resets and an initial state."""
+def _layer_of(kind, backend):
+    if kind == "mamba1":
+        return StatefulMamba, StatefulMamba.from_config(16, d_state=4, d_conv=4, layer_idx=0, backend=backend)
+    return StatefulMamba2, StatefulMamba2.from_config(32, d_state=8, headdim=8, layer_idx=0, backend=backend)
+
+
+@pytest.mark.parametrize("kind, backend, L", [("mamba1", "reference", 21), ("mamba1", "triton", 21),
+                                              ("mamba2", "reference", 21), ("mamba2", "reference", 0)])
+def test_trace_takes_the_stacked_states_and_equals_the_forward(monkeypatch, kind, backend, L):
+    """trace_layer on a Mamba-1 or Mamba-2 layer gets the states stacked from the layer (no state object per
+    position) and they equal the forward's states at the same positions, every tensor, with resets and an
+    initial state (an empty chunk too, which Mamba-2 layers take and Mamba-1 layers refuse)."""
     torch.manual_seed(3)
-    layer = StatefulMamba.from_config(16, d_state=4, d_conv=4, layer_idx=0, backend=backend)
-    x = torch.randn(2, 21, 16)
+    cls, layer = _layer_of(kind, backend)
+    x = torch.randn(2, L, layer.d_model)
     s0 = layer.new_state(2)
     for t in s0.tensors.values():
         t.copy_(torch.randn_like(t))
-    reset = torch.zeros(2, 21, dtype=torch.bool)
-    reset[1, 7] = True
+    reset = torch.zeros(2, L, dtype=torch.bool)
+    if L > 7:
+        reset[1, 7] = True
     calls = []
-    real = StatefulMamba._forward_stacked_states
-    monkeypatch.setattr(StatefulMamba, "_forward_stacked_states",
-                        lambda self, *a: calls.append(1) or real(self, *a))
+    real = cls._forward_stacked_states
+    monkeypatch.setattr(cls, "_forward_stacked_states", lambda self, *a: calls.append(1) or real(self, *a))
     tr = trace_layer(layer, x, s0, reset=reset)
     assert calls == [1]
     with torch.no_grad():
-        y, new, states = layer(x, s0, reset=reset, return_states_at=list(range(22)))
+        y, new, states = layer(x, s0, reset=reset, return_states_at=list(range(L + 1)))
     torch.testing.assert_close(tr.outputs, y.transpose(0, 1), rtol=0, atol=0)
     for name in ("conv_state", "ssm_state"):
         want = torch.stack([s.tensors[name] for s in states])

@@ -397,10 +397,23 @@ class StatefulMamba2(nn.Module):
         positions = None if return_states_at is None else check_positions(return_states_at, L)
         return self._forward(x, state, reset, positions)
 
+    def _forward_stacked_states(self, x: torch.Tensor, state: MambaInferenceState | None,
+                                reset: torch.Tensor | None, positions: Any):
+        """:meth:`forward` with ``return_states_at=positions`` (a non-empty list), the states returned stacked by
+        tensor name (``[P, ...]`` each), as traces keep them, without one state object per position."""
+        self._check_x(x, "x")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
+        bsz, L, _ = x.shape
+        state = self.check_state(state, bsz, x.device)
+        check_reset(reset, [bsz, L])
+        return self._forward(x, state, reset, check_positions(positions, L), stacked=True)
+
     def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
-                 positions: list[int] | None):
+                 positions: list[int] | None, stacked: bool = False):
         """:meth:`forward` on checked arguments (its caller checked them: forward, or the LM after its
-        ``check_state``); ``positions`` a checked list or None."""
+        ``check_state``); ``positions`` a checked list or None; ``stacked``: the states at positions as stacked
+        tensors by name (:meth:`_forward_stacked_states`)."""
         bsz, L, _ = x.shape
         if state is None:
             state = self.new_state(bsz, device=x.device)
@@ -408,6 +421,9 @@ class StatefulMamba2(nn.Module):
             reset = reset.to(x.device)
         if L == 0:
             if positions is not None:
+                if stacked:
+                    at = {k: torch.stack([t] * len(positions)) for k, t in state.tensors.items()}
+                    return x.new_zeros(bsz, 0, self.d_model), state, at
                 return x.new_zeros(bsz, 0, self.d_model), state, [state for _ in positions]
             return x.new_zeros(bsz, 0, self.d_model), state
         backend, _ = self.resolved_backend(x.device)
@@ -444,8 +460,11 @@ class StatefulMamba2(nn.Module):
             return out, new
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
         ssm_at = ssm_at.to(state.ssm_state.dtype)
-        # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
-        return out, new, [MambaInferenceState(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
+        if stacked:
+            return out, new, {"conv_state": conv_at, "ssm_state": ssm_at}
+        # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify;
+        # rows of tensors shaped from the checked state: no per-position validation
+        return out, new, [MambaInferenceState._of_checked(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
 
     # ------------------------------------------------------------------ packed sequences
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, state: MambaInferenceState | None = None,

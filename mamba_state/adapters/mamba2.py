@@ -388,26 +388,26 @@ class StatefulMamba2(nn.Module):
         """
         if cu_seqlens is not None:
             return self.forward_packed(x, cu_seqlens, state, reset, return_states_at)
-        self._check_x(x, "x")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
-        bsz, L, _ = x.shape
-        state = self.check_state(state, bsz, x.device)
-        check_reset(reset, [bsz, L])
-        positions = None if return_states_at is None else check_positions(return_states_at, L)
+        state, positions = self._check_chunk(x, state, reset, return_states_at)
         return self._forward(x, state, reset, positions)
 
     def _forward_stacked_states(self, x: torch.Tensor, state: MambaInferenceState | None,
                                 reset: torch.Tensor | None, positions: Any):
         """:meth:`forward` with ``return_states_at=positions`` (a non-empty list), the states returned stacked by
         tensor name (``[P, ...]`` each), as traces keep them, without one state object per position."""
+        state, checked = self._check_chunk(x, state, reset, positions)
+        return self._forward(x, state, reset, checked, stacked=True)
+
+    def _check_chunk(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
+                     positions: Any) -> tuple[MambaInferenceState | None, list[int] | None]:
+        """The checks of an unpacked :meth:`forward`: ``(checked state, checked positions or None)``."""
         self._check_x(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise StateShapeError(f"x: expected [batch, seqlen, {self.d_model}], found {list(x.shape)}")
         bsz, L, _ = x.shape
         state = self.check_state(state, bsz, x.device)
         check_reset(reset, [bsz, L])
-        return self._forward(x, state, reset, check_positions(positions, L), stacked=True)
+        return state, None if positions is None else check_positions(positions, L)
 
     def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
                  positions: list[int] | None, stacked: bool = False):

@@ -246,12 +246,7 @@ class StatefulMamba(nn.Module):
         """
         if cu_seqlens is not None:
             return self.forward_packed(x, cu_seqlens, state, reset, return_states_at)
-        self._check_input(x)
-        batch, seqlen, _ = x.shape
-        positions = None if return_states_at is None else check_positions(return_states_at, seqlen)
-        if state is not None:
-            state = self.check_state(state, batch, x.device)
-        check_reset(reset, [batch, seqlen])
+        state, positions = self._check_chunk(x, state, reset, return_states_at)
         return self._forward(x, state, reset, positions)
 
     def _forward_stacked_states(self, x: torch.Tensor, state: MambaInferenceState | None,
@@ -260,13 +255,19 @@ class StatefulMamba(nn.Module):
         ``(y, new_state, {"conv_state": [P, B, d_inner, d_conv], "ssm_state": [P, B, d_inner, d_state]})``.
         What a trace keeps, without building one state object per position (for a full trace of 2048 tokens
         those cost tens of ms of host time)."""
+        state, checked = self._check_chunk(x, state, reset, positions)
+        return self._forward(x, state, reset, checked, stacked=True)
+
+    def _check_chunk(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
+                     positions: Any) -> tuple[MambaInferenceState | None, list[int] | None]:
+        """The checks of an unpacked :meth:`forward`: ``(checked state or None, checked positions or None)``."""
         self._check_input(x)
         batch, seqlen, _ = x.shape
-        positions = check_positions(positions, seqlen)
+        checked = None if positions is None else check_positions(positions, seqlen)
         if state is not None:
             state = self.check_state(state, batch, x.device)
         check_reset(reset, [batch, seqlen])
-        return self._forward(x, state, reset, positions, stacked=True)
+        return state, checked
 
     def _forward(self, x: torch.Tensor, state: MambaInferenceState | None, reset: torch.Tensor | None,
                  positions: list[int] | None, stacked: bool = False):
@@ -531,8 +532,6 @@ class StatefulMamba(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
                 f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, state_dtype={self.state_dtype}")
-
-
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,8 +1,8 @@
 """Compile the causal conv's Triton kernels for sm_90 on any machine (no GPU needed) and count the global load
 instructions of each kind in their PTX: vectorised (``ld.global.v4`` / ``.v2``) or 2-byte scalar (``b16``).
 A static check of why the aligned kernels should be faster, before a GPU measures it (docs/kernel.md, the conv
-section). bf16 inputs, width 4, silu and bias, no state or resets, the pointers and strides marked 16-aligned as
-Triton's launcher specialises them in a real call.
+section). bf16 inputs, width 4, silu and bias (the forwards without a state or resets, the aligned backward with
+both), the pointers and strides marked 16-aligned as Triton's launcher specialises them in a real call.
 
     python benchmarks/inspect_conv_ptx.py
 """
@@ -30,6 +30,12 @@ KERNELS = {
         {**FLAGS, "VARLEN": False, "BD": 16, "BL": 128, "BS": 16}),
     "_causal_conv_fwd4_kernel (aligned forward)": (
         "_causal_conv_fwd4_kernel", {**FWD, **STRIDES}, {**FLAGS, "BD": 16, "G": 16}),
+    "_causal_conv_bwd4_aligned_kernel (aligned backward, state and resets)": (
+        "_causal_conv_bwd4_aligned_kernel",
+        {**PTRS, "dout_ptr": "*bf16", "dx_ptr": "*bf16", "dw_part_ptr": "*fp32", "dbias_part_ptr": "*fp32",
+         "dstate_ptr": "*fp32", "dim": "i32", "L": "i32", "sxb": "i32", "sxd": "i32", "sgb": "i32", "sgd": "i32",
+         "sdb": "i32", "sdd": "i32"},
+        {**FLAGS, "HAS_STATE": True, "HAS_RESET": True, "STATE_GRAD": True, "BD": 4, "G": 32}),
 }
 
 

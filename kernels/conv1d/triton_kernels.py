@@ -472,21 +472,30 @@ def _causal_conv_bwd4_kernel(
 
 # ------------------------------------------------------------------------------------- aligned forward, W <= 4
 @triton.jit
+def _masked_taps(base, a, b, c, d, r1, r2, r3, w0, w1, w2, w3, HAS_RESET: tl.constexpr):
+    """base + w3 a + w2 b + w1 c + w0 d ([R] float32), each term after the first dropped once a reset flag of
+    r1, r2, r3 (cumulatively: r1 hides b, c and d; r2 hides c and d; r3 hides d) is set. The forward's output
+    column and the backward's dx column are this sum over different columns."""
+    acc = base + w3 * a
+    if HAS_RESET:
+        hidden = r1 != 0
+        acc += tl.where(hidden, 0.0, w2 * b)
+        hidden = hidden | (r2 != 0)
+        acc += tl.where(hidden, 0.0, w1 * c)
+        hidden = hidden | (r3 != 0)
+        acc += tl.where(hidden, 0.0, w0 * d)
+    else:
+        acc += w2 * b + w1 * c + w0 * d
+    return acc
+
+
+@triton.jit
 def _out_col(xs, rs, w0, w1, w2, w3, bias, I: tl.constexpr, HAS_RESET: tl.constexpr):
     """Output column I of an 8-step group as [R] float32 (before the activation): xs and rs are the inputs and
     reset flags at the group's steps t0 - 3 .. t0 + 7 (11 columns each), taps w3..w0 weigh the inputs at
     t, t - 1, t - 2, t - 3 (t = t0 + I); an input is hidden when a reset lies in (its step, t]."""
-    acc = bias + w3 * xs[I + 3]
-    if HAS_RESET:
-        hidden = rs[I + 3] != 0
-        acc += tl.where(hidden, 0.0, w2 * xs[I + 2])
-        hidden = hidden | (rs[I + 2] != 0)
-        acc += tl.where(hidden, 0.0, w1 * xs[I + 1])
-        hidden = hidden | (rs[I + 1] != 0)
-        acc += tl.where(hidden, 0.0, w0 * xs[I])
-    else:
-        acc += w2 * xs[I + 2] + w1 * xs[I + 1] + w0 * xs[I]
-    return acc
+    return _masked_taps(bias, xs[I + 3], xs[I + 2], xs[I + 1], xs[I], rs[I + 3], rs[I + 2], rs[I + 1],
+                        w0, w1, w2, w3, HAS_RESET)
 
 
 @triton.jit
@@ -593,17 +602,8 @@ def _dpre_col(xs, rs, gs, w0, w1, w2, w3, bias, I: tl.constexpr, HAS_RESET: tl.c
 def _dx_col(ds, rs, w0, w1, w2, w3, I: tl.constexpr, HAS_RESET: tl.constexpr):
     """dx at position t0 + I as [R] float32: ds the dpre at t0 .. t0 + 10 (11 columns), rs as in _dpre_col. Step
     t0 + I + j weighs the input at t0 + I by tap 3 - j and sees it unless a reset lies in (t0 + I, t0 + I + j]."""
-    acc = w3 * ds[I]
-    if HAS_RESET:
-        hidden = rs[I + 4] != 0
-        acc += tl.where(hidden, 0.0, w2 * ds[I + 1])
-        hidden = hidden | (rs[I + 5] != 0)
-        acc += tl.where(hidden, 0.0, w1 * ds[I + 2])
-        hidden = hidden | (rs[I + 6] != 0)
-        acc += tl.where(hidden, 0.0, w0 * ds[I + 3])
-    else:
-        acc += w2 * ds[I + 1] + w1 * ds[I + 2] + w0 * ds[I + 3]
-    return acc
+    return _masked_taps(0.0, ds[I], ds[I + 1], ds[I + 2], ds[I + 3], rs[I + 4], rs[I + 5], rs[I + 6],
+                        w0, w1, w2, w3, HAS_RESET)
 
 
 @triton.jit

@@ -55,6 +55,18 @@ def _channel_major_slice(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
     return wide[:ch].permute(1, 0, 2)
 
 
+def _backward_args(seed: int, ch: int, L: int, reset_p: float) -> tuple:
+    """Batch-2 inputs of ``ops.conv_backward`` at width 4: (x as a channel-major slice, weight [ch, 4], bias, the
+    incoming window, resets, dout, the new window's gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _channel_major_slice(torch.randn(2, ch, L, generator=g))
+    w, b = torch.randn(ch, 4, generator=g), torch.randn(ch, generator=g)
+    state = torch.randn(2, ch, 4, generator=g)
+    reset = torch.rand(2, L, generator=g) < reset_p
+    dout, dnew = torch.randn(2, ch, L, generator=g), torch.randn(2, ch, 4, generator=g)
+    return x, w, b, state, reset, dout, dnew
+
+
 def _triton_grads(x, w, b, state, reset, silu, weights):
     """(out, new window, [dx, dw, dbias, dstate]) through the Triton conv, with x a channel-major slice; float64.
     The leaf is the wide tensor, so the conv gets the strided view itself (its batch stride L, channel stride
@@ -140,12 +152,7 @@ def test_aligned_backward_without_each_input(with_state, with_bias, reset_p, sil
 
 def test_aligned_backward_writes_into_dx_out_and_leaves_the_rest():
     """The training layer passes its slice of d(xz) as dx_out: the kernel writes only that slice."""
-    g = torch.Generator().manual_seed(3)
-    x = _channel_major_slice(torch.randn(2, 12, 140, generator=g))
-    w, b = torch.randn(12, 4, generator=g), torch.randn(12, generator=g)
-    state = torch.randn(2, 12, 4, generator=g)
-    reset = torch.rand(2, 140, generator=g) < 0.1
-    dout, dnew = torch.randn(2, 12, 140, generator=g), torch.randn(2, 12, 4, generator=g)
+    x, w, b, state, reset, dout, dnew = _backward_args(3, 12, 140, 0.1)
     dxz = torch.full((24, 2, 140), 5.0)  # [2 * channels, batch, L]: x's half then z's
     with _bwd("aligned") as launched:
         dx, dw, db, ds = ops.conv_backward(x, w, b, state, reset, True, dout, dnew, True)
@@ -175,12 +182,7 @@ def test_switch_applies_only_where_the_aligned_kernel_does():
 def test_each_tile_variable_reaches_only_its_kernel():
     """MAMBA_STATE_CONV_BWD_ALIGNED_TILE ("BD,G,warps") sets the aligned kernel's tile, with the same gradients;
     MAMBA_STATE_CONV_BWD_TILE ("BD,BL,warps", the other kernels') leaves it alone."""
-    g = torch.Generator().manual_seed(6)
-    x = _channel_major_slice(torch.randn(2, 10, 75, generator=g))
-    w, b = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
-    state = torch.randn(2, 10, 4, generator=g)
-    reset = torch.rand(2, 75, generator=g) < 0.2
-    dout, dnew = torch.randn(2, 10, 75, generator=g), torch.randn(2, 10, 4, generator=g)
+    x, w, b, state, reset, dout, dnew = _backward_args(6, 10, 75, 0.2)
     args = (x, w, b, state, reset, True, dout, dnew, True)
     with _bwd("aligned") as launched:
         want = ops.conv_backward(*args)

@@ -85,8 +85,9 @@ def write_doc(path: Path) -> None:
     body = "\n".join([
         "`benchmarks/bench_trace.py`: a 130m-shaped Mamba-1 layer (d_model 768, d_state 16, bf16 parameters, fp32 "
         "states) over 2048 tokens, and the verify step of speculative decoding with a 130m-shaped model (24 layers, "
-        "5 tokens from a state). States at positions come from the scan run in segments (one scan call per "
-        "segment), so their cost grows with the number of segments, not with the sequence.",
+        "5 tokens from a state). On the Triton backend the states at positions come from one pass of the scan (the "
+        "kernels store the state after each marked step; `kernels/selective_scan/positions.py`); traces at a "
+        "stride are states at positions.",
         "",
         markdown_table(["what", "batch", "tokens", "ms (median)", "x plain forward"], rows),
         "",

@@ -65,7 +65,7 @@ for step in ${STEPS:-tests gen cont}; do
         overhead) run_step overhead "${OVERHEAD_TIMEOUT:-150}" python3 benchmarks/profile_overhead.py --out "$OUT" ;;
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" python3 benchmarks/bench_train.py ;;
-        ptrain) run_step ptrain "${PTRAIN_TIMEOUT:-150}" python3 benchmarks/profile_train.py ;;
+        ptrain) run_step ptrain "${PTRAIN_TIMEOUT:-150}" python3 benchmarks/profile_train.py --out "$OUT" ;;
         m3) TRITON_CACHE_AUTOTUNING=1 run_step m3 $(( ${M3_BENCH_TIMEOUT:-170} + ${M3_TEST_TIMEOUT:-180} + 5 )) \
                    bash -c "timeout ${M3_BENCH_TIMEOUT:-170} python3 benchmarks/bench_mamba3.py; \
                    timeout ${M3_TEST_TIMEOUT:-180} python3 -m pytest -v -s -m gpu -p no:cacheprovider -rfE \

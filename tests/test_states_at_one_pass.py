@@ -61,6 +61,7 @@ def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True, device=
     h0 = torch.randn(b, d, n, generator=g, dtype=F64) if with_h0 else torch.zeros(b, d, n, dtype=F64)
     reset = (torch.rand(b, L, generator=g) < 0.15) if with_reset else None
     w = _weights(seed + 2, b, d, n, L, len(pos))
+    w_dev = {k: v.to(device) for k, v in w.items()}
 
     leaves64 = {k: v.clone().requires_grad_() for k, v in inp.items()}
     h64 = h0.clone().requires_grad_()
@@ -75,7 +76,7 @@ def _check(seed, b, d, n, L, groups, pos, with_reset=True, with_h0=True, device=
                                           chunk_size=8, return_states_at=pos)
     assert states.shape == (len(pos), b, d, n) and states.dtype == torch.float32
     wanted = [*leaves.values(), h32] if with_h0 else list(leaves.values())
-    grads = torch.autograd.grad(_loss(out.double(), last.double(), states.double(), w), wanted)
+    grads = torch.autograd.grad(_loss(out.double(), last.double(), states.double(), w_dev), wanted)
     torch.testing.assert_close(out.double().cpu(), out64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last.double().cpu(), last64, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(states.double().cpu(), st64, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, environment, environment_line, markdown_table, median_time,  # noqa: E402
+from common import (RESULTS_DIR, environment, environment_line, interleaved_median_times, markdown_table,  # noqa: E402
                     replace_section, write_json)
 
 from mamba_state import StatefulMamba, StatefulMambaLM  # noqa: E402
@@ -51,7 +51,8 @@ def layer_rows(smoke: bool, device: str) -> list[dict]:
                 "trace, stride 64": lambda: trace_layer(layer, x, s0, stride=64),
                 f"full trace ({L + 1} states)": lambda: trace_layer(layer, x, s0, warn_bytes=2 ** 40),
             }
-            times = {k: median_time(f, repeats=3 if "full" in k else 7) for k, f in cases.items()}
+            # in turns: the forwards here are host-bound, and the host's speed drifts over seconds
+            times = interleaved_median_times(cases, repeats=9)
         base = times["forward"]
         for k, t in times.items():
             rows.append({"what": k, "batch": batch, "tokens": L, "ms": round(1e3 * t, 3),
@@ -70,8 +71,10 @@ def verify_rows(smoke: bool, device: str) -> list[dict]:
         draft = torch.randint(0, cfg["vocab_size"], (batch, 5), device=device)
         with torch.no_grad():
             _, state = lm(prompt)
-            plain = median_time(lambda: lm(draft, state), repeats=9, warmup=2)
-            at = median_time(lambda: lm(draft, state, return_states_at=range(1, 6)), repeats=9, warmup=2)
+            times = interleaved_median_times({"plain": lambda: lm(draft, state),
+                                              "at": lambda: lm(draft, state, return_states_at=range(1, 6))},
+                                             repeats=9, warmup=2)
+            plain, at = times["plain"], times["at"]
         rows.append({"what": "verify 5 tokens (LM)", "batch": batch, "tokens": 5, "ms": round(1e3 * plain, 3),
                      "x_forward": 1.0})
         rows.append({"what": "verify 5 tokens + state after each", "batch": batch, "tokens": 5,
@@ -87,7 +90,8 @@ def write_doc(path: Path) -> None:
         "states) over 2048 tokens, and the verify step of speculative decoding with a 130m-shaped model (24 layers, "
         "5 tokens from a state). On the Triton backend the states at positions come from one pass of the scan (the "
         "kernels store the state after each marked step; `kernels/selective_scan/positions.py`); traces at a "
-        "stride are states at positions.",
+        "stride are states at positions. Medians of 9 rounds, each round timing every case of a batch in turn "
+        "(the forwards are host-bound, and the host's speed drifts).",
         "",
         markdown_table(["what", "batch", "tokens", "ms (median)", "x plain forward"], rows),
         "",

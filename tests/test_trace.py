@@ -85,6 +85,38 @@ def test_conv_windows_at_position_zero_is_the_incoming_window_and_resets_clear_o
     torch.testing.assert_close(win[3, 1], x[1, :, 2:], rtol=0, atol=0)
 
 
+def _windows_by_slicing(cs, x, positions, reset):
+    """The window after each position, one position at a time: the last W entries of the incoming window followed
+    by x's first p tokens, with entries from before the latest reset in tokens [0, p) zeroed."""
+    W = cs.shape[-1]
+    out = []
+    for p in positions:
+        win = torch.cat([cs, x[:, :, :p].to(cs.dtype)], -1)[:, :, p:p + W].clone()
+        if reset is not None:
+            for b in range(cs.shape[0]):
+                hits = [t for t in range(p) if reset[b, t]]
+                if hits:  # token hits[-1] started afresh: it sits at entry W - (p - hits[-1]) of the window
+                    win[b, :, :max(W - (p - hits[-1]), 0)] = 0
+        out.append(win)
+    return torch.stack(out) if out else cs.new_zeros(0, *cs.shape)
+
+
+@given(data=st.data())
+def test_conv_windows_at_equal_slicing_one_position_at_a_time(data):
+    W = data.draw(st.integers(1, 4), label="W")
+    L = data.draw(st.integers(0, 9), label="L")
+    b = data.draw(st.integers(1, 3), label="b")
+    seed = data.draw(st.integers(0, 10 ** 6), label="seed")
+    g = _gen(seed)
+    cs = torch.randn(b, 2, W, generator=g, dtype=F64)
+    x = torch.randn(b, 2, L, generator=g, dtype=torch.float32)  # another dtype than the state's: cast on gather
+    reset = (torch.rand(b, L, generator=g) < 0.3) if data.draw(st.booleans(), label="reset") else None
+    positions = sorted(data.draw(st.lists(st.integers(0, L), max_size=6), label="positions"))
+    got = conv_windows_at(cs, x, positions, reset)
+    assert got.shape == (len(positions), b, 2, W) and got.dtype == F64 and got.is_contiguous()
+    torch.testing.assert_close(got, _windows_by_slicing(cs, x, positions, reset), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- the scan
 @given(data=st.data())
 def test_scan_states_at_equal_stopping_there_reference(data):

@@ -52,14 +52,16 @@ def step_marks(bounds: Sequence[int], device: torch.device, multiple: int = 8) -
     tiles of ``multiple`` steps reads them without masks."""
     seqlen = bounds[-1]
     n = -(-seqlen // multiple) * multiple
-    starts = torch.full((n,), -1, dtype=torch.int32)
-    ends = torch.full((n,), -1, dtype=torch.int32)
+    # both rows reach the device in one copy; n is a multiple of 8, so the second row stays 32-byte aligned
+    marks = torch.full((2, n), -1, dtype=torch.int32)
+    starts, ends = marks[0], marks[1]
     nonempty = [s for s in range(len(bounds) - 1) if bounds[s + 1] > bounds[s]]
     if nonempty:
         idx = torch.tensor(nonempty, dtype=torch.int32)
         starts[torch.tensor([bounds[s] for s in nonempty])] = idx
         ends[torch.tensor([bounds[s + 1] - 1 for s in nonempty])] = idx
-    return to_device(starts, device), to_device(ends, device)
+    marks = to_device(marks, device)
+    return marks[0], marks[1]
 
 
 def check_varlen_positions(positions: Any, bounds: Sequence[int], name: str = "return_states_at") -> list[list[int]]:

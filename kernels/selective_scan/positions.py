@@ -50,13 +50,14 @@ def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.
     (the initial state enters there); ``ends[p - 1] = k * batch`` for the k-th of ``stops`` (distinct
     increasing token counts in ``[1, seqlen]``)."""
     n = -(-seqlen // multiple) * multiple
-    starts = torch.full((n,), -1, dtype=torch.int32)
-    ends = torch.full((n,), -1, dtype=torch.int32)
+    marks = torch.full((2, n), -1, dtype=torch.int32)  # both rows reach the device in one copy
+    starts, ends = marks[0], marks[1]
     if seqlen > 0:
         starts[0] = 0
     if stops:
         ends[torch.tensor([p - 1 for p in stops])] = torch.arange(len(stops), dtype=torch.int32) * batch
-    return to_device(starts, device), to_device(ends, device)
+    marks = to_device(marks, device)
+    return marks[0], marks[1]
 
 
 def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
@@ -96,8 +97,8 @@ def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[in
     ``positions[s][i]``: -1 for p = 0 (the sequence's initial state), s for its length."""
     nseq = len(bounds) - 1
     n = -(-bounds[-1] // multiple) * multiple
-    starts = torch.full((n,), -1, dtype=torch.int32)
-    ends = torch.full((n,), -1, dtype=torch.int32)
+    marks = torch.full((2, n), -1, dtype=torch.int32)  # both rows reach the device in one copy
+    starts, ends = marks[0], marks[1]
     rows: list[list[int]] = []
     extra = nseq
     for s in range(nseq):
@@ -119,7 +120,8 @@ def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[in
                     extra += 1
                 mine.append(inner[p])
         rows.append(mine)
-    return to_device(starts, device), to_device(ends, device), rows
+    marks = to_device(marks, device)
+    return marks[0], marks[1], rows
 
 
 def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],

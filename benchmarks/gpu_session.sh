@@ -12,8 +12,8 @@
 #   overhead benchmarks/profile_overhead.py (host cost per forward) (OVERHEAD_TIMEOUT, 150 s)
 #   train   benchmarks/bench_train.py (130m training step, ours vs upstream) (TRAIN_TIMEOUT, 150 s)
 #   ptrain  benchmarks/profile_train.py (device time per kernel of that step) (PTRAIN_TIMEOUT, 150 s)
-#   m3      benchmarks/bench_mamba3.py (M3_BENCH_TIMEOUT, 170 s), then tests/test_mamba3_gpu.py without its gradient
-#           test (M3_TEST_TIMEOUT, 180 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
+#   m3      benchmarks/bench_mamba3.py (M3_BENCH_TIMEOUT, 300 s: without a carried Triton cache upstream autotunes ~2 min per variant, 3 variants), then tests/test_mamba3_gpu.py without its gradient
+#           test (M3_TEST_TIMEOUT, 240 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
 #   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
 #           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow), then
@@ -26,7 +26,9 @@
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
 #   ppos    benchmarks/profile_positions.py (states at positions: wall vs device time, top kernels) (PPOS_TIMEOUT, 90 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
-# Logs land in $OUT as <step>.log, and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
+# The Triton cache comes back as $OUT/triton_cache.tar.xz when the call ends inside its limit: copy it to
+# build/triton_cache.tar.xz and carry that path in the next call (see the note where it is restored).
+# Logs land in $OUT as <step>.log (the GPU's name in setup.log), and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -36,8 +38,22 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 [ -d .upstream ] && source .upstream/device_setup.sh > "$OUT/setup.log" 2>&1
 tail -n 1 "$OUT/setup.log"
 [ -e mamba_state/kernels ] || ln -s ../kernels mamba_state/kernels
+# Triton's cache (compiled kernels and, with TRITON_CACHE_AUTOTUNING=1, autotune results) survives loans when the
+# previous call's $OUT/triton_cache.tar.xz is carried back as build/triton_cache.tar.xz: a fresh machine then
+# skips the compiles and upstream's Mamba-3 autotuning (about 2 minutes per kernel variant) it already paid for.
+# Entries are keyed by source, Triton version and GPU, so a changed kernel still recompiles.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache} TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f build/triton_cache.tar.xz ] && tar xJf build/triton_cache.tar.xz -C "$TRITON_CACHE_DIR" \
+    && echo "triton cache restored: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files"
+save_triton_cache() {  # at most 15 MB comes back (the limit is 16 MiB a file): compiled kernels, else autotune only
+    (cd "$TRITON_CACHE_DIR" && XZ_OPT=-T0 tar cJf "$OUT/triton_cache.tar.xz" . 2>/dev/null)
+    if [ "$(stat -c %s "$OUT/triton_cache.tar.xz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+        (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar cJf "$OUT/triton_cache.tar.xz" --null -T -)
+    fi
+}
 export PYTHONPATH=$PWD:$PYTHONPATH
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/setup.log"
 t_all=$(date +%s)
 
 run_step() {  # name, timeout, command...
@@ -66,9 +82,9 @@ for step in ${STEPS:-tests gen cont}; do
         trace) run_step trace "${TRACE_TIMEOUT:-100}" python3 benchmarks/bench_trace.py ;;
         train) run_step train "${TRAIN_TIMEOUT:-150}" python3 benchmarks/bench_train.py ;;
         ptrain) run_step ptrain "${PTRAIN_TIMEOUT:-150}" python3 benchmarks/profile_train.py --out "$OUT" ;;
-        m3) TRITON_CACHE_AUTOTUNING=1 run_step m3 $(( ${M3_BENCH_TIMEOUT:-170} + ${M3_TEST_TIMEOUT:-180} + 5 )) \
-                   bash -c "timeout ${M3_BENCH_TIMEOUT:-170} python3 benchmarks/bench_mamba3.py; \
-                   timeout ${M3_TEST_TIMEOUT:-180} python3 -m pytest -v -s -m gpu -p no:cacheprovider -rfE \
+        m3) TRITON_CACHE_AUTOTUNING=1 run_step m3 $(( ${M3_BENCH_TIMEOUT:-300} + ${M3_TEST_TIMEOUT:-240} + 5 )) \
+                   bash -c "timeout ${M3_BENCH_TIMEOUT:-300} python3 benchmarks/bench_mamba3.py; \
+                   timeout ${M3_TEST_TIMEOUT:-240} python3 -m pytest -v -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_gpu.py -k 'not gradients'" ;;
         m3grad) TRITON_CACHE_AUTOTUNING=1 run_step m3grad "${M3GRAD_TIMEOUT:-500}" python3 -m pytest -v -s -m gpu \
                    -p no:cacheprovider -rfE tests/test_mamba3_gpu.py -k gradients ;;
@@ -91,4 +107,5 @@ for step in ${STEPS:-tests gen cont}; do
     esac
 done
 tar cf "$OUT/results.tar" benchmarks/results docs/benchmarks.md
+save_triton_cache
 echo "total: $(( $(date +%s) - t_all )) s"

@@ -14,9 +14,12 @@ max / 2) and log-uniform (mean under max / 4, the case of issue 18's target). Co
 
 Forward only by default (prefill); ``--backward`` also times forward + backward. Writes
 benchmarks/results/bench_varlen.json and the section "Packed sequences (cu_seqlens)" of docs/benchmarks.md.
+``--profile`` writes nothing: per contender (forward, uniform lengths) the wall time next to the device time and
+the top kernels by device time (torch.profiler), which splits a slow contender into kernel and host time.
 
     python benchmarks/bench_varlen.py            # on a GPU
     python benchmarks/bench_varlen.py --backward
+    python benchmarks/bench_varlen.py --profile
 """
 
 from __future__ import annotations
@@ -83,14 +86,30 @@ def contenders(lens: list[int], device, dtype, backward: bool) -> dict:
     }
 
 
+def profile(device, dtype) -> None:
+    """Wall time (median of 10) and device time per call of every forward contender, with its top kernels."""
+    from common import median_time
+    from profile_prefill import _kernel_table
+
+    lens = draw_lengths("uniform")
+    for name, fn in contenders(lens, device, dtype, backward=False).items():
+        wall = 1e3 * median_time(fn, repeats=10, warmup=2)
+        dev_ms, table = _kernel_table(fn, 8)
+        print(f"## {name}: wall {wall:.2f} ms, device {dev_ms:.2f} ms\n{table}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="device time per kernel of each contender; no files")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_varlen.py needs a CUDA GPU (the Triton kernels; the CPU path is not what it measures)")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    if args.profile:
+        profile(device, dtype)
+        return
     env = environment()
     rows, results = [], []
     for kind in ("uniform", "log-uniform"):

@@ -16,8 +16,9 @@
 #           test (M3_TEST_TIMEOUT, 240 s), autotune results shared through TRITON_CACHE_AUTOTUNING=1
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
 #   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
-#           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow), then
-#           benchmarks/bench_varlen.py --backward                (VARLEN_TIMEOUT, 300 s)
+#           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow) (VARLEN_TIMEOUT, 300 s)
+#   bvarlen benchmarks/bench_varlen.py --backward (packed vs padded vs per session; compiles many variants) (BVARLEN_TIMEOUT, 300 s)
+#   pvarlen benchmarks/bench_varlen.py --profile (wall vs device time per contender, top kernels) (PVARLEN_TIMEOUT, 120 s)
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection)             (RLC_TIMEOUT, 200 s)
@@ -90,7 +91,9 @@ for step in ${STEPS:-tests gen cont}; do
                    -p no:cacheprovider -rfE tests/test_mamba3_gpu.py -k gradients ;;
         varlen) run_step varlen "${VARLEN_TIMEOUT:-300}" bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    --durations=5 ${VARLEN_TESTS:-tests/test_states_at_one_pass.py tests/test_varlen_gpu.py \
-                   tests/test_varlen_conv.py tests/test_varlen_mamba2.py}; python3 benchmarks/bench_varlen.py --backward" ;;
+                   tests/test_varlen_conv.py tests/test_varlen_mamba2.py}" ;;
+        bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;
+        pvarlen) run_step pvarlen "${PVARLEN_TIMEOUT:-120}" python3 benchmarks/bench_varlen.py --profile ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;
         serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;

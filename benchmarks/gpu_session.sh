@@ -3,7 +3,9 @@
 # Usage (GPU machine, repo root, .upstream/ and .whl/ carried):
 #     OUT=/some/dir STEPS="tests gen cont" bash benchmarks/gpu_session.sh
 # STEPS (default "tests gen cont"), in the order given:
-#   tests   every gpu-marked test except the kernel's            (TEST_TIMEOUT, 540 s: 95-460 s, by host speed and cache)
+#   tests   the gpu-marked tests of no other step (TESTS1 and TESTS2 below)  (TEST_TIMEOUT, 540 s: 95-460 s, more
+#           than 390 s on a fresh machine without a carried Triton cache)
+#   tests1, tests2  each half of them alone                      (TEST_TIMEOUT, 300 s)
 #   kernel  tests/test_kernel_gpu.py (long sequences: slow)      (KERNEL_TIMEOUT, 300 s)
 #   gen     benchmarks/bench_generate.py                         (GEN_TIMEOUT, 150 s)
 #   cont    benchmarks/bench_continue.py                         (CONT_TIMEOUT, 150 s)
@@ -57,6 +59,14 @@ export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/setup.log"
 t_all=$(date +%s)
 
+# the gpu-marked tests of no other step, in two halves (tests1: state, I/O and kernel checks; tests2: adapters,
+# generation, RL), each about half of the "tests" step
+TESTS1="tests/test_host_copy.py tests/test_trace.py tests/test_inplace_states.py tests/test_io.py
+        tests/test_backend.py tests/test_offload.py tests/test_kernel_device.py tests/test_kernel_add_norm.py
+        tests/test_kernel_conv.py tests/test_mamba3_state.py tests/test_rl_collect.py"
+TESTS2="tests/test_generation_gpu.py tests/test_adapters_mamba.py tests/test_adapters_lm.py
+        tests/test_adapters_mamba2.py tests/test_rl_ppo.py tests/test_rl_env.py"
+
 run_step() {  # name, timeout, command...
     local name=$1 limit=$2; shift 2
     local t0; t0=$(date +%s)
@@ -69,11 +79,11 @@ run_step() {  # name, timeout, command...
 for step in ${STEPS:-tests gen cont}; do
     case $step in
         tests) run_step tests "${TEST_TIMEOUT:-540}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
-                   tests/test_generation_gpu.py tests/test_trace.py tests/test_adapters_mamba.py \
-                   tests/test_adapters_lm.py tests/test_adapters_mamba2.py tests/test_kernel_conv.py \
-                   tests/test_backend.py tests/test_offload.py tests/test_rl_ppo.py tests/test_rl_env.py \
-                   tests/test_inplace_states.py tests/test_io.py tests/test_kernel_add_norm.py tests/test_kernel_device.py \
-                   tests/test_training_layout.py tests/test_kernel_conv_grad.py tests/test_mamba3_state.py tests/test_host_copy.py ;;
+                   --durations=10 $TESTS1 $TESTS2 ;;
+        tests1) run_step tests1 "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   --durations=10 $TESTS1 ;;
+        tests2) run_step tests2 "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   --durations=10 $TESTS2 ;;
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;

@@ -31,6 +31,31 @@ def _scan_inputs(batch: int, dim: int, L: int, n: int, dev: str) -> dict:
                 D=r(dim), z=r(batch, dim, L).bfloat16(), delta_bias=0.1 * r(dim))
 
 
+# CUDA runtime calls that can make the host wait for the device (explicitly or, for pinned allocations, inside
+# the driver): a host-bound forward that makes one serialises its host and device time
+_WAITING = ("Synchronize", "cudaMemcpy", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost", "cudaMalloc",
+            "cudaFree", "cudaStreamWaitEvent", "cudaEventQuery")
+
+
+def _runtime_calls(fn, steps: int = 3) -> str:
+    """Per call of ``fn``: the CUDA runtime calls that may wait (see _WAITING) with their counts and host time,
+    and the number of kernel launches, from torch.profiler's CPU-side events."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    found, launches = [], 0
+    for e in prof.key_averages():
+        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
+            launches += e.count
+        elif any(w in e.key for w in _WAITING) and e.key != "cudaDeviceSynchronize":
+            found.append(f"{e.key} {e.count / steps:g}x {e.cpu_time_total / steps / 1e3:.3f} ms")
+    return f"{launches / steps:g} launches; " + ("; ".join(found) if found else "no waiting runtime call")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
@@ -59,6 +84,7 @@ def main(argv=None) -> int:
                 wall = 1e3 * median_time(fn, repeats=20, warmup=2)
                 dev_ms, table = _kernel_table(fn, args.rows)
                 print(f"## batch {batch}, {name}: wall {wall:.3f} ms, device {dev_ms:.3f} ms\n{table}", flush=True)
+                print(f"   host: {_runtime_calls(fn)}", flush=True)
     return 0
 
 

@@ -33,3 +33,32 @@ def test_host_tensor_to_cuda_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     assert t.device.type == "cuda" and t.dtype == torch.int32 and t.tolist() == values
     assert m.tolist() == [i % 3 == 0 for i in range(10)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_states_at_positions_do_not_synchronise():
+    """A layer's forward with ``return_states_at`` (marks, conv windows, stacked states) and the trace leave the
+    host free while the GPU works: no operation in them waits for the device (the batch-8 positions cost on the
+    H200 looked like such a wait). Mamba-1 only: Mamba-2's chunked scan is upstream's code. Warm-up first: compiles and first allocations are allowed to synchronise."""
+    import mamba_state as ms
+    from mamba_state.trace import trace_layer
+
+    torch.manual_seed(0)
+    layer = ms.StatefulMamba.from_config(256, d_state=16, layer_idx=0, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16)
+    s0 = layer.new_state(8)
+    reset = torch.rand(8, 512, device="cuda") < 0.01
+    eight = [64 * i for i in range(1, 9)]
+    calls = [lambda: layer(x, s0, return_states_at=eight), lambda: layer(x, s0, reset=reset, return_states_at=eight),
+             lambda: trace_layer(layer, x, s0, stride=64)]
+    with torch.no_grad():
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for call in calls:
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -22,7 +22,7 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
-from ._host import host_tensor
+from ._host import to_device
 
 __all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at", "use_dense_states"]
 
@@ -129,15 +129,15 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     # entry p + j while p + j < W, else x's entry p + j - W. Only those P * W columns are gathered (no
     # [B, C, W + L] concatenation, which at batch 8 x 2048 copied 100 MB per layer after the scan); the indices
     # are built on the host and reach the GPU in one copy.
-    cols = [p + j for p in positions for j in range(W)]
-    x_cols = [max(c - W, 0) for c in cols]
-    s_cols = [min(c, W - 1) for c in cols]
-    use_state = [c < W for c in cols]
-    index = host_tensor(cols + x_cols + s_cols + [int(u) for u in use_state], torch.long, x.device)
-    index = index.view(4, len(positions), W)  # full-sequence column, x's column, the window's column, which
-    if not any(use_state):
+    cols = torch.tensor(list(positions), dtype=torch.long)[:, None] + torch.arange(W)  # [P, W], on the host
+    use_state = cols < W
+    # full-sequence column, x's column, the incoming window's column, which of the two: one copy to the device
+    index = to_device(torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), use_state.long()]),
+                      x.device)
+    lo, hi = min(positions), max(positions)
+    if lo >= W:  # every entry from x
         win = x[:, :, index[1]].to(conv_state.dtype)  # [B, C, P, W]
-    elif all(use_state) or L == 0:
+    elif hi == 0 or L == 0:  # every entry from the incoming window
         win = conv_state[:, :, index[2]]
     else:
         win = torch.where(index[3].bool(), conv_state[:, :, index[2]], x[:, :, index[1]].to(conv_state.dtype))

@@ -230,3 +230,14 @@ def test_packed_states_at_positions_in_one_pass(monkeypatch, seqpar, bwd):
         selective_scan_fn(**{k: v.float() for k, v in inp.items()}, delta_softplus=True, initial_state=h0.float(),
                           reset=reset, cu_seqlens=cu, return_states_at=positions, backend="triton", chunk_size=8)
     assert len(calls) == 1  # inference: one forward launch for every position of every sequence
+
+
+def test_states_at_positions_are_copies_not_views_of_the_final_state():
+    """The state at the last position is a copy: writing into it (a user's reset_) leaves the final state alone."""
+    inp = {k: v.float() for k, v in _inputs(7, 2, 4, 4, 16, 1).items()}
+    out, last, states = selective_scan_fn(**inp, delta_softplus=True, return_last_state=True, backend="triton",
+                                          chunk_size=8, return_states_at=[4, 16])
+    before = last.clone()
+    torch.testing.assert_close(states[1], last, rtol=0, atol=0)
+    states.zero_()
+    torch.testing.assert_close(last, before, rtol=0, atol=0)

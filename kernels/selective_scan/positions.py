@@ -81,10 +81,16 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     if L == 0:
         return out, h0, torch.stack([h0 for _ in positions]) if positions else h0.new_zeros(0, batch, dim, dstate)
     by_stop = buf.view(len(stops), batch, dim, dstate)
-    index = {p: k for k, p in enumerate(stops)}
-    picked = [h0 if p == 0 else by_stop[index[p]] for p in positions]
-    states = torch.stack(picked) if picked else h0.new_zeros(0, batch, dim, dstate)
-    return out, by_stop[index[L]], states
+    if not positions:
+        return out, by_stop[-1], h0.new_zeros(0, batch, dim, dstate)
+    # one gather of the rows asked for (a trace asks for thousands: one view per position and a stack of them
+    # cost milliseconds of host time); row 0 of `rows` is the initial state, row k + 1 the k-th stop. The result
+    # is a copy, so it never shares memory with the final state returned beside it.
+    index = {p: k + 1 for k, p in enumerate(stops)}
+    rows = to_device(torch.tensor([0 if p == 0 else index[p] for p in positions], dtype=torch.long), u.device)
+    table = torch.cat([h0[None], by_stop]) if 0 in positions else None
+    states = table.index_select(0, rows) if table is not None else by_stop.index_select(0, rows - 1)
+    return out, by_stop[-1], states
 
 
 def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[int]], device: torch.device,

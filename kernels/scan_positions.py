@@ -126,28 +126,33 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     if not positions:
         return conv_state.new_zeros(0, bsz, ch, W)
     # Entry j of the window after p tokens is entry p + j of cat(conv_state, x) along time: the incoming window's
-    # entry p + j while p + j < W, else x's entry p + j - W. Only those P * W columns are gathered (no
-    # [B, C, W + L] concatenation, which at batch 8 x 2048 copied 100 MB per layer after the scan); the indices
-    # are built on the host and reach the GPU in one copy.
+    # entry p + j while p + j < W, else x's entry p + j - W. Indices are built on the host and reach the GPU in
+    # one copy.
     cols = torch.tensor(list(positions), dtype=torch.long)[:, None] + torch.arange(W)  # [P, W], on the host
-    use_state = cols < W
-    # full-sequence column, x's column, the incoming window's column, which of the two: one copy to the device
-    index = to_device(torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), use_state.long()]),
-                      x.device)
-    lo, hi = min(positions), max(positions)
-    if lo >= W:  # every entry from x
-        win = x[:, :, index[1]].to(conv_state.dtype)  # [B, C, P, W]
-    elif hi == 0 or L == 0:  # every entry from the incoming window
-        win = conv_state[:, :, index[2]]
+    if W + L <= 4 * cols.numel():
+        # a short chunk, or many positions: concatenate, then one gather (fewest launches; verify steps and full
+        # traces are host-bound)
+        full_cols = to_device(cols, x.device)
+        win = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[:, :, full_cols]  # [B, C, P, W]
     else:
-        win = torch.where(index[3].bool(), conv_state[:, :, index[2]], x[:, :, index[1]].to(conv_state.dtype))
+        # a long chunk and few positions: gather only the P * W columns (at batch 8 x 2048 the concatenation and
+        # its cast moved about 100 MB per layer, after the scan)
+        use_state = cols < W
+        # full-sequence column, x's column, the incoming window's column, which of the two
+        index = to_device(torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), use_state.long()]),
+                          x.device)
+        full_cols = index[0]
+        if min(positions) >= W:  # every entry from x
+            win = x[:, :, index[1]].to(conv_state.dtype)
+        else:
+            win = torch.where(index[3].bool(), conv_state[:, :, index[2]], x[:, :, index[1]].to(conv_state.dtype))
     win = win.permute(2, 0, 1, 3)  # [P, B, C, W]
     if reset is not None:
         # segment id of every entry of cat(conv_state, x): the incoming window is segment 0, and each reset
         # starts a new one; an entry is visible in a window when it shares the window's newest entry's segment
         seg = torch.cat([torch.zeros(bsz, W, dtype=torch.long, device=x.device),
                          torch.cumsum(reset.long(), dim=1)], dim=1)
-        seg_win = seg[:, index[0]]  # [B, P, W]
+        seg_win = seg[:, full_cols]  # [B, P, W]
         visible = (seg_win == seg_win[..., -1:]).permute(1, 0, 2)[:, :, None, :]  # [P, B, 1, W]
         win = win * visible.to(win.dtype)
     return win.contiguous()

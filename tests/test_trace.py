@@ -117,6 +117,19 @@ def test_conv_windows_at_equal_slicing_one_position_at_a_time(data):
     torch.testing.assert_close(got, _windows_by_slicing(cs, x, positions, reset), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("L, positions", [(5, [1, 2, 3, 4, 5]), (300, [0, 2, 150, 300]), (300, [10, 300]),
+                                          (300, [3]), (0, [0, 0])])
+def test_conv_windows_at_both_ways_of_gathering(L, positions):
+    """A short chunk or many positions take the concatenate-then-gather way, a long chunk with few positions the
+    gather of single columns (from the window, from x, or both): each equals slicing, with and without resets."""
+    g = _gen(L + len(positions))
+    cs = torch.randn(3, 5, 4, generator=g, dtype=F64)
+    x = torch.randn(3, 5, L, generator=g, dtype=torch.float32)
+    for reset in (None, torch.rand(3, L, generator=g) < 0.05):
+        got = conv_windows_at(cs, x, positions, reset)
+        torch.testing.assert_close(got, _windows_by_slicing(cs, x, positions, reset), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- the scan
 @given(data=st.data())
 def test_scan_states_at_equal_stopping_there_reference(data):

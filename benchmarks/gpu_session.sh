@@ -30,7 +30,10 @@
 #   ppos    benchmarks/profile_positions.py (states at positions: wall vs device time, top kernels) (PPOS_TIMEOUT, 90 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
 # The Triton cache comes back as $OUT/triton_cache.tar.xz when the call ends inside its limit: copy it to
-# build/triton_cache.tar.xz and carry that path in the next call (see the note where it is restored).
+# build/triton_cache.tar.xz and carry that path in the next call (see the note where it is restored); a call that
+# runs this script from an extracted archive copies it along, e.g.
+#     tar xf build/head.tar -C /tmp/w && cp -r .upstream /tmp/w/ && mkdir -p /tmp/w/build &&
+#     { cp build/triton_cache.tar.xz /tmp/w/build/ 2>/dev/null || true; } && cd /tmp/w && ... bash benchmarks/gpu_session.sh
 # Logs land in $OUT as <step>.log (the GPU's name in setup.log), and results.tar holds benchmarks/results and docs/benchmarks.md. Keep what is
 # under $OUT small: a call whose $OUT cannot be read back returns nothing.
 set -o pipefail

@@ -17,7 +17,11 @@ import triton.testing
 
 from mamba_state.kernels import selective_scan_fn
 
-VARIANTS = [(None, None), ("1", "16"), ("1", "8"), ("0", "4"), ("0", "2"), ("0", "8")]  # (SEQPAR, BD)
+# (SEQPAR, BD, WARPS); None: the default. 16 and 32 channels a program sequentially (one wave of programs at
+# 8 x 2048, against 1.45 waves at 8) and two warps a program were not probed on the H200
+VARIANTS = [(None, None, None), ("1", "16", None), ("1", "8", None), ("0", "4", None), ("0", "2", None),
+            ("0", "8", None), ("0", "16", None), ("0", "16", "2"), ("0", "32", "2"), ("1", "16", "2"),
+            ("1", "32", "2")]
 
 
 def _inputs(batch: int, dim: int, L: int, n: int = 16) -> dict:
@@ -40,8 +44,9 @@ def main() -> None:
             up = float("nan")
             print(f"upstream: not run ({type(exc).__name__}: {exc})")
         want = None
-        for seqpar, bd in VARIANTS:
-            for key, val in (("MAMBA_STATE_SCAN_SEQPAR", seqpar), ("MAMBA_STATE_SCAN_BD", bd)):
+        for seqpar, bd, warps in VARIANTS:
+            for key, val in (("MAMBA_STATE_SCAN_SEQPAR", seqpar), ("MAMBA_STATE_SCAN_BD", bd),
+                             ("MAMBA_STATE_SCAN_WARPS", warps)):
                 if val is None:
                     os.environ.pop(key, None)
                 else:
@@ -51,10 +56,11 @@ def main() -> None:
             want = out if want is None else want
             err = ((out.float() - want.float()).norm() / want.float().norm()).item()
             ms = triton.testing.do_bench(run, return_mode="median")
-            print(f"({batch}, 1536, {L}) ours seqpar {seqpar or 'auto'} bd {bd or 'auto'}: {ms:.3f} ms "
+            print(f"({batch}, 1536, {L}) ours seqpar {seqpar or 'auto'} bd {bd or 'auto'} warps {warps or 'auto'}: "
+                  f"{ms:.3f} ms "
                   f"({ms / up:.2f} of upstream; rel diff vs default {err:.1e})", flush=True)
-    os.environ.pop("MAMBA_STATE_SCAN_SEQPAR", None)
-    os.environ.pop("MAMBA_STATE_SCAN_BD", None)
+    for key in ("MAMBA_STATE_SCAN_SEQPAR", "MAMBA_STATE_SCAN_BD", "MAMBA_STATE_SCAN_WARPS"):
+        os.environ.pop(key, None)
 
 
 if __name__ == "__main__":

@@ -79,18 +79,23 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
                             starts, ends, nrows, differentiable)
     h0 = _initial(initial_state, batch, dim, dstate, u.device)
     if L == 0:
-        return out, h0, torch.stack([h0 for _ in positions]) if positions else h0.new_zeros(0, batch, dim, dstate)
+        # no step ran: every state is the initial state (copies: never the caller's own tensor)
+        return out, h0.clone(), h0.unsqueeze(0).repeat(len(positions), 1, 1, 1)
     by_stop = buf.view(len(stops), batch, dim, dstate)
-    if not positions:
-        return out, by_stop[-1], h0.new_zeros(0, batch, dim, dstate)
-    # one gather of the rows asked for (a trace asks for thousands: one view per position and a stack of them
-    # cost milliseconds of host time); row 0 of `rows` is the initial state, row k + 1 the k-th stop. The result
-    # is a copy, so it never shares memory with the final state returned beside it.
-    index = {p: k + 1 for k, p in enumerate(stops)}
-    rows = to_device(torch.tensor([0 if p == 0 else index[p] for p in positions], dtype=torch.long), u.device)
-    table = torch.cat([h0[None], by_stop]) if 0 in positions else None
-    states = table.index_select(0, rows) if table is not None else by_stop.index_select(0, rows - 1)
-    return out, by_stop[-1], states
+    # the final state is a copy of its row, so it never shares memory with the states returned beside it
+    last = by_stop[-1].clone()
+    # positions are non-decreasing: the zeros (the initial state) come first, then stored rows; a trace asks for
+    # thousands of them, so they come as one view or one gather, never a view per position and a stack
+    nz = next((i for i, p in enumerate(positions) if p != 0), len(positions))
+    rest = positions[nz:]
+    if rest == stops:  # every stored row once, in order (traces, distinct positions ending at L): no copy
+        picked = by_stop
+    else:
+        index = {p: k for k, p in enumerate(stops)}
+        picked = by_stop.index_select(0, to_device(torch.tensor([index[p] for p in rest], dtype=torch.long),
+                                                   u.device))
+    states = picked if nz == 0 else torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
+    return out, last, states
 
 
 def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[int]], device: torch.device,

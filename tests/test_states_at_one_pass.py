@@ -109,6 +109,13 @@ def test_one_pass_without_initial_state_or_resets():
     _check(6, 3, 4, 4, 16, 1, [1, 16, 16], with_reset=False, with_h0=False)
 
 
+def test_one_pass_distinct_positions_ending_at_the_length():
+    """Distinct positions ending at the length (a trace's): the stored rows come back as they are, with the
+    initial state in front for position 0; values and gradients as the oracle's."""
+    _check(8, 2, 4, 4, 16, 1, [2, 9, 16])
+    _check(9, 2, 4, 4, 16, 2, [0, 5, 16])
+
+
 @settings(max_examples=6)
 @given(L=st.integers(1, 19), data=st.data())
 def test_one_pass_property_over_positions(L, data):

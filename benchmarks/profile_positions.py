@@ -1,8 +1,10 @@
 """Where states at positions spend their time on a GPU (issue 19, item 6): a 130m-shaped Mamba-1 layer (d_model
 768, d_state 16, bf16, 2048 tokens, batch 1 and 8) and its scan alone, each plain and with 8 positions, and the
-layer's full trace. Prints the wall time per call (median of 20, synchronised), the device time per call and the
-top kernels by device time, so a gap splits into kernel time (which kernels grew) and host time (wall minus
-device). A diagnostic, not a benchmark of record: ``bench_trace.py`` writes the table.
+layer's full trace; then the verify step of speculative decoding (a 130m-shaped LM, 5 tokens from a state) plain
+and with the state after each token. Prints the wall time per call (median of 20, synchronised), the device time
+per call and the top kernels by device time, so a gap splits into kernel time (which kernels grew) and host time
+(wall minus device), and the CUDA runtime calls that can make the host wait. A diagnostic, not a benchmark of
+record: ``bench_trace.py`` writes the table.
 
     python benchmarks/profile_positions.py [--rows 8]
 """
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time  # noqa: E402
 from profile_prefill import _kernel_table  # noqa: E402
 
-from mamba_state import StatefulMamba  # noqa: E402
+from mamba_state import StatefulMamba, StatefulMambaLM  # noqa: E402
 from mamba_state.kernels import selective_scan_fn  # noqa: E402
 
 
@@ -81,6 +83,21 @@ def main(argv=None) -> int:
         }
         with torch.no_grad():
             for name, fn in cases.items():
+                wall = 1e3 * median_time(fn, repeats=20, warmup=2)
+                dev_ms, table = _kernel_table(fn, args.rows)
+                print(f"## batch {batch}, {name}: wall {wall:.3f} ms, device {dev_ms:.3f} ms\n{table}", flush=True)
+                print(f"   host: {_runtime_calls(fn)}", flush=True)
+    # the verify step of speculative decoding (bench_trace.py's last rows): a 130m-shaped LM, 5 tokens from a
+    # state, plain and with the state after each token (about 2x a plain verify on the H200, 2026-12-03)
+    lm = StatefulMambaLM.from_config(dict(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={},
+                                          pad_vocab_size_multiple=8), device=dev, dtype=torch.bfloat16)
+    for batch in (1, 8):
+        with torch.no_grad():
+            _, state = lm(torch.randint(0, 50277, (batch, 64), device=dev))
+            draft = torch.randint(0, 50277, (batch, 5), device=dev)
+            for name, fn in {"LM verify 5 tokens": lambda: lm(draft, state),
+                             "LM verify 5 tokens + state after each":
+                                 lambda: lm(draft, state, return_states_at=range(1, 6))}.items():
                 wall = 1e3 * median_time(fn, repeats=20, warmup=2)
                 dev_ms, table = _kernel_table(fn, args.rows)
                 print(f"## batch {batch}, {name}: wall {wall:.3f} ms, device {dev_ms:.3f} ms\n{table}", flush=True)

@@ -1,14 +1,17 @@
 """Small host-built tensors (positions, per-step marks, sequence bounds) moved to the device without making the
-host wait for the GPU."""
+host wait for the GPU, and, for the small ones that calls repeat (the marks of a verify step's positions), kept
+on the device between calls."""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["to_device", "host_tensor"]
+__all__ = ["to_device", "host_tensor", "cached_on_device"]
 
 
 def to_device(t: Tensor, device: Union[torch.device, str]) -> Tensor:
@@ -27,3 +30,39 @@ def to_device(t: Tensor, device: Union[torch.device, str]) -> Tensor:
 def host_tensor(values: Sequence, dtype: torch.dtype, device: Union[torch.device, str]) -> Tensor:
     """``torch.tensor(values, dtype=dtype)`` on ``device``, through :func:`to_device`."""
     return to_device(torch.tensor(list(values), dtype=dtype), device)
+
+
+CACHE_ENTRIES = 64
+"""Device tensors kept by :func:`cached_on_device` (least recently used first out)."""
+CACHE_MAX_BYTES = 1 << 16
+"""Larger tensors are copied every call, not kept (a trace's marks: their copy is small next to its work)."""
+
+_cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def cached_on_device(key: Hashable, build: Callable[[], Tensor], device: Union[torch.device, str]) -> Tensor:
+    """``to_device(build(), device)``, kept for the next call with the same ``key`` and device when it is small.
+
+    For the index and mark tensors a call derives from its arguments alone (``key`` must determine ``build()``'s
+    value): the speculative-decoding verify step asks for the same positions every step, and each copy costs
+    host time in every layer. The tensors are shared between calls, so callers only read them (the kernels do).
+    Nothing is kept for a CPU device (no copy to save) or while a CUDA graph is being captured (a tensor made
+    then would live in the graph's memory pool)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return to_device(build(), device)
+    # the stream too: a tensor's first copy is ordered on the stream that made it, not on another one
+    full = (key, str(device), torch.cuda.current_stream(device).stream_id)
+    with _cache_lock:
+        hit = _cache.get(full)
+        if hit is not None:
+            _cache.move_to_end(full)
+            return hit
+    t = to_device(build(), device)
+    if t.numel() * t.element_size() <= CACHE_MAX_BYTES:
+        with _cache_lock:
+            _cache[full] = t
+            while len(_cache) > CACHE_ENTRIES:
+                _cache.popitem(last=False)
+    return t

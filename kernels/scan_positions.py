@@ -22,7 +22,7 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
-from ._host import to_device
+from ._host import cached_on_device
 
 __all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at", "use_dense_states"]
 
@@ -128,19 +128,26 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     # Entry j of the window after p tokens is entry p + j of cat(conv_state, x) along time: the incoming window's
     # entry p + j while p + j < W, else x's entry p + j - W. Indices are built on the host and reach the GPU in
     # one copy.
-    cols = torch.tensor(list(positions), dtype=torch.long)[:, None] + torch.arange(W)  # [P, W], on the host
-    if W + L <= 4 * cols.numel():
+    pos = tuple(positions)
+
+    def columns() -> torch.Tensor:
+        return torch.tensor(pos, dtype=torch.long)[:, None] + torch.arange(W)  # [P, W], on the host
+
+    # the same positions every call (a verify step's): the indices stay on the device (cached_on_device)
+    if W + L <= 4 * len(pos) * W:
         # a short chunk, or many positions: concatenate, then one gather (fewest launches; verify steps and full
         # traces are host-bound)
-        full_cols = to_device(cols, x.device)
+        full_cols = cached_on_device(("conv_cols", pos, W), columns, x.device)
         win = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[:, :, full_cols]  # [B, C, P, W]
     else:
         # a long chunk and few positions: gather only the P * W columns (at batch 8 x 2048 the concatenation and
         # its cast moved about 100 MB per layer, after the scan)
-        use_state = cols < W
-        # full-sequence column, x's column, the incoming window's column, which of the two
-        index = to_device(torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), use_state.long()]),
-                          x.device)
+        def gather_index() -> torch.Tensor:
+            # full-sequence column, x's column, the incoming window's column, which of the two
+            cols = columns()
+            return torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), (cols < W).long()])
+
+        index = cached_on_device(("conv_index", pos, W), gather_index, x.device)
         full_cols = index[0]
         if min(positions) >= W:  # every entry from x
             win = x[:, :, index[1]].to(conv_state.dtype)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mamba_state.kernels._host import host_tensor, to_device
+from mamba_state.kernels import _host
+from mamba_state.kernels._host import cached_on_device, host_tensor, to_device
 
 
 def test_host_tensor_on_the_cpu_keeps_values_and_dtype():
@@ -15,6 +16,33 @@ def test_host_tensor_on_the_cpu_keeps_values_and_dtype():
         assert t.dtype == dtype and t.tolist() == [3, 4, 5, 6, 7, 8]
     mask = torch.tensor([True, False, True])
     assert torch.equal(to_device(mask, torch.device("cpu")), mask)
+
+
+def test_cached_on_device_keeps_nothing_for_the_cpu():
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.arange(4)
+
+    a, b = cached_on_device(("k",), build, "cpu"), cached_on_device(("k",), build, "cpu")
+    assert a.tolist() == b.tolist() == [0, 1, 2, 3] and len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_on_device_keeps_small_tensors_by_key_and_evicts_the_oldest(monkeypatch):
+    monkeypatch.setattr(_host, "_cache", type(_host._cache)())
+    monkeypatch.setattr(_host, "CACHE_ENTRIES", 2)
+    a = cached_on_device(("a",), lambda: torch.arange(8, dtype=torch.int32), "cuda")
+    assert cached_on_device(("a",), lambda: torch.zeros(1), "cuda") is a  # a hit does not build
+    assert a.device.type == "cuda" and a.tolist() == list(range(8))
+    b = cached_on_device(("b",), lambda: torch.ones(3), "cuda")
+    assert b is not a and b.tolist() == [1.0, 1.0, 1.0]
+    cached_on_device(("c",), lambda: torch.ones(2), "cuda")  # the third entry evicts "a", the oldest
+    assert cached_on_device(("a",), lambda: torch.full((2,), 7), "cuda").tolist() == [7, 7]
+    big = lambda: torch.zeros(_host.CACHE_MAX_BYTES // 4 + 1, dtype=torch.int32)  # noqa: E731
+    assert cached_on_device(("big",), big, "cuda") is not cached_on_device(("big",), big, "cuda")
 
 
 @pytest.mark.gpu

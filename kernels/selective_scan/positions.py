@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._host import to_device
+from .._host import cached_on_device, to_device
 from .ops import ScanFn, scan_forward
 
 __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
@@ -49,14 +49,17 @@ def position_marks(stops: Sequence[int], seqlen: int, batch: int, device: torch.
     """``(starts, ends)`` int32 marks, ``seqlen`` rounded up to ``multiple`` and padded with -1: ``starts[0] = 0``
     (the initial state enters there); ``ends[p - 1] = k * batch`` for the k-th of ``stops`` (distinct
     increasing token counts in ``[1, seqlen]``)."""
-    n = -(-seqlen // multiple) * multiple
-    marks = torch.full((2, n), -1, dtype=torch.int32)  # both rows reach the device in one copy
-    starts, ends = marks[0], marks[1]
-    if seqlen > 0:
-        starts[0] = 0
-    if stops:
-        ends[torch.tensor([p - 1 for p in stops])] = torch.arange(len(stops), dtype=torch.int32) * batch
-    marks = to_device(marks, device)
+    def build() -> Tensor:
+        n = -(-seqlen // multiple) * multiple
+        marks = torch.full((2, n), -1, dtype=torch.int32)  # both rows reach the device in one copy
+        if seqlen > 0:
+            marks[0, 0] = 0
+        if stops:
+            marks[1, torch.tensor([p - 1 for p in stops])] = torch.arange(len(stops), dtype=torch.int32) * batch
+        return marks
+
+    # the same positions every call (a verify step's): the marks stay on the device
+    marks = cached_on_device(("position_marks", tuple(stops), seqlen, batch, multiple), build, device)
     return marks[0], marks[1]
 
 
@@ -92,8 +95,9 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
         picked = by_stop
     else:
         index = {p: k for k, p in enumerate(stops)}
-        picked = by_stop.index_select(0, to_device(torch.tensor([index[p] for p in rest], dtype=torch.long),
-                                                   u.device))
+        rows = [index[p] for p in rest]
+        picked = by_stop.index_select(0, cached_on_device(("position_rows", tuple(rows)),
+                                                          lambda: torch.tensor(rows, dtype=torch.long), u.device))
     states = picked if nz == 0 else torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
     return out, last, states
 

@@ -125,41 +125,43 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     L = x.shape[-1]
     if not positions:
         return conv_state.new_zeros(0, bsz, ch, W)
-    # Entry j of the window after p tokens is entry p + j of cat(conv_state, x) along time: the incoming window's
-    # entry p + j while p + j < W, else x's entry p + j - W. Indices are built on the host and reach the GPU in
-    # one copy.
+    # The window after p tokens is entries p .. p + W - 1 of cat(conv_state, x) along time: window p of its
+    # unfold(W, 1), which is a view. Rows of such views are gathered with one index_select along a leading
+    # positions axis, which writes the [P, B, C, W] result contiguously in one launch. The position indices
+    # depend on the positions alone and stay on the device between calls (cached_on_device).
     pos = tuple(positions)
 
-    def columns() -> torch.Tensor:
-        return torch.tensor(pos, dtype=torch.long)[:, None] + torch.arange(W)  # [P, W], on the host
+    def on_device(key: str, values: Sequence[int]) -> torch.Tensor:
+        return cached_on_device((key, tuple(values)), lambda: torch.tensor(list(values), dtype=torch.long),
+                                x.device)
 
-    # the same positions every call (a verify step's): the indices stay on the device (cached_on_device)
+    def windows(seq: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [len(at), B, C, W]
+        return seq.unfold(-1, W, 1).permute(2, 0, 1, 3).index_select(0, at)
+
     if W + L <= 4 * len(pos) * W:
-        # a short chunk, or many positions: concatenate, then one gather (fewest launches; verify steps and full
-        # traces are host-bound)
-        full_cols = cached_on_device(("conv_cols", pos, W), columns, x.device)
-        win = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[:, :, full_cols]  # [B, C, P, W]
+        # a short chunk, or many positions: concatenate (cat promotes x to the state's dtype in the same
+        # launch), then one gather
+        win = windows(torch.cat([conv_state, x], dim=-1), on_device("conv_at", pos))
     else:
-        # a long chunk and few positions: gather only the P * W columns (at batch 8 x 2048 the concatenation and
-        # its cast moved about 100 MB per layer, after the scan)
-        def gather_index() -> torch.Tensor:
-            # full-sequence column, x's column, the incoming window's column, which of the two
-            cols = columns()
-            return torch.stack([cols, (cols - W).clamp(min=0), cols.clamp(max=W - 1), (cols < W).long()])
-
-        index = cached_on_device(("conv_index", pos, W), gather_index, x.device)
-        full_cols = index[0]
-        if min(positions) >= W:  # every entry from x
-            win = x[:, :, index[1]].to(conv_state.dtype)
-        else:
-            win = torch.where(index[3].bool(), conv_state[:, :, index[2]], x[:, :, index[1]].to(conv_state.dtype))
-    win = win.permute(2, 0, 1, 3)  # [P, B, C, W]
+        # a long chunk and few positions (at batch 8 x 2048 the concatenation moved about 100 MB per layer):
+        # windows wholly inside x come from x (window p - W of its unfold); positions are non-decreasing, so
+        # those before W, which reach into the incoming window, are a prefix, served by the incoming window and
+        # x's first W - 1 entries
+        k = next((i for i, p in enumerate(pos) if p >= W), len(pos))
+        parts = []
+        if k:
+            head = torch.cat([conv_state, x[..., : W - 1]], dim=-1)
+            parts.append(windows(head, on_device("conv_at", pos[:k])))
+        if k < len(pos):
+            parts.append(windows(x, on_device("conv_at", [p - W for p in pos[k:]])))
+        win = parts[0] if len(parts) == 1 else torch.cat(parts)
+    win = win.to(conv_state.dtype)
     if reset is not None:
         # segment id of every entry of cat(conv_state, x): the incoming window is segment 0, and each reset
         # starts a new one; an entry is visible in a window when it shares the window's newest entry's segment
         seg = torch.cat([torch.zeros(bsz, W, dtype=torch.long, device=x.device),
                          torch.cumsum(reset.long(), dim=1)], dim=1)
-        seg_win = seg[:, full_cols]  # [B, P, W]
+        seg_win = seg.unfold(-1, W, 1).index_select(1, on_device("conv_at", pos))  # [B, P, W]
         visible = (seg_win == seg_win[..., -1:]).permute(1, 0, 2)[:, :, None, :]  # [P, B, 1, W]
         win = win * visible.to(win.dtype)
     return win.contiguous()

@@ -126,13 +126,13 @@ def test_one_pass_property_over_positions(L, data):
 def test_one_forward_launch_for_many_positions(monkeypatch):
     """Eight positions cost one forward call of the kernels (not one per segment), without autograd too."""
     calls = []
-    real = positions_mod.scan_forward
+    real = positions_mod.forward_launches
 
     def spy(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(positions_mod, "scan_forward", spy)
+    monkeypatch.setattr(positions_mod, "forward_launches", spy)
     inp = {k: v.float() for k, v in _inputs(8, 2, 4, 4, 40, 1).items()}
     ref_out = selective_scan_fn(**inp, delta_softplus=True, backend="triton", chunk_size=8)
     out, states = selective_scan_fn(**inp, delta_softplus=True, backend="triton", chunk_size=8,
@@ -212,8 +212,8 @@ def test_packed_states_at_positions_in_one_pass(monkeypatch, seqpar, bwd):
     reset = torch.rand(1, L, generator=g) < 0.1
     results = []
     calls = []
-    real = positions_mod.scan_forward
-    monkeypatch.setattr(positions_mod, "scan_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = positions_mod.forward_launches
+    monkeypatch.setattr(positions_mod, "forward_launches", lambda *a, **k: calls.append(1) or real(*a, **k))
     for backend, dtype in (("triton", torch.float32), ("reference", F64)):
         leaves = {k: v.to(dtype).clone().requires_grad_() for k, v in inp.items()}
         h = h0.to(dtype).clone().requires_grad_()
@@ -232,7 +232,7 @@ def test_packed_states_at_positions_in_one_pass(monkeypatch, seqpar, bwd):
         torch.testing.assert_close(got_s.double(), ref_s, rtol=1e-4, atol=1e-5)
     for name, got, ref in zip([*inp, "initial_state"], grads, rgrads):
         torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
-    assert len(calls) == 0  # the differentiable call goes through ScanFn, not scan_forward directly
+    assert len(calls) == 0  # the differentiable call goes through ScanFn, not the forward launches directly
     with torch.no_grad():
         selective_scan_fn(**{k: v.float() for k, v in inp.items()}, delta_softplus=True, initial_state=h0.float(),
                           reset=reset, cu_seqlens=cu, return_states_at=positions, backend="triton", chunk_size=8)

@@ -76,6 +76,19 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     back empty). B and C may be strided views (time stride 1), D and delta_bias any float dtype: read as they
     are, no copies. With ``seq_start`` / ``seq_end`` (packed sequences) the last state is [nseq, dim, dstate]
     and an empty sequence's row is left zero (the launcher puts its initial state there)."""
+    return forward_launches(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk,
+                            keep_ypre, seq_start, seq_end, nseq)
+
+
+def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                     reset: Optional[Tensor], delta_softplus: bool, chunk: int, keep_ypre: bool = True,
+                     seq_start: Optional[Tensor] = None, seq_end: Optional[Tensor] = None, nseq: int = 0,
+                     zero_rows: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`scan_forward` itself (its arguments and outputs), plus ``zero_rows``: with the marks, whether the
+    [nseq, dim, dstate] rows of final states start zeroed. False when every row is marked somewhere, so that the
+    kernels write each of them (states at positions: each stored row has its step), which saves the fill of a
+    buffer that is a whole trace's size for a full trace."""
     from . import triton_kernels as K
 
     batch, dim, L = u.shape
@@ -90,7 +103,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     out = torch.empty_like(u)
     varlen = seq_start is not None
     if varlen:  # rows of the sequences, written at their last steps (an empty sequence has none: zeros)
-        last = torch.zeros(nseq, dim, dstate, device=u.device, dtype=torch.float32)
+        last = (torch.zeros if zero_rows else torch.empty)(nseq, dim, dstate, device=u.device, dtype=torch.float32)
     else:
         last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, nch, dstate, device=u.device, dtype=torch.float32)

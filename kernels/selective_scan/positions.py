@@ -20,20 +20,23 @@ import torch
 from torch import Tensor
 
 from .._host import cached_on_device, to_device
-from .ops import ScanFn, scan_forward
+from .ops import ScanFn, forward_launches
 
 __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
 
 
-def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differentiable: bool) -> tuple[Tensor, Tensor]:
+def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differentiable: bool,
+                 every_row_marked: bool = False) -> tuple[Tensor, Tensor]:
     """``(out, stored states [nrows, dim, dstate] float32)`` of the kernels with the marks: through ScanFn when
-    autograd is needed, else the forward launches directly."""
+    autograd is needed, else the forward launches directly (``every_row_marked``: every row has a step that
+    stores it, so the buffer needs no zero fill)."""
     u, delta, A, B4, C4, D, z, delta_bias, h0, reset, softplus, chunk = args
     full = (u, delta, A, B4, C4, D, z, delta_bias, h0, reset, bool(softplus), chunk)
     if differentiable:
         out, buf, _, _ = ScanFn.apply(*full, starts, ends, nrows)
-    else:
-        out, buf, _, _ = scan_forward(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows)
+    else:  # every stored row has its marked step: the kernels write all of them, no zero fill first
+        out, buf, _, _ = forward_launches(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows,
+                                          zero_rows=not every_row_marked)
     return out, buf
 
 
@@ -78,8 +81,9 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     stops = sorted({p for p in positions if p > 0} | {L}) if L > 0 else []
     starts, ends = position_marks(stops, L, batch, u.device)
     nrows = max(1, len(stops)) * batch
+    # every stop is marked at its step, and each row of a stop is written there (L > 0)
     out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
-                            starts, ends, nrows, differentiable)
+                            starts, ends, nrows, differentiable, every_row_marked=L > 0)
     h0 = _initial(initial_state, batch, dim, dstate, u.device)
     if L == 0:
         # no step ran: every state is the initial state (copies: never the caller's own tensor)

@@ -11,7 +11,7 @@ from typing import Callable, Hashable, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["to_device", "host_tensor", "cached_on_device"]
+__all__ = ["to_device", "host_tensor", "cached_on_device", "cached_host_tensor"]
 
 
 def to_device(t: Tensor, device: Union[torch.device, str]) -> Tensor:
@@ -66,3 +66,10 @@ def cached_on_device(key: Hashable, build: Callable[[], Tensor], device: Union[t
             while len(_cache) > CACHE_ENTRIES:
                 _cache.popitem(last=False)
     return t
+
+
+def cached_host_tensor(values: Sequence[int], dtype: torch.dtype, device: Union[torch.device, str]) -> Tensor:
+    """:func:`host_tensor` through :func:`cached_on_device`, keyed by the values and dtype: index tensors that
+    depend on a call's positions alone (read-only for the caller)."""
+    key = ("values", tuple(values), dtype)
+    return cached_on_device(key, lambda: torch.tensor(list(key[1]), dtype=dtype), device)

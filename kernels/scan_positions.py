@@ -22,7 +22,7 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
-from ._host import cached_on_device
+from ._host import cached_host_tensor
 
 __all__ = ["check_positions", "segment_bounds", "run_segments", "conv_windows_at", "use_dense_states"]
 
@@ -128,12 +128,8 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     # The window after p tokens is entries p .. p + W - 1 of cat(conv_state, x) along time: window p of its
     # unfold(W, 1), which is a view. Rows of such views are gathered with one index_select along a leading
     # positions axis, which writes the [P, B, C, W] result contiguously in one launch. The position indices
-    # depend on the positions alone and stay on the device between calls (cached_on_device).
+    # depend on the positions alone and stay on the device between calls (cached_host_tensor).
     pos = tuple(positions)
-
-    def on_device(key: str, values: Sequence[int]) -> torch.Tensor:
-        return cached_on_device((key, tuple(values)), lambda: torch.tensor(list(values), dtype=torch.long),
-                                x.device)
 
     def windows(seq: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [len(at), B, C, W]
         return seq.unfold(-1, W, 1).permute(2, 0, 1, 3).index_select(0, at)
@@ -141,7 +137,7 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     if W + L <= 4 * len(pos) * W:
         # a short chunk, or many positions: concatenate (cat promotes x to the state's dtype in the same
         # launch), then one gather
-        win = windows(torch.cat([conv_state, x], dim=-1), on_device("conv_at", pos))
+        win = windows(torch.cat([conv_state, x], dim=-1), cached_host_tensor(pos, torch.long, x.device))
     else:
         # a long chunk and few positions (at batch 8 x 2048 the concatenation moved about 100 MB per layer):
         # windows wholly inside x come from x (window p - W of its unfold); positions are non-decreasing, so
@@ -151,9 +147,9 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
         parts = []
         if k:
             head = torch.cat([conv_state, x[..., : W - 1]], dim=-1)
-            parts.append(windows(head, on_device("conv_at", pos[:k])))
+            parts.append(windows(head, cached_host_tensor(pos[:k], torch.long, x.device)))
         if k < len(pos):
-            parts.append(windows(x, on_device("conv_at", [p - W for p in pos[k:]])))
+            parts.append(windows(x, cached_host_tensor([p - W for p in pos[k:]], torch.long, x.device)))
         win = parts[0] if len(parts) == 1 else torch.cat(parts)
     win = win.to(conv_state.dtype)
     if reset is not None:
@@ -161,7 +157,7 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
         # starts a new one; an entry is visible in a window when it shares the window's newest entry's segment
         seg = torch.cat([torch.zeros(bsz, W, dtype=torch.long, device=x.device),
                          torch.cumsum(reset.long(), dim=1)], dim=1)
-        seg_win = seg.unfold(-1, W, 1).index_select(1, on_device("conv_at", pos))  # [B, P, W]
+        seg_win = seg.unfold(-1, W, 1).index_select(1, cached_host_tensor(pos, torch.long, x.device))  # [B, P, W]
         visible = (seg_win == seg_win[..., -1:]).permute(1, 0, 2)[:, :, None, :]  # [P, B, 1, W]
         win = win * visible.to(win.dtype)
     return win.contiguous()

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._host import cached_on_device, to_device
+from .._host import cached_host_tensor, cached_on_device, to_device
 from .ops import ScanFn, forward_launches
 
 __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks", "scan_packed_states_at_one_pass"]
@@ -34,7 +34,7 @@ def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differen
     full = (u, delta, A, B4, C4, D, z, delta_bias, h0, reset, bool(softplus), chunk)
     if differentiable:
         out, buf, _, _ = ScanFn.apply(*full, starts, ends, nrows)
-    else:  # every stored row has its marked step: the kernels write all of them, no zero fill first
+    else:
         out, buf, _, _ = forward_launches(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows,
                                           zero_rows=not every_row_marked)
     return out, buf
@@ -99,9 +99,7 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
         picked = by_stop
     else:
         index = {p: k for k, p in enumerate(stops)}
-        rows = [index[p] for p in rest]
-        picked = by_stop.index_select(0, cached_on_device(("position_rows", tuple(rows)),
-                                                          lambda: torch.tensor(rows, dtype=torch.long), u.device))
+        picked = by_stop.index_select(0, cached_host_tensor([index[p] for p in rest], torch.long, u.device))
     states = picked if nz == 0 else torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
     return out, last, states
 

@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-tokens", type=int, default=64, help="tokens over which the step loop is timed")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--write", action="store_true", help="with --smoke: still write the JSON and the doc section")
+    p.add_argument("--warm-only", action="store_true",
+                   help="stop after the warm-up pass (compiles and autotuning only; for benchmarks/triton_prewarm.py)")
     p.add_argument("--cache-autotuning", action="store_true",
                    help="set TRITON_CACHE_AUTOTUNING=1 (reuse upstream's autotune results of an earlier run)")
     args = p.parse_args(argv)
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
             warm(f"upstream step (CuTe), batch {B}", up_step)
         else:  # our step() is the baseline
             warm(f"our step, batch {B}", lambda: ours.step(xw[:, 0], sw))
+    if args.warm_only:
+        log("warm-up done (--warm-only: nothing timed, nothing written)")
+        return 0
     rows: list[list] = []
     raw: list[dict] = []
     planned = len(batches) * len(prefills)

@@ -5,7 +5,10 @@ sessions, each from its own initial state, lengths drawn from 16 to 4096 tokens 
 max / 2) and log-uniform (mean under max / 4, the case of issue 18's target). Contenders, timed in turns
 (:func:`common.interleaved_median_times`):
 
-* ``packed``: one call over the packed row with ``cu_seqlens`` (every session's final state returned);
+* ``packed``: one call over the packed row with ``cu_seqlens`` (every session's final state returned); without
+  a backward, each sequence runs in its own programs;
+* ``packed, row schedule`` (forward only): the same call with ``MAMBA_STATE_PACKED_FWD=row``, the packed row
+  scanned as one long row (sequentially, or chunk-parallel: summaries, carry, outputs), as before;
 * ``padded``: one batch of 64 rows right-padded to the longest session (its cost only: the padded rows' final
   states would be wrong, which makes it a lower bound of what padding costs);
 * ``per-session``: 64 calls, one per session (batch 1);
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -78,8 +82,16 @@ def contenders(lens: list[int], device, dtype, backward: bool) -> dict:
         out, last = selective_scan_fn(**leaves, **kw)
         (out.float().sum() + last.sum()).backward()
 
+    def row_schedule():  # the packed row's schedule, which no-grad packed calls took before by-sequence programs
+        os.environ["MAMBA_STATE_PACKED_FWD"] = "row"
+        try:
+            return run(packed, initial_state=h0, cu_seqlens=cu)
+        finally:
+            del os.environ["MAMBA_STATE_PACKED_FWD"]
+
+    extra = {} if backward else {"packed, row schedule": row_schedule}
     return {
-        "packed": lambda: run(packed, initial_state=h0, cu_seqlens=cu),
+        "packed": lambda: run(packed, initial_state=h0, cu_seqlens=cu), **extra,
         "padded": lambda: run(padded, initial_state=h0),
         "per-session": lambda: [run(p, initial_state=h0[s:s + 1]) for s, p in enumerate(pieces)],
         "equal": lambda: run(equal, initial_state=h0),
@@ -123,7 +135,8 @@ def main() -> None:
                        packed_over_equal=ms["packed"] / ms["equal"])
             results.append(res)
             rows.append([kind, mode, sum(lens), f"{res['mean_len']:.0f} / {max(lens)}",
-                         *(f"{ms[k]:.2f}" for k in ("packed", "padded", "per-session", "equal")),
+                         *(f"{ms[k]:.2f}" if k in ms else "n/a"
+                           for k in ("packed", "packed, row schedule", "padded", "per-session", "equal")),
                          f"{res['padded_over_packed']:.2f}x", f"{res['packed_over_equal']:.2f}"])
             print(rows[-1], flush=True)
     write_json("bench_varlen", {"shape": dict(sessions=SESSIONS, dim=DIM, dstate=DSTATE, dtype="bf16"),
@@ -131,7 +144,9 @@ def main() -> None:
     body = "\n".join([
         f"`benchmarks/bench_varlen.py`: {SESSIONS} sessions of {LO}-{HI} tokens, each from its own state, "
         f"through the selective scan at the 130m shape (d_inner {DIM}, dstate {DSTATE}, bf16, D/z/delta_bias/"
-        "softplus). `packed`: one call with `cu_seqlens`; `padded`: one batch right-padded to the longest "
+        "softplus). `packed`: one call with `cu_seqlens` (without a backward each sequence in its own programs); "
+        "`packed, row schedule`: the same call with `MAMBA_STATE_PACKED_FWD=row` (the packed row scanned as one "
+        "long row, the schedule before, forward only); `padded`: one batch right-padded to the longest "
         "(its cost only, a lower bound: its padded rows' final states would be wrong); `per-session`: one "
         "call per session; `equal`: one batch of the mean length (the sum-of-tokens cost). Times in ms, "
         "medians of runs in turns. Targets (issue 18): padded / packed >= 2 when mean < max / 4; packed / "
@@ -139,7 +154,8 @@ def main() -> None:
         "",
         environment_line(env),
         "",
-        markdown_table(["lengths", "mode", "tokens", "mean / max", "packed", "padded", "per-session", "equal",
+        markdown_table(["lengths", "mode", "tokens", "mean / max", "packed", "packed, row schedule", "padded",
+                        "per-session", "equal",
                         "padded / packed", "packed / equal"], rows),
     ])
     replace_section(TITLE, body)

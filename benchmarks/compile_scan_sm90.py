@@ -24,7 +24,7 @@ from mamba_state.kernels.selective_scan import triton_kernels as K  # noqa: E402
 
 BF16_PTRS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "ypre_ptr", "gout_ptr", "yout_ptr", "du_ptr",
              "ddt_ptr", "dz_ptr"}
-I32_PTRS = {"vs_ptr", "ve_ptr"}
+I32_PTRS = {"vs_ptr", "ve_ptr", "seg_ptr"}
 U8_PTRS = {"reset_ptr"}
 
 
@@ -78,6 +78,9 @@ def main() -> int:
             absent_m = absent | ({"sum_ptr", "prod_ptr"} if mode != 1 else set())
             ok &= _compile(f"_scan_fwd_kernel MODE {mode} VARLEN {varlen}", K._scan_fwd_kernel,
                            {**fwd_flags, "MODE": mode, "VARLEN": varlen}, absent_m)
+    ok &= _compile("_scan_fwd_segments_kernel", K._scan_fwd_segments_kernel,
+                   dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_INIT=True, HAS_RESET=True, SOFTPLUS=True,
+                        BD=8, BN=16), set())
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_GLAST=True, HAS_RESET=True, SOFTPLUS=True,
                      CHUNK=256, BD=16, BN=16, STORE_Y=False)
     for varlen in (False, True):

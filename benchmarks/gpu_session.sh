@@ -20,6 +20,7 @@
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
 #   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
 #           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow) (VARLEN_TIMEOUT, 300 s)
+#   fvarlen benchmarks/bench_varlen.py (forward only: the prefill table)                 (FVARLEN_TIMEOUT, 150 s)
 #   bvarlen benchmarks/bench_varlen.py --backward (packed vs padded vs per session; compiles many variants) (BVARLEN_TIMEOUT, 300 s)
 #   pvarlen benchmarks/bench_varlen.py --profile (wall vs device time per contender, top kernels) (PVARLEN_TIMEOUT, 120 s)
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
@@ -126,6 +127,7 @@ for step in ${STEPS:-tests gen cont}; do
         varlen) run_step varlen "${VARLEN_TIMEOUT:-300}" bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    --durations=5 ${VARLEN_TESTS:-tests/test_states_at_one_pass.py tests/test_varlen_gpu.py \
                    tests/test_varlen_conv.py tests/test_varlen_mamba2.py}" ;;
+        fvarlen) run_step fvarlen "${FVARLEN_TIMEOUT:-150}" python3 benchmarks/bench_varlen.py ;;
         bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;
         pvarlen) run_step pvarlen "${PVARLEN_TIMEOUT:-120}" python3 benchmarks/bench_varlen.py --profile ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \

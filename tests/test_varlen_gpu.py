@@ -88,8 +88,11 @@ def test_packed_forward_backward_realistic(monkeypatch, dtype, seqpar, bwd):
         assert _rel(ours[k].grad, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), k
 
 
-def test_packed_benchmark_shape_forward():
-    # the benchmark's shape: 64 sessions of 16-4096 tokens, 130m's d_inner 1536, dstate 16, bf16, inference
+@pytest.mark.parametrize("schedule", ["sequence", "row"])
+def test_packed_benchmark_shape_forward(monkeypatch, schedule):
+    # the benchmark's shape: 64 sessions of 16-4096 tokens, 130m's d_inner 1536, dstate 16, bf16, inference; each
+    # sequence in its own programs (the default without a backward) and the packed row's schedule
+    monkeypatch.setenv("MAMBA_STATE_PACKED_FWD", schedule)
     lens = _lens(64, 16, 4096, seed=2)
     inp, reset = _inputs(lens, 1536, 16, torch.bfloat16, seed=3)
     with torch.no_grad():

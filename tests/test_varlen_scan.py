@@ -284,3 +284,43 @@ def test_packed_triton_call_under_torch_compile_matches_eager():
     torch.testing.assert_close(last_c, last_e, rtol=1e-6, atol=1e-6)
     for k in FLOATS:
         torch.testing.assert_close(comp_in[k].grad, eager_in[k].grad, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def _inference_check(lens, seed, groups=1, reset_p=0.1, schedule=None, monkeypatch=None, reset_at=()):
+    """The no-grad packed call (each sequence in its own programs, or the packed row's schedule) against the
+    float64 oracle, outputs and final states, with initial states and resets (random, plus at ``reset_at``)."""
+    if schedule is not None:
+        monkeypatch.setenv("MAMBA_STATE_PACKED_FWD", schedule)
+    inp, reset = _inputs(lens, seed, groups, reset_p=reset_p)
+    reset[0, list(reset_at)] = True
+    with torch.no_grad():
+        out, last = selective_scan_fn(**inp, delta_softplus=True, return_last_state=True, reset=reset,
+                                      cu_seqlens=_cu(lens), backend="triton", chunk_size=8)
+    rout, rlast = _separately({k: v.double() for k, v in inp.items()}, reset, lens)
+    assert out.shape == rout.shape and last.shape == rlast.shape
+    assert (out.double() - rout).abs().max().item() <= 1e-5 * max(1.0, rout.abs().max().item())
+    assert (last.double() - rlast).abs().max().item() <= 1e-5 * max(1.0, rlast.abs().max().item())
+    empty = [s for s, n in enumerate(lens) if n == 0]
+    assert torch.equal(last[empty], inp["initial_state"][empty])  # untouched rows keep their initial state
+
+
+@pytest.mark.parametrize("schedule", ["sequence", "row"])
+def test_inference_schedules_match_separate_runs(monkeypatch, schedule):
+    # starts and ends off the 8-step tiles (3, 16, 17, ...), a one-token sequence inside a tile, empty ones, and a
+    # reset at a sequence's first step (it clears that sequence's initial state)
+    lens = [3, 13, 1, 0, 20, 9, 0, 12]  # starts 0, 3, 16, 17, 17, 37, 46, 46
+    _inference_check(lens, seed=11, groups=2, schedule=schedule, monkeypatch=monkeypatch, reset_at=(17, 40))
+
+
+@settings(max_examples=6)  # the interpreter: about a second per example
+@given(lens=lengths, seed=st.integers(0, 2**16), reset_p=st.sampled_from([0.0, 0.2, 0.6]))
+def test_inference_by_sequence_any_lengths(lens, seed, reset_p):
+    _inference_check(lens, seed, reset_p=reset_p)
+
+
+def test_segment_table_is_longest_first_and_skips_empty_sequences():
+    from mamba_state.kernels.selective_scan.ops import segment_table
+
+    bounds = [0, 3, 3, 13, 14, 24]  # lengths 3, 0, 10, 1, 10
+    assert segment_table(bounds) == [2, 3, 13, 4, 14, 24, 0, 0, 3, 3, 13, 14]
+    assert segment_table([0, 0, 0]) == []

@@ -5,6 +5,7 @@ forced) or the pure-PyTorch chunked path, chosen by :func:`mamba_state.kernels.b
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from ..scan_inputs import check_scan_inputs, compute_dtype, match_groups
 from ..scan_positions import check_positions, run_segments, use_dense_states
 from .all_states import selective_scan_all_states
 from .chunked import selective_scan_chunked
-from .ops import ScanFn, scan_forward
+from .ops import ScanFn, packed_forward_by_sequence, scan_forward
 from .packed import check_varlen_positions, check_varlen_state, seq_bounds, step_marks
 from .positions import scan_packed_states_at_one_pass, scan_states_at_one_pass
 
@@ -161,11 +162,16 @@ def _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       initial_state, reset, cu_seqlens=cu_seqlens)
     chunk, B4, C4 = _triton_inputs(u, delta, B, C, z, chunk_size, shape.seqlen)
-    seq_start, seq_end = step_marks(bounds, u.device)
     args = (u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, bool(delta_softplus), chunk)
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        seq_start, seq_end = step_marks(bounds, u.device)
         out, last, _, _ = ScanFn.apply(*args, seq_start, seq_end, nseq)
-    else:
+    elif os.environ.get("MAMBA_STATE_PACKED_FWD", "") != "row":
+        # no backward: each sequence in its own programs, side by side (a batch's cost, not a long row's)
+        out, last = packed_forward_by_sequence(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
+                                               bool(delta_softplus), bounds)
+    else:  # the packed row's schedule (sequential or chunk-parallel over the whole row), for comparison
+        seq_start, seq_end = step_marks(bounds, u.device)
         out, last, _, _ = scan_forward(*args, keep_ypre=False, seq_start=seq_start, seq_end=seq_end, nseq=nseq)
     if not return_last_state:
         return out

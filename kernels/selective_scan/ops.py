@@ -21,7 +21,9 @@ Packed sequences (``cu_seqlens``, batch 1): the launcher passes the per-step mar
 (int32, see :func:`mamba_state.kernels.selective_scan.packed.step_marks`) and ``nseq``; ``initial_state``, the
 last state, ``dlast`` and ``dinitial_state`` are then [nseq, dim, dstate], and ``scan_bwd`` also takes
 ``initial_state`` (the backward's recompute puts it in at each sequence's first step). Without the marks every
-launch is the one it was before.
+launch is the one it was before. Without a backward, packed sequences take :func:`packed_forward_by_sequence`
+instead: no marks, each sequence in its own programs (``MAMBA_STATE_PACKED_FWD=row`` keeps the packed row's
+schedule above, for comparison).
 
 The backward has two schedules (``backward_mode``, ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto``): ``seq``, one program
 per (batch, channel block) walking all chunks right to left; ``chunk``, chunk-parallel (small grids, or a
@@ -30,16 +32,17 @@ part-empty last wave).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .._device import launch_device
+from .._host import cached_host_tensor
 from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_mode,
                        backward_splits, block_sizes, triton_next_pow2, use_sequence_parallel)
 
-__all__ = ["scan_forward", "scan_backward", "ScanFn"]
+__all__ = ["scan_forward", "scan_backward", "ScanFn", "packed_forward_by_sequence"]
 
 
 def _dense(t: Tensor) -> bool:
@@ -139,6 +142,49 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                 dim, dstate, nch, REVERSE=False, BLOCK=block, num_warps=4)
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre
+
+
+def segment_table(bounds: Sequence[int]) -> list[int]:
+    """Flat (sequence, first step, end step) of the non-empty packed sequences, longest first (ties in order):
+    the programs of :func:`packed_forward_by_sequence`, long sequences in the first wave."""
+    spans = [(s, bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1) if bounds[s + 1] > bounds[s]]
+    spans.sort(key=lambda r: r[1] - r[2])  # stable: equal lengths keep their order
+    return [v for r in spans for v in r]
+
+
+def packed_forward_by_sequence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                               z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                               reset: Optional[Tensor], delta_softplus: bool,
+                               bounds: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Packed sequences (batch 1, ``bounds`` = cu_seqlens as a host list) without a backward: each sequence in its
+    own programs (``_scan_fwd_segments_kernel``), side by side as the rows of a batch. Returns ``(out
+    [1, dim, seqlen] in u.dtype, last [nseq, dim, dstate] float32)``; an empty sequence's row is zero (the
+    launcher puts its initial state there). B and C [1, ngroups, dstate, seqlen]."""
+    from . import triton_kernels as K
+
+    _, dim, L = u.shape
+    ngroups, dstate, nseq = B.shape[1], A.shape[1], len(bounds) - 1
+    u = _layout_of(u)
+    delta = _like(delta, u)
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    C = C if C.stride(-1) == 1 else C.contiguous()
+    z = _like(z, u) if z is not None else None
+    table = segment_table(bounds)
+    nseg = len(table) // 3
+    out = torch.empty_like(u)
+    last = (torch.empty if nseg == nseq else torch.zeros)(nseq, dim, dstate, device=u.device, dtype=torch.float32)
+    if nseg == 0:
+        return out, last
+    bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=nseg, device=u.device)
+    seg = cached_host_tensor(table, torch.int32, u.device)
+    with launch_device(u):
+        K._scan_fwd_segments_kernel[(_cdiv(dim, bd), nseg)](
+            u, delta, A.contiguous().float(), B, C, D.contiguous() if D is not None else None, z,
+            delta_bias.contiguous() if delta_bias is not None else None,
+            initial_state.contiguous().float() if initial_state is not None else None, _reset_bytes(reset),
+            out, last, seg, dim, dstate, dim // ngroups, u.stride(1), B.stride(1), B.stride(2), C.stride(1),
+            C.stride(2), SOFTPLUS=bool(delta_softplus), BD=bd, BN=bn, num_warps=warps)
+    return out, last
 
 
 scan_fwd = torch.library.custom_op("mamba_state::scan_fwd", mutates_args=())(scan_forward)

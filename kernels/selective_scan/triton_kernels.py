@@ -324,6 +324,58 @@ def _scan_fwd_kernel(
         tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)
 
 
+@optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_INIT="init_ptr", HAS_RESET="reset_ptr")
+@triton.jit
+def _scan_fwd_segments_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr, out_ptr, last_ptr, seg_ptr,
+    dim, dstate, cpg, sxd, sBg, sBn, sCg, sCn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    """Packed sequences without a backward (batch 1): one program per (channel block, sequence) runs that sequence
+    alone, from its initial state to its final state, as MODE 0 runs a batch row. Grid [channel blocks, non-empty
+    sequences]; ``seg_ptr`` int32 [nseg, 3] holds (sequence, first step, end step) per program, longest first, so
+    that the long sequences start in the first wave and the short ones fill in behind them.
+
+    Where MODE 0 over the packed row would scan every sequence one after another in each program (or the
+    chunk-parallel modes would read every input twice), the sequences here run side by side, as an equal batch
+    would. The first tile starts at the 8-aligned step at or below the first step (aligned loads); its steps
+    before the first step are masked: dt = 0, B = 0 and keep = 1 make them no-op steps, and their outputs (the
+    previous sequence's) are not stored. ``reset`` [1, L] still clears the state inside a sequence. No
+    checkpoints and no pre-gate output: the backward takes the other modes."""
+    j = tl.program_id(1)
+    seq = tl.load(seg_ptr + 3 * j).to(tl.int64)
+    t_first = tl.load(seg_ptr + 3 * j + 1)
+    t_end = tl.load(seg_ptr + 3 * j + 2)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv = _channel_block(
+        A_ptr, bias_ptr, D_ptr, dim, dstate, cpg, BD, BN, HAS_BIAS, HAS_D)
+    st_off = seq * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
+    if HAS_INIT:
+        x = tl.load(init_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        x = tl.zeros((BD, BN), tl.float32)
+    row = offs_d[:, None].to(tl.int64) * sxd
+    B_row = grp * sBg + offs_n[:, None] * sBn
+    C_row = grp * sCg + offs_n[:, None] * sCn
+    for t0 in range((t_first // TILE) * TILE, t_end, TILE):
+        offs_t = t0 + tl.arange(0, TILE)
+        mt = (offs_t >= t_first) & (offs_t < t_end)
+        m2 = mask_d[:, None] & mt[None, :]
+        u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, 0, bias,
+                                           offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
+        d, v, b, k = _split_inputs(dt, dt * u, Bt, keep, BD, BN)
+        Ct = tl.load(C_ptr + C_row + offs_t[None, :], mask=mask_n[:, None] & mt[None, :], other=0.0).to(tl.float32)
+        xs, _P, y = _steps8(x, None, A2, d, v, b, k, _split8(Ct, BN), BD, HAS_RESET, False, True)
+        x = xs[8]
+        if HAS_D:
+            y = y + Dv[:, None] * u
+        if HAS_Z:
+            zt = tl.load(z_ptr + row + offs_t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y = y * zt * _sigmoid(zt)
+        tl.store(out_ptr + row + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + st_off, x, mask=mask_dn)
+
+
 @optional_inputs(HAS_INIT="init_ptr")
 @triton.jit
 def _carry_kernel(init_ptr, sum_ptr, prod_ptr, entering_ptr, final_ptr, dim, dstate, nchunks,

@@ -21,6 +21,7 @@
 #   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
 #           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow) (VARLEN_TIMEOUT, 300 s)
 #   fvarlen benchmarks/bench_varlen.py (forward only: the prefill table)                 (FVARLEN_TIMEOUT, 150 s)
+#   ptile   benchmarks/probe_varlen_tile.py (the packed forward's channels per program)  (PTILE_TIMEOUT, 120 s)
 #   bvarlen benchmarks/bench_varlen.py --backward (packed vs padded vs per session; compiles many variants) (BVARLEN_TIMEOUT, 300 s)
 #   pvarlen benchmarks/bench_varlen.py --profile (wall vs device time per contender, top kernels) (PVARLEN_TIMEOUT, 120 s)
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
@@ -128,6 +129,7 @@ for step in ${STEPS:-tests gen cont}; do
                    --durations=5 ${VARLEN_TESTS:-tests/test_states_at_one_pass.py tests/test_varlen_gpu.py \
                    tests/test_varlen_conv.py tests/test_varlen_mamba2.py}" ;;
         fvarlen) run_step fvarlen "${FVARLEN_TIMEOUT:-150}" python3 benchmarks/bench_varlen.py ;;
+        ptile) run_step ptile "${PTILE_TIMEOUT:-120}" python3 benchmarks/probe_varlen_tile.py ;;
         bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;
         pvarlen) run_step pvarlen "${PVARLEN_TIMEOUT:-120}" python3 benchmarks/bench_varlen.py --profile ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \

@@ -324,3 +324,16 @@ def test_segment_table_is_longest_first_and_skips_empty_sequences():
     bounds = [0, 3, 3, 13, 14, 24]  # lengths 3, 0, 10, 1, 10
     assert segment_table(bounds) == [2, 3, 13, 4, 14, 24, 0, 0, 3, 3, 13, 14]
     assert segment_table([0, 0, 0]) == []
+
+
+def test_skewed_lengths_take_fewer_channels_a_program(monkeypatch):
+    from mamba_state.kernels.selective_scan.ops import _skewed_block, segment_table
+
+    monkeypatch.delenv("MAMBA_STATE_SCAN_BD", raising=False)
+    even = segment_table([0, 100, 200, 300, 400])
+    assert _skewed_block(16, even, 1536, 1) == 16  # equal lengths: the batch's own choice
+    skewed = segment_table([0, 4000, 4100, 4200, 4300, 4400, 4500, 4600, 4700])  # max / mean = 6.4
+    assert _skewed_block(16, skewed, 1536, 1) == 4  # 16 * 2 / 6.4 = 5 -> 4
+    assert _skewed_block(16, segment_table([0, *range(10**6, 10**6 + 100)]), 1536, 1) == 2  # at least 2
+    monkeypatch.setenv("MAMBA_STATE_SCAN_BD", "16")
+    assert _skewed_block(16, skewed, 1536, 1) == 16  # the override wins

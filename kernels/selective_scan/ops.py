@@ -32,6 +32,7 @@ part-empty last wave).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -152,6 +153,24 @@ def segment_table(bounds: Sequence[int]) -> list[int]:
     return [v for r in spans for v in r]
 
 
+def _skewed_block(bd: int, table: Sequence[int], dim: int, ngroups: int) -> int:
+    """Channels per program for sequences of unequal lengths. While the GPU is full, every program advances at
+    about the same rate per step, and a step costs in proportion to its channels, so the longest sequence's
+    programs end last: at a length ``max`` against a mean ``mean``, ``bd * 2 * mean / max`` channels (a power of
+    two, at least 2, at most ``bd``) let them end about when the rest does. ``MAMBA_STATE_SCAN_BD`` overrides."""
+    if os.environ.get("MAMBA_STATE_SCAN_BD"):
+        return bd
+    lengths = [table[i + 2] - table[i + 1] for i in range(0, len(table), 3)]
+    mean, longest = sum(lengths) / len(lengths), max(lengths)
+    target = bd * 2 * mean / longest
+    small = bd
+    while small > 2 and small > target:
+        small //= 2
+    if ngroups > 1:  # a program's channels must share one group
+        small = min(small, _pow2_divisor(dim // ngroups))
+    return small
+
+
 def packed_forward_by_sequence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                                z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                                reset: Optional[Tensor], delta_softplus: bool,
@@ -176,6 +195,7 @@ def packed_forward_by_sequence(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
     if nseg == 0:
         return out, last
     bd, bn, warps = block_sizes(dim, dstate, ngroups, batch=nseg, device=u.device)
+    bd = _skewed_block(bd, table, dim, ngroups)
     seg = cached_host_tensor(table, torch.int32, u.device)
     with launch_device(u):
         K._scan_fwd_segments_kernel[(_cdiv(dim, bd), nseg)](

@@ -11,18 +11,31 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import types
 
-import pytest
-import torch
+from pathlib import Path
+
+# A checkout's root holds kernels/, which installs as mamba_state.kernels. `python -m pytest` puts the root (or
+# "") first on sys.path, where kernels/ would stand in for the PyPI package "kernels" that transformers imports
+# (5.x: `from kernels import ...` fails on ours). The tests import the installed (editable) mamba_state, so the
+# root leaves sys.path, unless mamba_state cannot be found without it (a checkout run without installing).
+_ROOT = Path(__file__).resolve().parents[1]
+_saved_path = list(sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+if "mamba_state" not in sys.modules and importlib.util.find_spec("mamba_state") is None:
+    sys.path[:] = _saved_path
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run in Triton's interpreter on machines without a GPU. Set before anything imports triton
 # kernels (upstream's modules decorate theirs at import).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=12, derandomize=True, deadline=None, print_blob=True,

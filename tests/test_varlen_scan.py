@@ -332,8 +332,11 @@ def test_skewed_lengths_take_fewer_channels_a_program(monkeypatch):
     monkeypatch.delenv("MAMBA_STATE_SCAN_BD", raising=False)
     even = segment_table([0, 100, 200, 300, 400])
     assert _skewed_block(16, even, 1536, 1) == 16  # equal lengths: the batch's own choice
-    skewed = segment_table([0, 4000, 4100, 4200, 4300, 4400, 4500, 4600, 4700])  # max / mean = 6.4
-    assert _skewed_block(16, skewed, 1536, 1) == 4  # 16 * 2 / 6.4 = 5 -> 4
-    assert _skewed_block(16, segment_table([0, *range(10**6, 10**6 + 100)]), 1536, 1) == 2  # at least 2
+    mild = segment_table([0, 400, 500, 600, 700])  # max / mean = 2.3: 16 * 4 / 2.3 = 28 -> 16
+    assert _skewed_block(16, mild, 1536, 1) == 16
+    skewed = segment_table([0, 4000, 4100, 4200, 4300, 4400, 4500, 4600, 4700])  # max / mean = 6.4: 10 -> 8
+    assert _skewed_block(16, skewed, 1536, 1) == 8
+    assert _skewed_block(16, segment_table([0, *range(10**6, 10**6 + 100)]), 1536, 1) == 8  # at least 8
+    assert _skewed_block(4, skewed, 1536, 1) == 4  # never more than the batch's choice
     monkeypatch.setenv("MAMBA_STATE_SCAN_BD", "16")
     assert _skewed_block(16, skewed, 1536, 1) == 16  # the override wins

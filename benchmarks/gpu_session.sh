@@ -20,6 +20,8 @@
 #   m3grad  the Mamba-3 gradient test alone: upstream's backward autotunes ~200 configs (M3GRAD_TIMEOUT, 500 s)
 #   varlen  packed sequences and one-pass positions: test_states_at_one_pass.py, tests/test_varlen_{gpu,conv,mamba2}.py
 #           (gpu; VARLEN_TESTS overrides the files; Mamba-2's autotunes upstream's kernels: slow) (VARLEN_TIMEOUT, 300 s)
+#   varlen2 tests/test_varlen_mamba2.py's gpu tests after a prewarm (upstream's Mamba-2 kernels autotune)
+#           (VARLEN2_TIMEOUT, 240 s)
 #   fvarlen benchmarks/bench_varlen.py (forward only: the prefill table)                 (FVARLEN_TIMEOUT, 150 s)
 #   ptile   benchmarks/probe_varlen_tile.py (the packed forward's channels per program)  (PTILE_TIMEOUT, 120 s)
 #   bvarlen benchmarks/bench_varlen.py --backward (packed vs padded vs per session; compiles many variants) (BVARLEN_TIMEOUT, 300 s)
@@ -128,6 +130,10 @@ for step in ${STEPS:-tests gen cont}; do
         varlen) run_step varlen "${VARLEN_TIMEOUT:-300}" bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    --durations=5 ${VARLEN_TESTS:-tests/test_states_at_one_pass.py tests/test_varlen_gpu.py \
                    tests/test_varlen_conv.py tests/test_varlen_mamba2.py}" ;;
+        varlen2) prewarm "tests/test_varlen_mamba2.py"
+            run_step varlen2 "${VARLEN2_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   --durations=5 tests/test_varlen_mamba2.py
+            save_triton_cache ;;
         fvarlen) run_step fvarlen "${FVARLEN_TIMEOUT:-150}" python3 benchmarks/bench_varlen.py ;;
         ptile) run_step ptile "${PTILE_TIMEOUT:-120}" python3 benchmarks/probe_varlen_tile.py ;;
         bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;

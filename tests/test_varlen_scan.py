@@ -340,3 +340,16 @@ def test_skewed_lengths_take_fewer_channels_a_program(monkeypatch):
     assert _skewed_block(4, skewed, 1536, 1) == 4  # never more than the batch's choice
     monkeypatch.setenv("MAMBA_STATE_SCAN_BD", "16")
     assert _skewed_block(16, skewed, 1536, 1) == 16  # the override wins
+
+
+def test_more_sequences_than_the_grid_takes_use_the_row_schedule(monkeypatch):
+    # the sequences are the by-sequence kernel's second grid axis (at most 65535 on CUDA): beyond, the row's
+    # schedule runs, with the same results
+    import mamba_state.kernels.selective_scan.launcher as launcher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the by-sequence kernel ran for more sequences than its grid takes")
+
+    monkeypatch.setattr(launcher, "MAX_SEQUENCES_BY_SEQUENCE", 3)
+    monkeypatch.setattr(launcher, "packed_forward_by_sequence", refuse)
+    _inference_check([3, 13, 1, 0, 20], seed=12)

@@ -26,6 +26,9 @@ from .positions import scan_packed_states_at_one_pass, scan_states_at_one_pass
 __all__ = ["selective_scan_fn"]
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+MAX_SEQUENCES_BY_SEQUENCE = 65535
+"""Most sequences a no-grad packed call runs in their own programs: they are the launch grid's second axis, which
+CUDA caps at 65535 blocks. More take the packed row's schedule."""
 
 
 def _on_triton(u: Tensor, backend: Optional[str], shape, initial_state: Optional[Tensor] = None) -> bool:
@@ -166,7 +169,7 @@ def _scan_packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
     if torch.compiler.is_compiling() or needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         seq_start, seq_end = step_marks(bounds, u.device)
         out, last, _, _ = ScanFn.apply(*args, seq_start, seq_end, nseq)
-    elif os.environ.get("MAMBA_STATE_PACKED_FWD", "") != "row":
+    elif os.environ.get("MAMBA_STATE_PACKED_FWD", "") != "row" and nseq <= MAX_SEQUENCES_BY_SEQUENCE:
         # no backward: each sequence in its own programs, side by side (a batch's cost, not a long row's)
         out, last = packed_forward_by_sequence(u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset,
                                                bool(delta_softplus), bounds)

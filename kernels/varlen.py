@@ -10,7 +10,7 @@ import torch
 
 from mamba_state.errors import StateError, StateShapeError
 
-__all__ = ["check_cu_seqlens"]
+__all__ = ["check_cu_seqlens", "cu_seqlens_bounds"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -34,6 +34,12 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_len: int, batch: int, name:
 
     Reading the values costs one device-to-host copy of num_seqs + 1 integers (a synchronisation on CUDA).
     """
+    return len(cu_seqlens_bounds(cu_seqlens, total_len, batch, name)) - 1
+
+
+def cu_seqlens_bounds(cu_seqlens: torch.Tensor, total_len: int, batch: int, name: str = "cu_seqlens") -> list[int]:
+    """:func:`check_cu_seqlens`'s checks, returning the checked values as a host list (for callers that need
+    the boundaries themselves: one read of the tensor serves both)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise StateShapeError(f"{name}: expected an int32 tensor [num_seqs + 1], found {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in _INDEX_DTYPES:
@@ -55,4 +61,4 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_len: int, batch: int, name:
     if c[-1] != total_len:
         raise StateShapeError(f"{name}: expected the last entry to equal the packed length {total_len}, found "
                               f"{c[-1]}")
-    return len(c) - 1
+    return c

@@ -17,17 +17,14 @@ import torch
 from mamba_state.errors import StateError, StateShapeError
 
 from .._host import to_device
-from ..varlen import check_cu_seqlens
+from ..varlen import cu_seqlens_bounds
 
 __all__ = ["seq_bounds", "check_varlen_state", "step_marks", "check_varlen_positions"]
 
 
 def seq_bounds(cu_seqlens: Any, seqlen: int, batch: int) -> list[int]:
     """``cu_seqlens`` checked (:func:`~mamba_state.kernels.varlen.check_cu_seqlens`) and read as a host list."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = cu_seqlens.detach().cpu()  # one device-to-host copy, for the check and the list
-    check_cu_seqlens(cu_seqlens, seqlen, batch)
-    return [int(v) for v in cu_seqlens.tolist()]
+    return cu_seqlens_bounds(cu_seqlens, seqlen, batch)  # one device-to-host copy, for the check and the list
 
 
 def check_varlen_state(state: Optional[torch.Tensor], num_seqs: int, dim: int, dstate: int,

@@ -17,12 +17,16 @@ max / 2) and log-uniform (mean under max / 4, the case of issue 18's target). Co
 
 Forward only by default (prefill); ``--backward`` also times forward + backward. Writes
 benchmarks/results/bench_varlen.json and the section "Packed sequences (cu_seqlens)" of docs/benchmarks.md.
+``--model``: the same sessions through the whole 130m-shaped LM (``StatefulMambaLM`` over upstream's
+``MambaLMHeadModel`` with random weights, bf16, each session's last logits only, as a server's prefill) instead of
+one scan: writes benchmarks/results/bench_varlen_model.json and the section "Packed prefill (130m LM)".
 ``--profile`` writes nothing: per contender (forward, uniform lengths) the wall time next to the device time and
 the top kernels by device time (torch.profiler), which splits a slow contender into kernel and host time.
 
     python benchmarks/bench_varlen.py            # on a GPU
     python benchmarks/bench_varlen.py --backward
     python benchmarks/bench_varlen.py --profile
+    python benchmarks/bench_varlen.py --model
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from common import environment, environment_line, interleaved_median_times, mark
 
 DIM, DSTATE, SESSIONS, LO, HI = 1536, 16, 64, 16, 4096
 TITLE = "Packed sequences (cu_seqlens)"
+MODEL_TITLE = "Packed prefill (130m LM)"
 
 
 def draw_lengths(kind: str, seed: int = 0) -> list[int]:
@@ -98,6 +103,81 @@ def contenders(lens: list[int], device, dtype, backward: bool) -> dict:
     }
 
 
+def model_contenders(lm, lens: list[int], state, device, vocab: int) -> dict:
+    """The LM's prefill of the sessions (each from its row of ``state``), each contender returning every session's
+    last logits: packed (one call, ``cu_seqlens``), padded (a batch right-padded to the longest: its cost only,
+    the padded rows' logits and states would be wrong), per-session (one call each) and equal (a batch of the
+    mean length: the sum-of-tokens cost)."""
+    g = torch.Generator(device=device).manual_seed(4)
+    total, longest, mean = sum(lens), max(lens), round(sum(lens) / len(lens))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # on the host: no sync
+    packed = torch.randint(0, vocab, (1, total), device=device, generator=g)
+    padded = torch.randint(0, vocab, (SESSIONS, longest), device=device, generator=g)
+    equal = torch.randint(0, vocab, (SESSIONS, mean), device=device, generator=g)
+    starts = cu.tolist()
+    pieces = [packed[:, a:b] for a, b in zip(starts[:-1], starts[1:])]
+    rows = state.split(1)
+
+    def run(ids, st, **kw):
+        with torch.no_grad():
+            return lm(ids, state=st, num_last_tokens=1, **kw)[0]
+
+    return {
+        "packed": lambda: run(packed, state, cu_seqlens=cu),
+        "padded": lambda: run(padded, state),
+        "per-session": lambda: [run(p, rows[s]) for s, p in enumerate(pieces)],
+        "equal": lambda: run(equal, state),
+    }
+
+
+def model_main(repeats: int) -> None:
+    """``--model``: the sessions through the 130m-shaped LM; table and JSON."""
+    import mamba_state as ms
+    from common import LM_130M, upstream_lm
+
+    device = torch.device("cuda")
+    model, why = upstream_lm(LM_130M, device, torch.bfloat16)
+    if model is None:
+        sys.exit(f"bench_varlen.py --model needs upstream's CUDA kernels: {why}")
+    lm = ms.StatefulMambaLM(model).eval()
+    with torch.no_grad():  # a non-zero state per session: a prefill of 64 other tokens each
+        g = torch.Generator(device=device).manual_seed(5)
+        _, state = lm(torch.randint(0, LM_130M["vocab_size"], (SESSIONS, 64), device=device, generator=g))
+    env = environment()
+    rows, results = [], []
+    for kind in ("uniform", "log-uniform"):
+        lens = draw_lengths(kind)
+        fns = model_contenders(lm, lens, state, device, LM_130M["vocab_size"])
+        times = interleaved_median_times(fns, repeats=repeats, warmup=2)
+        ms_ = {k: 1e3 * v for k, v in times.items()}
+        res = dict(lengths=kind, total_tokens=sum(lens), max_len=max(lens), mean_len=sum(lens) / len(lens),
+                   ms=ms_, padded_over_packed=ms_["padded"] / ms_["packed"],
+                   packed_over_equal=ms_["packed"] / ms_["equal"])
+        results.append(res)
+        rows.append([kind, sum(lens), f"{res['mean_len']:.0f} / {max(lens)}",
+                     *(f"{ms_[k]:.1f}" for k in ("packed", "padded", "per-session", "equal")),
+                     f"{res['padded_over_packed']:.2f}x", f"{res['packed_over_equal']:.2f}"])
+        print(rows[-1], flush=True)
+    write_json("bench_varlen_model", {"model": "130m-shaped MambaLMHeadModel, random weights, bf16",
+                                      "sessions": SESSIONS, "results": results}, env)
+    commit = os.environ.get("MAMBA_STATE_COMMIT", "")
+    body = "\n".join([
+        f"`benchmarks/bench_varlen.py --model`: the same {SESSIONS} sessions of {LO}-{HI} tokens as above, each from "
+        "its own state (a prefill of 64 other tokens), through the whole 130m-shaped LM (`StatefulMambaLM` over "
+        "upstream's `MambaLMHeadModel`, d_model 768, 24 layers, random weights, bf16), under `torch.no_grad()`, "
+        "each contender returning every session's last logits (`num_last_tokens=1`), as a server's prefill does. "
+        "`packed`: one call with `cu_seqlens` and a 64-row state; `padded`: one batch right-padded to the longest "
+        "(its cost only: the shorter rows' logits and states would be wrong); `per-session`: 64 calls; `equal`: "
+        "one batch of the mean length. Times in ms, medians of runs in turns.",
+        "",
+        environment_line(env) + (f" Commit {commit}." if commit else ""),
+        "",
+        markdown_table(["lengths", "tokens", "mean / max", "packed", "padded", "per-session", "equal",
+                        "padded / packed", "packed / equal"], rows),
+    ])
+    replace_section(MODEL_TITLE, body)
+
+
 def profile(device, dtype) -> None:
     """Wall time (median of 10) and device time per call of every forward contender, with its top kernels."""
     from common import median_time
@@ -115,10 +195,14 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="device time per kernel of each contender; no files")
+    ap.add_argument("--model", action="store_true", help="the sessions through the 130m-shaped LM instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_varlen.py needs a CUDA GPU (the Triton kernels; the CPU path is not what it measures)")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    if args.model:
+        model_main(args.repeats)
+        return
     if args.profile:
         profile(device, dtype)
         return

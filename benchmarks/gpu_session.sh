@@ -23,6 +23,7 @@
 #   varlen2 tests/test_varlen_mamba2.py's gpu tests after a prewarm (upstream's Mamba-2 kernels autotune)
 #           (VARLEN2_TIMEOUT, 240 s)
 #   fvarlen benchmarks/bench_varlen.py (forward only: the prefill table)                 (FVARLEN_TIMEOUT, 150 s)
+#   mvarlen benchmarks/bench_varlen.py --model (the packed prefill through the 130m LM)  (MVARLEN_TIMEOUT, 200 s)
 #   ptile   benchmarks/probe_varlen_tile.py (the packed forward's channels per program)  (PTILE_TIMEOUT, 120 s)
 #   bvarlen benchmarks/bench_varlen.py --backward (packed vs padded vs per session; compiles many variants) (BVARLEN_TIMEOUT, 300 s)
 #   pvarlen benchmarks/bench_varlen.py --profile (wall vs device time per contender, top kernels) (PVARLEN_TIMEOUT, 120 s)
@@ -137,6 +138,7 @@ for step in ${STEPS:-tests gen cont}; do
         fvarlen) run_step fvarlen "${FVARLEN_TIMEOUT:-150}" python3 benchmarks/bench_varlen.py ;;
         ptile) run_step ptile "${PTILE_TIMEOUT:-120}" python3 benchmarks/probe_varlen_tile.py ;;
         bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;
+        mvarlen) run_step mvarlen "${MVARLEN_TIMEOUT:-200}" python3 benchmarks/bench_varlen.py --model ;;
         pvarlen) run_step pvarlen "${PVARLEN_TIMEOUT:-120}" python3 benchmarks/bench_varlen.py --profile ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;

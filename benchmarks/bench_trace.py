@@ -52,7 +52,7 @@ def layer_rows(smoke: bool, device: str) -> list[dict]:
                 f"full trace ({L + 1} states)": lambda: trace_layer(layer, x, s0, warn_bytes=2 ** 40),
             }
             # in turns: the forwards here are host-bound, and the host's speed drifts over seconds
-            times = interleaved_median_times(cases, repeats=9)
+            times = interleaved_median_times(cases, repeats=25, warmup=3)
         base = times["forward"]
         for k, t in times.items():
             rows.append({"what": k, "batch": batch, "tokens": L, "ms": round(1e3 * t, 3),

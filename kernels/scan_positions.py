@@ -38,6 +38,12 @@ def check_positions(positions: Any, seqlen: int, name: str = "return_states_at")
     Accepts any iterable of ints (a list, a ``range``, a numpy array) or a 1-D integer tensor. ``name`` is the
     caller's argument name, used in error messages.
     """
+    if type(positions) is list and all(type(p) is int for p in positions):
+        # the common case, also every second check of a list a caller already checked: no conversion
+        if positions and (positions[0] < 0 or positions[-1] > seqlen
+                          or any(b < a for a, b in zip(positions, positions[1:]))):
+            _raise_bad_positions(positions, seqlen, name)
+        return list(positions)
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
             raise StateError(f"{name}: expected a 1-D integer tensor or a list of ints, found "
@@ -52,13 +58,18 @@ def check_positions(positions: Any, seqlen: int, name: str = "return_states_at")
     else:
         raise StateError(f"{name}: expected a list of ints or a 1-D integer tensor, found "
                          f"{type(positions).__name__}")
+    _raise_bad_positions(out, seqlen, name)
+    return out
+
+
+def _raise_bad_positions(out: list[int], seqlen: int, name: str) -> None:
+    """Raise ``StateError`` for the first out-of-range position, else for an order violation; nothing if fine."""
     for p in out:
         if not 0 <= p <= seqlen:
             raise StateError(f"{name}: expected positions in [0, {seqlen}] (token counts of this chunk), "
                              f"found {p}")
     if any(b < a for a, b in zip(out, out[1:])):
         raise StateError(f"{name}: expected non-decreasing positions, found {out}")
-    return out
 
 
 def segment_bounds(positions: Sequence[int], seqlen: int) -> list[tuple[int, int]]:
@@ -149,7 +160,14 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
             head = torch.cat([conv_state, x[..., : W - 1]], dim=-1)
             parts.append(windows(head, cached_host_tensor(pos[:k], torch.long, x.device)))
         if k < len(pos):
-            parts.append(windows(x, cached_host_tensor([p - W for p in pos[k:]], torch.long, x.device)))
+            starts = [p - W for p in pos[k:]]
+            step = starts[1] - starts[0] if len(starts) > 1 else 0
+            if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
+                # evenly spaced (a trace's stride, positions every N tokens): the windows are one strided view
+                # of x, so the cast below is the only copy (no gather, no index tensor)
+                parts.append(x[..., starts[0]:].unfold(-1, W, step)[:, :, :len(starts)].permute(2, 0, 1, 3))
+            else:
+                parts.append(windows(x, cached_host_tensor(starts, torch.long, x.device)))
         win = parts[0] if len(parts) == 1 else torch.cat(parts)
     win = win.to(conv_state.dtype)
     if reset is not None:

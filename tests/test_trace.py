@@ -118,7 +118,8 @@ def test_conv_windows_at_equal_slicing_one_position_at_a_time(data):
 
 
 @pytest.mark.parametrize("L, positions", [(5, [1, 2, 3, 4, 5]), (300, [0, 2, 150, 300]), (300, [10, 300]),
-                                          (300, [3]), (0, [0, 0])])
+                                          (300, [3]), (0, [0, 0]), (300, [60, 120, 180, 240, 300]),
+                                          (300, [2, 100, 200, 300]), (300, [100, 103]), (300, [50, 50, 300])])
 def test_conv_windows_at_both_ways_of_gathering(L, positions):
     """A short chunk or many positions take the concatenate-then-gather way, a long chunk with few positions the
     gather of single columns (from the window, from x, or both): each equals slicing, with and without resets."""
@@ -128,6 +129,26 @@ def test_conv_windows_at_both_ways_of_gathering(L, positions):
     for reset in (None, torch.rand(3, L, generator=g) < 0.05):
         got = conv_windows_at(cs, x, positions, reset)
         torch.testing.assert_close(got, _windows_by_slicing(cs, x, positions, reset), rtol=0, atol=0)
+
+
+@given(data=st.data())
+def test_conv_windows_at_evenly_spaced_positions_in_a_long_chunk(data):
+    """Evenly spaced positions of a long chunk are read as one strided view of x (no gather): equal to slicing,
+    overlapping windows (a step under W) included."""
+    W = data.draw(st.integers(1, 4), label="W")
+    L = data.draw(st.integers(60, 160), label="L")
+    count = data.draw(st.integers(2, 3), label="count")
+    step = data.draw(st.integers(1, L // count), label="step")
+    first = data.draw(st.integers(0, L - (count - 1) * step), label="first")
+    positions = [first + i * step for i in range(count)]
+    seed = data.draw(st.integers(0, 10 ** 6), label="seed")
+    g = _gen(seed)
+    cs = torch.randn(2, 3, W, generator=g, dtype=F64)
+    x = torch.randn(2, 3, L, generator=g, dtype=torch.float32)
+    reset = (torch.rand(2, L, generator=g) < 0.05) if data.draw(st.booleans(), label="reset") else None
+    got = conv_windows_at(cs, x, positions, reset)
+    assert got.shape == (count, 2, 3, W) and got.dtype == F64 and got.is_contiguous()
+    torch.testing.assert_close(got, _windows_by_slicing(cs, x, positions, reset), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- the scan

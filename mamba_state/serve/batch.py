@@ -15,11 +15,12 @@ Elsewhere (or with ``cuda_graph=False``) a step is ``lm.step`` on the batch.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import StateError
+from ..kernels._host import to_device
 from ..state import MambaInferenceState, MambaModelState
 
 __all__ = ["DecodeBatch", "bucket"]
@@ -40,6 +41,13 @@ def _write_row(buffers: MambaModelState, slot: int, row: MambaModelState) -> Non
         src = row[idx].tensors
         for name, t in layer.tensors.items():
             t[slot].copy_(src[name][0])
+
+
+def _row_of(tensors: dict[str, torch.Tensor], j: int) -> MambaInferenceState:
+    """Row ``j`` of a layer's gathered state tensors (rows of a validated batch state) as a batch-1 state."""
+    if tensors.keys() == {"conv_state", "ssm_state"}:  # Mamba-1/2: no second validation (about 10 us a layer)
+        return MambaInferenceState._of_checked(tensors["conv_state"][j:j + 1], tensors["ssm_state"][j:j + 1])
+    return MambaInferenceState.from_tensors({k: t[j:j + 1] for k, t in tensors.items()})
 
 
 class DecodeBatch:
@@ -83,6 +91,65 @@ class DecodeBatch:
         self.ids[slot] = token
         self.slots[slot] = owner
         return slot
+
+    def reserve(self, rows: int) -> None:
+        """Grow the bucket now to hold ``rows`` rows in all (at most ``max_batch``), so that rows joining one
+        after another do not move it through every bucket on the way (each move copies the state)."""
+        cap = bucket(min(rows, self.max_batch), self.max_batch)
+        if rows > 0 and cap > self.capacity:
+            self._resize(cap)
+
+    def add_many(self, owners: Sequence[Any], rows: MambaModelState, tokens: Sequence[int]) -> list[int]:
+        """Write row ``j`` of ``rows`` (batch ``len(owners)``) into a free slot with ``tokens[j]`` as its next
+        input, growing the bucket at most once; returns the slots. One copy per state tensor for all the rows
+        (``add`` costs one per tensor per row: 48 launches a row at 24 layers)."""
+        k = len(owners)
+        if rows.batch_size != k or len(tokens) != k or any(o is None for o in owners):
+            raise StateError(f"decode batch: expected one owner and one token per row of the {rows.batch_size} "
+                             f"rows, found {k} owners (None among them: {any(o is None for o in owners)}) and "
+                             f"{len(tokens)} tokens")
+        if k == 0:
+            return []
+        if self.capacity - self.active < k:
+            self._resize(bucket(self.active + k, self.max_batch))
+        slots = [i for i, s in enumerate(self.slots) if s is None][:k]
+        assert self.state is not None and self.ids is not None and len(slots) == k
+        lo = slots[0]
+        if slots[-1] - lo == k - 1:  # consecutive free slots (an empty or a full-from-the-start batch): slices
+            for idx, layer in self.state.items():
+                src = rows[idx].tensors
+                for name, t in layer.tensors.items():
+                    t[lo:lo + k].copy_(src[name])
+            self.ids[lo:lo + k].copy_(to_device(torch.tensor(list(tokens), dtype=torch.long), self.device))
+        else:
+            index = to_device(torch.tensor(slots, dtype=torch.long), self.device)
+            for idx, layer in self.state.items():
+                src = rows[idx].tensors
+                for name, t in layer.tensors.items():
+                    t.index_copy_(0, index, src[name].to(t.dtype))
+            self.ids.index_copy_(0, index, to_device(torch.tensor(list(tokens), dtype=torch.long), self.device))
+        for slot, owner in zip(slots, owners):
+            self.slots[slot] = owner
+        return slots
+
+    def remove_many(self, slots: Sequence[int], seqlen_offsets: Sequence[int]) -> list[MambaModelState]:
+        """Take the rows at ``slots`` out (one gathered copy per state tensor for all of them; row ``j`` of the
+        result has ``seqlen_offsets[j]``); the slots become free."""
+        if len(slots) != len(seqlen_offsets) or len(set(slots)) != len(slots):
+            raise StateError(f"decode batch: expected distinct slots and one seqlen_offset each, found slots "
+                             f"{list(slots)} and {len(seqlen_offsets)} offsets")
+        if not slots:
+            return []
+        if len(slots) == 1:
+            return [self.remove(slots[0], seqlen_offsets[0])]
+        assert self.state is not None and all(self.slots[s] is not None for s in slots)
+        index = to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
+        gathered = {idx: {k: t.index_select(0, index) for k, t in s.tensors.items()} for idx, s in self.state.items()}
+        for slot in slots:
+            self.slots[slot] = None
+        # each row a view of the gathered copy: the batch's later steps never write there
+        return [MambaModelState({idx: _row_of(g, j) for idx, g in gathered.items()}, seqlen_offset=off)
+                for j, off in enumerate(seqlen_offsets)]
 
     def remove(self, slot: int, seqlen_offset: int) -> MambaModelState:
         """Take the row out (a copy, with ``seqlen_offset``); the slot becomes free."""

@@ -62,7 +62,7 @@ class EngineStoppedError(StateError):
     """The engine was stopped before the request finished."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Event:
     kind: str  # "token" | "done" | "error"
     token: int | None = None
@@ -88,7 +88,7 @@ class RequestHandle:
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
-        self._events: queue.Queue[_Event] = queue.Queue()
+        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()  # a C queue: a put per token is cheap
         self._listener = listener
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -235,7 +235,10 @@ class Engine:
         self.prefill_graphs = (PrefillGraphs(lm, prefill_graph_tokens, use_graphs=cuda_graph) if prefill_graphs
                                else None)
         self.packed_prefill = bool(packed_prefill)
-        self._pack_caps: tuple[bool, bool] | None = None  # (packed forwards, with states at positions)
+        # (packed forwards, with states at positions), asked of the model now: two small forwards, which a
+        # first burst of requests would otherwise wait for
+        self._pack_caps: tuple[bool, bool] | None = packed_capabilities(lm) if self.packed_prefill else None
+        self._zero: MambaModelState | None = None  # the zero start state of a new request (read only, shared)
         # the step whose tokens are still on their way to the host: (host tensor, CUDA event, rows)
         self._pending: tuple[torch.Tensor, Any, list[tuple[_Request, int, MambaModelState | None]]] | None = None
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -484,9 +487,17 @@ class Engine:
         self.counters["prompt_tokens"] += len(req.prompt)
         self.counters["cached_tokens"] += req.handle.cached_tokens
         if state is None:
-            state = self.lm.new_state(1, device=self.device)
+            state = self._zero_state()
         req.offset = state.seqlen_offset
         return state
+
+    def _zero_state(self) -> MambaModelState:
+        """The zero state of batch 1, one object shared by every new request: nothing modifies a start state in
+        place (the forwards return new states, the batch and the group state copy it), and allocating one
+        per request costs a zero fill per state tensor (48 launches at 24 layers)."""
+        if self._zero is None:
+            self._zero = self.lm.new_state(1, device=self.device)
+        return self._zero
 
     def _prefill_one(self, req: _Request, state: MambaModelState) -> None:
         """Prefill ``req`` alone from ``state`` and choose its first token."""
@@ -495,15 +506,18 @@ class Engine:
         assert req.sampler is not None
         self._first_token(req, choose_tokens(logits, [(0, req.sampler, req.offset)])[0], state)
 
-    def _first_token(self, req: _Request, token: int, state: MambaModelState) -> None:
-        """``req`` prefilled (``state`` has consumed its feed): emit ``token``, then park or join the batch."""
+    def _first_token(self, req: _Request, token: int, state: MambaModelState, join: bool = True) -> bool:
+        """``req`` prefilled (``state`` has consumed its feed): emit ``token``, then park it, or join the batch
+        (with ``join``; else the caller joins it, :meth:`_join_rows`). True when it goes on decoding."""
         self.counters["prefill_tokens"] += len(req.feed)
         req.produced += 1
         self._emit_token(req, token)
         if req.produced >= req.max_new_tokens or token in req.eos:
             self._park(req, state)
-        else:
+            return False
+        if join:
             self._join(req, state, token)
+        return True
 
     def _known_ids(self, req: _Request, start: int) -> tuple[list[int] | None, Any]:
         """``(history + feed, the same as int64 numpy)`` when the tokens from zero up to ``start`` are known
@@ -529,6 +543,7 @@ class Engine:
         rows = MambaModelState.cat([MambaModelState(dict(s.items())) for _, s in group])  # [n, ...]
         feeds = [np.asarray(req.feed, dtype=np.int64) for req in reqs]
         finished: set[int] = set()
+        self.batch.reserve(len(self._running) + len(reqs))  # the bucket they join, reached in one move
         try:
             for pieces in plan_forwards([f.size for f in feeds], self.prefill_chunk_size):
                 first, last = pieces[0].seq, pieces[-1].seq
@@ -570,14 +585,19 @@ class Engine:
                     assert req.sampler is not None
                     choose.append((k, req.sampler, req.offset))
                 tokens = choose_tokens(logits[0].index_select(0, ends), choose)
+                joining: list[tuple[_Request, int, int]] = []
                 for k, j in enumerate(done):
                     s = pieces[j].seq
                     req = reqs[s]
                     full = known[s][0]
                     if full is not None:
                         req.history = full
-                    self._first_token(req, tokens[k], rows_view(rows, s, s + 1, req.offset))
-                    finished.add(s)
+                    if self._first_token(req, tokens[k], rows_view(rows, s, s + 1, req.offset), join=False):
+                        joining.append((req, s, tokens[k]))
+                    else:
+                        finished.add(s)
+                self._join_rows(joining, rows)  # one copy per state tensor for all of them
+                finished.update(s for _, s, _ in joining)
         except Exception as exc:  # the requests not prefilled yet fail; those already decoding go on
             for s, req in enumerate(reqs):
                 if s not in finished:
@@ -624,6 +644,22 @@ class Engine:
             req.history.append(token)
         self._running.append(req)
 
+    def _join_rows(self, joining: list[tuple[_Request, int, int]], rows: MambaModelState) -> None:
+        """:meth:`_join` for several requests at once: ``(request, its row of rows, its next input)`` each."""
+        if not joining:
+            return
+        index = [s for _, s, _ in joining]
+        if index == list(range(index[0], index[0] + len(index))):
+            sub = rows_view(rows, index[0], index[-1] + 1)
+        else:
+            sub = rows.select(torch.tensor(index, dtype=torch.long))
+        slots = self.batch.add_many([r for r, _, _ in joining], sub, [t for _, _, t in joining])
+        for (req, _, token), slot in zip(joining, slots):
+            req.slot = slot
+            if req.history is not None:
+                req.history.append(token)
+            self._running.append(req)
+
     # ------------------------------------------------------------------ decoding
     def _decode(self) -> bool:
         """One batched decode step. The tokens go back into the batch's inputs on the device; the host reads them
@@ -648,19 +684,24 @@ class Engine:
         assert self.batch.ids is not None
         self.batch.ids.copy_(chosen)  # the next step's inputs, without a host round trip
         host, event = _to_host(chosen)
+        still: list[_Request] = []
+        leaving: list[tuple[_Request, int]] = []
         entries: list[tuple[_Request, int, MambaModelState | None]] = []
-        still = []
         sync = not self.overlap
         for req in self._running:
             assert req.slot is not None
             req.produced += 1
             sync = sync or bool(req.eos)
-            if req.produced >= req.max_new_tokens:  # ends by its length: its row leaves now
-                entries.append((req, req.slot, self.batch.remove(req.slot, req.offset)))
-                req.slot = None
+            if req.produced >= req.max_new_tokens:  # ends by its length: its row leaves now (with the others')
+                leaving.append((req, len(entries)))
             else:
-                entries.append((req, req.slot, None))
                 still.append(req)
+            entries.append((req, req.slot, None))
+        if leaving:
+            parked = self.batch.remove_many([entries[i][1] for _, i in leaving], [r.offset for r, _ in leaving])
+            for (req, i), row in zip(leaving, parked):
+                entries[i] = (req, entries[i][1], row)
+                req.slot = None
         self._running = still
         self._flush()  # the previous step's tokens (their copy is done or nearly)
         self._pending = (host, event, entries)
@@ -682,9 +723,10 @@ class Engine:
             event.synchronize()
         values = host.tolist()
         ended = []
+        self._count_tokens(len(entries))
         for req, slot, parked in entries:
             token = int(values[slot])
-            self._emit_token(req, token)
+            self._emit_token(req, token, counted=True)
             if parked is not None:
                 self._park(req, parked)
             elif token in req.eos:  # only in a synchronous step: the token has not been fed yet
@@ -697,22 +739,28 @@ class Engine:
         if ended:
             self._running = [r for r in self._running if r not in ended]
 
-    def _emit_token(self, req: _Request, token: int) -> None:
-        """Hand ``token`` to the client (``req.pending`` is the last token emitted)."""
+    def _emit_token(self, req: _Request, token: int, counted: bool = False) -> None:
+        """Hand ``token`` to the client (``req.pending`` is the last token emitted); ``counted``: the caller
+        counted it already (:meth:`_count_tokens`, once for a whole step's tokens)."""
         req.pending = token
-        self.counters["tokens"] += 1
+        if not counted:
+            self._count_tokens(1)
+        req.handle._emit(_Event("token", token=token))
+
+    def _count_tokens(self, n: int) -> None:
+        """Count ``n`` tokens emitted now (the counter and the window of :meth:`tokens_per_second`)."""
+        self.counters["tokens"] += n
         now = time.perf_counter()
         with self._recent_lock:
-            self._recent.append((now, 1))
+            self._recent.append((now, n))
             while self._recent and self._recent[0][0] < now - 10.0:
                 self._recent.popleft()
-        req.handle._emit(_Event("token", token=token))
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         """Tokens emitted per second over the last ``window`` seconds (at most 10)."""
         now = time.perf_counter()
         with self._recent_lock:  # read from other threads (/metrics) while the engine appends
-            recent = sum(1 for t, _ in self._recent if t >= now - window)
+            recent = sum(n for t, n in self._recent if t >= now - window)
         return recent / window
 
     # ------------------------------------------------------------------ leaving

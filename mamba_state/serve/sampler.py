@@ -78,7 +78,9 @@ def choose_device(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, in
     if not rows:
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     vocab = rows[0][1].cfg.vocab
-    tokens = logits[:, :vocab].to(torch.float32).argmax(-1)  # greedy rows, as _process + _choose compute them
+    # greedy rows: the argmax _process + _choose take of the float32 logits, read in the logits' own dtype (the
+    # cast to float32 is exact and keeps the order, so the same index wins, ties to the first): no cast launch
+    tokens = logits[:, :vocab].argmax(-1)
     for r, sampler, position in rows:
         if not sampler.batched_greedy:
             tok = sampler.choose(logits[r:r + 1], position)

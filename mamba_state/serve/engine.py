@@ -105,6 +105,16 @@ class RequestHandle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def _push_token(self, token: int) -> None:
+        """``_emit`` of a token event (the engine's per-token path, without the event-kind branches)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.append(token)
+        ev = _Event("token", token)
+        self._events.put(ev)
+        if self._listener is not None:
+            self._listener(ev)
+
     def _emit(self, ev: _Event) -> None:
         if ev.kind == "token":
             assert ev.token is not None
@@ -141,7 +151,7 @@ class RequestHandle:
         return list(self.tokens)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (list membership, dict keys)
 class _Request:
     handle: RequestHandle
     prompt: list[int]
@@ -675,28 +685,31 @@ class Engine:
         logits = self.batch.step()
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(self._running)
-        rows = []
-        for req in self._running:
-            req.offset += 1
-            assert req.sampler is not None and req.slot is not None
-            rows.append((req.slot, req.sampler, req.offset))
-        chosen = choose_device(logits, rows)
-        assert self.batch.ids is not None
-        self.batch.ids.copy_(chosen)  # the next step's inputs, without a host round trip
-        host, event = _to_host(chosen)
+        # one pass over the rows (the host's work per row and step is what bounds a large batch's decode):
+        # positions, the rows needing their own token choice, who leaves after this step
+        sampled = []  # rows that are not greedy without a penalty (chosen one by one)
         still: list[_Request] = []
         leaving: list[tuple[_Request, int]] = []
         entries: list[tuple[_Request, int, MambaModelState | None]] = []
         sync = not self.overlap
         for req in self._running:
-            assert req.slot is not None
+            slot, sampler = req.slot, req.sampler
+            assert sampler is not None and slot is not None
+            req.offset += 1
             req.produced += 1
-            sync = sync or bool(req.eos)
+            if not sampler.batched_greedy:
+                sampled.append((slot, sampler, req.offset))
+            if req.eos:
+                sync = True
             if req.produced >= req.max_new_tokens:  # ends by its length: its row leaves now (with the others')
                 leaving.append((req, len(entries)))
             else:
                 still.append(req)
-            entries.append((req, req.slot, None))
+            entries.append((req, slot, None))
+        chosen = choose_device(logits, sampled, vocab=self.vocab)
+        assert self.batch.ids is not None
+        self.batch.ids.copy_(chosen)  # the next step's inputs, without a host round trip
+        host, event = _to_host(chosen)
         if leaving:
             parked = self.batch.remove_many([entries[i][1] for _, i in leaving], [r.offset for r, _ in leaving])
             for (req, i), row in zip(leaving, parked):
@@ -725,8 +738,9 @@ class Engine:
         ended = []
         self._count_tokens(len(entries))
         for req, slot, parked in entries:
-            token = int(values[slot])
-            self._emit_token(req, token, counted=True)
+            token = values[slot]
+            req.pending = token
+            req.handle._push_token(token)
             if parked is not None:
                 self._park(req, parked)
             elif token in req.eos:  # only in a synchronous step: the token has not been fed yet
@@ -739,13 +753,11 @@ class Engine:
         if ended:
             self._running = [r for r in self._running if r not in ended]
 
-    def _emit_token(self, req: _Request, token: int, counted: bool = False) -> None:
-        """Hand ``token`` to the client (``req.pending`` is the last token emitted); ``counted``: the caller
-        counted it already (:meth:`_count_tokens`, once for a whole step's tokens)."""
+    def _emit_token(self, req: _Request, token: int) -> None:
+        """Hand ``token`` to the client (``req.pending`` is the last token emitted)."""
         req.pending = token
-        if not counted:
-            self._count_tokens(1)
-        req.handle._emit(_Event("token", token=token))
+        self._count_tokens(1)
+        req.handle._push_token(token)
 
     def _count_tokens(self, n: int) -> None:
         """Count ``n`` tokens emitted now (the counter and the window of :meth:`tokens_per_second`)."""

@@ -68,16 +68,20 @@ class RowSampler:
             self.seen.index_fill_(0, token.clamp(max=self.cfg.vocab), True)
 
 
-def choose_device(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, int]]) -> torch.Tensor:
+def choose_device(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, int]],
+                  vocab: int | None = None) -> torch.Tensor:
     """int64 ``[R]`` on the logits' device: for each ``(row index, sampler, absolute position)`` of ``rows`` its
     next token at that row (other rows: the argmax, meaningless). No host sync.
 
     ``logits``: ``[R, vocab_padded]`` raw logits of the decode batch (any float dtype). When every listed row is
-    greedy without a penalty this is one argmax over the batch.
+    greedy without a penalty this is one argmax over the batch. ``vocab``: the vocabulary size, given when
+    ``rows`` lists only the rows that need their own choice (every other row then takes the argmax, which is
+    its greedy token); without it an empty ``rows`` gives zeros.
     """
-    if not rows:
-        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    vocab = rows[0][1].cfg.vocab
+    if vocab is None:
+        if not rows:
+            return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        vocab = rows[0][1].cfg.vocab
     # greedy rows: the argmax _process + _choose take of the float32 logits, read in the logits' own dtype (the
     # cast to float32 is exact and keeps the order, so the same index wins, ties to the first): no cast launch
     tokens = logits[:, :vocab].argmax(-1)

@@ -29,6 +29,7 @@
 #   pvarlen benchmarks/bench_varlen.py --profile (wall vs device time per contender, top kernels) (PVARLEN_TIMEOUT, 120 s)
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
+#   pengine benchmarks/profile_engine.py (host sections of an engine decode step vs device time) (PENGINE_TIMEOUT, 150 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection)             (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pfwd    benchmarks/probe_scan_fwd.py (the forward's schedule and tile for few long rows) (PFWD_TIMEOUT, 120 s)
@@ -139,6 +140,7 @@ for step in ${STEPS:-tests gen cont}; do
         ptile) run_step ptile "${PTILE_TIMEOUT:-120}" python3 benchmarks/probe_varlen_tile.py ;;
         bvarlen) run_step bvarlen "${BVARLEN_TIMEOUT:-300}" python3 benchmarks/bench_varlen.py --backward ;;
         mvarlen) run_step mvarlen "${MVARLEN_TIMEOUT:-200}" python3 benchmarks/bench_varlen.py --model ;;
+        pengine) run_step pengine "${PENGINE_TIMEOUT:-150}" python3 benchmarks/profile_engine.py ;;
         pvarlen) run_step pvarlen "${PVARLEN_TIMEOUT:-120}" python3 benchmarks/bench_varlen.py --profile ;;
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;

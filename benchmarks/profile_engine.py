@@ -54,7 +54,7 @@ def _timed(owner, name: str, label: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
-    ap.add_argument("--new", type=int, default=128, help="new tokens per session")
+    ap.add_argument("--new", type=int, default=256, help="new tokens per session")
     args = ap.parse_args()
     if not args.quick and not torch.cuda.is_available():
         sys.exit("profile_engine.py needs a CUDA GPU (or --quick)")
@@ -96,7 +96,10 @@ def main() -> None:
         _timed(owner, name, label)
     steps = engine_run()
     per_step = statistics.median(steps[5:-5] or steps)
-    print(f"engine: {len(steps)} decode steps, median wall per step {1e3 * per_step:.3f} ms (host, not synced)")
+    print(f"engine: {len(steps)} decode steps, median wall per step {1e3 * per_step:.3f} ms (host, not synced); "
+          f"sum {1e3 * sum(steps):.1f} ms; first {[round(1e3 * t, 2) for t in steps[:3]]} ms, last "
+          f"{[round(1e3 * t, 2) for t in steps[-3:]]} ms, slowest {round(1e3 * max(steps), 2)} ms at step "
+          f"{steps.index(max(steps))}")
     for label, ts in SECTIONS.items():
         print(f"  {label:40s} median {1e6 * statistics.median(ts):8.1f} us  ({len(ts)} calls)")
     if device.type == "cuda":

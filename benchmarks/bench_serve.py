@@ -30,6 +30,7 @@ written unless ``--write``, then to ``serve_quick.json``).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -339,7 +340,8 @@ def main(argv=None) -> int:
     if not q:
         intro = ("`benchmarks/bench_serve.py` (issue 19): `mamba_state.serve.Engine` over "
                  "`mamba_state.cache.StateCache`, the engine stepped in the benchmark's thread (no HTTP), "
-                 + result["model"] + ". " + environment_line(env))
+                 + result["model"] + ". " + environment_line(env)
+                 + (f" Commit {os.environ['MAMBA_STATE_COMMIT']}." if os.environ.get("MAMBA_STATE_COMMIT") else ""))
         replace_section(SECTION, intro + "\n\n" + body)
         print("updated docs/benchmarks.md")
     return 0

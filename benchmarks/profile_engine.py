@@ -5,7 +5,8 @@ prompts decoding greedily through :class:`mamba_state.serve.Engine`, next to ``g
 For the engine's decode steps it reports the wall time per step, the host time of each section of
 ``Engine._decode`` (the graph replay's launch, the token choice, the copies, the loop over rows, the flush of the
 previous step's tokens; timed with ``time.perf_counter`` without synchronising, so each is what the host spends
-there), and the device time per step (torch.profiler). Prints a table; writes nothing.
+there), the first, last and slowest steps, the garbage collections during the run, and the device time per step
+(torch.profiler). Prints a table; writes nothing.
 
     python benchmarks/profile_engine.py            # on a GPU
     python benchmarks/profile_engine.py --quick    # tiny model on the CPU (checks the script)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import statistics
 import sys
 import time
@@ -94,12 +96,28 @@ def main() -> None:
                                (engine_mod.Engine, "_reap_cancelled", "_reap_cancelled"),
                                (batch_mod.DecodeBatch, "maybe_shrink", "maybe_shrink")):
         _timed(owner, name, label)
-    steps = engine_run()
+    pauses: list[tuple[int, float]] = []  # (generation, seconds) of each garbage collection in the timed run
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - started[0]))
+
+    gc.callbacks.append(on_gc)
+    try:
+        steps = engine_run()
+    finally:
+        gc.callbacks.remove(on_gc)
     per_step = statistics.median(steps[5:-5] or steps)
     print(f"engine: {len(steps)} decode steps, median wall per step {1e3 * per_step:.3f} ms (host, not synced); "
           f"sum {1e3 * sum(steps):.1f} ms; first {[round(1e3 * t, 2) for t in steps[:3]]} ms, last "
           f"{[round(1e3 * t, 2) for t in steps[-3:]]} ms, slowest {round(1e3 * max(steps), 2)} ms at step "
           f"{steps.index(max(steps))}")
+    for gen in sorted({g for g, _ in pauses}):
+        ts = [t for g, t in pauses if g == gen]
+        print(f"  garbage collections of generation {gen}: {len(ts)}, longest {1e3 * max(ts):.2f} ms")
     for label, ts in SECTIONS.items():
         print(f"  {label:40s} median {1e6 * statistics.median(ts):8.1f} us  ({len(ts)} calls)")
     if device.type == "cuda":

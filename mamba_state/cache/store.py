@@ -316,6 +316,11 @@ class StateCache:
         old = self._entries.get(entry.key)
         if old is not None:
             self._remove(old, delete_file=False)
+        if self.directory is None and not any(self._fits(t, entry.nbytes) and self.budgets[t] != 0
+                                              for t in ("device", "host")):
+            # fits nowhere (what _place below would find): not kept, counted as below, without copying it first
+            self._counts["evictions"] += 1
+            return
         entry.source_device = state.device
         self._entries[entry.key] = entry
         if entry.kind == "prefix":

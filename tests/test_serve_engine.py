@@ -513,3 +513,24 @@ def test_freeze_gc_moves_the_long_lived_objects_out_of_garbage_collections(lm):
         assert outs[0] == outs[1] == _solo(lm, [1, 2, 3, 4], 5, SAMPLINGS[1], 3, None)[0]
     finally:
         gc.unfreeze()
+
+
+def test_choose_device_with_only_the_rows_that_need_their_own_choice(lm):
+    """``choose_device(logits, rows, vocab=)``: unlisted rows take the argmax over the vocabulary (their greedy
+    token, from half logits as from float32 ones); a bad ``vocab`` is refused."""
+    from mamba_state.serve.sampler import RowSampler, choose_device
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, VOCAB + 3, generator=g).to(torch.bfloat16)
+    logits[:, VOCAB:] = 100.0  # padding columns past the vocabulary never win
+    sampler = RowSampler.make(SAMPLINGS[2], 7, VOCAB, [1, 2], torch.device("cpu"))
+    got = choose_device(logits, [(3, sampler, 9)], vocab=VOCAB)
+    want = logits[:, :VOCAB].float().argmax(-1)
+    assert torch.equal(got[[0, 1, 2, 4]], want[[0, 1, 2, 4]])
+    solo = RowSampler.make(SAMPLINGS[2], 7, VOCAB, [1, 2], torch.device("cpu"))
+    assert got[3] == solo.choose(logits[3:4], 9)[0]
+    for bad in (0, VOCAB + 4, 2.0, True):
+        with pytest.raises(StateError, match="vocab: expected an int"):
+            choose_device(logits, [], vocab=bad)
+    with pytest.raises(StateError, match="freeze_gc: expected None, True or False"):
+        Engine(lm, StateCache(lm), freeze_gc="yes")

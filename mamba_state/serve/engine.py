@@ -234,6 +234,8 @@ class Engine:
         if cache_every is not None and (not isinstance(cache_every, int) or isinstance(cache_every, bool)
                                         or cache_every < 1):
             raise StateError(f"cache_every: expected None or an int >= 1, found {cache_every!r}")
+        if freeze_gc is not None and not isinstance(freeze_gc, bool):
+            raise StateError(f"freeze_gc: expected None, True or False, found {freeze_gc!r}")
         if not all(hasattr(lm, a) for a in ("step", "new_state", "config")):
             raise StateError(f"lm: expected a StatefulMambaLM, found {type(lm).__name__}")
         self.lm = lm.eval()

@@ -78,6 +78,10 @@ def choose_device(logits: torch.Tensor, rows: Sequence[tuple[int, RowSampler, in
     ``rows`` lists only the rows that need their own choice (every other row then takes the argmax, which is
     its greedy token); without it an empty ``rows`` gives zeros.
     """
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool)
+                              or not 1 <= vocab <= logits.shape[-1]):
+        raise StateError(f"vocab: expected an int in [1, {logits.shape[-1]}] (the logits' last dimension), found "
+                         f"{vocab!r}")
     if vocab is None:
         if not rows:
             return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -84,9 +84,9 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     # every stop is marked at its step, and each row of a stop is written there (L > 0)
     out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
                             starts, ends, nrows, differentiable, every_row_marked=L > 0)
-    h0 = _initial(initial_state, batch, dim, dstate, u.device)
     if L == 0:
         # no step ran: every state is the initial state (copies: never the caller's own tensor)
+        h0 = _initial(initial_state, batch, dim, dstate, u.device)
         return out, h0.clone(), h0.unsqueeze(0).repeat(len(positions), 1, 1, 1)
     by_stop = buf.view(len(stops), batch, dim, dstate)
     # the final state is a copy of its row, so it never shares memory with the states returned beside it
@@ -100,7 +100,10 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     else:
         index = {p: k for k, p in enumerate(stops)}
         picked = by_stop.index_select(0, cached_host_tensor([index[p] for p in rest], torch.long, u.device))
-    states = picked if nz == 0 else torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
+    if nz == 0:
+        return out, last, picked
+    h0 = _initial(initial_state, batch, dim, dstate, u.device)
+    states = torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
     return out, last, states
 
 

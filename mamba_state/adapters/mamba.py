@@ -323,9 +323,14 @@ class StatefulMamba(nn.Module):
         ssm_at = ssm_at.to(state.ssm_state.dtype)
         if stacked:
             return out, new, {"conv_state": conv_at, "ssm_state": ssm_at}
-        # indexed, not unbind(): unbind's outputs are multi-output views that reset_() / zero_() may not modify
-        # rows of tensors shaped from the checked state: no per-position validation
-        return out, new, [MambaInferenceState._of_checked(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
+        # rows of tensors shaped from the checked state: no per-position validation. With autograd recording,
+        # indexed: unbind's outputs are then multi-output views that reset_() / zero_() may not modify; without
+        # (inference), unbind: two calls instead of one per position and tensor, and its views may be modified
+        if torch.is_grad_enabled():
+            rows = [(conv_at[i], ssm_at[i]) for i in range(conv_at.shape[0])]
+        else:
+            rows = list(zip(conv_at.unbind(0), ssm_at.unbind(0)))
+        return out, new, [MambaInferenceState._of_checked(c, h) for c, h in rows]
 
     def _forward_channel_major(self, x: torch.Tensor, state: MambaInferenceState | None,
                                reset: torch.Tensor | None, ops: DeviceOps):

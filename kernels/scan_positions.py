@@ -141,15 +141,6 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     # positions axis, which writes the [P, B, C, W] result contiguously in one launch. The position indices
     # depend on the positions alone and stay on the device between calls (cached_host_tensor).
     pos = tuple(positions)
-    if reset is None and len(pos) > 1 and pos[0] >= W and W + L > 4 * len(pos) * W:
-        step = pos[1] - pos[0]
-        if step > 0 and all(b - a == step for a, b in zip(pos, pos[1:])):
-            # the common case of a long chunk (positions every N tokens, a trace's stride): the windows are one
-            # strided view of x (window k starts at entry pos[k] - W), so one cast-and-copy gives the result
-            sb, sc, sx = x.stride()
-            view = x.as_strided((len(pos), bsz, ch, W), (step * sx, sb, sc, sx),
-                                x.storage_offset() + (pos[0] - W) * sx)
-            return view.to(conv_state.dtype).contiguous()
 
     def windows(seq: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [len(at), B, C, W]
         return seq.unfold(-1, W, 1).permute(2, 0, 1, 3).index_select(0, at)
@@ -173,8 +164,11 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
             step = starts[1] - starts[0] if len(starts) > 1 else 0
             if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
                 # evenly spaced (a trace's stride, positions every N tokens): the windows are one strided view
-                # of x, so the cast below is the only copy (no gather, no index tensor)
-                parts.append(x[..., starts[0]:].unfold(-1, W, step)[:, :, :len(starts)].permute(2, 0, 1, 3))
+                # of x (window i starts at entry starts[i]), so the cast below is the only copy (no gather, no
+                # index tensor)
+                sb, sc, sx = x.stride()
+                parts.append(x.as_strided((len(starts), bsz, ch, W), (step * sx, sb, sc, sx),
+                                          x.storage_offset() + starts[0] * sx))
             else:
                 parts.append(windows(x, cached_host_tensor(starts, torch.long, x.device)))
         win = parts[0] if len(parts) == 1 else torch.cat(parts)

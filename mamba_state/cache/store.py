@@ -316,9 +316,8 @@ class StateCache:
         old = self._entries.get(entry.key)
         if old is not None:
             self._remove(old, delete_file=False)
-        if self.directory is None and not any(self._fits(t, entry.nbytes) and self.budgets[t] != 0
-                                              for t in ("device", "host")):
-            # fits nowhere (what _place below would find): not kept, counted as below, without copying it first
+        if self.directory is None and self._memory_tier(entry.nbytes) is None:
+            # fits nowhere: not kept, counted as below, without copying it first
             self._counts["evictions"] += 1
             return
         entry.source_device = state.device
@@ -336,14 +335,19 @@ class StateCache:
         budget = self.budgets[tier]
         return budget is None or nbytes <= budget
 
+    def _memory_tier(self, nbytes: int) -> str | None:
+        """The fastest memory tier that can hold ``nbytes`` (evicting there as needed), or None."""
+        return next((t for t in ("device", "host") if self._fits(t, nbytes) and self.budgets[t] != 0), None)
+
     def _place(self, entry: _Entry, state: MambaModelState, copy: bool) -> None:
         """Put ``entry`` into the fastest memory tier that can hold it (evicting there as needed)."""
-        if self._fits("device", entry.nbytes) and self.budgets["device"] != 0:
+        tier = self._memory_tier(entry.nbytes)
+        if tier == "device":
             target = self._target_device(state)
             entry.state = state.to(target, copy=True) if copy or state.device != target else state
             entry.state = MambaModelState(dict(entry.state.items()), seqlen_offset=entry.seqlen_offset)
             self._enter(entry, "device", entry.nbytes)
-        elif self._fits("host", entry.nbytes) and self.budgets["host"] != 0:
+        elif tier == "host":
             self._park_host(entry, state)
 
     def _park_host(self, entry: _Entry, state: MambaModelState) -> None:

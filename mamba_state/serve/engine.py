@@ -662,10 +662,7 @@ class Engine:
 
     def _join(self, req: _Request, state: MambaModelState, token: int) -> None:
         """Put ``req`` into the decode batch with ``token`` as its next input (its state will consume it)."""
-        req.slot = self.batch.add(req, state, token)
-        if req.history is not None:
-            req.history.append(token)
-        self._running.append(req)
+        self._join_rows([(req, 0, token)], state)
 
     def _join_rows(self, joining: list[tuple[_Request, int, int]], rows: MambaModelState) -> None:
         """:meth:`_join` for several requests at once: ``(request, its row of rows, its next input)`` each."""

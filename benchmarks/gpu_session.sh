@@ -30,7 +30,7 @@
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
 #   pengine benchmarks/profile_engine.py (host sections of an engine decode step vs device time) (PENGINE_TIMEOUT, 150 s)
-#   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection)             (RLC_TIMEOUT, 200 s)
+#   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection; RLC_ARGS)   (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pfwd    benchmarks/probe_scan_fwd.py (the forward's schedule and tile for few long rows) (PFWD_TIMEOUT, 120 s)
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
@@ -145,7 +145,7 @@ for step in ${STEPS:-tests gen cont}; do
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;
         serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;
-        rlc) run_step rlc "${RLC_TIMEOUT:-200}" python3 benchmarks/bench_rl_collect.py ;;
+        rlc) run_step rlc "${RLC_TIMEOUT:-200}" python3 benchmarks/bench_rl_collect.py ${RLC_ARGS:-} ;;
         probes) run_step probes "${PROBE_TIMEOUT:-200}" bash -c "python3 benchmarks/probe_conv_fwd.py; \
                    python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;
         prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \

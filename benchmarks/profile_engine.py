@@ -6,7 +6,10 @@ For the engine's decode steps it reports the wall time per step, the host time o
 ``Engine._decode`` (the graph replay's launch, the token choice, the copies, the loop over rows, the flush of the
 previous step's tokens; timed with ``time.perf_counter`` without synchronising, so each is what the host spends
 there), the first, last and slowest steps, the garbage collections during the run, and the device time per step
-(torch.profiler). Prints a table; writes nothing.
+(torch.profiler). Then the first step (admission: setup, the packed prefill, the join, the first decode) and the
+last step (the sessions parked) split into sections timed with a device synchronisation on both sides, so each
+section's time includes its kernels (inclusive: a section holds the sections it calls). Prints tables; writes
+nothing.
 
     python benchmarks/profile_engine.py            # on a GPU
     python benchmarks/profile_engine.py --quick    # tiny model on the CPU (checks the script)
@@ -53,6 +56,65 @@ def _timed(owner, name: str, label: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def first_and_last_steps(engine_run, device: torch.device, sync) -> None:
+    """Split the first and the last engine step into synchronised sections (see the module docstring)."""
+    import mamba_state.cache as cache_mod
+
+    timed: dict[str, list[float]] = collections.defaultdict(list)
+    originals = []
+
+    def wrap(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def wrapper(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                timed[label].append(time.perf_counter() - t)
+
+        setattr(owner, name, wrapper)
+
+    E, B = engine_mod.Engine, batch_mod.DecodeBatch
+    for owner, name, label in ((E, "step", "step"), (E, "_admit", "_admit"), (E, "_setup", "_setup"),
+                               (E, "_prefill_packed", "_prefill_packed"),
+                               (type(engine_run.lm), "__call__", "lm forward"),
+                               (engine_mod, "choose_tokens", "choose_tokens"),
+                               (E, "_first_token", "_first_token"), (B, "reserve", "batch.reserve"),
+                               (E, "_join_rows", "_join_rows"), (E, "_decode", "_decode"),
+                               (E, "_flush", "_flush"), (E, "_park", "_park"),
+                               (cache_mod.StateCache, "insert", "cache.insert"),
+                               (B, "remove_many", "batch.remove_many"), (B, "remove", "batch.remove"),
+                               (B, "maybe_shrink", "maybe_shrink")):
+        if hasattr(owner, name):
+            wrap(owner, name, label)
+    marks: list[dict[str, float]] = []
+    step_fn = E.step
+
+    def step_with_marks(self):
+        before = {k: sum(v) for k, v in timed.items()}
+        out = step_fn(self)
+        marks.append({k: sum(v) - before.get(k, 0.0) for k, v in timed.items()})
+        return out
+
+    E.step = step_with_marks
+    try:
+        engine_run()
+    finally:
+        E.step = step_fn
+        for owner, name, fn in reversed(originals):
+            setattr(owner, name, fn)
+    for title, m in (("first step", marks[0]), ("second-last step", marks[-2] if len(marks) > 1 else {}),
+                     ("last step", marks[-1])):
+        print(f"{title} (synchronised sections, inclusive, slowest first):")
+        for label, v in sorted(m.items(), key=lambda kv: -kv[1]):
+            if v > 0:
+                print(f"  {label:24s} {1e3 * v:9.3f} ms  ({len(timed[label])} calls in the run)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
@@ -70,9 +132,9 @@ def main() -> None:
     prompts = [torch.randint(0, vocab, (prompt,), generator=gen).tolist() for _ in range(sessions)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def engine_run() -> list[float]:
+    def engine_run() -> list[float]:  # the packed first step as in bench_serve.py (b)
         engine = Engine(lm, StateCache(lm, device_bytes=0, host_bytes=0, device=device), max_batch=sessions,
-                        prefill_tokens_per_step=sessions * prompt)
+                        prefill_tokens_per_step=sessions * prompt, prefill_chunk_size=sessions * prompt)
         for p in prompts:
             engine.submit(p, max_new_tokens=new)
         engine.step()
@@ -86,6 +148,7 @@ def main() -> None:
         sync()
         return steps
 
+    engine_run.lm = lm  # type: ignore[attr-defined]
     engine_run()  # warm-up (graphs per bucket)
     SECTIONS.clear()
     for owner, name, label in ((batch_mod.DecodeBatch, "step", "batch.step (replay launch)"),
@@ -127,6 +190,7 @@ def main() -> None:
             steps = engine_run()
         dev_us = sum(e.device_time_total for e in prof.key_averages()) / max(len(steps) + 1, 1)
         print(f"engine device time per step (profiled run): {dev_us / 1e3:.3f} ms")
+    first_and_last_steps(engine_run, device, sync)
     ids = torch.tensor(prompts, device=device)
     generate(lm, ids, max_new_tokens=new, temperature=0)
     sync()

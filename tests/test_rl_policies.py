@@ -146,12 +146,14 @@ def test_bad_inputs_raise():
         mamba.step(torch.randn(2, OBS), state, torch.zeros(2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("window", [None, 1, 3])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_gru_segment_replay_equals_the_step_loop_in_values_and_gradients(num_layers):
+def test_gru_segment_replay_equals_the_step_loop_in_values_and_gradients(num_layers, window, monkeypatch):
     """The one-call replay of GRUPolicy (segments cut at resets, right-padded) against a float64 loop of
     ``step``: resets at t = 0, back to back, at the last step, and a row without any; the final state (read
     from the output with one layer, recomputed with two) and gradients of the parameters and of the initial
-    state agree too."""
+    state agree too. ``window``: GRU calls of that many time steps (the hidden state carried between them; the
+    cap that keeps long replays under cuDNN's limit), None for one call."""
     gen = torch.Generator().manual_seed(11)
     n, t_len = 5, 13
     obs = torch.randn(n, t_len, OBS, generator=gen, dtype=torch.float64)
@@ -164,11 +166,18 @@ def test_gru_segment_replay_equals_the_step_loop_in_values_and_gradients(num_lay
     for packed in (True, False):
         torch.manual_seed(6)
         policy = GRUPolicy(OBS, ACT, hidden_size=10, num_layers=num_layers, embed_size=8).double()
+        if window is not None:  # elements per call for `window` steps of the segments (or of the last ones)
+            monkeypatch.setattr(policy, "max_call_elements", window * 4 * 10 * num_layers * n)
+            assert policy._time_window(n) == window
+        calls = []
+        policy.gru.register_forward_hook(lambda mod, inp, out: calls.append(1))
         _randomize_heads(policy)
         h0 = torch.randn(n, num_layers, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64,
                          requires_grad=True)
         if packed:
             logits, values, (h_end,) = policy.forward_sequence(obs, (h0,), reset)
+            one_call = 1 if num_layers == 1 else 2  # with two layers the last segments run once more
+            assert (len(calls) == one_call) == (window is None)
         else:
             state, ls, vs = (h0,), [], []
             for t in range(t_len):

@@ -283,19 +283,55 @@ class GRUPolicy(RecurrentPolicy):
         xs = x[row[:, None], pos]
         carry = ((start == 0) & ~reset[row, 0]).to(h0.dtype)[:, None, None]
         hs = (h0[row] * carry).transpose(0, 1).contiguous()  # [layers, S, hidden]
-        y, _ = self.gru(xs, hs)  # [S, max_len, hidden]
+        window = self._time_window(xs.shape[0])
+        if window >= max_len:
+            y, _ = self.gru(xs, hs)  # [S, max_len, hidden]
+        else:
+            y = torch.cat(self._gru_windows(xs, hs, window), dim=1)
         seg = starts.flatten().long().cumsum(0).view(n, t_len) - 1  # the segment of every (row, t)
         out = y[seg, torch.arange(t_len, device=obs.device)[None, :] - start[seg]]
         last = (~same_row_next).nonzero(as_tuple=True)[0]  # each row's last segment, rows in order
         if self.num_layers == 1:  # the output at a segment's last valid step is its hidden state
             h_last = y[last, length[last] - 1][:, None, :]
         else:  # lower layers' states at each row's end: rerun the last segments packed (forward is cheap)
-            from torch.nn.utils.rnn import pack_padded_sequence
-
-            packed = pack_padded_sequence(xs[last], length[last].cpu(), batch_first=True, enforce_sorted=False)
-            _, h_n = self.gru(packed, hs[:, last].contiguous())
-            h_last = h_n.transpose(0, 1)
+            h_last = self._last_hidden_packed(xs[last], hs[:, last].contiguous(), length[last], window)
         return out, (h_last,)
+
+    # cuDNN's RNN fails with an illegal memory access once one call's activations pass 2^31 elements (seen on
+    # the H200 at 128 sequences x 40,000 steps x 120 hidden); a call covers at most this many (sequence, step,
+    # gate-or-hidden, layer) elements, and longer inputs run in time windows with the hidden state carried.
+    max_call_elements = 1 << 30
+
+    def _time_window(self, sequences: int) -> int:
+        """The most time steps per ``nn.GRU`` call for ``sequences`` sequences (at least 1)."""
+        return max(1, self.max_call_elements // max(1, sequences * 4 * self.hidden_size * self.num_layers))
+
+    def _gru_windows(self, xs: torch.Tensor, hs: torch.Tensor, window: int) -> list[torch.Tensor]:
+        """``nn.GRU`` over ``xs [S, T, E]`` from ``hs [layers, S, hidden]`` in windows of ``window`` steps, the
+        hidden state carried between them (the same recurrence as one call). Returns the windows' outputs."""
+        outs = []
+        for a in range(0, xs.shape[1], window):
+            y, hs = self.gru(xs[:, a:a + window], hs)
+            outs.append(y)
+        return outs
+
+    def _last_hidden_packed(self, xs: torch.Tensor, hs: torch.Tensor, length: torch.Tensor, window: int
+                            ) -> torch.Tensor:
+        """Every layer's hidden state after ``length[i]`` steps of ``xs[i]`` (``[S, T, E]``, right-padded) from
+        ``hs [layers, S, hidden]``: packed GRU calls of at most ``window`` steps, each over the sequences still
+        running. Returns ``[S, layers, hidden]``."""
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        length_cpu = length.cpu()
+        h = hs
+        for a in range(0, int(length_cpu.max()), window):
+            active = (length_cpu > a).nonzero(as_tuple=True)[0]
+            steps = (length_cpu[active] - a).clamp(max=window)
+            rows = active.to(xs.device)
+            packed = pack_padded_sequence(xs[rows, a:a + window], steps, batch_first=True, enforce_sorted=False)
+            _, h_n = self.gru(packed, h[:, rows].contiguous())
+            h = h.index_copy(1, rows, h_n)
+        return h.transpose(0, 1)
 
 
 def make_policy(controller: str, observation_size: int, num_actions: int, **kwargs: Any) -> RecurrentPolicy:

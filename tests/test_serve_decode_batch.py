@@ -101,3 +101,28 @@ def test_bad_arguments_are_refused_and_change_nothing(lm):
     with pytest.raises(StateError, match="decode batch: expected at most max_batch=4 rows"):
         batch.add_many(list("cdef"), _random_rows(lm, 4, 2), [0, 0, 0, 0])
     assert batch.slots[:2] == ["a", "b"] and batch.active == 2
+
+
+def test_row_views_are_views_of_each_row(lm):
+    """``RowViews`` (the packed prefill's per-request rows) and ``rows_view``: every row equals ``select`` of
+    it, carries the offset asked for, shares the source's storage (so later in-place writes show), and the
+    unvalidated construction still gives a state every public method accepts."""
+    from mamba_state.serve.packed_prefill import RowViews, rows_view, write_rows
+
+    state = _random_rows(lm, 5, seed=5)
+    row = RowViews(state)
+    for j, off in ((0, 3), (4, 9), (2, 0)):
+        v = row(j, off)
+        assert v.batch_size == 1 and v.seqlen_offset == off and v.metadata == {}
+        assert v.allclose(state.select([j]), rtol=0, atol=0)
+        assert v.layer_indices == state.layer_indices
+        assert _rows_equal(MambaModelState(dict(v.items()), seqlen_offset=off), v.clone())  # validated rebuild
+    block = rows_view(state, 1, 4, seqlen_offset=7)
+    assert block.batch_size == 3 and block.seqlen_offset == 7
+    assert block.allclose(state.select([1, 2, 3]), rtol=0, atol=0)
+    new = lm.new_state(2)  # zeros written over rows 2, 3: the views made before see them
+    before = row(2, 0)
+    write_rows(state, 2, new)
+    assert all(t.abs().sum() == 0 for _, layer in before.items() for t in layer.tensors.values())
+    assert all(t.abs().sum() == 0 for _, layer in block.select([1, 2]).items() for t in layer.tensors.values())
+    assert all(t.abs().sum() > 0 for _, layer in block.select([0]).items() for t in layer.tensors.values())

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import StateError
 from ..kernels._host import to_device
-from ..state import MambaInferenceState, MambaModelState
+from ..state import MambaModelState
 
 __all__ = ["DecodeBatch", "bucket"]
 
@@ -41,13 +41,6 @@ def _write_row(buffers: MambaModelState, slot: int, row: MambaModelState) -> Non
         src = row[idx].tensors
         for name, t in layer.tensors.items():
             t[slot].copy_(src[name][0])
-
-
-def _row_of(tensors: dict[str, torch.Tensor], j: int) -> MambaInferenceState:
-    """Row ``j`` of a layer's gathered state tensors (rows of a validated batch state) as a batch-1 state."""
-    if tensors.keys() == {"conv_state", "ssm_state"}:  # Mamba-1/2: no second validation (about 10 us a layer)
-        return MambaInferenceState._of_checked(tensors["conv_state"][j:j + 1], tensors["ssm_state"][j:j + 1])
-    return MambaInferenceState.from_tensors({k: t[j:j + 1] for k, t in tensors.items()})
 
 
 class DecodeBatch:
@@ -144,20 +137,19 @@ class DecodeBatch:
             return [self.remove(slots[0], seqlen_offsets[0])]
         assert self.state is not None and all(self.slots[s] is not None for s in slots)
         index = to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
-        gathered = {idx: {k: t.index_select(0, index) for k, t in s.tensors.items()} for idx, s in self.state.items()}
+        gathered = MambaModelState._of_checked({idx: s._rebuild_unchecked(lambda t: t.index_select(0, index))
+                                                for idx, s in self.state.items()})
         for slot in slots:
             self.slots[slot] = None
-        # each row a view of the gathered copy: the batch's later steps never write there
-        return [MambaModelState({idx: _row_of(g, j) for idx, g in gathered.items()}, seqlen_offset=off)
-                for j, off in enumerate(seqlen_offsets)]
+        # each row a view of the gathered copy (the batch's later steps never write there), one split per tensor
+        return gathered._row_views(0, len(slots), seqlen_offsets)
 
     def remove(self, slot: int, seqlen_offset: int) -> MambaModelState:
         """Take the row out (a copy, with ``seqlen_offset``); the slot becomes free."""
         assert self.state is not None and self.slots[slot] is not None
-        layers = {idx: MambaInferenceState.from_tensors({k: t[slot:slot + 1].clone() for k, t in s.tensors.items()})
-                  for idx, s in self.state.items()}
+        layers = {idx: s._rebuild_unchecked(lambda t: t[slot:slot + 1].clone()) for idx, s in self.state.items()}
         self.slots[slot] = None
-        return MambaModelState(layers, seqlen_offset=seqlen_offset)
+        return MambaModelState._of_checked(layers, seqlen_offset)
 
     def maybe_shrink(self) -> dict[int, int]:
         """Compact into a smaller bucket when at most a quarter is used; returns ``{old slot: new slot}`` (empty

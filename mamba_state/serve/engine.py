@@ -45,8 +45,8 @@ from ..errors import StateError
 from ..generation.sampling import SamplingConfig
 from ..state import MambaModelState
 from .batch import DecodeBatch
-from .packed_prefill import (cache_positions, first_insert, packed_capabilities, plan_forwards, rows_view,
-                             serves_prefix, write_rows)
+from .packed_prefill import (RowViews, cache_positions, first_insert, packed_capabilities, plan_forwards,
+                             rows_view, serves_prefix, write_rows)
 from .prefill_graphs import PrefillGraphs
 from .sampler import RowSampler, choose_device, choose_tokens
 
@@ -564,6 +564,7 @@ class Engine:
         starts = [state.seqlen_offset for _, state in group]
         known = [self._known_ids(req, start) for req, start in zip(reqs, starts)]
         rows = MambaModelState.cat([MambaModelState(dict(s.items())) for _, s in group])  # [n, ...]
+        row = RowViews(rows)  # each request's row as a batch-1 view, for the cache and its first token
         feeds = [np.asarray(req.feed, dtype=np.int64) for req in reqs]
         finished: set[int] = set()
         self.batch.reserve(len(self._running) + len(reqs))  # the bucket they join, reached in one move
@@ -595,8 +596,7 @@ class Engine:
                         self.cache.insert(full_np[:base[j] + q], MambaModelState(dict(s.items()),
                                                                                  seqlen_offset=base[j] + q))
                     if fills[j] and fills[j][-1] == base[j] + lengths[j]:
-                        self.cache.insert(full_np[:fills[j][-1]], rows_view(rows, p.seq, p.seq + 1,
-                                                                            fills[j][-1]))
+                        self.cache.insert(full_np[:fills[j][-1]], row(p.seq, fills[j][-1]))
                 done = [j for j, p in enumerate(pieces) if p.hi == feeds[p.seq].size]
                 if not done:
                     continue
@@ -615,7 +615,7 @@ class Engine:
                     full = known[s][0]
                     if full is not None:
                         req.history = full
-                    if self._first_token(req, tokens[k], rows_view(rows, s, s + 1, req.offset), join=False):
+                    if self._first_token(req, tokens[k], row(s, req.offset), join=False):
                         joining.append((req, s, tokens[k]))
                     else:
                         finished.add(s)

@@ -70,12 +70,14 @@ def same_transitions(controller: str, size: str, args, device: torch.device) -> 
 
 def time_collect(controller: str, size: str, args, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"controller": controller, "size": size}
-    trainers = {mode: trainer(controller, size, mode, args, device) for mode in ("eager", "graph")}
+    modes = ("eager", "graph") + (("graph-compiled",) if args.compiled else ())
+    trainers = {mode: trainer(controller, size, mode, args, device) for mode in modes}
     out["parameters"] = count_parameters(trainers["eager"].policy)
-    t0 = time.perf_counter()
-    trainers["graph"].collect()  # the first graph collection captures the graphs
-    _sync(device)
-    out["graph_first_collect_s"] = time.perf_counter() - t0
+    for mode in modes[1:]:
+        t0 = time.perf_counter()
+        trainers[mode].collect()  # the first graph collection captures the graphs (and compiles)
+        _sync(device)
+        out[f"{mode}_first_collect_s"] = time.perf_counter() - t0
     trainers["eager"].collect()
     times: dict[str, list[float]] = {m: [] for m in trainers}
     for _ in range(args.repeats):  # in turns, so that a slow spell of the host falls on both alike
@@ -91,6 +93,8 @@ def time_collect(controller: str, size: str, args, device: torch.device) -> dict
         out[f"{mode}_s"] = med
         out[f"{mode}_steps_per_s"] = steps / med
     out["speedup"] = out["graph_steps_per_s"] / out["eager_steps_per_s"]
+    if args.compiled:
+        out["compiled_speedup"] = out["graph-compiled_steps_per_s"] / out["eager_steps_per_s"]
     out["same_transitions"] = same_transitions(controller, size, args, device)
     return out
 
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads on a CPU device (0: torch's own)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--json", default=None, help="write the JSON here instead of benchmarks/results/")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time --collect graph-compiled (the policy step through torch.compile; default: on "
+                        "CUDA)")
     p.add_argument("--doc-from", default=None, metavar="JSON",
                    help="measure nothing: rewrite the docs section from a JSON this script wrote (e.g. on a GPU)")
     args = p.parse_args(argv)
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewrote the RL collection section of docs/benchmarks.md from {args.doc_from}")
         return 0
     device = torch.device(args.device)
+    if args.compiled is None:
+        args.compiled = device.type == "cuda"
     if args.quick:
         args.num_envs, args.rollout_len, args.horizon, args.repeats = 16, 24, 6, 2
         args.sizes, args.replay = ["small"], False
@@ -182,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for ctrl in args.controllers:
             r = time_collect(ctrl, size, args, device)
+            compiled = (f"  graph-compiled {r['graph-compiled_steps_per_s']:12,.0f} x{r['compiled_speedup']:.1f}"
+                        if "compiled_speedup" in r else "")
             print(f"{ctrl:5s} {size:7s} eager {r['eager_steps_per_s']:12,.0f}  graph {r['graph_steps_per_s']:12,.0f} "
-                  f"env steps/s  x{r['speedup']:.1f}  same transitions: {r['same_transitions']}", flush=True)
+                  f"env steps/s  x{r['speedup']:.1f}{compiled}  same transitions: {r['same_transitions']}",
+                  flush=True)
             rows.append(r)
     replay = []
     if args.replay:
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                              else r["error"]), flush=True)
                     replay.append(r)
     config = {k: getattr(args, k) for k in ("num_envs", "rollout_len", "horizon", "num_bits", "graph_steps",
-                                            "repeats", "backend", "quick", "replay_envs")}
+                                            "repeats", "backend", "quick", "replay_envs", "compiled")}
     tag = ("cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "_"))
     name = f"bench_rl_collect_{tag}" + ("_quick" if args.quick else "")
     payload = {"config": config, "collect": rows, "replay": replay}
@@ -216,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, Any]],
             replay: list[dict[str, Any]], json_name: str) -> str:
     where = "CUDA graph replays" if env["gpu"] else "the same step run eagerly: no graphs on a CPU"
+    compiled = bool(config.get("compiled")) and all("compiled_speedup" in r for r in rows)
     text = [environment_line(env), "",
             f"`python benchmarks/bench_rl_collect.py{' --quick' if config['quick'] else ''}`: one rollout of "
             f"{config['rollout_len']} steps in {config['num_envs']} DelayedRecall environments (horizon "
@@ -225,10 +238,17 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
             "identical trainers, compared bit for bit (on CUDA the GRU's graph step is the fused GRU cell, not "
             "cuDNN's RNN, so it may differ there by float rounding).", "",
             markdown_table(["controller", "policy", "parameters", "eager env steps/s", "graph env steps/s",
-                            "graph / eager", "same transitions"],
+                            "graph / eager"] + (["graph-compiled env steps/s", "graph-compiled / eager"]
+                                                if compiled else []) + ["same transitions"],
                            [[r["controller"], r["size"], f"{r['parameters']:,}", f"{r['eager_steps_per_s']:,.0f}",
-                             f"{r['graph_steps_per_s']:,.0f}", f"{r['speedup']:.1f}x",
-                             "yes" if r["same_transitions"] else "no"] for r in rows])]
+                             f"{r['graph_steps_per_s']:,.0f}", f"{r['speedup']:.1f}x"]
+                            + ([f"{r['graph-compiled_steps_per_s']:,.0f}", f"{r['compiled_speedup']:.1f}x"]
+                               if compiled else [])
+                            + ["yes" if r["same_transitions"] else "no"] for r in rows])]
+    if compiled:
+        text += ["", "graph-compiled = `--collect graph-compiled`: the graph path with the policy's step through "
+                 "`torch.compile` (TorchInductor) before the capture; its transitions equal the graph path's up "
+                 "to float rounding, so *same transitions* is about eager vs graph only."]
     if replay:
         text += ["", f"Training replay (forward + backward of `forward_sequence`, {config['replay_envs']} "
                  "sequences, two episodes per sequence with staggered resets):", "",

@@ -31,6 +31,13 @@ steps are captured as one graph (and the remainder of the rollout as a second on
 the replay against the eager run of the same step. Should a capture fail, a warning says so and the same step
 runs eagerly from then on (the same transitions, slower).
 
+``collect="graph-compiled"`` is the graph path with the policy's step compiled by ``torch.compile`` before the
+capture (:class:`GraphCollector` with ``compile_policy=True``): TorchInductor fuses the step's small elementwise
+kernels (about 150 ops a Mamba step) into a few, which a replayed graph then launches. The sampler, the
+environment and the storage stay as above. Fused float operations round differently, so its transitions equal
+the eager path's only up to float rounding (a sampled action can then differ), not bit for bit; the first
+rollout pays the compilation (seconds).
+
 The GRU's graph step is ``torch.gru_cell`` per layer (:meth:`GRUPolicy.collect_step
 <mamba_state.rl.policies.GRUPolicy.collect_step>`): on the CPU it is bit-identical to ``nn.GRU`` over one
 step (tested); on CUDA it is the fused GRU-cell kernel instead of cuDNN's RNN, equal up to float rounding.
@@ -47,14 +54,15 @@ from .envs import DelayedRecall
 
 __all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions"]
 
-COLLECT_MODES = ("auto", "eager", "graph")
+COLLECT_MODES = ("auto", "eager", "graph", "graph-compiled")
 
 
 def resolve_collect(mode: str | None, device: torch.device) -> str:
-    """``"auto"`` (or None) -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"eager"``/``"graph"`` as given."""
+    """``"auto"`` (or None) -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"eager"``, ``"graph"`` and
+    ``"graph-compiled"`` as given."""
     if mode in (None, "auto"):
         return "graph" if torch.device(device).type == "cuda" else "eager"
-    if mode not in ("eager", "graph"):
+    if mode not in COLLECT_MODES:
         raise StateError(f"collect: expected one of {list(COLLECT_MODES)}, found {mode!r}")
     return mode
 
@@ -70,6 +78,24 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     return (probs / q).argmax(-1)
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for collect="graph-compiled" (tests use "aot_eager")
+
+
+def _compiled(fn: Any) -> Any:
+    """``torch.compile(fn)`` (shapes static: a collector's are fixed), quiet about the memoised helpers it
+    traces through (the backend choice, which cannot change under it)."""
+    import warnings
+
+    compiled = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+    def run(*args: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+            return compiled(*args)
+
+    return run
+
+
 class GraphCollector:
     """Graph-ready collection for a :class:`~mamba_state.rl.ppo.PPOTrainer` on a
     :class:`~mamba_state.rl.envs.DelayedRecall` (see the module docstring).
@@ -81,9 +107,11 @@ class GraphCollector:
         capture: capture the step as CUDA graphs (needs a CUDA device); False runs the same step eagerly.
         steps_per_graph: time steps per captured graph (the rollout is ``T // k`` replays of it and one replay
             of a graph of the ``T % k`` remaining steps).
+        compile_policy: run the policy's ``collect_step`` through ``torch.compile`` (fused kernels; equal to
+            the uncompiled step up to float rounding).
     """
 
-    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16):
+    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_policy: bool = False):
         if not isinstance(trainer.env, DelayedRecall):
             raise StateError(f"graph collection: expected a DelayedRecall environment, found "
                              f"{type(trainer.env).__name__} (use collect='eager')")
@@ -95,6 +123,8 @@ class GraphCollector:
         self.trainer = trainer
         self.capture = bool(capture)
         self.steps_per_graph = int(steps_per_graph)
+        self.compile_policy = bool(compile_policy)
+        self._policy_step: Any = _compiled(trainer.policy.collect_step) if compile_policy else None
         self._graphs: dict[tuple[str, int], Any] = {}
         self._rollout_len = -1
 
@@ -197,7 +227,8 @@ class GraphCollector:
         """One collection step on the static buffers (what a graph captures): policy step, sampling, storage,
         environment step, statistics, and the carried state, observation and reset flags for the next step."""
         tr = self.trainer
-        logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
+        policy_step = self._policy_step if self._policy_step is not None else tr.policy.collect_step
+        logits, value, new_state = policy_step(self.obs, self.state, self.reset)
         action = sample_actions(logits, tr.generator)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
         b, t = self.buf, self.t

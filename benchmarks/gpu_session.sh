@@ -30,6 +30,7 @@
 #   mimo    tests/test_mamba3_mimo_gpu.py                        (MIMO_TIMEOUT, 200 s)
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
 #   pengine benchmarks/profile_engine.py (host sections of an engine decode step vs device time) (PENGINE_TIMEOUT, 150 s)
+#   pytest  the GPU tests of $PYTEST_FILES (e.g. PYTEST_FILES="tests/test_rl_collect.py")  (PYTEST_TIMEOUT, 300 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection; RLC_ARGS)   (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pfwd    benchmarks/probe_scan_fwd.py (the forward's schedule and tile for few long rows) (PFWD_TIMEOUT, 120 s)
@@ -110,6 +111,8 @@ for step in ${STEPS:-tests gen cont}; do
                    --durations=10 $TESTS1 ;;
         tests2) run_step tests2 "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    --durations=10 $TESTS2 ;;
+        pytest) run_step pytest "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+                   $PYTEST_FILES ;;
         kernel) run_step kernel "${KERNEL_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_gpu.py ;;
         gen) run_step gen "${GEN_TIMEOUT:-150}" python3 benchmarks/bench_generate.py --repeats 2 ;;

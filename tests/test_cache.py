@@ -312,3 +312,24 @@ def test_no_warning_for_clean_directory(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(StateCache(fingerprint="t", directory=tmp_path)) == 1
+
+
+def test_every_tier_off_keeps_nothing_and_counts_it():
+    """device_bytes=0, host_bytes=0 and no directory (the serving benchmark's 'without the cache'): an insert is
+    still checked (bad input raises), keeps nothing, and counts as an insertion and an eviction, as a state
+    that fits in no tier does with tiers on."""
+    c = StateCache(fingerprint="t", device_bytes=0, host_bytes=0)
+    for n in (3, 5):
+        c.insert(list(range(n)), _state(list(range(n))))
+    s = c.stats()
+    assert (s["insertions"], s["evictions"], s["total_entries"]) == (2, 2, 0)
+    assert s["bytes"] == {"device": 0, "host": 0, "disk": 0}
+    assert c.lookup(list(range(6))) == (0, None)
+    with pytest.raises(StateError, match="seqlen_offset"):
+        c.insert([1, 2], _state([1, 2, 3]))
+    with pytest.raises(StateShapeError):
+        c.insert([], _state([1]))
+    tiers_on = StateCache(fingerprint="t", device_bytes=1, host_bytes=0)  # too small for any state: same count
+    tiers_on.insert([0, 1, 2], _state([0, 1, 2]))
+    on = tiers_on.stats()
+    assert (on["insertions"], on["evictions"]) == (1, 1)

@@ -162,6 +162,14 @@ class StateCache:
         if state.seqlen_offset != ids.size:
             raise StateError(f"insert: expected state.seqlen_offset == len(token_ids) = {ids.size} (the state after "
                              f"exactly these tokens), found seqlen_offset {state.seqlen_offset}")
+        if self.directory is None and self.budgets["device"] == 0 and self.budgets["host"] == 0:
+            with self._lock:  # every tier off: nothing is kept (counted as _put counts a state that fits nowhere)
+                old = self._entries.get(prefix_key(self.fingerprint, ids))
+                if old is not None:
+                    self._remove(old, delete_file=False)
+                self._counts["evictions"] += 1
+                self._counts["insertions"] += 1
+            return
         key = prefix_key(self.fingerprint, ids)
         entry = _Entry(key, "prefix", self.fingerprint, state.nbytes, state.seqlen_offset, tokens=ids,
                        extra=dict(extra or {}))

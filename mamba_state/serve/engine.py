@@ -563,7 +563,10 @@ class Engine:
         reqs = [req for req, _ in group]
         starts = [state.seqlen_offset for _, state in group]
         known = [self._known_ids(req, start) for req, start in zip(reqs, starts)]
-        rows = MambaModelState.cat([MambaModelState(dict(s.items())) for _, s in group])  # [n, ...]
+        if all(s is self._zero for _, s in group):  # all from zero: a zero batch, not a cat of n copies
+            rows = self.lm.new_state(len(group), device=self.device)
+        else:
+            rows = MambaModelState.cat([MambaModelState(dict(s.items())) for _, s in group])  # [n, ...]
         row = RowViews(rows)  # each request's row as a batch-1 view, for the cache and its first token
         feeds = [np.asarray(req.feed, dtype=np.int64) for req in reqs]
         finished: set[int] = set()

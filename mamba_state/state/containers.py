@@ -431,7 +431,11 @@ class MambaInferenceState:
                 f"cat: expected a non-empty sequence of MambaInferenceState, found {[type(s).__name__ for s in states]}"
             )
         first = states[0]
+        # one signature a state (names, shapes past the batch, dtypes, devices); layout() only for the message
+        sig = [(k, t.shape[1:], t.dtype, t.device) for k, t in first._t.items()]
         for i, s in enumerate(states[1:], start=1):
+            if [(k, t.shape[1:], t.dtype, t.device) for k, t in s._t.items()] == sig:
+                continue
             if s.layout() != first.layout():
                 raise StateCompatibilityError(f"cat: state {i} has layout {s.layout()}, expected {first.layout()}")
             for name in first.tensor_names:

@@ -109,7 +109,7 @@ def test_collect_modes_and_errors():
 
 @pytest.mark.parametrize("controller", ["mamba", "gru"])
 def test_compiled_policy_step_collects_what_the_graph_step_does(controller, monkeypatch, one_torch_thread):
-    """collect="graph-compiled": the policy step goes through torch.compile (here its aot_eager backend, which
+    """collect="graph-compiled": the step's body goes through torch.compile (here its aot_eager backend, which
     needs no C++ compiler; CUDA runs TorchInductor, tested on the GPU) and the rollout matches the graph path's
     within float rounding; updates then change the parameters that the compiled step reads."""
     import mamba_state.rl.collect as collect_mod
@@ -118,7 +118,7 @@ def test_compiled_policy_step_collects_what_the_graph_step_does(controller, monk
     monkeypatch.setattr(collect_mod, "COMPILE_BACKEND", "aot_eager")
     compiled_before = counters["stats"]["unique_graphs"]
     a, b = _trainer(controller, "graph"), _trainer(controller, "graph-compiled")
-    assert b.collect_mode == "graph-compiled" and b._collector.compile_policy and not a._collector.compile_policy
+    assert b.collect_mode == "graph-compiled" and b._collector.compile_step and not a._collector.compile_step
     for u in range(2):
         ra, rb = a.collect(), b.collect()
         assert torch.equal(ra.actions, rb.actions), f"update {u}"  # tiny rounding does not flip these draws

@@ -31,12 +31,13 @@ steps are captured as one graph (and the remainder of the rollout as a second on
 the replay against the eager run of the same step. Should a capture fail, a warning says so and the same step
 runs eagerly from then on (the same transitions, slower).
 
-``collect="graph-compiled"`` is the graph path with the policy's step compiled by ``torch.compile`` before the
-capture (:class:`GraphCollector` with ``compile_policy=True``): TorchInductor fuses the step's small elementwise
-kernels (about 150 ops a Mamba step) into a few, which a replayed graph then launches. The sampler, the
-environment and the storage stay as above. Fused float operations round differently, so its transitions equal
-the eager path's only up to float rounding (a sampled action can then differ), not bit for bit; the first
-rollout pays the compilation (seconds).
+``collect="graph-compiled"`` is the graph path with the step compiled by ``torch.compile`` before the capture
+(:class:`GraphCollector` with ``compile_step=True``): a step first draws its random numbers (their shapes do
+not depend on its values, so each generator gives the numbers it gives the other paths, in the same order), then
+runs policy, sampler, environment and storage as one traced function, in which TorchInductor fuses the small
+elementwise kernels (about 200 ops a Mamba step) into a few; a replayed graph launches those. Fused float
+operations round differently, so its transitions equal the eager path's only up to float rounding (a sampled
+action can then differ), not bit for bit; the first rollout pays the compilation (seconds).
 
 The GRU's graph step is ``torch.gru_cell`` per layer (:meth:`GRUPolicy.collect_step
 <mamba_state.rl.policies.GRUPolicy.collect_step>`): on the CPU it is bit-identical to ``nn.GRU`` over one
@@ -52,7 +53,7 @@ import torch
 from ..errors import StateError
 from .envs import DelayedRecall
 
-__all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions"]
+__all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions", "actions_from"]
 
 COLLECT_MODES = ("auto", "eager", "graph", "graph-compiled")
 
@@ -74,8 +75,12 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     exactly this for one sample, after host-side checks of the probabilities that a CUDA graph cannot hold).
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
+    return actions_from(logits, torch.empty_like(probs).exponential_(1, generator=generator))
+
+
+def actions_from(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_actions` given its exponential draws ``q`` (``[N, actions]`` float32)."""
+    return (torch.softmax(logits.float(), dim=-1) / q).argmax(-1)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for collect="graph-compiled" (tests use "aot_eager")
@@ -107,11 +112,12 @@ class GraphCollector:
         capture: capture the step as CUDA graphs (needs a CUDA device); False runs the same step eagerly.
         steps_per_graph: time steps per captured graph (the rollout is ``T // k`` replays of it and one replay
             of a graph of the ``T % k`` remaining steps).
-        compile_policy: run the policy's ``collect_step`` through ``torch.compile`` (fused kernels; equal to
-            the uncompiled step up to float rounding).
+        compile_step: run the step's body (policy, sampling, environment, storage; the random draws stay
+            outside) through ``torch.compile`` (fused kernels; equal to the uncompiled step up to float
+            rounding).
     """
 
-    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_policy: bool = False):
+    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_step: bool = False):
         if not isinstance(trainer.env, DelayedRecall):
             raise StateError(f"graph collection: expected a DelayedRecall environment, found "
                              f"{type(trainer.env).__name__} (use collect='eager')")
@@ -123,8 +129,8 @@ class GraphCollector:
         self.trainer = trainer
         self.capture = bool(capture)
         self.steps_per_graph = int(steps_per_graph)
-        self.compile_policy = bool(compile_policy)
-        self._policy_step: Any = _compiled(trainer.policy.collect_step) if compile_policy else None
+        self.compile_step = bool(compile_step)
+        self._compiled_step: Any = _compiled(self._step_from) if compile_step else None
         self._graphs: dict[tuple[str, int], Any] = {}
         self._rollout_len = -1
 
@@ -181,27 +187,39 @@ class GraphCollector:
         self.return_sum.zero_()
 
     # ------------------------------------------------------------------ one step
-    def _observe(self) -> torch.Tensor:
-        """The observation of the current phases and bits (DelayedRecall's layout and random draws, in order)."""
+    def _draws(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A step's random numbers, drawn first (their shapes do not depend on the step's values): the
+        sampler's exponentials from the trainer's generator; from the environment's, in DelayedRecall's
+        order, the new episodes' bits, the distractor bits and the noise channels (None when off)."""
+        tr, env = self.trainer, self.trainer.env
+        dev, n = self.obs.device, env.num_envs
+        q = torch.empty(n, env.num_actions, device=dev).exponential_(1, generator=tr.generator)
+        new_bits = torch.randint(0, 2, (n, env.num_bits), generator=env._generator, device=dev)
+        noise_bits = (torch.randint(0, 2, (n, env.num_bits), generator=env._generator, device=dev)
+                      if env.distractor_bits else None)
+        noise = (torch.randn(n, env.noise_channels, generator=env._generator, device=dev)
+                 if env.noise_channels else None)
+        return q, new_bits, noise_bits, noise
+
+    def _observe(self, noise_bits: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+        """The observation of the current phases and bits (DelayedRecall's layout; its draws from _draws)."""
         env = self.trainer.env
-        k, horizon = env.num_bits, env.horizon
+        horizon = env.horizon
         shown = self.phase == 0
         signs = self.bits.float() * 2 - 1
-        if env.distractor_bits:
-            noise_bits = torch.randint(0, 2, (env.num_envs, k), generator=env._generator,
-                                       device=self.obs.device).float() * 2 - 1
+        if noise_bits is not None:
             distract = ((self.phase >= 1) & (self.phase <= horizon))[:, None]
-            bit_channels = torch.where(distract, noise_bits, 0.0)
+            bit_channels = torch.where(distract, noise_bits.float() * 2 - 1, 0.0)
         else:
             bit_channels = torch.zeros_like(signs)
         parts = [torch.where(shown[:, None], signs, bit_channels), shown.float()[:, None],
                  (self.phase == horizon + 1).float()[:, None]]
-        if env.noise_channels:
-            noise = torch.randn(env.num_envs, env.noise_channels, generator=env._generator, device=self.obs.device)
+        if noise is not None:
             parts.append(noise * env.noise_std)
         return torch.cat(parts, dim=1)
 
-    def _env_step(self, action: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _env_step(self, action: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
+                  noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """DelayedRecall's step on the static buffers: ``(obs, reward, terminated, success, episode_return)``."""
         env = self.trainer.env
         at_cue = self.phase == env.horizon + 1
@@ -215,21 +233,25 @@ class GraphCollector:
         ret = self.ep_return + reward
         ep_return = torch.where(at_cue, ret, 0.0)
         success = at_cue & correct
-        new_bits = torch.randint(0, 2, (env.num_envs, env.num_bits), generator=env._generator,
-                                 device=self.obs.device)
         self.bits.copy_(torch.where(at_cue[:, None], new_bits, self.bits))
         self.phase.copy_(torch.where(at_cue, 0, self.phase + 1))
         self.ep_return.copy_(torch.where(at_cue, 0.0, ret))
         self.ep_steps.copy_(torch.where(at_cue, 0, self.ep_steps + 1))
-        return self._observe(), reward, at_cue, success, ep_return
+        return self._observe(noise_bits, noise), reward, at_cue, success, ep_return
 
     def step(self) -> None:
-        """One collection step on the static buffers (what a graph captures): policy step, sampling, storage,
-        environment step, statistics, and the carried state, observation and reset flags for the next step."""
+        """One collection step on the static buffers (what a graph captures): the random draws, then policy
+        step, sampling, storage, environment step, statistics, and the carried state, observation and reset
+        flags for the next step (:meth:`_step_from`; compiled with ``compile_step``)."""
+        draws = self._draws()
+        (self._compiled_step or self._step_from)(*draws)
+
+    def _step_from(self, q: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
+                   noise: torch.Tensor | None) -> None:
+        """:meth:`step` given its draws (no generator inside: what ``torch.compile`` traces whole)."""
         tr = self.trainer
-        policy_step = self._policy_step if self._policy_step is not None else tr.policy.collect_step
-        logits, value, new_state = policy_step(self.obs, self.state, self.reset)
-        action = sample_actions(logits, tr.generator)
+        logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
+        action = actions_from(logits, q)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
         b, t = self.buf, self.t
         b["obs"].index_copy_(0, t, self.obs[None])
@@ -239,7 +261,7 @@ class GraphCollector:
         b["values"].index_copy_(0, t, value.float()[None])
         if tr.config.bptt == "episode":
             self.age.copy_(torch.where(self.reset, 1, self.age + 1))
-        obs, reward, done, success, ep_return = self._env_step(action)
+        obs, reward, done, success, ep_return = self._env_step(action, new_bits, noise_bits, noise)
         b["rewards"].index_copy_(0, t, reward[None])
         b["dones"].index_copy_(0, t, done[None])
         self.successes.add_(success.sum())

@@ -163,13 +163,13 @@ class PPOTrainer:
         """How :meth:`collect` runs: ``"eager"`` (one ``policy.step`` and ``env.step`` per time step from Python,
         the 0.1 path), ``"graph"`` (:class:`~mamba_state.rl.collect.GraphCollector`: the graph-ready step,
         captured and replayed as CUDA graphs on CUDA, run eagerly elsewhere; the same transitions),
-        ``"graph-compiled"`` (the same with the policy's step through ``torch.compile``: fewer kernels a step,
+        ``"graph-compiled"`` (the same with the step's body through ``torch.compile``: fewer kernels a step,
         transitions equal up to float rounding) or ``"auto"`` (graph on CUDA, eager elsewhere)."""
         from .collect import GraphCollector, resolve_collect
 
         self.collect_mode = resolve_collect(mode, self.device)
         self._collector = (GraphCollector(self, capture=self.device.type == "cuda", steps_per_graph=steps_per_graph,
-                                          compile_policy=self.collect_mode == "graph-compiled")
+                                          compile_step=self.collect_mode == "graph-compiled")
                            if self.collect_mode in ("graph", "graph-compiled") else None)
 
     def collect(self) -> Rollout:

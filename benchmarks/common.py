@@ -57,6 +57,8 @@ def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "versions": {p: _version(p) for p in packages},
+        # set by gpu_session.sh's caller: a device copy of the tree has no git history
+        "commit": os.environ.get("MAMBA_STATE_COMMIT") or None,
     }
 
 
@@ -64,7 +66,8 @@ def environment_line(env: dict[str, Any]) -> str:
     """One markdown line summarising :func:`environment` for a doc section."""
     device = env["gpu"] or f"CPU ({env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads)"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    return f"Measured {env['date_utc']} on {device}; Python {env['python']}, {versions}."
+    commit = f" Commit {env['commit']}." if env.get("commit") else ""
+    return f"Measured {env['date_utc']} on {device}; Python {env['python']}, {versions}.{commit}"
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:

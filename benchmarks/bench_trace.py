@@ -3,8 +3,8 @@
 GPU run: a 130m-shaped Mamba-1 layer (d_model 768, d_inner 1536, d_state 16, bf16 parameters, fp32 states) over
 2048 tokens, batch 1 and 8:
 
-* plain forward; forward with ``return_states_at`` of 8 and of 64 evenly spaced positions; ``trace_layer`` with stride 64
-  (33 states); the full trace (2049 states);
+* plain forward; forward with ``return_states_at`` of 8 and of 64 evenly spaced positions; ``trace_layer`` with
+  stride 64 (33 states); the full trace (2049 states);
 
 and the speculative-decoding verify step of a 130m-shaped ``StatefulMambaLM`` (24 layers): 5 tokens from a
 state, plain vs with the state after each of them (``return_states_at=range(1, 6)``).

@@ -163,11 +163,8 @@ class StateCache:
             raise StateError(f"insert: expected state.seqlen_offset == len(token_ids) = {ids.size} (the state after "
                              f"exactly these tokens), found seqlen_offset {state.seqlen_offset}")
         if self.directory is None and self.budgets["device"] == 0 and self.budgets["host"] == 0:
-            with self._lock:  # every tier off: nothing is kept (counted as _put counts a state that fits nowhere)
-                old = self._entries.get(prefix_key(self.fingerprint, ids))
-                if old is not None:
-                    self._remove(old, delete_file=False)
-                self._counts["evictions"] += 1
+            with self._lock:  # every tier off: nothing is kept (no entry built, no bytes counted)
+                self._kept_nowhere(prefix_key(self.fingerprint, ids))
                 self._counts["insertions"] += 1
             return
         key = prefix_key(self.fingerprint, ids)
@@ -320,14 +317,22 @@ class StateCache:
     def _target_device(self, state: MambaModelState) -> torch.device:
         return self.device if self.device is not None else state.device
 
+    def _kept_nowhere(self, key: str) -> None:
+        """A state for ``key`` that no tier can hold: the older entry of that key goes, and it counts as an
+        eviction (the caller holds the lock)."""
+        old = self._entries.get(key)
+        if old is not None:
+            self._remove(old, delete_file=False)
+        self._counts["evictions"] += 1
+
     def _put(self, entry: _Entry, state: MambaModelState) -> None:
+        if self.directory is None and self._memory_tier(entry.nbytes) is None:
+            # fits nowhere: not kept, counted as below, without copying it first
+            self._kept_nowhere(entry.key)
+            return
         old = self._entries.get(entry.key)
         if old is not None:
             self._remove(old, delete_file=False)
-        if self.directory is None and self._memory_tier(entry.nbytes) is None:
-            # fits nowhere: not kept, counted as below, without copying it first
-            self._counts["evictions"] += 1
-            return
         entry.source_device = state.device
         self._entries[entry.key] = entry
         if entry.kind == "prefix":

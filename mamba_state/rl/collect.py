@@ -74,8 +74,8 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     The same draws and the same result as ``torch.multinomial(probs, 1, generator=generator)`` (which computes
     exactly this for one sample, after host-side checks of the probabilities that a CUDA graph cannot hold).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    return actions_from(logits, torch.empty_like(probs).exponential_(1, generator=generator))
+    q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
+    return actions_from(logits, q)
 
 
 def actions_from(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -284,10 +284,8 @@ class GRUPolicy(RecurrentPolicy):
         carry = ((start == 0) & ~reset[row, 0]).to(h0.dtype)[:, None, None]
         hs = (h0[row] * carry).transpose(0, 1).contiguous()  # [layers, S, hidden]
         window = self._time_window(xs.shape[0])
-        if window >= max_len:
-            y, _ = self.gru(xs, hs)  # [S, max_len, hidden]
-        else:
-            y = torch.cat(self._gru_windows(xs, hs, window), dim=1)
+        outs = self._gru_windows(xs, hs, window)  # one call unless the input is too large for cuDNN
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [S, max_len, hidden]
         seg = starts.flatten().long().cumsum(0).view(n, t_len) - 1  # the segment of every (row, t)
         out = y[seg, torch.arange(t_len, device=obs.device)[None, :] - start[seg]]
         last = (~same_row_next).nonzero(as_tuple=True)[0]  # each row's last segment, rows in order

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import StateError
-from ..state import MambaInferenceState, MambaModelState
+from ..state import MambaModelState
 
 __all__ = ["Piece", "plan_forwards", "cache_positions", "first_insert", "serves_prefix", "packed_capabilities",
            "rows_view", "RowViews", "write_rows"]
@@ -116,14 +116,8 @@ def packed_capabilities(lm: Any) -> tuple[bool, bool]:
 def rows_view(state: MambaModelState, lo: int, hi: int, seqlen_offset: int = 0) -> MambaModelState:
     """Rows ``lo:hi`` of ``state`` as views (no copy): the input of a forward, which never modifies its state.
     Built without a second validation (rows of a validated state)."""
-    layers = {}
-    for i, s in state.items():
-        t = s.tensors
-        if t.keys() == {"conv_state", "ssm_state"}:
-            layers[i] = MambaInferenceState._of_checked(t["conv_state"][lo:hi], t["ssm_state"][lo:hi])
-        else:
-            layers[i] = MambaInferenceState.from_tensors({k: v[lo:hi] for k, v in t.items()})
-    return MambaModelState._of_checked(layers, seqlen_offset)
+    return MambaModelState._of_checked({i: s._rebuild_unchecked(lambda t: t[lo:hi]) for i, s in state.items()},
+                                       seqlen_offset)
 
 
 class RowViews:

@@ -167,12 +167,18 @@ class MambaInferenceState:
         object.__setattr__(obj, "_t", {"conv_state": conv_state, "ssm_state": ssm_state})
         return obj
 
+    @classmethod
+    def _unchecked(cls, tensors: dict[str, torch.Tensor]) -> "MambaInferenceState":
+        """A state of any family from named tensors the caller guarantees (rows of a validated state, in its
+        names' order), not validated again."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_t", tensors)
+        return obj
+
     def _rebuild_unchecked(self, fn) -> "MambaInferenceState":
         """:meth:`_rebuild` for an ``fn`` that keeps every shape past the batch and the batch size equal across
         tensors (a row gather, a slice): not validated again."""
-        obj = object.__new__(MambaInferenceState)
-        object.__setattr__(obj, "_t", {k: fn(t) for k, t in self._t.items()})
-        return obj
+        return MambaInferenceState._unchecked({k: fn(t) for k, t in self._t.items()})
 
     def _rebuild(self, fn) -> "MambaInferenceState":
         """A new state of the same family with ``fn(tensor)`` for every tensor (validated)."""
@@ -494,10 +500,8 @@ def _check_metadata(metadata: Any) -> dict[str, Any]:
 
 def _layer_rows(state: MambaInferenceState, lo: int, hi: int) -> list[MambaInferenceState]:
     """Rows ``lo .. hi - 1`` of one layer's state as batch-1 states of views (one ``split`` per tensor)."""
-    parts = {k: t[lo:hi].split(1) for k, t in state.tensors.items()}
-    if parts.keys() == {"conv_state", "ssm_state"}:  # Mamba-1/2: rows of a validated state need no second check
-        return [MambaInferenceState._of_checked(c, h) for c, h in zip(parts["conv_state"], parts["ssm_state"])]
-    return [MambaInferenceState.from_tensors({k: p[j] for k, p in parts.items()}) for j in range(hi - lo)]
+    parts = {k: t[lo:hi].split(1) for k, t in state.tensors.items()}  # rows of a validated state: no re-check
+    return [MambaInferenceState._unchecked({k: p[j] for k, p in parts.items()}) for j in range(hi - lo)]
 
 
 class MambaModelState:

@@ -35,7 +35,7 @@
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pfwd    benchmarks/probe_scan_fwd.py (the forward's schedule and tile for few long rows) (PFWD_TIMEOUT, 120 s)
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
-#   ppos    benchmarks/profile_positions.py (states at positions and the LM verify step: wall vs device time, top kernels, waiting runtime calls) (PPOS_TIMEOUT, 150 s)
+#   ppos    benchmarks/profile_positions.py $PPOS_ARGS (e.g. --host; states at positions and the LM verify step: wall vs device time, top kernels, waiting runtime calls) (PPOS_TIMEOUT, 150 s)
 #   grad    the training path's GPU tests (conv backward, training layout) (GRAD_TIMEOUT, 150 s)
 # The Triton cache comes back as $OUT/triton_cache.tar.xz when the call ends inside its limit: copy it to
 # build/triton_cache.tar.xz and carry that path in the next call (see the note where it is restored); a call that
@@ -154,7 +154,7 @@ for step in ${STEPS:-tests gen cont}; do
         prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \
                    --shapes ${PREFILL_SHAPES:-1x16384 1x65536} --out "$OUT" ;;
         pfwd) run_step pfwd "${PFWD_TIMEOUT:-120}" python3 benchmarks/probe_scan_fwd.py ;;
-        ppos) run_step ppos "${PPOS_TIMEOUT:-150}" python3 benchmarks/profile_positions.py ;;
+        ppos) run_step ppos "${PPOS_TIMEOUT:-150}" python3 benchmarks/profile_positions.py ${PPOS_ARGS:-} ;;
         grad) run_step grad "${GRAD_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
                    tests/test_kernel_conv_grad.py tests/test_training_layout.py ;;
         *) echo "unknown step $step" ;;

@@ -4,9 +4,10 @@ layer's full trace; then the verify step of speculative decoding (a 130m-shaped 
 and with the state after each token. Prints the wall time per call (median of 20, synchronised), the device time
 per call and the top kernels by device time, so a gap splits into kernel time (which kernels grew) and host time
 (wall minus device), and the CUDA runtime calls that can make the host wait. A diagnostic, not a benchmark of
-record: ``bench_trace.py`` writes the table.
+record: ``bench_trace.py`` writes the table. ``--host`` instead profiles the Python side of the batch-1 layer,
+plain and with 8 positions (cProfile over many calls): the functions whose own time per call the positions add.
 
-    python benchmarks/profile_positions.py [--rows 8]
+    python benchmarks/profile_positions.py [--rows 8] [--host]
 """
 
 from __future__ import annotations
@@ -58,10 +59,63 @@ def _runtime_calls(fn, steps: int = 3) -> str:
     return f"{launches / steps:g} launches; " + ("; ".join(found) if found else "no waiting runtime call")
 
 
+def _host_profile(fn, calls: int) -> dict[str, tuple[float, int]]:
+    """cProfile of ``calls`` calls of ``fn``: ``{function: (own microseconds per call of fn, calls per call)}``."""
+    import cProfile
+    import pstats
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    return {f"{Path(k[0]).name}:{k[1]}({k[2]})": (1e6 * v[2] / calls, round(v[1] / calls, 2))
+            for k, v in stats.items()}
+
+
+def host_main(calls: int = 300, rows: int = 30) -> int:
+    """The Python functions whose own time per call the 8 positions add to the batch-1 layer, largest first."""
+    import time
+
+    dev, d_model, L = "cuda", 768, 2048
+    torch.manual_seed(0)
+    layer = StatefulMamba.from_config(d_model, d_state=16, layer_idx=0, device=dev, dtype=torch.bfloat16)
+    eight = [round(i * L / 8) for i in range(1, 9)]
+    x = torch.randn(1, L, d_model, device=dev, dtype=torch.bfloat16)
+    s0 = layer.new_state(1)
+    with torch.no_grad():
+        plain_fn, at_fn = (lambda: layer(x, s0)), (lambda: layer(x, s0, return_states_at=eight))
+        for name, fn in (("plain", plain_fn), ("8 positions", at_fn)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            print(f"host time per call, {name}: {1e6 * host / calls:.1f} us (no sync)", flush=True)
+        plain, at = _host_profile(plain_fn, calls), _host_profile(at_fn, calls)
+    total = lambda d: sum(v[0] for v in d.values())  # noqa: E731
+    print(f"profiled own time per call: plain {total(plain):.1f} us, 8 positions {total(at):.1f} us")
+    diff = sorted(((at.get(k, (0.0, 0))[0] - plain.get(k, (0.0, 0))[0], k) for k in set(at) | set(plain)),
+                  reverse=True)
+    print("| function | plain us | 8 positions us | added us | calls (8 positions) |\n|---|---|---|---|---|")
+    for d, k in diff[:rows]:
+        print(f"| {k} | {plain.get(k, (0.0, 0))[0]:.1f} | {at.get(k, (0.0, 0))[0]:.1f} | {d:.1f} | "
+              f"{at.get(k, (0.0, 0))[1]} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--host", action="store_true", help="profile the batch-1 layer's Python side instead")
     args = ap.parse_args(argv)
+    if args.host:
+        return host_main()
     dev, d_model, L = "cuda", 768, 2048
     torch.manual_seed(0)
     layer = StatefulMamba.from_config(d_model, d_state=16, layer_idx=0, device=dev, dtype=torch.bfloat16)

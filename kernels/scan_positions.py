@@ -15,6 +15,8 @@ processed, so the state *at* ``p`` is the one before that reset (what a caller s
 
 from __future__ import annotations
 
+import functools
+
 import numbers
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,12 +40,14 @@ def check_positions(positions: Any, seqlen: int, name: str = "return_states_at")
     Accepts any iterable of ints (a list, a ``range``, a numpy array) or a 1-D integer tensor. ``name`` is the
     caller's argument name, used in error messages.
     """
+    if type(positions) is _Checked and positions.seqlen == seqlen:
+        return positions  # what this function returned for the same length (a layer's check, then its scan's)
     if type(positions) is list and all(type(p) is int for p in positions):
-        # the common case, also every second check of a list a caller already checked: no conversion
+        # the common case: no conversion
         if positions and (positions[0] < 0 or positions[-1] > seqlen
                           or any(b < a for a, b in zip(positions, positions[1:]))):
             _raise_bad_positions(positions, seqlen, name)
-        return list(positions)
+        return _Checked(positions, seqlen)
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
             raise StateError(f"{name}: expected a 1-D integer tensor or a list of ints, found "
@@ -59,7 +63,19 @@ def check_positions(positions: Any, seqlen: int, name: str = "return_states_at")
         raise StateError(f"{name}: expected a list of ints or a 1-D integer tensor, found "
                          f"{type(positions).__name__}")
     _raise_bad_positions(out, seqlen, name)
-    return out
+    return _Checked(out, seqlen)
+
+
+class _Checked(list):
+    """The list :func:`check_positions` returns: a new list (never the caller's own), marked with the length it
+    was checked against, so that the next check of it for that length (the scan's, after the layer's) is free.
+    Treat it as read-only."""
+
+    __slots__ = ("seqlen",)
+
+    def __init__(self, items, seqlen: int) -> None:
+        super().__init__(items)
+        self.seqlen = seqlen
 
 
 def _raise_bad_positions(out: list[int], seqlen: int, name: str) -> None:
@@ -142,37 +158,32 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
     # depend on the positions alone and stay on the device between calls (cached_host_tensor).
     pos = tuple(positions)
 
-    def windows(seq: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [len(at), B, C, W]
-        return seq.unfold(-1, W, 1).permute(2, 0, 1, 3).index_select(0, at)
+    def windows(seq: torch.Tensor, at: tuple[int, ...]) -> torch.Tensor:  # [B, C, T] -> [len(at), B, C, W]
+        return seq.unfold(-1, W, 1).permute(2, 0, 1, 3).index_select(0, cached_host_tensor(at, torch.long,
+                                                                                              x.device))
 
-    if W + L <= 4 * len(pos) * W:
+    plan = _window_plan(pos, W, L)
+    if plan[0] == "cat":
         # a short chunk, or many positions: concatenate (cat promotes x to the state's dtype in the same
         # launch), then one gather
-        win = windows(torch.cat([conv_state, x], dim=-1), cached_host_tensor(pos, torch.long, x.device))
+        win = windows(torch.cat([conv_state, x], dim=-1), pos)
     else:
-        # a long chunk and few positions (at batch 8 x 2048 the concatenation moved about 100 MB per layer):
-        # windows wholly inside x come from x (window p - W of its unfold); positions are non-decreasing, so
-        # those before W, which reach into the incoming window, are a prefix, served by the incoming window and
-        # x's first W - 1 entries
-        k = next((i for i, p in enumerate(pos) if p >= W), len(pos))
+        _, head, tail, step = plan
         parts = []
-        if k:
-            head = torch.cat([conv_state, x[..., : W - 1]], dim=-1)
-            parts.append(windows(head, cached_host_tensor(pos[:k], torch.long, x.device)))
-        if k < len(pos):
-            starts = [p - W for p in pos[k:]]
-            step = starts[1] - starts[0] if len(starts) > 1 else 0
-            if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
-                # evenly spaced (a trace's stride, positions every N tokens): the windows are one strided view
-                # of x (window i starts at entry starts[i]), so the cast below is the only copy (no gather, no
-                # index tensor)
-                sb, sc, sx = x.stride()
-                parts.append(x.as_strided((len(starts), bsz, ch, W), (step * sx, sb, sc, sx),
-                                          x.storage_offset() + starts[0] * sx))
-            else:
-                parts.append(windows(x, cached_host_tensor(starts, torch.long, x.device)))
+        if head:
+            parts.append(windows(torch.cat([conv_state, x[..., : W - 1]], dim=-1), head))
+        if tail and step:
+            # evenly spaced (a trace's stride, positions every N tokens): the windows are one strided view of x
+            # (window i starts at entry tail[i]), so the cast below is the only copy (no gather, no index tensor)
+            sb, sc, sx = x.stride()
+            parts.append(x.as_strided((len(tail), bsz, ch, W), (step * sx, sb, sc, sx),
+                                      x.storage_offset() + tail[0] * sx))
+        elif tail:
+            parts.append(windows(x, tail))
         win = parts[0] if len(parts) == 1 else torch.cat(parts)
-    win = win.to(conv_state.dtype)
+    # contiguous in the same launch as the cast: a cast of the strided view above keeps its stride order
+    # (window entries fastest), which a .contiguous() after it then copied a second time
+    win = win.to(conv_state.dtype, memory_format=torch.contiguous_format)
     if reset is not None:
         # segment id of every entry of cat(conv_state, x): the incoming window is segment 0, and each reset
         # starts a new one; an entry is visible in a window when it shares the window's newest entry's segment
@@ -182,3 +193,23 @@ def conv_windows_at(conv_state: torch.Tensor, x: torch.Tensor, positions: Sequen
         visible = (seg_win == seg_win[..., -1:]).permute(1, 0, 2)[:, :, None, :]  # [P, B, 1, W]
         win = win * visible.to(win.dtype)
     return win.contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _window_plan(pos: tuple[int, ...], W: int, L: int) -> tuple:
+    """How :func:`conv_windows_at` gathers the windows after ``pos`` (worked out once per distinct call: a verify
+    step repeats its positions in every layer). ``("cat",)`` when the chunk is short next to the positions'
+    windows (concatenate the incoming window and ``x``, then one gather); else ``("split", head, tail, step)``:
+    with a long chunk and few positions (at batch 8 x 2048 the concatenation moved about 100 MB per layer),
+    windows wholly inside ``x`` come from ``x`` (``tail``: each one's first entry in ``x``; ``step`` their common
+    spacing when evenly spaced, else 0), and the positions before ``W`` (``head``, a prefix: positions are
+    non-decreasing), which reach into the incoming window, from the incoming window and ``x``'s first ``W - 1``
+    entries."""
+    if W + L <= 4 * len(pos) * W:
+        return ("cat",)
+    k = next((i for i, p in enumerate(pos) if p >= W), len(pos))
+    tail = tuple(p - W for p in pos[k:])
+    step = tail[1] - tail[0] if len(tail) > 1 else 0
+    if step <= 0 or any(b - a != step for a, b in zip(tail, tail[1:])):
+        step = 0
+    return ("split", pos[:k], tail, step)

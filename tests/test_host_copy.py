@@ -90,3 +90,16 @@ def test_states_at_positions_do_not_synchronise():
                 call()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_on_device_keys_by_stream_and_resolved_device(monkeypatch):
+    monkeypatch.setattr(_host, "_cache", type(_host._cache)())
+    a = cached_on_device(("s",), lambda: torch.arange(4), "cuda")
+    assert cached_on_device(("s",), lambda: torch.zeros(1), torch.device("cuda", torch.cuda.current_device())) is a
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # another stream: its own copy, ordered on that stream
+        b = cached_on_device(("s",), lambda: torch.arange(4), "cuda")
+        assert b is not a and cached_on_device(("s",), lambda: torch.zeros(1), "cuda") is b
+    assert cached_on_device(("s",), lambda: torch.zeros(1), "cuda") is a

@@ -629,3 +629,12 @@ def test_trace_takes_the_stacked_states_and_equals_the_forward(monkeypatch, kind
         want = torch.stack([s.tensors[name] for s in states])
         torch.testing.assert_close(tr.states[name], want, rtol=0, atol=0)
     torch.testing.assert_close(tr.ssm_states[-1], new.ssm_state, rtol=0, atol=0)
+
+
+def test_check_positions_returns_a_new_list_and_rechecks_for_another_length():
+    mine = [0, 3, 8]
+    checked = check_positions(mine, 10)
+    assert checked == mine and checked is not mine
+    assert check_positions(checked, 10) is checked  # a second check for the same length: the same list
+    with pytest.raises(StateError, match=r"expected positions in \[0, 5\].*found 8"):
+        check_positions(checked, 5)  # checked for 10, not for 5

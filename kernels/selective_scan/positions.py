@@ -14,6 +14,7 @@ launches.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -78,7 +79,7 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     """
     batch, dim, L = u.shape
     dstate = A.shape[1]
-    stops = sorted({p for p in positions if p > 0} | {L}) if L > 0 else []
+    stops, nz, index = _stops_of(tuple(positions), L)
     starts, ends = position_marks(stops, L, batch, u.device)
     nrows = max(1, len(stops)) * batch
     # every stop is marked at its step, and each row of a stop is written there (L > 0)
@@ -91,20 +92,29 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     by_stop = buf.view(len(stops), batch, dim, dstate)
     # the final state is a copy of its row, so it never shares memory with the states returned beside it
     last = by_stop[-1].clone()
-    # positions are non-decreasing: the zeros (the initial state) come first, then stored rows; a trace asks for
-    # thousands of them, so they come as one view or one gather, never a view per position and a stack
-    nz = next((i for i, p in enumerate(positions) if p != 0), len(positions))
-    rest = positions[nz:]
-    if rest == stops:  # every stored row once, in order (traces, distinct positions ending at L): no copy
-        picked = by_stop
-    else:
-        index = {p: k for k, p in enumerate(stops)}
-        picked = by_stop.index_select(0, cached_host_tensor([index[p] for p in rest], torch.long, u.device))
+    # a trace asks for thousands of states: they come as one view or one gather, never a view per position
+    picked = by_stop if index is None else by_stop.index_select(0, cached_host_tensor(index, torch.long, u.device))
     if nz == 0:
         return out, last, picked
     h0 = _initial(initial_state, batch, dim, dstate, u.device)
     states = torch.cat([h0.unsqueeze(0).expand(nz, batch, dim, dstate), picked])
     return out, last, states
+
+
+@functools.lru_cache(maxsize=256)
+def _stops_of(positions: tuple[int, ...], L: int) -> tuple[tuple[int, ...], int, Optional[tuple[int, ...]]]:
+    """What a call with these (checked, non-decreasing) ``positions`` stores and returns, worked out once per
+    distinct call (a verify step repeats its positions every step, in every layer): ``(stops, nz, index)``, the
+    distinct positive positions and ``L`` in order (one stored row block each), the number of leading zeros
+    (the initial state), and the stored row of each later position, or None when they are the stops themselves
+    (traces, distinct positions ending at ``L``: the stored rows are returned as they are)."""
+    stops = tuple(sorted({p for p in positions if p > 0} | {L})) if L > 0 else ()
+    nz = next((i for i, p in enumerate(positions) if p != 0), len(positions))
+    rest = positions[nz:]
+    if rest == stops:
+        return stops, nz, None
+    row = {p: k for k, p in enumerate(stops)}
+    return stops, nz, tuple(row[p] for p in rest)
 
 
 def packed_position_marks(bounds: Sequence[int], positions: Sequence[Sequence[int]], device: torch.device,

@@ -320,7 +320,8 @@ class StatefulMamba(nn.Module):
             return out, new
         assert state is not None
         conv_at = conv_windows_at(state.conv_state, conv_in, positions, reset)
-        ssm_at = ssm_at.to(state.ssm_state.dtype)
+        if ssm_at.dtype != state.ssm_state.dtype:
+            ssm_at = ssm_at.to(state.ssm_state.dtype)
         if stacked:
             return out, new, {"conv_state": conv_at, "ssm_state": ssm_at}
         # rows of tensors shaped from the checked state: no per-position validation. With autograd recording,

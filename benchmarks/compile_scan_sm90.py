@@ -97,9 +97,9 @@ def _ptxas_usage(ptx: str | None, warps: int) -> str:
 def main() -> int:
     ok = True
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_INIT=True, HAS_RESET=True, SOFTPLUS=True,
-                     CHUNK=256, BD=16, BN=16, STORE_YPRE=False)
+                     CHUNK=256, BD=16, BN=16, STORE_YPRE=False, HAS_FINAL=False)
     for varlen in (False, True):
-        absent = {"ypre_ptr"} | (set() if varlen else {"vs_ptr", "ve_ptr"})
+        absent = {"ypre_ptr", "final_ptr"} | (set() if varlen else {"vs_ptr", "ve_ptr"})
         for mode in (0, 1, 2):
             absent_m = absent | ({"sum_ptr", "prod_ptr"} if mode != 1 else set())
             ok &= _compile(f"_scan_fwd_kernel MODE {mode} VARLEN {varlen}", K._scan_fwd_kernel,

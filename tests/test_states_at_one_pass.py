@@ -93,6 +93,34 @@ def test_one_pass_states_match_the_oracle_by_segments(monkeypatch, seqpar, bwd):
     _check(5, 2, 4, 4, 21, 2, [0, 3, 8, 8, 13, 21])
 
 
+def _check_inference(seed, b, d, n, L, groups, pos, device="cpu"):
+    """Without autograd the kernels write the final state apart from the stored rows: it equals the oracle's
+    and shares no memory with the states at positions (the length among them)."""
+    inp = _inputs(seed, b, d, n, L, groups)
+    g = torch.Generator().manual_seed(seed + 1)
+    h0 = torch.randn(b, d, n, generator=g, dtype=F64)
+    reset = torch.rand(b, L, generator=g) < 0.15
+    out64, last64, st64 = _oracle(inp, h0, reset, pos)
+    with torch.no_grad():
+        out, last, states = selective_scan_fn(**{k: v.float().to(device) for k, v in inp.items()},
+                                              delta_softplus=True, return_last_state=True,
+                                              initial_state=h0.float().to(device), reset=reset.to(device),
+                                              backend="triton", chunk_size=8, return_states_at=pos)
+    torch.testing.assert_close(out.double().cpu(), out64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last.double().cpu(), last64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states.double().cpu(), st64, rtol=1e-4, atol=1e-5)
+    before = states.clone()
+    last.zero_()  # the caller may modify the final state in place: the states beside it stay
+    assert torch.equal(states, before)
+
+
+@pytest.mark.parametrize("seqpar", ["0", "1"])
+def test_one_pass_states_without_autograd_write_the_final_state_apart(monkeypatch, seqpar):
+    monkeypatch.setenv("MAMBA_STATE_SCAN_SEQPAR", seqpar)
+    _check_inference(11, 2, 4, 4, 21, 2, [0, 3, 8, 8, 13, 21])
+    _check_inference(12, 1, 8, 4, 19, 1, [5, 19])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("seqpar, bwd", [("0", "seq"), ("1", "chunk")])

@@ -88,11 +88,13 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                      reset: Optional[Tensor], delta_softplus: bool, chunk: int, keep_ypre: bool = True,
                      seq_start: Optional[Tensor] = None, seq_end: Optional[Tensor] = None, nseq: int = 0,
-                     zero_rows: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     zero_rows: bool = True, final_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`scan_forward` itself (its arguments and outputs), plus ``zero_rows``: with the marks, whether the
     [nseq, dim, dstate] rows of final states start zeroed. False when every row is marked somewhere, so that the
     kernels write each of them (states at positions: each stored row has its step), which saves the fill of a
-    buffer that is a whole trace's size for a full trace."""
+    buffer that is a whole trace's size for a full trace. ``final_out`` (with the marks of states at positions
+    only, whose one sequence start is step 0): float32 [batch, dim, dstate], filled with each row's final state
+    besides the stored rows."""
     from . import triton_kernels as K
 
     batch, dim, L = u.shape
@@ -125,6 +127,7 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         u, delta, A, B, C, D.contiguous() if D is not None else None, z,
         delta_bias.contiguous() if delta_bias is not None else None, init, rst,
         out, last, ckpt, summ, prod, ypre if store_ypre else None, seq_start, seq_end,
+        final_out if not seqpar else None,
         dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
@@ -137,9 +140,12 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=1, **flags)
             block = 256
             # packed: chunk 0 starts a sequence (its initial state enters there), and the carry's final value is not
-            # a sequence's final state (MODE 2 stores those)
+            # a sequence's final state (MODE 2 stores those), except with the marks of states at positions (no
+            # sequence starts past step 0): then it is the row's final state, which final_out asks for
+            carry_end = (last if not varlen else final_out if final_out is not None
+                         else torch.empty_like(ckpt[:, :, 0]))
             K._carry_kernel[(_cdiv(dim * dstate, block), batch)](
-                None if varlen else init, summ, prod, ckpt, torch.empty_like(ckpt[:, :, 0]) if varlen else last,
+                None if varlen else init, summ, prod, ckpt, carry_end,
                 dim, dstate, nch, REVERSE=False, BLOCK=block, num_warps=4)
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch, nch)](*common, MODE=2, **flags)
     return out, last, ckpt, ypre

@@ -27,18 +27,22 @@ __all__ = ["position_marks", "scan_states_at_one_pass", "packed_position_marks",
 
 
 def _marked_scan(args: tuple, starts: Tensor, ends: Tensor, nrows: int, differentiable: bool,
-                 every_row_marked: bool = False) -> tuple[Tensor, Tensor]:
-    """``(out, stored states [nrows, dim, dstate] float32)`` of the kernels with the marks: through ScanFn when
-    autograd is needed, else the forward launches directly (``every_row_marked``: every row has a step that
-    stores it, so the buffer needs no zero fill)."""
+                 every_row_marked: bool = False,
+                 final: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(out, stored states [nrows, dim, dstate] float32, final states or None)`` of the kernels with the marks:
+    through ScanFn when autograd is needed, else the forward launches directly (``every_row_marked``: every row
+    has a step that stores it, so the buffer needs no zero fill; ``final``: the marks are those of states at
+    positions, and the kernels also write each row's final state into a [batch, dim, dstate] tensor of its own,
+    the third result; without autograd only, else None)."""
     u, delta, A, B4, C4, D, z, delta_bias, h0, reset, softplus, chunk = args
     full = (u, delta, A, B4, C4, D, z, delta_bias, h0, reset, bool(softplus), chunk)
     if differentiable:
         out, buf, _, _ = ScanFn.apply(*full, starts, ends, nrows)
-    else:
-        out, buf, _, _ = forward_launches(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows,
-                                          zero_rows=not every_row_marked)
-    return out, buf
+        return out, buf, None
+    fin = torch.empty(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32) if final else None
+    out, buf, _, _ = forward_launches(*full, keep_ypre=False, seq_start=starts, seq_end=ends, nseq=nrows,
+                                      zero_rows=not every_row_marked, final_out=fin)
+    return out, buf, fin
 
 
 def _initial(initial_state: Optional[Tensor], rows: int, dim: int, dstate: int, device: torch.device) -> Tensor:
@@ -83,15 +87,16 @@ def scan_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4:
     starts, ends = position_marks(stops, L, batch, u.device)
     nrows = max(1, len(stops)) * batch
     # every stop is marked at its step, and each row of a stop is written there (L > 0)
-    out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
-                            starts, ends, nrows, differentiable, every_row_marked=L > 0)
+    out, buf, fin = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus,
+                                  chunk), starts, ends, nrows, differentiable, every_row_marked=L > 0, final=L > 0)
     if L == 0:
         # no step ran: every state is the initial state (copies: never the caller's own tensor)
         h0 = _initial(initial_state, batch, dim, dstate, u.device)
         return out, h0.clone(), h0.unsqueeze(0).repeat(len(positions), 1, 1, 1)
     by_stop = buf.view(len(stops), batch, dim, dstate)
-    # the final state is a copy of its row, so it never shares memory with the states returned beside it
-    last = by_stop[-1].clone()
+    # the final state never shares memory with the states returned beside it: the kernels wrote it apart
+    # (inference), or it is a copy of its row (autograd records the copy)
+    last = fin if fin is not None else by_stop[-1].clone()
     # a trace asks for thousands of states: they come as one view or one gather, never a view per position
     picked = by_stop if index is None else by_stop.index_select(0, cached_host_tensor(index, torch.long, u.device))
     if nz == 0:
@@ -167,8 +172,8 @@ def scan_packed_states_at_one_pass(u: Tensor, delta: Tensor, A: Tensor, B4: Tens
     nseq = len(bounds) - 1
     starts, ends, rows = packed_position_marks(bounds, positions, u.device)
     nrows = max(nseq + len({r for rs in rows for r in rs if r >= nseq}), 1)
-    out, buf = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus, chunk),
-                            starts, ends, nrows, differentiable)
+    out, buf, _ = _marked_scan((u, delta, A, B4, C4, D, z, delta_bias, initial_state, reset, delta_softplus,
+                                chunk), starts, ends, nrows, differentiable)
     h0 = _initial(initial_state, nseq, dim, dstate, u.device)
     empty = [s for s in range(nseq) if bounds[s] == bounds[s + 1]]
     last = buf[:nseq]

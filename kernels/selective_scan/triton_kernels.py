@@ -224,16 +224,16 @@ def _vsteps8(x, P, A2, d, v, b, k, c, t0, vs_ptr, ve_ptr, init_ptr, last_ptr, st
 
 
 @optional_inputs(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_INIT="init_ptr", HAS_RESET="reset_ptr",
-                 STORE_YPRE="ypre_ptr", VARLEN="vs_ptr")
+                 STORE_YPRE="ypre_ptr", VARLEN="vs_ptr", HAS_FINAL="final_ptr")
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, reset_ptr,
-    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr, vs_ptr, ve_ptr,
+    out_ptr, last_ptr, ckpt_ptr, sum_ptr, prod_ptr, ypre_ptr, vs_ptr, ve_ptr, final_ptr,
     dim, L, dstate, cpg, nchunks, sxb, sxd,
     sBb, sBg, sBn, sCb, sCg, sCn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr, VARLEN: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, STORE_YPRE: tl.constexpr, VARLEN: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
     """MODE 0: the whole sequence in one program (grid [channel blocks, batch]); writes out, checkpoints, last.
     With z and ypre_ptr given (STORE_YPRE), also writes the output before the gate (for the backward; inference
@@ -244,6 +244,9 @@ def _scan_fwd_kernel(
     VARLEN (batch 1, vs_ptr/ve_ptr given): init_ptr and last_ptr are per sequence [num_seqs, dim, dstate]; the
     initial states enter at the sequences' first steps and the final states are stored at their last steps
     (MODE 0 and 2; MODE 1's chunks start from zero, so it stores none).
+    HAS_FINAL (VARLEN, MODE 0; final_ptr [batch, dim, dstate]): also store each row's state after its last step
+    there, for states at positions, whose marks never start a sequence past step 0 (the row's final state is
+    also a stored row; a copy of its own saves a launch). MODE 2 leaves that to _carry_kernel.
     """
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d, offs_n, mask_d, mask_n, mask_dn, grp, A, A2, bias, Dv = _channel_block(
@@ -319,6 +322,8 @@ def _scan_fwd_kernel(
     if MODE == 0:
         if not VARLEN:  # packed sequences stored theirs at their last steps
             tl.store(last_ptr + st_off, x, mask=mask_dn)
+        elif HAS_FINAL:
+            tl.store(final_ptr + st_off, x, mask=mask_dn)
     if MODE == 1:
         tl.store(sum_ptr + ck_off + c * dstate, x, mask=mask_dn)
         tl.store(prod_ptr + ck_off + c * dstate, P, mask=mask_dn)

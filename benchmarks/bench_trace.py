@@ -100,12 +100,18 @@ def write_doc(path: Path) -> None:
         "",
         markdown_table(["what", "batch", "tokens", "ms (median)", "x plain forward"], rows),
         "",
-        environment_line(doc["environment"]) + (f" Commit {doc['commit']}." if doc.get("commit") else ""),
+        environment_line(doc["environment"]) + (f" Commit {doc['commit']}." if doc.get("commit")
+                                                and "commit" not in doc["environment"] else ""),
         "",
         "At batch 1 the layer is bound by the host: its plain forward takes about 1.1 ms of wall time for about "
         "0.13 ms of kernels (`benchmarks/profile_positions.py`), so the ratios there measure the Python and launch "
         "work the positions add (their checks, the marks looked up on the device, the conv windows, the state "
-        "objects), and they move by 0.2 between runs on different hosts.",
+        "objects), and they move between runs on different hosts. The same day, before the last host-side "
+        "changes (the conv windows cast straight into a contiguous tensor, a cheaper device-cache key, and the "
+        "final state written by the kernels instead of copied after them), 8 positions at batch 1 measured 1.23x "
+        "(commit e4c7f26, plain forward 1.37 ms) and 1.18x (ed0a76b, plain forward 0.66 ms); "
+        "`python benchmarks/profile_positions.py --host` lists the Python functions whose own time the positions "
+        "add.",
     ])
     replace_section(SECTION, body)
 

@@ -73,8 +73,13 @@ def _stream_key(device: torch.device) -> tuple[int, int]:
     with positions, where building ``torch.cuda.current_stream(device)`` (a Stream object, the device index
     resolved in Python) cost about 20 us of host time against about 1 us for the raw handle."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what TorchInductor's generated code calls
-    return index, int(raw(index)) if raw is not None else int(torch.cuda.current_stream(index).cuda_stream)
+    if _raw_stream is not None:
+        return index, int(_raw_stream(index))
+    return index, int(torch.cuda.current_stream(index).cuda_stream)
+
+
+# what TorchInductor's generated code calls for the current stream; looked up once, not in every layer's call
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def cached_host_tensor(values: Sequence[int], dtype: torch.dtype, device: Union[torch.device, str]) -> Tensor:

@@ -16,7 +16,6 @@ processed, so the state *at* ``p`` is the one before that reset (what a caller s
 from __future__ import annotations
 
 import functools
-
 import numbers
 from typing import Any, Callable, Iterable, Sequence
 

@@ -88,7 +88,8 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                      reset: Optional[Tensor], delta_softplus: bool, chunk: int, keep_ypre: bool = True,
                      seq_start: Optional[Tensor] = None, seq_end: Optional[Tensor] = None, nseq: int = 0,
-                     zero_rows: bool = True, final_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     zero_rows: bool = True,
+                     final_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`scan_forward` itself (its arguments and outputs), plus ``zero_rows``: with the marks, whether the
     [nseq, dim, dstate] rows of final states start zeroed. False when every row is marked somewhere, so that the
     kernels write each of them (states at positions: each stored row has its step), which saves the fill of a

@@ -5,6 +5,7 @@ A diagnostic for choosing what to change in the backward, not a benchmark of rec
 
     python benchmarks/probe_scan_bwd.py                       # default plan, every shape
     python benchmarks/probe_scan_bwd.py --variants            # also BD / warps / schedule / chunk variants
+    python benchmarks/probe_scan_bwd.py --half                # also the half-tile variants (BWD_HALF)
     python benchmarks/probe_scan_bwd.py --once                # one fwd+bwd at the first shape (for ncu)
 """
 
@@ -30,6 +31,13 @@ VARIANTS = [
     # a thread, on two warps 0.24 KB (the same per-program work, but cross-warp reductions over channels)
     {"BWD_BD": 16, "BWD_WARPS": 2}, {"BWD_BD": 32, "BWD_WARPS": 4}, {"BWD_BD": 8, "BWD_WARPS": 2},
     {"chunk_size": 64}, {"chunk_size": 256},
+]
+
+# the gradient pass's tiles walked as two halves of 4 steps (MAMBA_STATE_SCAN_BWD_HALF; fewer states live)
+HALF_VARIANTS = [
+    {"BWD_HALF": 1}, {"BWD_HALF": 2},
+    {"BWD_HALF": 2, "BWD_BD": 8}, {"BWD_HALF": 2, "BWD_BD": 16, "BWD_WARPS": 2},
+    {"BWD_HALF": 0, "BWD_BD": 16, "BWD_WARPS": 2}, {"BWD_HALF": 2, "BWD_BD": 32, "BWD_WARPS": 2},
 ]
 
 
@@ -78,6 +86,7 @@ def timed(impl, shape, dtype, env):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--half", action="store_true")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
@@ -98,7 +107,7 @@ def main() -> None:
     for shape in SHAPES:
         ref = timed(upa, shape, dtype, {}) if upa else (float("nan"), float("nan"))
         print(f"{shape} upstream: fwd {ref[0]:.3f} bwd {ref[1]:.3f} ms", flush=True)
-        for env in (VARIANTS if args.variants else [{}]):
+        for env in ([{}] + (VARIANTS[1:] if args.variants else []) + (HALF_VARIANTS if args.half else [])):
             f, b = timed(ours, shape, dtype, env)
             print(f"{shape} ours {env}: fwd {f:.3f} ({f / ref[0]:.2f}) bwd {b:.3f} ({b / ref[1]:.2f}) ms", flush=True)
     print("\n".join(kernel_report()))

@@ -85,3 +85,22 @@ def _split4(x, R: tl.constexpr):
     c0, c2 = tl.split(e)
     c1, c3 = tl.split(o)
     return c0, c1, c2, c3
+
+
+@triton.jit
+def _join4(c0, c1, c2, c3, R: tl.constexpr):
+    """4 columns [R] -> [R, 4] (inverse of _split4)."""
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (R, 4))
+
+
+@triton.jit
+def _halves8(x, R: tl.constexpr):
+    """[R, 8] -> (columns 0-3, columns 4-7), each [R, 4] (register moves where a thread holds the row)."""
+    return tl.split(tl.permute(tl.reshape(x, (R, 2, 4)), (0, 2, 1)))
+
+
+@triton.jit
+def _unhalves8(lo, hi, R: tl.constexpr):
+    """Inverse of _halves8: two [R, 4] tiles -> [R, 8]."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (R, 8))
+

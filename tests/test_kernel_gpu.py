@@ -166,11 +166,12 @@ def _set_env(name, value):
         os.environ[name] = str(value)
 
 
-def _grads_with_backward(inp, mode, gout, glast, split=None):
-    """Leaves' gradients of (out, last_state) under MAMBA_STATE_SCAN_BWD=mode (restored after)."""
+def _grads_with_backward(inp, mode, gout, glast, split=None, half=None):
+    """Leaves' gradients of (out, last_state) under MAMBA_STATE_SCAN_BWD=mode (and _SPLIT, _HALF; restored
+    after)."""
     leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v) for k, v in inp.items()}
     out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend="triton")
-    env = {"MAMBA_STATE_SCAN_BWD": mode, "MAMBA_STATE_SCAN_BWD_SPLIT": split}
+    env = {"MAMBA_STATE_SCAN_BWD": mode, "MAMBA_STATE_SCAN_BWD_SPLIT": split, "MAMBA_STATE_SCAN_BWD_HALF": half}
     saved = {k: os.environ.get(k) for k in env}
     try:
         for k, v in env.items():
@@ -207,6 +208,29 @@ def test_backward_schedules_agree_realistic(dtype, shape):
             assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), (mode, split, k)
     for k, g in seq.items():
         assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), ("seq", k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_half_tiles_agree_realistic(dtype):
+    """The gradient pass walking its tiles as two halves (state between them recomputed, or kept in the scratch)
+    against whole tiles and the float64 reference, both schedules, with an initial state and resets."""
+    b, d, L, n = 2, 1536, 2051, 16
+    inp = _inputs(b, d, L, n, dtype, 0, seed=11)
+    inp["reset"][:, 0] = True
+    inp["reset"][:, 1028] = True  # inside a tile's second half
+    ref = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in inp.items()}
+    rout, rlast = selective_scan_chunked(**ref, delta_softplus=True, return_last_state=True)
+    gout = torch.randn_like(rout).to(dtype)
+    glast = torch.randn_like(rlast).float()
+    torch.autograd.backward([rout, rlast], [gout.double(), glast.double()])
+    for mode in ("seq", "chunk"):
+        whole = _grads_with_backward(inp, mode, gout, glast, half=0)
+        for half in (1, 2):
+            halves = _grads_with_backward(inp, mode, gout, glast, half=half)
+            for k, g in halves.items():
+                assert torch.isfinite(g).all(), (mode, half, k)
+                assert _rel(g, whole[k]) < (1e-5 if dtype == torch.float32 else 1e-2), (mode, half, k)
+                assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), (mode, half, k)
 
 
 def test_chunk_backward_long_sequence_fp32():

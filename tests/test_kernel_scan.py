@@ -404,22 +404,25 @@ def test_both_backward_schedules_match_float64_reference(case):
     torch.autograd.backward([rout, rlast], [gout.double(), glast.double()])
     grads = {}
     # chunk-parallel with one program per channel block (every chunk in one program, in order), two (strided
-    # chunks) and the default; then the sequential walk
-    for mode, split in (("chunk", 1), ("chunk", 2), ("chunk", None), ("seq", None)):
+    # chunks) and the default; then the sequential walk; each walking its tiles whole (half 0) or as two halves
+    # of 4 steps, the state between them recomputed (1) or kept in the scratch (2)
+    plans = (("chunk", 1, 0), ("chunk", 2, 0), ("chunk", None, 0), ("seq", None, 0), ("seq", None, 1),
+             ("seq", None, 2), ("chunk", 2, 2))
+    for mode, split, half in plans:
         ours = _leaves(inp)
         out, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton",
                                       chunk_size=chunk)
-        with _env(BWD=mode, BWD_SPLIT=split):
+        with _env(BWD=mode, BWD_SPLIT=split, BWD_HALF=half):
             torch.autograd.backward([out, last], [gout, glast])
-        grads[(mode, split)] = {k: v.grad for k, v in ours.items() if v is not None and v.is_floating_point()}
-        for k, gr in grads[(mode, split)].items():
+        grads[(mode, split, half)] = {k: v.grad for k, v in ours.items() if v is not None and v.is_floating_point()}
+        for k, gr in grads[(mode, split, half)].items():
             assert gr is not None and gr.dtype == inp[k].dtype and gr.shape == inp[k].shape, (mode, k)
-            _close(gr, ref[k].grad, gr.dtype, f"{mode}/{split} grad {k}")
+            _close(gr, ref[k].grad, gr.dtype, f"{mode}/{split}/half {half} grad {k}")
     # the schedules sum the same float32 terms in different orders: they agree to float32 rounding (before the
     # final cast to the input dtype)
     for key, gs in grads.items():
         for k, gr in gs.items():
-            _close(gr, grads[("seq", None)][k], gr.dtype, f"{key} vs seq: grad {k}")
+            _close(gr, grads[("seq", None, 0)][k], gr.dtype, f"{key} vs seq: grad {k}")
 
 
 def test_chunk_backward_gradient_of_initial_state_only_through_last_state():

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .._device import launch_device
 from .._host import cached_host_tensor
-from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_mode,
+from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_half_tiles, backward_mode,
                        backward_splits, block_sizes, triton_next_pow2, use_sequence_parallel)
 
 __all__ = ["scan_forward", "scan_backward", "ScanFn", "packed_forward_by_sequence"]
@@ -275,7 +275,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dblocks = _cdiv(dim, bd)
     splits = backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
-    sub = chunk // TILE.value
+    varlen = seq_start is not None
+    half = 0 if varlen else backward_half_tiles()
+    sub = (chunk // TILE.value) * (2 if half == 2 else 1)  # scratch states a program row
     dev, f32 = u.device, torch.float32
     scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)
@@ -290,7 +292,6 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dC = torch.zeros(batch, ngroups, dstate, L, device=dev, dtype=f32)
     dD_part = torch.empty(parts, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(parts, dim, device=dev, dtype=f32) if delta_bias is not None else None
-    varlen = seq_start is not None
     # packed: every sequence's row is written at its first step; an empty sequence's stays zero
     dinit = (torch.zeros(nseq, dim, dstate, device=dev, dtype=f32) if varlen
              else torch.empty(batch, dim, dstate, device=dev, dtype=f32))
@@ -335,7 +336,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
             dB.stride(0), dB.stride(1), dB.stride(2),
-            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, num_warps=warps,
+            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, HALF=half,
+            num_warps=warps,
         )
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)

@@ -35,7 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._jit import LN2, LOG2E, TILE, _channel_offsets, _join8, _sigmoid, _softplus, _split8, optional_inputs
+from .._jit import (LN2, LOG2E, TILE, _channel_offsets, _halves8, _join4, _join8, _sigmoid, _softplus, _split4, _split8,
+                   _unhalves8, optional_inputs)
 
 
 @triton.jit
@@ -489,6 +490,69 @@ def _bsteps8(h, gA, A2, xs, d, v, b, c, k, g, u, dt, BD: tl.constexpr, BN: tl.co
 
 
 @triton.jit
+def _cols4(ptr, row1, t0, L, mask_n):
+    """The 4 columns ptr[row1 + t0 .. t0+3] as separate [BN] loads (zeros past L)."""
+    return (_col(ptr, row1, t0, L, mask_n), _col(ptr, row1, t0 + 1, L, mask_n),
+            _col(ptr, row1, t0 + 2, L, mask_n), _col(ptr, row1, t0 + 3, L, mask_n))
+
+
+@triton.jit
+def _steps4_end(x, A2, d, v, b, k, HAS_RESET: tl.constexpr):
+    """The state after the 4 steps of a half tile (columns as _step's, 4 of each) from x."""
+    x, _P, _y = _step(x, 0.0, A2, d, v, b, k, None, 0, HAS_RESET, False, False)
+    x, _P, _y = _step(x, 0.0, A2, d, v, b, k, None, 1, HAS_RESET, False, False)
+    x, _P, _y = _step(x, 0.0, A2, d, v, b, k, None, 2, HAS_RESET, False, False)
+    x, _P, _y = _step(x, 0.0, A2, d, v, b, k, None, 3, HAS_RESET, False, False)
+    return x
+
+
+@triton.jit
+def _bsteps4(h, gA, A2, x0, d, v, b, c, k, g, u4, dt4, BD: tl.constexpr, BN: tl.constexpr,
+             HAS_RESET: tl.constexpr):
+    """A half tile (4 steps from state x0; columns as _bstep's, 4 of each; u4, dt4 [BD, 4]): recompute its 5
+    states, then its 4 reverse steps. Same returns as _bsteps8, as [*, 4] tiles. Half the live states of a full
+    tile: what the backward's registers are spent on at 16 channels a warp."""
+    x1, _P, _y = _step(x0, 0.0, A2, d, v, b, k, None, 0, HAS_RESET, False, False)
+    x2, _P, _y = _step(x1, 0.0, A2, d, v, b, k, None, 1, HAS_RESET, False, False)
+    x3, _P, _y = _step(x2, 0.0, A2, d, v, b, k, None, 2, HAS_RESET, False, False)
+    x4, _P, _y = _step(x3, 0.0, A2, d, v, b, k, None, 3, HAS_RESET, False, False)
+    xs = (x0, x1, x2, x3, x4)
+    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 3, HAS_RESET)
+    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 2, HAS_RESET)
+    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 1, HAS_RESET)
+    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 0, HAS_RESET)
+    hb = _join4(hb0, hb1, hb2, hb3, BD)
+    gdt = _join4(gt0, gt1, gt2, gt3, BD) * LN2 + u4 * hb
+    gu = dt4 * hb
+    return h, gA, gdt, gu, _join4(gC0, gC1, gC2, gC3, BN), _join4(gB0, gB1, gB2, gB3, BN)
+
+
+@triton.jit
+def _bsteps_halves(h, gA, A2, x0, xm, u, dt, keep, gy, B_ptr, C_ptr, B_row1, C_row1, t0, L, mask_n,
+                   BD: tl.constexpr, BN: tl.constexpr, HAS_RESET: tl.constexpr, HALF: tl.constexpr):
+    """_bsteps8 as two half tiles, the second first (u, dt, gy [BD, 8], keep [1, 8]; x0: the state before the
+    tile; xm: the state before its step 4 when HALF == 2, recomputed from x0 when HALF == 1). Same returns."""
+    u_lo, u_hi = _halves8(u, BD)
+    dt_lo, dt_hi = _halves8(dt, BD)
+    v_lo, v_hi = _halves8(dt * u, BD)
+    g_lo, g_hi = _halves8(gy, BD)
+    k_lo, k_hi = _halves8(keep, 1)
+    if HALF == 1:
+        xm = _steps4_end(x0, A2, _split4(dt_lo, BD), _split4(v_lo, BD), _cols4(B_ptr, B_row1, t0, L, mask_n),
+                         _split4(k_lo, 1), HAS_RESET)
+    h, gA, gdt_hi, gu_hi, gC_hi, gB_hi = _bsteps4(
+        h, gA, A2, xm, _split4(dt_hi, BD), _split4(v_hi, BD), _cols4(B_ptr, B_row1, t0 + 4, L, mask_n),
+        _cols4(C_ptr, C_row1, t0 + 4, L, mask_n), _split4(k_hi, 1), _split4(g_hi, BD), u_hi, dt_hi, BD, BN,
+        HAS_RESET)
+    h, gA, gdt_lo, gu_lo, gC_lo, gB_lo = _bsteps4(
+        h, gA, A2, x0, _split4(dt_lo, BD), _split4(v_lo, BD), _cols4(B_ptr, B_row1, t0, L, mask_n),
+        _cols4(C_ptr, C_row1, t0, L, mask_n), _split4(k_lo, 1), _split4(g_lo, BD), u_lo, dt_lo, BD, BN,
+        HAS_RESET)
+    return (h, gA, _unhalves8(gdt_lo, gdt_hi, BD), _unhalves8(gu_lo, gu_hi, BD), _unhalves8(gC_lo, gC_hi, BN),
+            _unhalves8(gB_lo, gB_hi, BN))
+
+
+@triton.jit
 def _vbstep(h, gA, A2, xb, xa, d, v, b, c, k, g, I: tl.constexpr, t0, vs_ptr, ve_ptr, vlast_ptr, dinit_ptr, st_off,
             sd, mask_dn, HAS_RESET: tl.constexpr, HAS_VLAST: tl.constexpr):
     """Reverse of step I over packed sequences (xb, xa: the tile's states before and after each step, from
@@ -547,7 +611,7 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLAST: tl.constexpr,
     HAS_RESET: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, STORE_Y: tl.constexpr, VARLEN: tl.constexpr, HAS_VINIT: tl.constexpr,
-    HAS_VLAST: tl.constexpr,
+    HAS_VLAST: tl.constexpr, HALF: tl.constexpr = 0,
 ):
     """Reverse sweep over chunks. For each chunk: recompute the state at every 8-step tile boundary from the
     chunk's checkpoint (written to a small per-program scratch), then walk the tiles backwards, recomputing the
@@ -568,8 +632,13 @@ def _scan_bwd_kernel(
     (vinit_ptr [num_seqs, dim, dstate], or None for zeros) in at its first step; both modes write the gradient
     of each sequence's initial state into dinit [num_seqs, dim, dstate] at its first step, and add the gradient
     of each sequence's final state (vlast_ptr [num_seqs, dim, dstate], or None) at its last step.
+    HALF (without VARLEN): 0 walks each tile's 8 reverse steps at once (its 9 states live), 1 and 2 as two half
+    tiles of 4 (5 states live), the state before the second half recomputed (1) or kept in the scratch by the
+    first pass (2: two scratch states a tile).
     """
+    tl.static_assert(HALF == 0 or not VARLEN)
     SUB: tl.constexpr = CHUNK // TILE
+    SCR: tl.constexpr = 2 if HALF == 2 else 1  # scratch states a tile
     pid_b = tl.program_id(1).to(tl.int64)
     if MODE == 0:
         part = pid_b
@@ -580,7 +649,7 @@ def _scan_bwd_kernel(
         A_ptr, bias_ptr, D_ptr, dim, dstate, cpg, BD, BN, HAS_BIAS, HAS_D)
     st_off, ck_off = _state_offsets(pid_b, offs_d, offs_n, dim, dstate, nchunks)
     part_off = (part * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    scr_off = ((part * dim + offs_d[:, None]) * SUB) * dstate + offs_n[None, :]
+    scr_off = ((part * dim + offs_d[:, None]) * (SUB * SCR)) * dstate + offs_n[None, :]
     if HAS_GLAST:
         h = tl.load(glast_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
     else:
@@ -611,7 +680,7 @@ def _scan_bwd_kernel(
         # pass 1: states at the tile boundaries of this chunk
         x = tl.load(ckpt_ptr + ck_off + c * dstate, mask=mask_dn, other=0.0)
         for s in range(0, ntiles):
-            tl.store(scr_ptr + scr_off + s * dstate, x, mask=mask_dn)
+            tl.store(scr_ptr + scr_off + (s * SCR) * dstate, x, mask=mask_dn)
             offs_t, mt, m2 = _tile_offsets(cstart + TILE * s, L, mask_d)
             u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
                                                offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
@@ -629,13 +698,15 @@ def _scan_bwd_kernel(
                     x = xs[8]
             else:
                 xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
+                if HALF == 2:
+                    tl.store(scr_ptr + scr_off + (s * SCR + 1) * dstate, xs[4], mask=mask_dn)
                 x = xs[8]
         tl.debug_barrier()
         # pass 2: tiles backwards
         for ss in range(0, ntiles):
             s = ntiles - 1 - ss
             t0 = cstart + TILE * s
-            x0 = tl.load(scr_ptr + scr_off + s * dstate, mask=mask_dn, other=0.0)
+            x0 = tl.load(scr_ptr + scr_off + (s * SCR) * dstate, mask=mask_dn, other=0.0)
             offs_t, mt, m2 = _tile_offsets(t0, L, mask_d)
             u, draw, dt, Bt, keep = _load_tile(u_ptr, dt_ptr, B_ptr, reset_ptr, row, B_row, rst_row, bias,
                                                offs_t, mt, m2, mask_n, HAS_BIAS, SOFTPLUS, HAS_RESET)
@@ -653,15 +724,22 @@ def _scan_bwd_kernel(
                 gy = g * zt * sz
             else:
                 gy = g
-            d = _split8(dt, BD)
-            v = _split8(dt * u, BD)
-            # B_t, C_t as per-step vector loads (L1 hits): their layout then matches the state's, which keeps
-            # far fewer registers live than splitting [BN, 8] tiles
-            b = _cols8(B_ptr, B_row1, t0, L, mask_n)
-            c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
-            k = _split8(keep, 1)
-            gs = _split8(gy, BD)
-            if VARLEN:
+            if HALF == 0:
+                d = _split8(dt, BD)
+                v = _split8(dt * u, BD)
+                # B_t, C_t as per-step vector loads (L1 hits): their layout then matches the state's, which
+                # keeps far fewer registers live than splitting [BN, 8] tiles
+                b = _cols8(B_ptr, B_row1, t0, L, mask_n)
+                c8 = _cols8(C_ptr, C_row1, t0, L, mask_n)
+                k = _split8(keep, 1)
+                gs = _split8(gy, BD)
+            if HALF > 0:
+                xm = x0
+                if HALF == 2:
+                    xm = tl.load(scr_ptr + scr_off + (s * SCR + 1) * dstate, mask=mask_dn, other=0.0)
+                h, gA, gdt, gu, gCt, gBt = _bsteps_halves(h, gA, A2, x0, xm, u, dt, keep, gy, B_ptr, C_ptr, B_row1,
+                                                          C_row1, t0, L, mask_n, BD, BN, HAS_RESET, HALF)
+            elif VARLEN:
                 # a tile with no mark (most: sequences are long next to 8 steps, positions few) takes the
                 # unmarked steps, whose chain has no per-step scalar loads and branches
                 if _tile_marked(vs_ptr, ve_ptr, t0, L):

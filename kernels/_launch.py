@@ -168,13 +168,14 @@ def backward_splits(batch: int, dim_blocks: int, nchunks: int, device: torch.dev
     return _chunk_plan(batch * dim_blocks, nchunks, _RESIDENT_PER_SM * _sm_count(device))[0]
 
 
-BWD_HALF_TILES = ("0", "1", "2")
+BWD_HALF_TILES = ("0", "1", "2", "3")
 
 
 def backward_half_tiles() -> int:
     """How the backward's gradient pass walks an 8-step tile (``_scan_bwd_kernel``'s HALF): 0 all 8 reverse steps
     at once (9 recomputed states live), 1 or 2 as two halves of 4 (5 states live), the state between the halves
-    recomputed (1) or kept in the scratch (2; twice the scratch). Compiled for sm_90 at 16 channels a warp, 0
+    recomputed (1) or kept in the scratch (2; twice the scratch; 3 as 2 with each reverse step's decay computed
+    anew instead of shared with the recompute's, fewer registers for more exponentials). Compiled for sm_90 at 16 channels a warp, 0
     spills about 1.4 KB a thread, 1 about 2.9 KB, 2 about 1.0 KB (triton 3.6, ``benchmarks/compile_scan_sm90.py``).
     ``MAMBA_STATE_SCAN_BWD_HALF`` chooses; packed sequences always take 0."""
     env = os.environ.get("MAMBA_STATE_SCAN_BWD_HALF", "0").strip() or "0"

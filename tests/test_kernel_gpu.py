@@ -225,7 +225,7 @@ def test_backward_half_tiles_agree_realistic(dtype):
     torch.autograd.backward([rout, rlast], [gout.double(), glast.double()])
     for mode in ("seq", "chunk"):
         whole = _grads_with_backward(inp, mode, gout, glast, half=0)
-        for half in (1, 2):
+        for half in (1, 2, 3):
             halves = _grads_with_backward(inp, mode, gout, glast, half=half)
             for k, g in halves.items():
                 assert torch.isfinite(g).all(), (mode, half, k)

@@ -407,7 +407,7 @@ def test_both_backward_schedules_match_float64_reference(case):
     # chunks) and the default; then the sequential walk; each walking its tiles whole (half 0) or as two halves
     # of 4 steps, the state between them recomputed (1) or kept in the scratch (2)
     plans = (("chunk", 1, 0), ("chunk", 2, 0), ("chunk", None, 0), ("seq", None, 0), ("seq", None, 1),
-             ("seq", None, 2), ("chunk", 2, 2))
+             ("seq", None, 2), ("chunk", 2, 2), ("seq", None, 3))
     for mode, split, half in plans:
         ours = _leaves(inp)
         out, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton",

@@ -277,7 +277,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
     varlen = seq_start is not None
     half = 0 if varlen else backward_half_tiles()
-    sub = (chunk // TILE.value) * (2 if half == 2 else 1)  # scratch states a program row
+    sub = (chunk // TILE.value) * (2 if half >= 2 else 1)  # scratch states a program row
     dev, f32 = u.device, torch.float32
     scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)

@@ -436,7 +436,7 @@ def _cols8(ptr, row1, t0, L, mask_n):
 
 
 @triton.jit
-def _bstep(h, gA, A2, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.constexpr):
+def _bstep(h, gA, A2, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.constexpr, FRESH: tl.constexpr = False):
     """Reverse of step I of a tile (xs: the tile's 9 states, xs[I] before the step; d, v, b, c, k, g: the
     columns of dt, dt*u, B, C, keep and gy). h enters as dL/dx after the step from later steps only and leaves as
     dL/dx before it.
@@ -447,13 +447,19 @@ def _bstep(h, gA, A2, xs, d, v, b, c, k, g, I: tl.constexpr, HAS_RESET: tl.const
     LOG2E times the gradient reaching dt through the decay: the caller scales it, so that A itself need not stay
     live next to A2).
     """
-    return _bstep_core(h, gA, A2, xs[I], xs[I + 1], d[I], v[I], b[I], c[I], k[I], g[I], HAS_RESET)
+    return _bstep_core(h, gA, A2, xs[I], xs[I + 1], d[I], v[I], b[I], c[I], k[I], g[I], HAS_RESET, FRESH)
 
 
 @triton.jit
-def _bstep_core(h, gA, A2, x_prev, x_new, dt, dtu, Bc, Cc, keep, gy, HAS_RESET: tl.constexpr):
-    """_bstep on one step's values: the states before (x_prev) and after (x_new) the step, and its columns."""
-    a = tl.exp2(dt[:, None] * A2)
+def _bstep_core(h, gA, A2, x_prev, x_new, dt, dtu, Bc, Cc, keep, gy, HAS_RESET: tl.constexpr,
+                FRESH: tl.constexpr = False):
+    """_bstep on one step's values: the states before (x_prev) and after (x_new) the step, and its columns.
+    FRESH: the decay computed anew (the + 0.0 keeps the compiler from sharing the recompute's, which would keep
+    a tile's decays live through its reverse steps)."""
+    if FRESH:
+        a = tl.exp2(dt[:, None] * A2 + 0.0)
+    else:
+        a = tl.exp2(dt[:, None] * A2)
     if HAS_RESET:
         a = a * keep[:, None]
     h = h + gy[:, None] * Cc[None, :]
@@ -508,7 +514,7 @@ def _steps4_end(x, A2, d, v, b, k, HAS_RESET: tl.constexpr):
 
 @triton.jit
 def _bsteps4(h, gA, A2, x0, d, v, b, c, k, g, u4, dt4, BD: tl.constexpr, BN: tl.constexpr,
-             HAS_RESET: tl.constexpr):
+             HAS_RESET: tl.constexpr, FRESH: tl.constexpr):
     """A half tile (4 steps from state x0; columns as _bstep's, 4 of each; u4, dt4 [BD, 4]): recompute its 5
     states, then its 4 reverse steps. Same returns as _bsteps8, as [*, 4] tiles. Half the live states of a full
     tile: what the backward's registers are spent on at 16 channels a warp."""
@@ -517,10 +523,10 @@ def _bsteps4(h, gA, A2, x0, d, v, b, c, k, g, u4, dt4, BD: tl.constexpr, BN: tl.
     x3, _P, _y = _step(x2, 0.0, A2, d, v, b, k, None, 2, HAS_RESET, False, False)
     x4, _P, _y = _step(x3, 0.0, A2, d, v, b, k, None, 3, HAS_RESET, False, False)
     xs = (x0, x1, x2, x3, x4)
-    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 3, HAS_RESET)
-    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 2, HAS_RESET)
-    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 1, HAS_RESET)
-    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 0, HAS_RESET)
+    h, gA, gC3, gB3, hb3, gt3 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 3, HAS_RESET, FRESH)
+    h, gA, gC2, gB2, hb2, gt2 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 2, HAS_RESET, FRESH)
+    h, gA, gC1, gB1, hb1, gt1 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 1, HAS_RESET, FRESH)
+    h, gA, gC0, gB0, hb0, gt0 = _bstep(h, gA, A2, xs, d, v, b, c, k, g, 0, HAS_RESET, FRESH)
     hb = _join4(hb0, hb1, hb2, hb3, BD)
     gdt = _join4(gt0, gt1, gt2, gt3, BD) * LN2 + u4 * hb
     gu = dt4 * hb
@@ -531,7 +537,8 @@ def _bsteps4(h, gA, A2, x0, d, v, b, c, k, g, u4, dt4, BD: tl.constexpr, BN: tl.
 def _bsteps_halves(h, gA, A2, x0, xm, u, dt, keep, gy, B_ptr, C_ptr, B_row1, C_row1, t0, L, mask_n,
                    BD: tl.constexpr, BN: tl.constexpr, HAS_RESET: tl.constexpr, HALF: tl.constexpr):
     """_bsteps8 as two half tiles, the second first (u, dt, gy [BD, 8], keep [1, 8]; x0: the state before the
-    tile; xm: the state before its step 4 when HALF == 2, recomputed from x0 when HALF == 1). Same returns."""
+    tile; xm: the state before its step 4 when HALF >= 2, recomputed from x0 when HALF == 1; HALF 3: each reverse
+    step computes its decay anew). Same returns."""
     u_lo, u_hi = _halves8(u, BD)
     dt_lo, dt_hi = _halves8(dt, BD)
     v_lo, v_hi = _halves8(dt * u, BD)
@@ -543,11 +550,11 @@ def _bsteps_halves(h, gA, A2, x0, xm, u, dt, keep, gy, B_ptr, C_ptr, B_row1, C_r
     h, gA, gdt_hi, gu_hi, gC_hi, gB_hi = _bsteps4(
         h, gA, A2, xm, _split4(dt_hi, BD), _split4(v_hi, BD), _cols4(B_ptr, B_row1, t0 + 4, L, mask_n),
         _cols4(C_ptr, C_row1, t0 + 4, L, mask_n), _split4(k_hi, 1), _split4(g_hi, BD), u_hi, dt_hi, BD, BN,
-        HAS_RESET)
+        HAS_RESET, HALF == 3)
     h, gA, gdt_lo, gu_lo, gC_lo, gB_lo = _bsteps4(
         h, gA, A2, x0, _split4(dt_lo, BD), _split4(v_lo, BD), _cols4(B_ptr, B_row1, t0, L, mask_n),
         _cols4(C_ptr, C_row1, t0, L, mask_n), _split4(k_lo, 1), _split4(g_lo, BD), u_lo, dt_lo, BD, BN,
-        HAS_RESET)
+        HAS_RESET, HALF == 3)
     return (h, gA, _unhalves8(gdt_lo, gdt_hi, BD), _unhalves8(gu_lo, gu_hi, BD), _unhalves8(gC_lo, gC_hi, BN),
             _unhalves8(gB_lo, gB_hi, BN))
 
@@ -632,13 +639,13 @@ def _scan_bwd_kernel(
     (vinit_ptr [num_seqs, dim, dstate], or None for zeros) in at its first step; both modes write the gradient
     of each sequence's initial state into dinit [num_seqs, dim, dstate] at its first step, and add the gradient
     of each sequence's final state (vlast_ptr [num_seqs, dim, dstate], or None) at its last step.
-    HALF (without VARLEN): 0 walks each tile's 8 reverse steps at once (its 9 states live), 1 and 2 as two half
-    tiles of 4 (5 states live), the state before the second half recomputed (1) or kept in the scratch by the
-    first pass (2: two scratch states a tile).
+    HALF (without VARLEN): 0 walks each tile's 8 reverse steps at once (its 9 states live), 1, 2 and 3 as two
+    half tiles of 4 (5 states live), the state before the second half recomputed (1) or kept in the scratch by
+    the first pass (2 and 3: two scratch states a tile; 3 also computes each reverse step's decay anew).
     """
     tl.static_assert(HALF == 0 or not VARLEN)
     SUB: tl.constexpr = CHUNK // TILE
-    SCR: tl.constexpr = 2 if HALF == 2 else 1  # scratch states a tile
+    SCR: tl.constexpr = 2 if HALF >= 2 else 1  # scratch states a tile
     pid_b = tl.program_id(1).to(tl.int64)
     if MODE == 0:
         part = pid_b
@@ -698,7 +705,7 @@ def _scan_bwd_kernel(
                     x = xs[8]
             else:
                 xs, _P, _y = _steps8(x, None, A2, d, v, b, k, None, BD, HAS_RESET, False, False)
-                if HALF == 2:
+                if HALF >= 2:
                     tl.store(scr_ptr + scr_off + (s * SCR + 1) * dstate, xs[4], mask=mask_dn)
                 x = xs[8]
         tl.debug_barrier()
@@ -735,7 +742,7 @@ def _scan_bwd_kernel(
                 gs = _split8(gy, BD)
             if HALF > 0:
                 xm = x0
-                if HALF == 2:
+                if HALF >= 2:
                     xm = tl.load(scr_ptr + scr_off + (s * SCR + 1) * dstate, mask=mask_dn, other=0.0)
                 h, gA, gdt, gu, gCt, gBt = _bsteps_halves(h, gA, A2, x0, xm, u, dt, keep, gy, B_ptr, C_ptr, B_row1,
                                                           C_row1, t0, L, mask_n, BD, BN, HAS_RESET, HALF)

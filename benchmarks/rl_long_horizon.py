@@ -10,6 +10,7 @@ keeps it), so the folder stays small enough to carry between calls.
 
     python benchmarks/rl_long_horizon.py run --out DIR --budget 540            # one device call; repeat it
     python benchmarks/rl_long_horizon.py run --out DIR --budget 540 --gpus 4   # 4 runs at once, one per GPU
+    python benchmarks/rl_long_horizon.py run --out DIR --budget 540 --per-gpu 4  # 4 runs at once on one GPU
     python benchmarks/rl_long_horizon.py status --out DIR                      # what is done, what is left
     python benchmarks/rl_long_horizon.py report --out DIR --doc docs/rl.md --img docs/img
     python benchmarks/rl_long_horizon.py run --out /tmp/x --smoke --budget 60  # CPU dry run of the pipeline
@@ -173,7 +174,9 @@ def cmd_run(args) -> int:
         plan = make_plan(args)
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     deadline = time.monotonic() + args.budget
-    slots = list(range(args.gpus)) if args.gpus > 0 else [None]
+    # a slot is (GPU or None, k): --per-gpu runs share each GPU (the policies are small and collection is
+    # launch-bound, so one run leaves most of the GPU idle)
+    slots = [(g, k) for g in (range(args.gpus) if args.gpus > 0 else [None]) for k in range(args.per_gpu)]
     running: dict[Any, tuple[subprocess.Popen, dict[str, Any], float, Any]] = {}
     log = (out / "driver.jsonl").open("a")
     todo = [r for r in plan["runs"] if not _finish_if_done(out, r, args.keep_checkpoints)]
@@ -191,19 +194,24 @@ def cmd_run(args) -> int:
             last_update_s = (m[-1]["train_seconds"] - (m[-2]["train_seconds"] if len(m) > 1 else 0.0)) if m else 0.0
             share = max(5.0, min(run["run_seconds"] - st["train_seconds"], left - args.reserve - last_update_s))
             env = dict(os.environ)
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            if slot[0] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot[0])
+            at_once = sum(1 for s in running if s[0] == slot[0]) + 1
             cmd = command(plan, run, out, share)
             (out / run["name"]).mkdir(parents=True, exist_ok=True)
             logf = (out / run["name"] / "stdout.log").open("a")
-            print(f"[{time.strftime('%H:%M:%S')}] start {run['name']} (gpu {slot}, {share:.0f} s, at update "
-                  f"{st['updates']}, {st['train_seconds']:.0f} of {run['run_seconds']:.0f} s)", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] start {run['name']} (gpu {slot[0]}, {at_once} on it, "
+                  f"{share:.0f} s, at update {st['updates']}, {st['train_seconds']:.0f} of "
+                  f"{run['run_seconds']:.0f} s)", flush=True)
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running[slot] = (proc, run, time.monotonic(), logf)
+            running[slot] = (proc, run, time.monotonic(), logf, at_once)
         if not running:
             break
         time.sleep(0.5)
-        for slot, (proc, run, t0, logf) in list(running.items()):
+        for slot in running:  # the most runs seen on each run's GPU while it ran
+            proc, run, t0, logf, at_once = running[slot]
+            running[slot] = (proc, run, t0, logf, max(at_once, sum(1 for s in running if s[0] == slot[0])))
+        for slot, (proc, run, t0, logf, at_once) in list(running.items()):
             if proc.poll() is None:
                 if time.monotonic() > deadline + args.grace:  # a run that overshoots the call: stop it
                     proc.terminate()
@@ -214,6 +222,7 @@ def cmd_run(args) -> int:
             done = _finish_if_done(out, run, args.keep_checkpoints)
             entry = {"run": run["name"], "rc": proc.returncode, "seconds": time.monotonic() - t0,
                      "updates": st["updates"], "train_seconds": st["train_seconds"], "finished": done,
+                     "runs_on_gpu": at_once,
                      "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
             log.write(json.dumps(entry) + "\n")
             log.flush()
@@ -235,6 +244,11 @@ def cmd_run(args) -> int:
 
 def rows(out: Path) -> list[dict[str, Any]]:
     plan = json.loads((out / "plan.json").read_text())
+    sharing: dict[str, int] = {}  # most runs seen on a run's GPU while it ran, over its calls (driver log)
+    if (out / "driver.jsonl").exists():
+        for line in (out / "driver.jsonl").read_text().splitlines():
+            e = json.loads(line)
+            sharing[e["run"]] = max(sharing.get(e["run"], 1), int(e.get("runs_on_gpu", 1)))
     table = []
     for run in plan["runs"]:
         st = run_state(out, run)
@@ -255,6 +269,7 @@ def rows(out: Path) -> list[dict[str, Any]]:
                       "seconds_to_80": reached.get("train_seconds") if reached else None,
                       "updates_to_80": reached["update"] if reached else None,
                       "device": s.get("device_name"), "chance": 1 / 2 ** run["bits"],
+                      "runs_on_gpu": sharing.get(run["name"], 1),
                       "curve": [(x.get("train_seconds"), x.get("window_success_rate")) for x in m]})
     return table
 
@@ -273,16 +288,18 @@ def markdown(out: Path, table: list[dict[str, Any]]) -> str:
                        {r["variant"]: r["extra"] for r in plan["runs"] if r["extra"]}.items()) + ".",
              "", "*eval success*: greedy, on `--eval-envs` fresh episodes at the training horizon after the last "
              "update trained (open loop); *80% after*: cumulative training seconds (collection + updates) when "
-             "the 10-update training success window first reached 0.8.", "",
+             "the 10-update training success window first reached 0.8; *runs on GPU*: how many runs shared the "
+             "GPU (`--per-gpu`; steps/s are per run, so they fall when runs share).", "",
              "| variant | horizon | bits | seed | status | updates | env steps | train s | eval success (chance) "
-             "| last train success | env steps/s (train) | env steps/s (collect) | 80% after |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| last train success | env steps/s (train) | env steps/s (collect) | runs on GPU | 80% after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(table, key=lambda r: (r["bits"], r["horizon"], r["variant"], r["seed"])):
         lines.append(
             f"| {r['variant']} | {r['horizon']:,} | {r['bits']} | {r['seed']} | {r['status']} | {r['updates']} | "
             f"{r['env_steps']:,} | {f(r['train_seconds'] if r['updates'] else None, '.0f')} | "
             f"{f(r['eval_success'], '.3f')} ({r['chance']:.4g}) | {f(r['train_success_last'], '.3f')} | "
             f"{f(r['steps_per_s'], ',.0f')} | {f(r['collect_steps_per_s'], ',.0f')} | "
+            f"{r['runs_on_gpu'] if r['updates'] else '-'} | "
             + ("not reached" if r["updates"] and r["seconds_to_80"] is None
                else "-" if not r["updates"] else f"{r['seconds_to_80']:.0f} s (update {r['updates_to_80']})")
             + " |")
@@ -388,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="train the next unfinished runs for --budget seconds (one device call)")
     r.add_argument("--out", required=True)
     r.add_argument("--budget", type=float, default=540, help="seconds this call may use (default 540)")
-    r.add_argument("--gpus", type=int, default=1, help="runs at once, one per GPU (0: no CUDA_VISIBLE_DEVICES)")
+    r.add_argument("--gpus", type=int, default=1, help="GPUs to use (0: no CUDA_VISIBLE_DEVICES)")
+    r.add_argument("--per-gpu", type=int, default=1, help="runs at once on each GPU (default 1)")
     r.add_argument("--horizons", type=int, nargs="+", default=[1000, 5000, 20000])
     r.add_argument("--bits", type=int, nargs="+", default=[1, 4])
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

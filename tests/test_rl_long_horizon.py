@@ -47,3 +47,19 @@ def test_a_run_spans_two_calls_and_the_report_states_what_ran(tmp_path, capsys):
     drv.unpack(tmp_path / "lh.tgz", tmp_path / "again" / "lh")
     assert (tmp_path / "again" / "lh" / "gru_h2_b1_s0" / "metrics.jsonl").read_text() == (
         gru / "metrics.jsonl").read_text()
+
+
+def test_runs_share_a_gpu_and_the_report_says_how_many(tmp_path, capsys):
+    drv = _driver()
+    out = tmp_path / "lh"
+    assert drv.main(["run", "--out", str(out), "--smoke", "--horizons", "2", "--bits", "1", "--seeds", "0",
+                     "--variants", "gru", "mamba", "--run-seconds", "3", "--per-gpu", "2", "--budget", "40",
+                     "--reserve", "2", "--min-slot", "5", "--grace", "30"]) == 0
+    started = [line for line in capsys.readouterr().out.splitlines() if " start " in line]
+    assert len(started) == 2 and "1 on it" in started[0] and "2 on it" in started[1]  # together, not in turn
+    log = [json.loads(x) for x in (out / "driver.jsonl").read_text().splitlines()]
+    assert sorted(e["run"] for e in log) == ["gru_h2_b1_s0", "mamba_h2_b1_s0"]
+    assert all(e["finished"] and e["runs_on_gpu"] == 2 for e in log)
+    assert {r["name"]: r["runs_on_gpu"] for r in drv.rows(out)} == {"gru_h2_b1_s0": 2, "mamba_h2_b1_s0": 2}
+    assert drv.main(["report", "--out", str(out)]) == 0
+    assert "| runs on GPU |" in capsys.readouterr().out

@@ -59,6 +59,8 @@ def environment(extra_packages: Sequence[str] = ()) -> dict[str, Any]:
         "versions": {p: _version(p) for p in packages},
         # set by gpu_session.sh's caller: a device copy of the tree has no git history
         "commit": os.environ.get("MAMBA_STATE_COMMIT") or None,
+        # launch-plan overrides in force (MAMBA_STATE_SCAN_BWD_HALF=3, ...): figures taken under one say so
+        "overrides": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MAMBA_STATE_SCAN_")},
     }
 
 
@@ -67,7 +69,10 @@ def environment_line(env: dict[str, Any]) -> str:
     device = env["gpu"] or f"CPU ({env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads)"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     commit = f" Commit {env['commit']}." if env.get("commit") else ""
-    return f"Measured {env['date_utc']} on {device}; Python {env['python']}, {versions}.{commit}"
+    overrides = env.get("overrides") or {}
+    plan = (" Launch-plan overrides: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()) + "."
+            if overrides else "")
+    return f"Measured {env['date_utc']} on {device}; Python {env['python']}, {versions}.{commit}{plan}"
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:

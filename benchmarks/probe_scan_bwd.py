@@ -35,9 +35,8 @@ VARIANTS = [
 
 # the gradient pass's tiles walked as two halves of 4 steps (MAMBA_STATE_SCAN_BWD_HALF; fewer states live)
 HALF_VARIANTS = [
-    {"BWD_HALF": 1}, {"BWD_HALF": 2}, {"BWD_HALF": 3},
-    {"BWD_HALF": 2, "BWD_BD": 8}, {"BWD_HALF": 2, "BWD_BD": 16, "BWD_WARPS": 2},
-    {"BWD_HALF": 0, "BWD_BD": 16, "BWD_WARPS": 2}, {"BWD_HALF": 2, "BWD_BD": 32, "BWD_WARPS": 2},
+    {"BWD_HALF": 2}, {"BWD_HALF": 3}, {"BWD_HALF": 3, "BWD_BD": 8},
+    {"BWD_HALF": 3, "BWD_BD": 16, "BWD_WARPS": 2}, {"BWD_HALF": 0, "BWD_BD": 16, "BWD_WARPS": 2},
 ]
 
 

@@ -30,6 +30,7 @@ row that says whether it finished, is in progress or did not run; nothing is est
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -181,6 +182,10 @@ def cmd_run(args) -> int:
     log = (out / "driver.jsonl").open("a")
     todo = [r for r in plan["runs"] if not _finish_if_done(out, r, args.keep_checkpoints)]
     print(f"{len(plan['runs']) - len(todo)} of {len(plan['runs'])} runs finished; {len(todo)} to go", flush=True)
+    if args.only:  # the runs this call may train, in the plan's order (the others wait for a later call)
+        todo = [r for r in todo if any(fnmatch.fnmatchcase(r["name"], pat) for pat in args.only)]
+        print(f"--only: {len(todo)} of them in this call: {', '.join(r['name'] for r in todo) or 'none'}",
+              flush=True)
     while todo or running:
         for slot in [s for s in slots if s not in running]:
             left = deadline - time.monotonic()
@@ -414,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--run-seconds", nargs="+", default=["1000=300", "5000=600", "20000=1200", "600"],
                    help="training seconds per run, per horizon (H=S; a bare S for other horizons)")
     r.add_argument("--total-updates", nargs="+", default=["100000"], help="update cap per run (H=U or U)")
+    r.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                   help="train only the unfinished runs whose names match one of these shell patterns, e.g. "
+                        "'gru_h20000_*' (the plan itself is unchanged)")
     r.add_argument("--memory-args", default=None, help="the mamba-memory variant's options (one string)")
     r.add_argument("--device", default="cuda")
     r.add_argument("--extra", nargs=argparse.REMAINDER, help="more mamba-state rl options for every run")

@@ -63,3 +63,17 @@ def test_runs_share_a_gpu_and_the_report_says_how_many(tmp_path, capsys):
     assert {r["name"]: r["runs_on_gpu"] for r in drv.rows(out)} == {"gru_h2_b1_s0": 2, "mamba_h2_b1_s0": 2}
     assert drv.main(["report", "--out", str(out)]) == 0
     assert "| runs on GPU |" in capsys.readouterr().out
+
+
+def test_only_trains_the_runs_named(tmp_path, capsys):
+    drv = _driver()
+    out = tmp_path / "lh"
+    assert drv.main(["run", "--out", str(out), "--smoke", "--horizons", "2", "3", "--bits", "1", "--seeds", "0",
+                     "--variants", "gru", "mamba", "--run-seconds", "3", "--budget", "30", "--reserve", "2",
+                     "--min-slot", "5", "--grace", "30", "--only", "gru_h3_*"]) == 0
+    text = capsys.readouterr().out
+    assert "4 to go" in text and "--only: 1 of them in this call: gru_h3_b1_s0" in text
+    status = {r["name"]: r["status"] for r in drv.rows(out)}
+    assert status == {"gru_h2_b1_s0": "not run", "mamba_h2_b1_s0": "not run", "gru_h3_b1_s0": "finished",
+                      "mamba_h3_b1_s0": "not run"}
+    assert len(json.loads((out / "plan.json").read_text())["runs"]) == 4  # the plan keeps every run

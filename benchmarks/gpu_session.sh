@@ -31,6 +31,7 @@
 #   serve   benchmarks/bench_serve.py (TTFT, decode throughput, chat trace, bursts)  (SERVE_TIMEOUT, 240 s)
 #   pengine benchmarks/profile_engine.py (host sections of an engine decode step vs device time) (PENGINE_TIMEOUT, 150 s)
 #   pytest  the GPU tests of $PYTEST_FILES (e.g. PYTEST_FILES="tests/test_rl_collect.py")  (PYTEST_TIMEOUT, 300 s)
+#   prlc    benchmarks/profile_rl_collect.py (kernels and device time per collection step)  (PRLC_TIMEOUT, 200 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection; RLC_ARGS)   (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pbwd    benchmarks/probe_scan_bwd.py $PBWD_ARGS (default --half: the half-tile variants)   (PBWD_TIMEOUT, 300 s)
@@ -149,6 +150,7 @@ for step in ${STEPS:-tests gen cont}; do
         mimo) run_step mimo "${MIMO_TIMEOUT:-200}" python3 -m pytest -q -s -m gpu -p no:cacheprovider -rfE \
                    tests/test_mamba3_mimo_gpu.py ;;
         serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;
+        prlc) run_step prlc "${PRLC_TIMEOUT:-200}" python3 benchmarks/profile_rl_collect.py --out "$OUT" ;;
         rlc) run_step rlc "${RLC_TIMEOUT:-200}" python3 benchmarks/bench_rl_collect.py ${RLC_ARGS:-} ;;
         probes) run_step probes "${PROBE_TIMEOUT:-200}" bash -c "python3 benchmarks/probe_conv_fwd.py; \
                    python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;

@@ -173,10 +173,11 @@ BWD_HALF_TILES = ("0", "1", "2", "3")
 
 def backward_half_tiles() -> int:
     """How the backward's gradient pass walks an 8-step tile (``_scan_bwd_kernel``'s HALF): 0 all 8 reverse steps
-    at once (9 recomputed states live), 1 or 2 as two halves of 4 (5 states live), the state between the halves
-    recomputed (1) or kept in the scratch (2; twice the scratch; 3 as 2 with each reverse step's decay computed
-    anew instead of shared with the recompute's, fewer registers for more exponentials). Compiled for sm_90 at 16 channels a warp, 0
-    spills about 1.4 KB a thread, 1 about 2.9 KB, 2 about 1.0 KB (triton 3.6, ``benchmarks/compile_scan_sm90.py``).
+    at once (9 recomputed states live), 1, 2 or 3 as two halves of 4 (5 states live), the state between the halves
+    recomputed (1) or kept in the scratch (2 and 3; twice the scratch; 3 also computes each reverse step's decay
+    anew instead of sharing the recompute's: fewer registers for more exponentials). Compiled for sm_90 at 16
+    channels a warp, 0 spills about 0.5 KB a thread, 2 about 0.3 KB and 3 0.1 KB; on an H100 (2026-12-08) 3 timed
+    within -2.4% / +4.1% of 0 and 2 slower, so 0 is the default (docs/kernel.md, "Half tiles").
     ``MAMBA_STATE_SCAN_BWD_HALF`` chooses; packed sequences always take 0."""
     env = os.environ.get("MAMBA_STATE_SCAN_BWD_HALF", "0").strip() or "0"
     if env not in BWD_HALF_TILES:

@@ -63,8 +63,11 @@ def make_plan(args) -> dict[str, Any]:
     updates = dict(_pairs(args.total_updates))
     memory = args.memory_args.split() if args.memory_args is not None else MEMORY_ARGS
     runs = []
+    # a curriculum trains each horizon from the policy of the next shorter one (same variant, bits and seed):
+    # ascending horizons, so every run comes after the run it starts from
+    horizons = sorted(args.horizons) if args.curriculum else args.horizons
     for seed in args.seeds:
-        for h in args.horizons:
+        for i, h in enumerate(horizons):
             for bits in args.bits:
                 for variant in args.variants:
                     ctrl, extra = VARIANTS[variant]
@@ -73,10 +76,12 @@ def make_plan(args) -> dict[str, Any]:
                     runs.append({"name": run_name(variant, h, bits, seed), "variant": variant, "controller": ctrl,
                                  "horizon": h, "bits": bits, "seed": seed,
                                  "run_seconds": float(seconds.get(h, seconds.get(0, 600.0))),
-                                 "total_updates": int(updates.get(h, updates.get(0, 100000))), "extra": extra})
+                                 "total_updates": int(updates.get(h, updates.get(0, 100000))), "extra": extra,
+                                 "init_from": (run_name(variant, horizons[i - 1], bits, seed)
+                                               if args.curriculum and i > 0 else None)})
     common = SMOKE if args.smoke else COMMON
     return {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
-            "common": common + list(args.extra or []), "runs": runs}
+            "common": common + list(args.extra or []), "curriculum": bool(args.curriculum), "runs": runs}
 
 
 def _pairs(items: list[str]) -> list[tuple[int, float]]:
@@ -111,10 +116,13 @@ def command(plan: dict[str, Any], run: dict[str, Any], out: Path, max_seconds: f
     return [sys.executable, "-m", "mamba_state.cli", "rl", "--controller", run["controller"],
             "--horizon", str(run["horizon"]), "--num-bits", str(run["bits"]), "--seed", str(run["seed"]),
             "--total-updates", str(run["total_updates"]), "--device", plan["device"], *plan["common"],
-            *run["extra"], "--max-seconds", f"{max_seconds:.0f}", "--resume", "--out", str(out / run["name"])]
+            *run["extra"], "--max-seconds", f"{max_seconds:.0f}", "--resume", "--out", str(out / run["name"]),
+            *(["--init-from", str(out / run["init_from"] / POLICY_FILE)] if run.get("init_from") else [])]
 
 
-def _finish_if_done(out: Path, run: dict[str, Any], keep: bool) -> bool:
+def _finish_if_done(out: Path, run: dict[str, Any], keep: bool, needed: frozenset[str] = frozenset()) -> bool:
+    """Mark ``run`` finished when it reached its seconds or updates, and drop its checkpoint (unless ``keep``);
+    a run in ``needed`` (another run starts from it) first keeps its policy's parameters as ``POLICY_FILE``."""
     st = run_state(out, run)
     if st["finished"]:
         return True
@@ -124,10 +132,24 @@ def _finish_if_done(out: Path, run: dict[str, Any], keep: bool) -> bool:
         (d / "FINISHED").write_text(json.dumps({"updates": st["updates"], "train_seconds": st["train_seconds"],
                                                 "reason": "updates" if st["updates"] >= run["total_updates"]
                                                 else "run seconds"}) + "\n")
+        if run["name"] in needed and (d / "checkpoint.pt").exists():
+            _keep_policy(d / "checkpoint.pt", d / POLICY_FILE)
         if not keep and (d / "checkpoint.pt").exists():
             (d / "checkpoint.pt").unlink()
         return True
     return False
+
+
+POLICY_FILE = "policy.pt"  # a finished run's policy parameters, for the runs of a curriculum that start from it
+
+
+def _keep_policy(checkpoint: Path, dest: Path) -> None:
+    """The policy's parameters of a PPO checkpoint as a checkpoint of their own (what ``--init-from`` reads;
+    a small fraction of the full checkpoint, which also holds the optimizer, environments and generators)."""
+    from mamba_state.rl.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    save_checkpoint(dest, {"policy": payload["trainer"]["policy"]}, payload.get("run"))
 
 
 def unpack(archive: Path, out: Path) -> None:
@@ -180,7 +202,8 @@ def cmd_run(args) -> int:
     slots = [(g, k) for g in (range(args.gpus) if args.gpus > 0 else [None]) for k in range(args.per_gpu)]
     running: dict[Any, tuple[subprocess.Popen, dict[str, Any], float, Any]] = {}
     log = (out / "driver.jsonl").open("a")
-    todo = [r for r in plan["runs"] if not _finish_if_done(out, r, args.keep_checkpoints)]
+    needed = frozenset(r["init_from"] for r in plan["runs"] if r.get("init_from"))
+    todo = [r for r in plan["runs"] if not _finish_if_done(out, r, args.keep_checkpoints, needed)]
     print(f"{len(plan['runs']) - len(todo)} of {len(plan['runs'])} runs finished; {len(todo)} to go", flush=True)
     if args.only:  # the runs this call may train, in the plan's order (the others wait for a later call)
         todo = [r for r in todo if any(fnmatch.fnmatchcase(r["name"], pat) for pat in args.only)]
@@ -191,7 +214,12 @@ def cmd_run(args) -> int:
             left = deadline - time.monotonic()
             if not todo or left < args.min_slot:
                 break
-            run = todo.pop(0)
+            # the first run whose curriculum predecessor (if any) has finished; the others wait
+            ready = [r for r in todo if not r.get("init_from") or run_state(out, {"name": r["init_from"]})["finished"]]
+            if not ready:
+                break
+            run = ready[0]
+            todo.remove(run)
             st = run_state(out, run)
             # the run's remaining share, and what this call can still give it after startup, capture and the
             # final evaluation (--reserve) and one update past the limit (the last update's duration)
@@ -224,7 +252,7 @@ def cmd_run(args) -> int:
             logf.close()
             del running[slot]
             st = run_state(out, run)
-            done = _finish_if_done(out, run, args.keep_checkpoints)
+            done = _finish_if_done(out, run, args.keep_checkpoints, needed)
             entry = {"run": run["name"], "rc": proc.returncode, "seconds": time.monotonic() - t0,
                      "updates": st["updates"], "train_seconds": st["train_seconds"], "finished": done,
                      "runs_on_gpu": at_once,
@@ -422,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
                    help="train only the unfinished runs whose names match one of these shell patterns, e.g. "
                         "'gru_h20000_*' (the plan itself is unchanged)")
+    r.add_argument("--curriculum", action="store_true",
+                   help="plan: each horizon's run starts from the policy of the same variant, bits and seed at the "
+                        "next shorter horizon (--init-from), after that run has finished")
     r.add_argument("--memory-args", default=None, help="the mamba-memory variant's options (one string)")
     r.add_argument("--device", default="cuda")
     r.add_argument("--extra", nargs=argparse.REMAINDER, help="more mamba-state rl options for every run")

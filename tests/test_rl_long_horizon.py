@@ -77,3 +77,38 @@ def test_only_trains_the_runs_named(tmp_path, capsys):
     assert status == {"gru_h2_b1_s0": "not run", "mamba_h2_b1_s0": "not run", "gru_h3_b1_s0": "finished",
                       "mamba_h3_b1_s0": "not run"}
     assert len(json.loads((out / "plan.json").read_text())["runs"]) == 4  # the plan keeps every run
+
+
+def test_a_curriculum_starts_each_horizon_from_the_shorter_ones_policy(tmp_path, capsys):
+    drv = _driver()
+    out = tmp_path / "lh"
+    assert drv.main(["run", "--out", str(out), "--smoke", "--horizons", "3", "2", "--bits", "1", "--seeds", "0",
+                     "--variants", "gru", "--run-seconds", "3", "--curriculum", "--budget", "60", "--reserve", "2",
+                     "--min-slot", "5", "--grace", "30"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["curriculum"] and [(r["name"], r["init_from"]) for r in plan["runs"]] == [
+        ("gru_h2_b1_s0", None), ("gru_h3_b1_s0", "gru_h2_b1_s0")]  # ascending, whatever order was given
+    first, second = out / "gru_h2_b1_s0", out / "gru_h3_b1_s0"
+    assert (first / "FINISHED").exists() and (second / "FINISHED").exists()
+    # the first run's full checkpoint is gone; its policy's parameters stay for the run that starts from them
+    assert not (first / "checkpoint.pt").exists() and (first / "policy.pt").exists()
+    assert not (second / "policy.pt").exists()  # nothing starts from the last horizon
+    assert f"initialised the policy from {first / 'policy.pt'}" in (second / "stdout.log").read_text()
+    import torch
+
+    from mamba_state.rl.checkpoint import load_checkpoint
+
+    kept = load_checkpoint(first / "policy.pt")["trainer"]["policy"]
+    assert kept and all(isinstance(v, torch.Tensor) for v in kept.values())
+
+
+def test_a_curriculum_run_waits_for_the_run_it_starts_from(tmp_path, capsys):
+    drv = _driver()
+    out = tmp_path / "lh"
+    # room for the first run only: the second must not start from a policy that is not there yet
+    assert drv.main(["run", "--out", str(out), "--smoke", "--horizons", "2", "3", "--bits", "1", "--seeds", "0",
+                     "--variants", "gru", "--run-seconds", "6", "--curriculum", "--budget", "9", "--reserve", "3",
+                     "--min-slot", "5", "--grace", "30"]) == 0
+    status = {r["name"]: r["status"] for r in drv.rows(out)}
+    assert status == {"gru_h2_b1_s0": "in progress", "gru_h3_b1_s0": "not run"}
+    assert not (out / "gru_h3_b1_s0").exists()

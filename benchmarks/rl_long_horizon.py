@@ -318,7 +318,9 @@ def markdown(out: Path, table: list[dict[str, Any]]) -> str:
              f"finished, {prog} in progress (trained so far, not to their budget), "
              f"{len(table) - done - prog} not run. Common options: `{' '.join(plan['common'])}`"
              + "".join(f"; `{v}` adds `{' '.join(extra)}`" for v, extra in
-                       {r["variant"]: r["extra"] for r in plan["runs"] if r["extra"]}.items()) + ".",
+                       {r["variant"]: r["extra"] for r in plan["runs"] if r["extra"]}.items())
+             + ("; a curriculum: each horizon's run starts from the policy of the same variant, bits and seed at the "
+                "next shorter horizon" if plan.get("curriculum") else "") + ".",
              "", "*eval success*: greedy, on `--eval-envs` fresh episodes at the training horizon after the last "
              "update trained (open loop); *80% after*: cumulative training seconds (collection + updates) when "
              "the 10-update training success window first reached 0.8; *runs on GPU*: how many runs shared the "

@@ -140,18 +140,23 @@ def time_replay(controller: str, size: str, length: int, args, device: torch.dev
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """The collection setting's options (what :func:`trainer` reads), shared with profile_rl_collect.py."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-envs", type=int, default=512)
     p.add_argument("--rollout-len", type=int, default=256)
     p.add_argument("--horizon", type=int, default=1000)
     p.add_argument("--num-bits", type=int, default=1)
     p.add_argument("--controllers", nargs="+", default=["mamba", "gru"], choices=["mamba", "gru"])
-    p.add_argument("--sizes", nargs="+", default=["small", "default"], choices=list(SIZES))
     p.add_argument("--graph-steps", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default=None, help="Mamba scan backend (default: auto)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setting_args(p)
+    p.add_argument("--sizes", nargs="+", default=["small", "default"], choices=list(SIZES))
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--replay", action="store_true", help="also time training replay (CUDA only)")
     p.add_argument("--replay-lengths", type=int, nargs="+", default=[2000, 5000, 10000, 20000, 40000])
     p.add_argument("--replay-envs", type=int, default=128, help="sequences per replay (one minibatch of 512 / 4)")

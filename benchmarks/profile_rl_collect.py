@@ -17,13 +17,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rl_collect import trainer  # noqa: E402
+from bench_rl_collect import add_setting_args, trainer  # noqa: E402
 
 
 def _device_us(e) -> float:
@@ -66,16 +65,10 @@ def profile_path(controller: str, size: str, path: str, args, device: torch.devi
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-envs", type=int, default=512)
-    p.add_argument("--rollout-len", type=int, default=256)
-    p.add_argument("--horizon", type=int, default=1000)
-    p.add_argument("--num-bits", type=int, default=1)
-    p.add_argument("--controllers", nargs="+", default=["mamba", "gru"], choices=["mamba", "gru"])
+    add_setting_args(p)
     p.add_argument("--size", default="small", choices=["small", "default"])
     p.add_argument("--paths", nargs="+", default=None, choices=["eager", "graph", "graph-compiled"],
                    help="collection paths (default: all three on CUDA, eager and graph on a CPU)")
-    p.add_argument("--graph-steps", type=int, default=16)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 16 envs, 24 steps")
     p.add_argument("--out", default=".")
@@ -84,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.num_envs, a.rollout_len, a.horizon, a.graph_steps = 16, 24, 12, 8
     paths = a.paths or (["eager", "graph", "graph-compiled"] if device.type == "cuda" else ["eager", "graph"])
-    args = SimpleNamespace(num_envs=a.num_envs, rollout_len=a.rollout_len, horizon=a.horizon, num_bits=a.num_bits,
-                           graph_steps=a.graph_steps, backend=None)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# benchmarks/profile_rl_collect.py on {name}, {when}, torch {torch.__version__}, "
              f"{a.num_envs} envs, rollout {a.rollout_len}, horizon {a.horizon}, {a.size} policies"]
     for controller in a.controllers:
         for path in paths:
-            lines += profile_path(controller, a.size, path, args, device, a.top)
+            lines += profile_path(controller, a.size, path, a, device, a.top)
             print("\n".join(lines[-(a.top + 1):]), flush=True)
     out = Path(a.out) / "profile_rl_collect.txt"
     out.write_text("\n".join(lines) + "\n")

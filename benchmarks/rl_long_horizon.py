@@ -215,7 +215,7 @@ def cmd_run(args) -> int:
             if not todo or left < args.min_slot:
                 break
             # the first run whose curriculum predecessor (if any) has finished; the others wait
-            ready = [r for r in todo if not r.get("init_from") or run_state(out, {"name": r["init_from"]})["finished"]]
+            ready = [r for r in todo if not r.get("init_from") or (out / r["init_from"] / "FINISHED").exists()]
             if not ready:
                 break
             run = ready[0]

@@ -72,11 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-horizons", type=int, nargs="+", default=D["eval_horizons"], metavar="H",
                    help="also evaluate the trained policy greedily at these horizons (summary: eval_at_horizons; "
                         "default: none)")
-    g.add_argument("--collect", choices=["auto", "eager", "graph", "graph-compiled"], default=D["collect"],
+    g.add_argument("--collect", choices=["auto", "eager", "graph", "graph-compiled", "graph-fused"],
+                   default=D["collect"],
                    help="rollout collection: 'graph' captures one step (policy, sampling, environment, storage) "
                         "as CUDA graphs and replays them (run eagerly on a CPU, same transitions), "
                         "'graph-compiled' the same with the policy step through torch.compile (fewer kernels, "
-                        "equal up to float rounding), 'eager' one policy.step per time step from Python (0.1's "
+                        "equal up to float rounding), 'graph-fused' the same with the Mamba policy step and the "
+                        "environment step as two Triton kernels (equal up to float rounding), 'eager' one "
+                        "policy.step per time step from Python (0.1's "
                         "path); auto: graph on CUDA, else eager")
     g.add_argument("--graph-steps", type=int, default=D["graph_steps"],
                    help="time steps per captured CUDA graph with --collect graph")

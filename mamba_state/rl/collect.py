@@ -55,12 +55,12 @@ from .envs import DelayedRecall
 
 __all__ = ["GraphCollector", "COLLECT_MODES", "resolve_collect", "sample_actions", "actions_from"]
 
-COLLECT_MODES = ("auto", "eager", "graph", "graph-compiled")
+COLLECT_MODES = ("auto", "eager", "graph", "graph-compiled", "graph-fused")
 
 
 def resolve_collect(mode: str | None, device: torch.device) -> str:
-    """``"auto"`` (or None) -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"eager"``, ``"graph"`` and
-    ``"graph-compiled"`` as given."""
+    """``"auto"`` (or None) -> ``"graph"`` on CUDA, ``"eager"`` elsewhere; ``"eager"``, ``"graph"``,
+    ``"graph-compiled"`` and ``"graph-fused"`` as given."""
     if mode in (None, "auto"):
         return "graph" if torch.device(device).type == "cuda" else "eager"
     if mode not in COLLECT_MODES:
@@ -115,9 +115,14 @@ class GraphCollector:
         compile_step: run the step's body (policy, sampling, environment, storage; the random draws stay
             outside) through ``torch.compile`` (fused kernels; equal to the uncompiled step up to float
             rounding).
+        fused: run the step's body as two Triton kernels (``collect="graph-fused"``): the whole Mamba policy step
+            with sampling and storage (:mod:`mamba_state.kernels.rl_step`; a GRU policy, or a Mamba policy the
+            kernel does not take, keeps the graph path's policy step, see ``fused_policy``), and the
+            environment step. Needs Triton on the trainer's device (CUDA, or ``TRITON_INTERPRET=1``).
     """
 
-    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_step: bool = False):
+    def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_step: bool = False,
+                 fused: bool = False):
         if not isinstance(trainer.env, DelayedRecall):
             raise StateError(f"graph collection: expected a DelayedRecall environment, found "
                              f"{type(trainer.env).__name__} (use collect='eager')")
@@ -131,6 +136,21 @@ class GraphCollector:
         self.steps_per_graph = int(steps_per_graph)
         self.compile_step = bool(compile_step)
         self._compiled_step: Any = _compiled(self._step_from) if compile_step else None
+        if fused and compile_step:
+            raise StateError("graph collection: expected one of fused and compile_step, found both")
+        self.fused = bool(fused)
+        self._packed: Any = None  # the packed policy parameters the fused policy kernel reads
+        self.fused_policy_reason = "not fused"
+        if fused:
+            from ..kernels.backend import triton_usable
+            from .fused import PackedMambaPolicy, fused_policy_fits
+
+            ok, why = triton_usable(trainer.device)
+            if not ok:
+                raise StateError(f"collect='graph-fused': expected a device Triton runs on, found {trainer.device} "
+                                 f"({why}); use collect='graph', or TRITON_INTERPRET=1 on a CPU")
+            fits, self.fused_policy_reason = fused_policy_fits(trainer.policy)
+            self._packed = PackedMambaPolicy(trainer.policy) if fits else None
         self._graphs: dict[tuple[str, int], Any] = {}
         self._rollout_len = -1
 
@@ -141,6 +161,10 @@ class GraphCollector:
         self.obs = torch.zeros(n, o, dtype=torch.float32, device=dev)
         self.reset = torch.zeros(n, dtype=torch.bool, device=dev)
         self.state = tuple(torch.zeros_like(t) for t in tr.policy.initial_state(n, device=dev))
+        if self._packed is not None:  # the fused kernel updates every layer's states in two stacked tensors
+            self.conv_all = torch.stack(self.state[0::2])
+            self.ssm_all = torch.stack(self.state[1::2])
+            self.state = tuple(x for i in range(len(self.conv_all)) for x in (self.conv_all[i], self.ssm_all[i]))
         self.phase = torch.zeros(n, dtype=torch.long, device=dev)
         self.bits = torch.zeros(n, k, dtype=torch.long, device=dev)
         self.ep_return = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -203,48 +227,34 @@ class GraphCollector:
 
     def _observe(self, noise_bits: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
         """The observation of the current phases and bits (DelayedRecall's layout; its draws from _draws)."""
+        from ..kernels.rl_step.naive import recall_observation_ref
+
         env = self.trainer.env
-        horizon = env.horizon
-        shown = self.phase == 0
-        signs = self.bits.float() * 2 - 1
-        if noise_bits is not None:
-            distract = ((self.phase >= 1) & (self.phase <= horizon))[:, None]
-            bit_channels = torch.where(distract, noise_bits.float() * 2 - 1, 0.0)
-        else:
-            bit_channels = torch.zeros_like(signs)
-        parts = [torch.where(shown[:, None], signs, bit_channels), shown.float()[:, None],
-                 (self.phase == horizon + 1).float()[:, None]]
-        if noise is not None:
-            parts.append(noise * env.noise_std)
-        return torch.cat(parts, dim=1)
+        return recall_observation_ref(self.phase, self.bits, env.horizon, noise_bits, noise, env.noise_std)
 
     def _env_step(self, action: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
                   noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """DelayedRecall's step on the static buffers: ``(obs, reward, terminated, success, episode_return)``."""
+        from ..kernels.rl_step.naive import recall_env_step_ref
+
         env = self.trainer.env
-        at_cue = self.phase == env.horizon + 1
-        correct = action == (self.bits * env._powers).sum(-1)
-        reward = correct.float()
-        if env.shaping > 0:
-            answered = (action[:, None] // env._powers) % 2
-            frac = (answered == self.bits).float().mean(-1)
-            reward = (1 - env.shaping) * reward + env.shaping * frac
-        reward = torch.where(at_cue, reward, 0.0)
-        ret = self.ep_return + reward
-        ep_return = torch.where(at_cue, ret, 0.0)
-        success = at_cue & correct
-        self.bits.copy_(torch.where(at_cue[:, None], new_bits, self.bits))
-        self.phase.copy_(torch.where(at_cue, 0, self.phase + 1))
-        self.ep_return.copy_(torch.where(at_cue, 0.0, ret))
-        self.ep_steps.copy_(torch.where(at_cue, 0, self.ep_steps + 1))
-        return self._observe(noise_bits, noise), reward, at_cue, success, ep_return
+        out = recall_env_step_ref(action, self.phase, self.bits, self.ep_return, self.ep_steps, new_bits,
+                                  env.horizon, env.shaping)
+        self.bits.copy_(out["bits"])
+        self.phase.copy_(out["phase"])
+        self.ep_return.copy_(out["ep_return"])
+        self.ep_steps.copy_(out["ep_steps"])
+        return self._observe(noise_bits, noise), out["reward"], out["done"], out["success"], out["episode_return"]
 
     def step(self) -> None:
         """One collection step on the static buffers (what a graph captures): the random draws, then policy
         step, sampling, storage, environment step, statistics, and the carried state, observation and reset
         flags for the next step (:meth:`_step_from`; compiled with ``compile_step``)."""
         draws = self._draws()
-        (self._compiled_step or self._step_from)(*draws)
+        if self.fused:
+            self._fused_step_from(*draws)
+        else:
+            (self._compiled_step or self._step_from)(*draws)
 
     def _step_from(self, q: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
                    noise: torch.Tensor | None) -> None:
@@ -271,6 +281,34 @@ class GraphCollector:
             dst.copy_(src)
         self.obs.copy_(obs)
         self.reset.copy_(done)
+        t.add_(1)
+
+    def _fused_step_from(self, q: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
+                         noise: torch.Tensor | None) -> None:
+        """:meth:`step` given its draws with ``fused``: the policy kernel (or, without one, the graph path's
+        policy step, sampler and stores), then the environment kernel, then the step counter."""
+        from ..kernels.rl_step import mamba_policy_step, recall_env_step
+
+        tr, env, b, t = self.trainer, self.trainer.env, self.buf, self.t
+        resets, dones, reset = b["resets"].view(torch.uint8), b["dones"].view(torch.uint8), self.reset.view(torch.uint8)
+        if self._packed is not None:
+            mamba_policy_step(self._packed.weights, self.obs, reset, q, t, self.conv_all, self.ssm_all, b["obs"],
+                              resets, b["actions"], b["logprobs"], b["values"])
+        else:
+            logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
+            action = actions_from(logits, q)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
+            b["obs"].index_copy_(0, t, self.obs[None])
+            b["resets"].index_copy_(0, t, self.reset[None])
+            b["actions"].index_copy_(0, t, action[None])
+            b["logprobs"].index_copy_(0, t, logp[None])
+            b["values"].index_copy_(0, t, value.float()[None])
+            for dst, src in zip(self.state, new_state):
+                dst.copy_(src)
+        recall_env_step(t, b["actions"], self.phase, self.bits, self.ep_return, self.ep_steps, reset, self.obs,
+                        new_bits, noise_bits, noise, b["rewards"], dones, self.successes, self.episodes,
+                        self.return_sum, env.horizon, env.shaping, env.noise_std,
+                        age=self.age if tr.config.bptt == "episode" else None)
         t.add_(1)
 
     def gae_step(self) -> None:
@@ -386,6 +424,8 @@ class GraphCollector:
         init_state = clone_state(tr.state)
         was_training = policy.training
         policy.eval()
+        if self._packed is not None:
+            self._packed.refresh()  # the parameters as they are now (in place: captured graphs read these buffers)
         try:
             self._run(t_len, gae=False)
             _, last_value, _ = policy.step(self.obs, self.state, self.reset)  # bootstrap only

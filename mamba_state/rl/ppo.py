@@ -164,13 +164,16 @@ class PPOTrainer:
         the 0.1 path), ``"graph"`` (:class:`~mamba_state.rl.collect.GraphCollector`: the graph-ready step,
         captured and replayed as CUDA graphs on CUDA, run eagerly elsewhere; the same transitions),
         ``"graph-compiled"`` (the same with the step's body through ``torch.compile``: fewer kernels a step,
-        transitions equal up to float rounding) or ``"auto"`` (graph on CUDA, eager elsewhere)."""
+        transitions equal up to float rounding), ``"graph-fused"`` (the same with the step's body as two Triton
+        kernels, the Mamba policy step and the environment step: equal up to float rounding) or ``"auto"``
+        (graph on CUDA, eager elsewhere)."""
         from .collect import GraphCollector, resolve_collect
 
         self.collect_mode = resolve_collect(mode, self.device)
         self._collector = (GraphCollector(self, capture=self.device.type == "cuda", steps_per_graph=steps_per_graph,
-                                          compile_step=self.collect_mode == "graph-compiled")
-                           if self.collect_mode in ("graph", "graph-compiled") else None)
+                                          compile_step=self.collect_mode == "graph-compiled",
+                                          fused=self.collect_mode == "graph-fused")
+                           if self.collect_mode != "eager" else None)
 
     def collect(self) -> Rollout:
         """Run ``rollout_len`` steps in every environment; returns the :class:`Rollout` (GAE filled in)."""

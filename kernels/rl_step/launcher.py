@@ -1,0 +1,111 @@
+"""Launchers of the fused collection step's kernels (CUDA, or the interpreter). Both write into buffers the caller
+allocated once (the graph-ready collector's static tensors) and read the step index from a device counter, so a
+CUDA graph that captured one launch replays it at every step. No argument checks here beyond shapes the kernels
+rely on: the caller (``mamba_state.rl.fused``) builds every tensor."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mamba_state.errors import StateShapeError
+
+from .._device import launch_device
+from .weights import MambaPolicyWeights
+
+__all__ = ["mamba_policy_step", "recall_env_step", "POLICY_ROWS", "policy_step_fits"]
+
+POLICY_ROWS = 16  # environment rows per program (tl.dot needs 16 or more)
+_LIMITS = {"O": 256, "DM": 256, "DI": 1024, "NS": 64, "R": 64, "K": 8, "NA": 256}
+
+
+def _pow2(x: int, least: int = 1) -> int:
+    return max(least, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def _p2(x: int) -> int:
+    return _pow2(x, 16)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def policy_step_fits(sizes: dict[str, int]) -> tuple[bool, str]:
+    """Whether the fused policy kernel takes a policy of these sizes (``MambaPolicyWeights.sizes``), and why not:
+    every row's activations and one channel block of its states live in registers."""
+    over = [f"{k} = {sizes[k]} > {v}" for k, v in _LIMITS.items() if sizes[k] > v]
+    return (not over), ("fits" if not over else "too large for the fused kernel: " + ", ".join(over))
+
+
+def _c(t: Tensor, shape: list[int], name: str) -> None:
+    if list(t.shape) != shape or not t.is_contiguous() or t.dtype not in (torch.float32, torch.uint8, torch.int64):
+        raise StateShapeError(f"{name}: expected a contiguous tensor {shape}, found {t.dtype} {list(t.shape)} "
+                              f"(contiguous: {t.is_contiguous()})")
+
+
+def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tensor, t: Tensor, conv: Tensor,
+                      ssm: Tensor, obs_buf: Tensor, reset_buf: Tensor, action_buf: Tensor, logp_buf: Tensor,
+                      value_buf: Tensor) -> None:
+    """The policy step of every row at step ``t`` (int64 ``[1]`` on the device), in place.
+
+    Args:
+        obs: float32 ``[N, O]``; reset: uint8 ``[N]`` (1: clear the row's states first; a bool tensor's
+            ``view(torch.uint8)``); q: float32 ``[N, NA]`` the sampler's Exp(1) draws.
+        conv, ssm: float32 ``[L, N, DI, K]``, ``[L, N, DI, NS]``: read, then overwritten by the new states.
+        obs_buf ``[T, N, O]``, reset_buf uint8 ``[T, N]``: receive obs and reset at ``t``; action_buf int64,
+            logp_buf and value_buf float32 ``[T, N]``: the sampled action, its log-probability and the value.
+    """
+    s = w.sizes
+    n = obs.shape[0]
+    for tensor, shape, name in ((obs, [n, s["O"]], "obs"), (reset, [n], "reset"), (q, [n, s["NA"]], "q"),
+                                (conv, [s["L"], n, s["DI"], s["K"]], "conv"),
+                                (ssm, [s["L"], n, s["DI"], s["NS"]], "ssm")):
+        _c(tensor, shape, name)
+    ok, why = policy_step_fits(s)
+    if not ok:
+        raise StateShapeError(f"mamba_policy_step: {why}")
+    from . import triton_kernels as K  # triton is optional: imported where a kernel runs
+
+    bd = 16 if s["DI"] <= 16 else 32 if s["NS"] <= 16 else 16
+    with launch_device(obs):
+        K._mamba_policy_step_kernel[(_cdiv(n, POLICY_ROWS),)](
+            obs, reset, q, t, conv, ssm,
+            w.emb_w, w.emb_b, w.norm_w, w.norm_b, w.in_w, w.in_b, w.conv_w, w.conv_b, w.x_w, w.dt_w, w.dt_b, w.A,
+            w.D, w.out_w, w.out_b, w.fin_w, w.fin_b, w.act_w, w.act_b, w.crit_w, w.crit_b,
+            obs_buf, reset_buf, action_buf, logp_buf, value_buf,
+            n, float(w.eps),
+            O=s["O"], DM=s["DM"], DI=s["DI"], NS=s["NS"], R=s["R"], K=s["K"], NA=s["NA"], L=s["L"],
+            BN=POLICY_ROWS, OP=_p2(s["O"]), DMP=_p2(s["DM"]), NSP=_p2(s["NS"]), RP=_p2(s["R"]), AP=_p2(s["NA"]),
+            BD=bd, num_warps=4)
+
+
+def recall_env_step(t: Tensor, action_buf: Tensor, phase: Tensor, bits: Tensor, ep_return: Tensor,
+                    ep_steps: Tensor, reset: Tensor, obs: Tensor, new_bits: Tensor, noise_bits: Optional[Tensor],
+                    noise: Optional[Tensor], reward_buf: Tensor, done_buf: Tensor, successes: Tensor,
+                    episodes: Tensor, return_sum: Tensor, horizon: int, shaping: float, noise_std: float,
+                    age: Optional[Tensor] = None) -> None:
+    """One delayed-recall step of every row at step ``t`` in place (``recall_env_step_ref`` and the next
+    ``recall_observation_ref``).
+
+    Args:
+        action_buf: int64 ``[T, N]`` (reads row ``t``); phase, ep_steps: int64 ``[N]``; bits, new_bits and
+            noise_bits (None: no distractor bits): int64 ``[N, K]``; ep_return: float32 ``[N]``; noise: float32
+            ``[N, C]`` or None; reset uint8 ``[N]`` and obs float32 ``[N, K + 2 + C]``: overwritten with the next
+            step's; reward_buf float32 and done_buf uint8 ``[T, N]`` (row ``t`` written); successes, episodes:
+            int64 ``[]``, return_sum: float64 ``[]`` (added to); age: int64 ``[N]`` or None (advanced first).
+    """
+    n, kb = bits.shape
+    nc = 0 if noise is None else noise.shape[1]
+    from . import triton_kernels as K
+
+    block = 128
+    with launch_device(obs):
+        K._recall_env_step_kernel[(_cdiv(n, block),)](
+            action_buf, t, phase, bits, ep_return, ep_steps, age, reset, obs, new_bits, noise_bits, noise,
+            reward_buf, done_buf, successes, episodes, return_sum,
+            n, int(horizon), float(noise_std), float(1 - shaping), float(shaping),
+            KB=kb, NC=nc, SHAPING=shaping > 0, BLOCK=block, KBP=_pow2(kb),
+            NCP=_pow2(nc), num_warps=4)

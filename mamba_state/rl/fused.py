@@ -88,8 +88,9 @@ class PackedMambaPolicy:
         """Copy the policy's current parameters into the static buffers (in place: the addresses stay)."""
         for name, src in self._sources().items():
             dst = self._buffers[name]
-            if (dst is None) != (src is None) or (dst is not None and dst.shape != src.shape):
+            if dst is None and src is None:
+                continue
+            if dst is None or src is None or dst.shape != src.shape:
                 raise StateError(f"fused policy step: the policy's parameter {name} changed shape or presence "
                                  "since it was packed; build a new collector")
-            if dst is not None:
-                dst.copy_(src)
+            dst.copy_(src)

@@ -227,3 +227,79 @@ def test_a_failed_capture_falls_back_to_the_eager_step(monkeypatch, one_torch_th
         rb = b.collect()
     assert not b._collector.capture
     _assert_same(a, b, a.collect(), rb, "fallback")
+
+
+def _assert_close_rollouts(a: PPOTrainer, b: PPOTrainer, ra, rb, where: str) -> None:
+    """Two collections whose policy steps differ by float32 rounding only (same actions, environment, draws)."""
+    for f in FIELDS:
+        x, y = getattr(ra, f), getattr(rb, f)
+        if x.dtype.is_floating_point:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {f}: {m}")
+        else:
+            assert torch.equal(x, y), f"{where}: {f}"
+    assert ra.stats == rb.stats, where
+    for x, y in zip(a.state, b.state):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    ea, eb = a.env.state_dict(), b.env.state_dict()
+    for k in ("phase", "bits", "episode_steps", "generator"):
+        assert torch.equal(ea[k], eb[k]), f"{where}: env {k}"
+    assert torch.equal(a.age, b.age) and torch.equal(a.reset_flags, b.reset_flags), where
+    assert torch.equal(a.generator.get_state(), b.generator.get_state()), f"{where}: sampling generator"
+
+
+@pytest.mark.parametrize("controller", ["mamba", "gru"])
+@pytest.mark.parametrize("bptt,env_kw", [("rollout", {}), ("episode", {"distractor_bits": True, "shaping": 0.3}),
+                                         ("rollout", {"noise_channels": 0})])
+def test_fused_collection_collects_what_the_graph_step_does(controller, bptt, env_kw, one_torch_thread):
+    """collect="graph-fused" (Triton's interpreter here): the same transitions as the graph path up to float32
+    rounding, across updates (the packed parameters follow the optimizer), for both controllers (the GRU keeps
+    the torch policy step, with the fused environment step)."""
+    a, b = _trainer(controller, "graph", bptt=bptt, **env_kw), _trainer(controller, "graph-fused", bptt=bptt, **env_kw)
+    assert b.collect_mode == "graph-fused" and b._collector.fused
+    assert (b._collector._packed is not None) == (controller == "mamba"), b._collector.fused_policy_reason
+    for u in range(3):
+        ra, rb = a.collect(), b.collect()
+        _assert_close_rollouts(a, b, ra, rb, f"{controller} {bptt} {env_kw} update {u}")
+        assert ra.stats["episodes"] > 0 and ra.resets[:, 1:].any()
+        a.update(ra)
+        b.update(rb)
+    b.set_collect("eager")  # the carried state went back to the trainer: the eager path continues from it
+    a.set_collect("eager")
+    _assert_close_rollouts(a, b, a.collect(), b.collect(), "eager after fused")
+
+
+def test_fused_collection_needs_triton_on_the_device(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors: this machine has CUDA, where graph-fused runs")
+    with pytest.raises(StateError, match="graph-fused.*Triton runs on"):
+        _trainer("mamba", "graph-fused")
+    assert resolve_collect("graph-fused", torch.device("cpu")) == "graph-fused"
+    with pytest.raises(StateError, match="one of fused and compile_step"):
+        GraphCollector(_trainer("gru", "eager"), fused=True, compile_step=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("controller", ["mamba", "gru"])
+def test_fused_graphs_replay_the_fused_step_and_match_the_graph_path_on_cuda(controller):
+    """On CUDA: the captured graphs of the fused step replay what the same kernels give launched one by one,
+    bit for bit (each program owns its rows; only the statistics are added across programs); and the fused
+    rollout matches the graph path's within float32 rounding where the trajectories still agree."""
+    kw = {"device": "cuda", "num_envs": 70, "horizon": 5, "rollout_len": 37, "steps_per_graph": 8,
+          "distractor_bits": True}
+    a, b = _trainer(controller, "graph-fused", **kw), _trainer(controller, "graph-fused", **kw)
+    a._collector.capture = False
+    assert b._collector.capture
+    for u in range(2):
+        ra, rb = a.collect(), b.collect()
+        for f in FIELDS:
+            assert torch.equal(getattr(ra, f), getattr(rb, f)), f"update {u}: {f}"
+        b.update(rb)
+        a.policy.load_state_dict(b.policy.state_dict())
+        a.generator.set_state(b.generator.get_state())
+    c, d = _trainer(controller, "graph", **kw), _trainer(controller, "graph-fused", **kw)
+    rc, rd = c.collect(), d.collect()
+    same = (rc.actions == rd.actions).long().cumprod(0).bool()
+    assert same[:8].float().mean() > 0.9
+    for f in ("logprobs", "values"):
+        torch.testing.assert_close(getattr(rc, f)[same], getattr(rd, f)[same], rtol=1e-4, atol=1e-4)

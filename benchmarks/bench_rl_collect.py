@@ -70,7 +70,8 @@ def same_transitions(controller: str, size: str, args, device: torch.device) -> 
 
 def time_collect(controller: str, size: str, args, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"controller": controller, "size": size}
-    modes = ("eager", "graph") + (("graph-compiled",) if args.compiled else ())
+    modes = (("eager", "graph") + (("graph-compiled",) if args.compiled else ())
+             + (("graph-fused",) if args.fused else ()))
     trainers = {mode: trainer(controller, size, mode, args, device) for mode in modes}
     out["parameters"] = count_parameters(trainers["eager"].policy)
     for mode in modes[1:]:
@@ -95,6 +96,8 @@ def time_collect(controller: str, size: str, args, device: torch.device) -> dict
     out["speedup"] = out["graph_steps_per_s"] / out["eager_steps_per_s"]
     if args.compiled:
         out["compiled_speedup"] = out["graph-compiled_steps_per_s"] / out["eager_steps_per_s"]
+    if args.fused:
+        out["fused_speedup"] = out["graph-fused_steps_per_s"] / out["eager_steps_per_s"]
     out["same_transitions"] = same_transitions(controller, size, args, device)
     return out
 
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                    help="also time --collect graph-compiled (the policy step through torch.compile; default: on "
                         "CUDA)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time --collect graph-fused (the Mamba policy step and the environment step as Triton "
+                        "kernels; default: on CUDA)")
     p.add_argument("--doc-from", default=None, metavar="JSON",
                    help="measure nothing: rewrite the docs section from a JSON this script wrote (e.g. on a GPU)")
     args = p.parse_args(argv)
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.compiled is None:
         args.compiled = device.type == "cuda"
+    if args.fused is None:
+        args.fused = device.type == "cuda"
     if args.quick:
         args.num_envs, args.rollout_len, args.horizon, args.repeats = 16, 24, 6, 2
         args.sizes, args.replay = ["small"], False
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             r = time_collect(ctrl, size, args, device)
             compiled = (f"  graph-compiled {r['graph-compiled_steps_per_s']:12,.0f} x{r['compiled_speedup']:.1f}"
                         if "compiled_speedup" in r else "")
+            compiled += (f"  graph-fused {r['graph-fused_steps_per_s']:12,.0f} x{r['fused_speedup']:.1f}"
+                         if "fused_speedup" in r else "")
             print(f"{ctrl:5s} {size:7s} eager {r['eager_steps_per_s']:12,.0f}  graph {r['graph_steps_per_s']:12,.0f} "
                   f"env steps/s  x{r['speedup']:.1f}{compiled}  same transitions: {r['same_transitions']}",
                   flush=True)
@@ -213,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                              else r["error"]), flush=True)
                     replay.append(r)
     config = {k: getattr(args, k) for k in ("num_envs", "rollout_len", "horizon", "num_bits", "graph_steps",
-                                            "repeats", "backend", "quick", "replay_envs", "compiled")}
+                                            "repeats", "backend", "quick", "replay_envs", "compiled",
+                                            "fused")}
     tag = ("cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "_"))
     name = f"bench_rl_collect_{tag}" + ("_quick" if args.quick else "")
     payload = {"config": config, "collect": rows, "replay": replay}
@@ -234,6 +245,7 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
             replay: list[dict[str, Any]], json_name: str) -> str:
     where = "CUDA graph replays" if env["gpu"] else "the same step run eagerly: no graphs on a CPU"
     compiled = bool(config.get("compiled")) and all("compiled_speedup" in r for r in rows)
+    fused = bool(config.get("fused")) and all("fused_speedup" in r for r in rows)
     text = [environment_line(env), "",
             f"`python benchmarks/bench_rl_collect.py{' --quick' if config['quick'] else ''}`: one rollout of "
             f"{config['rollout_len']} steps in {config['num_envs']} DelayedRecall environments (horizon "
@@ -244,17 +256,27 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
             "cuDNN's RNN, so it may differ there by float rounding).", "",
             markdown_table(["controller", "policy", "parameters", "eager env steps/s", "graph env steps/s",
                             "graph / eager"] + (["graph-compiled env steps/s", "graph-compiled / eager"]
-                                                if compiled else []) + ["same transitions"],
+                                                if compiled else [])
+                           + (["graph-fused env steps/s", "graph-fused / eager"] if fused else [])
+                           + ["same transitions"],
                            [[r["controller"], r["size"], f"{r['parameters']:,}", f"{r['eager_steps_per_s']:,.0f}",
                              f"{r['graph_steps_per_s']:,.0f}", f"{r['speedup']:.1f}x"]
                             + ([f"{r['graph-compiled_steps_per_s']:,.0f}", f"{r['compiled_speedup']:.1f}x"]
                                if compiled else [])
+                            + ([f"{r['graph-fused_steps_per_s']:,.0f}", f"{r['fused_speedup']:.1f}x"] if fused else [])
                             + ["yes" if r["same_transitions"] else "no"] for r in rows])]
     if compiled:
         text += ["", "graph-compiled = `--collect graph-compiled`: the graph path with the step's body (policy, "
                  "sampler, environment, storage; the random draws made first) through `torch.compile` "
                  "(TorchInductor) before the capture; its transitions equal the graph path's up to float "
                  "rounding, so *same transitions* is about eager vs graph only."]
+    if fused:
+        text += ["", "graph-fused = `--collect graph-fused`: the graph path with the Mamba policy's whole step "
+                 "(layers, heads, sampler, rollout stores) as one Triton kernel and the environment step as "
+                 "another (`mamba_state.kernels.rl_step`); the GRU keeps its torch policy step there and gets "
+                 "only the fused environment step. Equal to the graph path up to float rounding."]
+        text += ["", "Mamba / GRU, the fastest path of each: " + "; ".join(
+            f"{size}: {ratio:.2f}x" for size, ratio in _mamba_over_gru(rows).items())]
     if env["gpu"]:
         text += ["", "Targets (issue 20): the Mamba policy's collection >= 20x the eager path at 512 environments, "
                  "and at least as fast as the GRU's."]
@@ -271,6 +293,16 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
                  "matters is the GPU one: **not measured yet** (`python benchmarks/bench_rl_collect.py --replay` "
                  "on the H200 writes it here)."]
     return "\n".join(text)
+
+
+def _mamba_over_gru(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per policy size: the Mamba policy's best collection rate over the GRU's best (any path each)."""
+    best: dict[tuple[str, str], float] = {}
+    for r in rows:
+        rate = max(v for k, v in r.items() if k.endswith("_steps_per_s") and k != "eager_steps_per_s")
+        best[(r["size"], r["controller"])] = rate
+    return {size: best[(size, "mamba")] / best[(size, "gru")] for size in dict.fromkeys(s for s, _ in best)
+            if (size, "mamba") in best and (size, "gru") in best}
 
 
 if __name__ == "__main__":

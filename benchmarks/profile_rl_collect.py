@@ -7,7 +7,7 @@ next change to the collection can be aimed at the step's largest item: kernel co
 kernel. On a CPU (no CUDA activity) it reports the operators instead, which is only a smoke test of the script.
 Writes ``profile_rl_collect.txt`` into ``--out``.
 
-    python benchmarks/profile_rl_collect.py --out DIR                  # GPU: eager, graph, graph-compiled
+    python benchmarks/profile_rl_collect.py --out DIR                  # GPU: eager, graph, graph-compiled, fused
     python benchmarks/profile_rl_collect.py --quick --out /tmp         # CPU smoke run (seconds)
 """
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setting_args(p)
     p.add_argument("--size", default="small", choices=["small", "default"])
-    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "graph", "graph-compiled"],
-                   help="collection paths (default: all three on CUDA, eager and graph on a CPU)")
+    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "graph", "graph-compiled", "graph-fused"],
+                   help="collection paths (default: all four on CUDA, eager and graph on a CPU)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 16 envs, 24 steps")
     p.add_argument("--out", default=".")
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     if a.quick:
         a.num_envs, a.rollout_len, a.horizon, a.graph_steps = 16, 24, 12, 8
-    paths = a.paths or (["eager", "graph", "graph-compiled"] if device.type == "cuda" else ["eager", "graph"])
+    paths = a.paths or (["eager", "graph", "graph-compiled", "graph-fused"] if device.type == "cuda"
+                        else ["eager", "graph"])
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# benchmarks/profile_rl_collect.py on {name}, {when}, torch {torch.__version__}, "

@@ -10,7 +10,7 @@
 Importing this package registers the custom ops ``torch.ops.mamba_state.{scan_fwd, scan_bwd, state_update}``.
 
 Layout: one folder per op (``selective_scan/``, ``state_update/``, ``conv1d/``, ``add_norm/``, ``ssd/``,
-``decode_step/``), each with its float64-capable reference in ``naive.py`` beside its fast paths (``chunked.py``
+``decode_step/``, ``mamba3/``, ``rl_step/``), each with its float64-capable reference in ``naive.py`` beside its fast paths (``chunked.py``
 on the CPU, ``triton_kernels.py``) and its entry point (``launcher.py``); shared pieces at this level
 (``backend``, ``scan_inputs``, ``scan_positions``, ``_launch``, ``_jit``, ``_device``). This package imports
 nothing from ``mamba_state`` but ``mamba_state.errors`` (docs/architecture.md).

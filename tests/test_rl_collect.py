@@ -303,3 +303,31 @@ def test_fused_graphs_replay_the_fused_step_and_match_the_graph_path_on_cuda(con
     assert same[:8].float().mean() > 0.9
     for f in ("logprobs", "values"):
         torch.testing.assert_close(getattr(rc, f)[same], getattr(rd, f)[same], rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_fused_capture_falls_back_to_the_graph_step(monkeypatch, one_torch_thread):
+    """Should the kernels fail while a graph is captured (say a Triton that cannot compile them), the collector
+    warns and captures the graph path's step instead: the graph path's transitions exactly."""
+    def capture_eagerly(self, steps, fn, rewind, generators):
+        saved = [g.get_state() for g in generators]
+        try:
+            rewind()
+            fn()  # the warm-up: here the fused kernels raise
+        finally:
+            for g, s in zip(generators, saved):
+                g.set_state(s)
+        return _ReplayEagerly(fn, steps)
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    import mamba_state.kernels.rl_step as rl_step
+
+    monkeypatch.setattr(GraphCollector, "_capture", capture_eagerly)
+    monkeypatch.setattr(rl_step, "mamba_policy_step", broken_kernel)
+    a, b = _trainer("mamba", "graph"), _trainer("mamba", "graph-fused")
+    b._collector.capture = True
+    with pytest.warns(RuntimeWarning, match="fused kernels failed"):
+        rb = b.collect()
+    assert not b._collector.fused and b._collector.capture
+    _assert_same(a, b, a.collect(), rb, "fallback")

@@ -373,8 +373,11 @@ class GraphCollector:
             full, rest = divmod(t_len, k)
             try:  # the first rollout captures the graphs (before the buffers are loaded: the warm-up writes them)
                 graphs = [self._graph(k, gae)] * full + ([self._graph(rest, gae)] if rest else [])
-            except Exception as exc:  # the same step eagerly from here on (same transitions, slower)
-                self._capture_failed(exc)
+            except Exception as exc:
+                if self.fused and not gae:  # the graph path's step instead of the kernels, still captured
+                    self._fused_failed(exc)
+                    return self._run(t_len, gae)
+                self._capture_failed(exc)  # the same step eagerly from here on (same transitions, slower)
             else:
                 self._rewind(t_len, gae)
                 for graph in graphs:
@@ -398,6 +401,15 @@ class GraphCollector:
         warnings.warn(f"graph collection: CUDA graph capture failed ({type(exc).__name__}: {exc}); running the "
                       "same step eagerly from now on", RuntimeWarning, stacklevel=3)
         self.capture = False
+        self._graphs = {}
+
+    def _fused_failed(self, exc: Exception) -> None:
+        import warnings
+
+        warnings.warn(f"graph-fused collection: the fused kernels failed while capturing ({type(exc).__name__}: "
+                      f"{exc}); capturing the graph path's step instead", RuntimeWarning, stacklevel=3)
+        self.fused, self._packed = False, None  # the stacked state tensors stay: self.state views them
+        self.fused_policy_reason = f"the fused kernels failed: {type(exc).__name__}"
         self._graphs = {}
 
     def invalidate(self) -> None:

@@ -30,3 +30,18 @@ def test_scan_kernels_compile_for_sm90(tmp_path):
                          text=True, env=env, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("ok   ") == 15 and "all compiled" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend (ptxas) to compile with")
+def test_rl_step_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The fused collection step's kernels (``benchmarks/compile_rl_step_sm90.py``) at the RL recipe's small and
+    default policies and the environment's options: they compile, and the launch plan spills no registers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_rl_step_sm90.py")], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count("ok   ") == 4, run.stdout
+    spills = [line for line in run.stdout.splitlines() if "spills" in line]
+    assert len(spills) == 4 and all("spills 0 B stored" in line for line in spills), run.stdout

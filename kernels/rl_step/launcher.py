@@ -15,9 +15,12 @@ from mamba_state.errors import StateShapeError
 from .._device import launch_device
 from .weights import MambaPolicyWeights
 
-__all__ = ["mamba_policy_step", "recall_env_step", "POLICY_ROWS", "policy_step_fits"]
+__all__ = ["mamba_policy_step", "recall_env_step", "POLICY_ROWS", "POLICY_CHANNELS", "POLICY_WARPS", "policy_step_fits"]
 
 POLICY_ROWS = 16  # environment rows per program (tl.dot needs 16 or more)
+# channels per block and warps a program: compiled for sm_90 (benchmarks/compile_rl_step_sm90.py) 16 channels
+# and 8 warps spill nothing at the small and default policies, where 32 channels or 4 warps spill 80-700 B a thread
+POLICY_CHANNELS, POLICY_WARPS = 16, 8
 _LIMITS = {"O": 256, "DM": 256, "DI": 1024, "NS": 64, "R": 64, "K": 8, "NA": 256}
 
 
@@ -69,7 +72,6 @@ def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tens
         raise StateShapeError(f"mamba_policy_step: {why}")
     from . import triton_kernels as K  # triton is optional: imported where a kernel runs
 
-    bd = 16 if s["DI"] <= 16 else 32 if s["NS"] <= 16 else 16
     with launch_device(obs):
         K._mamba_policy_step_kernel[(_cdiv(n, POLICY_ROWS),)](
             obs, reset, q, t, conv, ssm,
@@ -79,7 +81,7 @@ def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tens
             n, float(w.eps),
             O=s["O"], DM=s["DM"], DI=s["DI"], NS=s["NS"], R=s["R"], K=s["K"], NA=s["NA"], L=s["L"],
             BN=POLICY_ROWS, OP=_p2(s["O"]), DMP=_p2(s["DM"]), NSP=_p2(s["NS"]), RP=_p2(s["R"]), AP=_p2(s["NA"]),
-            BD=bd, num_warps=4)
+            BD=POLICY_CHANNELS, num_warps=POLICY_WARPS)
 
 
 def recall_env_step(t: Tensor, action_buf: Tensor, phase: Tensor, bits: Tensor, ep_return: Tensor,

@@ -32,6 +32,9 @@
 #   pengine benchmarks/profile_engine.py (host sections of an engine decode step vs device time) (PENGINE_TIMEOUT, 150 s)
 #   pytest  the GPU tests of $PYTEST_FILES (e.g. PYTEST_FILES="tests/test_rl_collect.py")  (PYTEST_TIMEOUT, 300 s)
 #   prlc    benchmarks/profile_rl_collect.py (kernels and device time per collection step)  (PRLC_TIMEOUT, 200 s)
+#   rlfused the fused collection step's tests on the GPU: its kernels against their float64 references, the
+#           captured replay and the graph path (tests/test_kernel_rl_step.py, the fused tests of
+#           tests/test_rl_collect.py; no -m gpu filter)  (RLFUSED_TIMEOUT, 200 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection; RLC_ARGS)   (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
 #   pbwd    benchmarks/probe_scan_bwd.py $PBWD_ARGS (default --half: the half-tile variants)   (PBWD_TIMEOUT, 300 s)
@@ -151,6 +154,8 @@ for step in ${STEPS:-tests gen cont}; do
                    tests/test_mamba3_mimo_gpu.py ;;
         serve) run_step serve "${SERVE_TIMEOUT:-240}" python3 benchmarks/bench_serve.py ;;
         prlc) run_step prlc "${PRLC_TIMEOUT:-200}" python3 benchmarks/profile_rl_collect.py --out "$OUT" ;;
+        rlfused) run_step rlfused "${RLFUSED_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -rfE \
+                   tests/test_kernel_rl_step.py tests/test_rl_collect.py -k "fused or rl_step or policy or env" ;;
         rlc) run_step rlc "${RLC_TIMEOUT:-200}" python3 benchmarks/bench_rl_collect.py ${RLC_ARGS:-} ;;
         probes) run_step probes "${PROBE_TIMEOUT:-200}" bash -c "python3 benchmarks/probe_conv_fwd.py; \
                    python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;

@@ -56,14 +56,15 @@ def _compile(label: str, kernel, consts: dict, absent: set, i64: set, u8: set, f
 
 def main() -> int:
     ok = True
-    for label, dm, layers, na in (("small policy (d_model 32, 1 layer, 1 bit)", 32, 1, 2),
-                                  ("default policy (d_model 64, 2 layers, 4 bits)", 64, 2, 16)):
+    for label, dm, layers, na, biases in (("small policy (d_model 32, 1 layer, 1 bit)", 32, 1, 2, False),
+                                          ("default policy (d_model 64, 2 layers, 4 bits)", 64, 2, 16, False),
+                                          ("small policy with projection biases", 32, 1, 2, True)):
         di = 2 * dm
-        consts = dict(O=7, DM=dm, DI=di, NS=16, R=-(-dm // 16), K=4, NA=na, L=layers, HAS_IN_BIAS=False,
-                      HAS_CONV_BIAS=True, HAS_OUT_BIAS=False, BN=16, OP=16, DMP=max(16, dm), NSP=16, RP=16,
+        consts = dict(O=7, DM=dm, DI=di, NS=16, R=-(-dm // 16), K=4, NA=na, L=layers, HAS_IN_BIAS=biases,
+                      HAS_CONV_BIAS=True, HAS_OUT_BIAS=biases, BN=16, OP=16, DMP=max(16, dm), NSP=16, RP=16,
                       AP=16, BD=launcher.POLICY_CHANNELS)
         ok &= _compile(f"_mamba_policy_step_kernel, {label}", K._mamba_policy_step_kernel, consts,
-                       {"in_b", "out_b"}, POLICY_I64, POLICY_U8, warps=launcher.POLICY_WARPS)
+                       set() if biases else {"in_b", "out_b"}, POLICY_I64, POLICY_U8, warps=launcher.POLICY_WARPS)
     for shaping, distract, noise, age in ((False, False, True, False), (True, True, True, True)):
         consts = dict(KB=4, NC=4 if noise else 0, SHAPING=shaping, HAS_DISTRACT=distract, HAS_NOISE=noise,
                       HAS_AGE=age, BLOCK=128, KBP=4, NCP=4)

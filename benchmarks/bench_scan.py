@@ -239,7 +239,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="block-size sweep at the first shape")
     p.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked reference")
     p.add_argument("--no-write", action="store_true", help="print only")
-    p.add_argument("--bwd-mode", choices=("auto", "seq", "chunk"),
+    p.add_argument("--bwd-mode", choices=("auto", "seq", "chunk", "tp"),
                    help="backward schedule (sets MAMBA_STATE_SCAN_BWD; default: the library's choice)")
     args = p.parse_args(argv)
     if args.bwd_mode:

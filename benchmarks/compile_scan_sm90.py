@@ -22,6 +22,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mamba_state.kernels.selective_scan import triton_kernels as K  # noqa: E402
+from mamba_state.kernels._launch import time_parallel_plan  # noqa: E402
+from mamba_state.kernels.selective_scan import triton_time_parallel as TP  # noqa: E402
 
 BF16_PTRS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "ypre_ptr", "gout_ptr", "yout_ptr", "du_ptr",
              "ddt_ptr", "dz_ptr"}
@@ -126,6 +128,12 @@ def main() -> int:
                        dict(HAS_Z=True, HAS_BIAS=True, HAS_RESET=True, SOFTPLUS=True, CHUNK=256, BD=8, BN=16,
                             VARLEN=varlen, HAS_VLAST=varlen),
                        set() if varlen else {"vs_ptr", "ve_ptr", "vlast_ptr"})
+    # the time-parallel gradient pass (MAMBA_STATE_SCAN_BWD=tp) at the chunks of seqlen 2,048 and 16,384
+    for chunk in (128, 256):
+        ok &= _compile(f"_scan_bwd_tp_kernel CHUNK {chunk}", TP._scan_bwd_tp_kernel,
+                       dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_RESET=True, SOFTPLUS=True, STORE_Y=False,
+                            CHUNK=chunk, BD=time_parallel_plan(chunk, 1536, 1536)[0]), {"yout_ptr"},
+                       warps=time_parallel_plan(chunk, 1536, 1536)[1])
     print("all compiled" if ok else "some kernels failed to compile")
     return 0 if ok else 1
 

@@ -6,6 +6,7 @@ A diagnostic for choosing what to change in the backward, not a benchmark of rec
     python benchmarks/probe_scan_bwd.py                       # default plan, every shape
     python benchmarks/probe_scan_bwd.py --variants            # also BD / warps / schedule / chunk variants
     python benchmarks/probe_scan_bwd.py --half                # also the half-tile variants (BWD_HALF)
+    python benchmarks/probe_scan_bwd.py --tp                  # also the time-parallel gradient pass (BWD=tp)
     python benchmarks/probe_scan_bwd.py --once                # one fwd+bwd at the first shape (for ncu)
 """
 
@@ -40,13 +41,22 @@ HALF_VARIANTS = [
 ]
 
 
+# the time-parallel gradient pass (MAMBA_STATE_SCAN_BWD=tp): tile elements per program and warps
+TP_VARIANTS = [
+    {"BWD": "tp"}, {"BWD": "tp", "TP_TILE": 512}, {"BWD": "tp", "TP_TILE": 512, "TP_WARPS": 2},
+    {"BWD": "tp", "TP_TILE": 2048, "TP_WARPS": 8}, {"BWD": "tp", "TP_WARPS": 8}, {"BWD": "tp", "TP_TILE": 256,
+                                                                                    "TP_WARPS": 1},
+]
+
+
 def kernel_report() -> list[str]:
     """n_regs / n_spills of every compiled specialisation of the backward kernels."""
     from mamba_state.kernels.selective_scan import triton_kernels as K
+    from mamba_state.kernels.selective_scan import triton_time_parallel as TP
 
     lines = []
-    for name in ("_scan_bwd_kernel", "_scan_bwd_local_kernel", "_scan_fwd_kernel"):
-        fn = getattr(K, name)
+    for name in ("_scan_bwd_kernel", "_scan_bwd_local_kernel", "_scan_fwd_kernel", "_scan_bwd_tp_kernel"):
+        fn = getattr(TP if name == "_scan_bwd_tp_kernel" else K, name)
         fn = getattr(fn, "fn", fn)
         caches = getattr(fn, "device_caches", None)
         kernels = []
@@ -86,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--half", action="store_true")
+    ap.add_argument("--tp", action="store_true")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
@@ -106,7 +117,8 @@ def main() -> None:
     for shape in SHAPES:
         ref = timed(upa, shape, dtype, {}) if upa else (float("nan"), float("nan"))
         print(f"{shape} upstream: fwd {ref[0]:.3f} bwd {ref[1]:.3f} ms", flush=True)
-        for env in ([{}] + (VARIANTS[1:] if args.variants else []) + (HALF_VARIANTS if args.half else [])):
+        for env in ([{}] + (VARIANTS[1:] if args.variants else []) + (HALF_VARIANTS if args.half else [])
+                    + (TP_VARIANTS if args.tp else [])):
             f, b = timed(ours, shape, dtype, env)
             print(f"{shape} ours {env}: fwd {f:.3f} ({f / ref[0]:.2f}) bwd {b:.3f} ({b / ref[1]:.2f}) ms", flush=True)
     print("\n".join(kernel_report()))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["default_chunk", "block_sizes", "backward_mode", "backward_splits", "backward_half_tiles",
-           "use_sequence_parallel", "needs_grad"]
+           "time_parallel_plan", "use_sequence_parallel", "needs_grad"]
 
 
 def default_chunk(seqlen: int) -> int:
@@ -102,7 +102,7 @@ def use_sequence_parallel(u: Tensor, batch: int, dim_blocks: int, nchunks: int) 
     return nchunks >= 16 and batch * dim_blocks < 2 * _sm_count(u.device)
 
 
-BWD_MODES = ("auto", "seq", "chunk")
+BWD_MODES = ("auto", "seq", "chunk", "tp")
 
 
 # Backward schedule model. A one-warp backward program needs about 255 registers (H100, dstate 16, 8 channels), so
@@ -133,7 +133,8 @@ def backward_mode(u: Tensor, batch: int, dim: int, dstate: int, nchunks: int, ng
     """'seq' (one program per (batch, channel block) walks every chunk right to left) or 'chunk' (chunk-parallel:
     local adjoints per chunk, a short pass over chunk boundaries, then every chunk's gradients in parallel).
 
-    ``MAMBA_STATE_SCAN_BWD=seq|chunk|auto`` forces the choice (auto when unset). Auto, on CUDA with at least 2
+    ``MAMBA_STATE_SCAN_BWD=seq|chunk|tp|auto`` forces the choice (auto when unset; ``tp``: the chunk-parallel
+    schedule with the time-parallel gradient pass, which auto does not pick yet). Auto, on CUDA with at least 2
     chunks, compares the two grids' costs in waves (see ``_chunk_plan``) and takes 'chunk' when its cost times
     1.15 (its extra launches) is lower. On an H100 (bf16, dstate 16) that picks 'chunk' for 1x1536x16384 (one
     wave of 192 programs otherwise), 8x1536x2048 and 4x5120x2048 (1.45 and 2.4 waves: a part-empty last wave),
@@ -166,6 +167,19 @@ def backward_splits(batch: int, dim_blocks: int, nchunks: int, device: torch.dev
     if env:
         return max(1, min(nchunks, int(env)))
     return _chunk_plan(batch * dim_blocks, nchunks, _RESIDENT_PER_SM * _sm_count(device))[0]
+
+
+def time_parallel_plan(chunk: int, cpg: int, dim: int) -> tuple[int, int]:
+    """(channels a program, warps) of the time-parallel gradient pass (``MAMBA_STATE_SCAN_BWD=tp``): [channels,
+    chunk] tiles of ``MAMBA_STATE_SCAN_TP_TILE`` elements (1,024 by default: 8 a thread on 4 warps; compiled for
+    sm_90 with triton 3.6 and 3.9, 160-164 registers and no spills at chunks 128 and 256), at most the largest
+    power of two dividing a group's channels (a program's channels share B and C) and dim's next power of two;
+    ``MAMBA_STATE_SCAN_TP_WARPS`` warps (4). Not yet timed on a GPU: the overrides are for that sweep."""
+    tile = int(os.environ.get("MAMBA_STATE_SCAN_TP_TILE", "1024"))
+    warps = int(os.environ.get("MAMBA_STATE_SCAN_TP_WARPS", "4"))
+    bd = max(1, tile // max(1, chunk))
+    bd = min(1 << (bd.bit_length() - 1), _pow2_divisor(cpg), 1 << max(0, (dim - 1).bit_length()))
+    return bd, warps
 
 
 BWD_HALF_TILES = ("0", "1", "2", "3")

@@ -233,6 +233,28 @@ def test_backward_half_tiles_agree_realistic(dtype):
                 assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), (mode, half, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 1536, 2051, 0), (1, 512, 16384, 2)], ids=["2x1536x2051", "1x512x16384g2"])
+def test_time_parallel_backward_agrees_realistic(dtype, shape):
+    """MAMBA_STATE_SCAN_BWD=tp (associative scans along time, one state at a time) against the sequential
+    backward and the float64 reference, with an initial state and resets (one at a chunk's first step)."""
+    b, d, L, groups = shape
+    inp = _inputs(b, d, L, 16, dtype, groups, seed=13)
+    inp["reset"][:, 0] = True
+    inp["reset"][:, 1024] = True
+    ref = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in inp.items()}
+    rout, rlast = selective_scan_chunked(**ref, delta_softplus=True, return_last_state=True)
+    gout = torch.randn_like(rout).to(dtype)
+    glast = torch.randn_like(rlast).float()
+    torch.autograd.backward([rout, rlast], [gout.double(), glast.double()])
+    seq = _grads_with_backward(inp, "seq", gout, glast)
+    tp = _grads_with_backward(inp, "tp", gout, glast)
+    for k, g in tp.items():
+        assert torch.isfinite(g).all(), k
+        assert _rel(g, seq[k]) < (1e-4 if dtype == torch.float32 else 2e-2), k
+        assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), k
+
+
 def test_chunk_backward_long_sequence_fp32():
     """The chunk-parallel backward at 131072 tokens (resets and an initial state): every gradient against float64."""
     b, d, L, n = 1, 64, 131072, 16

@@ -102,7 +102,7 @@ def scan_cases(draw):
         init=draw(st.booleans()), reset_kind=draw(st.sampled_from(["none", "random", "first", "all"])),
         D=draw(st.booleans()), z=draw(st.booleans()), bias=draw(st.booleans()), softplus=draw(st.booleans()),
         chunk=draw(st.sampled_from([None, 8, 16])), last=draw(st.booleans()), seqpar=draw(st.booleans()),
-        bwd=draw(st.sampled_from(["seq", "chunk"])), split=draw(st.sampled_from([None, 1, 2])),
+        bwd=draw(st.sampled_from(["seq", "chunk", "tp"])), split=draw(st.sampled_from([None, 1, 2])),
     )
 
 
@@ -405,9 +405,10 @@ def test_both_backward_schedules_match_float64_reference(case):
     grads = {}
     # chunk-parallel with one program per channel block (every chunk in one program, in order), two (strided
     # chunks) and the default; then the sequential walk; each walking its tiles whole (half 0) or as two halves
-    # of 4 steps, the state between them recomputed (1) or kept in the scratch (2)
+    # of 4 steps, the state between them recomputed (1) or kept in the scratch (2); and the time-parallel pass
+    # (every chunk's gradients by associative scans along time, one state at a time)
     plans = (("chunk", 1, 0), ("chunk", 2, 0), ("chunk", None, 0), ("seq", None, 0), ("seq", None, 1),
-             ("seq", None, 2), ("chunk", 2, 2), ("seq", None, 3))
+             ("seq", None, 2), ("chunk", 2, 2), ("seq", None, 3), ("tp", None, 0))
     for mode, split, half in plans:
         ours = _leaves(inp)
         out, last = selective_scan_fn(**ours, delta_softplus=True, return_last_state=True, backend="triton",
@@ -443,7 +444,7 @@ def test_backward_mode_choice_and_bad_value():
     u = torch.zeros(1, 1, 1)
     with _env(BWD=None):
         assert backward_mode(u, 1, 1536, 16, 64) == "seq"  # auto: CPU tensors never take the chunk schedule
-    for mode in ("seq", "chunk"):
+    for mode in ("seq", "chunk", "tp"):
         with _env(BWD=mode):
             assert backward_mode(u, 8, 1536, 16, 1) == mode
     with _env(BWD="parallel"), pytest.raises(StateError, match="MAMBA_STATE_SCAN_BWD.*seq.*chunk.*parallel"):

@@ -41,7 +41,8 @@ from torch import Tensor
 from .._device import launch_device
 from .._host import cached_host_tensor
 from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_half_tiles, backward_mode,
-                       backward_splits, block_sizes, triton_next_pow2, use_sequence_parallel)
+                       backward_splits, block_sizes, time_parallel_plan, triton_next_pow2,
+                       use_sequence_parallel)
 
 __all__ = ["scan_forward", "scan_backward", "ScanFn", "packed_forward_by_sequence"]
 
@@ -269,17 +270,20 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     Af = A.contiguous().float()
     z = _like(z, u) if z is not None else None
     nch = checkpoints.shape[2]
+    varlen = seq_start is not None
     mode = backward_mode(u, batch, dim, dstate, nch, ngroups)
-    chunked = mode == "chunk"
+    if mode == "tp" and varlen:  # the time-parallel pass has no packed-sequence marks
+        mode = "chunk"
+    tp = mode == "tp"
+    chunked = mode in ("chunk", "tp")
     bd, bn, warps = block_sizes(dim, dstate, ngroups, backward=True, batch=batch, device=u.device, seqpar=chunked)
     dblocks = _cdiv(dim, bd)
-    splits = backward_splits(batch, dblocks, nch, u.device) if chunked else 1
+    splits = nch if tp else backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
-    varlen = seq_start is not None
     half = 0 if varlen else backward_half_tiles()
     sub = (chunk // TILE.value) * (2 if half >= 2 else 1)  # scratch states a program row
     dev, f32 = u.device, torch.float32
-    scratch = torch.empty(parts, dim, sub, dstate, device=dev, dtype=f32)
+    scratch = torch.empty(0 if tp else parts, dim, sub, dstate, device=dev, dtype=f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.stride() != z.stride()):
@@ -328,17 +332,29 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                 REVERSE=True, BLOCK=block, num_warps=2)
             del summ, prod
             glast = None  # the carry pass has taken it
-        K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
-            u, delta, Af, B, C, Dp, z, biasp, rst,
-            checkpoints.contiguous(), dout, glast, scratch, ypp, y_out,
-            du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
-            None if chunked and not varlen else dinit, hin, seq_start, seq_end, vinit, vlast,
-            dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
-            B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-            dB.stride(0), dB.stride(1), dB.stride(2),
-            SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn, HALF=half,
-            num_warps=warps,
-        )
+        if tp:
+            from . import triton_time_parallel as TP
+
+            bdt, tp_warps = time_parallel_plan(int(chunk), dim // ngroups, dim)
+            TP._scan_bwd_tp_kernel[(_cdiv(dim, bdt), batch, nch)](
+                u, delta, Af, B, C, Dp, z, biasp, rst, checkpoints.contiguous(), dout, hin, ypp, y_out,
+                du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
+                dim, L, dstate, dim // ngroups, nch, batch, u.stride(0), u.stride(1),
+                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+                dB.stride(0), dB.stride(1), dB.stride(2),
+                SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bdt, num_warps=tp_warps)
+        else:
+            K._scan_bwd_kernel[(dblocks, batch, splits) if chunked else (dblocks, batch)](
+                u, delta, Af, B, C, Dp, z, biasp, rst,
+                checkpoints.contiguous(), dout, glast, scratch, ypp, y_out,
+                du, ddelta, dA_part, dB, dC, dD_part, dz if z is not None else None, dbias_part,
+                None if chunked and not varlen else dinit, hin, seq_start, seq_end, vinit, vlast,
+                dim, L, dstate, dim // ngroups, nch, batch, splits, u.stride(0), u.stride(1),
+                B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+                dB.stride(0), dB.stride(1), dB.stride(2),
+                SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn,
+                HALF=half, num_warps=warps,
+            )
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)
     dbias = (dbias_part.sum(0).to(delta_bias.dtype) if dbias_part is not None and delta_bias is not None

@@ -37,7 +37,7 @@
 #           tests/test_rl_collect.py; no -m gpu filter)  (RLFUSED_TIMEOUT, 200 s)
 #   rlc     benchmarks/bench_rl_collect.py (graphed vs eager collection; RLC_ARGS)   (RLC_TIMEOUT, 200 s)
 #   probes  benchmarks/probe_conv_fwd.py, probe_conv_bwd.py and probe_scan_bwd.py (kernel variants; PROBE_TIMEOUT, 200 s)
-#   pbwd    benchmarks/probe_scan_bwd.py $PBWD_ARGS (default --tp: the time-parallel pass)   (PBWD_TIMEOUT, 300 s)
+#   pbwd    benchmarks/probe_scan_bwd.py $PBWD_ARGS (default --tp --maxnreg)   (PBWD_TIMEOUT, 480 s)
 #   pfwd    benchmarks/probe_scan_fwd.py (the forward's schedule and tile for few long rows) (PFWD_TIMEOUT, 120 s)
 #   prefill benchmarks/profile_prefill.py --vs-upstream at 1x16384 and 1x65536 (PREFILL_TIMEOUT, 150 s)
 #   ppos    benchmarks/profile_positions.py $PPOS_ARGS (e.g. --host; states at positions and the LM verify step: wall vs device time, top kernels, waiting runtime calls) (PPOS_TIMEOUT, 150 s)
@@ -161,7 +161,7 @@ for step in ${STEPS:-tests gen cont}; do
                    python3 benchmarks/probe_conv_bwd.py; python3 benchmarks/probe_scan_bwd.py" ;;
         prefill) run_step prefill "${PREFILL_TIMEOUT:-150}" python3 benchmarks/profile_prefill.py --vs-upstream \
                    --shapes ${PREFILL_SHAPES:-1x16384 1x65536} --out "$OUT" ;;
-        pbwd) run_step pbwd "${PBWD_TIMEOUT:-300}" python3 benchmarks/probe_scan_bwd.py ${PBWD_ARGS:---tp} ;;
+        pbwd) run_step pbwd "${PBWD_TIMEOUT:-480}" python3 benchmarks/probe_scan_bwd.py ${PBWD_ARGS:---tp --maxnreg} ;;
         pfwd) run_step pfwd "${PFWD_TIMEOUT:-120}" python3 benchmarks/probe_scan_fwd.py ;;
         ppos) run_step ppos "${PPOS_TIMEOUT:-150}" python3 benchmarks/profile_positions.py ${PPOS_ARGS:-} ;;
         grad) run_step grad "${GRAD_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \

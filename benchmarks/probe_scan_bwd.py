@@ -7,6 +7,7 @@ A diagnostic for choosing what to change in the backward, not a benchmark of rec
     python benchmarks/probe_scan_bwd.py --variants            # also BD / warps / schedule / chunk variants
     python benchmarks/probe_scan_bwd.py --half                # also the half-tile variants (BWD_HALF)
     python benchmarks/probe_scan_bwd.py --tp                  # also the time-parallel gradient pass (BWD=tp)
+    python benchmarks/probe_scan_bwd.py --maxnreg             # also register caps (BWD_MAXNREG: occupancy)
     python benchmarks/probe_scan_bwd.py --once                # one fwd+bwd at the first shape (for ncu)
 """
 
@@ -46,6 +47,15 @@ TP_VARIANTS = [
     {"BWD": "tp"}, {"BWD": "tp", "TP_TILE": 512}, {"BWD": "tp", "TP_TILE": 512, "TP_WARPS": 2},
     {"BWD": "tp", "TP_TILE": 2048, "TP_WARPS": 8}, {"BWD": "tp", "TP_WARPS": 8}, {"BWD": "tp", "TP_TILE": 256,
                                                                                     "TP_WARPS": 1},
+]
+
+
+# registers a thread capped (MAMBA_STATE_SCAN_BWD_MAXNREG): more one-warp programs an SM for more spills
+MAXNREG_VARIANTS = [
+    {"BWD_MAXNREG": 168}, {"BWD_MAXNREG": 128},
+    {"BWD_MAXNREG": 168, "BWD_HALF": 3}, {"BWD_MAXNREG": 128, "BWD_HALF": 3},
+    {"BWD_MAXNREG": 168, "BWD_HALF": 3, "BWD_BD": 8}, {"BWD_MAXNREG": 128, "BWD_HALF": 3, "BWD_BD": 8},
+    {"BWD_MAXNREG": 168, "BWD_BD": 8},
 ]
 
 
@@ -97,6 +107,7 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--half", action="store_true")
     ap.add_argument("--tp", action="store_true")
+    ap.add_argument("--maxnreg", action="store_true")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
@@ -118,7 +129,7 @@ def main() -> None:
         ref = timed(upa, shape, dtype, {}) if upa else (float("nan"), float("nan"))
         print(f"{shape} upstream: fwd {ref[0]:.3f} bwd {ref[1]:.3f} ms", flush=True)
         for env in ([{}] + (VARIANTS[1:] if args.variants else []) + (HALF_VARIANTS if args.half else [])
-                    + (TP_VARIANTS if args.tp else [])):
+                    + (TP_VARIANTS if args.tp else []) + (MAXNREG_VARIANTS if args.maxnreg else [])):
             f, b = timed(ours, shape, dtype, env)
             print(f"{shape} ours {env}: fwd {f:.3f} ({f / ref[0]:.2f}) bwd {b:.3f} ({b / ref[1]:.2f}) ms", flush=True)
     print("\n".join(kernel_report()))

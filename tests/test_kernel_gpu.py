@@ -233,6 +233,26 @@ def test_backward_half_tiles_agree_realistic(dtype):
                 assert _rel(g, ref[k].grad) < (1e-4 if dtype == torch.float32 else 2e-2), (mode, half, k)
 
 
+def test_backward_with_a_register_cap_is_the_same_computation():
+    """MAMBA_STATE_SCAN_BWD_MAXNREG only changes how the compiler allocates registers (spills): the gradients are
+    those of the uncapped kernel, bit for bit (same instructions, same order), except B's and C's, which programs
+    add up by float atomics in no fixed order."""
+    inp = _inputs(2, 1536, 2051, 16, torch.bfloat16, 0, seed=17)
+    gout = torch.randn(2, 1536, 2051, device=DEV).to(torch.bfloat16)
+    glast = torch.randn(2, 1536, 16, device=DEV)
+    free = _grads_with_backward(inp, "seq", gout, glast)
+    os.environ["MAMBA_STATE_SCAN_BWD_MAXNREG"] = "128"
+    try:
+        capped = _grads_with_backward(inp, "seq", gout, glast)
+    finally:
+        os.environ.pop("MAMBA_STATE_SCAN_BWD_MAXNREG", None)
+    for k, g in capped.items():
+        if k in ("B", "C"):
+            assert _rel(g, free[k]) < 1e-2, k
+        else:
+            assert torch.equal(g, free[k]), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 1536, 2051, 0), (1, 512, 16384, 2)], ids=["2x1536x2051", "1x512x16384g2"])
 def test_time_parallel_backward_agrees_realistic(dtype, shape):

@@ -41,7 +41,7 @@ from torch import Tensor
 from .._device import launch_device
 from .._host import cached_host_tensor
 from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_half_tiles, backward_mode,
-                       backward_splits, block_sizes, time_parallel_plan, triton_next_pow2,
+                       backward_register_cap, backward_splits, block_sizes, time_parallel_plan, triton_next_pow2,
                        use_sequence_parallel)
 
 __all__ = ["scan_forward", "scan_backward", "ScanFn", "packed_forward_by_sequence"]
@@ -281,6 +281,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     splits = nch if tp else backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
     half = 0 if varlen else backward_half_tiles()
+    cap = backward_register_cap() if u.is_cuda else {}  # a launch option the interpreter does not take
     sub = (chunk // TILE.value) * (2 if half >= 2 else 1)  # scratch states a program row
     dev, f32 = u.device, torch.float32
     scratch = torch.empty(0 if tp else parts, dim, sub, dstate, device=dev, dtype=f32)
@@ -353,7 +354,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                 B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
                 dB.stride(0), dB.stride(1), dB.stride(2),
                 SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), MODE=1 if chunked else 0, BD=bd, BN=bn,
-                HALF=half, num_warps=warps,
+                HALF=half, num_warps=warps, **cap,
             )
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if dD_part is not None and D is not None else u.new_empty(0)

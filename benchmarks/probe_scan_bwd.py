@@ -56,6 +56,7 @@ MAXNREG_VARIANTS = [
     {"BWD_MAXNREG": 168, "BWD_HALF": 3}, {"BWD_MAXNREG": 128, "BWD_HALF": 3},
     {"BWD_MAXNREG": 168, "BWD_HALF": 3, "BWD_BD": 8}, {"BWD_MAXNREG": 128, "BWD_HALF": 3, "BWD_BD": 8},
     {"BWD_MAXNREG": 168, "BWD_BD": 8},
+    {"FWD_MAXNREG": 128}, {"FWD_MAXNREG": 96},  # the forward at 167 registers: 12 programs an SM
 ]
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["default_chunk", "block_sizes", "backward_mode", "backward_splits", "backward_half_tiles",
-           "time_parallel_plan", "backward_register_cap", "use_sequence_parallel", "needs_grad"]
+           "time_parallel_plan", "register_cap", "use_sequence_parallel", "needs_grad"]
 
 
 def default_chunk(seqlen: int) -> int:
@@ -201,15 +201,17 @@ def backward_half_tiles() -> int:
     return int(env)
 
 
-def backward_register_cap() -> dict[str, int]:
-    """Launch options capping the gradient pass's registers a thread (``maxnreg``), from
-    ``MAMBA_STATE_SCAN_BWD_MAXNREG`` (unset: none, the compiler takes up to 255). The pass is latency-bound more
-    than issue-bound (its loop is about 32 instructions per (step, channel, state), which at the H100's issue
-    rate would take a fifth of the measured time), and 255 registers allow 8 one-warp programs an SM; a cap trades
-    spills for occupancy: compiled for sm_90 (triton 3.6), 168 registers (12 programs an SM) spill 144 B a thread
-    with half tiles 3 at 8 channels, 128 (16) 428 B. Not timed yet: an override for the GPU sweep
-    (``benchmarks/probe_scan_bwd.py --maxnreg``)."""
-    env = os.environ.get("MAMBA_STATE_SCAN_BWD_MAXNREG", "").strip()
+def register_cap(scan_pass: str) -> dict[str, int]:
+    """Launch options capping the registers a thread of the scan's ``"FWD"`` or ``"BWD"`` (gradient) pass
+    (``maxnreg``), from ``MAMBA_STATE_SCAN_FWD_MAXNREG`` / ``MAMBA_STATE_SCAN_BWD_MAXNREG`` (unset: none; the
+    compiler takes what it needs, 167 for the forward and 255 for the gradient pass at dstate 16 on sm_90). The
+    gradient pass is latency-bound more than issue-bound (its loop is about 32 instructions per (step, channel,
+    state), which at the H100's issue rate would take a fifth of the measured time), and 255 registers allow 8
+    one-warp programs an SM; a cap trades spills for occupancy: compiled for sm_90 (triton 3.6), 168 registers
+    (12 programs an SM) spill 144 B a thread with half tiles 3 at 8 channels, 128 (16) 428 B. Not timed yet:
+    an override for the GPU sweep (``benchmarks/probe_scan_bwd.py --maxnreg``)."""
+    name = f"MAMBA_STATE_SCAN_{scan_pass}_MAXNREG"
+    env = os.environ.get(name, "").strip()
     if not env:
         return {}
     try:
@@ -219,7 +221,7 @@ def backward_register_cap() -> dict[str, int]:
     if not 24 <= cap <= 255:
         from mamba_state.errors import StateError
 
-        raise StateError(f"MAMBA_STATE_SCAN_BWD_MAXNREG: expected an int in [24, 255], found {env!r}")
+        raise StateError(f"{name}: expected an int in [24, 255], found {env!r}")
     return {"maxnreg": cap}
 
 

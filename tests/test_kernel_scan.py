@@ -451,16 +451,16 @@ def test_backward_mode_choice_and_bad_value():
         backward_mode(u, 1, 8, 16, 4)
 
 
-def test_backward_register_cap_option():
-    from mamba_state.kernels._launch import backward_register_cap
+def test_register_cap_options():
+    from mamba_state.kernels._launch import register_cap
 
-    with _env(BWD_MAXNREG=None):
-        assert backward_register_cap() == {}
-    with _env(BWD_MAXNREG="168"):
-        assert backward_register_cap() == {"maxnreg": 168}
+    with _env(BWD_MAXNREG=None, FWD_MAXNREG=None):
+        assert register_cap("BWD") == {} and register_cap("FWD") == {}
+    with _env(BWD_MAXNREG="168", FWD_MAXNREG="128"):
+        assert register_cap("BWD") == {"maxnreg": 168} and register_cap("FWD") == {"maxnreg": 128}
     for bad in ("12", "300", "many"):
         with _env(BWD_MAXNREG=bad), pytest.raises(StateError, match="MAMBA_STATE_SCAN_BWD_MAXNREG.*24, 255"):
-            backward_register_cap()
+            register_cap("BWD")
 
 
 def test_chunk_backward_split_plan():

@@ -41,7 +41,7 @@ from torch import Tensor
 from .._device import launch_device
 from .._host import cached_host_tensor
 from .._launch import (_cdiv, _nchunks, _pow2_divisor, _reset_bytes, backward_half_tiles, backward_mode,
-                       backward_register_cap, backward_splits, block_sizes, time_parallel_plan, triton_next_pow2,
+                       backward_splits, register_cap, block_sizes, time_parallel_plan, triton_next_pow2,
                        use_sequence_parallel)
 
 __all__ = ["scan_forward", "scan_backward", "ScanFn", "packed_forward_by_sequence"]
@@ -133,7 +133,8 @@ def forward_launches(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         dim, L, dstate, dim // ngroups, nch, u.stride(0), u.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
     )
-    flags = dict(SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps)
+    flags = dict(SOFTPLUS=bool(delta_softplus), CHUNK=int(chunk), BD=bd, BN=bn, num_warps=warps,
+                 **(register_cap("FWD") if u.is_cuda else {}))  # a launch option the interpreter does not take
     with launch_device(u):
         if not seqpar:
             K._scan_fwd_kernel[(_cdiv(dim, bd), batch)](*common, MODE=0, **flags)
@@ -281,7 +282,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     splits = nch if tp else backward_splits(batch, dblocks, nch, u.device) if chunked else 1
     parts = splits * batch  # partial sums of dA, dD, ddelta_bias (and scratch) per program row
     half = 0 if varlen else backward_half_tiles()
-    cap = backward_register_cap() if u.is_cuda else {}  # a launch option the interpreter does not take
+    cap = register_cap("BWD") if u.is_cuda else {}  # a launch option the interpreter does not take
     sub = (chunk // TILE.value) * (2 if half >= 2 else 1)  # scratch states a program row
     dev, f32 = u.device, torch.float32
     scratch = torch.empty(0 if tp else parts, dim, sub, dstate, device=dev, dtype=f32)

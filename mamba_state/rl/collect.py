@@ -117,7 +117,7 @@ class GraphCollector:
             rounding).
         fused: run the step's body as two Triton kernels (``collect="graph-fused"``): the whole Mamba policy step
             with sampling and storage (:mod:`mamba_state.kernels.rl_step`; a GRU policy, or a Mamba policy the
-            kernel does not take, keeps the graph path's policy step, see ``fused_policy``), and the
+            kernel does not take, keeps the graph path's policy step, see ``fused_policy_reason``), and the
             environment step. Needs Triton on the trainer's device (CUDA, or ``TRITON_INTERPRET=1``).
     """
 
@@ -259,16 +259,8 @@ class GraphCollector:
     def _step_from(self, q: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
                    noise: torch.Tensor | None) -> None:
         """:meth:`step` given its draws (no generator inside: what ``torch.compile`` traces whole)."""
-        tr = self.trainer
-        logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
-        action = actions_from(logits, q)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
-        b, t = self.buf, self.t
-        b["obs"].index_copy_(0, t, self.obs[None])
-        b["resets"].index_copy_(0, t, self.reset[None])
-        b["actions"].index_copy_(0, t, action[None])
-        b["logprobs"].index_copy_(0, t, logp[None])
-        b["values"].index_copy_(0, t, value.float()[None])
+        tr, b, t = self.trainer, self.buf, self.t
+        action = self._policy_step(q)
         if tr.config.bptt == "episode":
             self.age.copy_(torch.where(self.reset, 1, self.age + 1))
         obs, reward, done, success, ep_return = self._env_step(action, new_bits, noise_bits, noise)
@@ -277,11 +269,26 @@ class GraphCollector:
         self.successes.add_(success.sum())
         self.episodes.add_(done.sum())
         self.return_sum.add_(ep_return.sum())
-        for dst, src in zip(self.state, new_state):
-            dst.copy_(src)
         self.obs.copy_(obs)
         self.reset.copy_(done)
         t.add_(1)
+
+    def _policy_step(self, q: torch.Tensor) -> torch.Tensor:
+        """The step's first half on the graph path: ``policy.collect_step`` from the carried state, the sampler on
+        the draws ``q``, the rollout's stores at step ``t`` (observation, reset flags, action, log-probability,
+        value) and the new carried state. Returns the actions [N]."""
+        logits, value, new_state = self.trainer.policy.collect_step(self.obs, self.state, self.reset)
+        action = actions_from(logits, q)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
+        b, t = self.buf, self.t
+        b["obs"].index_copy_(0, t, self.obs[None])
+        b["resets"].index_copy_(0, t, self.reset[None])
+        b["actions"].index_copy_(0, t, action[None])
+        b["logprobs"].index_copy_(0, t, logp[None])
+        b["values"].index_copy_(0, t, value.float()[None])
+        for dst, src in zip(self.state, new_state):  # read by nothing else this step
+            dst.copy_(src)
+        return action
 
     def _fused_step_from(self, q: torch.Tensor, new_bits: torch.Tensor, noise_bits: torch.Tensor | None,
                          noise: torch.Tensor | None) -> None:
@@ -295,16 +302,7 @@ class GraphCollector:
             mamba_policy_step(self._packed.weights, self.obs, reset, q, t, self.conv_all, self.ssm_all, b["obs"],
                               resets, b["actions"], b["logprobs"], b["values"])
         else:
-            logits, value, new_state = tr.policy.collect_step(self.obs, self.state, self.reset)
-            action = actions_from(logits, q)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, action[:, None]).squeeze(-1)
-            b["obs"].index_copy_(0, t, self.obs[None])
-            b["resets"].index_copy_(0, t, self.reset[None])
-            b["actions"].index_copy_(0, t, action[None])
-            b["logprobs"].index_copy_(0, t, logp[None])
-            b["values"].index_copy_(0, t, value.float()[None])
-            for dst, src in zip(self.state, new_state):
-                dst.copy_(src)
+            self._policy_step(q)
         recall_env_step(t, b["actions"], self.phase, self.bits, self.ep_return, self.ep_steps, reset, self.obs,
                         new_bits, noise_bits, noise, b["rewards"], dones, self.successes, self.episodes,
                         self.return_sum, env.horizon, env.shaping, env.noise_std,

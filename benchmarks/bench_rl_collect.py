@@ -271,10 +271,10 @@ def section(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, An
                  "(TorchInductor) before the capture; its transitions equal the graph path's up to float "
                  "rounding, so *same transitions* is about eager vs graph only."]
     if fused:
-        text += ["", "graph-fused = `--collect graph-fused`: the graph path with the Mamba policy's whole step "
-                 "(layers, heads, sampler, rollout stores) as one Triton kernel and the environment step as "
-                 "another (`mamba_state.kernels.rl_step`); the GRU keeps its torch policy step there and gets "
-                 "only the fused environment step. Equal to the graph path up to float rounding."]
+        text += ["", "graph-fused = `--collect graph-fused`: the graph path with the policy's whole step (layers, "
+                 "heads, sampler, rollout stores) as one Triton kernel and the environment step as another "
+                 "(`mamba_state.kernels.rl_step`); a GRU wider than 64 (the default size) keeps its torch policy "
+                 "step there with the fused environment step. Equal to the graph path up to float rounding."]
         text += ["", "Mamba / GRU, the fastest path of each: " + "; ".join(
             f"{size}: {ratio:.2f}x" for size, ratio in _mamba_over_gru(rows).items())]
     if env["gpu"]:

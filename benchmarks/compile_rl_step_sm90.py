@@ -1,7 +1,7 @@
 """Compile the fused collection step's Triton kernels (``mamba_state.kernels.rl_step``) for sm_90 on any machine
-(no GPU needed), at the RL recipe's small and default policies and the environment's options: the static check
-that they compile for the GPU (the interpreter accepts code the compiler rejects), with registers and spills a
-thread from ``ptxas -v``.
+(no GPU needed), at the RL recipe's policies (Mamba and GRU) and the environment's options: the static check that
+they compile for the GPU (the interpreter accepts code the compiler rejects), with registers and spills a thread
+from ``ptxas -v``.
 
     python benchmarks/compile_rl_step_sm90.py
 """
@@ -65,6 +65,12 @@ def main() -> int:
                       AP=16, BD=launcher.POLICY_CHANNELS)
         ok &= _compile(f"_mamba_policy_step_kernel, {label}", K._mamba_policy_step_kernel, consts,
                        set() if biases else {"in_b", "out_b"}, POLICY_I64, POLICY_U8, warps=launcher.POLICY_WARPS)
+    for label, hidden, layers, na in (("small GRU (hidden 32, embed 64, 1 bit)", 32, 1, 2),
+                                      ("GRU hidden 64, embed 64, 2 layers, 4 bits", 64, 2, 16)):
+        consts = dict(O=7, E=64, H=hidden, NA=na, L=layers, BN=16, OP=16, EP=64, HP=1 << (hidden - 1).bit_length(),
+                      AP=16)
+        ok &= _compile(f"_gru_policy_step_kernel, {label}", K._gru_policy_step_kernel, consts, set(), POLICY_I64,
+                       POLICY_U8, warps=launcher.gru_warps({"H": hidden}))
     for shaping, distract, noise, age in ((False, False, True, False), (True, True, True, True)):
         consts = dict(KB=4, NC=4 if noise else 0, SHAPING=shaping, HAS_DISTRACT=distract, HAS_NOISE=noise,
                       HAS_AGE=age, BLOCK=128, KBP=4, NCP=4)

@@ -12,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba_state.errors import StateError, StateShapeError
-from mamba_state.kernels.rl_step import (MambaPolicyWeights, mamba_policy_step, mamba_policy_step_ref,
+from mamba_state.kernels.rl_step import (GRUPolicyWeights, MambaPolicyWeights, gru_policy_step,
+                                         gru_policy_step_ref, mamba_policy_step, mamba_policy_step_ref,
                                          policy_step_fits, recall_env_step, recall_env_step_ref,
                                          recall_observation_ref)
-from mamba_state.rl.fused import PackedMambaPolicy, fused_policy_fits
+from mamba_state.rl.fused import PackedGRUPolicy, PackedMambaPolicy, fused_policy_fits
 from mamba_state.rl.policies import GRUPolicy, MambaPolicy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,8 +40,9 @@ def _random_weights(g: torch.Generator, L: int, O: int, DM: int, DI: int, NS: in
         crit_b=r(1), eps=1e-5)
 
 
-def _f64(w: MambaPolicyWeights) -> MambaPolicyWeights:
-    return MambaPolicyWeights(*[x.double() if isinstance(x, torch.Tensor) else x for x in w])
+def _f64(w):
+    """The packed weights (either kind) in float64."""
+    return type(w)(*[x.double() if isinstance(x, torch.Tensor) else x for x in w])
 
 
 def _policy_buffers(T: int, N: int, O: int) -> dict[str, torch.Tensor]:
@@ -111,6 +113,54 @@ def test_reference_is_the_policy_step_in_float64():
             torch.testing.assert_close(ssm[i], new[2 * i + 1], rtol=1e-12, atol=1e-12)
 
 
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 3), O=st.integers(1, 20), E=st.sampled_from([8, 16, 40, 64]),
+       H=st.sampled_from([8, 16, 32]), NA=st.sampled_from([2, 5, 16]), N=st.integers(1, 40))
+def test_gru_kernel_matches_the_float64_reference(seed, L, O, E, H, NA, N):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    w = GRUPolicyWeights(emb_w=r(E, O, scale=O ** -0.5), emb_b=r(E, scale=0.1), w_ih0=r(3 * H, E, scale=E ** -0.5),
+                         w_ih_rest=r(max(L - 1, 1), 3 * H, H, scale=H ** -0.5), b_ih=r(L, 3 * H, scale=0.1),
+                         w_hh=r(L, 3 * H, H, scale=H ** -0.5), b_hh=r(L, 3 * H, scale=0.1),
+                         act_w=r(NA, H, scale=H ** -0.5), act_b=r(NA, scale=0.1), crit_w=r(H, scale=H ** -0.5),
+                         crit_b=r(1))
+    obs, h = r(N, O), r(N, L, H)
+    reset = (torch.rand(N, generator=g) < 0.3).to(DEVICE)
+    q = torch.empty(N, NA).exponential_(1, generator=g).to(DEVICE)
+    action, logp, value, h_ref = gru_policy_step_ref(_f64(w), obs.double(), reset, q.double(), h.double())
+    T, t = 2, 0
+    bufs = _policy_buffers(T, N, O)
+    gru_policy_step(w, obs, reset.view(torch.uint8), q, torch.tensor([t], device=DEVICE), h, **bufs)
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(h.double(), h_ref, **tol)
+    torch.testing.assert_close(bufs["value_buf"][t].double(), value, **tol)
+    assert torch.equal(bufs["action_buf"][t].cpu(), action.cpu())
+    torch.testing.assert_close(bufs["logp_buf"][t].double(), logp, **tol)
+    assert torch.equal(bufs["obs_buf"][t], obs) and torch.equal(bufs["reset_buf"][t].bool(), reset)
+    assert (bufs["action_buf"][1] == -1).all() and (bufs["value_buf"][1] == -7).all()
+
+
+def test_gru_reference_is_the_policy_step_in_float64():
+    """The packed GRU reference (equations written out) computes what GRUPolicy.step (nn.GRU) does."""
+    torch.manual_seed(4)
+    for layers in (1, 2):
+        policy = GRUPolicy(9, 4, hidden_size=12, num_layers=layers, embed_size=20)
+        w = _f64(PackedGRUPolicy(policy).weights)
+        n = 11
+        obs, reset = torch.randn(n, 9, dtype=torch.float64), torch.rand(n) < 0.4
+        h = torch.randn(n, layers, 12, dtype=torch.float64)
+        q = torch.empty(n, 4, dtype=torch.float64).exponential_(1)
+        action, logp, value, h_new = gru_policy_step_ref(w, obs, reset, q, h)
+        with torch.no_grad():
+            logits, value_p, (h_p,) = policy.double().step(obs, (h,), reset)
+        torch.testing.assert_close(value, value_p, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_new, h_p, rtol=1e-12, atol=1e-12)
+        assert torch.equal(action, (torch.softmax(logits, -1) / q).argmax(-1))
+        torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, action[:, None])[:, 0])
+
+
 @given(seed=st.integers(0, 2**31 - 1), N=st.integers(1, 300), KB=st.integers(1, 5), NC=st.integers(0, 3),
        horizon=st.integers(0, 4), distract=st.booleans(), shaping=st.sampled_from([0.0, 0.3]), age=st.booleans())
 def test_env_kernel_matches_the_reference(seed, N, KB, NC, horizon, distract, shaping, age):
@@ -161,7 +211,9 @@ def test_limits_and_errors():
     assert policy_step_fits({"O": 8, "DM": 64, "DI": 128, "NS": 16, "R": 4, "K": 4, "NA": 16, "L": 2})[0]
     ok, why = policy_step_fits({"O": 8, "DM": 64, "DI": 128, "NS": 16, "R": 4, "K": 4, "NA": 2 ** 10, "L": 1})
     assert not ok and "NA = 1024 > 256" in why
-    assert not fused_policy_fits(GRUPolicy(4, 2))[0]
+    assert fused_policy_fits(GRUPolicy(4, 2, hidden_size=32))[0]  # the recipe's GRU (embed 64)
+    assert "H = 120 > 64" in fused_policy_fits(GRUPolicy(4, 2))[1]  # 0.1's default GRU: the graph path's step
+    assert "written for MambaPolicy and GRUPolicy" in fused_policy_fits(torch.nn.Linear(2, 2))[1]
     big = MambaPolicy(4, 2 ** 9, d_model=8, num_layers=1)
     assert "NA = 512" in fused_policy_fits(big)[1]
     with pytest.raises(StateError, match="NA = 512"):

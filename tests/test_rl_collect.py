@@ -252,11 +252,12 @@ def _assert_close_rollouts(a: PPOTrainer, b: PPOTrainer, ra, rb, where: str) -> 
                                          ("rollout", {"noise_channels": 0})])
 def test_fused_collection_collects_what_the_graph_step_does(controller, bptt, env_kw, one_torch_thread):
     """collect="graph-fused" (Triton's interpreter here): the same transitions as the graph path up to float32
-    rounding, across updates (the packed parameters follow the optimizer), for both controllers (the GRU keeps
-    the torch policy step, with the fused environment step)."""
+    rounding, across updates (the packed parameters follow the optimizer), for both controllers (each through
+    its own fused policy kernel, with the fused environment step)."""
     a, b = _trainer(controller, "graph", bptt=bptt, **env_kw), _trainer(controller, "graph-fused", bptt=bptt, **env_kw)
     assert b.collect_mode == "graph-fused" and b._collector.fused
-    assert (b._collector._packed is not None) == (controller == "mamba"), b._collector.fused_policy_reason
+    assert b._collector._packed is not None and b._collector._gru == (controller == "gru"), \
+        b._collector.fused_policy_reason
     for u in range(3):
         ra, rb = a.collect(), b.collect()
         _assert_close_rollouts(a, b, ra, rb, f"{controller} {bptt} {env_kw} update {u}")

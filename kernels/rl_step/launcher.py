@@ -13,9 +13,9 @@ from torch import Tensor
 from mamba_state.errors import StateShapeError
 
 from .._device import launch_device
-from .weights import MambaPolicyWeights
+from .weights import GRUPolicyWeights, MambaPolicyWeights
 
-__all__ = ["mamba_policy_step", "recall_env_step", "POLICY_ROWS", "POLICY_CHANNELS", "POLICY_WARPS", "policy_step_fits"]
+__all__ = ["mamba_policy_step", "gru_policy_step", "gru_step_fits", "recall_env_step", "POLICY_ROWS", "POLICY_CHANNELS", "POLICY_WARPS", "policy_step_fits"]
 
 POLICY_ROWS = 16  # environment rows per program (tl.dot needs 16 or more)
 # channels per block and warps a program: compiled for sm_90 (benchmarks/compile_rl_step_sm90.py) 16 channels
@@ -82,6 +82,46 @@ def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tens
             O=s["O"], DM=s["DM"], DI=s["DI"], NS=s["NS"], R=s["R"], K=s["K"], NA=s["NA"], L=s["L"],
             BN=POLICY_ROWS, OP=_p2(s["O"]), DMP=_p2(s["DM"]), NSP=_p2(s["NS"]), RP=_p2(s["R"]), AP=_p2(s["NA"]),
             BD=POLICY_CHANNELS, num_warps=POLICY_WARPS)
+
+
+# a program holds the gates' whole [BN, H] x [H, H] products: compiled for sm_90, hidden 32 / embed 64 (the RL
+# recipe's GRU) on 4 warps spills nothing, hidden 64 / embed 64 on 8 warps 0.3 KB a thread, and wider ones
+# (hidden 120) KBs, so those keep the graph path's policy step
+_GRU_LIMITS = {"O": 256, "E": 64, "H": 64, "NA": 256}
+
+
+def gru_warps(sizes: dict[str, int]) -> int:
+    """Warps a program of the GRU kernel: 4 at hidden <= 32 (no spills), else 8 (4 spill KBs)."""
+    return 4 if sizes["H"] <= 32 else 8
+
+
+def gru_step_fits(sizes: dict[str, int]) -> tuple[bool, str]:
+    """Whether the fused GRU kernel takes a policy of these sizes (``GRUPolicyWeights.sizes``), and why not."""
+    over = [f"{k} = {sizes[k]} > {v}" for k, v in _GRU_LIMITS.items() if sizes[k] > v]
+    return (not over), ("fits" if not over else "too large for the fused kernel: " + ", ".join(over))
+
+
+def gru_policy_step(w: GRUPolicyWeights, obs: Tensor, reset: Tensor, q: Tensor, t: Tensor, h: Tensor,
+                    obs_buf: Tensor, reset_buf: Tensor, action_buf: Tensor, logp_buf: Tensor,
+                    value_buf: Tensor) -> None:
+    """The GRU policy's step of every row at step ``t``, in place: as :func:`mamba_policy_step`, with the carried
+    state h float32 ``[N, L, H]`` (read, then overwritten)."""
+    from . import triton_kernels as K
+
+    s = w.sizes
+    n = obs.shape[0]
+    for tensor, shape, name in ((obs, [n, s["O"]], "obs"), (reset, [n], "reset"), (q, [n, s["NA"]], "q"),
+                                (h, [n, s["L"], s["H"]], "h")):
+        _c(tensor, shape, name)
+    ok, why = gru_step_fits(s)
+    if not ok:
+        raise StateShapeError(f"gru_policy_step: {why}")
+    with launch_device(obs):
+        K._gru_policy_step_kernel[(_cdiv(n, POLICY_ROWS),)](
+            obs, reset, q, t, h, w.emb_w, w.emb_b, w.w_ih0, w.w_ih_rest, w.b_ih, w.w_hh, w.b_hh,
+            w.act_w, w.act_b, w.crit_w, w.crit_b, obs_buf, reset_buf, action_buf, logp_buf, value_buf, n,
+            O=s["O"], E=s["E"], H=s["H"], NA=s["NA"], L=s["L"], BN=POLICY_ROWS, OP=_p2(s["O"]),
+            EP=_p2(s["E"]), HP=_p2(s["H"]), AP=_p2(s["NA"]), num_warps=gru_warps(s))
 
 
 def recall_env_step(t: Tensor, action_buf: Tensor, phase: Tensor, bits: Tensor, ep_return: Tensor,

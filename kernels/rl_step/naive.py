@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weights import MambaPolicyWeights
+from .weights import GRUPolicyWeights, MambaPolicyWeights
 
-__all__ = ["mamba_policy_step_ref", "recall_env_step_ref", "recall_observation_ref"]
+__all__ = ["mamba_policy_step_ref", "gru_policy_step_ref", "recall_env_step_ref", "recall_observation_ref"]
 
 
 def _linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -65,9 +65,38 @@ def mamba_policy_step_ref(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: 
     hf = _layer_norm(h, w.fin_w, w.fin_b, w.eps)
     logits = _linear(hf, w.act_w, w.act_b)
     value = hf @ w.crit_w.to(obs.dtype) + w.crit_b.to(obs.dtype)
-    action = (torch.softmax(logits, dim=-1) / q.to(obs.dtype)).argmax(-1)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, action[:, None]).squeeze(-1)
+    action, logp = _sample(logits, q)
     return action, logp, value, torch.stack(convs).to(conv.dtype), torch.stack(ssms).to(ssm.dtype)
+
+
+def _sample(logits: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    action = (torch.softmax(logits, dim=-1) / q.to(logits.dtype)).argmax(-1)
+    return action, torch.log_softmax(logits, dim=-1).gather(-1, action[:, None]).squeeze(-1)
+
+
+def gru_policy_step_ref(w: GRUPolicyWeights, obs: Tensor, reset: Tensor, q: Tensor, h: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One collection step of the packed GRU policy, computed in ``obs``'s dtype with the GRU equations written
+    out (``r = sigma(W_ir x + b_ir + W_hr h + b_hr)``, ``z`` likewise, ``n = tanh(W_in x + b_in + r (W_hn h +
+    b_hn))``, ``h' = (1 - z) n + z h``). h: ``[N, L, H]`` (not modified). Returns ``(action, logp, value, h_new)``."""
+    L, H = w.w_hh.shape[0], w.w_hh.shape[2]
+    x = _linear(obs, w.emb_w, w.emb_b)
+    keep = (~reset).to(obs.dtype)[:, None]
+    new = []
+    for i in range(L):
+        w_ih = w.w_ih0 if i == 0 else w.w_ih_rest[i - 1]
+        gi = _linear(x, w_ih, w.b_ih[i])
+        hp = h[:, i].to(obs.dtype) * keep
+        gh = _linear(hp, w.w_hh[i], w.b_hh[i])
+        r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        x = (1 - z) * n + z * hp
+        new.append(x)
+    logits = _linear(x, w.act_w, w.act_b)
+    value = x @ w.crit_w.to(obs.dtype) + w.crit_b.to(obs.dtype)
+    action, logp = _sample(logits, q)
+    return action, logp, value, torch.stack(new, dim=1).to(h.dtype)
 
 
 def recall_observation_ref(phase: Tensor, bits: Tensor, horizon: int, noise_bits: Optional[Tensor],

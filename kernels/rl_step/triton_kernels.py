@@ -95,8 +95,6 @@ def _mamba_policy_step_kernel(
     nm = n < NS
     j = tl.arange(0, RP)
     jm = j < R
-    a = tl.arange(0, AP)
-    am = a < NA
     cb = tl.arange(0, BD)
 
     mo = rm[:, None] & om[None, :]
@@ -156,6 +154,17 @@ def _mamba_policy_step_kernel(
             h += tl.load(out_b + layer * DM + dm, mask=dmm, other=0.0)[None, :]
 
     hf = _layer_norm(h, fin_w, fin_b, dm, dmm, DM, eps)
+    _heads_sample_store(hf, dm, dmm, DM, act_w, act_b, crit_w, crit_b, q_ptr, r64, rm, t, N, action_buf, logp_buf,
+                        value_buf, NA, AP)
+
+
+@triton.jit
+def _heads_sample_store(hf, dm, dmm, DM: tl.constexpr, act_w, act_b, crit_w, crit_b, q_ptr, r64, rm, t, N,
+                        action_buf, logp_buf, value_buf, NA: tl.constexpr, AP: tl.constexpr):
+    """The actor and critic heads on the features ``hf`` [BN, DMP], the sampler ``argmax(softmax / q)`` on the
+    Exp(1) draws q [N, NA], and the stores at step ``t``: action (int64), its log-probability and the value."""
+    a = tl.arange(0, AP)
+    am = a < NA
     logits = _mm(hf, act_w, a, am, dm, dmm, DM) + tl.load(act_b + a, mask=am, other=0.0)[None, :]
     value = tl.sum(hf * tl.load(crit_w + dm, mask=dmm, other=0.0)[None, :], 1) + tl.load(crit_b)
     logits = tl.where(am[None, :], logits, float("-inf"))
@@ -170,6 +179,70 @@ def _mamba_policy_step_kernel(
     tl.store(action_buf + out, action.to(tl.int64), mask=rm)
     tl.store(logp_buf + out, chosen - top - tl.log(total), mask=rm)
     tl.store(value_buf + out, value, mask=rm)
+
+
+@triton.jit
+def _gru_layer(x, ci, h_ptr, r64, keep, mh, ch, hm, wi, wh, bi, bh, layer, IN: tl.constexpr, H: tl.constexpr,
+               L: tl.constexpr):
+    """One ``torch.gru_cell`` of every row: input x [BN, len(ci)] (IN valid columns), the layer's hidden state
+    read from h [N, L, H] (cleared where not ``keep``) and overwritten; weights [3H, IN] and [3H, H], biases [3H]
+    (gates r, z, n). Returns the new hidden state [BN, len(ch)] (zero past H)."""
+    im = ci < IN
+    h_at = h_ptr + (r64[:, None] * L + layer) * H + ch[None, :]
+    h = tl.where(keep[:, None], tl.load(h_at, mask=mh, other=0.0), 0.0)
+    r = _mm(x, wi, ch, hm, ci, im, IN) + _mm(h, wh, ch, hm, ch, hm, H)
+    r += (tl.load(bi + ch, mask=hm, other=0.0) + tl.load(bh + ch, mask=hm, other=0.0))[None, :]
+    z = _mm(x, wi + H * IN, ch, hm, ci, im, IN) + _mm(h, wh + H * H, ch, hm, ch, hm, H)
+    z += (tl.load(bi + H + ch, mask=hm, other=0.0) + tl.load(bh + H + ch, mask=hm, other=0.0))[None, :]
+    gn = _mm(x, wi + 2 * H * IN, ch, hm, ci, im, IN) + tl.load(bi + 2 * H + ch, mask=hm, other=0.0)[None, :]
+    hn = _mm(h, wh + 2 * H * H, ch, hm, ch, hm, H) + tl.load(bh + 2 * H + ch, mask=hm, other=0.0)[None, :]
+    r = _sigmoid(r)
+    z = _sigmoid(z)
+    n = 2.0 * _sigmoid(2.0 * (gn + r * hn)) - 1.0  # tanh
+    h = tl.where(hm[None, :], n + z * (h - n), 0.0)
+    tl.store(h_at, h, mask=mh)
+    return h
+
+
+@triton.jit
+def _gru_policy_step_kernel(
+        obs_ptr, reset_ptr, q_ptr, t_ptr, h_ptr,
+        emb_w, emb_b, w_ih0, w_ih, b_ih, w_hh, b_hh, act_w, act_b, crit_w, crit_b,
+        obs_buf, reset_buf, action_buf, logp_buf, value_buf,
+        N,
+        O: tl.constexpr, E: tl.constexpr, H: tl.constexpr, NA: tl.constexpr, L: tl.constexpr,
+        BN: tl.constexpr, OP: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr, AP: tl.constexpr):
+    """Rows ``[pid*BN, (pid+1)*BN)`` of a GRU actor-critic's step (``obs -> Linear(O, E) -> GRU(H, L layers) ->
+    actor, critic``, ``torch.gru_cell`` per layer), the sampled action and the rollout stores at ``t``.
+
+    h [N, L, H] float32, cleared for reset rows and updated in place; w_ih0 [3H, E] (layer 0), w_ih [L - 1, 3H, H]
+    (layers 1.., any tensor when L = 1), b_ih and b_hh [L, 3H], w_hh [L, 3H, H] (gates r, z, n as nn.GRU);
+    other arguments as ``_mamba_policy_step_kernel``'s. EP, HP: E and H padded.
+    """
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = rows < N
+    r64 = rows.to(tl.int64)
+    t = tl.load(t_ptr)
+    o = tl.arange(0, OP)
+    om = o < O
+    ce = tl.arange(0, EP)
+    ch = tl.arange(0, HP)
+    hm = ch < H
+    mo = rm[:, None] & om[None, :]
+    x_obs = tl.load(obs_ptr + r64[:, None] * O + o[None, :], mask=mo, other=0.0)
+    rs = tl.load(reset_ptr + r64, mask=rm, other=0)
+    tl.store(obs_buf + (t * N + r64)[:, None] * O + o[None, :], x_obs, mask=mo)
+    tl.store(reset_buf + t * N + r64, rs, mask=rm)
+    keep = rs == 0
+    em = ce < E
+    x = _mm(x_obs, emb_w, ce, em, o, om, O) + tl.load(emb_b + ce, mask=em, other=0.0)[None, :]
+    mh = rm[:, None] & hm[None, :]
+    h = _gru_layer(x, ce, h_ptr, r64, keep, mh, ch, hm, w_ih0, w_hh, b_ih, b_hh, 0, E, H, L)
+    for layer in range(1, L):
+        h = _gru_layer(h, ch, h_ptr, r64, keep, mh, ch, hm, w_ih + (layer - 1) * (3 * H * H),
+                       w_hh + layer * (3 * H * H), b_ih + layer * (3 * H), b_hh + layer * (3 * H), layer, H, H, L)
+    _heads_sample_store(h, ch, hm, H, act_w, act_b, crit_w, crit_b, q_ptr, r64, rm, t, N, action_buf, logp_buf,
+                        value_buf, NA, AP)
 
 
 @optional_inputs(HAS_DISTRACT="noise_bits_ptr", HAS_NOISE="noise_ptr", HAS_AGE="age_ptr")

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-__all__ = ["MambaPolicyWeights"]
+__all__ = ["MambaPolicyWeights", "GRUPolicyWeights"]
 
 
 class MambaPolicyWeights(NamedTuple):
@@ -49,3 +49,29 @@ class MambaPolicyWeights(NamedTuple):
         L, DI, NS = self.A.shape
         return {"L": L, "O": self.emb_w.shape[1], "DM": self.emb_w.shape[0], "DI": DI, "NS": NS,
                 "R": self.dt_w.shape[2], "K": self.conv_w.shape[2], "NA": self.act_w.shape[0]}
+
+
+class GRUPolicyWeights(NamedTuple):
+    """A GRU actor-critic ``obs -> Linear(O, E) -> GRU(H, L layers) -> actor, critic`` (``nn.GRU``'s gate order
+    r, z, n), every tensor float32 and contiguous.
+
+    ``w_ih_rest`` stacks layers 1.. (``[max(L - 1, 1), 3H, H]``; with one layer a placeholder the kernel does
+    not read)."""
+
+    emb_w: Tensor  # [E, O]
+    emb_b: Tensor  # [E]
+    w_ih0: Tensor  # [3H, E]
+    w_ih_rest: Tensor  # [max(L - 1, 1), 3H, H]
+    b_ih: Tensor  # [L, 3H]
+    w_hh: Tensor  # [L, 3H, H]
+    b_hh: Tensor  # [L, 3H]
+    act_w: Tensor  # [NA, H]
+    act_b: Tensor  # [NA]
+    crit_w: Tensor  # [H]
+    crit_b: Tensor  # [1]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """``L, O, E, H, NA`` read off the shapes."""
+        return {"L": self.w_hh.shape[0], "O": self.emb_w.shape[1], "E": self.emb_w.shape[0],
+                "H": self.w_hh.shape[2], "NA": self.act_w.shape[0]}

@@ -42,6 +42,11 @@ action can then differ), not bit for bit; the first rollout pays the compilation
 The GRU's graph step is ``torch.gru_cell`` per layer (:meth:`GRUPolicy.collect_step
 <mamba_state.rl.policies.GRUPolicy.collect_step>`): on the CPU it is bit-identical to ``nn.GRU`` over one
 step (tested); on CUDA it is the fused GRU-cell kernel instead of cuDNN's RNN, equal up to float rounding.
+
+``collect="graph-fused"`` (:class:`GraphCollector` with ``fused=True``) runs the step's body as two Triton kernels
+(:mod:`mamba_state.kernels.rl_step`): the policy's whole step with the sampler and the stores (Mamba or GRU,
+parameters packed by :mod:`mamba_state.rl.fused`), then the environment step; the same draws, equal to the
+graph path up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -115,10 +120,9 @@ class GraphCollector:
         compile_step: run the step's body (policy, sampling, environment, storage; the random draws stay
             outside) through ``torch.compile`` (fused kernels; equal to the uncompiled step up to float
             rounding).
-        fused: run the step's body as two Triton kernels (``collect="graph-fused"``): the whole Mamba policy step
-            with sampling and storage (:mod:`mamba_state.kernels.rl_step`; a GRU policy, or a Mamba policy the
-            kernel does not take, keeps the graph path's policy step, see ``fused_policy_reason``), and the
-            environment step. Needs Triton on the trainer's device (CUDA, or ``TRITON_INTERPRET=1``).
+        fused: run the step's body as two Triton kernels (``collect="graph-fused"``): the whole Mamba or GRU
+            policy step with sampling and storage (:mod:`mamba_state.kernels.rl_step`; a policy the kernels do not
+            take keeps the graph path's policy step, see ``fused_policy_reason``), and the environment step. Needs Triton on the trainer's device (CUDA, or ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, trainer: Any, capture: bool = False, steps_per_graph: int = 16, compile_step: bool = False,
@@ -140,17 +144,19 @@ class GraphCollector:
             raise StateError("graph collection: expected one of fused and compile_step, found both")
         self.fused = bool(fused)
         self._packed: Any = None  # the packed policy parameters the fused policy kernel reads
+        self._gru = False
         self.fused_policy_reason = "not fused"
         if fused:
             from ..kernels.backend import triton_usable
-            from .fused import PackedMambaPolicy, fused_policy_fits
+            from .fused import PackedGRUPolicy, fused_policy_fits, pack_policy
 
             ok, why = triton_usable(trainer.device)
             if not ok:
                 raise StateError(f"collect='graph-fused': expected a device Triton runs on, found {trainer.device} "
                                  f"({why}); use collect='graph', or TRITON_INTERPRET=1 on a CPU")
             fits, self.fused_policy_reason = fused_policy_fits(trainer.policy)
-            self._packed = PackedMambaPolicy(trainer.policy) if fits else None
+            self._packed = pack_policy(trainer.policy) if fits else None
+            self._gru = isinstance(self._packed, PackedGRUPolicy)
         self._graphs: dict[tuple[str, int], Any] = {}
         self._rollout_len = -1
 
@@ -161,7 +167,8 @@ class GraphCollector:
         self.obs = torch.zeros(n, o, dtype=torch.float32, device=dev)
         self.reset = torch.zeros(n, dtype=torch.bool, device=dev)
         self.state = tuple(torch.zeros_like(t) for t in tr.policy.initial_state(n, device=dev))
-        if self._packed is not None:  # the fused kernel updates every layer's states in two stacked tensors
+        if self._packed is not None and not self._gru:  # the Mamba kernel updates every layer's states in two
+            # stacked tensors
             self.conv_all = torch.stack(self.state[0::2])
             self.ssm_all = torch.stack(self.state[1::2])
             self.state = tuple(x for i in range(len(self.conv_all)) for x in (self.conv_all[i], self.ssm_all[i]))
@@ -294,13 +301,15 @@ class GraphCollector:
                          noise: torch.Tensor | None) -> None:
         """:meth:`step` given its draws with ``fused``: the policy kernel (or, without one, the graph path's
         policy step, sampler and stores), then the environment kernel, then the step counter."""
-        from ..kernels.rl_step import mamba_policy_step, recall_env_step
+        from ..kernels.rl_step import gru_policy_step, mamba_policy_step, recall_env_step
 
         tr, env, b, t = self.trainer, self.trainer.env, self.buf, self.t
         resets, dones, reset = b["resets"].view(torch.uint8), b["dones"].view(torch.uint8), self.reset.view(torch.uint8)
-        if self._packed is not None:
-            mamba_policy_step(self._packed.weights, self.obs, reset, q, t, self.conv_all, self.ssm_all, b["obs"],
-                              resets, b["actions"], b["logprobs"], b["values"])
+        stores = (b["obs"], resets, b["actions"], b["logprobs"], b["values"])
+        if self._packed is not None and self._gru:
+            gru_policy_step(self._packed.weights, self.obs, reset, q, t, self.state[0], *stores)
+        elif self._packed is not None:
+            mamba_policy_step(self._packed.weights, self.obs, reset, q, t, self.conv_all, self.ssm_all, *stores)
         else:
             self._policy_step(q)
         recall_env_step(t, b["actions"], self.phase, self.bits, self.ep_return, self.ep_steps, reset, self.obs,

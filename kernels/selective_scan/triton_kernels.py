@@ -116,11 +116,20 @@ def _split_inputs(dt, dtu, Bt, keep, BD: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _decay_exponent(dt, A2, keep, HAS_RESET: tl.constexpr):
+    """dt*A*LOG2E for a [BD] column dt and A2 [BD, BN], and -inf at a reset (keep 0, a [1] column): exp2 of it
+    is the step's decay times keep, exactly (exp2(-inf) = 0; adding 0 changes no product), for one fused
+    multiply-add an element instead of a multiply by keep after the exponential."""
+    e = dt[:, None] * A2
+    if HAS_RESET:
+        e = e + tl.where(keep > 0.5, 0.0, float("-inf"))[:, None]
+    return e
+
+
+@triton.jit
 def _fstep(x, A2, dt, dtu, Bc, keep, HAS_RESET: tl.constexpr):
     """One step: x <- exp(dt*A) * keep * x + dt*u*B. Returns (new x, the decay used)."""
-    a = tl.exp2(dt[:, None] * A2)
-    if HAS_RESET:
-        a = a * keep[:, None]
+    a = tl.exp2(_decay_exponent(dt, A2, keep, HAS_RESET))
     return a * x + dtu[:, None] * Bc[None, :], a
 
 
@@ -457,11 +466,9 @@ def _bstep_core(h, gA, A2, x_prev, x_new, dt, dtu, Bc, Cc, keep, gy, HAS_RESET: 
     FRESH: the decay computed anew (the + 0.0 keeps the compiler from sharing the recompute's, which would keep
     a tile's decays live through its reverse steps)."""
     if FRESH:
-        a = tl.exp2(dt[:, None] * A2 + 0.0)
+        a = tl.exp2(_decay_exponent(dt, A2, keep, HAS_RESET) + 0.0)
     else:
-        a = tl.exp2(dt[:, None] * A2)
-    if HAS_RESET:
-        a = a * keep[:, None]
+        a = tl.exp2(_decay_exponent(dt, A2, keep, HAS_RESET))
     h = h + gy[:, None] * Cc[None, :]
     gC = tl.sum(gy[:, None] * x_new, 0)
     gB = tl.sum(h * dtu[:, None], 0)
@@ -791,9 +798,7 @@ def _scan_bwd_kernel(
 @triton.jit
 def _lstep(h, P, A2, d, k, g, c, I: tl.constexpr, HAS_RESET: tl.constexpr):
     """Reverse of step I for the adjoint alone: h <- a_t * (h + gy_t C_t); P <- P * a_t."""
-    a = tl.exp2(d[I][:, None] * A2)
-    if HAS_RESET:
-        a = a * k[I][:, None]
+    a = tl.exp2(_decay_exponent(d[I], A2, k[I], HAS_RESET))
     h = (h + g[I][:, None] * c[I][None, :]) * a
     return h, P * a
 

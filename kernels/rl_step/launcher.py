@@ -49,6 +49,17 @@ def _c(t: Tensor, shape: list[int], name: str) -> None:
                               f"(contiguous: {t.is_contiguous()})")
 
 
+def _check_step(op: str, fits: tuple[bool, str], s: dict[str, int], obs: Tensor, reset: Tensor, q: Tensor,
+                *states: tuple[Tensor, list[int], str]) -> None:
+    """The layouts a policy kernel relies on (obs, reset, q and each ``(state, shape, name)``) and its size
+    limits (``fits``: a ``*_fits`` answer); raises StateShapeError naming what is off."""
+    n = obs.shape[0]
+    for tensor, shape, name in ((obs, [n, s["O"]], "obs"), (reset, [n], "reset"), (q, [n, s["NA"]], "q"), *states):
+        _c(tensor, shape, name)
+    if not fits[0]:
+        raise StateShapeError(f"{op}: {fits[1]}")
+
+
 def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tensor, t: Tensor, conv: Tensor,
                       ssm: Tensor, obs_buf: Tensor, reset_buf: Tensor, action_buf: Tensor, logp_buf: Tensor,
                       value_buf: Tensor) -> None:
@@ -63,13 +74,8 @@ def mamba_policy_step(w: MambaPolicyWeights, obs: Tensor, reset: Tensor, q: Tens
     """
     s = w.sizes
     n = obs.shape[0]
-    for tensor, shape, name in ((obs, [n, s["O"]], "obs"), (reset, [n], "reset"), (q, [n, s["NA"]], "q"),
-                                (conv, [s["L"], n, s["DI"], s["K"]], "conv"),
-                                (ssm, [s["L"], n, s["DI"], s["NS"]], "ssm")):
-        _c(tensor, shape, name)
-    ok, why = policy_step_fits(s)
-    if not ok:
-        raise StateShapeError(f"mamba_policy_step: {why}")
+    _check_step("mamba_policy_step", policy_step_fits(s), s, obs, reset, q,
+                (conv, [s["L"], n, s["DI"], s["K"]], "conv"), (ssm, [s["L"], n, s["DI"], s["NS"]], "ssm"))
     from . import triton_kernels as K  # triton is optional: imported where a kernel runs
 
     with launch_device(obs):
@@ -106,16 +112,10 @@ def gru_policy_step(w: GRUPolicyWeights, obs: Tensor, reset: Tensor, q: Tensor, 
                     value_buf: Tensor) -> None:
     """The GRU policy's step of every row at step ``t``, in place: as :func:`mamba_policy_step`, with the carried
     state h float32 ``[N, L, H]`` (read, then overwritten)."""
-    from . import triton_kernels as K
-
     s = w.sizes
     n = obs.shape[0]
-    for tensor, shape, name in ((obs, [n, s["O"]], "obs"), (reset, [n], "reset"), (q, [n, s["NA"]], "q"),
-                                (h, [n, s["L"], s["H"]], "h")):
-        _c(tensor, shape, name)
-    ok, why = gru_step_fits(s)
-    if not ok:
-        raise StateShapeError(f"gru_policy_step: {why}")
+    _check_step("gru_policy_step", gru_step_fits(s), s, obs, reset, q, (h, [n, s["L"], s["H"]], "h"))
+    from . import triton_kernels as K
     with launch_device(obs):
         K._gru_policy_step_kernel[(_cdiv(n, POLICY_ROWS),)](
             obs, reset, q, t, h, w.emb_w, w.emb_b, w.w_ih0, w.w_ih_rest, w.b_ih, w.w_hh, w.b_hh,

@@ -40,6 +40,26 @@ def _layer_norm(h, w_ptr, b_ptr, dm, dmm, DM: tl.constexpr, eps):
 
 
 @triton.jit
+def _step_inputs(obs_ptr, reset_ptr, t_ptr, obs_buf, reset_buf, N, O: tl.constexpr, BN: tl.constexpr,
+                 OP: tl.constexpr):
+    """This program's rows of a policy step's inputs: the rows (int64) and their mask, the step ``t`` read from
+    the device counter, the observation columns and their mask, the observations [BN, OP] and the rows' keep flags
+    (no reset); the observations and reset flags are also stored to the rollout at ``t``."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = rows < N
+    r64 = rows.to(tl.int64)
+    t = tl.load(t_ptr)
+    o = tl.arange(0, OP)
+    om = o < O
+    mo = rm[:, None] & om[None, :]
+    x_obs = tl.load(obs_ptr + r64[:, None] * O + o[None, :], mask=mo, other=0.0)
+    rs = tl.load(reset_ptr + r64, mask=rm, other=0)
+    tl.store(obs_buf + (t * N + r64)[:, None] * O + o[None, :], x_obs, mask=mo)
+    tl.store(reset_buf + t * N + r64, rs, mask=rm)
+    return r64, rm, t, o, om, x_obs, rs == 0
+
+
+@triton.jit
 def _in_conv(hn, in_w, in_b, conv_l, conv_w, conv_b, r64, rm, keep, ch, chm, dm, dmm,
              DM: tl.constexpr, DI: tl.constexpr, K: tl.constexpr,
              HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, STORE: tl.constexpr):
@@ -83,12 +103,7 @@ def _mamba_policy_step_kernel(
     ``t = *t_ptr``; q [N, NA] the Exp(1) draws; conv [L, N, DI, K], ssm [L, N, DI, NS] float32, updated in place;
     action_buf int64, logp_buf and value_buf float32 [T, N]. Weights as in ``MambaPolicyWeights``.
     """
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rm = rows < N
-    r64 = rows.to(tl.int64)
-    t = tl.load(t_ptr)
-    o = tl.arange(0, OP)
-    om = o < O
+    r64, rm, t, o, om, x_obs, keep = _step_inputs(obs_ptr, reset_ptr, t_ptr, obs_buf, reset_buf, N, O, BN, OP)
     dm = tl.arange(0, DMP)
     dmm = dm < DM
     n = tl.arange(0, NSP)
@@ -96,13 +111,6 @@ def _mamba_policy_step_kernel(
     j = tl.arange(0, RP)
     jm = j < R
     cb = tl.arange(0, BD)
-
-    mo = rm[:, None] & om[None, :]
-    x_obs = tl.load(obs_ptr + r64[:, None] * O + o[None, :], mask=mo, other=0.0)
-    rs = tl.load(reset_ptr + r64, mask=rm, other=0)
-    tl.store(obs_buf + (t * N + r64)[:, None] * O + o[None, :], x_obs, mask=mo)
-    tl.store(reset_buf + t * N + r64, rs, mask=rm)
-    keep = rs == 0
 
     h = _mm(x_obs, emb_w, dm, dmm, o, om, O) + tl.load(emb_b + dm, mask=dmm, other=0.0)[None, :]
     for layer in range(L):
@@ -219,21 +227,10 @@ def _gru_policy_step_kernel(
     (layers 1.., any tensor when L = 1), b_ih and b_hh [L, 3H], w_hh [L, 3H, H] (gates r, z, n as nn.GRU);
     other arguments as ``_mamba_policy_step_kernel``'s. EP, HP: E and H padded.
     """
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rm = rows < N
-    r64 = rows.to(tl.int64)
-    t = tl.load(t_ptr)
-    o = tl.arange(0, OP)
-    om = o < O
+    r64, rm, t, o, om, x_obs, keep = _step_inputs(obs_ptr, reset_ptr, t_ptr, obs_buf, reset_buf, N, O, BN, OP)
     ce = tl.arange(0, EP)
     ch = tl.arange(0, HP)
     hm = ch < H
-    mo = rm[:, None] & om[None, :]
-    x_obs = tl.load(obs_ptr + r64[:, None] * O + o[None, :], mask=mo, other=0.0)
-    rs = tl.load(reset_ptr + r64, mask=rm, other=0)
-    tl.store(obs_buf + (t * N + r64)[:, None] * O + o[None, :], x_obs, mask=mo)
-    tl.store(reset_buf + t * N + r64, rs, mask=rm)
-    keep = rs == 0
     em = ce < E
     x = _mm(x_obs, emb_w, ce, em, o, om, O) + tl.load(emb_b + ce, mask=em, other=0.0)[None, :]
     mh = rm[:, None] & hm[None, :]
